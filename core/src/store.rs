@@ -1,0 +1,302 @@
+//! The device store: one SQLite database holding the app's tables and the engine's state.
+//!
+//! There is exactly one writer connection, owned by [`Store`]; every mutation runs in one
+//! `BEGIN IMMEDIATE` transaction through [`Store::write`]. Other connections and processes may
+//! write the app's tables freely: the capture triggers journal their changes.
+
+mod apply;
+mod capture;
+mod catalog;
+mod conflicts;
+mod meta;
+mod outbox;
+mod schema;
+mod seal;
+mod track;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+
+use self::catalog::Catalog;
+use self::meta::Nodes;
+use crate::batch::Batch;
+use crate::clock::{Hlc, HlcClock, NodeId};
+use crate::codec::Limits;
+use crate::error::{Error, Result};
+use crate::policy::TableSpec;
+use crate::value::Value;
+
+pub use self::apply::ApplyReport;
+pub use self::conflicts::Conflict;
+pub use self::outbox::{OutboxBatch, SnapshotCursor};
+pub use self::seal::SealReport;
+
+/// Milliseconds since the Unix epoch, injectable so tests control time.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+fn system_clock() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How a store is opened.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// The source role this node writes as, for `authority` columns (e.g. "crm").
+    pub role: String,
+    /// How far ahead of local time a remote timestamp may pull the local clock.
+    pub max_clock_drift_ms: u64,
+    pub clock: WallClock,
+    /// Bounds applied to stored metadata when decoding it.
+    pub limits: Limits,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            role: String::new(),
+            max_clock_drift_ms: 5 * 60_000,
+            clock: Arc::new(system_clock),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("role", &self.role)
+            .field("max_clock_drift_ms", &self.max_clock_drift_ms)
+            .finish()
+    }
+}
+
+/// In-memory mirror of the engine's state; reloaded from the database whenever a write
+/// transaction fails, so it never drifts from what was committed.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    node: NodeId,
+    role: String,
+    clock: HlcClock,
+    /// The last dot counter this node issued.
+    counter: u64,
+    nodes: Nodes,
+    catalog: Catalog,
+    /// `PRAGMA schema_version` when the tracked tables were last checked against the catalog.
+    checked_schema: i64,
+    opts: StoreOptions,
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        (self.opts.clock)()
+    }
+
+    fn load(conn: &Connection, opts: StoreOptions) -> Result<Inner> {
+        let get = |key: &str| -> Result<Option<rusqlite::types::Value>> {
+            Ok(conn.query_row("SELECT value FROM _driftless_state WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        };
+        let node = match get("node_id")? {
+            Some(rusqlite::types::Value::Blob(b)) => {
+                NodeId::from_slice(&b).ok_or_else(|| Error::Corrupt("node id".into()))?
+            }
+            _ => return Err(Error::Corrupt("missing node id".into())),
+        };
+        let int = |v: Option<rusqlite::types::Value>| match v {
+            Some(rusqlite::types::Value::Integer(i)) => i as u64,
+            _ => 0,
+        };
+        let role = match get("role")? {
+            Some(rusqlite::types::Value::Text(t)) => t,
+            _ => String::new(),
+        };
+        let clock = HlcClock::new(Hlc(int(get("hlc")?)), opts.max_clock_drift_ms);
+        Ok(Inner {
+            node,
+            role,
+            clock,
+            counter: int(get("counter")?),
+            nodes: Nodes::load(conn)?,
+            catalog: Catalog::load(conn)?,
+            checked_schema: -1,
+            opts,
+        })
+    }
+
+    /// Saves the clock and the dot counter (inside the current transaction).
+    fn save_clocks(&self, conn: &Connection) -> Result<()> {
+        let mut stmt = conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)")?;
+        stmt.execute(rusqlite::params!["hlc", self.clock.last().0 as i64])?;
+        stmt.execute(rusqlite::params!["counter", self.counter as i64])?;
+        Ok(())
+    }
+}
+
+/// A device's sync store.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    inner: Inner,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).field("node", &self.inner.node).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` in WAL mode and brings the engine's
+    /// tables up to date. A new database gets a fresh random node id.
+    pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        let path = path.as_ref().to_path_buf();
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.set_prepared_statement_cache_capacity(256);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        schema::upgrade(&tx)?;
+        let has_node: bool =
+            tx.query_row("SELECT EXISTS(SELECT 1 FROM _driftless_state WHERE key = 'node_id')", [], |r| r.get(0))?;
+        if !has_node {
+            let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
+            tx.execute("INSERT INTO _driftless_state(key, value) VALUES ('node_id', ?1)", [&node.0[..]])?;
+            tx.execute(
+                "INSERT INTO _driftless_nodes(idx, id, role) VALUES (0, ?1, ?2)",
+                rusqlite::params![&node.0[..], opts.role],
+            )?;
+        }
+        tx.execute("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES ('role', ?1)", [&opts.role])?;
+        tx.execute("UPDATE _driftless_nodes SET role = ?1 WHERE idx = 0", [&opts.role])?;
+        tx.commit()?;
+        let inner = Inner::load(&conn, opts)?;
+        Ok(Store { conn, path, inner })
+    }
+
+    /// This replica's node id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one write transaction on the store's connection; app writes made through
+    /// it are captured like any other. Rolls back if `f` fails.
+    pub fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        self.transact(|tx, _| f(tx))
+    }
+
+    /// Runs `f` on a separate read-only connection (a consistent WAL snapshot).
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        f(&conn)
+    }
+
+    fn transact<T>(&mut self, f: impl FnOnce(&Transaction<'_>, &mut Inner) -> Result<T>) -> Result<T> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        match f(&tx, &mut self.inner).and_then(|v| tx.commit().map(|()| v).map_err(Error::from)) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // The transaction rolled back; bring the in-memory mirror back in line with it.
+                let opts = self.inner.opts.clone();
+                self.inner = Inner::load(&self.conn, opts)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts tracking `table` (or updates the spec of, and captures new columns of, a table
+    /// already tracked). Rows already present are captured as initial changes.
+    pub fn track(&mut self, table: &str, spec: TableSpec) -> Result<()> {
+        self.transact(|tx, inner| track::track(tx, inner, table, spec))
+    }
+
+    /// Stops tracking `table`: removes its triggers, journal, metadata and unsent changes.
+    pub fn untrack(&mut self, table: &str) -> Result<()> {
+        self.transact(|tx, inner| track::untrack(tx, inner, table))
+    }
+
+    /// Names and specs of the tracked tables.
+    pub fn tracked(&self) -> Vec<(String, TableSpec)> {
+        self.inner.catalog.tables.iter().map(|t| (t.name.clone(), t.spec.clone())).collect()
+    }
+
+    /// Turns journaled local changes into outbox entries with causal metadata.
+    pub fn seal(&mut self) -> Result<SealReport> {
+        self.transact(|tx, inner| seal::seal(tx, inner))
+    }
+
+    /// Seals, then returns up to `max_rows` of the oldest unacknowledged changes as a batch.
+    pub fn outbox_batch(&mut self, max_rows: usize) -> Result<Option<OutboxBatch>> {
+        self.transact(|tx, inner| {
+            seal::seal(tx, inner)?;
+            outbox::read(tx, inner, 0, max_rows)
+        })
+    }
+
+    /// Like [`Store::outbox_batch`] but starting after sequence `after` (to keep several
+    /// batches in flight) and without sealing.
+    pub fn outbox_batch_after(&mut self, after: i64, max_rows: usize) -> Result<Option<OutboxBatch>> {
+        self.transact(|tx, inner| outbox::read(tx, inner, after, max_rows))
+    }
+
+    /// Deletes acknowledged outbox entries with sequence numbers in `first..=last`.
+    pub fn ack(&mut self, first: i64, last: i64) -> Result<usize> {
+        self.transact(|tx, _| outbox::ack(tx, first, last))
+    }
+
+    /// Number of local changes not yet acknowledged (sealed or still journaled).
+    pub fn pending_changes(&self) -> Result<u64> {
+        outbox::pending(&self.conn, &self.inner)
+    }
+
+    /// Merges a remote batch: seals local changes first, then joins every row, writes the
+    /// resulting values into the app's tables without re-capturing them, all in one transaction.
+    pub fn apply(&mut self, batch: &Batch) -> Result<ApplyReport> {
+        self.transact(|tx, inner| apply::apply(tx, inner, batch))
+    }
+
+    /// A page of the full state of every tracked row, for bootstrapping another replica.
+    pub fn snapshot(
+        &mut self,
+        cursor: Option<&SnapshotCursor>,
+        max_rows: usize,
+    ) -> Result<(Batch, Option<SnapshotCursor>)> {
+        outbox::snapshot(&self.conn, &self.inner, cursor, max_rows)
+    }
+
+    /// Every conflict currently held, oldest table first.
+    pub fn conflicts(&self) -> Result<Vec<Conflict>> {
+        conflicts::list(&self.conn, &self.inner)
+    }
+
+    /// Resolves a conflict on `column` of the row with key `pk` by writing `value`; the write
+    /// dominates every concurrent version, so all replicas converge on it.
+    pub fn resolve_conflict(&mut self, table: &str, pk: &[Value], column: &str, value: Value) -> Result<()> {
+        self.transact(|tx, inner| conflicts::resolve(tx, inner, table, pk, column, value))
+    }
+
+    /// Nodes seen writing with clocks beyond the allowed drift, with the largest timestamp seen.
+    pub fn clock_skew(&self) -> Result<Vec<(NodeId, Hlc)>> {
+        let mut stmt = self.conn.prepare("SELECT node, hlc FROM _driftless_clock_skew ORDER BY node")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (node, hlc) = row?;
+            let node = NodeId::from_slice(&node).ok_or_else(|| Error::Corrupt("skew node id".into()))?;
+            out.push((node, Hlc(hlc as u64)));
+        }
+        Ok(out)
+    }
+}

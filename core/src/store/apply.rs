@@ -1,0 +1,170 @@
+//! Applying remote batches: join each row's state, then write the resolved row.
+
+use std::collections::BTreeSet;
+
+use rusqlite::Connection;
+
+use super::catalog::{TableInfo, ident};
+use super::{Inner, meta, seal};
+use crate::batch::Batch;
+use crate::clock::{Hlc, NodeId, Observed};
+use crate::codec::encode_key;
+use crate::error::{Error, Result};
+use crate::merge::join_row;
+use crate::value::Value;
+use crate::view;
+
+/// What applying a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Rows whose state changed.
+    pub applied: usize,
+    /// Rows whose changes were all seen before (redelivery).
+    pub duplicates: usize,
+    /// Rows of tables this store does not track, or tracks as up-only.
+    pub skipped: usize,
+    /// Field writes in the batch.
+    pub field_changes: usize,
+    /// Writes from nodes whose clocks ran beyond the allowed drift.
+    pub skewed: usize,
+}
+
+/// Refuses a batch that cannot be applied as a whole, before anything is written.
+fn validate(inner: &Inner, batch: &Batch) -> Result<()> {
+    for row in &batch.rows {
+        let Some(t) = inner.catalog.by_name(&row.table) else { continue };
+        let info = &inner.catalog.tables[t];
+        if row.pk.len() != info.pk.len() {
+            return Err(Error::BadSpec {
+                table: info.name.clone(),
+                detail: format!("a change has {} key values, the table's key has {}", row.pk.len(), info.pk.len()),
+            });
+        }
+        if row.pk.contains(&Value::Null) {
+            return Err(Error::BadSpec { table: info.name.clone(), detail: "a change has a NULL key value".into() });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Result<ApplyReport> {
+    validate(inner, batch)?;
+    seal::seal(conn, inner)?;
+    for (node, role) in &batch.roles {
+        if *node != inner.node {
+            inner.nodes.set_role(conn, *node, role)?;
+        }
+    }
+    let mut report = ApplyReport { field_changes: batch.field_changes(), ..ApplyReport::default() };
+    let mut touched = BTreeSet::new();
+    let mut newest: Vec<(NodeId, Hlc)> = Vec::new();
+    for row in &batch.rows {
+        let t = match inner.catalog.by_name(&row.table) {
+            Some(t) if inner.catalog.tables[t].accepts() => t,
+            _ => {
+                report.skipped += 1;
+                continue;
+            }
+        };
+        let key = encode_key(&row.pk);
+        let info = &inner.catalog.tables[t];
+        let mut state = meta::load(conn, &inner.nodes, info, &key, &inner.opts.limits)?.unwrap_or_default();
+        let had_conflicts = meta::has_conflicts(inner, t, &state);
+        if !join_row(&mut state, &row.state) {
+            report.duplicates += 1;
+            continue;
+        }
+        if let Some(seen) = row.state.max_hlc() {
+            newest.push(seen);
+        }
+        write_app_row(conn, inner, t, &row.pk, &state)?;
+        meta::save(conn, inner, t, &key, &state, had_conflicts)?;
+        touched.insert(t);
+        report.applied += 1;
+    }
+    // The app-table writes above went through the capture triggers; they are remote changes,
+    // and the journal was empty when this transaction began (sealed above), so drop it all.
+    for t in touched {
+        let info = &inner.catalog.tables[t];
+        if info.captures() {
+            conn.execute(&format!("DELETE FROM {}", ident(&info.pending_table())), [])?;
+        }
+    }
+    report.skewed = observe_clocks(conn, inner, &newest)?;
+    Ok(report)
+}
+
+/// Advances the local clock past remote writes, clamping and recording any too far ahead.
+fn observe_clocks(conn: &Connection, inner: &mut Inner, seen: &[(NodeId, Hlc)]) -> Result<usize> {
+    let now = inner.now();
+    let mut skewed = 0;
+    for &(node, hlc) in seen {
+        if inner.clock.observe(hlc, now) == Observed::Clamped {
+            skewed += 1;
+            conn.prepare_cached(
+                "INSERT INTO _driftless_clock_skew(node, hlc, observed_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(node) DO UPDATE SET hlc = max(hlc, excluded.hlc), observed_ms = excluded.observed_ms",
+            )?
+            .execute(rusqlite::params![&node.0[..], hlc.0 as i64, now as i64])?;
+        }
+    }
+    if !seen.is_empty() {
+        inner.save_clocks(conn)?;
+    }
+    Ok(skewed)
+}
+
+/// Writes the row as the policies resolve it, or deletes it if it no longer exists.
+fn write_app_row(
+    conn: &Connection,
+    inner: &Inner,
+    t: usize,
+    pk: &[Value],
+    state: &crate::state::RowState,
+) -> Result<()> {
+    let info = &inner.catalog.tables[t];
+    let key_match: Vec<String> =
+        info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", ident(c), i + 1)).collect();
+    let Some(values) = view::row_values(state, &info.spec, &inner.nodes.roles) else {
+        let sql = format!("DELETE FROM {} WHERE {}", ident(&info.name), key_match.join(" AND "));
+        conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(pk.iter()))?;
+        return Ok(());
+    };
+    let mut cols: Vec<&str> = Vec::with_capacity(values.len());
+    let mut params: Vec<&Value> = pk.iter().collect();
+    for (column, value) in &values {
+        if info.is_app_column(column) {
+            cols.push(column);
+            params.push(value);
+        }
+    }
+    // Counter columns always show their sum, even before any node has counted.
+    let zero = Value::Integer(0);
+    for c in info.counter_columns() {
+        if !cols.contains(&c.name.as_str()) {
+            cols.push(&c.name);
+            params.push(&zero);
+        }
+    }
+    conn.prepare_cached(&upsert_sql(info, &cols))?.execute(rusqlite::params_from_iter(params))?;
+    Ok(())
+}
+
+fn upsert_sql(info: &TableInfo, cols: &[&str]) -> String {
+    let names: Vec<String> = info.pk.iter().map(|c| ident(c)).chain(cols.iter().map(|c| ident(c))).collect();
+    let slots: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
+    let keys: Vec<String> = info.pk.iter().map(|c| ident(c)).collect();
+    let action = if cols.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        let sets: Vec<String> = cols.iter().map(|c| format!("{0} = excluded.{0}", ident(c))).collect();
+        format!("UPDATE SET {}", sets.join(", "))
+    };
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
+        ident(&info.name),
+        names.join(", "),
+        slots.join(", "),
+        keys.join(", ")
+    )
+}

@@ -1,0 +1,225 @@
+//! The change journal: pure-SQL triggers that record which rows and fields changed.
+//!
+//! Triggers use only built-in SQL, so a program that never links driftless, writing with its
+//! own SQLite, is captured too, in the same transaction as its write. They record the key,
+//! a bit per changed column and the net delta of counter columns into a per-table journal
+//! keyed by primary key, so repeated edits of a row between seals coalesce into one entry.
+//! Values are read only when the journal is sealed.
+
+use rusqlite::Connection;
+
+use super::catalog::{TableInfo, ident};
+use crate::error::Result;
+
+/// Column names inside the journal table.
+fn key_col(i: usize) -> String {
+    format!("k{i}")
+}
+
+fn mask_col(w: usize) -> String {
+    format!("m{w}")
+}
+
+fn delta_col(i: usize) -> String {
+    format!("d{i}")
+}
+
+fn trigger(info: &TableInfo, what: &str) -> String {
+    ident(&format!("_driftless_{}_{what}", info.id))
+}
+
+/// `NEW."a" IS OLD."a" AND ...` over the key columns.
+fn same_key(info: &TableInfo) -> String {
+    info.pk.iter().map(|c| format!("NEW.{0} IS OLD.{0}", ident(c))).collect::<Vec<_>>().join(" AND ")
+}
+
+fn any_key_null(info: &TableInfo) -> String {
+    info.pk.iter().map(|c| format!("NEW.{} IS NULL", ident(c))).collect::<Vec<_>>().join(" OR ")
+}
+
+fn counter_value(row: &str, column: &str) -> String {
+    format!("coalesce(CAST({row}.{} AS INTEGER), 0)", ident(column))
+}
+
+/// An upsert into the journal for the row `row` (NEW or OLD) with the given mask words and
+/// counter deltas, OR-ing masks and adding deltas into an existing entry.
+fn journal_upsert(info: &TableInfo, row: &str, masks: &[String], deltas: &[String]) -> String {
+    let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let mut vals: Vec<String> = info.pk.iter().map(|c| format!("{row}.{}", ident(c))).collect();
+    let mut sets = Vec::new();
+    for (w, m) in masks.iter().enumerate() {
+        cols.push(mask_col(w));
+        vals.push(m.clone());
+        sets.push(format!("{0} = {0} | excluded.{0}", mask_col(w)));
+    }
+    for (i, d) in deltas.iter().enumerate() {
+        cols.push(delta_col(i));
+        vals.push(d.clone());
+        sets.push(format!("{0} = {0} + excluded.{0}", delta_col(i)));
+    }
+    let keys: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let action = if sets.is_empty() { "NOTHING".to_owned() } else { format!("UPDATE SET {}", sets.join(", ")) };
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action};",
+        ident(&info.pending_table()),
+        cols.join(", "),
+        vals.join(", "),
+        keys.join(", ")
+    )
+}
+
+/// Mask words with every captured column set (an insert writes all of them).
+fn full_masks(info: &TableInfo) -> Vec<String> {
+    let mut words = vec![0i64; info.mask_words()];
+    for c in &info.app {
+        words[(c.idx / 63) as usize] |= 1 << (c.idx % 63);
+    }
+    words.iter().map(i64::to_string).collect()
+}
+
+/// Mask words computed from which columns differ between OLD and NEW.
+fn changed_masks(info: &TableInfo) -> Vec<String> {
+    let mut words: Vec<Vec<String>> = vec![Vec::new(); info.mask_words()];
+    for c in &info.app {
+        let col = ident(&c.name);
+        // Columns without type affinity keep 1 and 1.0 apart; `IS NOT` alone treats them equal.
+        let differs = if c.untyped {
+            format!("OLD.{col} IS NOT NEW.{col} OR typeof(OLD.{col}) IS NOT typeof(NEW.{col})")
+        } else {
+            format!("OLD.{col} IS NOT NEW.{col}")
+        };
+        words[(c.idx / 63) as usize].push(format!("(CASE WHEN {differs} THEN {} ELSE 0 END)", 1i64 << (c.idx % 63)));
+    }
+    words.into_iter().map(|w| if w.is_empty() { "0".to_owned() } else { w.join(" | ") }).collect()
+}
+
+fn counter_deltas(info: &TableInfo, sign_new: bool, sign_old: bool) -> Vec<String> {
+    info.counter_columns()
+        .map(|c| match (sign_new, sign_old) {
+            (true, true) => format!("{} - {}", counter_value("NEW", &c.name), counter_value("OLD", &c.name)),
+            (true, false) => counter_value("NEW", &c.name),
+            _ => format!("-{}", counter_value("OLD", &c.name)),
+        })
+        .collect()
+}
+
+/// Creates the journal table and the triggers for a tracked table.
+pub(crate) fn install(conn: &Connection, info: &TableInfo) -> Result<()> {
+    let table = ident(&info.name);
+    let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    cols.extend((0..info.mask_words()).map(|w| format!("{} INTEGER NOT NULL DEFAULT 0", mask_col(w))));
+    cols.extend((0..info.counter_columns().count()).map(|i| format!("{} INTEGER NOT NULL DEFAULT 0", delta_col(i))));
+    let keys: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let no_masks: Vec<String> = Vec::new();
+    let sql = format!(
+        "CREATE TABLE {pending} ({cols}, PRIMARY KEY ({keys})) WITHOUT ROWID;
+         CREATE TRIGGER {null_ins} BEFORE INSERT ON {table} WHEN {any_null}
+           BEGIN SELECT RAISE(ABORT, 'driftless: the primary key of a tracked table must not be NULL'); END;
+         CREATE TRIGGER {null_upd} BEFORE UPDATE ON {table} WHEN {any_null}
+           BEGIN SELECT RAISE(ABORT, 'driftless: the primary key of a tracked table must not be NULL'); END;
+         CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN {on_insert} END;
+         CREATE TRIGGER {upd} AFTER UPDATE ON {table} WHEN {same_key} BEGIN {on_update} END;
+         CREATE TRIGGER {rekey} AFTER UPDATE ON {table} WHEN NOT ({same_key}) BEGIN {on_rekey_old} {on_insert} END;
+         CREATE TRIGGER {del} AFTER DELETE ON {table} BEGIN {on_delete} END;",
+        pending = ident(&info.pending_table()),
+        cols = cols.join(", "),
+        keys = keys.join(", "),
+        null_ins = trigger(info, "null_ins"),
+        null_upd = trigger(info, "null_upd"),
+        any_null = any_key_null(info),
+        ins = trigger(info, "ins"),
+        upd = trigger(info, "upd"),
+        rekey = trigger(info, "rekey"),
+        del = trigger(info, "del"),
+        same_key = same_key(info),
+        on_insert = journal_upsert(info, "NEW", &full_masks(info), &counter_deltas(info, true, false)),
+        on_update = journal_upsert(info, "NEW", &changed_masks(info), &counter_deltas(info, true, true)),
+        on_rekey_old = journal_upsert(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
+        on_delete = journal_upsert(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
+    );
+    conn.execute_batch(&sql)?;
+    Ok(())
+}
+
+/// Journals every row already in the table, as if just inserted.
+pub(crate) fn capture_existing(conn: &Connection, info: &TableInfo) -> Result<()> {
+    let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let mut vals: Vec<String> = info.pk.iter().map(|c| ident(c)).collect();
+    for (w, m) in full_masks(info).into_iter().enumerate() {
+        cols.push(mask_col(w));
+        vals.push(m);
+    }
+    for (i, c) in info.counter_columns().enumerate() {
+        cols.push(delta_col(i));
+        vals.push(format!("coalesce(CAST({} AS INTEGER), 0)", ident(&c.name)));
+    }
+    let sql = format!(
+        "INSERT OR IGNORE INTO {} ({}) SELECT {} FROM {}",
+        ident(&info.pending_table()),
+        cols.join(", "),
+        vals.join(", "),
+        ident(&info.name)
+    );
+    conn.execute(&sql, [])?;
+    Ok(())
+}
+
+/// Drops the triggers and the journal table.
+pub(crate) fn uninstall(conn: &Connection, info: &TableInfo) -> Result<()> {
+    for what in ["null_ins", "null_upd", "ins", "upd", "rekey", "del"] {
+        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {};", trigger(info, what)))?;
+    }
+    conn.execute_batch(&format!("DROP TABLE IF EXISTS {};", ident(&info.pending_table())))?;
+    Ok(())
+}
+
+/// The query that reads the journal joined with the current rows: key values, mask words,
+/// counter deltas, a presence flag, then every captured column's current value.
+pub(crate) fn seal_query(info: &TableInfo) -> String {
+    let mut sel: Vec<String> = (0..info.pk.len()).map(|i| format!("p.{}", key_col(i))).collect();
+    sel.extend((0..info.mask_words()).map(|w| format!("p.{}", mask_col(w))));
+    sel.extend((0..info.counter_columns().count()).map(|i| format!("p.{}", delta_col(i))));
+    sel.push(format!("t.{} IS NOT NULL", ident(&info.pk[0])));
+    sel.extend(info.app.iter().map(|c| format!("t.{}", ident(&c.name))));
+    let on: Vec<String> =
+        info.pk.iter().enumerate().map(|(i, c)| format!("t.{} = p.{}", ident(c), key_col(i))).collect();
+    format!(
+        "SELECT {} FROM {} AS p LEFT JOIN {} AS t ON {}",
+        sel.join(", "),
+        ident(&info.pending_table()),
+        ident(&info.name),
+        on.join(" AND ")
+    )
+}
+
+/// Marks columns of one row as changed, as a trigger would (used to force a resolution write).
+pub(crate) fn mark_changed(
+    conn: &Connection,
+    info: &TableInfo,
+    pk: &[crate::value::Value],
+    columns: &[u64],
+) -> Result<()> {
+    let mut words = vec![0i64; info.mask_words()];
+    for &idx in columns {
+        words[(idx / 63) as usize] |= 1 << (idx % 63);
+    }
+    let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let mut vals: Vec<String> = (1..=info.pk.len()).map(|i| format!("?{i}")).collect();
+    let mut sets = Vec::new();
+    for (w, m) in words.iter().enumerate() {
+        cols.push(mask_col(w));
+        vals.push(m.to_string());
+        sets.push(format!("{0} = {0} | excluded.{0}", mask_col(w)));
+    }
+    let keys: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        ident(&info.pending_table()),
+        cols.join(", "),
+        vals.join(", "),
+        keys.join(", "),
+        sets.join(", ")
+    );
+    conn.execute(&sql, rusqlite::params_from_iter(pk.iter()))?;
+    Ok(())
+}

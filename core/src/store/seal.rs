@@ -1,0 +1,125 @@
+//! Sealing: turning the change journal into outbox entries with causal metadata.
+//!
+//! Runs at the start of every transaction that applies remote changes, so a local write's
+//! causal context is what the device had seen when the write happened, never what arrived
+//! after it.
+
+use rusqlite::Connection;
+
+use super::{Inner, capture, meta, track};
+use crate::clock::Dot;
+use crate::codec::encode_key;
+use crate::error::Result;
+use crate::merge::{LocalWrite, write_local_delete, write_local_upsert};
+use crate::value::Value;
+use crate::view;
+
+/// What a seal did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SealReport {
+    /// Outbox entries written.
+    pub rows: usize,
+    /// Field writes they carry.
+    pub fields: usize,
+}
+
+/// One journal row joined with the current table row.
+struct Journaled {
+    pk: Vec<Value>,
+    masks: Vec<u64>,
+    deltas: Vec<i64>,
+    present: bool,
+    values: Vec<Value>,
+}
+
+pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
+    track::check_schema(conn, inner)?;
+    seal_journal(conn, inner)
+}
+
+/// Seals without first checking table shapes (used while re-tracking a changed table, when
+/// the old triggers and the old column list still agree with each other).
+pub(crate) fn seal_journal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
+    let mut report = SealReport::default();
+    let mut ticked = None;
+    for t in 0..inner.catalog.tables.len() {
+        if !inner.catalog.tables[t].captures() {
+            continue;
+        }
+        let journal = read_journal(conn, inner, t)?;
+        if journal.is_empty() {
+            continue;
+        }
+        let hlc = *ticked.get_or_insert_with(|| {
+            let now = inner.now();
+            inner.clock.tick(now)
+        });
+        for row in journal {
+            let key = encode_key(&row.pk);
+            let info = &inner.catalog.tables[t];
+            let old = meta::load(conn, &inner.nodes, info, &key, &inner.opts.limits)?;
+            let existed = old.is_some();
+            let mut state = old.unwrap_or_default();
+            let had_conflicts = meta::has_conflicts(inner, t, &state);
+            let info = &inner.catalog.tables[t];
+            let deltas: Vec<(String, i64)> = info
+                .counter_columns()
+                .zip(&row.deltas)
+                .filter(|(_, d)| **d != 0)
+                .map(|(c, d)| (c.name.clone(), *d))
+                .collect();
+            let dot = Dot { node: inner.node, counter: inner.counter + 1 };
+            let change = if row.present {
+                let values: Vec<(String, Value)> = info
+                    .app
+                    .iter()
+                    .zip(row.values)
+                    .filter(|(c, _)| !c.counter && row.masks[(c.idx / 63) as usize] & (1 << (c.idx % 63)) != 0)
+                    .map(|(c, v)| (c.name.clone(), v))
+                    .collect();
+                let plainly_alive = view::is_visible(&state, &info.spec)
+                    && matches!(state.life.entries.as_slice(), [e] if e.value == crate::state::Life::Alive);
+                if values.is_empty() && deltas.is_empty() && plainly_alive {
+                    continue;
+                }
+                write_local_upsert(&mut state, dot, hlc, LocalWrite { values, counter_deltas: deltas })
+            } else {
+                // Inserted and deleted between two seals, or already gone: nothing to ship.
+                if !existed || !view::is_visible(&state, &info.spec) {
+                    continue;
+                }
+                write_local_delete(&mut state, dot, hlc, deltas)
+            };
+            inner.counter += 1;
+            report.rows += 1;
+            report.fields += change.fields.len() + change.counters.len();
+            meta::save(conn, inner, t, &key, &state, had_conflicts)?;
+            let bytes = meta::encode(conn, inner, t, &change)?;
+            let now = inner.now();
+            conn.prepare_cached("INSERT INTO _driftless_outbox(tbl, pk, change, created_ms) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(rusqlite::params![inner.catalog.tables[t].id, key, bytes, now as i64])?;
+        }
+        conn.execute(&format!("DELETE FROM \"{}\"", inner.catalog.tables[t].pending_table()), [])?;
+    }
+    if ticked.is_some() {
+        inner.save_clocks(conn)?;
+    }
+    Ok(report)
+}
+
+fn read_journal(conn: &Connection, inner: &Inner, t: usize) -> Result<Vec<Journaled>> {
+    let info = &inner.catalog.tables[t];
+    let (nk, nm, nd) = (info.pk.len(), info.mask_words(), info.counter_columns().count());
+    let mut stmt = conn.prepare_cached(&capture::seal_query(info))?;
+    let rows = stmt.query_map([], |r| {
+        let pk = (0..nk).map(|i| r.get::<_, Value>(i)).collect::<rusqlite::Result<Vec<_>>>()?;
+        let masks = (0..nm).map(|i| r.get::<_, i64>(nk + i).map(|m| m as u64)).collect::<rusqlite::Result<Vec<_>>>()?;
+        let deltas = (0..nd).map(|i| r.get::<_, i64>(nk + nm + i)).collect::<rusqlite::Result<Vec<_>>>()?;
+        let base = nk + nm + nd;
+        let present: bool = r.get(base)?;
+        let values =
+            (0..info.app.len()).map(|i| r.get::<_, Value>(base + 1 + i)).collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Journaled { pk, masks, deltas, present, values })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}

@@ -1,0 +1,247 @@
+//! The device store: capture, sealing, refusal of bad tables, schema changes, outbox.
+
+mod common;
+
+use common::*;
+use driftless_core::{ColumnPolicy, Direction, Error, Store, StoreOptions, TableSpec, Value};
+
+#[test]
+fn write_through_a_second_plain_connection_is_captured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let other = rusqlite::Connection::open(dir.path().join("a.db")).expect("plain connection");
+    other.execute("INSERT INTO inspections(id, site, status) VALUES ('i1', 'north', 'open')", []).expect("insert");
+    let out = store.outbox_batch(10).expect("outbox").expect("a change");
+    assert_eq!(out.batch.rows.len(), 1);
+    let row = &out.batch.rows[0];
+    assert_eq!(row.pk, vec![text("i1")]);
+    assert_eq!(row.state.fields["site"].entries[0].value, text("north"));
+    assert_eq!(row.state.fields["status"].entries[0].value, text("open"));
+}
+
+#[test]
+fn write_from_the_sqlite3_shell_is_captured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let status = std::process::Command::new("sqlite3")
+        .arg(dir.path().join("a.db"))
+        .arg("INSERT INTO inspections(id, status) VALUES ('s1', 'logged'); UPDATE inspections SET notes = 'from shell' WHERE id = 's1';")
+        .status()
+        .expect("the sqlite3 shell is installed (apt-get install sqlite3)");
+    assert!(status.success());
+    let out = store.outbox_batch(10).expect("outbox").expect("a change");
+    let state = &out.batch.rows[0].state;
+    assert_eq!(state.fields["notes"].entries[0].value, text("from shell"));
+    assert_eq!(state.fields["status"].entries[0].value, text("logged"));
+}
+
+#[test]
+fn repeated_edits_between_seals_coalesce_into_one_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    exec(&mut store, "INSERT INTO inspections(id, status) VALUES ('i1', 'open')");
+    drain(&mut store);
+    for i in 0..10 {
+        exec(&mut store, &format!("UPDATE inspections SET notes = 'edit {i}' WHERE id = 'i1'"));
+    }
+    let out = store.outbox_batch(10).expect("outbox").expect("a change");
+    assert_eq!(out.batch.rows.len(), 1);
+    let state = &out.batch.rows[0].state;
+    assert_eq!(state.fields.len(), 1, "only the changed field ships");
+    assert_eq!(state.fields["notes"].entries[0].value, text("edit 9"));
+}
+
+#[test]
+fn remote_apply_is_not_captured_as_a_local_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    exec(
+        &mut a,
+        "INSERT INTO inspections(id, status) VALUES ('i1', 'open'); INSERT INTO inspections(id) VALUES ('i2')",
+    );
+    exec(&mut b, "INSERT INTO inspections(id, status) VALUES ('b1', 'mine')");
+    b.seal().expect("seal");
+    sync(&mut a, &mut [&mut b]);
+    assert_eq!(rows(&b, "SELECT id, status FROM inspections ORDER BY id").len(), 3);
+    // Only b's own insert is waiting to ship.
+    let out = b.outbox_batch(10).expect("outbox").expect("b's own change");
+    assert_eq!(out.batch.rows.len(), 1);
+    assert_eq!(out.batch.rows[0].pk, vec![text("b1")]);
+    b.ack(out.first_seq, out.last_seq).expect("ack");
+    assert!(b.outbox_batch(10).expect("outbox").is_none());
+    assert_eq!(b.pending_changes().expect("pending"), 0);
+}
+
+#[test]
+fn rows_present_when_tracking_starts_are_captured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path().join("a.db"), StoreOptions::default()).expect("open");
+    exec(&mut store, INSPECTIONS);
+    exec(&mut store, "INSERT INTO inspections(id, site) VALUES ('old1', 'x'), ('old2', 'y')");
+    store.track("inspections", TableSpec::new()).expect("track");
+    assert_eq!(store.pending_changes().expect("pending"), 2);
+    let out = store.outbox_batch(10).expect("outbox").expect("changes");
+    assert_eq!(out.batch.rows.len(), 2);
+}
+
+#[test]
+fn tables_without_a_usable_key_are_refused_with_an_explanation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path().join("a.db"), StoreOptions::default()).expect("open");
+    exec(
+        &mut store,
+        "CREATE TABLE nokey (a TEXT, b TEXT);
+         CREATE TABLE rowid_alias (id INTEGER PRIMARY KEY, name TEXT);
+         CREATE TABLE composite (site TEXT, seq INTEGER, note TEXT, PRIMARY KEY (site, seq));
+         CREATE TABLE blobkey (id BLOB PRIMARY KEY, v REAL);",
+    );
+    assert!(matches!(store.track("nokey", TableSpec::new()), Err(Error::NoPrimaryKey(_))));
+    let err = store.track("rowid_alias", TableSpec::new()).expect_err("refused");
+    assert!(matches!(err, Error::RowidPrimaryKey { .. }));
+    assert!(err.to_string().contains("collide"), "{err}");
+    assert!(matches!(store.track("missing", TableSpec::new()), Err(Error::NoSuchTable(_))));
+    assert!(matches!(
+        store.track("composite", TableSpec::new().column("nope", ColumnPolicy::Manual)),
+        Err(Error::NoSuchColumn { .. })
+    ));
+    store.track("composite", TableSpec::new()).expect("composite keys are fine");
+    store.track("blobkey", TableSpec::new()).expect("blob keys are fine");
+    exec(&mut store, "INSERT INTO composite VALUES ('n', 1, 'a'), ('n', 2, 'b')");
+    let err = store
+        .write(|tx| Ok(tx.execute("INSERT INTO blobkey(id, v) VALUES (NULL, 1.0)", [])?))
+        .expect_err("null key refused");
+    assert!(err.to_string().contains("must not be NULL"), "{err}");
+    let out = store.outbox_batch(10).expect("outbox").expect("changes");
+    assert_eq!(out.batch.rows.len(), 2);
+}
+
+#[test]
+fn a_new_column_is_an_explicit_error_until_retracked_then_captured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    exec(&mut a, "INSERT INTO inspections(id, status) VALUES ('i1', 'open')");
+    exec(&mut a, "ALTER TABLE inspections ADD COLUMN inspector TEXT");
+    exec(&mut a, "UPDATE inspections SET inspector = 'kim', status = 'done' WHERE id = 'i1'");
+    let err = a.seal().expect_err("schema change must not pass silently");
+    assert!(matches!(err, Error::SchemaChanged { .. }), "{err}");
+    a.track("inspections", TableSpec::new()).expect("re-track");
+    exec(&mut a, "UPDATE inspections SET inspector = 'lee' WHERE id = 'i1'");
+    exec(&mut b, "ALTER TABLE inspections ADD COLUMN inspector TEXT");
+    b.track("inspections", TableSpec::new()).expect("re-track b");
+    sync(&mut a, &mut [&mut b]);
+    assert_eq!(rows(&b, "SELECT status, inspector FROM inspections"), vec![vec![text("done"), text("lee")]]);
+}
+
+#[test]
+fn changes_to_columns_a_replica_lacks_are_kept_and_do_not_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    exec(&mut a, "ALTER TABLE inspections ADD COLUMN inspector TEXT");
+    a.track("inspections", TableSpec::new()).expect("re-track");
+    exec(&mut a, "INSERT INTO inspections(id, status, inspector) VALUES ('i1', 'open', 'kim')");
+    sync(&mut a, &mut [&mut b]);
+    assert_eq!(rows(&b, "SELECT id, status FROM inspections"), vec![vec![text("i1"), text("open")]]);
+    // Once b adds the column, its snapshot still carries the value it kept.
+    let (snap, _) = b.snapshot(None, 10).expect("snapshot");
+    assert_eq!(snap.rows[0].state.fields["inspector"].entries[0].value, text("kim"));
+}
+
+#[test]
+fn untrack_removes_triggers_journal_and_metadata() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    exec(&mut store, "INSERT INTO inspections(id) VALUES ('i1')");
+    store.untrack("inspections").expect("untrack");
+    exec(&mut store, "INSERT INTO inspections(id) VALUES ('i2')");
+    let leftovers = rows(
+        &store,
+        "SELECT name FROM sqlite_master WHERE name LIKE '\\_driftless\\_%' ESCAPE '\\' AND type IN ('trigger') OR name LIKE '_driftless_pending%'",
+    );
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(rows(&store, "SELECT count(*) FROM _driftless_rows"), vec![vec![Value::Integer(0)]]);
+    assert!(store.outbox_batch(10).expect("outbox").is_none());
+    assert!(matches!(store.untrack("inspections"), Err(Error::NotTracked(_))));
+}
+
+#[test]
+fn only_acknowledged_entries_leave_the_outbox() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    for i in 0..5 {
+        exec(&mut store, &format!("INSERT INTO inspections(id) VALUES ('i{i}')"));
+        store.seal().expect("seal");
+    }
+    let first = store.outbox_batch(2).expect("outbox").expect("batch");
+    let second = store.outbox_batch_after(first.last_seq, 2).expect("outbox").expect("batch");
+    assert_eq!(second.batch.rows[0].pk, vec![text("i2")]);
+    // Acks can arrive out of order; nothing unacknowledged is lost.
+    store.ack(second.first_seq, second.last_seq).expect("ack");
+    assert_eq!(store.pending_changes().expect("pending"), 3);
+    let again = store.outbox_batch(10).expect("outbox").expect("batch");
+    let keys: Vec<_> = again.batch.rows.iter().map(|r| r.pk[0].clone()).collect();
+    assert_eq!(keys, vec![text("i0"), text("i1"), text("i4")]);
+}
+
+#[test]
+fn key_change_ships_as_delete_and_insert() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    exec(&mut a, "INSERT INTO inspections(id, site) VALUES ('old', 'x')");
+    sync(&mut a, &mut [&mut b]);
+    exec(&mut a, "UPDATE inspections SET id = 'new' WHERE id = 'old'");
+    sync(&mut a, &mut [&mut b]);
+    assert_eq!(rows(&b, "SELECT id, site FROM inspections"), vec![vec![text("new"), text("x")]]);
+}
+
+#[test]
+fn up_only_tables_ignore_remote_writes_and_down_only_tables_do_not_ship() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut up = open(dir.path(), "up.db", StoreOptions::default(), TableSpec::new().direction(Direction::UpOnly));
+    let mut down =
+        open(dir.path(), "down.db", StoreOptions::default(), TableSpec::new().direction(Direction::DownOnly));
+    exec(&mut a, "INSERT INTO inspections(id) VALUES ('from-a')");
+    let batches = drain(&mut a);
+    for b in &batches {
+        assert_eq!(up.apply(b).expect("apply").skipped, 1);
+        down.apply(b).expect("apply");
+    }
+    assert!(rows(&up, "SELECT id FROM inspections").is_empty());
+    assert_eq!(rows(&down, "SELECT id FROM inspections"), vec![vec![text("from-a")]]);
+    exec(&mut down, "INSERT INTO inspections(id) VALUES ('local')");
+    assert!(down.outbox_batch(10).expect("outbox").is_none());
+    exec(&mut up, "INSERT INTO inspections(id) VALUES ('sensor')");
+    assert_eq!(up.outbox_batch(10).expect("outbox").expect("ships").batch.rows.len(), 1);
+}
+
+#[test]
+fn a_new_replica_bootstraps_from_a_snapshot_then_syncs_incrementally() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = TableSpec::new().column("stock", ColumnPolicy::Counter);
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), spec.clone());
+    for i in 0..25 {
+        exec(&mut a, &format!("INSERT INTO inspections(id, site, stock) VALUES ('i{i:02}', 's', {i})"));
+    }
+    exec(&mut a, "DELETE FROM inspections WHERE id = 'i03'");
+    a.seal().expect("seal");
+    let mut fresh = open(dir.path(), "fresh.db", StoreOptions::default(), spec);
+    let mut cursor = None;
+    loop {
+        let (page, next) = a.snapshot(cursor.as_ref(), 10).expect("snapshot");
+        fresh.apply(&page).expect("apply");
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let all = "SELECT id, site, stock FROM inspections ORDER BY id";
+    assert_eq!(rows(&fresh, all), rows(&a, all));
+    assert_eq!(rows(&fresh, all).len(), 24);
+    exec(&mut fresh, "UPDATE inspections SET stock = stock - 1 WHERE id = 'i10'");
+    sync(&mut fresh, &mut [&mut a]);
+    assert_eq!(rows(&a, "SELECT stock FROM inspections WHERE id = 'i10'"), vec![vec![Value::Integer(9)]]);
+}
