@@ -2,7 +2,7 @@
 //! through the binary wire format and converge. Run with
 //! `cargo run -p driftless-core --example offline_merge`.
 
-use driftless_core::codec::{decode_batch, encode_batch, Dictionaries, EncodeOptions, Limits};
+use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
 use driftless_core::{ColumnPolicy, Store, StoreOptions, TableSpec};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS inspections (
@@ -58,7 +58,9 @@ fn main() -> anyhow::Result<()> {
     show("a", &a)?;
 
     println!("\noffline: a marks it done and uses 3 parts; b edits the notes and uses 2 parts");
-    a.write(|tx| Ok(tx.execute_batch("UPDATE inspections SET status = 'done', notes = 'valve replaced', stock = stock - 3")?))?;
+    a.write(|tx| {
+        Ok(tx.execute_batch("UPDATE inspections SET status = 'done', notes = 'valve replaced', stock = stock - 3")?)
+    })?;
     b.write(|tx| Ok(tx.execute_batch("UPDATE inspections SET notes = 'leak at flange', stock = stock - 2")?))?;
 
     let wire = ship(&mut a, &mut b)? + ship(&mut b, &mut a)?;

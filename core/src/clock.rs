@@ -114,7 +114,7 @@ impl HlcClock {
 
     /// Folds in a timestamp seen on a remote write, bounded by the allowed drift.
     pub fn observe(&mut self, remote: Hlc, now_ms: u64) -> Observed {
-        let bound = Hlc::new(now_ms.saturating_add(self.max_drift_ms), u16::MAX);
+        let bound = Hlc::new(now_ms.saturating_add(self.max_drift_ms), 0);
         let (adopt, outcome) = if remote > bound { (bound, Observed::Clamped) } else { (remote, Observed::Adopted) };
         if adopt > self.last {
             self.last = adopt;
