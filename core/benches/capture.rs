@@ -1,1 +1,140 @@
-fn main() {}
+//! Capture overhead: the same writes on a tracked and an untracked table.
+//!
+//! Measures only what the app pays at write time (the triggers); sealing happens later, off
+//! the app's path, and is reported separately.
+
+mod common;
+
+use common::*;
+use driftless_core::{Store, StoreOptions, TableSpec};
+use rusqlite::{Connection, params_from_iter};
+
+const BATCH_ROWS: usize = 10_000;
+const SINGLE_ROWS: usize = 2_000;
+const ROUNDS: usize = 7;
+
+fn connect(path: &std::path::Path) -> Connection {
+    let conn = Connection::open(path).expect("open");
+    conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    conn.pragma_update(None, "synchronous", "NORMAL").expect("sync");
+    conn
+}
+
+struct Db {
+    conn: Connection,
+    _store: Option<Store>,
+}
+
+fn setup(dir: &std::path::Path, name: &str, tracked: bool) -> Db {
+    let path = dir.join(name);
+    let store = if tracked {
+        let mut s = Store::open(&path, StoreOptions::default()).expect("store");
+        s.write(|tx| Ok(tx.execute_batch(SCHEMA)?)).expect("schema");
+        s.track("inspections", TableSpec::new()).expect("track");
+        Some(s)
+    } else {
+        None
+    };
+    let conn = connect(&path);
+    conn.execute_batch(SCHEMA).expect("schema");
+    Db { conn, _store: store }
+}
+
+fn insert_batch(conn: &Connection, rows: &[Vec<rusqlite::types::Value>]) {
+    let tx = conn.unchecked_transaction().expect("tx");
+    {
+        let mut stmt = tx.prepare_cached(INSERT).expect("prepare");
+        for r in rows {
+            stmt.execute(params_from_iter(r)).expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+}
+
+fn update_batch(conn: &Connection, rows: &[Vec<rusqlite::types::Value>], round: usize) {
+    let tx = conn.unchecked_transaction().expect("tx");
+    {
+        let mut stmt = tx
+            .prepare_cached("UPDATE inspections SET status = ?2, photo_count = photo_count + 1 WHERE id = ?1")
+            .expect("prepare");
+        for r in rows {
+            stmt.execute(rusqlite::params![&r[0], format!("checked-{round}")]).expect("update");
+        }
+    }
+    tx.commit().expect("commit");
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = Rng(0x5eed);
+    let mut dbs: Vec<Db> =
+        [false, true].iter().map(|&tracked| setup(dir.path(), &format!("{tracked}.db"), tracked)).collect();
+    let (mut ins_b, mut upd_b, mut ins_s, mut upd_s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut seal_rate = Vec::new();
+    for round in 0..ROUNDS {
+        let rows: Vec<_> = (0..BATCH_ROWS)
+            .map(|_| {
+                let id = rng.uuid();
+                record(&mut rng, &id)
+            })
+            .collect();
+        let single: Vec<_> = (0..SINGLE_ROWS)
+            .map(|_| {
+                let id = rng.uuid();
+                record(&mut rng, &id)
+            })
+            .collect();
+        let mut t = [[0.0f64; 4]; 2];
+        // Alternate which side runs first so cache warmth and background noise even out.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let db = &mut dbs[k];
+            t[k][0] = timed(|| insert_batch(&db.conn, &rows));
+            t[k][1] = timed(|| update_batch(&db.conn, &rows, round));
+            t[k][2] = timed(|| {
+                let mut stmt = db.conn.prepare_cached(INSERT).expect("prepare");
+                for r in &single {
+                    stmt.execute(params_from_iter(r)).expect("insert");
+                }
+            });
+            t[k][3] = timed(|| {
+                let mut stmt =
+                    db.conn.prepare_cached("UPDATE inspections SET status = 'on-site' WHERE id = ?1").expect("prepare");
+                for r in &single {
+                    stmt.execute([&r[0]]).expect("update");
+                }
+            });
+            // The agent seals soon after writes; that work is off the app's path, timed apart.
+            if let Some(store) = db._store.as_mut() {
+                let secs = timed(|| {
+                    store.seal().expect("seal");
+                });
+                seal_rate.push((BATCH_ROWS + SINGLE_ROWS) as f64 / secs);
+            }
+        }
+        ins_b.push(t[1][0] / t[0][0]);
+        upd_b.push(t[1][1] / t[0][1]);
+        ins_s.push(t[1][2] / t[0][2]);
+        upd_s.push(t[1][3] / t[0][3]);
+        println!(
+            "round {round} (table holds {} rows before): tracked vs untracked seconds: batch insert {:.4} / {:.4}, \
+             batch update {:.4} / {:.4}, single insert {:.4} / {:.4}, single update {:.4} / {:.4}",
+            round * (BATCH_ROWS + SINGLE_ROWS),
+            t[1][0],
+            t[0][0],
+            t[1][1],
+            t[0][1],
+            t[1][2],
+            t[0][2],
+            t[1][3],
+            t[0][3]
+        );
+    }
+    report(&[
+        ("insert_ratio_batch", median(ins_b)),
+        ("update_ratio_batch", median(upd_b)),
+        ("insert_ratio_single", median(ins_s)),
+        ("update_ratio_single", median(upd_s)),
+        ("seal_rows_per_s", median(seal_rate).round()),
+    ]);
+}

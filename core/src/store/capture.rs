@@ -2,9 +2,10 @@
 //!
 //! Triggers use only built-in SQL, so a program that never links driftless, writing with its
 //! own SQLite, is captured too, in the same transaction as its write. They record the key,
-//! a bit per changed column and the net delta of counter columns into a per-table journal
-//! keyed by primary key, so repeated edits of a row between seals coalesce into one entry.
-//! Values are read only when the journal is sealed.
+//! a bit per changed column and the net delta of counter columns into a per-table journal.
+//! The journal is append-only (a rowid table with no index): a trigger costs one program call
+//! and one append, which is what keeps capture cheap. Sealing folds every entry of a row into
+//! one change and reads the values then, so repeated edits between seals ship once.
 
 use rusqlite::Connection;
 
@@ -41,30 +42,31 @@ fn counter_value(row: &str, column: &str) -> String {
     format!("coalesce(CAST({row}.{} AS INTEGER), 0)", ident(column))
 }
 
-/// An upsert into the journal for the row `row` (NEW or OLD) with the given mask words and
-/// counter deltas, OR-ing masks and adding deltas into an existing entry.
-fn journal_upsert(info: &TableInfo, row: &str, masks: &[String], deltas: &[String]) -> String {
+/// An append to the journal for the row `row` (NEW or OLD) with the given mask words and
+/// counter deltas.
+fn journal_append(info: &TableInfo, row: &str, masks: &[String], deltas: &[String]) -> String {
     let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
     let mut vals: Vec<String> = info.pk.iter().map(|c| format!("{row}.{}", ident(c))).collect();
-    let mut sets = Vec::new();
     for (w, m) in masks.iter().enumerate() {
         cols.push(mask_col(w));
         vals.push(m.clone());
-        sets.push(format!("{0} = {0} | excluded.{0}", mask_col(w)));
     }
     for (i, d) in deltas.iter().enumerate() {
         cols.push(delta_col(i));
         vals.push(d.clone());
-        sets.push(format!("{0} = {0} + excluded.{0}", delta_col(i)));
     }
-    let keys: Vec<String> = (0..info.pk.len()).map(key_col).collect();
-    let action = if sets.is_empty() { "NOTHING".to_owned() } else { format!("UPDATE SET {}", sets.join(", ")) };
+    format!("INSERT INTO {} ({}) VALUES ({});", ident(&info.pending_table()), cols.join(", "), vals.join(", "))
+}
+
+/// Aborts a write that would give a row a NULL key (such a row could never be synced).
+/// Empty when every key column is declared NOT NULL, so those tables pay nothing.
+fn null_key_guard(info: &TableInfo) -> String {
+    if info.key_not_null {
+        return String::new();
+    }
     format!(
-        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action};",
-        ident(&info.pending_table()),
-        cols.join(", "),
-        vals.join(", "),
-        keys.join(", ")
+        "SELECT RAISE(ABORT, 'driftless: the primary key of a tracked table must not be NULL') WHERE {};",
+        any_key_null(info)
     )
 }
 
@@ -109,33 +111,28 @@ pub(crate) fn install(conn: &Connection, info: &TableInfo) -> Result<()> {
     let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
     cols.extend((0..info.mask_words()).map(|w| format!("{} INTEGER NOT NULL DEFAULT 0", mask_col(w))));
     cols.extend((0..info.counter_columns().count()).map(|i| format!("{} INTEGER NOT NULL DEFAULT 0", delta_col(i))));
-    let keys: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let key_list: Vec<String> = info.pk.iter().map(|c| ident(c)).collect();
     let no_masks: Vec<String> = Vec::new();
+    let guard = null_key_guard(info);
+    let on_insert = journal_append(info, "NEW", &full_masks(info), &counter_deltas(info, true, false));
     let sql = format!(
-        "CREATE TABLE {pending} ({cols}, PRIMARY KEY ({keys})) WITHOUT ROWID;
-         CREATE TRIGGER {null_ins} BEFORE INSERT ON {table} WHEN {any_null}
-           BEGIN SELECT RAISE(ABORT, 'driftless: the primary key of a tracked table must not be NULL'); END;
-         CREATE TRIGGER {null_upd} BEFORE UPDATE ON {table} WHEN {any_null}
-           BEGIN SELECT RAISE(ABORT, 'driftless: the primary key of a tracked table must not be NULL'); END;
-         CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN {on_insert} END;
+        "CREATE TABLE {pending} ({cols});
+         CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN {guard} {on_insert} END;
          CREATE TRIGGER {upd} AFTER UPDATE ON {table} WHEN {same_key} BEGIN {on_update} END;
-         CREATE TRIGGER {rekey} AFTER UPDATE ON {table} WHEN NOT ({same_key}) BEGIN {on_rekey_old} {on_insert} END;
+         CREATE TRIGGER {rekey} AFTER UPDATE OF {key_list} ON {table} WHEN NOT ({same_key})
+           BEGIN {guard} {on_rekey_old} {on_insert} END;
          CREATE TRIGGER {del} AFTER DELETE ON {table} BEGIN {on_delete} END;",
         pending = ident(&info.pending_table()),
         cols = cols.join(", "),
-        keys = keys.join(", "),
-        null_ins = trigger(info, "null_ins"),
-        null_upd = trigger(info, "null_upd"),
-        any_null = any_key_null(info),
+        key_list = key_list.join(", "),
         ins = trigger(info, "ins"),
         upd = trigger(info, "upd"),
         rekey = trigger(info, "rekey"),
         del = trigger(info, "del"),
         same_key = same_key(info),
-        on_insert = journal_upsert(info, "NEW", &full_masks(info), &counter_deltas(info, true, false)),
-        on_update = journal_upsert(info, "NEW", &changed_masks(info), &counter_deltas(info, true, true)),
-        on_rekey_old = journal_upsert(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
-        on_delete = journal_upsert(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
+        on_update = journal_append(info, "NEW", &changed_masks(info), &counter_deltas(info, true, true)),
+        on_rekey_old = journal_append(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
+        on_delete = journal_append(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
     );
     conn.execute_batch(&sql)?;
     Ok(())
@@ -154,7 +151,7 @@ pub(crate) fn capture_existing(conn: &Connection, info: &TableInfo) -> Result<()
         vals.push(format!("coalesce(CAST({} AS INTEGER), 0)", ident(&c.name)));
     }
     let sql = format!(
-        "INSERT OR IGNORE INTO {} ({}) SELECT {} FROM {}",
+        "INSERT INTO {} ({}) SELECT {} FROM {}",
         ident(&info.pending_table()),
         cols.join(", "),
         vals.join(", "),
@@ -166,15 +163,15 @@ pub(crate) fn capture_existing(conn: &Connection, info: &TableInfo) -> Result<()
 
 /// Drops the triggers and the journal table.
 pub(crate) fn uninstall(conn: &Connection, info: &TableInfo) -> Result<()> {
-    for what in ["null_ins", "null_upd", "ins", "upd", "rekey", "del"] {
+    for what in ["ins", "upd", "rekey", "del"] {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {};", trigger(info, what)))?;
     }
     conn.execute_batch(&format!("DROP TABLE IF EXISTS {};", ident(&info.pending_table())))?;
     Ok(())
 }
 
-/// The query that reads the journal joined with the current rows: key values, mask words,
-/// counter deltas, a presence flag, then every captured column's current value.
+/// The query that reads the journal, oldest entry first, joined with the current rows: key
+/// values, mask words, counter deltas, a presence flag, then every captured column's value.
 pub(crate) fn seal_query(info: &TableInfo) -> String {
     let mut sel: Vec<String> = (0..info.pk.len()).map(|i| format!("p.{}", key_col(i))).collect();
     sel.extend((0..info.mask_words()).map(|w| format!("p.{}", mask_col(w))));
@@ -184,7 +181,7 @@ pub(crate) fn seal_query(info: &TableInfo) -> String {
     let on: Vec<String> =
         info.pk.iter().enumerate().map(|(i, c)| format!("t.{} = p.{}", ident(c), key_col(i))).collect();
     format!(
-        "SELECT {} FROM {} AS p LEFT JOIN {} AS t ON {}",
+        "SELECT {} FROM {} AS p LEFT JOIN {} AS t ON {} ORDER BY p.rowid",
         sel.join(", "),
         ident(&info.pending_table()),
         ident(&info.name),
@@ -205,21 +202,20 @@ pub(crate) fn mark_changed(
     }
     let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
     let mut vals: Vec<String> = (1..=info.pk.len()).map(|i| format!("?{i}")).collect();
-    let mut sets = Vec::new();
     for (w, m) in words.iter().enumerate() {
         cols.push(mask_col(w));
         vals.push(m.to_string());
-        sets.push(format!("{0} = {0} | excluded.{0}", mask_col(w)));
     }
-    let keys: Vec<String> = (0..info.pk.len()).map(key_col).collect();
-    let sql = format!(
-        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
-        ident(&info.pending_table()),
-        cols.join(", "),
-        vals.join(", "),
-        keys.join(", "),
-        sets.join(", ")
-    );
+    let sql =
+        format!("INSERT INTO {} ({}) VALUES ({})", ident(&info.pending_table()), cols.join(", "), vals.join(", "));
     conn.execute(&sql, rusqlite::params_from_iter(pk.iter()))?;
     Ok(())
+}
+
+/// How many distinct rows the journal holds.
+pub(crate) fn journaled_rows(conn: &Connection, info: &TableInfo) -> Result<u64> {
+    let keys: Vec<String> = (0..info.pk.len()).map(key_col).collect();
+    let sql =
+        format!("SELECT count(*) FROM (SELECT DISTINCT {} FROM {})", keys.join(", "), ident(&info.pending_table()));
+    Ok(conn.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
 }

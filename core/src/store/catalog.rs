@@ -35,6 +35,9 @@ pub(crate) struct TableInfo {
     pub(crate) persisted_columns: usize,
     /// Columns of the app table, in the table's order, excluding the key.
     pub(crate) app: Vec<AppColumn>,
+    /// Every key column is declared NOT NULL (or the table is WITHOUT ROWID), so the capture
+    /// triggers need no NULL-key guard.
+    pub(crate) key_not_null: bool,
 }
 
 impl TableInfo {
@@ -102,17 +105,18 @@ impl Catalog {
                 }
             }
             let types = column_types(conn, &name)?;
+            let pk: Vec<String> = pk.split(PK_SEPARATOR).map(str::to_owned).collect();
+            let key_not_null = key_not_null(conn, &name)?;
             let app = in_app
                 .into_iter()
                 .map(|c| {
                     let idx = columns.intern(&c);
-                    let untyped = types.get(&c).is_none_or(|t| t.is_empty() || t.eq_ignore_ascii_case("BLOB"));
+                    let untyped = types.get(&c).is_none_or(|t| is_untyped(t));
                     AppColumn { counter: matches!(spec.policy(&c), ColumnPolicy::Counter), name: c, idx, untyped }
                 })
                 .collect();
             let persisted_columns = columns.len();
-            let pk = pk.split(PK_SEPARATOR).map(str::to_owned).collect();
-            catalog.insert(TableInfo { id, name, spec, pk, columns, persisted_columns, app });
+            catalog.insert(TableInfo { id, name, spec, pk, columns, persisted_columns, app, key_not_null });
         }
         Ok(catalog)
     }
@@ -141,6 +145,22 @@ fn column_types(conn: &Connection, table: &str) -> Result<HashMap<String, String
     let mut stmt = conn.prepare("SELECT name, type FROM pragma_table_info(?1)")?;
     let rows = stmt.query_map([table], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether a declared type has no affinity (1 and 1.0 stay distinct values).
+pub(crate) fn is_untyped(decl_type: &str) -> bool {
+    decl_type.is_empty() || decl_type.eq_ignore_ascii_case("BLOB")
+}
+
+/// Whether no key column of `table` can hold NULL.
+pub(crate) fn key_not_null(conn: &Connection, table: &str) -> Result<bool> {
+    let without_rowid: bool =
+        conn.query_row("SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'", [table], |r| r.get(0))?;
+    let nullable_keys: i64 =
+        conn.query_row("SELECT count(*) FROM pragma_table_info(?1) WHERE pk > 0 AND \"notnull\" = 0", [table], |r| {
+            r.get(0)
+        })?;
+    Ok(without_rowid || nullable_keys == 0)
 }
 
 /// Writes dictionary entries added since the last save.

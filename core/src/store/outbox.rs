@@ -58,8 +58,7 @@ pub(crate) fn ack(conn: &Connection, first: i64, last: i64) -> Result<usize> {
 pub(crate) fn pending(conn: &Connection, inner: &Inner) -> Result<u64> {
     let mut n: i64 = conn.query_row("SELECT count(*) FROM _driftless_outbox", [], |r| r.get(0))?;
     for info in inner.catalog.tables.iter().filter(|t| t.captures()) {
-        n +=
-            conn.query_row(&format!("SELECT count(*) FROM \"{}\"", info.pending_table()), [], |r| r.get::<_, i64>(0))?;
+        n += super::capture::journaled_rows(conn, info)? as i64;
     }
     Ok(n as u64)
 }

@@ -4,6 +4,9 @@
 //! causal context is what the device had seen when the write happened, never what arrived
 //! after it.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use rusqlite::Connection;
 
 use super::{Inner, capture, meta, track};
@@ -107,6 +110,8 @@ pub(crate) fn seal_journal(conn: &Connection, inner: &mut Inner) -> Result<SealR
     Ok(report)
 }
 
+/// Reads the journal and folds every entry of one row into one: masks OR-ed, counter deltas
+/// summed, in order of each row's first entry.
 fn read_journal(conn: &Connection, inner: &Inner, t: usize) -> Result<Vec<Journaled>> {
     let info = &inner.catalog.tables[t];
     let (nk, nm, nd) = (info.pk.len(), info.mask_words(), info.counter_columns().count());
@@ -121,5 +126,25 @@ fn read_journal(conn: &Connection, inner: &Inner, t: usize) -> Result<Vec<Journa
             (0..info.app.len()).map(|i| r.get::<_, Value>(base + 1 + i)).collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(Journaled { pk, masks, deltas, present, values })
     })?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    let mut folded: Vec<Journaled> = Vec::new();
+    let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+    for row in rows {
+        let row = row?;
+        match index.entry(encode_key(&row.pk)) {
+            Entry::Vacant(v) => {
+                v.insert(folded.len());
+                folded.push(row);
+            }
+            Entry::Occupied(o) => {
+                let into = &mut folded[*o.get()];
+                for (m, add) in into.masks.iter_mut().zip(&row.masks) {
+                    *m |= add;
+                }
+                for (d, add) in into.deltas.iter_mut().zip(&row.deltas) {
+                    *d = d.wrapping_add(*add);
+                }
+            }
+        }
+    }
+    Ok(folded)
 }

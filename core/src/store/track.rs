@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-use super::catalog::{AppColumn, Catalog, PK_SEPARATOR, TableInfo, ident};
+use super::catalog::{AppColumn, Catalog, PK_SEPARATOR, TableInfo, ident, is_untyped, key_not_null};
 use super::{Inner, capture, seal};
 use crate::codec::Interner;
 use crate::error::{Error, Result};
@@ -120,7 +120,7 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
         .map(|c| AppColumn {
             idx: columns.intern(&c.name),
             counter: matches!(spec.policy(&c.name), ColumnPolicy::Counter),
-            untyped: c.decl_type.is_empty() || c.decl_type.eq_ignore_ascii_case("BLOB"),
+            untyped: is_untyped(&c.decl_type),
             name: c.name.clone(),
         })
         .collect();
@@ -134,7 +134,8 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
         stmt.execute(rusqlite::params![id, idx as i64, name, in_app])?;
     }
     let persisted_columns = columns.len();
-    let info = TableInfo { id, name: table.to_owned(), spec, pk, columns, persisted_columns, app };
+    let key_not_null = key_not_null(conn, table)?;
+    let info = TableInfo { id, name: table.to_owned(), spec, pk, columns, persisted_columns, app, key_not_null };
     if info.captures() {
         capture::install(conn, &info)?;
         if existing.is_none() {
