@@ -232,3 +232,18 @@ fn entry_outside_its_context_is_refused() {
     let bytes = encode_batch(&batch, EncodeOptions { level: None, dictionary: None });
     assert!(matches!(decode_batch(&bytes, &Limits::default(), &Dictionaries::default()), Err(DecodeError::Invalid(_))));
 }
+
+#[test]
+fn long_version_vectors_are_refused_at_the_limit() {
+    let mut batch = sample_batch();
+    let reg = batch.rows[0].state.fields.get_mut("status").expect("field");
+    reg.ctx.advance(node(2), 3);
+    reg.ctx.advance(node(3), 9);
+    let bytes = encode_batch(&batch, EncodeOptions { level: None, dictionary: None });
+    let limits = Limits { max_vector_len: 2, ..Limits::default() };
+    assert!(matches!(
+        decode_batch(&bytes, &limits, &Dictionaries::default()),
+        Err(DecodeError::LimitExceeded { what: "version vector entries", .. })
+    ));
+    assert_eq!(decode_batch(&bytes, &Limits::default(), &Dictionaries::default()), Ok(batch));
+}
