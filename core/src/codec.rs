@@ -4,7 +4,7 @@
 //! every count, length and the decompressed size are checked against [`Limits`] before
 //! anything is allocated, and every failure is a [`DecodeError`].
 
-mod buf;
+pub(crate) mod buf;
 mod intern;
 mod rows;
 mod values;

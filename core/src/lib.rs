@@ -14,6 +14,7 @@
 //! - `clock`: node ids, dots, version vectors, the hybrid logical clock.
 //! - [`codec`]: the versioned, zstd-compressed batch format; bounded decoding.
 //! - `value`: bit-exact SQLite values.
+//! - [`protocol`]: device/gateway sync messages and MQTT topics.
 //!
 //! # Example: two replicas converge
 //! ```
@@ -48,6 +49,7 @@ pub mod codec;
 mod error;
 mod merge;
 mod policy;
+pub mod protocol;
 mod state;
 pub mod store;
 mod value;

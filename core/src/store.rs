@@ -256,6 +256,50 @@ impl Store {
         self.transact(|tx, _| outbox::ack(tx, first, last))
     }
 
+    /// Moves outbox entries `first..=last` aside (to `_driftless_rejected`, kept with
+    /// `reason`) after the gateway refused them, so later changes keep flowing.
+    pub fn reject(&mut self, first: i64, last: i64, reason: &str) -> Result<usize> {
+        self.transact(|tx, inner| outbox::reject(tx, first, last, reason, inner.now()))
+    }
+
+    /// Number of outbox entries moved aside after a refusal.
+    pub fn rejected_count(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT count(*) FROM _driftless_rejected", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// A value the sync layer keeps with the data (cursors, last sync time), so it commits
+    /// and rolls back with it.
+    pub fn sync_state(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM _driftless_state WHERE key = ?1", [format!("sync.{key}")], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Sets a value read back by [`Store::sync_state`].
+    pub fn set_sync_state(&mut self, key: &str, value: &str) -> Result<()> {
+        self.transact(|tx, _| {
+            tx.execute(
+                "INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)",
+                rusqlite::params![format!("sync.{key}"), value],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Applies a batch and records a sync-state value in the same transaction (a cursor moves
+    /// only together with the changes it covers).
+    pub fn apply_with_state(&mut self, batch: &Batch, key: &str, value: &str) -> Result<ApplyReport> {
+        self.transact(|tx, inner| {
+            let report = apply::apply(tx, inner, batch)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)",
+                rusqlite::params![format!("sync.{key}"), value],
+            )?;
+            Ok(report)
+        })
+    }
+
     /// Number of local changes not yet acknowledged (sealed or still journaled).
     pub fn pending_changes(&self) -> Result<u64> {
         outbox::pending(&self.conn, &self.inner)

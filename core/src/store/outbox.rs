@@ -55,6 +55,18 @@ pub(crate) fn ack(conn: &Connection, first: i64, last: i64) -> Result<usize> {
     Ok(conn.prepare_cached("DELETE FROM _driftless_outbox WHERE seq BETWEEN ?1 AND ?2")?.execute([first, last])?)
 }
 
+/// Moves entries `first..=last` from the outbox to `_driftless_rejected` with `reason`.
+pub(crate) fn reject(conn: &Connection, first: i64, last: i64, reason: &str, now_ms: u64) -> Result<usize> {
+    let moved = conn
+        .prepare_cached(
+            "INSERT OR REPLACE INTO _driftless_rejected(seq, tbl, pk, change, created_ms, rejected_ms, reason)
+             SELECT seq, tbl, pk, change, created_ms, ?3, ?4 FROM _driftless_outbox WHERE seq BETWEEN ?1 AND ?2",
+        )?
+        .execute(rusqlite::params![first, last, now_ms as i64, reason])?;
+    ack(conn, first, last)?;
+    Ok(moved)
+}
+
 pub(crate) fn pending(conn: &Connection, inner: &Inner) -> Result<u64> {
     let mut n: i64 = conn.query_row("SELECT count(*) FROM _driftless_outbox", [], |r| r.get(0))?;
     for info in inner.catalog.tables.iter().filter(|t| t.captures()) {

@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::error::{Error, Result};
 
 /// The schema version this build writes.
-pub(crate) const VERSION: i64 = 1;
+pub(crate) const VERSION: i64 = 2;
 
 /// Brings the engine's tables up to [`VERSION`], inside the caller's transaction.
 pub(crate) fn upgrade(conn: &Connection) -> Result<()> {
@@ -77,6 +77,23 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 node        BLOB PRIMARY KEY,
                 hlc         INTEGER NOT NULL,
                 observed_ms INTEGER NOT NULL
+            );
+            ",
+        )?;
+    }
+    if version == 1 {
+        conn.execute_batch(
+            "
+            -- Outbox entries the gateway refused, moved aside (never deleted) so one poison
+            -- batch cannot block the queue.
+            CREATE TABLE _driftless_rejected (
+                seq         INTEGER PRIMARY KEY,
+                tbl         INTEGER NOT NULL,
+                pk          BLOB NOT NULL,
+                change      BLOB NOT NULL,
+                created_ms  INTEGER NOT NULL,
+                rejected_ms INTEGER NOT NULL,
+                reason      TEXT NOT NULL
             );
             ",
         )?;

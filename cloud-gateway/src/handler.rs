@@ -1,0 +1,126 @@
+//! What the gateway does with one uplink message: pure logic over a [`GatewayStore`],
+//! returning the messages to publish. No sockets here, so it is tested without a broker.
+
+use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
+use driftless_core::protocol::{Downlink, Uplink, downlink_topic, parse_uplink_topic, poke_topic};
+
+use crate::error::Result;
+use crate::storage::GatewayStore;
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Bounds the gateway applies to what devices send and ask for.
+#[derive(Debug, Clone)]
+pub struct HandlerLimits {
+    pub decode: Limits,
+    /// Most rows sent in one downlink message.
+    pub max_rows_per_message: usize,
+}
+
+impl Default for HandlerLimits {
+    fn default() -> Self {
+        HandlerLimits {
+            decode: Limits { max_decompressed: 32 << 20, ..Limits::default() },
+            max_rows_per_message: 2_000,
+        }
+    }
+}
+
+fn to(tenant: &str, device: &str, msg: Downlink) -> Outgoing {
+    Outgoing { topic: downlink_topic(tenant, device), payload: msg.encode() }
+}
+
+/// Handles one uplink publish. Refused input becomes a dead letter (and a nack when it was a
+/// batch), never an error: only storage failures are errors, and then nothing is acked, so the
+/// broker redelivers.
+pub fn handle_uplink(
+    store: &mut dyn GatewayStore,
+    limits: &HandlerLimits,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Vec<Outgoing>> {
+    let Some((tenant, device)) = parse_uplink_topic(topic) else {
+        tracing::warn!(topic, "ignoring a message on a topic that is not an uplink");
+        return Ok(Vec::new());
+    };
+    let msg = match Uplink::decode(payload, &limits.decode) {
+        Ok(m) => m,
+        Err(e) => {
+            store.dead_letter(tenant, device, &format!("undecodable message: {e}"), payload)?;
+            return Ok(Vec::new());
+        }
+    };
+    if msg.device() != device {
+        let reason = format!("message claims device {:?} but arrived on the topic of {device:?}", msg.device());
+        tracing::warn!(tenant, device, %reason, "refusing a message");
+        store.dead_letter(tenant, device, &reason, payload)?;
+        return Ok(match msg {
+            Uplink::Batch { first_seq, last_seq, .. } => {
+                vec![to(tenant, device, Downlink::Nack { first_seq, last_seq, reason })]
+            }
+            _ => Vec::new(),
+        });
+    }
+    let max_rows = |asked: u32| (asked as usize).clamp(1, limits.max_rows_per_message);
+    match msg {
+        Uplink::Batch { first_seq, last_seq, batch, .. } => {
+            let decoded = match decode_batch(&batch, &limits.decode, &Dictionaries::default()) {
+                Ok(b) => b,
+                Err(e) => {
+                    let reason = format!("batch refused: {e}");
+                    store.dead_letter(tenant, device, &reason, &batch)?;
+                    return Ok(vec![to(tenant, device, Downlink::Nack { first_seq, last_seq, reason })]);
+                }
+            };
+            let outcome = store.merge(tenant, device, first_seq, last_seq, &decoded)?;
+            tracing::debug!(
+                tenant,
+                device,
+                first_seq,
+                last_seq,
+                applied = outcome.applied,
+                duplicates = outcome.duplicates,
+                "merged"
+            );
+            let mut out = vec![to(tenant, device, Downlink::Ack { first_seq, last_seq })];
+            if outcome.logged_at.is_some() {
+                out.push(Outgoing { topic: poke_topic(tenant), payload: Vec::new() });
+            }
+            Ok(out)
+        }
+        Uplink::Pull { cursor: 0, max_rows: asked, .. } => {
+            // A device with no cursor starts from a snapshot of current state, not the history.
+            let log_cursor = store.log_head(tenant)?;
+            store.touch_device(tenant, device, None)?;
+            snapshot(store, tenant, device, &[], log_cursor, max_rows(asked))
+        }
+        Uplink::Pull { cursor, max_rows: asked, .. } => {
+            store.touch_device(tenant, device, Some(cursor))?;
+            let page = store.changes_after(tenant, device, cursor, max_rows(asked))?;
+            let batch = encode_batch(&page.batch, EncodeOptions::default());
+            Ok(vec![to(tenant, device, Downlink::Changes { cursor: page.cursor, more: page.more, batch })])
+        }
+        Uplink::PullSnapshot { resume, log_cursor, max_rows: asked, .. } => {
+            store.touch_device(tenant, device, None)?;
+            snapshot(store, tenant, device, &resume, log_cursor, max_rows(asked))
+        }
+    }
+}
+
+fn snapshot(
+    store: &mut dyn GatewayStore,
+    tenant: &str,
+    device: &str,
+    resume: &[u8],
+    log_cursor: u64,
+    max_rows: usize,
+) -> Result<Vec<Outgoing>> {
+    let page = store.snapshot_page(tenant, resume, max_rows)?;
+    let batch = encode_batch(&page.batch, EncodeOptions::default());
+    Ok(vec![to(tenant, device, Downlink::Snapshot { resume: page.resume, log_cursor, done: page.done, batch })])
+}

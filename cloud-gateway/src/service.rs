@@ -1,0 +1,138 @@
+//! The gateway service: connects to the broker, feeds uplinks to the handler, publishes its
+//! replies, and acknowledges each uplink to the broker only after its merge committed.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use driftless_core::protocol::{BrokerAddr, uplink_filter};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::handler::{HandlerLimits, handle_uplink};
+use crate::storage::GatewayStore;
+
+/// How the gateway runs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub broker: BrokerAddr,
+    /// MQTT client id; instances sharing the uplink subscription need distinct ids.
+    pub client_id: String,
+    /// Shared-subscription group: instances in one group split the uplinks.
+    pub share_group: String,
+    pub limits: HandlerLimits,
+}
+
+impl GatewayConfig {
+    pub fn new(broker: BrokerAddr) -> GatewayConfig {
+        GatewayConfig {
+            broker,
+            client_id: format!("driftless-gateway-{}", std::process::id()),
+            share_group: "driftless-gateways".into(),
+            limits: HandlerLimits::default(),
+        }
+    }
+}
+
+fn mqtt_options(config: &GatewayConfig) -> MqttOptions {
+    let mut opts = MqttOptions::new(&config.client_id, &config.broker.host, config.broker.port);
+    opts.set_keep_alive(Duration::from_secs(15));
+    // A persistent session: uplinks that arrive while this instance restarts wait for it.
+    opts.set_clean_session(false);
+    // Uplinks are acknowledged to the broker only after the merge commits.
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(64 << 20, 64 << 20);
+    opts.set_inflight(200);
+    opts
+}
+
+/// Runs the gateway until `shutdown` completes. Every uplink handled before that is merged
+/// and acknowledged; one in progress finishes first.
+pub async fn run<S: GatewayStore + 'static>(
+    config: GatewayConfig,
+    store: S,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config), 1_000);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let filter = uplink_filter(&config.share_group);
+    let poller = tokio::spawn(poll_events(eventloop, client.clone(), filter, tx));
+    let store = Arc::new(Mutex::new(store));
+    let limits = Arc::new(config.limits.clone());
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break Ok(()),
+            publish = rx.recv() => {
+                let Some(publish) = publish else { break Ok(()) };
+                if let Err(e) = handle(&client, &store, &limits, publish).await {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    let _ = client.disconnect().await;
+    poller.abort();
+    result
+}
+
+async fn handle<S: GatewayStore + 'static>(
+    client: &AsyncClient,
+    store: &Arc<Mutex<S>>,
+    limits: &Arc<HandlerLimits>,
+    publish: Publish,
+) -> Result<()> {
+    let (store2, limits2, topic, payload) =
+        (store.clone(), limits.clone(), publish.topic.clone(), publish.payload.clone());
+    // SQLite work is blocking; no lock is held across an await.
+    let out = tokio::task::spawn_blocking(move || {
+        let mut guard = store2.lock().map_err(|_| Error::WorkerGone)?;
+        handle_uplink(&mut *guard, &limits2, &topic, &payload)
+    })
+    .await
+    .map_err(|_| Error::WorkerGone)??;
+    for msg in out {
+        client.publish(msg.topic, QoS::AtLeastOnce, false, msg.payload).await?;
+    }
+    client.ack(&publish).await?;
+    Ok(())
+}
+
+/// Drives the MQTT connection: forwards uplinks, resubscribes after every connect, and
+/// reconnects with capped exponential backoff. Never publishes (that would deadlock).
+async fn poll_events(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filter: String,
+    tx: mpsc::UnboundedSender<Publish>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!("gateway connected to the broker");
+                // Subscribing from here would await the request channel this task drains.
+                let (client, filter) = (client.clone(), filter.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                        tracing::error!("subscribe failed: {e}");
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
