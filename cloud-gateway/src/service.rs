@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use driftless_core::protocol::{BrokerAddr, uplink_filter};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::error::{Error, Result};
 use crate::handler::{HandlerLimits, handle_uplink};
@@ -21,6 +21,10 @@ pub struct GatewayConfig {
     pub client_id: String,
     /// Shared-subscription group: instances in one group split the uplinks.
     pub share_group: String,
+    /// The tenant served, or `+` for every tenant.
+    pub tenant: String,
+    /// Notified each time the uplink subscription is confirmed by the broker.
+    pub ready: Arc<Notify>,
     pub limits: HandlerLimits,
 }
 
@@ -30,6 +34,8 @@ impl GatewayConfig {
             broker,
             client_id: format!("driftless-gateway-{}", std::process::id()),
             share_group: "driftless-gateways".into(),
+            tenant: "+".into(),
+            ready: Arc::new(Notify::new()),
             limits: HandlerLimits::default(),
         }
     }
@@ -56,8 +62,8 @@ pub async fn run<S: GatewayStore + 'static>(
 ) -> Result<()> {
     let (client, eventloop) = AsyncClient::new(mqtt_options(&config), 1_000);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let filter = uplink_filter(&config.share_group);
-    let poller = tokio::spawn(poll_events(eventloop, client.clone(), filter, tx));
+    let filter = uplink_filter(&config.share_group, &config.tenant);
+    let poller = tokio::spawn(poll_events(eventloop, client.clone(), filter, tx, config.ready.clone()));
     let store = Arc::new(Mutex::new(store));
     let limits = Arc::new(config.limits.clone());
     tokio::pin!(shutdown);
@@ -107,6 +113,7 @@ async fn poll_events(
     client: AsyncClient,
     filter: String,
     tx: mpsc::UnboundedSender<Publish>,
+    ready: Arc<Notify>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -121,6 +128,10 @@ async fn poll_events(
                         tracing::error!("subscribe failed: {e}");
                     }
                 });
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                tracing::info!("gateway subscribed to device uplinks");
+                ready.notify_one();
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send(p).is_err() {

@@ -28,8 +28,9 @@ pub fn poke_topic(tenant: &str) -> String {
 }
 
 /// The filter gateways subscribe with; `$share/GROUP/` splits uplinks among instances.
-pub fn uplink_filter(share_group: &str) -> String {
-    format!("$share/{share_group}/{TOPIC_ROOT}/+/+/up")
+/// `tenant` is `+` for all tenants, or one tenant for a deployment serving only it.
+pub fn uplink_filter(share_group: &str, tenant: &str) -> String {
+    format!("$share/{share_group}/{TOPIC_ROOT}/{tenant}/+/up")
 }
 
 /// Splits an uplink topic into `(tenant, device)`.

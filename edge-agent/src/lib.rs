@@ -1,1 +1,30 @@
+//! driftless-agent: the device side of driftless sync, as a library for apps and as the
+//! `driftless-agent` daemon for edge boxes.
+//!
+//! The agent ships the store's outbox to the gateway over MQTT as soon as local changes are
+//! written (by any process: the database file is watched), removes entries only when the
+//! gateway acknowledges them, and applies what the device missed, pulled from a cursor it
+//! keeps in the same database. The SQLite outbox is the source of truth, never the MQTT
+//! client's memory, so the agent survives `kill -9` at any point.
+//!
+//! # Layout
+//! - `config`: [`AgentConfig`], [`SyncMode`].
+//! - `agent`: [`Agent`] start/stop/status, the MQTT poller.
+//! - `sync`: the sync loop (in-flight window, acks, nacks, pulls, snapshots).
+//! - `worker`: [`StoreHandle`], the thread that owns the store.
+//! - `watch`: change notification by watching the database file.
+//! - `progress`: the terminal progress bar.
 
+mod agent;
+mod config;
+mod error;
+mod progress;
+mod sync;
+mod watch;
+mod worker;
+
+pub use agent::{Agent, Status, run};
+pub use config::{AgentConfig, SyncMode};
+pub use error::{Error, Result};
+pub use sync::LiveStatus;
+pub use worker::StoreHandle;

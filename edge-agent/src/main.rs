@@ -1,1 +1,148 @@
-fn main() {}
+//! `driftless-agent`: the device-side daemon and its setup commands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use driftless_agent::{AgentConfig, SyncMode, run};
+use driftless_core::{ColumnPolicy, DeletePolicy, Direction, Store, StoreOptions, TableSpec};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "driftless edge agent: syncs a SQLite database through a driftless gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Creates (or upgrades) the sync metadata in a database.
+    Init {
+        #[arg(long)]
+        db: PathBuf,
+        /// Source role of this device, for authority policies.
+        #[arg(long, default_value = "")]
+        role: String,
+    },
+    /// Starts (or updates) tracking of a table.
+    Track {
+        #[arg(long)]
+        db: PathBuf,
+        table: String,
+        /// COLUMN=lww|manual|counter|authority:ROLE>ROLE..., repeatable.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        #[arg(long, default_value = "both")]
+        direction: Direction,
+        #[arg(long, default_value = "delete-wins")]
+        delete_policy: DeletePolicy,
+    },
+    /// Syncs until interrupted.
+    Run {
+        #[arg(long)]
+        db: PathBuf,
+        /// mqtt://HOST:PORT
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        device_id: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        role: String,
+        /// Ship every N milliseconds instead of as soon as changes are written.
+        #[arg(long)]
+        interval_ms: Option<u64>,
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long, env = "DRIFTLESS_MQTT_PASSWORD")]
+        password: Option<String>,
+    },
+    /// Prints pending changes, last sync, connection and conflicts.
+    Status {
+        #[arg(long)]
+        db: PathBuf,
+    },
+}
+
+fn open_existing(db: &PathBuf) -> anyhow::Result<Store> {
+    if !db.exists() {
+        bail!("database {} does not exist (run `driftless-agent init --db {}` first)", db.display(), db.display());
+    }
+    Ok(Store::open(db, StoreOptions::default())?)
+}
+
+fn parse_policy(text: &str) -> anyhow::Result<(String, ColumnPolicy)> {
+    let (column, policy) = text.split_once('=').context("expected COLUMN=POLICY")?;
+    Ok((column.to_owned(), policy.parse()?))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return ctrl_c.await.unwrap_or(());
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env().add_directive("info".parse()?))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Init { db, role } => {
+            let store = Store::open(&db, StoreOptions { role, ..StoreOptions::default() })?;
+            println!("initialized {} (node {})", db.display(), store.node_id());
+        }
+        Command::Track { db, table, policies, direction, delete_policy } => {
+            let mut store = open_existing(&db)?;
+            let mut spec = TableSpec::new().direction(direction).delete_policy(delete_policy);
+            for p in &policies {
+                let (column, policy) = parse_policy(p)?;
+                spec = spec.column(&column, policy);
+            }
+            store.track(&table, spec)?;
+            println!("tracking {table}");
+        }
+        Command::Run { db, broker, device_id, tenant, role, interval_ms, username, password } => {
+            let mut config = AgentConfig::new(&db, &broker, &tenant, &device_id)?;
+            if !db.exists() {
+                bail!(
+                    "database {} does not exist (run `driftless-agent init --db {}` first)",
+                    db.display(),
+                    db.display()
+                );
+            }
+            config.mode = interval_ms.map_or(SyncMode::RealTime, |ms| SyncMode::Interval(Duration::from_millis(ms)));
+            config.username = username;
+            config.password = password;
+            config.progress = true;
+            tracing::info!(device = %device_id, %tenant, "agent starting");
+            run(config, StoreOptions { role, ..StoreOptions::default() }, shutdown_signal()).await?;
+        }
+        Command::Status { db } => {
+            let store = open_existing(&db)?;
+            let connected = store.sync_state("connected")?.as_deref() == Some("1");
+            let last = store.sync_state("last_sync_ms")?;
+            println!("node:            {}", store.node_id());
+            println!(
+                "tracked tables:  {}",
+                store.tracked().iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", ")
+            );
+            println!("pending changes: {}", store.pending_changes()?);
+            println!("last sync:       {}", last.map_or("never".to_owned(), |ms| format!("{ms} ms since epoch")));
+            println!("connected:       {}", if connected { "yes" } else { "no" });
+            println!("conflicts:       {}", store.conflicts()?.len());
+            println!("rejected:        {}", store.rejected_count()?);
+        }
+    }
+    Ok(())
+}

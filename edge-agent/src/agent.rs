@@ -1,0 +1,217 @@
+//! Starting and stopping an agent, and asking it how it is doing.
+
+use std::future::Future;
+use std::time::Duration;
+
+use driftless_core::StoreOptions;
+use driftless_core::codec::Limits;
+use driftless_core::protocol::{Downlink, downlink_topic, poke_topic};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::error::{Error, Result};
+use crate::sync::{LAST_SYNC_KEY, LiveStatus, SyncEvent, SyncLoop};
+use crate::watch::watch_database;
+use crate::worker::StoreHandle;
+
+/// A point-in-time view of an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub connected: bool,
+    /// Local changes not yet acknowledged by the gateway.
+    pub pending_changes: u64,
+    /// When the gateway last acknowledged or sent changes (ms since the Unix epoch).
+    pub last_sync_ms: Option<u64>,
+    pub conflicts: usize,
+    /// Outbox entries the gateway refused, kept aside.
+    pub rejected: u64,
+    pub last_error: Option<String>,
+}
+
+/// A running agent. Dropping it does not stop it; call [`Agent::stop`].
+#[derive(Debug)]
+pub struct Agent {
+    store: StoreHandle,
+    status: watch::Receiver<LiveStatus>,
+    events: mpsc::Sender<SyncEvent>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+fn mqtt_options(config: &AgentConfig) -> MqttOptions {
+    let id = format!("driftless-{}-{}", config.tenant, config.device_id);
+    let mut opts = MqttOptions::new(id, &config.broker.host, config.broker.port);
+    opts.set_keep_alive(Duration::from_secs(15));
+    // The outbox and the cursor are the durable state; the broker session need not be.
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(64 << 20, 64 << 20);
+    if let (Some(u), Some(p)) = (&config.username, &config.password) {
+        opts.set_credentials(u, p);
+    }
+    opts
+}
+
+impl Agent {
+    /// Opens the store and starts syncing in the background on the current tokio runtime.
+    pub async fn start(config: AgentConfig, store_opts: StoreOptions) -> Result<Agent> {
+        let store = StoreHandle::open(config.db.clone(), store_opts)?;
+        let (client, eventloop) = AsyncClient::new(mqtt_options(&config), 64);
+        let (events_tx, events_rx) = mpsc::channel(1_024);
+        let (status_tx, status_rx) = watch::channel(LiveStatus::default());
+        let cancel = CancellationToken::new();
+        let (change_tx, mut change_rx) = mpsc::channel(1);
+        let watcher = match config.mode {
+            crate::config::SyncMode::RealTime => Some(watch_database(&config.db, change_tx)?),
+            crate::config::SyncMode::Interval(_) => None,
+        };
+        let mut tasks = Vec::new();
+        let forward = events_tx.clone();
+        let c = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = c.cancelled() => return,
+                    got = change_rx.recv() => {
+                        if got.is_none() || forward.send(SyncEvent::LocalChange).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+        let poller = poll_events(eventloop, client.clone(), config.clone(), events_tx.clone(), cancel.clone());
+        tasks.push(tokio::spawn(poller));
+        let sync = SyncLoop::new(config, client.clone(), store.clone(), status_tx);
+        let c = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = sync.run(events_rx, c).await {
+                tracing::error!("sync loop stopped: {e}");
+            }
+            let _ = client.disconnect().await;
+        }));
+        Ok(Agent { store, status: status_rx, events: events_tx, cancel, tasks, _watcher: watcher })
+    }
+
+    /// Ships pending changes and pulls missed ones now rather than at the next trigger.
+    pub async fn sync_now(&self) -> Result<()> {
+        self.events.send(SyncEvent::SyncNow).await.map_err(|_| Error::Stopped)
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let live = self.status.borrow().clone();
+        let (pending, last, conflicts, rejected) = self
+            .store
+            .call(|s| -> driftless_core::Result<_> {
+                Ok((s.pending_changes()?, s.sync_state(LAST_SYNC_KEY)?, s.conflicts()?.len(), s.rejected_count()?))
+            })
+            .await??;
+        Ok(Status {
+            connected: live.connected,
+            pending_changes: pending,
+            last_sync_ms: last.and_then(|v| v.parse().ok()),
+            conflicts,
+            rejected,
+            last_error: live.last_error,
+        })
+    }
+
+    /// The store, for reads and writes from the app's side of the agent.
+    pub fn store(&self) -> &StoreHandle {
+        &self.store
+    }
+
+    /// Stops syncing; returns when every task has ended. Nothing durable is lost: the outbox
+    /// and cursor live in the database.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Runs an agent until `shutdown` completes (the daemon's entry point).
+pub async fn run(config: AgentConfig, store_opts: StoreOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let agent = Agent::start(config, store_opts).await?;
+    shutdown.await;
+    agent.stop().await;
+    Ok(())
+}
+
+/// Drives the MQTT connection and turns packets into sync events. Reconnects with capped
+/// exponential backoff and jitter. Never publishes: a publish awaited here would wait on the
+/// very loop it blocks.
+async fn poll_events(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    config: AgentConfig,
+    events: mpsc::Sender<SyncEvent>,
+    cancel: CancellationToken,
+) {
+    let limits = Limits::default();
+    let down = downlink_topic(&config.tenant, &config.device_id);
+    let poke = poke_topic(&config.tenant);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let polled = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            p = eventloop.poll() => p,
+        };
+        let event = match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                let (client, down, poke, events) = (client.clone(), down.clone(), poke.clone(), events.clone());
+                tokio::spawn(async move {
+                    let subscribed = async {
+                        client.subscribe(&down, QoS::AtLeastOnce).await?;
+                        client.subscribe(&poke, QoS::AtMostOnce).await
+                    };
+                    match subscribed.await {
+                        Ok(()) => {
+                            let _ = events.send(SyncEvent::Connected).await;
+                        }
+                        Err(e) => tracing::error!("subscribe failed: {e}"),
+                    }
+                });
+                continue;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => SyncEvent::Poke,
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == down => match Downlink::decode(&p.payload, &limits) {
+                Ok(msg) => SyncEvent::Downlink(msg),
+                Err(e) => {
+                    tracing::warn!("ignoring an undecodable downlink message: {e}");
+                    continue;
+                }
+            },
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = events.send(SyncEvent::Disconnected(e.to_string())).await;
+                let jitter = Duration::from_millis(u64::from(std::process::id() % 97) + jitter_ms());
+                tracing::debug!("broker connection: {e}; retrying in {:?}", backoff + jitter);
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff + jitter) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        // Sending may wait while the sync loop is busy; the broker then holds further
+        // packets, which is the backpressure wanted.
+        if events.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A few milliseconds of jitter from the clock's low bits, so a fleet does not reconnect in
+/// lockstep after an outage.
+fn jitter_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::from(d.subsec_nanos() % 250))
+}

@@ -1,0 +1,52 @@
+//! A one-line progress bar on stderr, shown only on a terminal.
+
+use std::io::{IsTerminal, Write};
+
+#[derive(Debug)]
+pub(crate) struct Progress {
+    enabled: bool,
+    label: &'static str,
+    total: u64,
+    done: u64,
+    shown: bool,
+}
+
+impl Progress {
+    pub(crate) fn new(wanted: bool) -> Progress {
+        Progress { enabled: wanted && std::io::stderr().is_terminal(), label: "", total: 0, done: 0, shown: false }
+    }
+
+    /// Starts a bar when there is enough work to be worth showing.
+    pub(crate) fn start(&mut self, label: &'static str, total: u64) {
+        self.label = label;
+        self.total = total;
+        self.done = 0;
+        self.shown = self.enabled && total >= 1_000;
+        self.draw();
+    }
+
+    pub(crate) fn advance(&mut self, n: u64) {
+        self.done += n;
+        self.draw();
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if self.shown {
+            self.done = self.total.max(self.done);
+            self.draw();
+            eprintln!();
+            self.shown = false;
+        }
+    }
+
+    fn draw(&self) {
+        if !self.shown {
+            return;
+        }
+        const WIDTH: u64 = 30;
+        let filled = (self.done.min(self.total) * WIDTH).checked_div(self.total).unwrap_or(WIDTH);
+        let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '-' }).collect();
+        eprint!("\r{} [{bar}] {}/{} changes", self.label, self.done, self.total);
+        let _ = std::io::stderr().flush();
+    }
+}

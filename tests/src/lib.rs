@@ -1,0 +1,136 @@
+//! Fixtures for the end-to-end tests: brokers, a gateway, devices.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use driftless_agent::{Agent, AgentConfig};
+use driftless_core::protocol::BrokerAddr;
+use driftless_core::{ColumnPolicy, Store, StoreOptions, TableSpec, Value};
+use driftless_gateway::{GatewayConfig, SqliteStore};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS inspections (
+    id TEXT PRIMARY KEY, site TEXT, status TEXT, notes TEXT, stock INTEGER NOT NULL DEFAULT 0)";
+
+pub fn spec() -> TableSpec {
+    TableSpec::new().column("stock", ColumnPolicy::Counter).column("notes", ColumnPolicy::Manual)
+}
+
+/// A free loopback port (bound, then released for the broker to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Brokers to run a scenario against: an embedded one, plus `DRIFTLESS_TEST_MQTT_URL` if set.
+pub fn brokers() -> Vec<BrokerAddr> {
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    driftless_gateway::broker::start_embedded_broker(listen).expect("embedded broker");
+    let mut out = vec![BrokerAddr { host: "127.0.0.1".into(), port }];
+    if let Ok(url) = std::env::var("DRIFTLESS_TEST_MQTT_URL") {
+        out.push(url.parse().expect("DRIFTLESS_TEST_MQTT_URL must be mqtt://HOST:PORT"));
+    }
+    out
+}
+
+/// A tenant name unique to this test run, so tests sharing a broker do not see each other.
+pub fn tenant(test: &str) -> String {
+    format!("{test}-{}-{}", std::process::id(), free_port())
+}
+
+/// A running gateway serving one tenant.
+#[derive(Debug)]
+pub struct Gateway {
+    pub db: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<driftless_gateway::Result<()>>>,
+}
+
+impl Gateway {
+    /// Starts a gateway and waits until it is subscribed to uplinks.
+    pub async fn start(broker: &BrokerAddr, tenant: &str, db: PathBuf) -> Gateway {
+        let store = SqliteStore::open(&db).expect("gateway store");
+        let mut config = GatewayConfig::new(broker.clone());
+        config.client_id = format!("gw-{tenant}");
+        config.share_group = format!("gw-{tenant}");
+        config.tenant = tenant.to_owned();
+        let ready = config.ready.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(driftless_gateway::run(config, store, async move {
+            let _ = stopped.await;
+        }));
+        tokio::time::timeout(Duration::from_secs(20), ready.notified()).await.expect("gateway subscribed");
+        Gateway { db, stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("gateway task").expect("gateway ran cleanly");
+        }
+    }
+}
+
+/// Creates a device database with the inspections table tracked.
+pub fn device_db(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.db"));
+    let mut store = Store::open(&path, StoreOptions::default()).expect("open");
+    store.write(|tx| Ok(tx.execute_batch(SCHEMA)?)).expect("schema");
+    store.track("inspections", spec()).expect("track");
+    path
+}
+
+pub async fn start_agent(db: &Path, broker: &BrokerAddr, tenant: &str, device: &str) -> Agent {
+    let url = format!("mqtt://{}:{}", broker.host, broker.port);
+    let mut config = AgentConfig::new(db, &url, tenant, device).expect("config");
+    config.ack_timeout = Duration::from_secs(3);
+    Agent::start(config, StoreOptions::default()).await.expect("agent")
+}
+
+/// Runs SQL on a device database through a plain connection, as any app would.
+pub fn exec(db: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    conn.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    conn.execute_batch(sql).expect(sql);
+}
+
+pub fn rows(db: &Path, sql: &str) -> Vec<Vec<Value>> {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    conn.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    let mut stmt = conn.prepare(sql).expect(sql);
+    let n = stmt.column_count();
+    stmt.query_map([], |r| (0..n).map(|i| r.get::<_, Value>(i)).collect::<rusqlite::Result<Vec<_>>>())
+        .expect(sql)
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .expect(sql)
+}
+
+pub const ALL: &str = "SELECT id, site, status, notes, stock FROM inspections ORDER BY id";
+
+/// Waits until `check` holds, failing with `what` after `limit`. A correctness wait, not a
+/// performance assertion: the limit is generous.
+pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every listed device shows the same inspections table, and returns it.
+pub async fn converged(dbs: &[&Path]) -> Vec<Vec<Value>> {
+    eventually("devices converge", Duration::from_secs(30), || {
+        let first = rows(dbs[0], ALL);
+        dbs.iter().all(|d| rows(d, ALL) == first)
+    })
+    .await;
+    rows(dbs[0], ALL)
+}
+
+pub fn text(s: &str) -> Value {
+    Value::Text(s.to_owned())
+}

@@ -1,0 +1,171 @@
+//! End to end: a real gateway and real agents over a real MQTT broker (embedded, and the one
+//! at DRIFTLESS_TEST_MQTT_URL when set). Each scenario asserts exact table contents.
+
+use std::time::Duration;
+
+use driftless_core::codec::{EncodeOptions, encode_batch};
+use driftless_core::protocol::{Uplink, uplink_topic};
+use driftless_core::{Store, StoreOptions, Value};
+use driftless_gateway::{GatewayStore, SqliteStore};
+use driftless_tests::*;
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_on_both_sides_converge() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("offline");
+        let (a, b) = (device_db(dir.path(), "a"), device_db(dir.path(), "b"));
+        exec(&a, "INSERT INTO inspections VALUES ('i1', 'north', 'open', '', 10)");
+        exec(&b, "INSERT INTO inspections VALUES ('i2', 'south', 'open', '', 4)");
+        let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+        let agent_a = start_agent(&a, &broker, &tenant, "tab-a").await;
+        let agent_b = start_agent(&b, &broker, &tenant, "tab-b").await;
+        eventually("both rows on both devices", WAIT, || rows(&a, ALL).len() == 2 && rows(&b, ALL).len() == 2).await;
+
+        // b goes offline; both edit the same row.
+        agent_b.stop().await;
+        exec(&a, "UPDATE inspections SET status = 'done', stock = stock - 3 WHERE id = 'i1'");
+        exec(&b, "UPDATE inspections SET notes = 'leak at flange', stock = stock - 2 WHERE id = 'i1'");
+        let agent_b = start_agent(&b, &broker, &tenant, "tab-b").await;
+        let expected = vec![
+            vec![text("i1"), text("north"), text("done"), text("leak at flange"), Value::Integer(5)],
+            vec![text("i2"), text("south"), text("open"), text(""), Value::Integer(4)],
+        ];
+        eventually("merged row on a", WAIT, || rows(&a, ALL) == expected).await;
+        eventually("merged row on b", WAIT, || rows(&b, ALL) == expected).await;
+        eventually("outboxes drained", WAIT, || {
+            [&a, &b]
+                .iter()
+                .all(|d| Store::open(d, StoreOptions::default()).and_then(|s| s.pending_changes()).ok() == Some(0))
+        })
+        .await;
+        agent_a.stop().await;
+        agent_b.stop().await;
+        gw.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_device_bootstraps_from_a_snapshot_then_syncs_incrementally() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("bootstrap");
+        let a = device_db(dir.path(), "a");
+        for i in 0..40 {
+            exec(&a, &format!("INSERT INTO inspections VALUES ('i{i:02}', 'site', 'open', '', {i})"));
+        }
+        exec(&a, "DELETE FROM inspections WHERE id = 'i07'; UPDATE inspections SET status = 'closed' WHERE id < 'i10'");
+        let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+        let agent_a = start_agent(&a, &broker, &tenant, "tab-a").await;
+        eventually("a drained", WAIT, || {
+            Store::open(&a, StoreOptions::default()).and_then(|s| s.pending_changes()).ok() == Some(0)
+        })
+        .await;
+        let fresh = device_db(dir.path(), "fresh");
+        let agent_f = start_agent(&fresh, &broker, &tenant, "tab-new").await;
+        eventually("fresh device has the current state", WAIT, || rows(&fresh, ALL) == rows(&a, ALL)).await;
+        assert_eq!(rows(&fresh, ALL).len(), 39);
+        exec(&a, "UPDATE inspections SET stock = stock + 100 WHERE id = 'i20'");
+        exec(&fresh, "UPDATE inspections SET stock = stock + 1 WHERE id = 'i20'");
+        let want = vec![vec![Value::Integer(121)]];
+        let stock = "SELECT stock FROM inspections WHERE id = 'i20'";
+        eventually("incremental sync after bootstrap", WAIT, || rows(&a, stock) == want && rows(&fresh, stock) == want)
+            .await;
+        agent_a.stop().await;
+        agent_f.stop().await;
+        gw.stop().await;
+    }
+}
+
+/// A raw MQTT client, to send what a misbehaving or retrying device would.
+async fn raw_client(broker: &driftless_core::protocol::BrokerAddr, id: &str) -> AsyncClient {
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(id, &broker.host, broker.port), 64);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_batch_delivered_five_times_applies_once() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("dup");
+        let src = device_db(dir.path(), "src");
+        exec(&src, "INSERT INTO inspections VALUES ('bolts', 'yard', 'ok', '', 100)");
+        exec(&src, "UPDATE inspections SET stock = stock - 7");
+        let mut store = Store::open(&src, StoreOptions::default()).expect("open");
+        let out = store.outbox_batch(100).expect("outbox").expect("batch");
+        let bytes = encode_batch(&out.batch, EncodeOptions::default());
+        let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+        let client = raw_client(&broker, &format!("raw-{tenant}")).await;
+        let msg =
+            Uplink::Batch { device: "src".into(), first_seq: out.first_seq, last_seq: out.last_seq, batch: bytes };
+        for _ in 0..5 {
+            client.publish(uplink_topic(&tenant, "src"), QoS::AtLeastOnce, false, msg.encode()).await.expect("publish");
+        }
+        let b = device_db(dir.path(), "b");
+        let agent_b = start_agent(&b, &broker, &tenant, "tab-b").await;
+        let want = vec![vec![text("bolts"), Value::Integer(93)]];
+        eventually("counter arrives once", WAIT, || rows(&b, "SELECT id, stock FROM inspections") == want).await;
+        // Give the remaining duplicates time to be merged, then check nothing moved.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        agent_b.sync_now().await.expect("sync");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(rows(&b, "SELECT id, stock FROM inspections"), want);
+        let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
+        assert_eq!(gw_store.log_head(&tenant).expect("head"), 1, "only the first delivery was logged");
+        agent_b.stop().await;
+        gw.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_misaddressed_batches_are_dead_lettered_and_sync_continues() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("poison");
+        let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+        let a = device_db(dir.path(), "a");
+        let b = device_db(dir.path(), "b");
+        let agent_a = start_agent(&a, &broker, &tenant, "tab-a").await;
+        let agent_b = start_agent(&b, &broker, &tenant, "tab-b").await;
+        let client = raw_client(&broker, &format!("raw-{tenant}")).await;
+        // Garbage on a's topic, then a well-formed batch on a's topic claiming to be b.
+        let garbage =
+            Uplink::Batch { device: "tab-a".into(), first_seq: 900, last_seq: 900, batch: b"not a batch".to_vec() };
+        client
+            .publish(uplink_topic(&tenant, "tab-a"), QoS::AtLeastOnce, false, garbage.encode())
+            .await
+            .expect("publish");
+        let forged_src = device_db(dir.path(), "forged");
+        exec(&forged_src, "INSERT INTO inspections VALUES ('forged', 'x', 'x', '', 0)");
+        let mut s = Store::open(&forged_src, StoreOptions::default()).expect("open");
+        let out = s.outbox_batch(10).expect("outbox").expect("batch");
+        let forged = Uplink::Batch {
+            device: "tab-b".into(),
+            first_seq: out.first_seq,
+            last_seq: out.last_seq,
+            batch: encode_batch(&out.batch, EncodeOptions::default()),
+        };
+        client
+            .publish(uplink_topic(&tenant, "tab-a"), QoS::AtLeastOnce, false, forged.encode())
+            .await
+            .expect("publish");
+        let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
+        eventually("two dead letters", WAIT, || gw_store.dead_letters(&tenant).map(|d| d.len()).unwrap_or(0) == 2)
+            .await;
+        let letters = gw_store.dead_letters(&tenant).expect("dead letters");
+        assert!(letters[0].reason.contains("batch refused"), "{}", letters[0].reason);
+        assert!(letters[1].reason.contains("claims device"), "{}", letters[1].reason);
+        // Real traffic still flows both ways, and the forged row never arrives.
+        exec(&a, "INSERT INTO inspections VALUES ('real', 'n', 'open', '', 1)");
+        let want = vec![vec![text("real")]];
+        eventually("real change arrives", WAIT, || rows(&b, "SELECT id FROM inspections") == want).await;
+        assert_eq!(rows(&a, "SELECT id FROM inspections"), want);
+        agent_a.stop().await;
+        agent_b.stop().await;
+        gw.stop().await;
+    }
+}
