@@ -86,7 +86,7 @@ impl Device {
         conn.busy_timeout(Duration::from_secs(10))?;
         let mut stmt = conn.prepare(sql)?;
         let n = stmt.column_count();
-        let names: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let rows = stmt.query_map([], |r| {
             let mut parts = Vec::new();
             for (i, name) in names.iter().enumerate().take(n) {
