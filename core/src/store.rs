@@ -170,8 +170,13 @@ impl Store {
                 rusqlite::params![&node.0[..], opts.role],
             )?;
         }
-        tx.execute("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES ('role', ?1)", [&opts.role])?;
-        tx.execute("UPDATE _driftless_nodes SET role = ?1 WHERE idx = 0", [&opts.role])?;
+        let role: Option<String> =
+            tx.query_row("SELECT value FROM _driftless_state WHERE key = 'role'", [], |r| r.get(0)).optional()?;
+        // Only write when the role changes, so opening a store to look at it writes nothing.
+        if role.as_deref() != Some(opts.role.as_str()) {
+            tx.execute("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES ('role', ?1)", [&opts.role])?;
+            tx.execute("UPDATE _driftless_nodes SET role = ?1 WHERE idx = 0", [&opts.role])?;
+        }
         tx.commit()?;
         let inner = Inner::load(&conn, opts)?;
         Ok(Store { conn, path, inner })

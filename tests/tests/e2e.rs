@@ -169,3 +169,118 @@ async fn malformed_and_misaddressed_batches_are_dead_lettered_and_sync_continues
         gw.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_resent_after_the_gateway_died_between_merge_and_ack_applies_once() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("crash");
+        let a = device_db(dir.path(), "a");
+        exec(
+            &a,
+            "INSERT INTO inspections VALUES ('bolts', 'yard', 'ok', '', 50); UPDATE inspections SET stock = stock - 8",
+        );
+        // The state a gateway leaves when it dies after committing a merge and before its ack
+        // reaches the device: the batch is merged and logged, and still in the device outbox.
+        let mut store = Store::open(&a, StoreOptions::default()).expect("open");
+        let out = store.outbox_batch(100).expect("outbox").expect("batch");
+        drop(store);
+        let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
+        gw_store.merge(&tenant, "tab-a", out.first_seq, out.last_seq, &out.batch).expect("merge");
+        drop(gw_store);
+        // The gateway comes back; the device reconnects and sends the batch again.
+        let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+        let agent_a = start_agent(&a, &broker, &tenant, "tab-a").await;
+        eventually("the resent batch is acknowledged", WAIT, || {
+            Store::open(&a, StoreOptions::default()).and_then(|s| s.pending_changes()).ok() == Some(0)
+        })
+        .await;
+        let b = device_db(dir.path(), "b");
+        let agent_b = start_agent(&b, &broker, &tenant, "tab-b").await;
+        let want = vec![vec![text("bolts"), Value::Integer(42)]];
+        eventually("b sees the counter once", WAIT, || rows(&b, "SELECT id, stock FROM inspections") == want).await;
+        let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
+        assert_eq!(gw_store.log_head(&tenant).expect("head"), 1, "the resend was recognised as merged");
+        agent_a.stop().await;
+        agent_b.stop().await;
+        gw.stop().await;
+    }
+}
+
+/// A Mosquitto of our own on a free port, so the test can stop and start it.
+struct OwnMosquitto {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnMosquitto {
+    fn start(port: u16) -> OwnMosquitto {
+        let mut m = OwnMosquitto { port, child: None };
+        m.restart();
+        m
+    }
+
+    fn restart(&mut self) {
+        let child = std::process::Command::new("mosquitto")
+            .args(["-p", &self.port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto; .ci/run does this)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("mosquitto did not start on port {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnMosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_resumes_by_itself_after_the_broker_restarts() {
+    let port = free_port();
+    let mut mosquitto = OwnMosquitto::start(port);
+    let broker = driftless_core::protocol::BrokerAddr { host: "127.0.0.1".into(), port };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tenant = tenant("restart");
+    let (a, b) = (device_db(dir.path(), "a"), device_db(dir.path(), "b"));
+    let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+    let agent_a = start_agent(&a, &broker, &tenant, "tab-a").await;
+    let agent_b = start_agent(&b, &broker, &tenant, "tab-b").await;
+    exec(&a, "INSERT INTO inspections VALUES ('before', 'x', 'open', '', 1)");
+    eventually("first row arrives", WAIT, || rows(&b, "SELECT id FROM inspections").len() == 1).await;
+
+    mosquitto.kill();
+    // Writes continue while the broker is down; they wait in the outbox.
+    for i in 0..50 {
+        exec(&a, &format!("INSERT INTO inspections VALUES ('during-{i:02}', 'x', 'open', '', {i})"));
+    }
+    exec(&b, "UPDATE inspections SET stock = stock + 10 WHERE id = 'before'");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mosquitto.restart();
+
+    eventually("everything arrives after the restart", WAIT, || {
+        rows(&b, "SELECT count(*) FROM inspections") == vec![vec![Value::Integer(51)]]
+            && rows(&a, "SELECT stock FROM inspections WHERE id = 'before'") == vec![vec![Value::Integer(11)]]
+    })
+    .await;
+    assert_eq!(rows(&a, ALL), rows(&b, ALL));
+    agent_a.stop().await;
+    agent_b.stop().await;
+    gw.stop().await;
+}
