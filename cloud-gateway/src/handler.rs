@@ -2,16 +2,18 @@
 //! returning the messages to publish. No sockets here, so it is tested without a broker.
 
 use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
-use driftless_core::protocol::{Downlink, Uplink, downlink_topic, parse_uplink_topic, poke_topic};
+use driftless_core::protocol::{Downlink, Uplink, downlink_topic, parse_uplink_topic};
 
 use crate::error::Result;
 use crate::storage::GatewayStore;
 
-/// A message to publish.
+/// What to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    pub topic: String,
-    pub payload: Vec<u8>,
+pub enum Outgoing {
+    /// A message for one device.
+    Reply { topic: String, payload: Vec<u8> },
+    /// Tell a tenant's devices that new changes were logged (the service coalesces these).
+    Poke { tenant: String },
 }
 
 /// Bounds the gateway applies to what devices send and ask for.
@@ -32,7 +34,7 @@ impl Default for HandlerLimits {
 }
 
 fn to(tenant: &str, device: &str, msg: Downlink) -> Outgoing {
-    Outgoing { topic: downlink_topic(tenant, device), payload: msg.encode() }
+    Outgoing::Reply { topic: downlink_topic(tenant, device), payload: msg.encode() }
 }
 
 /// Handles one uplink publish. Refused input becomes a dead letter (and a nack when it was a
@@ -89,7 +91,7 @@ pub fn handle_uplink(
             );
             let mut out = vec![to(tenant, device, Downlink::Ack { first_seq, last_seq })];
             if outcome.logged_at.is_some() {
-                out.push(Outgoing { topic: poke_topic(tenant), payload: Vec::new() });
+                out.push(Outgoing::Poke { tenant: tenant.to_owned() });
             }
             Ok(out)
         }

@@ -23,9 +23,16 @@ struct Args {
     /// Where the embedded broker listens.
     #[arg(long, default_value = "127.0.0.1:1883")]
     listen: SocketAddr,
-    /// MQTT client id (distinct per instance).
+    /// MQTT client id: distinct per instance and stable across its restarts, so the broker
+    /// keeps its session (and the uplinks that arrive while it restarts).
     #[arg(long)]
     client_id: Option<String>,
+    /// Shared-subscription group; instances in one group split the uplinks.
+    #[arg(long, default_value = "driftless-gateways")]
+    share_group: String,
+    /// Serve one tenant only (default: every tenant).
+    #[arg(long, default_value = "+")]
+    tenant: String,
 }
 
 async fn shutdown_signal() {
@@ -46,6 +53,7 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env().add_directive("info".parse()?))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let broker_addr: BrokerAddr = if args.embedded_broker {
@@ -59,6 +67,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(id) = args.client_id {
         config.client_id = id;
     }
+    config.share_group = args.share_group;
+    config.tenant = args.tenant;
     tracing::info!(db = %args.db.display(), "gateway starting");
     run(config, store, shutdown_signal()).await?;
     tracing::info!("gateway stopped");

@@ -1,16 +1,17 @@
 //! The gateway service: connects to the broker, feeds uplinks to the handler, publishes its
 //! replies, and acknowledges each uplink to the broker only after its merge committed.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use driftless_core::protocol::{BrokerAddr, uplink_filter};
+use driftless_core::protocol::{BrokerAddr, poke_topic, uplink_filter};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::{Error, Result};
-use crate::handler::{HandlerLimits, handle_uplink};
+use crate::handler::{HandlerLimits, Outgoing, handle_uplink};
 use crate::storage::GatewayStore;
 
 /// How the gateway runs.
@@ -60,12 +61,18 @@ pub async fn run<S: GatewayStore + 'static>(
     store: S,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let (client, eventloop) = AsyncClient::new(mqtt_options(&config), 1_000);
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config), 1_000);
+    // Acks and replies are small and awaited by devices: send them without Nagle's delay.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
     let poller = tokio::spawn(poll_events(eventloop, client.clone(), filter, tx, config.ready.clone()));
     let store = Arc::new(Mutex::new(store));
     let limits = Arc::new(config.limits.clone());
+    let mut pokes = Pokes::default();
+    let mut poke_tick = tokio::time::interval(POKE_INTERVAL);
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -73,7 +80,12 @@ pub async fn run<S: GatewayStore + 'static>(
             () = &mut shutdown => break Ok(()),
             publish = rx.recv() => {
                 let Some(publish) = publish else { break Ok(()) };
-                if let Err(e) = handle(&client, &store, &limits, publish).await {
+                if let Err(e) = handle(&client, &store, &limits, &mut pokes, publish).await {
+                    break Err(e);
+                }
+            }
+            _ = poke_tick.tick(), if !pokes.pending.is_empty() => {
+                if let Err(e) = pokes.flush(&client).await {
                     break Err(e);
                 }
             }
@@ -88,6 +100,7 @@ async fn handle<S: GatewayStore + 'static>(
     client: &AsyncClient,
     store: &Arc<Mutex<S>>,
     limits: &Arc<HandlerLimits>,
+    pokes: &mut Pokes,
     publish: Publish,
 ) -> Result<()> {
     let (store2, limits2, topic, payload) =
@@ -100,10 +113,47 @@ async fn handle<S: GatewayStore + 'static>(
     .await
     .map_err(|_| Error::WorkerGone)??;
     for msg in out {
-        client.publish(msg.topic, QoS::AtLeastOnce, false, msg.payload).await?;
+        match msg {
+            Outgoing::Reply { topic, payload } => client.publish(topic, QoS::AtLeastOnce, false, payload).await?,
+            Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
+        }
     }
     client.ack(&publish).await?;
     Ok(())
+}
+
+/// Coalesces pokes: at most one per tenant per [`POKE_INTERVAL`], with a trailing one so the
+/// last change is always announced. Under light load every poke goes out at once; under heavy
+/// load devices are told a few dozen times a second instead of once per batch.
+#[derive(Debug, Default)]
+struct Pokes {
+    last: HashMap<String, Instant>,
+    pending: HashSet<String>,
+}
+
+const POKE_INTERVAL: Duration = Duration::from_millis(5);
+
+impl Pokes {
+    async fn request(&mut self, client: &AsyncClient, tenant: String) -> Result<()> {
+        if self.last.get(&tenant).is_some_and(|t| t.elapsed() < POKE_INTERVAL) {
+            self.pending.insert(tenant);
+            return Ok(());
+        }
+        self.send(client, tenant).await
+    }
+
+    async fn send(&mut self, client: &AsyncClient, tenant: String) -> Result<()> {
+        client.publish(poke_topic(&tenant), QoS::AtMostOnce, false, Vec::new()).await?;
+        self.last.insert(tenant, Instant::now());
+        Ok(())
+    }
+
+    async fn flush(&mut self, client: &AsyncClient) -> Result<()> {
+        for tenant in std::mem::take(&mut self.pending) {
+            self.send(client, tenant).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Drives the MQTT connection: forwards uplinks, resubscribes after every connect, and

@@ -59,7 +59,13 @@ impl Agent {
     /// Opens the store and starts syncing in the background on the current tokio runtime.
     pub async fn start(config: AgentConfig, store_opts: StoreOptions) -> Result<Agent> {
         let store = StoreHandle::open(config.db.clone(), store_opts)?;
-        let (client, eventloop) = AsyncClient::new(mqtt_options(&config), 64);
+        // A device whose tables are all up-only has nothing to receive: it neither listens
+        // for announcements nor pulls.
+        let receives = store
+            .call(|s| s.tracked().iter().any(|(_, spec)| spec.direction != driftless_core::Direction::UpOnly))
+            .await?;
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config), 64);
+        eventloop.set_network_options(low_latency());
         let (events_tx, events_rx) = mpsc::channel(1_024);
         let (status_tx, status_rx) = watch::channel(LiveStatus::default());
         let cancel = CancellationToken::new();
@@ -84,9 +90,10 @@ impl Agent {
                 }
             }
         }));
-        let poller = poll_events(eventloop, client.clone(), config.clone(), events_tx.clone(), cancel.clone());
+        let poller =
+            poll_events(eventloop, client.clone(), config.clone(), receives, events_tx.clone(), cancel.clone());
         tasks.push(tokio::spawn(poller));
-        let sync = SyncLoop::new(config, client.clone(), store.clone(), status_tx);
+        let sync = SyncLoop::new(config, client.clone(), store.clone(), status_tx, receives);
         let c = cancel.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = sync.run(events_rx, c).await {
@@ -120,6 +127,16 @@ impl Agent {
         })
     }
 
+    /// Connection state and counters, without touching the database.
+    pub fn live(&self) -> LiveStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that is notified whenever the live status changes (an ack, a disconnect).
+    pub fn watch_live(&self) -> watch::Receiver<LiveStatus> {
+        self.status.clone()
+    }
+
     /// The store, for reads and writes from the app's side of the agent.
     pub fn store(&self) -> &StoreHandle {
         &self.store
@@ -133,6 +150,14 @@ impl Agent {
             let _ = t.await;
         }
     }
+}
+
+/// Sync messages are small and answered at once: waiting to coalesce them (Nagle) would add
+/// tens of milliseconds per round trip.
+fn low_latency() -> rumqttc::NetworkOptions {
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net
 }
 
 /// Runs an agent until `shutdown` completes (the daemon's entry point).
@@ -150,6 +175,7 @@ async fn poll_events(
     mut eventloop: EventLoop,
     client: AsyncClient,
     config: AgentConfig,
+    receives: bool,
     events: mpsc::Sender<SyncEvent>,
     cancel: CancellationToken,
 ) {
@@ -170,7 +196,10 @@ async fn poll_events(
                 tokio::spawn(async move {
                     let subscribed = async {
                         client.subscribe(&down, QoS::AtLeastOnce).await?;
-                        client.subscribe(&poke, QoS::AtMostOnce).await
+                        if receives {
+                            client.subscribe(&poke, QoS::AtMostOnce).await?;
+                        }
+                        Ok::<(), rumqttc::ClientError>(())
                     };
                     match subscribed.await {
                         Ok(()) => {

@@ -39,6 +39,10 @@ pub struct LiveStatus {
     pub connected: bool,
     pub last_error: Option<String>,
     pub inflight_batches: usize,
+    /// Bytes of uplink messages published since start.
+    pub bytes_sent: u64,
+    /// Batches the gateway has acknowledged since start.
+    pub acked_batches: u64,
 }
 
 struct Inflight {
@@ -59,6 +63,11 @@ pub(crate) struct SyncLoop {
     cursor: Option<u64>,
     /// When a pull was last sent, while its answer is awaited.
     pulling: Option<Instant>,
+    /// A poke arrived while a pull was out: pull again when it is answered, so a change
+    /// logged just after the gateway answered is not left for the next tick.
+    pull_again: bool,
+    /// False when every tracked table is up-only: nothing to pull.
+    receives: bool,
     limits: Limits,
     progress: Progress,
 }
@@ -73,6 +82,7 @@ impl SyncLoop {
         client: AsyncClient,
         store: StoreHandle,
         status: watch::Sender<LiveStatus>,
+        receives: bool,
     ) -> Self {
         let progress = Progress::new(config.progress);
         SyncLoop {
@@ -85,6 +95,8 @@ impl SyncLoop {
             sent_upto: 0,
             cursor: None,
             pulling: None,
+            pull_again: false,
+            receives,
             limits: Limits::default(),
             progress,
         }
@@ -148,6 +160,8 @@ impl SyncLoop {
             SyncEvent::Poke => {
                 if self.pulling.is_none() {
                     self.pull().await?;
+                } else {
+                    self.pull_again = true;
                 }
             }
             SyncEvent::LocalChange => {
@@ -177,7 +191,10 @@ impl SyncLoop {
 
     async fn publish(&self, msg: Uplink) -> Result<()> {
         let topic = uplink_topic(&self.config.tenant, &self.config.device_id);
-        self.client.publish(topic, QoS::AtLeastOnce, false, msg.encode()).await?;
+        let payload = msg.encode();
+        let len = payload.len() as u64;
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+        self.status.send_modify(|s| s.bytes_sent += len);
         Ok(())
     }
 
@@ -200,9 +217,10 @@ impl SyncLoop {
     }
 
     async fn pull(&mut self) -> Result<()> {
-        if !self.connected {
+        if !self.connected || !self.receives {
             return Ok(());
         }
+        self.pull_again = false;
         let msg = Uplink::Pull {
             device: self.config.device_id.clone(),
             cursor: self.cursor.unwrap_or(0),
@@ -221,6 +239,7 @@ impl SyncLoop {
             Downlink::Ack { first_seq, last_seq } => {
                 let removed = self.store.ack(first_seq, last_seq).await?;
                 self.settle(first_seq, last_seq);
+                self.status.send_modify(|s| s.acked_batches += 1);
                 self.progress.advance(removed as u64);
                 self.store.set_sync_state(LAST_SYNC_KEY, now_ms().to_string()).await?;
                 self.ship().await?;
@@ -242,7 +261,7 @@ impl SyncLoop {
                 }
                 self.cursor = Some(cursor);
                 self.pulling = None;
-                if more {
+                if more || self.pull_again {
                     self.pull().await?;
                 }
             }

@@ -1,4 +1,6 @@
-//! Fixtures for the end-to-end tests: brokers, a gateway, devices.
+//! Fixtures for the end-to-end tests and benchmarks: brokers, a gateway, devices.
+
+pub mod bench;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,85 @@
+//! Support for the benchmarks: a gateway in its own process (so its memory can be measured)
+//! against an external broker.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The broker benchmarks run through (Mosquitto on this machine by default).
+pub fn bench_broker_url() -> String {
+    std::env::var("DRIFTLESS_BENCH_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into())
+}
+
+/// A `driftless-gateway` process.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    child: Child,
+}
+
+impl GatewayProcess {
+    /// Starts the binary named by `DRIFTLESS_GATEWAY_BIN` (scripts/bench builds and sets it)
+    /// and waits until it has subscribed to uplinks.
+    /// It serves only `tenant`, in a share group of its own, so runs never split traffic
+    /// with the lingering sessions of earlier ones.
+    pub fn start(db: &Path, broker_url: &str, tenant: &str) -> GatewayProcess {
+        let bin = std::env::var("DRIFTLESS_GATEWAY_BIN")
+            .expect("DRIFTLESS_GATEWAY_BIN must name a driftless-gateway binary (scripts/bench sets it)");
+        let mut child = Command::new(bin)
+            .arg("--db")
+            .arg(db)
+            .args(["--broker", broker_url, "--client-id", &format!("bench-gw-{tenant}")])
+            .args(["--share-group", &format!("bench-{tenant}"), "--tenant", tenant])
+            .env("RUST_LOG", "warn,driftless_gateway=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gateway");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        // Keep draining the gateway's log so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("subscribed to device uplinks") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30)).expect("gateway subscribed");
+        GatewayProcess { child }
+    }
+
+    /// Peak resident memory of the gateway process, in MiB.
+    pub fn peak_rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percentile of sorted samples (nearest rank).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Prints the one JSON object the bench script promises, last.
+pub fn report(fields: &[(&str, f64)]) {
+    let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {}", (v * 1000.0).round() / 1000.0)).collect();
+    println!("{{{}}}", body.join(", "));
+}
