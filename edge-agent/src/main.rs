@@ -38,6 +38,12 @@ enum Command {
         #[arg(long, default_value = "delete-wins")]
         delete_policy: DeletePolicy,
     },
+    /// Stops tracking a table (removes its triggers and sync metadata; the data stays).
+    Untrack {
+        #[arg(long)]
+        db: PathBuf,
+        table: String,
+    },
     /// Syncs until interrupted.
     Run {
         #[arg(long)]
@@ -111,6 +117,11 @@ async fn main() -> anyhow::Result<()> {
             }
             store.track(&table, spec)?;
             println!("tracking {table}");
+        }
+        Command::Untrack { db, table } => {
+            let mut store = open_existing(&db)?;
+            store.untrack(&table)?;
+            println!("stopped tracking {table}");
         }
         Command::Run { db, broker, device_id, tenant, role, interval_ms, username, password } => {
             let mut config = AgentConfig::new(&db, &broker, &tenant, &device_id)?;

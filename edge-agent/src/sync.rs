@@ -104,8 +104,10 @@ impl SyncLoop {
 
     pub(crate) async fn run(mut self, mut events: mpsc::Receiver<SyncEvent>, cancel: CancellationToken) -> Result<()> {
         self.cursor = self.store.sync_state(CURSOR_KEY).await?.and_then(|c| c.parse().ok());
+        // In real-time mode the timer is only a backstop (lost pokes, missing acks): writes
+        // and announcements wake the loop, so an idle agent does next to nothing.
         let tick_every = match self.config.mode {
-            SyncMode::RealTime => Duration::from_secs(1),
+            SyncMode::RealTime => (self.config.ack_timeout / 2).max(Duration::from_millis(100)),
             SyncMode::Interval(d) => d,
         };
         let mut tick = tokio::time::interval(tick_every);

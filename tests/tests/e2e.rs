@@ -284,3 +284,28 @@ async fn sync_resumes_by_itself_after_the_broker_restarts() {
     agent_b.stop().await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_from_the_sqlite3_shell_reaches_the_other_device() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("shell");
+        let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+        let (a, b) = (device_db(dir.path(), "a"), device_db(dir.path(), "b"));
+        let agent_a = start_agent(&a, &broker, &tenant, "logger").await;
+        let agent_b = start_agent(&b, &broker, &tenant, "office").await;
+        // A program that never links driftless, with its own SQLite build.
+        let status = std::process::Command::new("sqlite3")
+            .arg(&a)
+            .arg("INSERT INTO inspections VALUES ('from-shell', 'rig', 'logged', '', 3);")
+            .status()
+            .expect("the sqlite3 shell is installed (apt-get install sqlite3)");
+        assert!(status.success());
+        let want = vec![vec![text("from-shell"), text("logged"), Value::Integer(3)]];
+        eventually("the shell's write arrives", WAIT, || rows(&b, "SELECT id, status, stock FROM inspections") == want)
+            .await;
+        agent_a.stop().await;
+        agent_b.stop().await;
+        gw.stop().await;
+    }
+}
