@@ -295,7 +295,9 @@ async fn a_write_from_the_sqlite3_shell_reaches_the_other_device() {
         let agent_a = start_agent(&a, &broker, &tenant, "logger").await;
         let agent_b = start_agent(&b, &broker, &tenant, "office").await;
         // A program that never links driftless, with its own SQLite build.
+        // Like any well-behaved writer, it waits for the lock instead of failing at once.
         let status = std::process::Command::new("sqlite3")
+            .args(["-cmd", ".timeout 10000"])
             .arg(&a)
             .arg("INSERT INTO inspections VALUES ('from-shell', 'rig', 'logged', '', 3);")
             .status()
