@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::policy::TableSpec;
 use crate::value::Value;
 
-pub use self::apply::ApplyReport;
+pub use self::apply::{ApplyReport, ChangedRow};
 pub use self::conflicts::Conflict;
 pub use self::outbox::{OutboxBatch, SnapshotCursor};
 pub use self::seal::SealReport;

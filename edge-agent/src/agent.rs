@@ -3,11 +3,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use driftless_core::StoreOptions;
 use driftless_core::codec::Limits;
 use driftless_core::protocol::{Downlink, downlink_topic, poke_topic};
+use driftless_core::{ChangedRow, StoreOptions};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,7 @@ pub struct Agent {
     store: StoreHandle,
     status: watch::Receiver<LiveStatus>,
     events: mpsc::Sender<SyncEvent>,
+    changes: broadcast::Sender<Vec<ChangedRow>>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -59,6 +60,11 @@ impl Agent {
     /// Opens the store and starts syncing in the background on the current tokio runtime.
     pub async fn start(config: AgentConfig, store_opts: StoreOptions) -> Result<Agent> {
         let store = StoreHandle::open(config.db.clone(), store_opts)?;
+        Self::start_with_store(config, store).await
+    }
+
+    /// Starts syncing a store the caller already has open (so the process keeps one writer).
+    pub async fn start_with_store(config: AgentConfig, store: StoreHandle) -> Result<Agent> {
         // A device whose tables are all up-only has nothing to receive: it neither listens
         // for announcements nor pulls.
         let receives = store
@@ -93,7 +99,8 @@ impl Agent {
         let poller =
             poll_events(eventloop, client.clone(), config.clone(), receives, events_tx.clone(), cancel.clone());
         tasks.push(tokio::spawn(poller));
-        let sync = SyncLoop::new(config, client.clone(), store.clone(), status_tx, receives);
+        let (changes, _) = broadcast::channel(256);
+        let sync = SyncLoop::new(config, client.clone(), store.clone(), status_tx, changes.clone(), receives);
         let c = cancel.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = sync.run(events_rx, c).await {
@@ -101,7 +108,7 @@ impl Agent {
             }
             let _ = client.disconnect().await;
         }));
-        Ok(Agent { store, status: status_rx, events: events_tx, cancel, tasks, _watcher: watcher })
+        Ok(Agent { store, status: status_rx, events: events_tx, changes, cancel, tasks, _watcher: watcher })
     }
 
     /// Ships pending changes and pulls missed ones now rather than at the next trigger.
@@ -130,6 +137,12 @@ impl Agent {
     /// Connection state and counters, without touching the database.
     pub fn live(&self) -> LiveStatus {
         self.status.borrow().clone()
+    }
+
+    /// Rows changed by remote writes, as they are applied. A receiver that falls more than 256
+    /// notices behind skips ahead (`RecvError::Lagged`).
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Vec<ChangedRow>> {
+        self.changes.subscribe()
     }
 
     /// A receiver that is notified whenever the live status changes (an ack, a disconnect).

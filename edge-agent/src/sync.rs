@@ -5,10 +5,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use driftless_core::ChangedRow;
 use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
 use driftless_core::protocol::{Downlink, Uplink, uplink_topic};
 use rumqttc::{AsyncClient, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, SyncMode};
@@ -56,6 +57,8 @@ pub(crate) struct SyncLoop {
     pub(crate) client: AsyncClient,
     pub(crate) store: StoreHandle,
     pub(crate) status: watch::Sender<LiveStatus>,
+    /// Rows changed by remote writes, for app listeners.
+    pub(crate) changes: broadcast::Sender<Vec<ChangedRow>>,
     connected: bool,
     inflight: VecDeque<Inflight>,
     /// Highest outbox sequence number published since the last (re)connect.
@@ -82,6 +85,7 @@ impl SyncLoop {
         client: AsyncClient,
         store: StoreHandle,
         status: watch::Sender<LiveStatus>,
+        changes: broadcast::Sender<Vec<ChangedRow>>,
         receives: bool,
     ) -> Self {
         let progress = Progress::new(config.progress);
@@ -90,6 +94,7 @@ impl SyncLoop {
             client,
             store,
             status,
+            changes,
             connected: false,
             inflight: VecDeque::new(),
             sent_upto: 0,
@@ -191,6 +196,13 @@ impl SyncLoop {
         Ok(())
     }
 
+    fn announce(&self, changed: Vec<ChangedRow>) {
+        if !changed.is_empty() {
+            // No listener is fine: nobody asked.
+            let _ = self.changes.send(changed);
+        }
+    }
+
     async fn publish(&self, msg: Uplink) -> Result<()> {
         let topic = uplink_topic(&self.config.tenant, &self.config.device_id);
         let payload = msg.encode();
@@ -258,7 +270,8 @@ impl SyncLoop {
             Downlink::Changes { cursor, more, batch } => {
                 let batch = decode_batch(&batch, &self.limits, &Dictionaries::default())?;
                 if !batch.rows.is_empty() || Some(cursor) != self.cursor {
-                    self.store.apply(batch, Some(cursor)).await?;
+                    let report = self.store.apply(batch, Some(cursor)).await?;
+                    self.announce(report.changed);
                     self.store.set_sync_state(LAST_SYNC_KEY, now_ms().to_string()).await?;
                 }
                 self.cursor = Some(cursor);
@@ -273,7 +286,8 @@ impl SyncLoop {
                 if done {
                     // The cursor moves only with the last page: a restart mid-snapshot starts
                     // the snapshot again, which merges harmlessly.
-                    self.store.apply(batch, Some(log_cursor)).await?;
+                    let report = self.store.apply(batch, Some(log_cursor)).await?;
+                    self.announce(report.changed);
                     self.cursor = Some(log_cursor);
                     self.pulling = None;
                     self.progress.finish();
@@ -281,7 +295,8 @@ impl SyncLoop {
                         self.pull().await?;
                     }
                 } else {
-                    self.store.apply(batch, None).await?;
+                    let report = self.store.apply(batch, None).await?;
+                    self.announce(report.changed);
                     self.progress.advance(rows);
                     self.pulling = Some(Instant::now());
                     let msg = Uplink::PullSnapshot {

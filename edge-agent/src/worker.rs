@@ -18,11 +18,16 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
-    /// Opens the store on a new thread.
+    /// Opens an existing store on a new thread.
     pub fn open(path: PathBuf, opts: StoreOptions) -> Result<StoreHandle> {
         if !path.exists() {
             return Err(Error::MissingDatabase(path.display().to_string()));
         }
+        Self::create(path, opts)
+    }
+
+    /// Opens the store at `path`, creating the database if needed, on a new thread.
+    pub fn create(path: PathBuf, opts: StoreOptions) -> Result<StoreHandle> {
         let store = Store::open(&path, opts)?;
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         thread::Builder::new()

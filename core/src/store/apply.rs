@@ -1,6 +1,6 @@
 //! Applying remote batches: join each row's state, then write the resolved row.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use rusqlite::Connection;
 
@@ -14,9 +14,18 @@ use crate::merge::join_row;
 use crate::value::Value;
 use crate::view;
 
+/// A row whose app-visible state a remote batch changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedRow {
+    pub table: String,
+    pub pk: Vec<Value>,
+}
+
 /// What applying a batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
+    /// The rows whose state changed, for listeners (in batch order, without repeats).
+    pub changed: Vec<ChangedRow>,
     /// Rows whose state changed.
     pub applied: usize,
     /// Rows whose changes were all seen before (redelivery).
@@ -57,6 +66,7 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
     }
     let mut report = ApplyReport { field_changes: batch.field_changes(), ..ApplyReport::default() };
     let mut touched = BTreeSet::new();
+    let mut reported = HashSet::new();
     let mut newest: Vec<(NodeId, Hlc)> = Vec::new();
     for row in &batch.rows {
         let t = match inner.catalog.by_name(&row.table) {
@@ -81,6 +91,9 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
         meta::save(conn, inner, t, &key, &state, had_conflicts)?;
         touched.insert(t);
         report.applied += 1;
+        if reported.insert((t, key)) {
+            report.changed.push(ChangedRow { table: row.table.clone(), pk: row.pk.clone() });
+        }
     }
     // The app-table writes above went through the capture triggers; they are remote changes,
     // and the journal was empty when this transaction began (sealed above), so drop it all.
