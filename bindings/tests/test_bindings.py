@@ -164,6 +164,31 @@ class ErrorTests(unittest.TestCase):
         with self.assertRaises(ApiError.InvalidArgument):
             self.s.track("counters", OPTIONS)
 
+    def test_calls_from_many_threads_at_once_are_safe(self):
+        self.s.execute(SCHEMA, [])
+        self.s.track("jobs", OPTIONS)
+        errors = []
+
+        def worker(n):
+            try:
+                for i in range(50):
+                    self.s.execute("INSERT INTO jobs(id, parts) VALUES (?, ?)",
+                                   [SqlValue.TEXT("w%d-%d" % (n, i)), SqlValue.INTEGER(i)])
+                    self.s.query("SELECT count(*) FROM jobs", [])
+                    self.s.status()
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(self.s.query("SELECT count(*), sum(parts) FROM jobs", []).rows,
+                         [[SqlValue.INTEGER(200), SqlValue.INTEGER(4 * sum(range(50)))]])
+        self.assertEqual(self.s.status().pending_changes, 200)
+
     def test_a_closed_store_raises_closed(self):
         self.s.close()
         with self.assertRaises(ApiError.Closed):
