@@ -101,6 +101,14 @@ pub fn handle_uplink(
             store.touch_device(tenant, device, None)?;
             snapshot(store, tenant, device, &[], log_cursor, max_rows(asked))
         }
+        Uplink::Pull { cursor, max_rows: asked, .. } if cursor > store.log_head(tenant)? => {
+            // A cursor beyond the log (the gateway's store was restored from an older backup,
+            // or the device synced with another deployment): start the device over from a
+            // snapshot rather than leave it waiting for positions that will mean other changes.
+            tracing::warn!(tenant, device, cursor, "cursor beyond the log; sending a snapshot");
+            let log_cursor = store.log_head(tenant)?;
+            snapshot(store, tenant, device, &[], log_cursor, max_rows(asked))
+        }
         Uplink::Pull { cursor, max_rows: asked, .. } => {
             store.touch_device(tenant, device, Some(cursor))?;
             let page = store.changes_after(tenant, device, cursor, max_rows(asked))?;
@@ -125,4 +133,52 @@ fn snapshot(
     let page = store.snapshot_page(tenant, resume, max_rows)?;
     let batch = encode_batch(&page.batch, EncodeOptions::default());
     Ok(vec![to(tenant, device, Downlink::Snapshot { resume: page.resume, log_cursor, done: page.done, batch })])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::SqliteStore;
+
+    fn reply(out: &[Outgoing]) -> Downlink {
+        match out {
+            [Outgoing::Reply { payload, .. }, ..] => Downlink::decode(payload, &Limits::default()).expect("downlink"),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_claiming_another_device_is_nacked_and_dead_lettered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+        let msg = Uplink::Batch { device: "b".into(), first_seq: 1, last_seq: 2, batch: vec![] };
+        let out =
+            handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", &msg.encode()).expect("handled");
+        assert!(matches!(reply(&out), Downlink::Nack { first_seq: 1, last_seq: 2, .. }));
+        let letters = store.dead_letters("t").expect("dead letters");
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].device, "a");
+    }
+
+    #[test]
+    fn garbage_is_dead_lettered_without_a_reply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+        let out = handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", b"\xff\x00garbage")
+            .expect("handled");
+        assert!(out.is_empty());
+        assert_eq!(store.dead_letters("t").expect("dead letters").len(), 1);
+        // Not an uplink topic at all: ignored.
+        assert!(handle_uplink(&mut store, &HandlerLimits::default(), "elsewhere", b"x").expect("handled").is_empty());
+    }
+
+    #[test]
+    fn a_cursor_beyond_the_log_starts_the_device_over_from_a_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+        let msg = Uplink::Pull { device: "a".into(), cursor: 99, max_rows: 10 };
+        let out =
+            handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", &msg.encode()).expect("handled");
+        assert!(matches!(reply(&out), Downlink::Snapshot { log_cursor: 0, done: true, .. }));
+    }
 }

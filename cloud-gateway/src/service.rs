@@ -80,7 +80,7 @@ pub async fn run<S: GatewayStore + 'static>(
             () = &mut shutdown => break Ok(()),
             publish = rx.recv() => {
                 let Some(publish) = publish else { break Ok(()) };
-                if let Err(e) = handle(&client, &store, &limits, &mut pokes, publish).await {
+                if let Err(e) = handle_with_retry(&client, &store, &limits, &mut pokes, publish).await {
                     break Err(e);
                 }
             }
@@ -94,6 +94,31 @@ pub async fn run<S: GatewayStore + 'static>(
     let _ = client.disconnect().await;
     poller.abort();
     result
+}
+
+/// Storage errors (a locked database, a full disk being cleared) get a few tries with backoff.
+/// If they persist the gateway stops with the error, without acknowledging the message, so the
+/// broker redelivers it to the next instance; nothing is half-applied, as each merge is one
+/// transaction.
+async fn handle_with_retry<S: GatewayStore + 'static>(
+    client: &AsyncClient,
+    store: &Arc<Mutex<S>>,
+    limits: &Arc<HandlerLimits>,
+    pokes: &mut Pokes,
+    publish: Publish,
+) -> Result<()> {
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1.. {
+        match handle(client, store, limits, pokes, publish.clone()).await {
+            Err(Error::Sqlite(e)) if attempt < 5 => {
+                tracing::warn!(attempt, "storage error, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+            }
+            other => return other,
+        }
+    }
+    Ok(())
 }
 
 async fn handle<S: GatewayStore + 'static>(
