@@ -72,6 +72,14 @@ enum Command {
     },
 }
 
+/// Prints a line, ignoring a closed stdout (`driftless-agent status | head -1` must not panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn open_existing(db: &PathBuf) -> anyhow::Result<Store> {
     if !db.exists() {
         bail!("database {} does not exist (run `driftless-agent init --db {}` first)", db.display(), db.display());
@@ -106,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Init { db, role } => {
             let store = Store::open(&db, StoreOptions { role, ..StoreOptions::default() })?;
-            println!("initialized {} (node {})", db.display(), store.node_id());
+            say!("initialized {} (node {})", db.display(), store.node_id());
         }
         Command::Track { db, table, policies, direction, delete_policy } => {
             let mut store = open_existing(&db)?;
@@ -116,12 +124,12 @@ async fn main() -> anyhow::Result<()> {
                 spec = spec.column(&column, policy);
             }
             store.track(&table, spec)?;
-            println!("tracking {table}");
+            say!("tracking {table}");
         }
         Command::Untrack { db, table } => {
             let mut store = open_existing(&db)?;
             store.untrack(&table)?;
-            println!("stopped tracking {table}");
+            say!("stopped tracking {table}");
         }
         Command::Run { db, broker, device_id, tenant, role, interval_ms, username, password } => {
             let mut config = AgentConfig::new(&db, &broker, &tenant, &device_id)?;
@@ -143,16 +151,13 @@ async fn main() -> anyhow::Result<()> {
             let store = open_existing(&db)?;
             let connected = store.sync_state("connected")?.as_deref() == Some("1");
             let last = store.sync_state("last_sync_ms")?;
-            println!("node:            {}", store.node_id());
-            println!(
-                "tracked tables:  {}",
-                store.tracked().iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", ")
-            );
-            println!("pending changes: {}", store.pending_changes()?);
-            println!("last sync:       {}", last.map_or("never".to_owned(), |ms| format!("{ms} ms since epoch")));
-            println!("connected:       {}", if connected { "yes" } else { "no" });
-            println!("conflicts:       {}", store.conflicts()?.len());
-            println!("rejected:        {}", store.rejected_count()?);
+            say!("node:            {}", store.node_id());
+            say!("tracked tables:  {}", store.tracked().iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", "));
+            say!("pending changes: {}", store.pending_changes()?);
+            say!("last sync:       {}", last.map_or("never".to_owned(), |ms| format!("{ms} ms since epoch")));
+            say!("connected:       {}", if connected { "yes" } else { "no" });
+            say!("conflicts:       {}", store.conflicts()?.len());
+            say!("rejected:        {}", store.rejected_count()?);
         }
     }
     Ok(())
