@@ -14,6 +14,7 @@ mod schema;
 mod seal;
 mod track;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -138,6 +139,9 @@ impl Inner {
 /// A device's sync store.
 pub struct Store {
     conn: Connection,
+    /// A read-only connection, opened on first use and kept: reads see a committed snapshot
+    /// and never wait for the writer.
+    reader: RefCell<Option<Connection>>,
     path: PathBuf,
     inner: Inner,
 }
@@ -179,7 +183,7 @@ impl Store {
         }
         tx.commit()?;
         let inner = Inner::load(&conn, opts)?;
-        Ok(Store { conn, path, inner })
+        Ok(Store { conn, reader: RefCell::new(None), path, inner })
     }
 
     /// This replica's node id.
@@ -200,12 +204,25 @@ impl Store {
 
     /// Runs `f` on a separate read-only connection (a consistent WAL snapshot).
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        f(&conn)
+        // Taken out for the call, so a nested read opens a connection of its own.
+        let cached = self.reader.borrow_mut().take();
+        let conn = match cached {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(Duration::from_secs(10))?;
+                c
+            }
+        };
+        let result = f(&conn);
+        // Keep the connection only if `f` left no statement open on it.
+        if conn.is_autocommit() {
+            *self.reader.borrow_mut() = Some(conn);
+        }
+        result
     }
 
     fn transact<T>(&mut self, f: impl FnOnce(&Transaction<'_>, &mut Inner) -> Result<T>) -> Result<T> {
