@@ -174,9 +174,8 @@ impl SyncStore {
         let state = self.state.lock().map_err(|_| ApiError::Closed)?;
         let open = state.as_ref().ok_or(ApiError::Closed)?;
         let agent = open.agent.as_ref().ok_or(ApiError::Sync { reason: "sync is not running".into() })?;
-        // try_send-like: sync_now only queues an event, so this does not block on I/O.
-        runtime().block_on(agent.sync_now())?;
-        Ok(())
+        // Only queues a wake-up; never waits, so holding the lock here is harmless.
+        Ok(agent.sync_now()?)
     }
 
     pub fn status(&self) -> Result<SyncStatus, ApiError> {

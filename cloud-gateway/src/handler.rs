@@ -46,6 +46,27 @@ pub fn handle_uplink(
     topic: &str,
     payload: &[u8],
 ) -> Result<Vec<Outgoing>> {
+    match process(store, limits, topic, payload) {
+        // Anything but a storage failure was caused by this message (a forged resume token,
+        // a row state grown past the limits): keep it as a dead letter and carry on, so one
+        // message can never stop the gateway.
+        Err(e) if !matches!(e, crate::error::Error::Sqlite(_)) => {
+            let Some((tenant, device)) = parse_uplink_topic(topic) else { return Ok(Vec::new()) };
+            let reason = format!("message refused: {e}");
+            tracing::warn!(tenant, device, %reason);
+            store.dead_letter(tenant, device, &reason, payload)?;
+            Ok(match Uplink::decode(payload, &limits.decode) {
+                Ok(Uplink::Batch { first_seq, last_seq, .. }) => {
+                    vec![to(tenant, device, Downlink::Nack { first_seq, last_seq, reason })]
+                }
+                _ => Vec::new(),
+            })
+        }
+        other => other,
+    }
+}
+
+fn process(store: &mut dyn GatewayStore, limits: &HandlerLimits, topic: &str, payload: &[u8]) -> Result<Vec<Outgoing>> {
     let Some((tenant, device)) = parse_uplink_topic(topic) else {
         tracing::warn!(topic, "ignoring a message on a topic that is not an uplink");
         return Ok(Vec::new());
@@ -170,6 +191,17 @@ mod tests {
         assert_eq!(store.dead_letters("t").expect("dead letters").len(), 1);
         // Not an uplink topic at all: ignored.
         assert!(handle_uplink(&mut store, &HandlerLimits::default(), "elsewhere", b"x").expect("handled").is_empty());
+    }
+
+    #[test]
+    fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+        let msg = Uplink::PullSnapshot { device: "a".into(), resume: vec![0xff; 9], log_cursor: 0, max_rows: 10 };
+        let out =
+            handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", &msg.encode()).expect("handled");
+        assert!(out.is_empty());
+        assert!(store.dead_letters("t").expect("dead letters")[0].reason.contains("refused"));
     }
 
     #[test]

@@ -76,8 +76,10 @@ pub struct Limits {
     pub max_vector_len: usize,
     /// Concurrent writes kept in one register.
     pub max_register_entries: usize,
-    /// Longest text or blob value, and longest name.
+    /// Longest text or blob value.
     pub max_value_bytes: usize,
+    /// Longest table, column or role name (names are copied per reference, so they stay small).
+    pub max_name_bytes: usize,
 }
 
 impl Default for Limits {
@@ -92,6 +94,7 @@ impl Default for Limits {
             max_vector_len: 65_536,
             max_register_entries: 1_024,
             max_value_bytes: 16 << 20,
+            max_name_bytes: 1_024,
         }
     }
 }
@@ -259,7 +262,10 @@ fn decompress(body: &[u8], expected: usize, dictionary: Option<&Dictionary>) -> 
     let err = |e: std::io::Error| DecodeError::Decompress(e.to_string());
     let mut out = Vec::with_capacity(expected.min(1 << 20));
     let dict: &[u8] = dictionary.map_or(&[], |d| &d.bytes);
-    let decoder = zstd::stream::read::Decoder::with_dictionary(body, dict).map_err(err)?;
+    let mut decoder = zstd::stream::read::Decoder::with_dictionary(body, dict).map_err(err)?;
+    // A frame may ask for a window far larger than its output; cap it at what the output needs.
+    let window_log = (usize::BITS - expected.max(1 << 10).leading_zeros()).clamp(10, 31);
+    decoder.window_log_max(window_log).map_err(err)?;
     decoder.take(expected as u64 + 1).read_to_end(&mut out).map_err(err)?;
     if out.len() != expected {
         return Err(DecodeError::Decompress(format!("expected {expected} bytes, stream holds {} or more", out.len())));
@@ -275,7 +281,7 @@ pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeEr
     let mut nodes = Interner::default();
     for _ in 0..n {
         let node = NodeId::from_slice(r.take(16)?).ok_or(DecodeError::Truncated)?;
-        let role = r.string(limits.max_value_bytes, "role name bytes")?;
+        let role = r.string(limits.max_name_bytes, "role name bytes")?;
         if nodes.intern(&node) as usize != nodes.len() - 1 {
             return Err(DecodeError::Invalid("node listed twice"));
         }
@@ -287,7 +293,7 @@ pub fn decode_payload(payload: &[u8], limits: &Limits) -> Result<Batch, DecodeEr
         let n = r.count(max, what)?;
         let mut names = Interner::default();
         for _ in 0..n {
-            names.intern(&r.string(limits.max_value_bytes, "name bytes")?);
+            names.intern(&r.string(limits.max_name_bytes, "name bytes")?);
         }
         Ok(names)
     };

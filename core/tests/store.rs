@@ -245,3 +245,22 @@ fn a_new_replica_bootstraps_from_a_snapshot_then_syncs_incrementally() {
     sync(&mut fresh, &mut [&mut a]);
     assert_eq!(rows(&a, "SELECT stock FROM inspections WHERE id = 'i10'"), vec![vec![Value::Integer(9)]]);
 }
+
+#[test]
+fn case_only_edits_under_a_nocase_collation_are_captured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path().join("a.db"), StoreOptions::default()).expect("open");
+    exec(&mut store, "CREATE TABLE people (id TEXT PRIMARY KEY COLLATE NOCASE, name TEXT COLLATE NOCASE)");
+    store.track("people", TableSpec::new()).expect("track");
+    exec(&mut store, "INSERT INTO people VALUES ('abc', 'bob')");
+    drain(&mut store);
+    exec(&mut store, "UPDATE people SET name = 'Bob'");
+    let out = store.outbox_batch(10).expect("outbox").expect("the case change ships");
+    assert_eq!(out.batch.rows[0].state.fields["name"].entries[0].value, text("Bob"));
+    store.ack(out.first_seq, out.last_seq).expect("ack");
+    // A case-only key change is a key change: the old key is deleted, the new one inserted.
+    exec(&mut store, "UPDATE people SET id = 'ABC'");
+    let out = store.outbox_batch(10).expect("outbox").expect("the key change ships");
+    let keys: Vec<_> = out.batch.rows.iter().map(|r| r.pk[0].clone()).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+}

@@ -89,7 +89,9 @@ impl Agent {
                     biased;
                     () = c.cancelled() => return,
                     got = change_rx.recv() => {
-                        if got.is_none() || forward.send(SyncEvent::LocalChange).await.is_err() {
+                        // Hints are dropped when the queue is full rather than waited on: the
+                        // loop's backstop timer ships anyway, and waiting here could stall it.
+                        if got.is_none() || matches!(forward.try_send(SyncEvent::LocalChange), Err(mpsc::error::TrySendError::Closed(_))) {
                             return;
                         }
                     }
@@ -112,8 +114,12 @@ impl Agent {
     }
 
     /// Ships pending changes and pulls missed ones now rather than at the next trigger.
-    pub async fn sync_now(&self) -> Result<()> {
-        self.events.send(SyncEvent::SyncNow).await.map_err(|_| Error::Stopped)
+    /// Never blocks: if the loop's queue is full, a wake-up is already pending.
+    pub fn sync_now(&self) -> Result<()> {
+        match self.events.try_send(SyncEvent::SyncNow) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Stopped),
+        }
     }
 
     pub async fn status(&self) -> Result<Status> {
@@ -233,7 +239,9 @@ async fn poll_events(
             },
             Ok(_) => continue,
             Err(e) => {
-                let _ = events.send(SyncEvent::Disconnected(e.to_string())).await;
+                // Never wait on the sync loop here: it may be waiting on this task to drain
+                // the client's request queue.
+                let _ = events.try_send(SyncEvent::Disconnected(e.to_string()));
                 let jitter = Duration::from_millis(u64::from(std::process::id() % 97) + jitter_ms());
                 tracing::debug!("broker connection: {e}; retrying in {:?}", backoff + jitter);
                 tokio::select! {
@@ -244,9 +252,13 @@ async fn poll_events(
                 continue;
             }
         };
-        // Sending may wait while the sync loop is busy; the broker then holds further
-        // packets, which is the backpressure wanted.
-        if events.send(event).await.is_err() {
+        // Pokes are hints: drop one rather than wait. Downlinks answer the loop's own requests
+        // (a handful at a time), so waiting for room for them is bounded.
+        let sent = match event {
+            SyncEvent::Poke => !matches!(events.try_send(event), Err(mpsc::error::TrySendError::Closed(_))),
+            other => events.send(other).await.is_ok(),
+        };
+        if !sent {
             return;
         }
     }

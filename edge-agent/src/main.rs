@@ -58,7 +58,7 @@ enum Command {
         #[arg(long, default_value = "")]
         role: String,
         /// Ship every N milliseconds instead of as soon as changes are written.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         interval_ms: Option<u64>,
         #[arg(long)]
         username: Option<String>,

@@ -61,6 +61,8 @@ pub(crate) struct SyncLoop {
     pub(crate) changes: broadcast::Sender<Vec<ChangedRow>>,
     connected: bool,
     inflight: VecDeque<Inflight>,
+    /// When the gateway last acknowledged or refused a batch.
+    last_progress: Instant,
     /// Highest outbox sequence number published since the last (re)connect.
     sent_upto: i64,
     cursor: Option<u64>,
@@ -97,6 +99,7 @@ impl SyncLoop {
             changes,
             connected: false,
             inflight: VecDeque::new(),
+            last_progress: Instant::now(),
             sent_upto: 0,
             cursor: None,
             pulling: None,
@@ -113,7 +116,8 @@ impl SyncLoop {
         // and announcements wake the loop, so an idle agent does next to nothing.
         let tick_every = match self.config.mode {
             SyncMode::RealTime => (self.config.ack_timeout / 2).max(Duration::from_millis(100)),
-            SyncMode::Interval(d) => d,
+            // A zero period would make the timer panic; treat it as the smallest sane one.
+            SyncMode::Interval(d) => d.max(Duration::from_millis(1)),
         };
         let mut tick = tokio::time::interval(tick_every);
         loop {
@@ -178,7 +182,11 @@ impl SyncLoop {
             }
             SyncEvent::SyncNow => {
                 let timeout = self.config.ack_timeout;
-                if self.inflight.front().is_some_and(|f| f.sent_at.elapsed() > timeout) {
+                // Resend only when nothing at all came back for a whole timeout: on a slow link
+                // acks keep arriving and the window keeps moving.
+                if self.inflight.front().is_some_and(|f| f.sent_at.elapsed() > timeout)
+                    && self.last_progress.elapsed() > timeout
+                {
                     tracing::warn!("no ack within {timeout:?}; sending unacknowledged batches again");
                     self.inflight.clear();
                     self.sent_upto = 0;
@@ -251,6 +259,7 @@ impl SyncLoop {
     async fn on_downlink(&mut self, msg: Downlink) -> Result<()> {
         match msg {
             Downlink::Ack { first_seq, last_seq } => {
+                self.last_progress = Instant::now();
                 let removed = self.store.ack(first_seq, last_seq).await?;
                 self.settle(first_seq, last_seq);
                 self.status.send_modify(|s| s.acked_batches += 1);
@@ -263,6 +272,7 @@ impl SyncLoop {
             }
             Downlink::Nack { first_seq, last_seq, reason } => {
                 tracing::warn!(first_seq, last_seq, %reason, "gateway refused a batch; moving it aside");
+                self.last_progress = Instant::now();
                 self.store.reject(first_seq, last_seq, reason).await?;
                 self.settle(first_seq, last_seq);
                 self.ship().await?;

@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
                         })
                     })
                     .await;
-                if written.is_err() || agent.sync_now().await.is_err() {
+                if written.is_err() || agent.sync_now().is_err() {
                     missed += 1;
                     continue;
                 }

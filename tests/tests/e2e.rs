@@ -111,7 +111,7 @@ async fn the_same_batch_delivered_five_times_applies_once() {
         eventually("counter arrives once", WAIT, || rows(&b, "SELECT id, stock FROM inspections") == want).await;
         // Give the remaining duplicates time to be merged, then check nothing moved.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        agent_b.sync_now().await.expect("sync");
+        agent_b.sync_now().expect("sync");
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(rows(&b, "SELECT id, stock FROM inspections"), want);
         let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");

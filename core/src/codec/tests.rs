@@ -188,7 +188,7 @@ fn each_count_limit_is_enforced() {
         (Limits { max_tables: 0, ..Limits::default() }, "tables"),
         (Limits { max_key_values: 0, ..Limits::default() }, "primary key values"),
         (Limits { max_register_entries: 0, ..Limits::default() }, "register entries"),
-        (Limits { max_value_bytes: 3, ..Limits::default() }, "name bytes"),
+        (Limits { max_name_bytes: 3, ..Limits::default() }, "name bytes"),
         (Limits { max_decompressed: 8, ..Limits::default() }, "decompressed size"),
     ];
     for (limits, expected) in cases {

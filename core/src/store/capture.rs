@@ -31,7 +31,8 @@ fn trigger(info: &TableInfo, what: &str) -> String {
 
 /// `NEW."a" IS OLD."a" AND ...` over the key columns.
 fn same_key(info: &TableInfo) -> String {
-    info.pk.iter().map(|c| format!("NEW.{0} IS OLD.{0}", ident(c))).collect::<Vec<_>>().join(" AND ")
+    // BINARY: under a NOCASE key, 'abc' -> 'ABC' is a key change all the same.
+    info.pk.iter().map(|c| format!("NEW.{0} IS OLD.{0} COLLATE BINARY", ident(c))).collect::<Vec<_>>().join(" AND ")
 }
 
 fn any_key_null(info: &TableInfo) -> String {
@@ -85,10 +86,11 @@ fn changed_masks(info: &TableInfo) -> Vec<String> {
     for c in &info.app {
         let col = ident(&c.name);
         // Columns without type affinity keep 1 and 1.0 apart; `IS NOT` alone treats them equal.
+        // BINARY, not the column's collation: 'bob' -> 'Bob' under NOCASE is still a change.
         let differs = if c.untyped {
-            format!("OLD.{col} IS NOT NEW.{col} OR typeof(OLD.{col}) IS NOT typeof(NEW.{col})")
+            format!("OLD.{col} IS NOT NEW.{col} COLLATE BINARY OR typeof(OLD.{col}) IS NOT typeof(NEW.{col})")
         } else {
-            format!("OLD.{col} IS NOT NEW.{col}")
+            format!("OLD.{col} IS NOT NEW.{col} COLLATE BINARY")
         };
         words[(c.idx / 63) as usize].push(format!("(CASE WHEN {differs} THEN {} ELSE 0 END)", 1i64 << (c.idx % 63)));
     }
@@ -179,7 +181,11 @@ pub(crate) fn seal_query(info: &TableInfo) -> String {
     let mut sel: Vec<String> = (0..info.pk.len()).map(|i| format!("p.{}", key_col(i))).collect();
     sel.extend((0..info.mask_words()).map(|w| format!("coalesce(p.{}, 0)", mask_col(w))));
     sel.extend((0..info.counter_columns().count()).map(|i| format!("coalesce(p.{}, 0)", delta_col(i))));
-    sel.push(format!("t.{} IS NOT NULL", ident(&info.pk[0])));
+    // Present only if the row found has exactly this key: the join follows the key's collation
+    // (and its index), so under NOCASE the old key 'abc' finds the renamed row 'ABC'.
+    let exact: Vec<String> =
+        info.pk.iter().enumerate().map(|(i, c)| format!("t.{} = p.{} COLLATE BINARY", ident(c), key_col(i))).collect();
+    sel.push(format!("coalesce({}, 0)", exact.join(" AND ")));
     sel.extend(info.app.iter().map(|c| format!("t.{}", ident(&c.name))));
     let on: Vec<String> =
         info.pk.iter().enumerate().map(|(i, c)| format!("t.{} = p.{}", ident(c), key_col(i))).collect();

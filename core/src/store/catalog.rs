@@ -147,9 +147,17 @@ fn column_types(conn: &Connection, table: &str) -> Result<HashMap<String, String
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Whether a declared type has no affinity (1 and 1.0 stay distinct values).
+/// Whether a declared type gives BLOB affinity (1 and 1.0 stay distinct values), by SQLite's
+/// affinity rules (INT, then CHAR/CLOB/TEXT, then BLOB or no type), or is STRICT's ANY.
 pub(crate) fn is_untyped(decl_type: &str) -> bool {
-    decl_type.is_empty() || decl_type.eq_ignore_ascii_case("BLOB")
+    let t = decl_type.to_ascii_uppercase();
+    if t == "ANY" {
+        return true;
+    }
+    if t.contains("INT") || t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+        return false;
+    }
+    t.is_empty() || t.contains("BLOB")
 }
 
 /// Whether no key column of `table` can hold NULL.
