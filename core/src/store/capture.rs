@@ -1,8 +1,11 @@
 //! The change journal: pure-SQL triggers that record which rows and fields changed.
 //!
 //! Triggers use only built-in SQL, so a program that never links driftless, writing with its
-//! own SQLite, is captured too, in the same transaction as its write. They record the key,
-//! a bit per changed column and the net delta of counter columns into a per-table journal.
+//! own SQLite, is captured too, in the same transaction as its write. They record the key and
+//! a bit per changed column into a per-table journal. Counter deltas are taken at seal time as
+//! the difference between the row's value and the sum its causal state holds: trigger
+//! arithmetic would count an `INSERT OR REPLACE` twice, because SQLite fires no delete
+//! trigger for the replaced row unless the writing connection enabled recursive triggers.
 //! The journal is append-only (a rowid table with no index): a trigger costs one program call
 //! and one append, which is what keeps capture cheap. Sealing folds every entry of a row into
 //! one change and reads the values then, so repeated edits between seals ship once.
@@ -21,10 +24,6 @@ fn mask_col(w: usize) -> String {
     format!("m{w}")
 }
 
-fn delta_col(i: usize) -> String {
-    format!("d{i}")
-}
-
 fn trigger(info: &TableInfo, what: &str) -> String {
     ident(&format!("_driftless_{}_{what}", info.id))
 }
@@ -39,22 +38,13 @@ fn any_key_null(info: &TableInfo) -> String {
     info.pk.iter().map(|c| format!("NEW.{} IS NULL", ident(c))).collect::<Vec<_>>().join(" OR ")
 }
 
-fn counter_value(row: &str, column: &str) -> String {
-    format!("coalesce(CAST({row}.{} AS INTEGER), 0)", ident(column))
-}
-
-/// An append to the journal for the row `row` (NEW or OLD) with the given mask words and
-/// counter deltas.
-fn journal_append(info: &TableInfo, row: &str, masks: &[String], deltas: &[String]) -> String {
+/// An append to the journal for the row `row` (NEW or OLD) with the given mask words.
+fn journal_append(info: &TableInfo, row: &str, masks: &[String]) -> String {
     let mut cols: Vec<String> = (0..info.pk.len()).map(key_col).collect();
     let mut vals: Vec<String> = info.pk.iter().map(|c| format!("{row}.{}", ident(c))).collect();
     for (w, m) in masks.iter().enumerate() {
         cols.push(mask_col(w));
         vals.push(m.clone());
-    }
-    for (i, d) in deltas.iter().enumerate() {
-        cols.push(delta_col(i));
-        vals.push(d.clone());
     }
     format!("INSERT INTO {} ({}) VALUES ({});", ident(&info.pending_table()), cols.join(", "), vals.join(", "))
 }
@@ -97,16 +87,6 @@ fn changed_masks(info: &TableInfo) -> Vec<String> {
     words.into_iter().map(|w| if w.is_empty() { "0".to_owned() } else { w.join(" | ") }).collect()
 }
 
-fn counter_deltas(info: &TableInfo, sign_new: bool, sign_old: bool) -> Vec<String> {
-    info.counter_columns()
-        .map(|c| match (sign_new, sign_old) {
-            (true, true) => format!("{} - {}", counter_value("NEW", &c.name), counter_value("OLD", &c.name)),
-            (true, false) => counter_value("NEW", &c.name),
-            _ => format!("-{}", counter_value("OLD", &c.name)),
-        })
-        .collect()
-}
-
 /// Creates the journal table and the triggers for a tracked table.
 pub(crate) fn install(conn: &Connection, info: &TableInfo) -> Result<()> {
     let table = ident(&info.name);
@@ -115,11 +95,10 @@ pub(crate) fn install(conn: &Connection, info: &TableInfo) -> Result<()> {
     // every write to a table without constraints of its own (measured 12% of an update).
     // The seal reads these columns with coalesce() instead.
     cols.extend((0..info.mask_words()).map(|w| format!("{} INTEGER DEFAULT 0", mask_col(w))));
-    cols.extend((0..info.counter_columns().count()).map(|i| format!("{} INTEGER DEFAULT 0", delta_col(i))));
     let key_list: Vec<String> = info.pk.iter().map(|c| ident(c)).collect();
     let no_masks: Vec<String> = Vec::new();
     let guard = null_key_guard(info);
-    let on_insert = journal_append(info, "NEW", &full_masks(info), &counter_deltas(info, true, false));
+    let on_insert = journal_append(info, "NEW", &full_masks(info));
     let sql = format!(
         "CREATE TABLE {pending} ({cols});
          CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN {guard} {on_insert} END;
@@ -135,9 +114,9 @@ pub(crate) fn install(conn: &Connection, info: &TableInfo) -> Result<()> {
         rekey = trigger(info, "rekey"),
         del = trigger(info, "del"),
         same_key = same_key(info),
-        on_update = journal_append(info, "NEW", &changed_masks(info), &counter_deltas(info, true, true)),
-        on_rekey_old = journal_append(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
-        on_delete = journal_append(info, "OLD", &no_masks, &counter_deltas(info, false, true)),
+        on_update = journal_append(info, "NEW", &changed_masks(info)),
+        on_rekey_old = journal_append(info, "OLD", &no_masks),
+        on_delete = journal_append(info, "OLD", &no_masks),
     );
     conn.execute_batch(&sql)?;
     Ok(())
@@ -150,10 +129,6 @@ pub(crate) fn capture_existing(conn: &Connection, info: &TableInfo) -> Result<()
     for (w, m) in full_masks(info).into_iter().enumerate() {
         cols.push(mask_col(w));
         vals.push(m);
-    }
-    for (i, c) in info.counter_columns().enumerate() {
-        cols.push(delta_col(i));
-        vals.push(format!("coalesce(CAST({} AS INTEGER), 0)", ident(&c.name)));
     }
     let sql = format!(
         "INSERT INTO {} ({}) SELECT {} FROM {}",
@@ -176,11 +151,10 @@ pub(crate) fn uninstall(conn: &Connection, info: &TableInfo) -> Result<()> {
 }
 
 /// The query that reads the journal, oldest entry first, joined with the current rows: key
-/// values, mask words, counter deltas, a presence flag, then every captured column's value.
+/// values, mask words, a presence flag, then every captured column's value.
 pub(crate) fn seal_query(info: &TableInfo) -> String {
     let mut sel: Vec<String> = (0..info.pk.len()).map(|i| format!("p.{}", key_col(i))).collect();
     sel.extend((0..info.mask_words()).map(|w| format!("coalesce(p.{}, 0)", mask_col(w))));
-    sel.extend((0..info.counter_columns().count()).map(|i| format!("coalesce(p.{}, 0)", delta_col(i))));
     // Present only if the row found has exactly this key: the join follows the key's collation
     // (and its index), so under NOCASE the old key 'abc' finds the renamed row 'ABC'.
     let exact: Vec<String> =

@@ -9,11 +9,13 @@ use std::collections::hash_map::Entry;
 
 use rusqlite::Connection;
 
+use super::catalog::TableInfo;
 use super::{Inner, capture, meta, track};
 use crate::clock::Dot;
 use crate::codec::encode_key;
 use crate::error::Result;
 use crate::merge::{LocalWrite, write_local_delete, write_local_upsert};
+use crate::state::{Counter, RowState};
 use crate::value::Value;
 use crate::view;
 
@@ -30,7 +32,6 @@ pub struct SealReport {
 struct Journaled {
     pk: Vec<Value>,
     masks: Vec<u64>,
-    deltas: Vec<i64>,
     present: bool,
     values: Vec<Value>,
 }
@@ -65,12 +66,7 @@ pub(crate) fn seal_journal(conn: &Connection, inner: &mut Inner) -> Result<SealR
             let mut state = old.unwrap_or_default();
             let had_conflicts = meta::has_conflicts(inner, t, &state);
             let info = &inner.catalog.tables[t];
-            let deltas: Vec<(String, i64)> = info
-                .counter_columns()
-                .zip(&row.deltas)
-                .filter(|(_, d)| **d != 0)
-                .map(|(c, d)| (c.name.clone(), *d))
-                .collect();
+            let deltas = counter_deltas(info, &state, row.present.then_some(&row.values[..]));
             let dot = Dot { node: inner.node, counter: inner.counter + 1 };
             let change = if row.present {
                 let values: Vec<(String, Value)> = info
@@ -110,21 +106,20 @@ pub(crate) fn seal_journal(conn: &Connection, inner: &mut Inner) -> Result<SealR
     Ok(report)
 }
 
-/// Reads the journal and folds every entry of one row into one: masks OR-ed, counter deltas
-/// summed, in order of each row's first entry.
+/// Reads the journal and folds every entry of one row into one (masks OR-ed), in order of
+/// each row's first entry.
 fn read_journal(conn: &Connection, inner: &Inner, t: usize) -> Result<Vec<Journaled>> {
     let info = &inner.catalog.tables[t];
-    let (nk, nm, nd) = (info.pk.len(), info.mask_words(), info.counter_columns().count());
+    let (nk, nm) = (info.pk.len(), info.mask_words());
     let mut stmt = conn.prepare_cached(&capture::seal_query(info))?;
     let rows = stmt.query_map([], |r| {
         let pk = (0..nk).map(|i| r.get::<_, Value>(i)).collect::<rusqlite::Result<Vec<_>>>()?;
         let masks = (0..nm).map(|i| r.get::<_, i64>(nk + i).map(|m| m as u64)).collect::<rusqlite::Result<Vec<_>>>()?;
-        let deltas = (0..nd).map(|i| r.get::<_, i64>(nk + nm + i)).collect::<rusqlite::Result<Vec<_>>>()?;
-        let base = nk + nm + nd;
+        let base = nk + nm;
         let present: bool = r.get(base)?;
         let values =
             (0..info.app.len()).map(|i| r.get::<_, Value>(base + 1 + i)).collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(Journaled { pk, masks, deltas, present, values })
+        Ok(Journaled { pk, masks, present, values })
     })?;
     let mut folded: Vec<Journaled> = Vec::new();
     let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -140,11 +135,36 @@ fn read_journal(conn: &Connection, inner: &Inner, t: usize) -> Result<Vec<Journa
                 for (m, add) in into.masks.iter_mut().zip(&row.masks) {
                     *m |= add;
                 }
-                for (d, add) in into.deltas.iter_mut().zip(&row.deltas) {
-                    *d = d.wrapping_add(*add);
-                }
             }
         }
     }
     Ok(folded)
+}
+
+/// Each counter column's change since the state last saw it: the row's value now (0 once the
+/// row is gone) minus the sum of every node's part. Exact whatever the writes were (REPLACE
+/// included), because after every seal and apply the column shows exactly that sum.
+fn counter_deltas(info: &TableInfo, state: &RowState, values: Option<&[Value]>) -> Vec<(String, i64)> {
+    info.app
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.counter)
+        .filter_map(|(i, c)| {
+            let now = values.map_or(0, |v| counter_value(&v[i]));
+            let known = state.counters.get(&c.name).map_or(0, Counter::value);
+            let delta = now.wrapping_sub(known);
+            (delta != 0).then(|| (c.name.clone(), delta))
+        })
+        .collect()
+}
+
+/// A counter column's value as an integer, as `CAST(x AS INTEGER)` would read it.
+fn counter_value(v: &Value) -> i64 {
+    match v {
+        Value::Integer(i) => *i,
+        // `as` truncates toward zero and saturates, like SQLite's cast.
+        Value::Real(r) => *r as i64,
+        Value::Text(t) => t.trim().parse::<f64>().map_or(0, |f| f as i64),
+        Value::Null | Value::Blob(_) => 0,
+    }
 }
