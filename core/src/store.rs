@@ -144,6 +144,9 @@ pub struct Store {
     reader: RefCell<Option<Connection>>,
     path: PathBuf,
     inner: Inner,
+    /// Set when the in-memory mirror could not be reloaded after a rollback: it may then hold
+    /// dictionary entries the database lost, so every later write is refused.
+    poisoned: bool,
 }
 
 impl fmt::Debug for Store {
@@ -176,14 +179,27 @@ impl Store {
         }
         let role: Option<String> =
             tx.query_row("SELECT value FROM _driftless_state WHERE key = 'role'", [], |r| r.get(0)).optional()?;
-        // Only write when the role changes, so opening a store to look at it writes nothing.
-        if role.as_deref() != Some(opts.role.as_str()) {
-            tx.execute("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES ('role', ?1)", [&opts.role])?;
-            tx.execute("UPDATE _driftless_nodes SET role = ?1 WHERE idx = 0", [&opts.role])?;
+        match role {
+            None => {
+                tx.execute("INSERT INTO _driftless_state(key, value) VALUES ('role', ?1)", [&opts.role])?;
+            }
+            // An empty role in the options keeps the stored one (tools that only look).
+            Some(stored) if opts.role.is_empty() || stored == opts.role => {}
+            // A new role is a new identity: writes already made keep the role they were made
+            // under on every replica, whenever each learns of it.
+            Some(_) => {
+                let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
+                tx.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'node_id'", [&node.0[..]])?;
+                tx.execute(
+                    "INSERT INTO _driftless_nodes(idx, id, role) SELECT coalesce(max(idx), -1) + 1, ?1, ?2 FROM _driftless_nodes",
+                    rusqlite::params![&node.0[..], opts.role],
+                )?;
+                tx.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'role'", [&opts.role])?;
+            }
         }
         tx.commit()?;
         let inner = Inner::load(&conn, opts)?;
-        Ok(Store { conn, reader: RefCell::new(None), path, inner })
+        Ok(Store { conn, reader: RefCell::new(None), path, inner, poisoned: false })
     }
 
     /// This replica's node id.
@@ -226,13 +242,19 @@ impl Store {
     }
 
     fn transact<T>(&mut self, f: impl FnOnce(&Transaction<'_>, &mut Inner) -> Result<T>) -> Result<T> {
+        if self.poisoned {
+            return Err(Error::Corrupt("the store could not recover from an earlier failure; open it again".into()));
+        }
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         match f(&tx, &mut self.inner).and_then(|v| tx.commit().map(|()| v).map_err(Error::from)) {
             Ok(v) => Ok(v),
             Err(e) => {
                 // The transaction rolled back; bring the in-memory mirror back in line with it.
                 let opts = self.inner.opts.clone();
-                self.inner = Inner::load(&self.conn, opts)?;
+                match Inner::load(&self.conn, opts) {
+                    Ok(inner) => self.inner = inner,
+                    Err(_) => self.poisoned = true,
+                }
                 Err(e)
             }
         }

@@ -264,3 +264,36 @@ fn case_only_edits_under_a_nocase_collation_are_captured() {
     let keys: Vec<_> = out.batch.rows.iter().map(|r| r.pk[0].clone()).collect();
     assert_eq!(keys.len(), 2, "{keys:?}");
 }
+
+#[test]
+fn a_new_role_is_a_new_identity_and_an_empty_role_keeps_the_stored_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.db");
+    let first =
+        Store::open(&path, StoreOptions { role: "crm".into(), ..StoreOptions::default() }).expect("open").node_id();
+    let same = Store::open(&path, StoreOptions::default()).expect("open").node_id();
+    assert_eq!(first, same);
+    let changed =
+        Store::open(&path, StoreOptions { role: "erp".into(), ..StoreOptions::default() }).expect("open").node_id();
+    assert_ne!(first, changed);
+}
+
+#[test]
+fn writes_an_app_trigger_makes_while_a_remote_change_is_applied_are_captured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    exec(
+        &mut b,
+        "CREATE TABLE history (id TEXT PRIMARY KEY, what TEXT);
+         CREATE TRIGGER note_arrivals AFTER INSERT ON inspections
+           BEGIN INSERT INTO history VALUES (NEW.id || '-arrived', 'seen on b'); END;",
+    );
+    b.track("history", TableSpec::new()).expect("track");
+    exec(&mut a, "INSERT INTO inspections(id) VALUES ('i1')");
+    sync(&mut a, &mut [&mut b]);
+    let out = b.outbox_batch(10).expect("outbox").expect("b's trigger wrote a local row");
+    assert_eq!(out.batch.rows.len(), 1);
+    assert_eq!(out.batch.rows[0].table, "history");
+    assert_eq!(out.batch.rows[0].pk, vec![text("i1-arrived")]);
+}

@@ -1,6 +1,6 @@
 //! Applying remote batches: join each row's state, then write the resolved row.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use rusqlite::Connection;
 
@@ -65,7 +65,6 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
         }
     }
     let mut report = ApplyReport { field_changes: batch.field_changes(), ..ApplyReport::default() };
-    let mut touched = BTreeSet::new();
     let mut reported = HashSet::new();
     let mut newest: Vec<(NodeId, Hlc)> = Vec::new();
     for row in &batch.rows {
@@ -88,23 +87,28 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
             newest.push(seen);
         }
         write_app_row(conn, inner, t, &row.pk, &state)?;
+        forget_journaled(conn, &inner.catalog.tables[t], &row.pk)?;
         meta::save(conn, inner, t, &key, &state, had_conflicts)?;
-        touched.insert(t);
         report.applied += 1;
         if reported.insert((t, key)) {
             report.changed.push(ChangedRow { table: row.table.clone(), pk: row.pk.clone() });
         }
     }
-    // The app-table writes above went through the capture triggers; they are remote changes,
-    // and the journal was empty when this transaction began (sealed above), so drop it all.
-    for t in touched {
-        let info = &inner.catalog.tables[t];
-        if info.captures() {
-            conn.execute(&format!("DELETE FROM {}", ident(&info.pending_table())), [])?;
-        }
-    }
     report.skewed = observe_clocks(conn, inner, &newest)?;
     Ok(report)
+}
+
+/// Drops the journal entries the app-row write just made: that write is the remote change
+/// itself, not a local one. Entries for other rows (an app trigger or cascade reacting to it)
+/// stay and ship as this device's own changes.
+fn forget_journaled(conn: &Connection, info: &TableInfo, pk: &[Value]) -> Result<()> {
+    if !info.captures() {
+        return Ok(());
+    }
+    let keys: Vec<String> = (0..info.pk.len()).map(|i| format!("k{i} = ?{}", i + 1)).collect();
+    let sql = format!("DELETE FROM {} WHERE {}", ident(&info.pending_table()), keys.join(" AND "));
+    conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(pk.iter()))?;
+    Ok(())
 }
 
 /// Advances the local clock past remote writes, clamping and recording any too far ahead.

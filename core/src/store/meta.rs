@@ -54,9 +54,11 @@ impl Nodes {
         Ok(())
     }
 
-    /// Records a node's declared role (learned from a batch).
+    /// Records a node's declared role (learned from a batch). A node's role never changes (a
+    /// store that changes role takes a new node id), so the first one learned is kept: the
+    /// authority policy then depends only on the writes, not on when a role was learned.
     pub(crate) fn set_role(&mut self, conn: &Connection, node: NodeId, role: &str) -> Result<()> {
-        if self.roles.get(&node).map(String::as_str) == Some(role) {
+        if self.roles.contains_key(&node) || role.is_empty() {
             return Ok(());
         }
         self.roles.insert(node, role.to_owned());

@@ -76,9 +76,9 @@ pub(crate) fn seal_journal(conn: &Connection, inner: &mut Inner) -> Result<SealR
                     .filter(|(c, _)| !c.counter && row.masks[(c.idx / 63) as usize] & (1 << (c.idx % 63)) != 0)
                     .map(|(c, v)| (c.name.clone(), v))
                     .collect();
-                let plainly_alive = view::is_visible(&state, &info.spec)
-                    && matches!(state.life.entries.as_slice(), [e] if e.value == crate::state::Life::Alive);
-                if values.is_empty() && deltas.is_empty() && plainly_alive {
+                // Nothing changed in a row the app already sees (`UPDATE t SET x = x`): no write.
+                // In particular this must not settle a delete/update conflict by itself.
+                if values.is_empty() && deltas.is_empty() && existed && view::is_visible(&state, &info.spec) {
                     continue;
                 }
                 write_local_upsert(&mut state, dot, hlc, LocalWrite { values, counter_deltas: deltas })
