@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 pub fn start_embedded_broker(listen: SocketAddr) -> Result<()> {
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
-        max_payload_size: 32 << 20,
+        max_payload_size: 64 << 20,
         max_inflight_count: 500,
         auth: None,
         external_auth: None,

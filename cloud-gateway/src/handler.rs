@@ -22,14 +22,16 @@ pub struct HandlerLimits {
     pub decode: Limits,
     /// Most rows sent in one downlink message.
     pub max_rows_per_message: usize,
+    /// Most bytes in one downlink message: pages are halved until they fit (one log entry or
+    /// one row is always sent, whatever its size).
+    pub max_message_bytes: usize,
 }
 
 impl Default for HandlerLimits {
     fn default() -> Self {
-        HandlerLimits {
-            decode: Limits { max_decompressed: 32 << 20, ..Limits::default() },
-            max_rows_per_message: 2_000,
-        }
+        // The same decode bounds as devices, so a batch a device may build is one the gateway
+        // accepts.
+        HandlerLimits { decode: Limits::default(), max_rows_per_message: 2_000, max_message_bytes: 4 << 20 }
     }
 }
 
@@ -120,7 +122,7 @@ fn process(store: &mut dyn GatewayStore, limits: &HandlerLimits, topic: &str, pa
             // A device with no cursor starts from a snapshot of current state, not the history.
             let log_cursor = store.log_head(tenant)?;
             store.touch_device(tenant, device, None)?;
-            snapshot(store, tenant, device, &[], log_cursor, max_rows(asked))
+            snapshot(store, limits, tenant, device, &[], log_cursor, max_rows(asked))
         }
         Uplink::Pull { cursor, max_rows: asked, .. } if cursor > store.log_head(tenant)? => {
             // A cursor beyond the log (the gateway's store was restored from an older backup,
@@ -128,32 +130,53 @@ fn process(store: &mut dyn GatewayStore, limits: &HandlerLimits, topic: &str, pa
             // snapshot rather than leave it waiting for positions that will mean other changes.
             tracing::warn!(tenant, device, cursor, "cursor beyond the log; sending a snapshot");
             let log_cursor = store.log_head(tenant)?;
-            snapshot(store, tenant, device, &[], log_cursor, max_rows(asked))
+            snapshot(store, limits, tenant, device, &[], log_cursor, max_rows(asked))
         }
         Uplink::Pull { cursor, max_rows: asked, .. } => {
             store.touch_device(tenant, device, Some(cursor))?;
-            let page = store.changes_after(tenant, device, cursor, max_rows(asked))?;
-            let batch = encode_batch(&page.batch, EncodeOptions::default());
-            Ok(vec![to(tenant, device, Downlink::Changes { cursor: page.cursor, more: page.more, batch })])
+            let mut rows = max_rows(asked);
+            loop {
+                let page = store.changes_after(tenant, device, cursor, rows)?;
+                let batch = encode_batch(&page.batch, EncodeOptions::default());
+                if batch.len() <= limits.max_message_bytes || rows == 1 {
+                    return Ok(vec![to(
+                        tenant,
+                        device,
+                        Downlink::Changes { cursor: page.cursor, more: page.more, batch },
+                    )]);
+                }
+                rows /= 2;
+            }
         }
         Uplink::PullSnapshot { resume, log_cursor, max_rows: asked, .. } => {
             store.touch_device(tenant, device, None)?;
-            snapshot(store, tenant, device, &resume, log_cursor, max_rows(asked))
+            snapshot(store, limits, tenant, device, &resume, log_cursor, max_rows(asked))
         }
     }
 }
 
 fn snapshot(
     store: &mut dyn GatewayStore,
+    limits: &HandlerLimits,
     tenant: &str,
     device: &str,
     resume: &[u8],
     log_cursor: u64,
     max_rows: usize,
 ) -> Result<Vec<Outgoing>> {
-    let page = store.snapshot_page(tenant, resume, max_rows)?;
-    let batch = encode_batch(&page.batch, EncodeOptions::default());
-    Ok(vec![to(tenant, device, Downlink::Snapshot { resume: page.resume, log_cursor, done: page.done, batch })])
+    let mut rows = max_rows;
+    loop {
+        let page = store.snapshot_page(tenant, resume, rows)?;
+        let batch = encode_batch(&page.batch, EncodeOptions::default());
+        if batch.len() <= limits.max_message_bytes || rows == 1 {
+            return Ok(vec![to(
+                tenant,
+                device,
+                Downlink::Snapshot { resume: page.resume, log_cursor, done: page.done, batch },
+            )]);
+        }
+        rows /= 2;
+    }
 }
 
 #[cfg(test)]

@@ -28,8 +28,11 @@ pub struct AgentConfig {
     pub mode: SyncMode,
     /// Batches sent and not yet acknowledged, at most.
     pub max_inflight: usize,
-    /// Rows per uplink batch.
+    /// Rows per uplink batch, at most.
     pub batch_rows: usize,
+    /// Bytes per uplink message, at most (batches are split to fit; a single larger row is
+    /// sent alone). Keep it under the broker's and the gateway's limits.
+    pub max_message_bytes: usize,
     /// Rows asked for per pull.
     pub pull_rows: u32,
     /// After this long without an ack, unacknowledged batches are sent again.
@@ -57,6 +60,7 @@ impl AgentConfig {
             mode: SyncMode::RealTime,
             max_inflight: 4,
             batch_rows: 500,
+            max_message_bytes: 4 << 20,
             pull_rows: 1_000,
             ack_timeout: Duration::from_secs(10),
             progress: false,

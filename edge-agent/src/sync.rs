@@ -223,8 +223,17 @@ impl SyncLoop {
     /// Publishes outbox batches until the in-flight bound is reached or the outbox is empty.
     async fn ship(&mut self) -> Result<()> {
         while self.connected && self.inflight.len() < self.config.max_inflight {
-            let Some(out) = self.store.outbox_after(self.sent_upto, self.config.batch_rows).await? else { break };
-            let batch = encode_batch(&out.batch, EncodeOptions::default());
+            // Rows can be large (photos, documents): halve the batch until its envelope fits
+            // the message bound. A single row over it is sent alone; the gateway decides.
+            let mut rows = self.config.batch_rows.max(1);
+            let (out, batch) = loop {
+                let Some(out) = self.store.outbox_after(self.sent_upto, rows).await? else { return Ok(()) };
+                let batch = encode_batch(&out.batch, EncodeOptions::default());
+                if batch.len() <= self.config.max_message_bytes || out.batch.rows.len() <= 1 {
+                    break (out, batch);
+                }
+                rows = (out.batch.rows.len() / 2).max(1);
+            };
             let msg = Uplink::Batch {
                 device: self.config.device_id.clone(),
                 first_seq: out.first_seq,

@@ -311,3 +311,29 @@ async fn a_write_from_the_sqlite3_shell_reaches_the_other_device() {
         gw.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_rows_are_split_across_messages_and_all_arrive() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("large");
+        let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
+        let (a, b) = (device_db(dir.path(), "a"), device_db(dir.path(), "b"));
+        // 12 incompressible 512 KiB photos: 6 MiB, over the 4 MiB message bound.
+        exec(
+            &a,
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12)
+             INSERT INTO inspections(id, notes) SELECT printf('photo-%02d', i), randomblob(524288) FROM n",
+        );
+        let agent_a = start_agent(&a, &broker, &tenant, "camera").await;
+        let agent_b = start_agent(&b, &broker, &tenant, "office").await;
+        let check = "SELECT count(*), sum(length(notes)) FROM inspections";
+        let want = rows(&a, check);
+        eventually("every photo arrives", WAIT, || rows(&b, check) == want).await;
+        assert_eq!(want, vec![vec![Value::Integer(12), Value::Integer(12 * 524_288)]]);
+        assert!(agent_a.live().acked_batches >= 2, "split into several messages");
+        agent_a.stop().await;
+        agent_b.stop().await;
+        gw.stop().await;
+    }
+}
