@@ -33,13 +33,25 @@ impl GatewayConfig {
     pub fn new(broker: BrokerAddr) -> GatewayConfig {
         GatewayConfig {
             broker,
-            client_id: format!("driftless-gateway-{}", std::process::id()),
+            // Stable across restarts of this host's instance, so the broker session (and the
+            // uplinks queued in it) is picked up again rather than orphaned.
+            client_id: format!("driftless-gateway-{}", host_name()),
             share_group: "driftless-gateways".into(),
             tenant: "+".into(),
             ready: Arc::new(Notify::new()),
             limits: HandlerLimits::default(),
         }
     }
+}
+
+/// This machine's host name, for a default client id.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+        .unwrap_or_else(|| "default".into())
 }
 
 fn mqtt_options(config: &GatewayConfig) -> MqttOptions {

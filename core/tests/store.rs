@@ -297,3 +297,26 @@ fn writes_an_app_trigger_makes_while_a_remote_change_is_applied_are_captured() {
     assert_eq!(out.batch.rows[0].table, "history");
     assert_eq!(out.batch.rows[0].pk, vec![text("i1-arrived")]);
 }
+
+#[test]
+fn a_remote_row_the_app_table_refuses_is_recorded_and_does_not_block_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    // Only b's app adds a rule of its own: one inspection per site.
+    exec(&mut b, "CREATE UNIQUE INDEX one_per_site ON inspections(site)");
+    exec(&mut a, "INSERT INTO inspections(id, site) VALUES ('i1', 'north'), ('i2', 'north'), ('i3', 'south')");
+    let batches = drain(&mut a);
+    let report = b.apply(&batches[0]).expect("the batch applies");
+    assert_eq!(report.unapplied, 1);
+    assert_eq!(rows(&b, "SELECT id FROM inspections ORDER BY id"), vec![vec![text("i1")], vec![text("i3")]]);
+    let refused = b.unapplied().expect("unapplied");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].1, vec![text("i2")]);
+    assert!(refused[0].2.contains("UNIQUE"), "{}", refused[0].2);
+    // The next change to the row tries again and clears the record.
+    exec(&mut a, "UPDATE inspections SET site = 'east' WHERE id = 'i2'");
+    sync(&mut a, &mut [&mut b]);
+    assert!(b.unapplied().expect("unapplied").is_empty());
+    assert_eq!(rows(&b, "SELECT id, site FROM inspections WHERE id = 'i2'"), vec![vec![text("i2"), text("east")]]);
+}

@@ -36,6 +36,8 @@ pub struct ApplyReport {
     pub field_changes: usize,
     /// Writes from nodes whose clocks ran beyond the allowed drift.
     pub skewed: usize,
+    /// Rows merged but refused by the app table's own constraints (see `Store::unapplied`).
+    pub unapplied: usize,
 }
 
 /// Refuses a batch that cannot be applied as a whole, before anything is written.
@@ -86,7 +88,28 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
         if let Some(seen) = row.state.max_hlc() {
             newest.push(seen);
         }
-        write_app_row(conn, inner, t, &row.pk, &state)?;
+        match write_app_row(conn, inner, t, &row.pk, &state) {
+            Ok(()) => {
+                conn.prepare_cached("DELETE FROM _driftless_unapplied WHERE tbl = ?1 AND pk = ?2")?
+                    .execute(rusqlite::params![inner.catalog.tables[t].id, key])?;
+            }
+            // The app's own constraints refused the row (the failed statement left no trace).
+            // The merged state is still saved, so nothing is lost, and the refusal is recorded
+            // instead of failing the batch: one such row must not block every row after it.
+            Err(Error::Sqlite(e)) if is_constraint(&e) => {
+                report.unapplied += 1;
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO _driftless_unapplied(tbl, pk, reason, at_ms) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(rusqlite::params![
+                    inner.catalog.tables[t].id,
+                    key,
+                    e.to_string(),
+                    inner.now() as i64
+                ])?;
+            }
+            Err(e) => return Err(e),
+        }
         forget_journaled(conn, &inner.catalog.tables[t], &row.pk)?;
         meta::save(conn, inner, t, &key, &state, had_conflicts)?;
         report.applied += 1;
@@ -96,6 +119,10 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
     }
     report.skewed = observe_clocks(conn, inner, &newest)?;
     Ok(report)
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
 }
 
 /// Drops the journal entries the app-row write just made: that write is the remote change

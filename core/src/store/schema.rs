@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::error::{Error, Result};
 
 /// The schema version this build writes.
-pub(crate) const VERSION: i64 = 2;
+pub(crate) const VERSION: i64 = 3;
 
 /// Brings the engine's tables up to [`VERSION`], inside the caller's transaction.
 pub(crate) fn upgrade(conn: &Connection) -> Result<()> {
@@ -78,6 +78,22 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 hlc         INTEGER NOT NULL,
                 observed_ms INTEGER NOT NULL
             );
+            ",
+        )?;
+    }
+    if version == 2 {
+        conn.execute_batch(
+            "
+            -- Remote changes merged into a row's state but refused by the app's own table (a
+            -- UNIQUE or CHECK constraint of the app's): kept here so one such row never blocks
+            -- the rows after it; the next change to the row tries again.
+            CREATE TABLE _driftless_unapplied (
+                tbl      INTEGER NOT NULL,
+                pk       BLOB NOT NULL,
+                reason   TEXT NOT NULL,
+                at_ms    INTEGER NOT NULL,
+                PRIMARY KEY (tbl, pk)
+            ) WITHOUT ROWID;
             ",
         )?;
     }

@@ -155,6 +155,7 @@ pub(crate) fn untrack(conn: &Connection, inner: &mut Inner, table: &str) -> Resu
         "DELETE FROM _driftless_rows WHERE tbl = ?1",
         "DELETE FROM _driftless_outbox WHERE tbl = ?1",
         "DELETE FROM _driftless_conflicted WHERE tbl = ?1",
+        "DELETE FROM _driftless_unapplied WHERE tbl = ?1",
         "DELETE FROM _driftless_columns WHERE tbl = ?1",
         "DELETE FROM _driftless_tables WHERE id = ?1",
     ] {
