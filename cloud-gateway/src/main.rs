@@ -33,6 +33,33 @@ struct Args {
     /// Serve one tenant only (default: every tenant).
     #[arg(long, default_value = "+")]
     tenant: String,
+    /// Print the device registry (last seen, uplink high-water mark, downlink cursor, lag)
+    /// and the dead letters from --db, then exit.
+    #[arg(long)]
+    report: bool,
+}
+
+/// The registry and dead letters, for operators.
+fn report(store: &mut SqliteStore) -> anyhow::Result<()> {
+    use driftless_gateway::GatewayStore as _;
+    use std::io::Write as _;
+    let mut out = String::new();
+    for tenant in store.tenants()? {
+        out.push_str(&format!("tenant {tenant}\n"));
+        out.push_str("  device                           last seen (ms)  uplink hwm  cursor      lag\n");
+        for d in store.devices(&tenant)? {
+            out.push_str(&format!(
+                "  {:<32} {:>14}  {:>10}  {:>6}  {:>7}\n",
+                d.device, d.last_seen_ms, d.uplink_hwm, d.downlink_cursor, d.lag
+            ));
+        }
+        for l in store.dead_letters(&tenant)? {
+            out.push_str(&format!("  dead letter {} from {} at {} ms: {}\n", l.id, l.device, l.received_ms, l.reason));
+        }
+    }
+    // A closed stdout (`| head`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -56,13 +83,16 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let mut store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
+    if args.report {
+        return report(&mut store);
+    }
     let broker_addr: BrokerAddr = if args.embedded_broker {
         broker::start_embedded_broker(args.listen)?;
         BrokerAddr { host: args.listen.ip().to_string(), port: args.listen.port() }
     } else {
         args.broker.parse().map_err(|e| anyhow::anyhow!("--broker {}: {e}", args.broker))?
     };
-    let store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
     let mut config = GatewayConfig::new(broker_addr);
     if let Some(id) = args.client_id {
         config.client_id = id;

@@ -94,6 +94,9 @@ pub trait GatewayStore: Send {
 
     fn devices(&mut self, tenant: &str) -> Result<Vec<DeviceInfo>>;
 
+    /// Every tenant with a registered device.
+    fn tenants(&mut self) -> Result<Vec<String>>;
+
     /// Keeps a refused message with its reason; returns its id.
     fn dead_letter(&mut self, tenant: &str, device: &str, reason: &str, payload: &[u8]) -> Result<i64>;
 
