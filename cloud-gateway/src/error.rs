@@ -10,8 +10,6 @@ pub enum Error {
     Core(#[from] driftless_core::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("bad broker URL {url:?}: {reason}")]
-    BadBrokerUrl { url: String, reason: String },
     #[error("MQTT client: {0}")]
     Mqtt(#[from] rumqttc::ClientError),
     #[error("embedded broker: {0}")]

@@ -124,15 +124,16 @@ fn process(store: &mut dyn GatewayStore, limits: &HandlerLimits, topic: &str, pa
             store.touch_device(tenant, device, None)?;
             snapshot(store, limits, tenant, device, &[], log_cursor, max_rows(asked))
         }
-        Uplink::Pull { cursor, max_rows: asked, .. } if cursor > store.log_head(tenant)? => {
-            // A cursor beyond the log (the gateway's store was restored from an older backup,
-            // or the device synced with another deployment): start the device over from a
-            // snapshot rather than leave it waiting for positions that will mean other changes.
-            tracing::warn!(tenant, device, cursor, "cursor beyond the log; sending a snapshot");
-            let log_cursor = store.log_head(tenant)?;
-            snapshot(store, limits, tenant, device, &[], log_cursor, max_rows(asked))
-        }
         Uplink::Pull { cursor, max_rows: asked, .. } => {
+            let head = store.log_head(tenant)?;
+            if cursor > head {
+                // A cursor beyond the log (the gateway's store was restored from an older
+                // backup, or the device synced with another deployment): start the device over
+                // from a snapshot rather than leave it waiting for positions that will mean
+                // other changes.
+                tracing::warn!(tenant, device, cursor, "cursor beyond the log; sending a snapshot");
+                return snapshot(store, limits, tenant, device, &[], head, max_rows(asked));
+            }
             store.touch_device(tenant, device, Some(cursor))?;
             let mut rows = max_rows(asked);
             loop {

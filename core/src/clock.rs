@@ -121,11 +121,6 @@ impl HlcClock {
         }
         outcome
     }
-
-    /// Whether a remote timestamp lies beyond the allowed drift from `now_ms`.
-    pub fn is_too_far_ahead(&self, remote: Hlc, now_ms: u64) -> bool {
-        remote.millis() > now_ms.saturating_add(self.max_drift_ms)
-    }
 }
 
 /// A sparse version vector: for each node that wrote, the highest counter seen. Kept sorted

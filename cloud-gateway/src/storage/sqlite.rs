@@ -112,22 +112,24 @@ impl GatewayStore for SqliteStore {
                 .prepare_cached("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?
                 .query_row(rusqlite::params![tenant, row.table, key], |r| r.get(0))
                 .optional()?;
-            let mut current = match stored {
+            // The row's state and the roles of the nodes in it, as stored with it.
+            let (mut current, mut roles) = match stored {
                 Some(bytes) => {
                     let mut b = decode_payload(&bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))?;
-                    let stored_roles = std::mem::take(&mut b.roles);
-                    changed.roles.extend(stored_roles);
-                    b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?
+                    let stored = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
+                    (stored, b.roles)
                 }
-                None => RowChange { table: row.table.clone(), pk: row.pk.clone(), state: Default::default() },
+                None => (
+                    RowChange { table: row.table.clone(), pk: row.pk.clone(), state: Default::default() },
+                    BTreeMap::new(),
+                ),
             };
             if !join_row(&mut current.state, &row.state) {
                 outcome.duplicates += 1;
                 continue;
             }
             outcome.applied += 1;
-            let mut roles = batch.roles.clone();
-            roles.extend(changed.roles.clone());
+            roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
             tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(rusqlite::params![tenant, row.table, key, Self::one_row_payload(&roles, current)])?;
             changed.rows.push(row.clone());

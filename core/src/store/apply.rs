@@ -167,9 +167,9 @@ fn write_app_row(
     state: &crate::state::RowState,
 ) -> Result<()> {
     let info = &inner.catalog.tables[t];
-    let key_match: Vec<String> =
-        info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", ident(c), i + 1)).collect();
     let Some(values) = view::row_values(state, &info.spec, &inner.nodes.roles) else {
+        let key_match: Vec<String> =
+            info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", ident(c), i + 1)).collect();
         let sql = format!("DELETE FROM {} WHERE {}", ident(&info.name), key_match.join(" AND "));
         conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(pk.iter()))?;
         return Ok(());
