@@ -33,6 +33,10 @@ impl From<Value> for SqlValue {
             Value::Real(value) => SqlValue::Real { value },
             Value::Text(value) => SqlValue::Text { value },
             Value::Blob(value) => SqlValue::Blob { value },
+            // Foreign strings cannot hold invalid UTF-8; the stored bytes stay as they are.
+            Value::RawText(bytes) => SqlValue::Text { value: String::from_utf8_lossy(&bytes).into_owned() },
+            // A kind of value this version does not know: shown as NULL rather than failing.
+            _ => SqlValue::Null,
         }
     }
 }

@@ -40,6 +40,32 @@ fn setup(dir: &std::path::Path, name: &str, tracked: bool) -> Db {
     Db { conn, _store: store }
 }
 
+/// A tracked store with the capture triggers of the previous release (issue 2) put back: the
+/// update trigger had a WHEN clause that skipped key changes and no trigger recorded the
+/// write's time. Same store, same seals, only the trigger bodies differ, so the ratio measured
+/// in the same run shows what recording each write's time costs, however noisy the machine.
+fn setup_previous(dir: &std::path::Path) -> Db {
+    let db = setup(dir, "previous.db", true);
+    let triggers: Vec<(String, String)> = {
+        let mut stmt = db
+            .conn
+            .prepare(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE '%_ins' OR name LIKE '%_upd'",
+            )
+            .expect("triggers");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").collect::<Result<_, _>>().expect("rows")
+    };
+    for (name, sql) in triggers {
+        let mut old = sql.replace(", t) VALUES", ") VALUES").replace(", julianday());", ");");
+        if name.ends_with("_upd") {
+            old = old.replace(" BEGIN ", " WHEN NEW.\"id\" IS OLD.\"id\" COLLATE BINARY BEGIN ");
+        }
+        assert_ne!(old, sql, "the trigger text changed shape; update this bench");
+        db.conn.execute_batch(&format!("DROP TRIGGER \"{name}\"; {old};")).expect("previous trigger");
+    }
+    db
+}
+
 fn insert_batch(conn: &Connection, rows: &[Vec<rusqlite::types::Value>]) {
     let tx = conn.unchecked_transaction().expect("tx");
     {
@@ -69,7 +95,9 @@ fn main() {
     let mut rng = Rng(0x5eed);
     let mut dbs: Vec<Db> =
         [false, true].iter().map(|&tracked| setup(dir.path(), &format!("{tracked}.db"), tracked)).collect();
+    dbs.push(setup_previous(dir.path()));
     let (mut ins_b, mut upd_b, mut ins_s, mut upd_s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ins_prev, mut upd_prev) = (Vec::new(), Vec::new());
     let mut seal_rate = Vec::new();
     for round in 0..ROUNDS {
         let rows: Vec<_> = (0..BATCH_ROWS)
@@ -84,9 +112,9 @@ fn main() {
                 record(&mut rng, &id)
             })
             .collect();
-        let mut t = [[0.0f64; 4]; 2];
-        // Alternate which side runs first so cache warmth and background noise even out.
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut t = [[0.0f64; 4]; 3];
+        // Rotate which side runs first so cache warmth and background noise even out.
+        let order = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
         for k in order {
             let db = &mut dbs[k];
             t[k][0] = timed(|| insert_batch(&db.conn, &rows));
@@ -109,16 +137,21 @@ fn main() {
                 let secs = timed(|| {
                     store.seal().expect("seal");
                 });
-                seal_rate.push((BATCH_ROWS + SINGLE_ROWS) as f64 / secs);
+                if k == 1 {
+                    seal_rate.push((BATCH_ROWS + SINGLE_ROWS) as f64 / secs);
+                }
             }
         }
         ins_b.push(t[1][0] / t[0][0]);
         upd_b.push(t[1][1] / t[0][1]);
+        ins_prev.push(t[2][0] / t[0][0]);
+        upd_prev.push(t[2][1] / t[0][1]);
         ins_s.push(t[1][2] / t[0][2]);
         upd_s.push(t[1][3] / t[0][3]);
         println!(
             "round {round} (table holds {} rows before): tracked vs untracked seconds: batch insert {:.4} / {:.4}, \
-             batch update {:.4} / {:.4}, single insert {:.4} / {:.4}, single update {:.4} / {:.4}",
+             batch update {:.4} / {:.4}, single insert {:.4} / {:.4}, single update {:.4} / {:.4}; \
+             previous triggers: batch insert {:.4}, batch update {:.4}",
             round * (BATCH_ROWS + SINGLE_ROWS),
             t[1][0],
             t[0][0],
@@ -127,7 +160,9 @@ fn main() {
             t[1][2],
             t[0][2],
             t[1][3],
-            t[0][3]
+            t[0][3],
+            t[2][0],
+            t[2][1]
         );
     }
     report(&[
@@ -135,6 +170,8 @@ fn main() {
         ("update_ratio_batch", median(upd_b)),
         ("insert_ratio_single", median(ins_s)),
         ("update_ratio_single", median(upd_s)),
+        ("insert_ratio_batch_previous_triggers", median(ins_prev)),
+        ("update_ratio_batch_previous_triggers", median(upd_prev)),
         ("seal_rows_per_s", median(seal_rate).round()),
     ]);
 }

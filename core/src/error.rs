@@ -38,6 +38,11 @@ pub enum Error {
     Corrupt(String),
     #[error("database schema version {found} is newer than this build supports ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
+    #[error(
+        "local changes are held until the sync layer confirms this store's node id with the gateway; \
+         nothing was applied"
+    )]
+    SealHeld,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

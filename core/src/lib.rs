@@ -58,9 +58,14 @@ mod view;
 pub use batch::{Batch, RowChange};
 pub use clock::{Dot, Hlc, HlcClock, NodeId, Observed, VersionVector};
 pub use error::{Error, Result};
-pub use merge::{LocalWrite, join_counter, join_register, join_row, write_local_delete, write_local_upsert};
+pub use merge::{
+    FieldWrite, LocalWrite, bound_future_timestamps, join_counter, join_register, join_row, write_local_delete,
+    write_local_upsert,
+};
 pub use policy::{ColumnPolicy, DeletePolicy, Direction, ParsePolicyError, TableSpec};
 pub use state::{Counter, CounterPart, Entry, Life, Register, RowState};
-pub use store::{ApplyReport, ChangedRow, Conflict, OutboxBatch, SealReport, SnapshotCursor, Store, StoreOptions};
+pub use store::{
+    ApplyReport, ChangedRow, Conflict, LogCursor, OutboxBatch, SealReport, SnapshotCursor, Store, StoreOptions,
+};
 pub use value::Value;
 pub use view::{ConflictKind, ConflictRecord, Roles, Version, conflicts, is_visible, resolve, row_values};

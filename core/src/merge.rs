@@ -9,8 +9,13 @@
 //! someone overwrote it after seeing it. Per field that gives exactly the three cases:
 //! an incoming write already covered is ignored, one whose context covers the local write
 //! replaces it, and a concurrent one is kept beside it for the column policy to resolve.
+//!
+//! One write can arrive with two timestamps: the one its writer gave it and the bound the
+//! first replica to accept it put on it when the writer's clock ran too far ahead (see
+//! [`bound_future_timestamps`]). The join keeps the smaller, which is a semilattice too, so
+//! every replica, the writer included, ends up with the bounded one.
 
-use crate::clock::{Dot, Hlc};
+use crate::clock::{Dot, Hlc, NodeId};
 use crate::state::{Counter, CounterPart, Entry, Life, Register, RowState};
 use crate::value::Value;
 
@@ -30,8 +35,14 @@ pub fn join_register<T: Clone + PartialEq>(local: &mut Register<T>, incoming: &R
         }
     }
     for e in &incoming.entries {
-        let known = kept.iter().any(|k| k.dot == e.dot) || local.ctx.covers(e.dot);
-        if !known {
+        if let Some(k) = kept.iter_mut().find(|k| k.dot == e.dot) {
+            if e.hlc < k.hlc {
+                k.hlc = e.hlc;
+                changed = true;
+            }
+            continue;
+        }
+        if !local.ctx.covers(e.dot) {
             kept.push(e.clone());
             changed = true;
         }
@@ -74,16 +85,26 @@ pub fn join_row(local: &mut RowState, incoming: &RowState) -> bool {
     changed
 }
 
+/// One column's new value in a local write, with when it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldWrite {
+    pub column: String,
+    pub value: Value,
+    pub hlc: Hlc,
+}
+
 /// A local upsert of one row, as sealed from the capture journal.
 #[derive(Debug, Default)]
 pub struct LocalWrite {
     /// Ordinary columns whose values changed, with their current values.
-    pub values: Vec<(String, Value)>,
+    pub fields: Vec<FieldWrite>,
     /// Net change of each counter column since the last seal.
     pub counter_deltas: Vec<(String, i64)>,
 }
 
-/// Applies a local upsert to `state` under `dot` and returns the change to ship.
+/// Applies a local upsert to `state` under `dot` and returns the change to ship. `hlc` is
+/// when the row was last written (it stamps the row's insert, if this is one); each field
+/// carries its own time.
 ///
 /// The app wrote after seeing the merged row, so its write supersedes every entry it saw.
 /// If the row's life is anything but a single `Alive` (new row, re-insert after a delete, an
@@ -95,7 +116,7 @@ pub fn write_local_upsert(state: &mut RowState, dot: Dot, hlc: Hlc, write: Local
         state.life.overwrite(Life::Alive, dot, hlc);
         change.life = state.life.clone();
     }
-    for (column, value) in write.values {
+    for FieldWrite { column, value, hlc } in write.fields {
         let reg = state.fields.entry(column.clone()).or_default();
         reg.overwrite(value, dot, hlc);
         change.fields.insert(column, reg.clone());
@@ -111,6 +132,32 @@ pub fn write_local_delete(state: &mut RowState, dot: Dot, hlc: Hlc, counter_delt
     let mut change = RowState { life: state.life.clone(), ..RowState::default() };
     add_counter_deltas(state, &mut change, dot, counter_deltas);
     change
+}
+
+/// Bounds every timestamp in `state` later than `limit` to `bound`; returns the nodes whose
+/// writes were bounded. The first replica to accept a write calls this, so that a writer whose
+/// clock runs ahead cannot win every last-writer-wins conflict for as long as it stays wrong.
+/// Causality never depends on timestamps, so bounding one only changes how ties between
+/// concurrent writes break.
+pub fn bound_future_timestamps(state: &mut RowState, limit: Hlc, bound: Hlc) -> Vec<NodeId> {
+    let mut bounded = Vec::new();
+    let mut clamp = |dot: Dot, hlc: &mut Hlc| {
+        if *hlc > limit {
+            *hlc = bound;
+            if !bounded.contains(&dot.node) {
+                bounded.push(dot.node);
+            }
+        }
+    };
+    for e in &mut state.life.entries {
+        clamp(e.dot, &mut e.hlc);
+    }
+    for reg in state.fields.values_mut() {
+        for e in &mut reg.entries {
+            clamp(e.dot, &mut e.hlc);
+        }
+    }
+    bounded
 }
 
 fn add_counter_deltas(state: &mut RowState, change: &mut RowState, dot: Dot, deltas: Vec<(String, i64)>) {
@@ -179,6 +226,41 @@ mod tests {
     }
 
     #[test]
+    fn one_write_seen_with_two_timestamps_keeps_the_smaller_in_any_order() {
+        let a = write(&Register::default(), 1, dot(1, 1));
+        let mut bounded = a.clone();
+        bounded.entries[0].hlc = Hlc(0);
+        let mut x = a.clone();
+        assert!(join_register(&mut x, &bounded));
+        assert!(!join_register(&mut x, &a));
+        let mut y = bounded.clone();
+        assert!(!join_register(&mut y, &a));
+        assert_eq!(x, y);
+        assert_eq!(x.entries[0].hlc, Hlc(0));
+    }
+
+    #[test]
+    fn timestamps_beyond_the_limit_are_bounded_and_reported() {
+        let mut state = RowState::default();
+        let change = write_local_upsert(
+            &mut state,
+            dot(1, 1),
+            Hlc(1_000),
+            LocalWrite {
+                fields: vec![FieldWrite { column: "a".into(), value: Value::Integer(1), hlc: Hlc(1_000) }],
+                counter_deltas: vec![],
+            },
+        );
+        let mut bounded = change.clone();
+        assert_eq!(bound_future_timestamps(&mut bounded, Hlc(500), Hlc(400)), vec![NodeId([1; 16])]);
+        assert_eq!(bounded.fields["a"].entries[0].hlc, Hlc(400));
+        assert_eq!(bounded.life.entries[0].hlc, Hlc(400));
+        let mut untouched = change.clone();
+        assert!(bound_future_timestamps(&mut untouched, Hlc(2_000), Hlc(400)).is_empty());
+        assert_eq!(untouched, change);
+    }
+
+    #[test]
     fn concurrent_counter_increments_add_up() {
         let mut a = RowState::default();
         let mut b = RowState::default();
@@ -186,13 +268,13 @@ mod tests {
             &mut a,
             dot(1, 1),
             Hlc(1),
-            LocalWrite { values: vec![], counter_deltas: vec![("n".into(), 5)] },
+            LocalWrite { fields: vec![], counter_deltas: vec![("n".into(), 5)] },
         );
         let db = write_local_upsert(
             &mut b,
             dot(2, 1),
             Hlc(1),
-            LocalWrite { values: vec![], counter_deltas: vec![("n".into(), -2)] },
+            LocalWrite { fields: vec![], counter_deltas: vec![("n".into(), -2)] },
         );
         join_row(&mut a, &db);
         join_row(&mut a, &db);

@@ -8,8 +8,11 @@ mod apply;
 mod capture;
 mod catalog;
 mod conflicts;
+mod cursor;
 mod meta;
 mod outbox;
+mod reconcile;
+mod refusals;
 mod schema;
 mod seal;
 mod track;
@@ -33,13 +36,14 @@ use crate::value::Value;
 
 pub use self::apply::{ApplyReport, ChangedRow};
 pub use self::conflicts::Conflict;
+pub use self::cursor::LogCursor;
 pub use self::outbox::{OutboxBatch, SnapshotCursor};
 pub use self::seal::SealReport;
 
 /// Milliseconds since the Unix epoch, injectable so tests control time.
 pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
-fn system_clock() -> u64 {
+pub(crate) fn system_clock() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -88,6 +92,12 @@ pub(crate) struct Inner {
     catalog: Catalog,
     /// `PRAGMA schema_version` when the tracked tables were last checked against the catalog.
     checked_schema: i64,
+    /// The `meta_version` this mirror was loaded at; another process that tracks a table or
+    /// changes the node bumps it, and the next transaction reloads.
+    meta_version: i64,
+    /// While set, sealing leaves the journal alone: the sync layer has not yet confirmed that
+    /// this store's node id is still its own (a restored backup would reissue dots).
+    seal_held: bool,
     opts: StoreOptions,
 }
 
@@ -123,8 +133,26 @@ impl Inner {
             nodes: Nodes::load(conn)?,
             catalog: Catalog::load(conn)?,
             checked_schema: -1,
+            meta_version: meta_version(conn)?,
+            seal_held: false,
             opts,
         })
+    }
+
+    /// Reloads the mirror from the database, keeping what lives only in memory.
+    fn reload(&mut self, conn: &Connection) -> Result<()> {
+        let held = self.seal_held;
+        *self = Inner::load(conn, self.opts.clone())?;
+        self.seal_held = held;
+        Ok(())
+    }
+
+    /// Tells other connections' stores to reload their mirror (inside the current transaction).
+    fn bump_meta_version(&mut self, conn: &Connection) -> Result<()> {
+        self.meta_version += 1;
+        conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES ('meta_version', ?1)")?
+            .execute([self.meta_version])?;
+        Ok(())
     }
 
     /// Saves the clock and the dot counter (inside the current transaction).
@@ -134,6 +162,14 @@ impl Inner {
         stmt.execute(rusqlite::params!["counter", self.counter as i64])?;
         Ok(())
     }
+}
+
+fn meta_version(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM _driftless_state WHERE key = 'meta_version'")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0))
 }
 
 /// A device's sync store.
@@ -173,7 +209,7 @@ impl Store {
             let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
             tx.execute("INSERT INTO _driftless_state(key, value) VALUES ('node_id', ?1)", [&node.0[..]])?;
             tx.execute(
-                "INSERT INTO _driftless_nodes(idx, id, role) VALUES (0, ?1, ?2)",
+                "INSERT INTO _driftless_nodes(idx, id, role, own) VALUES (0, ?1, ?2, 1)",
                 rusqlite::params![&node.0[..], opts.role],
             )?;
         }
@@ -191,12 +227,13 @@ impl Store {
                 let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
                 tx.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'node_id'", [&node.0[..]])?;
                 tx.execute(
-                    "INSERT INTO _driftless_nodes(idx, id, role) SELECT coalesce(max(idx), -1) + 1, ?1, ?2 FROM _driftless_nodes",
+                    "INSERT INTO _driftless_nodes(idx, id, role, own) SELECT coalesce(max(idx), -1) + 1, ?1, ?2, 1 FROM _driftless_nodes",
                     rusqlite::params![&node.0[..], opts.role],
                 )?;
                 tx.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'role'", [&opts.role])?;
             }
         }
+        schema::upgrade_journals(&tx)?;
         tx.commit()?;
         let inner = Inner::load(&conn, opts)?;
         Ok(Store { conn, reader: RefCell::new(None), path, inner, poisoned: false })
@@ -246,14 +283,19 @@ impl Store {
             return Err(Error::Corrupt("the store could not recover from an earlier failure; open it again".into()));
         }
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        match f(&tx, &mut self.inner).and_then(|v| tx.commit().map(|()| v).map_err(Error::from)) {
+        // Another process (the command line tracking a table) may have changed what the
+        // mirror holds; the write lock is held now, so what is read stays true.
+        let result = match meta_version(&tx) {
+            Ok(v) if v != self.inner.meta_version => self.inner.reload(&tx),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match result.and_then(|()| f(&tx, &mut self.inner)).and_then(|v| tx.commit().map(|()| v).map_err(Error::from)) {
             Ok(v) => Ok(v),
             Err(e) => {
                 // The transaction rolled back; bring the in-memory mirror back in line with it.
-                let opts = self.inner.opts.clone();
-                match Inner::load(&self.conn, opts) {
-                    Ok(inner) => self.inner = inner,
-                    Err(_) => self.poisoned = true,
+                if self.inner.reload(&self.conn).is_err() {
+                    self.poisoned = true;
                 }
                 Err(e)
             }
@@ -261,19 +303,33 @@ impl Store {
     }
 
     /// Starts tracking `table` (or updates the spec of, and captures new columns of, a table
-    /// already tracked). Rows already present are captured as initial changes.
+    /// already tracked). Rows never synced are captured as inserts; rows synced before (the
+    /// table was tracked, untracked, and is tracked again) only with what changed meanwhile.
+    /// When remote changes to the table may have been skipped, the pull cursor is reset so
+    /// the sync layer fetches the current state again.
     pub fn track(&mut self, table: &str, spec: TableSpec) -> Result<()> {
-        self.transact(|tx, inner| track::track(tx, inner, table, spec))
+        self.transact(|tx, inner| {
+            let tracked = track::track(tx, inner, table, spec)?;
+            if tracked.needs_bootstrap {
+                cursor::reset(tx)?;
+            }
+            inner.bump_meta_version(tx)
+        })
     }
 
-    /// Stops tracking `table`: removes its triggers, journal, metadata and unsent changes.
+    /// Stops tracking `table`: removes its triggers and journal. Its sync metadata and the
+    /// changes not yet acknowledged stay, so they still ship and tracking it again reissues
+    /// nothing; remote changes to it are skipped meanwhile.
     pub fn untrack(&mut self, table: &str) -> Result<()> {
-        self.transact(|tx, inner| track::untrack(tx, inner, table))
+        self.transact(|tx, inner| {
+            track::untrack(tx, inner, table)?;
+            inner.bump_meta_version(tx)
+        })
     }
 
     /// Names and specs of the tracked tables.
     pub fn tracked(&self) -> Vec<(String, TableSpec)> {
-        self.inner.catalog.tables.iter().map(|t| (t.name.clone(), t.spec.clone())).collect()
+        self.inner.catalog.tables.iter().filter(|t| t.tracked).map(|t| (t.name.clone(), t.spec.clone())).collect()
     }
 
     /// Turns journaled local changes into outbox entries with causal metadata.
@@ -347,17 +403,20 @@ impl Store {
         })
     }
 
-    /// Applies a batch and records a sync-state value in the same transaction (a cursor moves
-    /// only together with the changes it covers).
-    pub fn apply_with_state(&mut self, batch: &Batch, key: &str, value: &str) -> Result<ApplyReport> {
+    /// Applies a batch and moves the pull cursor in the same transaction (a cursor moves only
+    /// together with the changes it covers).
+    pub fn apply_with_cursor(&mut self, batch: &Batch, cursor: LogCursor) -> Result<ApplyReport> {
         self.transact(|tx, inner| {
             let report = apply::apply(tx, inner, batch)?;
-            tx.execute(
-                "INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)",
-                rusqlite::params![format!("sync.{key}"), value],
-            )?;
+            cursor::set(tx, cursor)?;
             Ok(report)
         })
+    }
+
+    /// Where this replica has caught up to in the gateway's log; `None` before the first
+    /// snapshot, or after something made the current state worth fetching again.
+    pub fn cursor(&self) -> Result<Option<LogCursor>> {
+        cursor::get(&self.conn)
     }
 
     /// Number of local changes not yet acknowledged (sealed or still journaled).

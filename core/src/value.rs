@@ -5,6 +5,7 @@ use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 /// One SQLite value. Equality is bit-exact so that a value survives a round trip through the
 /// wire unchanged: `-0.0` differs from `0.0`, and a NaN equals the same NaN payload.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Value {
     /// SQL NULL.
     Null,
@@ -16,6 +17,9 @@ pub enum Value {
     Text(String),
     /// Raw bytes.
     Blob(Vec<u8>),
+    /// TEXT whose bytes are not valid UTF-8. SQLite stores whatever bytes a text value was
+    /// given; they are kept as they are, and stay TEXT (`typeof` is 'text') on every replica.
+    RawText(Vec<u8>),
 }
 
 impl PartialEq for Value {
@@ -26,6 +30,7 @@ impl PartialEq for Value {
             (Value::Real(a), Value::Real(b)) => a.to_bits() == b.to_bits(),
             (Value::Text(a), Value::Text(b)) => a == b,
             (Value::Blob(a), Value::Blob(b)) => a == b,
+            (Value::RawText(a), Value::RawText(b)) => a == b,
             _ => false,
         }
     }
@@ -42,7 +47,7 @@ impl Value {
             // SQLite can hold invalid UTF-8 in a TEXT value; keep the bytes rather than fail.
             ValueRef::Text(t) => match std::str::from_utf8(t) {
                 Ok(s) => Value::Text(s.to_owned()),
-                Err(_) => Value::Blob(t.to_vec()),
+                Err(_) => Value::RawText(t.to_vec()),
             },
             ValueRef::Blob(b) => Value::Blob(b.to_vec()),
         }
@@ -57,6 +62,7 @@ impl ToSql for Value {
             Value::Real(r) => ToSqlOutput::Borrowed(ValueRef::Real(*r)),
             Value::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
             Value::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Value::RawText(t) => ToSqlOutput::Borrowed(ValueRef::Text(t)),
         })
     }
 }

@@ -15,18 +15,6 @@ fn pair(spec: TableSpec) -> (tempfile::TempDir, ManualClock, Store, Store) {
     (dir, clock, a, b)
 }
 
-/// Both directions, so each side has seen everything.
-fn exchange(a: &mut Store, b: &mut Store) {
-    let from_a = drain(a);
-    let from_b = drain(b);
-    for batch in &from_a {
-        b.apply(batch).expect("apply");
-    }
-    for batch in &from_b {
-        a.apply(batch).expect("apply");
-    }
-}
-
 #[test]
 fn fields_changed_on_one_side_each_merge_without_conflict() {
     let (_d, _c, mut a, mut b) = pair(TableSpec::new());

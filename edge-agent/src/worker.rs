@@ -76,7 +76,7 @@ impl StoreHandle {
     pub async fn apply(&self, batch: Batch, cursor: Option<u64>) -> Result<ApplyReport> {
         Ok(self
             .call(move |s| match cursor {
-                Some(c) => s.apply_with_state(&batch, crate::sync::CURSOR_KEY, &c.to_string()),
+                Some(c) => s.apply_with_cursor(&batch, driftless_core::LogCursor { position: c, tag: 0 }),
                 None => s.apply(&batch),
             })
             .await??)

@@ -130,6 +130,8 @@ pub fn show_value(v: &driftless_core::Value) -> String {
         driftless_core::Value::Real(f) => f.to_string(),
         driftless_core::Value::Text(t) => format!("{t:?}"),
         driftless_core::Value::Blob(b) => format!("<{} bytes>", b.len()),
+        driftless_core::Value::RawText(t) => format!("{:?}", String::from_utf8_lossy(t)),
+        other => format!("{other:?}"),
     }
 }
 

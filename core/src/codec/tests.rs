@@ -21,6 +21,11 @@ fn value() -> impl Strategy<Value = Value> {
         ".{0,20}".prop_map(Value::Text),
         "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}".prop_map(Value::Text),
         proptest::collection::vec(any::<u8>(), 0..24).prop_map(Value::Blob),
+        // Not valid UTF-8 (a lone continuation byte first), as SQLite may hold in TEXT.
+        proptest::collection::vec(any::<u8>(), 0..24).prop_map(|mut b| {
+            b.insert(0, 0x80);
+            Value::RawText(b)
+        }),
     ]
 }
 

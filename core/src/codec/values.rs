@@ -14,6 +14,7 @@ const TEXT: u8 = 3;
 const BLOB: u8 = 4;
 const UUID_LOWER: u8 = 5;
 const UUID_UPPER: u8 = 6;
+const RAW_TEXT: u8 = 7;
 /// Tags fit in three bits so entry headers can share a byte with flags.
 pub(crate) const TAG_BITS: u32 = 3;
 
@@ -61,6 +62,7 @@ pub(crate) fn tag(v: &Value) -> u8 {
         Value::Real(_) => REAL,
         Value::Text(s) => uuid_case(s).unwrap_or(TEXT),
         Value::Blob(_) => BLOB,
+        Value::RawText(_) => RAW_TEXT,
     }
 }
 
@@ -78,7 +80,7 @@ pub(crate) fn write_payload(w: &mut Writer, v: &Value) {
             }
             None => w.bytes(s.as_bytes()),
         },
-        Value::Blob(b) => w.bytes(b),
+        Value::Blob(b) | Value::RawText(b) => w.bytes(b),
     }
 }
 
@@ -100,6 +102,15 @@ pub(crate) fn read_payload(r: &mut Reader<'_>, tag: u8) -> Result<Value, DecodeE
         }
         TEXT => Value::Text(r.string(max, "text value bytes")?),
         BLOB => Value::Blob(r.bytes(max, "blob value bytes")?.to_vec()),
+        RAW_TEXT => {
+            let bytes = r.bytes(max, "text value bytes")?;
+            // Valid UTF-8 under this tag could only come from a forged batch; it would make
+            // two equal values compare unequal, so it is refused.
+            if std::str::from_utf8(bytes).is_ok() {
+                return Err(DecodeError::Invalid("text tagged as not UTF-8 is valid UTF-8"));
+            }
+            Value::RawText(bytes.to_vec())
+        }
         UUID_LOWER | UUID_UPPER => {
             let digits: &[u8; 16] = if tag == UUID_LOWER { b"0123456789abcdef" } else { b"0123456789ABCDEF" };
             let mut s = String::with_capacity(36);

@@ -2,9 +2,11 @@
 
 use std::collections::HashSet;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::catalog::{TableInfo, ident};
+use super::refusals::{self, Origin};
+use super::seal::counter_value;
 use super::{Inner, meta, seal};
 use crate::batch::Batch;
 use crate::clock::{Hlc, NodeId, Observed};
@@ -38,28 +40,26 @@ pub struct ApplyReport {
     pub skewed: usize,
     /// Rows merged but refused by the app table's own constraints (see `Store::unapplied`).
     pub unapplied: usize,
+    /// Rows not merged because this store cannot take them (see `Store::refused`).
+    pub refused: usize,
 }
 
-/// Refuses a batch that cannot be applied as a whole, before anything is written.
-fn validate(inner: &Inner, batch: &Batch) -> Result<()> {
-    for row in &batch.rows {
-        let Some(t) = inner.catalog.by_name(&row.table) else { continue };
-        let info = &inner.catalog.tables[t];
-        if row.pk.len() != info.pk.len() {
-            return Err(Error::BadSpec {
-                table: info.name.clone(),
-                detail: format!("a change has {} key values, the table's key has {}", row.pk.len(), info.pk.len()),
-            });
-        }
-        if row.pk.contains(&Value::Null) {
-            return Err(Error::BadSpec { table: info.name.clone(), detail: "a change has a NULL key value".into() });
-        }
+/// Why a remote row cannot be merged here, if it cannot: this table's key has another shape.
+fn check_key(info: &TableInfo, pk: &[Value]) -> std::result::Result<(), String> {
+    if pk.len() != info.pk.len() {
+        return Err(format!("the change has {} key values, the table's key has {}", pk.len(), info.pk.len()));
+    }
+    if pk.contains(&Value::Null) {
+        return Err("the change has a NULL key value".into());
     }
     Ok(())
 }
 
 pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Result<ApplyReport> {
-    validate(inner, batch)?;
+    if inner.seal_held {
+        // Remote changes must not land before the local ones made earlier are sealed.
+        return Err(Error::SealHeld);
+    }
     seal::seal(conn, inner)?;
     for (node, role) in &batch.roles {
         if *node != inner.node {
@@ -79,34 +79,37 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
         };
         let key = encode_key(&row.pk);
         let info = &inner.catalog.tables[t];
+        // One row this store cannot take is recorded and skipped: it must not stop the rows
+        // after it, nor the pull cursor.
+        if let Err(reason) = check_key(info, &row.pk) {
+            refusals::refuse(conn, Origin::Remote, &row.table, &key, &reason, inner.now())?;
+            report.refused += 1;
+            continue;
+        }
         let mut state = meta::load(conn, &inner.nodes, info, &key, &inner.opts.limits)?.unwrap_or_default();
         let had_conflicts = meta::has_conflicts(inner, t, &state);
         if !join_row(&mut state, &row.state) {
             report.duplicates += 1;
             continue;
         }
+        if let Err(reason) = meta::check_limits(&state, &inner.opts.limits) {
+            refusals::refuse(conn, Origin::Remote, &row.table, &key, &reason, inner.now())?;
+            report.refused += 1;
+            continue;
+        }
         if let Some(seen) = row.state.max_hlc() {
             newest.push(seen);
         }
+        let id = inner.catalog.tables[t].id;
+        let shown = shown_counters(conn, &inner.catalog.tables[t], &row.pk)?;
         match write_app_row(conn, inner, t, &row.pk, &state) {
-            Ok(()) => {
-                conn.prepare_cached("DELETE FROM _driftless_unapplied WHERE tbl = ?1 AND pk = ?2")?
-                    .execute(rusqlite::params![inner.catalog.tables[t].id, key])?;
-            }
+            Ok(()) => refusals::clear_unapplied(conn, id, &key)?,
             // The app's own constraints refused the row (the failed statement left no trace).
             // The merged state is still saved, so nothing is lost, and the refusal is recorded
             // instead of failing the batch: one such row must not block every row after it.
             Err(Error::Sqlite(e)) if is_constraint(&e) => {
                 report.unapplied += 1;
-                conn.prepare_cached(
-                    "INSERT OR REPLACE INTO _driftless_unapplied(tbl, pk, reason, at_ms) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(rusqlite::params![
-                    inner.catalog.tables[t].id,
-                    key,
-                    e.to_string(),
-                    inner.now() as i64
-                ])?;
+                refusals::record_unapplied(conn, id, &key, &e.to_string(), inner.now(), &shown)?;
             }
             Err(e) => return Err(e),
         }
@@ -121,6 +124,33 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
     Ok(report)
 }
 
+/// What the app row's counter columns show right now (0 for a missing row).
+fn shown_counters(conn: &Connection, info: &TableInfo, pk: &[Value]) -> Result<Vec<(String, i64)>> {
+    let counters: Vec<&str> = info.counter_columns().map(|c| c.name.as_str()).collect();
+    if counters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let key_match: Vec<String> =
+        info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", ident(c), i + 1)).collect();
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {}",
+        counters.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", "),
+        ident(&info.name),
+        key_match.join(" AND ")
+    );
+    let values: Option<Vec<Value>> = conn
+        .prepare_cached(&sql)?
+        .query_row(rusqlite::params_from_iter(pk.iter()), |r| {
+            (0..counters.len()).map(|i| r.get::<_, Value>(i)).collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .optional()?;
+    Ok(counters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ((*c).to_owned(), values.as_ref().map_or(0, |v| counter_value(&v[i]))))
+        .collect())
+}
+
 fn is_constraint(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
 }
@@ -129,7 +159,7 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 /// itself, not a local one. Entries for other rows (an app trigger or cascade reacting to it)
 /// stay and ship as this device's own changes.
 fn forget_journaled(conn: &Connection, info: &TableInfo, pk: &[Value]) -> Result<()> {
-    if !info.captures() {
+    if !info.journal {
         return Ok(());
     }
     let keys: Vec<String> = (0..info.pk.len()).map(|i| format!("k{i} = ?{}", i + 1)).collect();

@@ -38,17 +38,23 @@ pub(crate) struct TableInfo {
     /// Every key column is declared NOT NULL (or the table is WITHOUT ROWID), so the capture
     /// triggers need no NULL-key guard.
     pub(crate) key_not_null: bool,
+    /// False after `untrack`: the row states, unsent changes and column dictionary stay, so
+    /// that unsent changes still ship and tracking again reissues nothing already synced.
+    pub(crate) tracked: bool,
+    /// The capture journal exists: always for a table that captures, and for a table no
+    /// longer captured until the writes journaled before that are sealed.
+    pub(crate) journal: bool,
 }
 
 impl TableInfo {
     /// Whether local writes to this table are captured and shipped.
     pub(crate) fn captures(&self) -> bool {
-        self.spec.direction != Direction::DownOnly
+        self.tracked && self.spec.direction != Direction::DownOnly
     }
 
     /// Whether remote writes to this table are applied.
     pub(crate) fn accepts(&self) -> bool {
-        self.spec.direction != Direction::UpOnly
+        self.tracked && self.spec.direction != Direction::UpOnly
     }
 
     /// How many 63-bit mask words the change journal needs.
@@ -81,12 +87,18 @@ pub(crate) struct Catalog {
 impl Catalog {
     pub(crate) fn load(conn: &Connection) -> Result<Catalog> {
         let mut catalog = Catalog::default();
-        let mut stmt = conn.prepare("SELECT id, name, pk, spec FROM _driftless_tables ORDER BY id")?;
+        let mut stmt = conn.prepare("SELECT id, name, pk, spec, tracked FROM _driftless_tables ORDER BY id")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
         })?;
         for row in rows {
-            let (id, name, pk, spec) = row?;
+            let (id, name, pk, spec, tracked) = row?;
             let spec: TableSpec =
                 serde_json::from_str(&spec).map_err(|e| Error::Corrupt(format!("spec of {name}: {e}")))?;
             let mut columns = Interner::default();
@@ -116,7 +128,23 @@ impl Catalog {
                 })
                 .collect();
             let persisted_columns = columns.len();
-            catalog.insert(TableInfo { id, name, spec, pk, columns, persisted_columns, app, key_not_null });
+            let journal: bool = conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+                [format!("_driftless_pending_{id}")],
+                |r| r.get(0),
+            )?;
+            catalog.insert(TableInfo {
+                id,
+                name,
+                spec,
+                pk,
+                columns,
+                persisted_columns,
+                app,
+                key_not_null,
+                tracked,
+                journal,
+            });
         }
         Ok(catalog)
     }
@@ -160,10 +188,13 @@ pub(crate) fn is_untyped(decl_type: &str) -> bool {
     t.is_empty() || t.contains("BLOB")
 }
 
-/// Whether no key column of `table` can hold NULL.
+/// Whether no key column of `table` can hold NULL (false for a table that no longer exists).
 pub(crate) fn key_not_null(conn: &Connection, table: &str) -> Result<bool> {
-    let without_rowid: bool =
-        conn.query_row("SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'", [table], |r| r.get(0))?;
+    use rusqlite::OptionalExtension;
+    let without_rowid: Option<bool> = conn
+        .query_row("SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'", [table], |r| r.get(0))
+        .optional()?;
+    let Some(without_rowid) = without_rowid else { return Ok(false) };
     let nullable_keys: i64 =
         conn.query_row("SELECT count(*) FROM pragma_table_info(?1) WHERE pk > 0 AND \"notnull\" = 0", [table], |r| {
             r.get(0)

@@ -59,8 +59,13 @@ pub(crate) fn resolve(
     let sql = format!("UPDATE {} SET {} = ?1 WHERE {}", ident(&info.name), ident(column), keys.join(" AND "));
     let params: Vec<&Value> = std::iter::once(&value).chain(pk.iter()).collect();
     conn.execute(&sql, rusqlite::params_from_iter(params))?;
-    // The value may equal the one shown, which the trigger would not see as a change.
-    capture::mark_changed(conn, info, pk, &[app.idx])?;
+    // The value may equal the one shown, which the trigger would not see as a change, and
+    // which the seal would take for no change at all.
+    capture::journal_rows(conn, info, &[(pk.to_vec(), vec![app.idx])])?;
+    conn.execute(
+        "INSERT OR IGNORE INTO _driftless_forced(tbl, pk, col) VALUES (?1, ?2, ?3)",
+        rusqlite::params![info.id, key, column],
+    )?;
     seal::seal(conn, inner)?;
     Ok(())
 }

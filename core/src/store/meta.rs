@@ -130,3 +130,40 @@ pub(crate) fn has_conflicts(inner: &Inner, t: usize, state: &RowState) -> bool {
     let dead = state.life.entries.iter().any(|e| e.value != crate::state::Life::Alive);
     (multi || dead) && !view::conflicts(state, &info.spec, &inner.nodes.roles).is_empty()
 }
+
+/// Whether a row state stays within what every replica accepts when decoding it. Checked
+/// before a state is stored, so that no row can grow into one no replica can load again.
+pub(crate) fn check_limits(state: &RowState, limits: &Limits) -> std::result::Result<(), String> {
+    fn over(what: &str, found: usize, limit: usize) -> std::result::Result<(), String> {
+        if found > limit { Err(format!("{what}: {found} exceeds the limit of {limit}")) } else { Ok(()) }
+    }
+    over("columns in a row", state.fields.len(), limits.max_columns)?;
+    over("counter columns in a row", state.counters.len(), limits.max_columns)?;
+    over("concurrent row versions", state.life.entries.len(), limits.max_register_entries)?;
+    over("version vector entries", state.life.ctx.len(), limits.max_vector_len)?;
+    for e in &state.life.entries {
+        if let crate::state::Life::Dead { seen } = &e.value {
+            over("columns seen by a delete", seen.len(), limits.max_columns)?;
+            for vv in seen.values() {
+                over("version vector entries", vv.len(), limits.max_vector_len)?;
+            }
+        }
+    }
+    for (column, reg) in &state.fields {
+        over(&format!("concurrent values of {column:?}"), reg.entries.len(), limits.max_register_entries)?;
+        over("version vector entries", reg.ctx.len(), limits.max_vector_len)?;
+        for e in &reg.entries {
+            use crate::value::Value;
+            let len = match &e.value {
+                Value::Text(t) => t.len(),
+                Value::Blob(b) | Value::RawText(b) => b.len(),
+                Value::Null | Value::Integer(_) | Value::Real(_) => 0,
+            };
+            over(&format!("bytes in a value of {column:?}"), len, limits.max_value_bytes)?;
+        }
+    }
+    for counter in state.counters.values() {
+        over("counter parts", counter.0.len(), limits.max_vector_len)?;
+    }
+    Ok(())
+}

@@ -69,7 +69,7 @@ pub(crate) fn reject(conn: &Connection, first: i64, last: i64, reason: &str, now
 
 pub(crate) fn pending(conn: &Connection, inner: &Inner) -> Result<u64> {
     let mut n: i64 = conn.query_row("SELECT count(*) FROM _driftless_outbox", [], |r| r.get(0))?;
-    for info in inner.catalog.tables.iter().filter(|t| t.captures()) {
+    for info in inner.catalog.tables.iter().filter(|t| t.journal) {
         n += super::capture::journaled_rows(conn, info)? as i64;
     }
     Ok(n as u64)

@@ -5,7 +5,11 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::error::{Error, Result};
 
 /// The schema version this build writes.
-pub(crate) const VERSION: i64 = 3;
+pub(crate) const VERSION: i64 = 4;
+
+/// The version of the capture triggers this build installs; journals and triggers of tracked
+/// tables made by an older one are upgraded when the store opens.
+const TRIGGER_VERSION: i64 = 2;
 
 /// Brings the engine's tables up to [`VERSION`], inside the caller's transaction.
 pub(crate) fn upgrade(conn: &Connection) -> Result<()> {
@@ -97,6 +101,38 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ",
         )?;
     }
+    if version == 3 {
+        conn.execute_batch(
+            "
+            -- Counter values the app row still shows while its merged state is unapplied.
+            ALTER TABLE _driftless_unapplied ADD COLUMN shown TEXT;
+            -- Untracked tables keep their sync metadata (0 = not tracked).
+            ALTER TABLE _driftless_tables ADD COLUMN tracked INTEGER NOT NULL DEFAULT 1;
+            -- Node ids this store has written as (1), for re-uploading its own writes.
+            ALTER TABLE _driftless_nodes ADD COLUMN own INTEGER NOT NULL DEFAULT 0;
+            UPDATE _driftless_nodes SET own = 1
+             WHERE idx = 0 OR id = (SELECT value FROM _driftless_state WHERE key = 'node_id');
+            -- Changes that were not merged at all, with why: a remote row this store cannot
+            -- accept, a local write too large to sync.
+            CREATE TABLE _driftless_refused (
+                id     INTEGER PRIMARY KEY AUTOINCREMENT,
+                tbl    TEXT NOT NULL,
+                pk     BLOB NOT NULL,
+                origin TEXT NOT NULL,   -- 'local' or 'remote'
+                reason TEXT NOT NULL,
+                at_ms  INTEGER NOT NULL
+            );
+            -- Columns the next seal must write even if their value looks unchanged (a conflict
+            -- resolution that keeps the value shown must still supersede the other versions).
+            CREATE TABLE _driftless_forced (
+                tbl    INTEGER NOT NULL,
+                pk     BLOB NOT NULL,
+                col    TEXT NOT NULL,
+                PRIMARY KEY (tbl, pk, col)
+            ) WITHOUT ROWID;
+            ",
+        )?;
+    }
     if version == 1 {
         conn.execute_batch(
             "
@@ -114,5 +150,26 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ",
         )?;
     }
+    Ok(())
+}
+
+/// Brings the journals and triggers of tracked tables up to [`TRIGGER_VERSION`], inside the
+/// caller's transaction (after [`upgrade`]).
+pub(crate) fn upgrade_journals(conn: &Connection) -> Result<()> {
+    let found: i64 = conn
+        .query_row("SELECT value FROM _driftless_state WHERE key = 'trigger_version'", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(1);
+    if found >= TRIGGER_VERSION {
+        return Ok(());
+    }
+    let catalog = super::catalog::Catalog::load(conn)?;
+    for info in catalog.tables.iter().filter(|t| t.captures()) {
+        super::capture::install(conn, info)?;
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO _driftless_state(key, value) VALUES ('trigger_version', ?1)",
+        [TRIGGER_VERSION],
+    )?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 use rusqlite::Connection;
 
 use super::catalog::{AppColumn, Catalog, PK_SEPARATOR, TableInfo, ident, is_untyped, key_not_null};
-use super::{Inner, capture, seal};
+use super::{Inner, capture, reconcile};
 use crate::codec::Interner;
 use crate::error::{Error, Result};
 use crate::policy::{ColumnPolicy, TableSpec};
@@ -70,7 +70,15 @@ fn validate(table: &str, cols: &[ColumnDesc], without_rowid: bool, spec: &TableS
     Ok(pk.into_iter().map(|c| c.name.clone()).collect())
 }
 
-pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: TableSpec) -> Result<()> {
+/// What tracking a table changed, beyond the table itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tracked {
+    /// Remote changes to this table were skipped before (it was not tracked, did not accept
+    /// them, or lacked a column), so the replica must fetch the current state again.
+    pub(crate) needs_bootstrap: bool,
+}
+
+pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: TableSpec) -> Result<Tracked> {
     if table.starts_with("_driftless_") || table.contains(PK_SEPARATOR) {
         return Err(Error::BadTableName(table.to_owned()));
     }
@@ -89,11 +97,9 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
         return Err(Error::BadSpec { table: table.to_owned(), detail: "some rows have a NULL primary key".into() });
     }
     let existing = inner.catalog.by_name(table);
-    let (id, mut columns) = match existing {
-        Some(t) => {
-            // Flush the journal through the old triggers before replacing them.
-            seal::seal_journal(conn, inner)?;
-            let old = &inner.catalog.tables[t];
+    let before = existing.map(|t| inner.catalog.tables[t].clone());
+    let (id, mut columns) = match &before {
+        Some(old) => {
             if old.pk != pk {
                 return Err(Error::SchemaChanged { table: table.to_owned(), detail: "the primary key changed".into() });
             }
@@ -103,7 +109,9 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
                     detail: format!("column {:?} was removed", gone.name),
                 });
             }
-            capture::uninstall(conn, old)?;
+            // Entries already journaled stay; sealing them is the sync layer's job (it first
+            // makes sure this store's node id is still its own).
+            capture::drop_triggers(conn, old)?;
             (old.id, old.columns.clone())
         }
         None => {
@@ -126,7 +134,10 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
         .collect();
     let spec_json =
         serde_json::to_string(&spec).map_err(|e| Error::BadSpec { table: table.to_owned(), detail: e.to_string() })?;
-    conn.execute("UPDATE _driftless_tables SET spec = ?2 WHERE id = ?1", rusqlite::params![id, spec_json])?;
+    conn.execute(
+        "UPDATE _driftless_tables SET spec = ?2, tracked = 1 WHERE id = ?1",
+        rusqlite::params![id, spec_json],
+    )?;
     conn.execute("DELETE FROM _driftless_columns WHERE tbl = ?1", [id])?;
     let mut stmt = conn.prepare("INSERT INTO _driftless_columns(tbl, idx, name, in_app) VALUES (?1, ?2, ?3, ?4)")?;
     for (idx, name) in columns.keys().iter().enumerate() {
@@ -135,32 +146,60 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
     }
     let persisted_columns = columns.len();
     let key_not_null = key_not_null(conn, table)?;
-    let info = TableInfo { id, name: table.to_owned(), spec, pk, columns, persisted_columns, app, key_not_null };
-    if info.captures() {
-        capture::install(conn, &info)?;
-        if existing.is_none() {
-            capture::capture_existing(conn, &info)?;
-        }
-    }
+    let journal = before.as_ref().is_some_and(|old| old.journal);
+    let info = TableInfo {
+        id,
+        name: table.to_owned(),
+        spec,
+        pk,
+        columns,
+        persisted_columns,
+        app,
+        key_not_null,
+        tracked: true,
+        journal,
+    };
+    let was_shown: Vec<String> = match &before {
+        Some(old) if old.tracked => old.app.iter().map(|c| c.name.clone()).collect(),
+        // Untracked, the app's rows may have been edited but remote changes were not shown:
+        // every column it has counts as shown (edits made meanwhile are local writes).
+        Some(old) => old.app.iter().map(|c| c.name.clone()).collect(),
+        None => Vec::new(),
+    };
+    let newly_shown: Vec<String> =
+        info.app.iter().filter(|c| !was_shown.contains(&c.name)).map(|c| c.name.clone()).collect();
+    let needs_bootstrap = match &before {
+        None => true,
+        Some(old) => !old.tracked || old.spec.direction != info.spec.direction || !newly_shown.is_empty(),
+    };
     inner.catalog.insert(info);
+    let t = inner.catalog.by_name(table).ok_or_else(|| Error::NotTracked(table.to_owned()))?;
+    let diffs = reconcile::reconcile(conn, inner, t, &newly_shown)?;
+    let info = &mut inner.catalog.tables[t];
+    if info.captures() {
+        capture::install(conn, info)?;
+        info.journal = true;
+        capture::journal_rows(conn, info, &diffs)?;
+    }
     inner.checked_schema = -1;
-    Ok(())
+    Ok(Tracked { needs_bootstrap })
 }
 
+/// Stops capturing `table` and applying remote changes to it. Its sync metadata stays: unsent
+/// changes still ship, and tracking it again reissues nothing already synced.
 pub(crate) fn untrack(conn: &Connection, inner: &mut Inner, table: &str) -> Result<()> {
     let t = inner.catalog.by_name(table).ok_or_else(|| Error::NotTracked(table.to_owned()))?;
-    let info = inner.catalog.tables[t].clone();
-    capture::uninstall(conn, &info)?;
-    for sql in [
-        "DELETE FROM _driftless_rows WHERE tbl = ?1",
-        "DELETE FROM _driftless_outbox WHERE tbl = ?1",
-        "DELETE FROM _driftless_conflicted WHERE tbl = ?1",
-        "DELETE FROM _driftless_unapplied WHERE tbl = ?1",
-        "DELETE FROM _driftless_columns WHERE tbl = ?1",
-        "DELETE FROM _driftless_tables WHERE id = ?1",
-    ] {
-        conn.execute(sql, [info.id])?;
+    if !inner.catalog.tables[t].tracked {
+        return Err(Error::NotTracked(table.to_owned()));
     }
+    let info = inner.catalog.tables[t].clone();
+    capture::drop_triggers(conn, &info)?;
+    // Writes journaled before untracking are the app's: they stay and are sealed and shipped
+    // by the next seal, like any other.
+    if info.journal && capture::journaled_rows(conn, &info)? == 0 {
+        capture::drop_journal(conn, &info)?;
+    }
+    conn.execute("UPDATE _driftless_tables SET tracked = 0 WHERE id = ?1", [info.id])?;
     inner.catalog = Catalog::load(conn)?;
     Ok(())
 }
@@ -172,7 +211,7 @@ pub(crate) fn check_schema(conn: &Connection, inner: &mut Inner) -> Result<()> {
     if version == inner.checked_schema {
         return Ok(());
     }
-    for info in &inner.catalog.tables {
+    for info in inner.catalog.tables.iter().filter(|t| t.tracked) {
         let (cols, _) = describe(conn, &info.name).map_err(|e| match e {
             Error::NoSuchTable(t) => Error::SchemaChanged { table: t, detail: "the table was dropped".into() },
             other => other,

@@ -65,6 +65,18 @@ pub fn sync(from: &mut Store, to: &mut [&mut Store]) {
     }
 }
 
+/// Both directions, so each side has seen everything.
+pub fn exchange(a: &mut Store, b: &mut Store) {
+    let from_a = drain(a);
+    let from_b = drain(b);
+    for batch in &from_a {
+        b.apply(batch).expect("apply");
+    }
+    for batch in &from_b {
+        a.apply(batch).expect("apply");
+    }
+}
+
 pub fn exec(store: &mut Store, sql: &str) {
     store.write(|tx| Ok(tx.execute_batch(sql)?)).expect(sql);
 }

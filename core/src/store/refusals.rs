@@ -1,0 +1,90 @@
+//! Rows that could not go where they belong, kept with their reasons so nothing is dropped
+//! silently and one bad row never blocks the ones after it:
+//! - `_driftless_unapplied`: remote changes merged into a row's state that the app's own
+//!   table constraints refused to show. The counter values the app row still shows are kept
+//!   with them, so the next local seal counts from what the app saw, not from the merged sum.
+//! - `_driftless_refused`: changes that were not merged at all (a remote row this store
+//!   cannot accept, a local write too large to sync), with where they came from.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+
+/// The counter values the app row shows while its merged state is unapplied; `None` if the
+/// row is not unapplied (the app then shows exactly the merged sums).
+pub(crate) fn shown_counters(conn: &Connection, tbl: i64, key: &[u8]) -> Result<Option<HashMap<String, i64>>> {
+    let shown: Option<Option<String>> = conn
+        .prepare_cached("SELECT shown FROM _driftless_unapplied WHERE tbl = ?1 AND pk = ?2")?
+        .query_row(rusqlite::params![tbl, key], |r| r.get(0))
+        .optional()?;
+    match shown {
+        None => Ok(None),
+        // Recorded before counter values were kept: fall back to the merged sums.
+        Some(None) => Ok(Some(HashMap::new())),
+        Some(Some(json)) => serde_json::from_str(&json)
+            .map(Some)
+            .map_err(|e| Error::Corrupt(format!("counter values of an unapplied row: {e}"))),
+    }
+}
+
+pub(crate) fn set_shown_counters(conn: &Connection, tbl: i64, key: &[u8], values: &[(String, i64)]) -> Result<()> {
+    let map: HashMap<&str, i64> = values.iter().map(|(c, v)| (c.as_str(), *v)).collect();
+    let json = serde_json::to_string(&map).map_err(|e| Error::Corrupt(e.to_string()))?;
+    conn.prepare_cached("UPDATE _driftless_unapplied SET shown = ?3 WHERE tbl = ?1 AND pk = ?2")?
+        .execute(rusqlite::params![tbl, key, json])?;
+    Ok(())
+}
+
+/// Records that the app refused the merged row. `shown` is what its counter columns show
+/// now; a row already recorded keeps the values it had (the app still shows those).
+pub(crate) fn record_unapplied(
+    conn: &Connection,
+    tbl: i64,
+    key: &[u8],
+    reason: &str,
+    now_ms: u64,
+    shown: &[(String, i64)],
+) -> Result<()> {
+    let map: HashMap<&str, i64> = shown.iter().map(|(c, v)| (c.as_str(), *v)).collect();
+    let json = serde_json::to_string(&map).map_err(|e| Error::Corrupt(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO _driftless_unapplied(tbl, pk, reason, at_ms, shown) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(tbl, pk) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms",
+    )?
+    .execute(rusqlite::params![tbl, key, reason, now_ms as i64, json])?;
+    Ok(())
+}
+
+/// The app row shows the merged state again.
+pub(crate) fn clear_unapplied(conn: &Connection, tbl: i64, key: &[u8]) -> Result<()> {
+    conn.prepare_cached("DELETE FROM _driftless_unapplied WHERE tbl = ?1 AND pk = ?2")?
+        .execute(rusqlite::params![tbl, key])?;
+    Ok(())
+}
+
+/// Where a refused change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Local,
+    Remote,
+}
+
+/// Records a change that was not merged, with its reason.
+pub(crate) fn refuse(
+    conn: &Connection,
+    origin: Origin,
+    table: &str,
+    key: &[u8],
+    reason: &str,
+    now_ms: u64,
+) -> Result<()> {
+    let origin = match origin {
+        Origin::Local => "local",
+        Origin::Remote => "remote",
+    };
+    conn.prepare_cached("INSERT INTO _driftless_refused(tbl, pk, origin, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(rusqlite::params![table, key, origin, reason, now_ms as i64])?;
+    Ok(())
+}
