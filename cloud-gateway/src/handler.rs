@@ -1,11 +1,18 @@
 //! What the gateway does with one uplink message: pure logic over a [`GatewayStore`],
 //! returning the messages to publish. No sockets here, so it is tested without a broker.
+//!
+//! Whose fault a failure is decides the answer. A message at fault (undecodable, over a
+//! limit, claiming another device, writing what no replica could accept) is kept as a dead
+//! letter and, if it was a batch, refused with a `Nack` naming that exact batch. A failure of
+//! the gateway's own (storage, a stored row it cannot read back) is returned as an error: the
+//! message gets no answer at all, and the device sends it again later.
 
 use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
 use driftless_core::protocol::{Downlink, Uplink, downlink_topic, parse_uplink_topic};
+use driftless_core::{Batch, Epoch, LogCursor};
 
-use crate::error::Result;
-use crate::storage::GatewayStore;
+use crate::error::{Error, MergeError, Result};
+use crate::storage::{GatewayStore, Incoming};
 
 /// What to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,22 +23,53 @@ pub enum Outgoing {
     Poke { tenant: String },
 }
 
-/// Bounds the gateway applies to what devices send and ask for.
+/// Bounds and rules the gateway applies to what devices send and ask for.
 #[derive(Debug, Clone)]
-pub struct HandlerLimits {
+pub struct HandlerConfig {
     pub decode: Limits,
+    /// Largest uplink message handled; larger ones are dead-lettered by reference.
+    pub max_uplink_bytes: usize,
     /// Most rows sent in one downlink message.
     pub max_rows_per_message: usize,
     /// Most bytes in one downlink message: pages are halved until they fit (one log entry or
     /// one row is always sent, whatever its size).
     pub max_message_bytes: usize,
+    /// How far ahead of the gateway's clock a write's timestamp may be; later ones are
+    /// bounded to the gateway's clock and flagged.
+    pub max_clock_drift_ms: u64,
 }
 
-impl Default for HandlerLimits {
+impl Default for HandlerConfig {
     fn default() -> Self {
         // The same decode bounds as devices, so a batch a device may build is one the gateway
         // accepts.
-        HandlerLimits { decode: Limits::default(), max_rows_per_message: 2_000, max_message_bytes: 4 << 20 }
+        HandlerConfig {
+            decode: Limits::default(),
+            max_uplink_bytes: 64 << 20,
+            max_rows_per_message: 2_000,
+            max_message_bytes: 4 << 20,
+            max_clock_drift_ms: 5 * 60_000,
+        }
+    }
+}
+
+/// Why a message was not handled.
+enum Fault {
+    /// The message's own fault: dead-letter it, and send `nack` if there is one.
+    Message { reason: String, nack: Option<Downlink> },
+    /// The gateway's fault: no answer; the device sends it again.
+    Ours(Error),
+}
+
+impl From<Error> for Fault {
+    fn from(e: Error) -> Self {
+        Fault::Ours(e)
+    }
+}
+
+impl From<rusqlite::Error> for Fault {
+    fn from(e: rusqlite::Error) -> Self {
+        Fault::Ours(e.into())
     }
 }
 
@@ -39,202 +77,258 @@ fn to(tenant: &str, device: &str, msg: Downlink) -> Outgoing {
     Outgoing::Reply { topic: downlink_topic(tenant, device), payload: msg.encode() }
 }
 
-/// Handles one uplink publish. Refused input becomes a dead letter (and a nack when it was a
-/// batch), never an error: only storage failures are errors, and then nothing is acked, so the
-/// broker redelivers.
-pub fn handle_uplink(
-    store: &mut dyn GatewayStore,
-    limits: &HandlerLimits,
-    topic: &str,
-    payload: &[u8],
-) -> Result<Vec<Outgoing>> {
-    match process(store, limits, topic, payload) {
-        // Anything but a storage failure was caused by this message (a forged resume token,
-        // a row state grown past the limits): keep it as a dead letter and carry on, so one
-        // message can never stop the gateway.
-        Err(e) if !matches!(e, crate::error::Error::Sqlite(_)) => {
-            let Some((tenant, device)) = parse_uplink_topic(topic) else { return Ok(Vec::new()) };
-            let reason = format!("message refused: {e}");
-            tracing::warn!(tenant, device, %reason);
-            store.dead_letter(tenant, device, &reason, payload)?;
-            Ok(match Uplink::decode(payload, &limits.decode) {
-                Ok(Uplink::Batch { first_seq, last_seq, .. }) => {
-                    vec![to(tenant, device, Downlink::Nack { first_seq, last_seq, reason })]
-                }
-                _ => Vec::new(),
-            })
+/// The refusal of `msg`, if it was a batch (naming exactly that batch).
+fn nack(msg: &Uplink, epoch: Epoch, reason: &str) -> Option<Downlink> {
+    match msg {
+        Uplink::Batch { id, first_seq, last_seq, .. } => Some(Downlink::Nack {
+            epoch,
+            id: *id,
+            first_seq: *first_seq,
+            last_seq: *last_seq,
+            reason: reason.to_owned(),
+        }),
+        Uplink::LegacyBatch { first_seq, last_seq, .. } => {
+            Some(Downlink::LegacyNack { first_seq: *first_seq, last_seq: *last_seq, reason: reason.to_owned() })
         }
-        other => other,
+        _ => None,
     }
 }
 
-fn process(store: &mut dyn GatewayStore, limits: &HandlerLimits, topic: &str, payload: &[u8]) -> Result<Vec<Outgoing>> {
+/// Handles one uplink publish received at `now_ms`. Refused input becomes a dead letter (and
+/// a nack when it was a batch), never an error: only the gateway's own failures are errors,
+/// and then nothing is answered.
+pub fn handle_uplink(
+    store: &mut dyn GatewayStore,
+    cfg: &HandlerConfig,
+    topic: &str,
+    payload: &[u8],
+    now_ms: u64,
+) -> Result<Vec<Outgoing>> {
     let Some((tenant, device)) = parse_uplink_topic(topic) else {
         tracing::warn!(topic, "ignoring a message on a topic that is not an uplink");
         return Ok(Vec::new());
     };
-    let msg = match Uplink::decode(payload, &limits.decode) {
-        Ok(m) => m,
-        Err(e) => {
-            store.dead_letter(tenant, device, &format!("undecodable message: {e}"), payload)?;
-            return Ok(Vec::new());
-        }
-    };
-    if msg.device() != device {
-        let reason = format!("message claims device {:?} but arrived on the topic of {device:?}", msg.device());
-        tracing::warn!(tenant, device, %reason, "refusing a message");
-        store.dead_letter(tenant, device, &reason, payload)?;
-        return Ok(match msg {
-            Uplink::Batch { first_seq, last_seq, .. } => {
-                vec![to(tenant, device, Downlink::Nack { first_seq, last_seq, reason })]
-            }
-            _ => Vec::new(),
-        });
-    }
-    let max_rows = |asked: u32| (asked as usize).clamp(1, limits.max_rows_per_message);
-    match msg {
-        Uplink::Batch { first_seq, last_seq, batch, .. } => {
-            let decoded = match decode_batch(&batch, &limits.decode, &Dictionaries::default()) {
-                Ok(b) => b,
-                Err(e) => {
-                    let reason = format!("batch refused: {e}");
-                    store.dead_letter(tenant, device, &reason, &batch)?;
-                    return Ok(vec![to(tenant, device, Downlink::Nack { first_seq, last_seq, reason })]);
-                }
-            };
-            let outcome = store.merge(tenant, device, first_seq, last_seq, &decoded)?;
-            tracing::debug!(
-                tenant,
-                device,
-                first_seq,
-                last_seq,
-                applied = outcome.applied,
-                duplicates = outcome.duplicates,
-                "merged"
-            );
-            let mut out = vec![to(tenant, device, Downlink::Ack { first_seq, last_seq })];
-            if outcome.logged_at.is_some() {
-                out.push(Outgoing::Poke { tenant: tenant.to_owned() });
-            }
-            Ok(out)
-        }
-        Uplink::Pull { cursor: 0, max_rows: asked, .. } => {
-            // A device with no cursor starts from a snapshot of current state, not the history.
-            let log_cursor = store.log_head(tenant)?;
-            store.touch_device(tenant, device, None)?;
-            snapshot(store, limits, tenant, device, &[], log_cursor, max_rows(asked))
-        }
-        Uplink::Pull { cursor, max_rows: asked, .. } => {
-            let head = store.log_head(tenant)?;
-            if cursor > head {
-                // A cursor beyond the log (the gateway's store was restored from an older
-                // backup, or the device synced with another deployment): start the device over
-                // from a snapshot rather than leave it waiting for positions that will mean
-                // other changes.
-                tracing::warn!(tenant, device, cursor, "cursor beyond the log; sending a snapshot");
-                return snapshot(store, limits, tenant, device, &[], head, max_rows(asked));
-            }
-            store.touch_device(tenant, device, Some(cursor))?;
-            let mut rows = max_rows(asked);
-            loop {
-                let page = store.changes_after(tenant, device, cursor, rows)?;
-                let batch = encode_batch(&page.batch, EncodeOptions::default());
-                if batch.len() <= limits.max_message_bytes || rows == 1 {
-                    return Ok(vec![to(
-                        tenant,
-                        device,
-                        Downlink::Changes { cursor: page.cursor, more: page.more, batch },
-                    )]);
-                }
-                rows /= 2;
-            }
-        }
-        Uplink::PullSnapshot { resume, log_cursor, max_rows: asked, .. } => {
-            store.touch_device(tenant, device, None)?;
-            snapshot(store, limits, tenant, device, &resume, log_cursor, max_rows(asked))
+    match process(store, cfg, tenant, device, payload, now_ms) {
+        Ok(out) => Ok(out),
+        Err(Fault::Ours(e)) => Err(e),
+        Err(Fault::Message { reason, nack }) => {
+            tracing::warn!(tenant, device, %reason, "refusing a message");
+            store.dead_letter(tenant, device, &reason, payload)?;
+            Ok(nack.into_iter().map(|n| to(tenant, device, n)).collect())
         }
     }
 }
 
-fn snapshot(
+fn process(
     store: &mut dyn GatewayStore,
-    limits: &HandlerLimits,
+    cfg: &HandlerConfig,
     tenant: &str,
     device: &str,
-    resume: &[u8],
-    log_cursor: u64,
-    max_rows: usize,
-) -> Result<Vec<Outgoing>> {
-    let mut rows = max_rows;
+    payload: &[u8],
+    now_ms: u64,
+) -> Result<Vec<Outgoing>, Fault> {
+    let epoch = store.epoch()?;
+    let msg = Uplink::decode(payload, &cfg.decode)
+        .map_err(|e| Fault::Message { reason: format!("undecodable message: {e}"), nack: None })?;
+    if msg.device() != device {
+        let reason = format!("message claims device {:?} but arrived on the topic of {device:?}", msg.device());
+        return Err(Fault::Message { nack: nack(&msg, epoch, &reason), reason });
+    }
+    if payload.len() > cfg.max_uplink_bytes {
+        let reason = format!("message of {} bytes exceeds the limit of {}", payload.len(), cfg.max_uplink_bytes);
+        return Err(Fault::Message { nack: nack(&msg, epoch, &reason), reason });
+    }
+    let rows = |asked: u32| (asked as usize).clamp(1, cfg.max_rows_per_message);
+    let bytes = |asked: u32| (asked as usize).clamp(1, cfg.max_message_bytes);
+    let reply = |msg: Downlink| vec![to(tenant, device, msg)];
+    match msg {
+        Uplink::Hello { node, acked_seq, epoch: claimed, .. } => {
+            let view = store.hello(tenant, device, node)?;
+            let mut epoch = epoch;
+            if claimed == Some(epoch) && acked_seq > view.device_seq {
+                // The device holds acknowledgements this store has no record of: the store was
+                // restored from an older backup. Every device must send again what it holds.
+                let reason = format!(
+                    "device {device:?} of {tenant:?} was acknowledged up to {acked_seq}, the store holds {}",
+                    view.device_seq
+                );
+                tracing::warn!(%reason, "this store lost acknowledged changes; starting a new epoch");
+                epoch = store.new_epoch(&reason)?;
+            }
+            store.touch_device(tenant, device, None)?;
+            Ok(reply(Downlink::Welcome {
+                epoch,
+                node_counter: view.node_counter,
+                device_seq: view.device_seq,
+                node_elsewhere: view.node_owner != device,
+            }))
+        }
+        Uplink::Batch { id, first_seq, last_seq, ref batch, .. } => {
+            let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
+            let nack = |reason: String| Downlink::Nack { epoch, id, first_seq, last_seq, reason };
+            let logged = merge(store, cfg, &from, batch, nack)?;
+            let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq });
+            if logged {
+                out.push(Outgoing::Poke { tenant: tenant.to_owned() });
+            }
+            Ok(out)
+        }
+        Uplink::Pull { epoch: claimed, cursor, max_rows, max_bytes, .. } => {
+            if claimed != Some(epoch) {
+                return Ok(reply(stale(epoch, cursor)));
+            }
+            let Some(cursor) = cursor else {
+                // A device with no cursor starts from a snapshot of current state.
+                let head = store.log_head(tenant)?;
+                store.touch_device(tenant, device, None)?;
+                return snapshot(store, tenant, device, epoch, &[], head, rows(max_rows), bytes(max_bytes));
+            };
+            let head = store.log_head(tenant)?;
+            let tag = store.log_tag(tenant, cursor.position)?;
+            if cursor.position > head.position || (cursor.tag != 0 && tag != Some(cursor.tag)) {
+                // The device read a log this store no longer has: it was restored from an older
+                // backup (and may have logged other changes at those positions since).
+                let reason = format!(
+                    "device {device:?} of {tenant:?} pulled from log position {} the store does not hold",
+                    cursor.position
+                );
+                tracing::warn!(%reason, "this store lost logged changes; starting a new epoch");
+                let epoch = store.new_epoch(&reason)?;
+                return Ok(reply(stale(epoch, Some(cursor))));
+            }
+            store.touch_device(tenant, device, Some(cursor.position))?;
+            let (page, more, batch) =
+                changes(store, tenant, device, cursor.position, rows(max_rows), bytes(max_bytes))?;
+            Ok(reply(Downlink::Changes { epoch, cursor: page, more, batch }))
+        }
+        Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, .. } => {
+            if claimed != epoch {
+                return Ok(reply(stale(epoch, Some(log_cursor))));
+            }
+            store.touch_device(tenant, device, None)?;
+            snapshot(store, tenant, device, epoch, &resume, log_cursor, rows(max_rows), bytes(max_bytes))
+        }
+        Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
+            let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
+            let nack = |reason: String| Downlink::LegacyNack { first_seq, last_seq, reason };
+            let logged = merge(store, cfg, &from, batch, nack)?;
+            let mut out = reply(Downlink::LegacyAck { first_seq, last_seq });
+            if logged {
+                out.push(Outgoing::Poke { tenant: tenant.to_owned() });
+            }
+            Ok(out)
+        }
+        Uplink::LegacyPull { cursor, max_rows, .. } => {
+            let head = store.log_head(tenant)?;
+            if cursor == 0 || cursor > head.position {
+                store.touch_device(tenant, device, None)?;
+                let (page, batch) = snapshot_page(store, tenant, &[], rows(max_rows), cfg.max_message_bytes)?;
+                return Ok(reply(Downlink::LegacySnapshot {
+                    resume: page.resume,
+                    log_cursor: head.position,
+                    done: page.done,
+                    batch,
+                }));
+            }
+            store.touch_device(tenant, device, Some(cursor))?;
+            let (page, more, batch) = changes(store, tenant, device, cursor, rows(max_rows), cfg.max_message_bytes)?;
+            Ok(reply(Downlink::LegacyChanges { cursor: page.position, more, batch }))
+        }
+        Uplink::LegacyPullSnapshot { resume, log_cursor, max_rows, .. } => {
+            store.touch_device(tenant, device, None)?;
+            let (page, batch) = snapshot_page(store, tenant, &resume, rows(max_rows), cfg.max_message_bytes)?;
+            Ok(reply(Downlink::LegacySnapshot { resume: page.resume, log_cursor, done: page.done, batch }))
+        }
+        _ => Err(Fault::Message { reason: "a message this gateway does not handle".into(), nack: None }),
+    }
+}
+
+/// Decodes and merges a batch; whether anything was logged. A batch at fault is refused with
+/// the nack `nack` builds; a failure of the store is ours.
+fn merge(
+    store: &mut dyn GatewayStore,
+    cfg: &HandlerConfig,
+    from: &Incoming<'_>,
+    batch: &[u8],
+    nack: impl Fn(String) -> Downlink,
+) -> Result<bool, Fault> {
+    let refuse = |reason: String| Fault::Message { nack: Some(nack(reason.clone())), reason };
+    let decoded = decode_batch(batch, &cfg.decode, &Dictionaries::default())
+        .map_err(|e| refuse(format!("batch refused: {e}")))?;
+    match store.merge(from, &decoded) {
+        Ok(outcome) => {
+            tracing::debug!(tenant = from.tenant, device = from.device, applied = outcome.applied, "merged");
+            Ok(outcome.logged_at.is_some())
+        }
+        Err(MergeError::Refused(r)) => Err(refuse(format!("batch refused: {r}"))),
+        Err(MergeError::Store(e)) => Err(Fault::Ours(e)),
+    }
+}
+
+/// The answer to a device that speaks for another epoch: nothing, under the current one. The
+/// device sees the new epoch and starts over with a handshake.
+fn stale(epoch: Epoch, cursor: Option<LogCursor>) -> Downlink {
+    Downlink::Changes {
+        epoch,
+        cursor: cursor.unwrap_or_default(),
+        more: false,
+        batch: encode_batch(&Batch::default(), EncodeOptions::default()),
+    }
+}
+
+/// Logged changes after `cursor`, halved until the message fits `max_bytes`.
+fn changes(
+    store: &mut dyn GatewayStore,
+    tenant: &str,
+    device: &str,
+    cursor: u64,
+    mut rows: usize,
+    max_bytes: usize,
+) -> Result<(LogCursor, bool, Vec<u8>)> {
     loop {
-        let page = store.snapshot_page(tenant, resume, rows)?;
+        let page = store.changes_after(tenant, device, cursor, rows)?;
         let batch = encode_batch(&page.batch, EncodeOptions::default());
-        if batch.len() <= limits.max_message_bytes || rows == 1 {
-            return Ok(vec![to(
-                tenant,
-                device,
-                Downlink::Snapshot { resume: page.resume, log_cursor, done: page.done, batch },
-            )]);
+        if batch.len() <= max_bytes || rows == 1 {
+            return Ok((page.cursor, page.more, batch));
         }
         rows /= 2;
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::SqliteStore;
-
-    fn reply(out: &[Outgoing]) -> Downlink {
-        match out {
-            [Outgoing::Reply { payload, .. }, ..] => Downlink::decode(payload, &Limits::default()).expect("downlink"),
-            other => panic!("expected a reply, got {other:?}"),
+fn snapshot_page(
+    store: &mut dyn GatewayStore,
+    tenant: &str,
+    resume: &[u8],
+    mut rows: usize,
+    max_bytes: usize,
+) -> Result<(crate::storage::SnapshotPage, Vec<u8>), Fault> {
+    loop {
+        let page = store.snapshot_page(tenant, resume, rows)?.ok_or_else(|| Fault::Message {
+            reason: "the snapshot resume token does not name a position in this store".into(),
+            nack: None,
+        })?;
+        let batch = encode_batch(&page.batch, EncodeOptions::default());
+        if batch.len() <= max_bytes || rows == 1 {
+            return Ok((page, batch));
         }
-    }
-
-    #[test]
-    fn a_batch_claiming_another_device_is_nacked_and_dead_lettered() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
-        let msg = Uplink::Batch { device: "b".into(), first_seq: 1, last_seq: 2, batch: vec![] };
-        let out =
-            handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", &msg.encode()).expect("handled");
-        assert!(matches!(reply(&out), Downlink::Nack { first_seq: 1, last_seq: 2, .. }));
-        let letters = store.dead_letters("t").expect("dead letters");
-        assert_eq!(letters.len(), 1);
-        assert_eq!(letters[0].device, "a");
-    }
-
-    #[test]
-    fn garbage_is_dead_lettered_without_a_reply() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
-        let out = handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", b"\xff\x00garbage")
-            .expect("handled");
-        assert!(out.is_empty());
-        assert_eq!(store.dead_letters("t").expect("dead letters").len(), 1);
-        // Not an uplink topic at all: ignored.
-        assert!(handle_uplink(&mut store, &HandlerLimits::default(), "elsewhere", b"x").expect("handled").is_empty());
-    }
-
-    #[test]
-    fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
-        let msg = Uplink::PullSnapshot { device: "a".into(), resume: vec![0xff; 9], log_cursor: 0, max_rows: 10 };
-        let out =
-            handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", &msg.encode()).expect("handled");
-        assert!(out.is_empty());
-        assert!(store.dead_letters("t").expect("dead letters")[0].reason.contains("refused"));
-    }
-
-    #[test]
-    fn a_cursor_beyond_the_log_starts_the_device_over_from_a_snapshot() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = SqliteStore::open(dir.path().join("gw.db")).expect("open");
-        let msg = Uplink::Pull { device: "a".into(), cursor: 99, max_rows: 10 };
-        let out =
-            handle_uplink(&mut store, &HandlerLimits::default(), "driftless/t/a/up", &msg.encode()).expect("handled");
-        assert!(matches!(reply(&out), Downlink::Snapshot { log_cursor: 0, done: true, .. }));
+        rows /= 2;
     }
 }
+
+#[allow(clippy::too_many_arguments)]
+fn snapshot(
+    store: &mut dyn GatewayStore,
+    tenant: &str,
+    device: &str,
+    epoch: Epoch,
+    resume: &[u8],
+    log_cursor: LogCursor,
+    rows: usize,
+    max_bytes: usize,
+) -> Result<Vec<Outgoing>, Fault> {
+    let (page, batch) = snapshot_page(store, tenant, resume, rows, max_bytes)?;
+    Ok(vec![to(tenant, device, Downlink::Snapshot { epoch, resume: page.resume, log_cursor, done: page.done, batch })])
+}
+
+#[cfg(test)]
+mod tests;

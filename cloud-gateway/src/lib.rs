@@ -8,15 +8,17 @@
 //! # Layout
 //! - [`storage`]: the [`GatewayStore`] trait and its SQLite implementation.
 //! - [`handler`]: one uplink message in, messages to publish out (no sockets).
-//! - [`service`]: the MQTT loop around the handler.
+//! - [`service`]: the MQTT loop around the handler; attempts, retries and set-aside messages.
+//! - [`report`]: the operator's report.
 //! - [`broker`]: the embedded broker for demos and single-machine setups.
 
 pub mod broker;
 mod error;
 pub mod handler;
+pub mod report;
 pub mod service;
 pub mod storage;
 
-pub use error::{Error, Result};
+pub use error::{Error, MergeError, Result};
 pub use service::{GatewayConfig, run};
 pub use storage::{GatewayStore, SqliteStore};

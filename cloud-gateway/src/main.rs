@@ -1,16 +1,40 @@
-//! `driftless-gateway`: parses flags and runs the service until SIGINT or SIGTERM.
+//! `driftless-gateway`: parses flags and runs the service until SIGINT or SIGTERM, or prints
+//! a report / purges dead letters.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
-use driftless_gateway::{GatewayConfig, SqliteStore, broker, run};
+use driftless_gateway::{GatewayConfig, SqliteStore, broker, report, run};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "driftless cloud gateway: merges device changes and fans them out")]
-struct Args {
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Prints the device registry, the store's epoch, clock skew and the newest dead letters.
+    Report(ReportArgs),
+    /// Deletes dead letters older than a number of days.
+    PurgeDeadLetters {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        older_than_days: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
     /// Gateway database file.
     #[arg(long, default_value = "driftless-gateway.db")]
     db: PathBuf,
@@ -33,33 +57,36 @@ struct Args {
     /// Serve one tenant only (default: every tenant).
     #[arg(long, default_value = "+")]
     tenant: String,
-    /// Print the device registry (last seen, uplink high-water mark, downlink cursor, lag)
-    /// and the dead letters from --db, then exit.
+    /// Keep dead letters this many days (0: forever).
+    #[arg(long, default_value_t = 30)]
+    dead_letter_retention_days: u64,
+    /// How far ahead of this gateway's clock a write's timestamp may be before it is bounded.
+    #[arg(long, default_value_t = 300_000)]
+    max_clock_drift_ms: u64,
+    /// Same as the `report` command with its defaults (kept for scripts).
     #[arg(long)]
     report: bool,
 }
 
-/// The registry and dead letters, for operators.
-fn report(store: &mut SqliteStore) -> anyhow::Result<()> {
-    use driftless_gateway::GatewayStore as _;
-    use std::io::Write as _;
-    let mut out = String::new();
-    for tenant in store.tenants()? {
-        out.push_str(&format!("tenant {tenant}\n"));
-        out.push_str("  device                           last seen (ms)  uplink hwm  cursor      lag\n");
-        for d in store.devices(&tenant)? {
-            out.push_str(&format!(
-                "  {:<32} {:>14}  {:>10}  {:>6}  {:>7}\n",
-                d.device, d.last_seen_ms, d.uplink_hwm, d.downlink_cursor, d.lag
-            ));
-        }
-        for l in store.dead_letters(&tenant)? {
-            out.push_str(&format!("  dead letter {} from {} at {} ms: {}\n", l.id, l.device, l.received_ms, l.reason));
-        }
-    }
-    // A closed stdout (`| head`) is not an error worth a panic.
-    let _ = std::io::stdout().write_all(out.as_bytes());
-    Ok(())
+#[derive(Args, Debug)]
+struct ReportArgs {
+    #[arg(long)]
+    db: PathBuf,
+    /// Only this tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only dead letters from this device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Only dead letters whose reason contains this text.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only dead letters received in the last this many hours.
+    #[arg(long)]
+    since_hours: Option<u64>,
+    /// How many dead letters to list (newest first); the rest are counted by reason.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
 }
 
 async fn shutdown_signal() {
@@ -76,17 +103,49 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
+fn print_report(args: ReportArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut store = SqliteStore::open_existing(&args.db)?;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    let filter = driftless_gateway::storage::DeadLetterFilter {
+        tenant: args.tenant,
+        device: args.device,
+        reason: args.reason,
+        since_ms: args.since_hours.map(|h| now_ms - (h as i64) * 3_600_000),
+        limit: args.limit,
+    };
+    let text = report::render(&mut store, &filter)?;
+    // A closed stdout (`| head`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env().add_directive("info".parse()?))
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let mut store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
-    if args.report {
-        return report(&mut store);
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Report(args)) => return print_report(args),
+        Some(Command::PurgeDeadLetters { db, older_than_days }) => {
+            use driftless_gateway::GatewayStore as _;
+            let mut store = SqliteStore::open_existing(&db)?;
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            let purged = store.purge_dead_letters(now_ms - (older_than_days as i64) * 86_400_000)?;
+            println!("deleted {purged} dead letters older than {older_than_days} days");
+            return Ok(());
+        }
+        None => {}
     }
+    let args = cli.run;
+    if args.report {
+        let defaults =
+            ReportArgs { db: args.db, tenant: None, device: None, reason: None, since_hours: None, limit: 20 };
+        return print_report(defaults);
+    }
+    let store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
     let broker_addr: BrokerAddr = if args.embedded_broker {
         broker::start_embedded_broker(args.listen)?;
         BrokerAddr { host: args.listen.ip().to_string(), port: args.listen.port() }
@@ -99,6 +158,9 @@ async fn main() -> anyhow::Result<()> {
     }
     config.share_group = args.share_group;
     config.tenant = args.tenant;
+    config.handler.max_clock_drift_ms = args.max_clock_drift_ms;
+    config.dead_letter_retention =
+        (args.dead_letter_retention_days > 0).then(|| Duration::from_secs(args.dead_letter_retention_days * 86_400));
     tracing::info!(db = %args.db.display(), "gateway starting");
     run(config, store, shutdown_signal()).await?;
     tracing::info!("gateway stopped");

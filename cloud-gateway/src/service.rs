@@ -1,18 +1,34 @@
 //! The gateway service: connects to the broker, feeds uplinks to the handler, publishes its
 //! replies, and acknowledges each uplink to the broker only after its merge committed.
+//!
+//! No message can stop the gateway. A failure of the gateway's own while handling one (a
+//! storage error that outlasts the retries, a panic) is logged and counted against the
+//! message's content; the message is answered with nothing, so the device keeps it and sends
+//! it again later. A message that keeps failing, or that crashed the process (the broker then
+//! hands it back to the persistent session with the DUP flag), is set aside after
+//! [`MAX_ATTEMPTS`] and only tried again every [`QUARANTINE`].
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use driftless_core::protocol::{BrokerAddr, poke_topic, uplink_filter};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use driftless_core::protocol::{BrokerAddr, Uplink, poke_topic, uplink_filter};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::{Error, Result};
-use crate::handler::{HandlerLimits, Outgoing, handle_uplink};
+use crate::handler::{HandlerConfig, Outgoing, handle_uplink};
 use crate::storage::GatewayStore;
+
+/// Attempts at a message that fails every time before it is set aside.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// How long a message that kept failing is set aside before one more attempt.
+pub const QUARANTINE: Duration = Duration::from_secs(600);
+/// The largest packet MQTT can carry: the gateway reads whatever a broker delivers, so no
+/// message can wedge its session, and refuses what is over its own limit by reference.
+const MQTT_MAX_PACKET: usize = 268_435_455;
 
 /// How the gateway runs.
 #[derive(Debug, Clone)]
@@ -26,7 +42,9 @@ pub struct GatewayConfig {
     pub tenant: String,
     /// Notified each time the uplink subscription is confirmed by the broker.
     pub ready: Arc<Notify>,
-    pub limits: HandlerLimits,
+    pub handler: HandlerConfig,
+    /// Dead letters older than this are deleted (checked hourly); `None` keeps them.
+    pub dead_letter_retention: Option<Duration>,
 }
 
 impl GatewayConfig {
@@ -39,7 +57,8 @@ impl GatewayConfig {
             share_group: "driftless-gateways".into(),
             tenant: "+".into(),
             ready: Arc::new(Notify::new()),
-            limits: HandlerLimits::default(),
+            handler: HandlerConfig::default(),
+            dead_letter_retention: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -54,16 +73,20 @@ fn host_name() -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-fn mqtt_options(config: &GatewayConfig) -> MqttOptions {
+fn mqtt_options(config: &GatewayConfig, clean_session: bool) -> MqttOptions {
     let mut opts = MqttOptions::new(&config.client_id, &config.broker.host, config.broker.port);
     opts.set_keep_alive(Duration::from_secs(15));
     // A persistent session: uplinks that arrive while this instance restarts wait for it.
-    opts.set_clean_session(false);
+    opts.set_clean_session(clean_session);
     // Uplinks are acknowledged to the broker only after the merge commits.
     opts.set_manual_acks(true);
-    opts.set_max_packet_size(64 << 20, 64 << 20);
+    opts.set_max_packet_size(MQTT_MAX_PACKET, 64 << 20);
     opts.set_inflight(200);
     opts
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs the gateway until `shutdown` completes. Every uplink handled before that is merged
@@ -73,18 +96,15 @@ pub async fn run<S: GatewayStore + 'static>(
     store: S,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config), 1_000);
-    // Acks and replies are small and awaited by devices: send them without Nagle's delay.
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, false), 1_000);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
-    let poller = tokio::spawn(poll_events(eventloop, client.clone(), filter, tx, config.ready.clone()));
+    let poller = tokio::spawn(poll_events(eventloop, client.clone(), config.clone(), filter, tx, config.ready.clone()));
     let store = Arc::new(Mutex::new(store));
-    let limits = Arc::new(config.limits.clone());
+    let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
     let mut poke_tick = tokio::time::interval(POKE_INTERVAL);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(3_600));
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -92,13 +112,18 @@ pub async fn run<S: GatewayStore + 'static>(
             () = &mut shutdown => break Ok(()),
             publish = rx.recv() => {
                 let Some(publish) = publish else { break Ok(()) };
-                if let Err(e) = handle_with_retry(&client, &store, &limits, &mut pokes, publish).await {
+                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
                     break Err(e);
                 }
             }
             _ = poke_tick.tick(), if !pokes.pending.is_empty() => {
                 if let Err(e) = pokes.flush(&client).await {
                     break Err(e);
+                }
+            }
+            _ = housekeeping.tick() => {
+                if let Some(keep) = config.dead_letter_retention {
+                    purge_dead_letters(&store, keep).await;
                 }
             }
         }
@@ -108,55 +133,152 @@ pub async fn run<S: GatewayStore + 'static>(
     result
 }
 
-/// Storage errors (a locked database, a full disk being cleared) get a few tries with backoff.
-/// If they persist the gateway stops with the error, without acknowledging the message, so the
-/// broker redelivers it to the next instance; nothing is half-applied, as each merge is one
-/// transaction.
-async fn handle_with_retry<S: GatewayStore + 'static>(
-    client: &AsyncClient,
-    store: &Arc<Mutex<S>>,
-    limits: &Arc<HandlerLimits>,
-    pokes: &mut Pokes,
-    publish: Publish,
-) -> Result<()> {
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1.. {
-        match handle(client, store, limits, pokes, publish.clone()).await {
-            Err(Error::Sqlite(e)) if attempt < 5 => {
-                tracing::warn!(attempt, "storage error, retrying in {delay:?}: {e}");
-                tokio::time::sleep(delay).await;
-                delay *= 4;
-            }
-            other => return other,
+/// The content a message is recognised by across deliveries and resends: a batch's identity
+/// without its per-publish id (a device resends the same entries under a new id).
+fn content_key(topic: &str, payload: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0]);
+    match Uplink::decode(payload, &driftless_core::codec::Limits::default()) {
+        Ok(Uplink::Batch { first_seq, last_seq, batch, .. }) => {
+            h.update(b"batch");
+            h.update(first_seq.to_le_bytes());
+            h.update(last_seq.to_le_bytes());
+            h.update(&batch);
+        }
+        _ => h.update(payload),
+    }
+    h.finalize().into()
+}
+
+/// What happened to one delivery.
+enum Handled {
+    Done(Vec<Outgoing>),
+    /// Set aside after failing too often.
+    SetAside,
+    /// The gateway failed; nothing is answered.
+    Failed(String),
+}
+
+/// Handles one delivery on a blocking thread: attempt bookkeeping, retries of transient
+/// storage errors, and panics caught.
+fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publish: &Publish) -> Result<Handled> {
+    // A panic while the lock was held leaves a poisoned lock; the store rolled back whatever
+    // transaction was open as it unwound, so it is safe to go on using.
+    let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
+    let store = &mut *guard;
+    let key = content_key(&publish.topic, &publish.payload);
+    let previous = store.attempts(&key)?;
+    let guarded = publish.dup || previous.is_some();
+    if let Some((count, last_ms)) = previous
+        && count >= MAX_ATTEMPTS
+        && (now_ms() as i64).saturating_sub(last_ms) < QUARANTINE.as_millis() as i64
+    {
+        return Ok(Handled::SetAside);
+    }
+    if guarded {
+        // Counted before trying, so a crash is counted too.
+        let count = store.note_attempt(&key)?;
+        if count == MAX_ATTEMPTS {
+            let (tenant, device) = driftless_core::protocol::parse_uplink_topic(&publish.topic).unwrap_or(("", ""));
+            let reason = format!("the gateway failed on this message {count} times; kept for replay, not refused");
+            store.dead_letter(tenant, device, &reason, &publish.payload)?;
         }
     }
-    Ok(())
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1.. {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle_uplink(&mut *store, cfg, &publish.topic, &publish.payload, now_ms())
+        }));
+        match outcome {
+            Ok(Ok(out)) => {
+                if guarded {
+                    store.clear_attempts(&key)?;
+                }
+                return Ok(Handled::Done(out));
+            }
+            Ok(Err(Error::Sqlite(e))) if attempt < 4 => {
+                tracing::warn!(attempt, "storage error, retrying in {delay:?}: {e}");
+                std::thread::sleep(delay);
+                delay *= 4;
+            }
+            Ok(Err(e)) => {
+                if !guarded {
+                    store.note_attempt(&key)?;
+                }
+                return Ok(Handled::Failed(e.to_string()));
+            }
+            Err(panic) => {
+                if !guarded {
+                    store.note_attempt(&key)?;
+                }
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Ok(Handled::Failed(format!("panic: {what}")));
+            }
+        }
+    }
+    Ok(Handled::Failed("unreachable".into()))
 }
 
 async fn handle<S: GatewayStore + 'static>(
     client: &AsyncClient,
     store: &Arc<Mutex<S>>,
-    limits: &Arc<HandlerLimits>,
+    cfg: &Arc<HandlerConfig>,
     pokes: &mut Pokes,
     publish: Publish,
 ) -> Result<()> {
-    let (store2, limits2, topic, payload) =
-        (store.clone(), limits.clone(), publish.topic.clone(), publish.payload.clone());
+    let (store2, cfg2, delivery) = (store.clone(), cfg.clone(), publish.clone());
     // SQLite work is blocking; no lock is held across an await.
-    let out = tokio::task::spawn_blocking(move || {
-        let mut guard = store2.lock().map_err(|_| Error::WorkerGone)?;
-        handle_uplink(&mut *guard, &limits2, &topic, &payload)
-    })
-    .await
-    .map_err(|_| Error::WorkerGone)??;
-    for msg in out {
-        match msg {
-            Outgoing::Reply { topic, payload } => client.publish(topic, QoS::AtLeastOnce, false, payload).await?,
-            Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
+    let handled = tokio::task::spawn_blocking(move || handle_blocking(&store2, &cfg2, &delivery))
+        .await
+        .map_err(|e| Error::WorkerGone(e.to_string()))?;
+    match handled {
+        Ok(Handled::Done(out)) => {
+            for msg in out {
+                match msg {
+                    Outgoing::Reply { topic, payload } => {
+                        client.publish(topic, QoS::AtLeastOnce, false, payload).await?
+                    }
+                    Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
+                }
+            }
+        }
+        Ok(Handled::SetAside) => {
+            tracing::warn!(topic = %publish.topic, "a message that kept failing is set aside; not answered");
+        }
+        // Our fault (the bookkeeping failing too is ours): no answer, so the device keeps its
+        // changes and sends them again.
+        Ok(Handled::Failed(reason)) => {
+            tracing::error!(topic = %publish.topic, %reason, "the gateway failed on a message; the device will resend it");
+        }
+        Err(e) => {
+            tracing::error!(topic = %publish.topic, "the gateway failed on a message; the device will resend it: {e}");
         }
     }
+    // Acknowledged to the broker in every case: the message was merged, refused, or is the
+    // device's to send again. Holding it would only stall this session.
     client.ack(&publish).await?;
     Ok(())
+}
+
+async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, keep: Duration) {
+    let store = store.clone();
+    let before = now_ms() as i64 - keep.as_millis() as i64;
+    let purged = tokio::task::spawn_blocking(move || {
+        let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
+        guard.purge_dead_letters(before)
+    })
+    .await;
+    match purged {
+        Ok(Ok(n)) if n > 0 => tracing::info!(purged = n, "dead letters past their retention deleted"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("purging dead letters: {e}"),
+        Err(e) => tracing::warn!("purging dead letters: {e}"),
+    }
 }
 
 /// Coalesces pokes: at most one per tenant per [`POKE_INTERVAL`], with a trailing one so the
@@ -193,21 +315,43 @@ impl Pokes {
     }
 }
 
+/// Whether a connection error came from what the broker sent (a packet the client could not
+/// take) rather than from the network.
+fn is_protocol_error(e: &ConnectionError) -> bool {
+    matches!(e, ConnectionError::MqttState(rumqttc::StateError::Deserialization(_)))
+}
+
 /// Drives the MQTT connection: forwards uplinks, resubscribes after every connect, and
 /// reconnects with capped exponential backoff. Never publishes (that would deadlock).
+///
+/// If the broker keeps handing back something the client cannot take right after connecting
+/// (so the persistent session would replay it forever), the gateway reconnects once with a
+/// clean session: the broker drops what it queued for this instance, and devices resend
+/// whatever was not acknowledged.
 async fn poll_events(
     mut eventloop: EventLoop,
     client: AsyncClient,
+    config: GatewayConfig,
     filter: String,
     tx: mpsc::UnboundedSender<Publish>,
     ready: Arc<Notify>,
 ) {
+    let mut net = rumqttc::NetworkOptions::new();
+    // Acks and replies are small and awaited by devices: send them without Nagle's delay.
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let mut backoff = Duration::from_millis(100);
+    let mut failures_since_delivery = 0u32;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 tracing::info!("gateway connected to the broker");
+                if eventloop.mqtt_options.clean_session() {
+                    // The unreadable backlog is gone; keep a persistent session from the next
+                    // connect on.
+                    eventloop.mqtt_options = mqtt_options(&config, false);
+                }
                 // Subscribing from here would await the request channel this task drains.
                 let (client, filter) = (client.clone(), filter.clone());
                 tokio::spawn(async move {
@@ -221,13 +365,25 @@ async fn poll_events(
                 ready.notify_one();
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                failures_since_delivery = 0;
                 if tx.send(p).is_err() {
                     return;
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
+                if is_protocol_error(&e) {
+                    failures_since_delivery += 1;
+                }
+                if failures_since_delivery >= 3 {
+                    tracing::error!(
+                        "the broker keeps sending what this client cannot read ({e}); dropping the session"
+                    );
+                    eventloop.mqtt_options = mqtt_options(&config, true);
+                    failures_since_delivery = 0;
+                } else {
+                    tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -1,5 +1,5 @@
 //! What the gateway keeps: the merged state of every row, the log of merged changes that
-//! devices catch up from, the device registry, and dead letters.
+//! devices catch up from, the device and node registry, the store's epoch, and dead letters.
 //!
 //! [`GatewayStore`] is the seam a PostgreSQL backend implements next to [`SqliteStore`].
 
@@ -7,9 +7,23 @@ mod sqlite;
 
 pub use self::sqlite::SqliteStore;
 
-use driftless_core::Batch;
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId};
 
-use crate::error::Result;
+use crate::error::{MergeError, Result};
+
+/// Where a batch comes from, and when it is merged.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub tenant: &'a str,
+    pub device: &'a str,
+    /// The outbox entries it carries.
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// The gateway's clock.
+    pub now_ms: u64,
+    /// How far ahead of `now_ms` a write's timestamp may be before it is bounded.
+    pub max_drift_ms: u64,
+}
 
 /// What merging one device batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,6 +32,8 @@ pub struct MergeOutcome {
     pub applied: usize,
     /// Rows whose changes were all merged before (a redelivery or a retry).
     pub duplicates: usize,
+    /// Writes whose timestamps were bounded (their writer's clock ran too far ahead).
+    pub bounded: usize,
     /// The log position of the new changes, if any were logged.
     pub logged_at: Option<u64>,
 }
@@ -27,7 +43,7 @@ pub struct MergeOutcome {
 pub struct ChangesPage {
     pub batch: Batch,
     /// The log position this page reaches; the device pulls after it next.
-    pub cursor: u64,
+    pub cursor: LogCursor,
     /// Whether the log holds more after `cursor`.
     pub more: bool,
 }
@@ -56,7 +72,19 @@ pub struct DeviceInfo {
     pub lag: u64,
 }
 
-/// A batch the gateway refused, kept with its reason.
+/// What the gateway has merged from a device and the node it writes as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceView {
+    /// The highest dot counter of the node merged so far (0 if none).
+    pub node_counter: u64,
+    /// The highest outbox sequence number of the device merged so far.
+    pub device_seq: i64,
+    /// The device the node is bound to: the first that said it writes as it.
+    pub node_owner: String,
+}
+
+/// A message the gateway refused, kept with its reason. Large payloads are kept by
+/// reference: their size, SHA-256 and first bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     pub id: i64,
@@ -64,41 +92,98 @@ pub struct DeadLetter {
     pub device: String,
     pub received_ms: i64,
     pub reason: String,
+    /// The payload, or its first bytes when it was larger than the kept prefix.
     pub payload: Vec<u8>,
+    /// The payload's full size in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the whole payload.
+    pub sha256: String,
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    pub tenant: Option<String>,
+    pub device: Option<String>,
+    /// Only those whose reason contains this text.
+    pub reason: Option<String>,
+    /// Only those received at or after this time (ms since the Unix epoch).
+    pub since_ms: Option<i64>,
+    /// At most this many, newest first (0: no limit).
+    pub limit: usize,
+}
+
+/// A node seen writing with a clock beyond the allowed drift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkewedNode {
+    pub node: NodeId,
+    /// The largest timestamp it sent.
+    pub max_hlc: Hlc,
+    /// Writes of it bounded so far.
+    pub bounded: u64,
+    pub last_ms: i64,
 }
 
 /// Gateway storage. Every method is one transaction.
 pub trait GatewayStore: Send {
+    /// The store's current epoch.
+    fn epoch(&mut self) -> Result<Epoch>;
+
+    /// Gives the store a new epoch: it has lost changes it once acknowledged, and every device
+    /// must send again what it holds. `reason` is logged with it.
+    fn new_epoch(&mut self, reason: &str) -> Result<Epoch>;
+
+    /// Notes that `device` of `tenant` says it writes as `node`, binding the node to it if the
+    /// node is new, and returns what has been merged from both.
+    fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView>;
+
     /// Merges a device's batch, logs what changed and records the device's high-water mark,
-    /// all in one transaction. Merging the same batch again changes nothing.
-    fn merge(
-        &mut self,
-        tenant: &str,
-        device: &str,
-        first_seq: i64,
-        last_seq: i64,
-        batch: &Batch,
-    ) -> Result<MergeOutcome>;
+    /// all in one transaction. Merging the same batch again changes nothing. Timestamps
+    /// later than `now_ms + max_drift_ms` are bounded to `now_ms`. A batch that writes
+    /// something no replica could accept is refused whole ([`MergeError::Refused`]).
+    fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError>;
 
     /// Logged changes after `cursor` not made by `device`, up to about `max_rows` rows.
     fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage>;
 
-    /// The newest log position of a tenant (0 if nothing is logged).
-    fn log_head(&mut self, tenant: &str) -> Result<u64>;
+    /// The newest log position of a tenant and its tag (position 0 if nothing is logged).
+    fn log_head(&mut self, tenant: &str) -> Result<LogCursor>;
 
-    /// A page of current row states after `resume` (empty to start).
-    fn snapshot_page(&mut self, tenant: &str, resume: &[u8], max_rows: usize) -> Result<SnapshotPage>;
+    /// The tag of the tenant's log entry at `position`, if there is one.
+    fn log_tag(&mut self, tenant: &str, position: u64) -> Result<Option<u64>>;
+
+    /// A page of current row states after `resume` (empty to start); `None` if `resume` is
+    /// not a token this store made.
+    fn snapshot_page(&mut self, tenant: &str, resume: &[u8], max_rows: usize) -> Result<Option<SnapshotPage>>;
 
     /// Notes that `device` was heard from, and the cursor it pulled from if known.
     fn touch_device(&mut self, tenant: &str, device: &str, cursor: Option<u64>) -> Result<()>;
 
     fn devices(&mut self, tenant: &str) -> Result<Vec<DeviceInfo>>;
 
-    /// Every tenant with a registered device.
+    /// Every tenant with a registered device or a dead letter.
     fn tenants(&mut self) -> Result<Vec<String>>;
 
     /// Keeps a refused message with its reason; returns its id.
     fn dead_letter(&mut self, tenant: &str, device: &str, reason: &str, payload: &[u8]) -> Result<i64>;
 
-    fn dead_letters(&mut self, tenant: &str) -> Result<Vec<DeadLetter>>;
+    fn dead_letters(&mut self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>>;
+
+    /// Deletes dead letters received before `before_ms`; returns how many.
+    fn purge_dead_letters(&mut self, before_ms: i64) -> Result<usize>;
+
+    /// Counts one more attempt at handling the message with this content hash; returns the
+    /// count so far (including this one). Survives restarts, so a message that makes the
+    /// gateway fail every time is recognised however often it is delivered.
+    fn note_attempt(&mut self, key: &[u8; 32]) -> Result<u32>;
+
+    /// Attempts counted for a message so far, and when the last one began (ms since the
+    /// Unix epoch); `None` if none were counted.
+    fn attempts(&mut self, key: &[u8; 32]) -> Result<Option<(u32, i64)>>;
+
+    /// Forgets the attempts at a message that was handled.
+    fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()>;
+
+    /// Nodes of a tenant seen writing with clocks beyond the allowed drift.
+    fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>>;
 }

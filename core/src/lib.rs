@@ -63,9 +63,11 @@ pub use merge::{
     write_local_upsert,
 };
 pub use policy::{ColumnPolicy, DeletePolicy, Direction, ParsePolicyError, TableSpec};
+pub use protocol::{Epoch, LogCursor};
 pub use state::{Counter, CounterPart, Entry, Life, Register, RowState};
 pub use store::{
-    ApplyReport, ChangedRow, Conflict, LogCursor, OutboxBatch, SealReport, SnapshotCursor, Store, StoreOptions,
+    ApplyReport, ChangedRow, Confirmed, Conflict, GatewayView, Identity, OutboxBatch, Refused, SealReport,
+    SnapshotCursor, Store, StoreOptions,
 };
 pub use value::Value;
 pub use view::{ConflictKind, ConflictRecord, Roles, Version, conflicts, is_visible, resolve, row_values};

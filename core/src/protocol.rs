@@ -2,12 +2,14 @@
 //!
 //! Sans-IO: these are plain values with a byte encoding; the agent and the gateway publish
 //! and receive them. Batches travel inside as encoded envelopes (see [`crate::codec`]).
+//! The exchange itself (handshake, acks, pulls) is described in `docs/PROTOCOL.md`.
 //!
 //! Every topic carries the tenant and the device id, so a broker ACL can pin each device to
 //! its own topics, and the gateway checks that a message's claimed device matches its topic.
 
-use crate::codec::buf::{Reader, Writer};
-use crate::codec::{DecodeError, Limits};
+mod messages;
+
+pub use self::messages::{Downlink, Uplink};
 
 /// Topic root shared by every driftless topic.
 pub const TOPIC_ROOT: &str = "driftless";
@@ -50,158 +52,51 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && !id.contains(['/', '+', '#', '\0']) && !id.starts_with('$')
 }
 
-/// Device -> gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Uplink {
-    /// Local changes: outbox entries `first_seq..=last_seq` as an encoded batch envelope.
-    Batch { device: String, first_seq: i64, last_seq: i64, batch: Vec<u8> },
-    /// Asks for changes logged after `cursor`; cursor 0 asks for a snapshot first.
-    Pull { device: String, cursor: u64, max_rows: u32 },
-    /// Asks for the snapshot page after `resume` (opaque, from the previous page).
-    PullSnapshot { device: String, resume: Vec<u8>, log_cursor: u64, max_rows: u32 },
+/// A position in a gateway's log and the tag of the entry there. The tag lets the gateway tell
+/// a log that was rolled back and written again (a restored backup) from the one the position
+/// was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogCursor {
+    pub position: u64,
+    /// 0 when unknown (a cursor saved by an older version).
+    pub tag: u64,
 }
 
-/// Gateway -> device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Downlink {
-    /// The batch was merged and is durable: delete those outbox entries.
-    Ack { first_seq: i64, last_seq: i64 },
-    /// The batch was refused and kept as a dead letter: move those entries aside.
-    Nack { first_seq: i64, last_seq: i64, reason: String },
-    /// Changes logged after the pulled cursor, up to `cursor`; `more` if others follow.
-    Changes { cursor: u64, more: bool, batch: Vec<u8> },
-    /// One page of the current state. When `done`, continue with `Pull { cursor: log_cursor }`.
-    Snapshot { resume: Vec<u8>, log_cursor: u64, done: bool, batch: Vec<u8> },
+/// The identity of a gateway store: random, made with the store, and made anew when the
+/// store is found to have lost changes it had acknowledged (it was restored from an older
+/// backup). Every downlink carries it; a device that sees it change re-sends what it holds
+/// and fetches the current state again.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Epoch(pub [u8; 16]);
+
+impl Epoch {
+    /// A fresh random epoch.
+    pub fn random() -> Result<Epoch, getrandom::Error> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)?;
+        Ok(Epoch(bytes))
+    }
 }
 
-const UP_BATCH: u8 = 1;
-const UP_PULL: u8 = 2;
-const UP_PULL_SNAPSHOT: u8 = 3;
-const DOWN_ACK: u8 = 1;
-const DOWN_NACK: u8 = 2;
-const DOWN_CHANGES: u8 = 3;
-const DOWN_SNAPSHOT: u8 = 4;
-
-impl Uplink {
-    /// The device the message claims to come from.
-    pub fn device(&self) -> &str {
-        match self {
-            Uplink::Batch { device, .. } | Uplink::Pull { device, .. } | Uplink::PullSnapshot { device, .. } => device,
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
         }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        match self {
-            Uplink::Batch { device, first_seq, last_seq, batch } => {
-                w.u8(UP_BATCH);
-                w.bytes(device.as_bytes());
-                w.zigzag(*first_seq);
-                w.zigzag(*last_seq);
-                w.raw(batch);
-            }
-            Uplink::Pull { device, cursor, max_rows } => {
-                w.u8(UP_PULL);
-                w.bytes(device.as_bytes());
-                w.varint(*cursor);
-                w.varint(u64::from(*max_rows));
-            }
-            Uplink::PullSnapshot { device, resume, log_cursor, max_rows } => {
-                w.u8(UP_PULL_SNAPSHOT);
-                w.bytes(device.as_bytes());
-                w.bytes(resume);
-                w.varint(*log_cursor);
-                w.varint(u64::from(*max_rows));
-            }
-        }
-        w.buf
-    }
-
-    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Uplink, DecodeError> {
-        let mut r = Reader::new(bytes, limits);
-        let tag = r.u8()?;
-        let device = r.string(128, "device id bytes")?;
-        let msg = match tag {
-            UP_BATCH => {
-                let first_seq = r.zigzag()?;
-                let last_seq = r.zigzag()?;
-                let batch = r.take(r.remaining())?.to_vec();
-                return Ok(Uplink::Batch { device, first_seq, last_seq, batch });
-            }
-            UP_PULL => Uplink::Pull { device, cursor: r.varint()?, max_rows: max_rows(&mut r)? },
-            UP_PULL_SNAPSHOT => Uplink::PullSnapshot {
-                device,
-                resume: r.bytes(4096, "snapshot resume token")?.to_vec(),
-                log_cursor: r.varint()?,
-                max_rows: max_rows(&mut r)?,
-            },
-            other => return Err(DecodeError::UnknownTag(other)),
-        };
-        r.finish()?;
-        Ok(msg)
+        Ok(())
     }
 }
 
-fn max_rows(r: &mut Reader<'_>) -> Result<u32, DecodeError> {
-    u32::try_from(r.varint()?).map_err(|_| DecodeError::Invalid("max_rows out of range"))
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Epoch({})", &self.to_string()[..8])
+    }
 }
 
-impl Downlink {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        match self {
-            Downlink::Ack { first_seq, last_seq } => {
-                w.u8(DOWN_ACK);
-                w.zigzag(*first_seq);
-                w.zigzag(*last_seq);
-            }
-            Downlink::Nack { first_seq, last_seq, reason } => {
-                w.u8(DOWN_NACK);
-                w.zigzag(*first_seq);
-                w.zigzag(*last_seq);
-                w.bytes(reason.as_bytes());
-            }
-            Downlink::Changes { cursor, more, batch } => {
-                w.u8(DOWN_CHANGES);
-                w.varint(*cursor);
-                w.u8(u8::from(*more));
-                w.raw(batch);
-            }
-            Downlink::Snapshot { resume, log_cursor, done, batch } => {
-                w.u8(DOWN_SNAPSHOT);
-                w.bytes(resume);
-                w.varint(*log_cursor);
-                w.u8(u8::from(*done));
-                w.raw(batch);
-            }
-        }
-        w.buf
-    }
-
-    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Downlink, DecodeError> {
-        let mut r = Reader::new(bytes, limits);
-        let msg = match r.u8()? {
-            DOWN_ACK => Downlink::Ack { first_seq: r.zigzag()?, last_seq: r.zigzag()? },
-            DOWN_NACK => Downlink::Nack {
-                first_seq: r.zigzag()?,
-                last_seq: r.zigzag()?,
-                reason: r.string(4096, "nack reason bytes")?,
-            },
-            DOWN_CHANGES => {
-                let cursor = r.varint()?;
-                let more = r.u8()? != 0;
-                return Ok(Downlink::Changes { cursor, more, batch: r.take(r.remaining())?.to_vec() });
-            }
-            DOWN_SNAPSHOT => {
-                let resume = r.bytes(4096, "snapshot resume token")?.to_vec();
-                let log_cursor = r.varint()?;
-                let done = r.u8()? != 0;
-                return Ok(Downlink::Snapshot { resume, log_cursor, done, batch: r.take(r.remaining())?.to_vec() });
-            }
-            other => return Err(DecodeError::UnknownTag(other)),
-        };
-        r.finish()?;
-        Ok(msg)
+impl std::str::FromStr for Epoch {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        s.parse::<crate::clock::NodeId>().map(|n| Epoch(n.0))
     }
 }
 
@@ -210,27 +105,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_round_trip() {
-        let limits = Limits::default();
-        let ups = [
-            Uplink::Batch { device: "tab-1".into(), first_seq: 3, last_seq: 9, batch: vec![1, 2, 3] },
-            Uplink::Pull { device: "tab-1".into(), cursor: 77, max_rows: 500 },
-            Uplink::PullSnapshot { device: "tab-1".into(), resume: vec![9, 9], log_cursor: 12, max_rows: 500 },
-        ];
-        for m in ups {
-            assert_eq!(Uplink::decode(&m.encode(), &limits), Ok(m));
-        }
-        let downs = [
-            Downlink::Ack { first_seq: 1, last_seq: 2 },
-            Downlink::Nack { first_seq: 1, last_seq: 2, reason: "bad".into() },
-            Downlink::Changes { cursor: 5, more: true, batch: vec![4] },
-            Downlink::Snapshot { resume: vec![1], log_cursor: 8, done: false, batch: vec![] },
-        ];
-        for m in downs {
-            assert_eq!(Downlink::decode(&m.encode(), &limits), Ok(m));
-        }
-        assert!(Uplink::decode(&[9, 0], &limits).is_err());
-        assert!(Downlink::decode(&[], &limits).is_err());
+    fn epochs_round_trip_through_hex() {
+        let e = Epoch([7; 16]);
+        assert_eq!(e.to_string().parse::<Epoch>(), Ok(e));
     }
 
     #[test]

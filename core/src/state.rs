@@ -93,6 +93,66 @@ impl RowState {
         life.chain(fields).max_by_key(|(_, h)| *h)
     }
 
+    /// Whether this state stays within what every replica accepts when decoding it. Checked
+    /// before a state is stored, so that no row can grow into one no replica can load again.
+    pub fn check_limits(&self, limits: &crate::codec::Limits) -> Result<(), String> {
+        fn over(what: &str, found: usize, limit: usize) -> Result<(), String> {
+            if found > limit { Err(format!("{what}: {found} exceeds the limit of {limit}")) } else { Ok(()) }
+        }
+        over("columns in a row", self.fields.len(), limits.max_columns)?;
+        over("counter columns in a row", self.counters.len(), limits.max_columns)?;
+        over("concurrent row versions", self.life.entries.len(), limits.max_register_entries)?;
+        over("version vector entries", self.life.ctx.len(), limits.max_vector_len)?;
+        for e in &self.life.entries {
+            if let Life::Dead { seen } = &e.value {
+                over("columns seen by a delete", seen.len(), limits.max_columns)?;
+                for vv in seen.values() {
+                    over("version vector entries", vv.len(), limits.max_vector_len)?;
+                }
+            }
+        }
+        for (column, reg) in &self.fields {
+            over(&format!("concurrent values of {column:?}"), reg.entries.len(), limits.max_register_entries)?;
+            over("version vector entries", reg.ctx.len(), limits.max_vector_len)?;
+            for e in &reg.entries {
+                let len = match &e.value {
+                    Value::Text(t) => t.len(),
+                    Value::Blob(b) | Value::RawText(b) => b.len(),
+                    Value::Null | Value::Integer(_) | Value::Real(_) => 0,
+                };
+                over(&format!("bytes in a value of {column:?}"), len, limits.max_value_bytes)?;
+            }
+        }
+        for counter in self.counters.values() {
+            over("counter parts", counter.0.len(), limits.max_vector_len)?;
+        }
+        Ok(())
+    }
+
+    /// For each node that wrote something in this state, the highest dot counter of its
+    /// writes here (contexts only say what a writer had seen, so they are not counted).
+    pub fn write_counters(&self) -> BTreeMap<NodeId, u64> {
+        let mut out = BTreeMap::new();
+        let mut note = |node: NodeId, counter: u64| {
+            let c = out.entry(node).or_insert(0);
+            *c = (*c).max(counter);
+        };
+        for e in &self.life.entries {
+            note(e.dot.node, e.dot.counter);
+        }
+        for r in self.fields.values() {
+            for e in &r.entries {
+                note(e.dot.node, e.dot.counter);
+            }
+        }
+        for c in self.counters.values() {
+            for (node, part) in &c.0 {
+                note(*node, part.seq);
+            }
+        }
+        out
+    }
+
     /// Every node this state mentions, in order, without repeats.
     pub fn nodes(&self) -> Vec<NodeId> {
         let mut nodes = Vec::new();

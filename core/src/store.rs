@@ -9,6 +9,7 @@ mod capture;
 mod catalog;
 mod conflicts;
 mod cursor;
+mod identity;
 mod meta;
 mod outbox;
 mod reconcile;
@@ -32,12 +33,14 @@ use crate::clock::{Hlc, HlcClock, NodeId};
 use crate::codec::{self, Limits};
 use crate::error::{Error, Result};
 use crate::policy::TableSpec;
+use crate::protocol::LogCursor;
 use crate::value::Value;
 
 pub use self::apply::{ApplyReport, ChangedRow};
 pub use self::conflicts::Conflict;
-pub use self::cursor::LogCursor;
+pub use self::identity::{Confirmed, GatewayView, Identity};
 pub use self::outbox::{OutboxBatch, SnapshotCursor};
+pub use self::refusals::Refused;
 pub use self::seal::SealReport;
 
 /// Milliseconds since the Unix epoch, injectable so tests control time.
@@ -341,19 +344,55 @@ impl Store {
     pub fn outbox_batch(&mut self, max_rows: usize) -> Result<Option<OutboxBatch>> {
         self.transact(|tx, inner| {
             seal::seal(tx, inner)?;
-            outbox::read(tx, inner, 0, max_rows)
+            outbox::read(tx, inner, 0, i64::MAX, max_rows)
         })
     }
 
     /// Like [`Store::outbox_batch`] but starting after sequence `after` (to keep several
     /// batches in flight) and without sealing.
     pub fn outbox_batch_after(&mut self, after: i64, max_rows: usize) -> Result<Option<OutboxBatch>> {
-        self.transact(|tx, inner| outbox::read(tx, inner, after, max_rows))
+        self.transact(|tx, inner| outbox::read(tx, inner, after, i64::MAX, max_rows))
+    }
+
+    /// The unacknowledged entries with sequence numbers in `first..=last`, to send a batch
+    /// again exactly as it was.
+    pub fn outbox_range(&mut self, first: i64, last: i64) -> Result<Option<OutboxBatch>> {
+        self.transact(|tx, inner| outbox::read(tx, inner, first.saturating_sub(1), last, usize::MAX >> 1))
     }
 
     /// Deletes acknowledged outbox entries with sequence numbers in `first..=last`.
     pub fn ack(&mut self, first: i64, last: i64) -> Result<usize> {
-        self.transact(|tx, _| outbox::ack(tx, first, last))
+        self.transact(|tx, _| {
+            identity::note_acked(tx, last)?;
+            outbox::ack(tx, first, last)
+        })
+    }
+
+    /// Holds sealing: local writes stay in the journal (still captured, still counted as
+    /// pending) until [`Store::confirm_identity`], and remote batches are refused. The sync
+    /// layer holds it from start-up and on every disconnect until the gateway has confirmed
+    /// that this store's node id is still its own.
+    pub fn hold_seal(&mut self) {
+        self.inner.seal_held = true;
+    }
+
+    /// Whether sealing is held.
+    pub fn seal_held(&self) -> bool {
+        self.inner.seal_held
+    }
+
+    /// What this store tells the gateway about itself when it connects.
+    pub fn identity(&self) -> Result<Identity> {
+        identity::identity(&self.conn, &self.inner)
+    }
+
+    /// Takes in what the gateway has merged from this device: a store behind its own past
+    /// takes a new node id; a new gateway epoch queues every row to be sent again. Either
+    /// resets the pull cursor. Releases a held seal.
+    pub fn confirm_identity(&mut self, view: &GatewayView) -> Result<Confirmed> {
+        let confirmed = self.transact(|tx, inner| identity::confirm(tx, inner, view))?;
+        self.inner.seal_held = false;
+        Ok(confirmed)
     }
 
     /// Moves outbox entries `first..=last` aside (to `_driftless_rejected`, kept with
@@ -376,6 +415,12 @@ impl Store {
             out.push((self.inner.catalog.tables[t].name.clone(), pk, reason));
         }
         Ok(out)
+    }
+
+    /// Changes that were not merged at all (a remote row this store cannot take, a local
+    /// write too large to sync), oldest first.
+    pub fn refused(&self) -> Result<Vec<Refused>> {
+        refusals::list(&self.conn, &self.inner.opts.limits)
     }
 
     /// Number of outbox entries moved aside after a refusal.

@@ -6,14 +6,16 @@ use std::time::Duration;
 use driftless_core::codec::Limits;
 use driftless_core::protocol::{Downlink, downlink_topic, poke_topic};
 use driftless_core::{ChangedRow, StoreOptions};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, SyncMode};
 use crate::error::{Error, Result};
-use crate::sync::{LAST_SYNC_KEY, LiveStatus, SyncEvent, SyncLoop};
+use crate::execute::LAST_SYNC_KEY;
+use crate::machine::{Input, LiveStatus, Machine, MachineConfig};
+use crate::sync::Shell;
 use crate::watch::watch_database;
 use crate::worker::StoreHandle;
 
@@ -36,7 +38,7 @@ pub struct Status {
 pub struct Agent {
     store: StoreHandle,
     status: watch::Receiver<LiveStatus>,
-    events: mpsc::Sender<SyncEvent>,
+    events: mpsc::Sender<Input>,
     changes: broadcast::Sender<Vec<ChangedRow>>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -71,7 +73,7 @@ impl Agent {
             .call(|s| s.tracked().iter().any(|(_, spec)| spec.direction != driftless_core::Direction::UpOnly))
             .await?;
         let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config), 64);
-        eventloop.set_network_options(low_latency());
+        eventloop.set_network_options(network_options());
         let (events_tx, events_rx) = mpsc::channel(1_024);
         let (status_tx, status_rx) = watch::channel(LiveStatus::default());
         let cancel = CancellationToken::new();
@@ -91,7 +93,7 @@ impl Agent {
                     got = change_rx.recv() => {
                         // Hints are dropped when the queue is full rather than waited on: the
                         // loop's backstop timer ships anyway, and waiting here could stall it.
-                        if got.is_none() || matches!(forward.try_send(SyncEvent::LocalChange), Err(mpsc::error::TrySendError::Closed(_))) {
+                        if got.is_none() || matches!(forward.try_send(Input::LocalChange), Err(mpsc::error::TrySendError::Closed(_))) {
                             return;
                         }
                     }
@@ -102,10 +104,19 @@ impl Agent {
             poll_events(eventloop, client.clone(), config.clone(), receives, events_tx.clone(), cancel.clone());
         tasks.push(tokio::spawn(poller));
         let (changes, _) = broadcast::channel(256);
-        let sync = SyncLoop::new(config, client.clone(), store.clone(), status_tx, changes.clone(), receives);
+        let machine = Machine::new(machine_config(&config, receives)?);
+        let shell = Shell::new(
+            client.clone(),
+            &config.tenant,
+            &config.device_id,
+            store.clone(),
+            status_tx,
+            changes.clone(),
+            config.progress,
+        );
         let c = cancel.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = sync.run(events_rx, c).await {
+            if let Err(e) = shell.run(machine, events_rx, c).await {
                 tracing::error!("sync loop stopped: {e}");
             }
             let _ = client.disconnect().await;
@@ -116,7 +127,7 @@ impl Agent {
     /// Ships pending changes and pulls missed ones now rather than at the next trigger.
     /// Never blocks: if the loop's queue is full, a wake-up is already pending.
     pub fn sync_now(&self) -> Result<()> {
-        match self.events.try_send(SyncEvent::SyncNow) {
+        match self.events.try_send(Input::SyncNow) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Stopped),
         }
@@ -171,11 +182,33 @@ impl Agent {
     }
 }
 
+fn machine_config(config: &AgentConfig, receives: bool) -> Result<MachineConfig> {
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| Error::Core(driftless_core::Error::Random(e.to_string())))?;
+    Ok(MachineConfig {
+        device_id: config.device_id.clone(),
+        max_inflight: config.max_inflight,
+        batch_rows: config.batch_rows,
+        max_message_bytes: config.max_message_bytes,
+        pull_rows: config.pull_rows,
+        ack_timeout_ms: config.ack_timeout.as_millis() as u64,
+        receives,
+        interval_ms: match config.mode {
+            SyncMode::RealTime => None,
+            SyncMode::Interval(d) => Some(d.as_millis() as u64),
+        },
+        id_seed: u64::from_le_bytes(seed),
+    })
+}
+
 /// Sync messages are small and answered at once: waiting to coalesce them (Nagle) would add
-/// tens of milliseconds per round trip.
-fn low_latency() -> rumqttc::NetworkOptions {
+/// tens of milliseconds per round trip. Writing one message may take a while on a slow link,
+/// so the write timeout is generous; a link too slow even for that makes the machine send
+/// smaller messages.
+fn network_options() -> rumqttc::NetworkOptions {
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
+    net.set_connection_timeout(30);
     net
 }
 
@@ -187,7 +220,7 @@ pub async fn run(config: AgentConfig, store_opts: StoreOptions, shutdown: impl F
     Ok(())
 }
 
-/// Drives the MQTT connection and turns packets into sync events. Reconnects with capped
+/// Drives the MQTT connection and turns packets into sync inputs. Reconnects with capped
 /// exponential backoff and jitter. Never publishes: a publish awaited here would wait on the
 /// very loop it blocks.
 async fn poll_events(
@@ -195,7 +228,7 @@ async fn poll_events(
     client: AsyncClient,
     config: AgentConfig,
     receives: bool,
-    events: mpsc::Sender<SyncEvent>,
+    events: mpsc::Sender<Input>,
     cancel: CancellationToken,
 ) {
     let limits = Limits::default();
@@ -222,16 +255,17 @@ async fn poll_events(
                     };
                     match subscribed.await {
                         Ok(()) => {
-                            let _ = events.send(SyncEvent::Connected).await;
+                            let _ = events.send(Input::Connected).await;
                         }
                         Err(e) => tracing::error!("subscribe failed: {e}"),
                     }
                 });
                 continue;
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => SyncEvent::Poke,
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => Input::Flushed,
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => Input::Poke,
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == down => match Downlink::decode(&p.payload, &limits) {
-                Ok(msg) => SyncEvent::Downlink(msg),
+                Ok(msg) => Input::Downlink(msg),
                 Err(e) => {
                     tracing::warn!("ignoring an undecodable downlink message: {e}");
                     continue;
@@ -239,9 +273,10 @@ async fn poll_events(
             },
             Ok(_) => continue,
             Err(e) => {
+                let flush_timeout = matches!(e, ConnectionError::FlushTimeout);
                 // Never wait on the sync loop here: it may be waiting on this task to drain
                 // the client's request queue.
-                let _ = events.try_send(SyncEvent::Disconnected(e.to_string()));
+                let _ = events.try_send(Input::Disconnected { flush_timeout });
                 let jitter = Duration::from_millis(u64::from(std::process::id() % 97) + jitter_ms());
                 tracing::debug!("broker connection: {e}; retrying in {:?}", backoff + jitter);
                 tokio::select! {
@@ -252,10 +287,10 @@ async fn poll_events(
                 continue;
             }
         };
-        // Pokes are hints: drop one rather than wait. Downlinks answer the loop's own requests
-        // (a handful at a time), so waiting for room for them is bounded.
+        // Pokes are hints: drop one rather than wait. Everything else answers the machine's
+        // own requests (a handful at a time), so waiting for room is bounded.
         let sent = match event {
-            SyncEvent::Poke => !matches!(events.try_send(event), Err(mpsc::error::TrySendError::Closed(_))),
+            Input::Poke => !matches!(events.try_send(event), Err(mpsc::error::TrySendError::Closed(_))),
             other => events.send(other).await.is_ok(),
         };
         if !sent {

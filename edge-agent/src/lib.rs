@@ -10,7 +10,10 @@
 //! # Layout
 //! - `config`: [`AgentConfig`], [`SyncMode`].
 //! - `agent`: [`Agent`] start/stop/status, the MQTT poller.
-//! - `sync`: the sync loop (in-flight window, acks, nacks, pulls, snapshots).
+//! - [`machine`]: the sync protocol as a sans-IO state machine (handshake, in-flight window,
+//!   acks and refusals, resends, pulls, snapshots, epoch changes).
+//! - `execute`: the machine's store work carried out on a [`driftless_core::Store`].
+//! - `sync`: the async shell that drives the machine.
 //! - `worker`: [`StoreHandle`], the thread that owns the store.
 //! - `watch`: change notification by watching the database file.
 //! - `progress`: the terminal progress bar.
@@ -18,6 +21,8 @@
 mod agent;
 mod config;
 mod error;
+mod execute;
+pub mod machine;
 mod progress;
 mod sync;
 mod watch;
@@ -26,5 +31,6 @@ mod worker;
 pub use agent::{Agent, Status, run};
 pub use config::{AgentConfig, SyncMode};
 pub use error::{Error, Result};
-pub use sync::LiveStatus;
+pub use execute::execute;
+pub use machine::{LiveStatus, Machine, MachineConfig};
 pub use worker::StoreHandle;

@@ -2,8 +2,10 @@
 
 use std::io::{IsTerminal, Write};
 
+use crate::machine::Progress;
+
 #[derive(Debug)]
-pub(crate) struct Progress {
+pub(crate) struct ProgressBar {
     enabled: bool,
     label: &'static str,
     total: u64,
@@ -11,9 +13,17 @@ pub(crate) struct Progress {
     shown: bool,
 }
 
-impl Progress {
-    pub(crate) fn new(wanted: bool) -> Progress {
-        Progress { enabled: wanted && std::io::stderr().is_terminal(), label: "", total: 0, done: 0, shown: false }
+impl ProgressBar {
+    pub(crate) fn new(wanted: bool) -> ProgressBar {
+        ProgressBar { enabled: wanted && std::io::stderr().is_terminal(), label: "", total: 0, done: 0, shown: false }
+    }
+
+    pub(crate) fn apply(&mut self, p: Progress) {
+        match p {
+            Progress::Start { label, total } => self.start(label, total),
+            Progress::Advance(n) => self.advance(n),
+            Progress::Finish => self.finish(),
+        }
     }
 
     /// Starts a bar when there is enough work to be worth showing.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use driftless_core::codec::{EncodeOptions, encode_batch};
 use driftless_core::protocol::{Uplink, uplink_topic};
 use driftless_core::{Store, StoreOptions, Value};
+use driftless_gateway::storage::{DeadLetterFilter, Incoming};
 use driftless_gateway::{GatewayStore, SqliteStore};
 use driftless_tests::*;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -100,8 +101,13 @@ async fn the_same_batch_delivered_five_times_applies_once() {
         let bytes = encode_batch(&out.batch, EncodeOptions::default());
         let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
         let client = raw_client(&broker, &format!("raw-{tenant}")).await;
-        let msg =
-            Uplink::Batch { device: "src".into(), first_seq: out.first_seq, last_seq: out.last_seq, batch: bytes };
+        let msg = Uplink::Batch {
+            device: "src".into(),
+            id: 7,
+            first_seq: out.first_seq,
+            last_seq: out.last_seq,
+            batch: bytes,
+        };
         for _ in 0..5 {
             client.publish(uplink_topic(&tenant, "src"), QoS::AtLeastOnce, false, msg.encode()).await.expect("publish");
         }
@@ -115,7 +121,7 @@ async fn the_same_batch_delivered_five_times_applies_once() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(rows(&b, "SELECT id, stock FROM inspections"), want);
         let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
-        assert_eq!(gw_store.log_head(&tenant).expect("head"), 1, "only the first delivery was logged");
+        assert_eq!(gw_store.log_head(&tenant).expect("head").position, 1, "only the first delivery was logged");
         agent_b.stop().await;
         gw.stop().await;
     }
@@ -133,8 +139,13 @@ async fn malformed_and_misaddressed_batches_are_dead_lettered_and_sync_continues
         let agent_b = start_agent(&b, &broker, &tenant, "tab-b").await;
         let client = raw_client(&broker, &format!("raw-{tenant}")).await;
         // Garbage on a's topic, then a well-formed batch on a's topic claiming to be b.
-        let garbage =
-            Uplink::Batch { device: "tab-a".into(), first_seq: 900, last_seq: 900, batch: b"not a batch".to_vec() };
+        let garbage = Uplink::Batch {
+            device: "tab-a".into(),
+            id: 1,
+            first_seq: 900,
+            last_seq: 900,
+            batch: b"not a batch".to_vec(),
+        };
         client
             .publish(uplink_topic(&tenant, "tab-a"), QoS::AtLeastOnce, false, garbage.encode())
             .await
@@ -145,6 +156,7 @@ async fn malformed_and_misaddressed_batches_are_dead_lettered_and_sync_continues
         let out = s.outbox_batch(10).expect("outbox").expect("batch");
         let forged = Uplink::Batch {
             device: "tab-b".into(),
+            id: 2,
             first_seq: out.first_seq,
             last_seq: out.last_seq,
             batch: encode_batch(&out.batch, EncodeOptions::default()),
@@ -154,9 +166,11 @@ async fn malformed_and_misaddressed_batches_are_dead_lettered_and_sync_continues
             .await
             .expect("publish");
         let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
-        eventually("two dead letters", WAIT, || gw_store.dead_letters(&tenant).map(|d| d.len()).unwrap_or(0) == 2)
+        let filter = DeadLetterFilter { tenant: Some(tenant.clone()), ..Default::default() };
+        eventually("two dead letters", WAIT, || gw_store.dead_letters(&filter).map(|d| d.len()).unwrap_or(0) == 2)
             .await;
-        let letters = gw_store.dead_letters(&tenant).expect("dead letters");
+        let mut letters = gw_store.dead_letters(&filter).expect("dead letters");
+        letters.reverse();
         assert!(letters[0].reason.contains("batch refused"), "{}", letters[0].reason);
         assert!(letters[1].reason.contains("claims device"), "{}", letters[1].reason);
         // Real traffic still flows both ways, and the forged row never arrives.
@@ -186,7 +200,16 @@ async fn a_batch_resent_after_the_gateway_died_between_merge_and_ack_applies_onc
         let out = store.outbox_batch(100).expect("outbox").expect("batch");
         drop(store);
         let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
-        gw_store.merge(&tenant, "tab-a", out.first_seq, out.last_seq, &out.batch).expect("merge");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+        let from = Incoming {
+            tenant: &tenant,
+            device: "tab-a",
+            first_seq: out.first_seq,
+            last_seq: out.last_seq,
+            now_ms: now,
+            max_drift_ms: 300_000,
+        };
+        gw_store.merge(&from, &out.batch).expect("merge");
         drop(gw_store);
         // The gateway comes back; the device reconnects and sends the batch again.
         let gw = Gateway::start(&broker, &tenant, dir.path().join("gw.db")).await;
@@ -200,7 +223,7 @@ async fn a_batch_resent_after_the_gateway_died_between_merge_and_ack_applies_onc
         let want = vec![vec![text("bolts"), Value::Integer(42)]];
         eventually("b sees the counter once", WAIT, || rows(&b, "SELECT id, stock FROM inspections") == want).await;
         let mut gw_store = SqliteStore::open(dir.path().join("gw.db")).expect("gw db");
-        assert_eq!(gw_store.log_head(&tenant).expect("head"), 1, "the resend was recognised as merged");
+        assert_eq!(gw_store.log_head(&tenant).expect("head").position, 1, "the resend was recognised as merged");
         agent_a.stop().await;
         agent_b.stop().await;
         gw.stop().await;

@@ -1,54 +1,49 @@
 //! The single-file SQLite gateway store.
 
-use std::collections::BTreeMap;
+mod merge;
+mod schema;
+
 use std::path::Path;
 use std::time::Duration;
 
-use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
-use driftless_core::{Batch, NodeId, RowChange, join_row};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use driftless_core::codec::{Limits, decode_payload};
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use sha2::{Digest, Sha256};
 
-use super::{ChangesPage, DeadLetter, DeviceInfo, GatewayStore, MergeOutcome, SnapshotPage};
-use crate::error::{Error, Result};
+use super::{
+    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
+    SkewedNode, SnapshotPage,
+};
+use crate::error::{Error, MergeError, Result};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS gw_rows (
-    tenant TEXT NOT NULL,
-    tbl    TEXT NOT NULL,
-    pk     BLOB NOT NULL,
-    state  BLOB NOT NULL,   -- a one-row batch payload: the row's merged state
-    PRIMARY KEY (tenant, tbl, pk)
-) WITHOUT ROWID;
--- Merged changes in merge order; devices pull after a cursor into it.
-CREATE TABLE IF NOT EXISTS gw_log (
-    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    rows   INTEGER NOT NULL,
-    change BLOB NOT NULL    -- a batch payload of the rows whose state changed
-);
-CREATE INDEX IF NOT EXISTS gw_log_by_tenant ON gw_log (tenant, seq);
-CREATE TABLE IF NOT EXISTS gw_devices (
-    tenant          TEXT NOT NULL,
-    device          TEXT NOT NULL,
-    first_seen_ms   INTEGER NOT NULL,
-    last_seen_ms    INTEGER NOT NULL,
-    uplink_hwm      INTEGER NOT NULL DEFAULT 0,
-    downlink_cursor INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (tenant, device)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS gw_dead_letters (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant      TEXT NOT NULL,
-    device      TEXT NOT NULL,
-    received_ms INTEGER NOT NULL,
-    reason      TEXT NOT NULL,
-    payload     BLOB NOT NULL
-);
-";
+/// Dead letters larger than this keep only their first [`DEAD_LETTER_PREFIX`] bytes.
+const DEAD_LETTER_INLINE: usize = 64 << 10;
+const DEAD_LETTER_PREFIX: usize = 4 << 10;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A source of log entry tags: random per process, so a log rolled back and written again
+/// by another run gets other tags at the same positions.
+#[derive(Debug)]
+struct Tags(u64);
+
+impl Tags {
+    fn new() -> Result<Tags> {
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| Error::Random(e.to_string()))?;
+        Ok(Tags(u64::from_le_bytes(seed) | 1))
+    }
+
+    /// The next tag (xorshift64*, never 0: 0 means "unknown" in a cursor).
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).max(1)
+    }
 }
 
 /// Gateway state in one SQLite file (WAL, one writer).
@@ -56,27 +51,60 @@ fn now_ms() -> i64 {
 pub struct SqliteStore {
     conn: Connection,
     limits: Limits,
+    epoch: Epoch,
+    tags: Tags,
 }
 
 impl SqliteStore {
+    /// Opens the store at `path`, creating it if needed.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
-        let conn = Connection::open(path)?;
+        Self::open_with(path, OpenFlags::default())
+    }
+
+    /// Opens an existing store; a missing file is an error rather than a new empty store
+    /// (for commands that only look).
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<SqliteStore> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::MissingDatabase(path.display().to_string()));
+        }
+        Self::open_with(path, OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_CREATE))
+    }
+
+    fn open_with(path: impl AsRef<Path>, flags: OpenFlags) -> Result<SqliteStore> {
+        let mut conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: an ack tells the device to delete its copy, so a merge must survive power loss.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(SqliteStore { conn, limits: Limits::default() })
-    }
-
-    fn one_row_payload(batch_roles: &BTreeMap<NodeId, String>, row: RowChange) -> Vec<u8> {
-        let roles = row.state.nodes().into_iter().filter_map(|n| batch_roles.get(&n).map(|r| (n, r.clone()))).collect();
-        encode_payload(&Batch { roles, rows: vec![row] })
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        schema::upgrade(&tx)?;
+        let stored: Option<Vec<u8>> =
+            tx.query_row("SELECT value FROM gw_meta WHERE key = 'epoch'", [], |r| r.get(0)).optional()?;
+        let epoch = match stored {
+            Some(b) => Epoch(b.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?),
+            None => {
+                let epoch = Epoch::random().map_err(|e| Error::Random(e.to_string()))?;
+                set_epoch(&tx, epoch, "store created")?;
+                epoch
+            }
+        };
+        tx.commit()?;
+        Ok(SqliteStore { conn, limits: Limits::default(), epoch, tags: Tags::new()? })
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Batch> {
         decode_payload(bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))
     }
+}
+
+fn set_epoch(conn: &Connection, epoch: Epoch, reason: &str) -> Result<()> {
+    conn.execute("INSERT OR REPLACE INTO gw_meta(key, value) VALUES ('epoch', ?1)", [&epoch.0[..]])?;
+    conn.execute(
+        "INSERT INTO gw_epochs(epoch, since_ms, reason) VALUES (?1, ?2, ?3)",
+        rusqlite::params![&epoch.0[..], now_ms(), reason],
+    )?;
+    Ok(())
 }
 
 /// Snapshot resume tokens: table name length, table name, encoded key.
@@ -89,86 +117,68 @@ fn resume_token(table: &str, key: &[u8]) -> Vec<u8> {
 
 fn parse_resume(token: &[u8]) -> Option<(String, Vec<u8>)> {
     let len = u32::from_le_bytes(token.get(..4)?.try_into().ok()?) as usize;
-    let table = std::str::from_utf8(token.get(4..4 + len)?).ok()?.to_owned();
+    let table = std::str::from_utf8(token.get(4..4usize.checked_add(len)?)?).ok()?.to_owned();
     Some((table, token[4 + len..].to_vec()))
 }
 
 impl GatewayStore for SqliteStore {
-    fn merge(
-        &mut self,
-        tenant: &str,
-        device: &str,
-        first_seq: i64,
-        last_seq: i64,
-        batch: &Batch,
-    ) -> Result<MergeOutcome> {
+    fn epoch(&mut self) -> Result<Epoch> {
+        Ok(self.epoch)
+    }
+
+    fn new_epoch(&mut self, reason: &str) -> Result<Epoch> {
+        let epoch = Epoch::random().map_err(|e| Error::Random(e.to_string()))?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut outcome = MergeOutcome::default();
-        let mut changed = Batch::default();
-        for row in &batch.rows {
-            let key = encode_key(&row.pk);
-            // Read inside the write transaction, so another writer cannot interleave.
-            let stored: Option<Vec<u8>> = tx
-                .prepare_cached("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?
-                .query_row(rusqlite::params![tenant, row.table, key], |r| r.get(0))
-                .optional()?;
-            // The row's state and the roles of the nodes in it, as stored with it.
-            let (mut current, mut roles) = match stored {
-                Some(bytes) => {
-                    let mut b = decode_payload(&bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))?;
-                    let stored = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
-                    (stored, b.roles)
-                }
-                None => (
-                    RowChange { table: row.table.clone(), pk: row.pk.clone(), state: Default::default() },
-                    BTreeMap::new(),
-                ),
-            };
-            if !join_row(&mut current.state, &row.state) {
-                outcome.duplicates += 1;
-                continue;
-            }
-            outcome.applied += 1;
-            roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
-            tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(rusqlite::params![tenant, row.table, key, Self::one_row_payload(&roles, current)])?;
-            changed.rows.push(row.clone());
-        }
-        if !changed.rows.is_empty() {
-            changed.roles = batch.roles.clone();
-            tx.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(rusqlite::params![tenant, device, changed.rows.len() as i64, encode_payload(&changed)])?;
-            outcome.logged_at = Some(tx.last_insert_rowid() as u64);
-        }
-        let now = now_ms();
-        tx.prepare_cached(
-            "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, uplink_hwm) VALUES (?1, ?2, ?3, ?3, ?4)
-             ON CONFLICT(tenant, device) DO UPDATE SET last_seen_ms = ?3, uplink_hwm = max(uplink_hwm, ?4)",
-        )?
-        .execute(rusqlite::params![tenant, device, now, last_seq.max(first_seq)])?;
+        set_epoch(&tx, epoch, reason)?;
         tx.commit()?;
-        Ok(outcome)
+        self.epoch = epoch;
+        Ok(epoch)
+    }
+
+    fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "INSERT INTO gw_nodes(tenant, node, device) VALUES (?1, ?2, ?3)
+             ON CONFLICT(tenant, node) DO UPDATE SET device = coalesce(device, excluded.device)",
+        )?
+        .execute(rusqlite::params![tenant, &node.0[..], device])?;
+        let (owner, counter): (String, i64) = tx
+            .prepare_cached("SELECT device, max_counter FROM gw_nodes WHERE tenant = ?1 AND node = ?2")?
+            .query_row(rusqlite::params![tenant, &node.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let device_seq: i64 = tx
+            .prepare_cached("SELECT uplink_hwm FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
+            .query_row(rusqlite::params![tenant, device], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        tx.commit()?;
+        Ok(DeviceView { node_counter: counter as u64, device_seq, node_owner: owner })
+    }
+
+    fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
+        let tag = self.tags.next();
+        merge::merge(&mut self.conn, &self.limits, from, tag, batch)
     }
 
     fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
-        let mut page = ChangesPage { cursor, ..ChangesPage::default() };
+        let tag = self.log_tag(tenant, cursor)?.unwrap_or(0);
+        let mut page = ChangesPage { cursor: LogCursor { position: cursor, tag }, ..ChangesPage::default() };
         const ENTRIES: usize = 256;
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, origin, change FROM gw_log WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq, origin, change, tag FROM gw_log WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
         let entries = stmt
             .query_map(rusqlite::params![tenant, cursor as i64, ENTRIES as i64 + 1], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         drop(stmt);
         page.more = entries.len() > ENTRIES;
-        for (seq, origin, change) in entries.into_iter().take(ENTRIES) {
+        for (seq, origin, change, tag) in entries.into_iter().take(ENTRIES) {
             if page.batch.rows.len() >= max_rows {
                 page.more = true;
                 break;
             }
-            page.cursor = seq as u64;
+            page.cursor = LogCursor { position: seq as u64, tag: tag as u64 };
             // A device's own changes are not sent back to it; the cursor still moves past them.
             if origin == device {
                 continue;
@@ -180,17 +190,35 @@ impl GatewayStore for SqliteStore {
         Ok(page)
     }
 
-    fn log_head(&mut self, tenant: &str) -> Result<u64> {
-        let head: Option<i64> =
-            self.conn.query_row("SELECT max(seq) FROM gw_log WHERE tenant = ?1", [tenant], |r| r.get(0))?;
-        Ok(head.unwrap_or(0) as u64)
+    fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
+        let head: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT seq, tag FROM gw_log WHERE tenant = ?1 ORDER BY seq DESC LIMIT 1")?
+            .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(head.map_or(LogCursor::default(), |(seq, tag)| LogCursor { position: seq as u64, tag: tag as u64 }))
     }
 
-    fn snapshot_page(&mut self, tenant: &str, resume: &[u8], max_rows: usize) -> Result<SnapshotPage> {
+    fn log_tag(&mut self, tenant: &str, position: u64) -> Result<Option<u64>> {
+        if position == 0 {
+            return Ok(Some(0));
+        }
+        let tag: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT tag FROM gw_log WHERE seq = ?1 AND tenant = ?2")?
+            .query_row(rusqlite::params![position as i64, tenant], |r| r.get(0))
+            .optional()?;
+        Ok(tag.map(|t| t as u64))
+    }
+
+    fn snapshot_page(&mut self, tenant: &str, resume: &[u8], max_rows: usize) -> Result<Option<SnapshotPage>> {
         let (table, key) = if resume.is_empty() {
             (String::new(), Vec::new())
         } else {
-            parse_resume(resume).ok_or_else(|| Error::Corrupt("bad snapshot resume token".into()))?
+            match parse_resume(resume) {
+                Some(position) => position,
+                None => return Ok(None),
+            }
         };
         let mut stmt = self.conn.prepare_cached(
             "SELECT tbl, pk, state FROM gw_rows WHERE tenant = ?1 AND (tbl, pk) > (?2, ?3) ORDER BY tbl, pk LIMIT ?4",
@@ -211,11 +239,10 @@ impl GatewayStore for SqliteStore {
         if page.done {
             page.resume.clear();
         }
-        Ok(page)
+        Ok(Some(page))
     }
 
     fn touch_device(&mut self, tenant: &str, device: &str, cursor: Option<u64>) -> Result<()> {
-        let now = now_ms();
         self.conn
             .prepare_cached(
                 "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, downlink_cursor)
@@ -223,12 +250,12 @@ impl GatewayStore for SqliteStore {
                  ON CONFLICT(tenant, device) DO UPDATE SET last_seen_ms = ?3,
                      downlink_cursor = coalesce(?4, downlink_cursor)",
             )?
-            .execute(rusqlite::params![tenant, device, now, cursor.map(|c| c as i64)])?;
+            .execute(rusqlite::params![tenant, device, now_ms(), cursor.map(|c| c as i64)])?;
         Ok(())
     }
 
     fn devices(&mut self, tenant: &str) -> Result<Vec<DeviceInfo>> {
-        let head = self.log_head(tenant)?;
+        let head = self.log_head(tenant)?.position;
         let mut stmt = self.conn.prepare_cached(
             "SELECT device, first_seen_ms, last_seen_ms, uplink_hwm, downlink_cursor FROM gw_devices
              WHERE tenant = ?1 ORDER BY device",
@@ -257,79 +284,97 @@ impl GatewayStore for SqliteStore {
     }
 
     fn dead_letter(&mut self, tenant: &str, device: &str, reason: &str, payload: &[u8]) -> Result<i64> {
+        let sha256: String = Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect();
+        let kept = if payload.len() > DEAD_LETTER_INLINE { &payload[..DEAD_LETTER_PREFIX] } else { payload };
         self.conn
             .prepare_cached(
-                "INSERT INTO gw_dead_letters(tenant, device, received_ms, reason, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO gw_dead_letters(tenant, device, received_ms, reason, payload, size, sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(rusqlite::params![tenant, device, now_ms(), reason, payload])?;
+            .execute(rusqlite::params![tenant, device, now_ms(), reason, kept, payload.len() as i64, sha256])?;
         Ok(self.conn.last_insert_rowid())
     }
 
-    fn dead_letters(&mut self, tenant: &str) -> Result<Vec<DeadLetter>> {
+    fn dead_letters(&mut self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, device, received_ms, reason, payload FROM gw_dead_letters WHERE tenant = ?1 ORDER BY id",
+            "SELECT id, tenant, device, received_ms, reason, payload, size, sha256 FROM gw_dead_letters
+             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR device = ?2)
+               AND (?3 IS NULL OR instr(reason, ?3) > 0) AND (?4 IS NULL OR received_ms >= ?4)
+             ORDER BY id DESC LIMIT ?5",
         )?;
-        let rows = stmt.query_map([tenant], |r| {
-            Ok(DeadLetter {
-                id: r.get(0)?,
-                tenant: tenant.to_owned(),
-                device: r.get(1)?,
-                received_ms: r.get(2)?,
-                reason: r.get(3)?,
-                payload: r.get(4)?,
-            })
-        })?;
+        let limit = if filter.limit == 0 { -1 } else { filter.limit as i64 };
+        let rows = stmt.query_map(
+            rusqlite::params![filter.tenant, filter.device, filter.reason, filter.since_ms, limit],
+            |r| {
+                let payload: Vec<u8> = r.get(5)?;
+                let size: i64 = r.get(6)?;
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    device: r.get(2)?,
+                    received_ms: r.get(3)?,
+                    reason: r.get(4)?,
+                    // Letters kept before sizes were recorded hold their whole payload.
+                    size: if size > 0 { size as u64 } else { payload.len() as u64 },
+                    payload,
+                    sha256: r.get(7)?,
+                })
+            },
+        )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn purge_dead_letters(&mut self, before_ms: i64) -> Result<usize> {
+        Ok(self.conn.prepare_cached("DELETE FROM gw_dead_letters WHERE received_ms < ?1")?.execute([before_ms])?)
+    }
+
+    fn note_attempt(&mut self, key: &[u8; 32]) -> Result<u32> {
+        let now = now_ms();
+        let count: i64 = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO gw_attempts(key, count, first_ms, last_ms) VALUES (?1, 1, ?2, ?2)
+                 ON CONFLICT(key) DO UPDATE SET count = count + 1, last_ms = excluded.last_ms RETURNING count",
+            )?
+            .query_row(rusqlite::params![&key[..], now], |r| r.get(0))?;
+        Ok(count as u32)
+    }
+
+    fn attempts(&mut self, key: &[u8; 32]) -> Result<Option<(u32, i64)>> {
+        let found: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT count, last_ms FROM gw_attempts WHERE key = ?1")?
+            .query_row([&key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(found.map(|(c, at)| (c as u32, at)))
+    }
+
+    fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {
+        self.conn.prepare_cached("DELETE FROM gw_attempts WHERE key = ?1")?.execute([&key[..]])?;
+        Ok(())
+    }
+
+    fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT node, max_hlc, bounded, last_ms FROM gw_clock_skew WHERE tenant = ?1 ORDER BY node",
+        )?;
+        let rows = stmt
+            .query_map([tenant], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(node, hlc, bounded, last_ms)| {
+                Ok(SkewedNode {
+                    node: NodeId::from_slice(&node).ok_or_else(|| Error::Corrupt("skewed node id".into()))?,
+                    max_hlc: Hlc(hlc as u64),
+                    bounded: bounded as u64,
+                    last_ms,
+                })
+            })
+            .collect()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use driftless_core::{Store, StoreOptions, TableSpec};
-
-    fn device_batch(dir: &Path) -> Batch {
-        let mut s = Store::open(dir.join("d.db"), StoreOptions::default()).expect("open");
-        s.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)")?))
-            .expect("schema");
-        s.track("t", TableSpec::new().column("n", driftless_core::ColumnPolicy::Counter)).expect("track");
-        s.write(|tx| Ok(tx.execute_batch("INSERT INTO t VALUES ('a', 5), ('b', 1)")?)).expect("insert");
-        s.outbox_batch(100).expect("outbox").expect("batch").batch
-    }
-
-    #[test]
-    fn merging_the_same_batch_again_changes_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let batch = device_batch(dir.path());
-        let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
-        let first = gw.merge("acme", "tab-1", 1, 2, &batch).expect("merge");
-        assert_eq!((first.applied, first.duplicates), (2, 0));
-        assert_eq!(first.logged_at, Some(1));
-        for _ in 0..4 {
-            let again = gw.merge("acme", "tab-1", 1, 2, &batch).expect("merge");
-            assert_eq!((again.applied, again.duplicates, again.logged_at), (0, 2, None));
-        }
-        assert_eq!(gw.log_head("acme").expect("head"), 1);
-        // The device that sent the changes is not sent them back; another device is.
-        assert!(gw.changes_after("acme", "tab-1", 0, 100).expect("page").batch.rows.is_empty());
-        let page = gw.changes_after("acme", "tab-2", 0, 100).expect("page");
-        assert_eq!((page.batch.rows.len(), page.cursor, page.more), (2, 1, false));
-        // Tenants are separate.
-        assert_eq!(gw.log_head("other").expect("head"), 0);
-    }
-
-    #[test]
-    fn snapshot_pages_cover_every_row_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let batch = device_batch(dir.path());
-        let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
-        gw.merge("acme", "tab-1", 1, 2, &batch).expect("merge");
-        let first = gw.snapshot_page("acme", &[], 1).expect("page");
-        assert_eq!((first.batch.rows.len(), first.done), (1, false));
-        let second = gw.snapshot_page("acme", &first.resume, 1).expect("page");
-        let third = gw.snapshot_page("acme", &second.resume, 1).expect("page");
-        assert_eq!(second.batch.rows.len(), 1);
-        assert!(third.done && third.batch.rows.is_empty());
-        assert_ne!(first.batch.rows[0].pk, second.batch.rows[0].pk);
-    }
-}
+mod tests;

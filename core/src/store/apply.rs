@@ -92,7 +92,7 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
             report.duplicates += 1;
             continue;
         }
-        if let Err(reason) = meta::check_limits(&state, &inner.opts.limits) {
+        if let Err(reason) = state.check_limits(&inner.opts.limits) {
             refusals::refuse(conn, Origin::Remote, &row.table, &key, &reason, inner.now())?;
             report.refused += 1;
             continue;

@@ -6,19 +6,10 @@
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::protocol::LogCursor;
 
 const POSITION_KEY: &str = "sync.cursor";
 const TAG_KEY: &str = "sync.cursor_tag";
-
-/// A position in the gateway's log and the tag of the entry there. The tag lets the gateway
-/// tell a log that was rolled back and written again (a restored backup) from the one this
-/// position was read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LogCursor {
-    pub position: u64,
-    /// 0 when unknown (a cursor saved by an older version).
-    pub tag: u64,
-}
 
 pub(crate) fn get(conn: &Connection) -> Result<Option<LogCursor>> {
     let read = |key: &str| -> Result<Option<String>> {

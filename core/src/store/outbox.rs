@@ -18,10 +18,18 @@ pub struct OutboxBatch {
     pub batch: Batch,
 }
 
-pub(crate) fn read(conn: &Connection, inner: &Inner, after: i64, max_rows: usize) -> Result<Option<OutboxBatch>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, tbl, pk, change FROM _driftless_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-    let rows = stmt.query_map(rusqlite::params![after, max_rows as i64], |r| {
+/// Up to `max_rows` entries with sequence numbers in `after + 1 ..= upto`, oldest first.
+pub(crate) fn read(
+    conn: &Connection,
+    inner: &Inner,
+    after: i64,
+    upto: i64,
+    max_rows: usize,
+) -> Result<Option<OutboxBatch>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, tbl, pk, change FROM _driftless_outbox WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(rusqlite::params![after, upto, max_rows as i64], |r| {
         Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, Vec<u8>>(3)?))
     })?;
     let mut batch = Batch::default();

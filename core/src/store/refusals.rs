@@ -88,3 +88,29 @@ pub(crate) fn refuse(
         .execute(rusqlite::params![table, key, origin, reason, now_ms as i64])?;
     Ok(())
 }
+
+/// A change that was not merged, as listed by [`crate::Store::refused`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub table: String,
+    /// The key, as far as it could be read.
+    pub pk: Vec<crate::value::Value>,
+    /// A write of this store's (true) or a remote change (false).
+    pub local: bool,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+pub(crate) fn list(conn: &Connection, limits: &crate::codec::Limits) -> Result<Vec<Refused>> {
+    let mut stmt = conn.prepare("SELECT tbl, pk, origin, reason, at_ms FROM _driftless_refused ORDER BY id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (table, key, origin, reason, at_ms) = row?;
+        let pk = crate::codec::decode_key(&key, limits).unwrap_or_default();
+        out.push(Refused { table, pk, local: origin == "local", reason, at_ms });
+    }
+    Ok(out)
+}

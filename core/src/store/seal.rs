@@ -135,7 +135,7 @@ pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
             }
             write_local_delete(&mut state, dot, row_hlc, deltas)
         };
-        if let Err(reason) = meta::check_limits(&state, &inner.opts.limits) {
+        if let Err(reason) = state.check_limits(&inner.opts.limits) {
             // A value this large could never be loaded again by any replica: keep the app's
             // row as it is, record why it does not sync, and go on with the other rows.
             refusals::refuse(conn, Origin::Local, &info.name, &key, &reason, now)?;

@@ -1,0 +1,270 @@
+use driftless_core::codec::{EncodeOptions, encode_batch};
+use driftless_core::{ColumnPolicy, NodeId, Store, StoreOptions, TableSpec};
+
+use super::*;
+use crate::storage::{DeadLetterFilter, MergeOutcome, SqliteStore};
+
+const NOW: u64 = 1_800_000_000_000;
+
+fn reply(out: &[Outgoing]) -> Downlink {
+    match out {
+        [Outgoing::Reply { payload, .. }, ..] => Downlink::decode(payload, &Limits::default()).expect("downlink"),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+fn handle(store: &mut dyn GatewayStore, msg: &Uplink) -> Result<Vec<Outgoing>> {
+    handle_uplink(store, &HandlerConfig::default(), &format!("driftless/t/{}/up", msg.device()), &msg.encode(), NOW)
+}
+
+fn letters(store: &mut SqliteStore) -> Vec<crate::storage::DeadLetter> {
+    store.dead_letters(&DeadLetterFilter::default()).expect("dead letters")
+}
+
+fn open(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(dir.path().join("gw.db")).expect("open")
+}
+
+fn device_batch(dir: &tempfile::TempDir, sql: &str) -> Vec<u8> {
+    let mut s = Store::open(dir.path().join("d.db"), StoreOptions::default()).expect("open");
+    s.write(|tx| {
+        Ok(tx.execute_batch("CREATE TABLE IF NOT EXISTS t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)")?)
+    })
+    .expect("schema");
+    s.track("t", TableSpec::new().column("n", ColumnPolicy::Counter)).expect("track");
+    s.write(|tx| Ok(tx.execute_batch(sql)?)).expect("write");
+    let out = s.outbox_batch(100).expect("outbox").expect("batch");
+    s.ack(out.first_seq, out.last_seq).expect("ack");
+    encode_batch(&out.batch, EncodeOptions::default())
+}
+
+#[test]
+fn a_batch_claiming_another_device_is_refused_by_its_id_and_dead_lettered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let msg = Uplink::Batch { device: "b".into(), id: 42, first_seq: 1, last_seq: 2, batch: vec![] };
+    let out =
+        handle_uplink(&mut store, &HandlerConfig::default(), "driftless/t/a/up", &msg.encode(), NOW).expect("handled");
+    assert!(matches!(reply(&out), Downlink::Nack { id: 42, first_seq: 1, last_seq: 2, .. }));
+    let letters = letters(&mut store);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].device, "a");
+}
+
+#[test]
+fn garbage_is_dead_lettered_without_a_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let out = handle_uplink(&mut store, &HandlerConfig::default(), "driftless/t/a/up", b"\xff\x00garbage", NOW)
+        .expect("handled");
+    assert!(out.is_empty());
+    assert_eq!(letters(&mut store).len(), 1);
+    // Not an uplink topic at all: ignored.
+    assert!(handle_uplink(&mut store, &HandlerConfig::default(), "elsewhere", b"x", NOW).expect("handled").is_empty());
+}
+
+#[test]
+fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let epoch = store.epoch().expect("epoch");
+    let msg = Uplink::PullSnapshot {
+        device: "a".into(),
+        epoch,
+        resume: vec![0xff; 9],
+        log_cursor: LogCursor::default(),
+        max_rows: 10,
+        max_bytes: 1 << 20,
+    };
+    assert!(handle(&mut store, &msg).expect("handled").is_empty());
+    assert!(letters(&mut store)[0].reason.contains("resume token"));
+}
+
+#[test]
+fn a_row_no_device_could_apply_is_refused_with_a_nack_and_never_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let good = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
+    let msg = Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch: good };
+    assert!(matches!(reply(&handle(&mut store, &msg).expect("handled")), Downlink::Ack { id: 1, .. }));
+    // The same table with a two-column key: no device could apply it.
+    let mut s = Store::open(dir.path().join("other.db"), StoreOptions::default()).expect("open");
+    s.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (a TEXT, b TEXT, PRIMARY KEY (a, b))")?)).expect("schema");
+    s.track("t", TableSpec::new()).expect("track");
+    s.write(|tx| Ok(tx.execute_batch("INSERT INTO t VALUES ('x', 'y')")?)).expect("write");
+    let bad = encode_batch(&s.outbox_batch(10).expect("outbox").expect("batch").batch, EncodeOptions::default());
+    let msg = Uplink::Batch { device: "b".into(), id: 9, first_seq: 1, last_seq: 1, batch: bad };
+    match reply(&handle(&mut store, &msg).expect("handled")) {
+        Downlink::Nack { id: 9, reason, .. } => assert!(reason.contains("key columns"), "{reason}"),
+        other => panic!("expected a nack, got {other:?}"),
+    }
+    assert_eq!(store.log_head("t").expect("head").position, 1);
+}
+
+#[test]
+fn a_hello_reports_what_the_gateway_holds_of_the_device_and_its_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let epoch = store.epoch().expect("epoch");
+    let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
+    let decoded = driftless_core::codec::decode_batch(&batch, &Limits::default(), &Default::default()).expect("decode");
+    let node = decoded.rows[0].state.life.entries[0].dot.node;
+    let hello = |device: &str, acked_seq, epoch| Uplink::Hello {
+        device: device.into(),
+        node,
+        counter: 0,
+        outbox_seq: 0,
+        acked_seq,
+        epoch,
+    };
+    let out = handle(&mut store, &hello("a", 0, None)).expect("handled");
+    assert_eq!(reply(&out), Downlink::Welcome { epoch, node_counter: 0, device_seq: 0, node_elsewhere: false });
+    handle(&mut store, &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch }).expect("merge");
+    let out = handle(&mut store, &hello("a", 1, Some(epoch))).expect("handled");
+    assert_eq!(reply(&out), Downlink::Welcome { epoch, node_counter: 1, device_seq: 1, node_elsewhere: false });
+    // A copy of a's database on device c.
+    let out = handle(&mut store, &hello("c", 0, None)).expect("handled");
+    assert!(matches!(reply(&out), Downlink::Welcome { node_elsewhere: true, .. }));
+}
+
+#[test]
+fn acknowledgements_the_store_has_no_record_of_start_a_new_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let epoch = store.epoch().expect("epoch");
+    let hello = |epoch, acked_seq| Uplink::Hello {
+        device: "a".into(),
+        node: NodeId([5; 16]),
+        counter: 9,
+        outbox_seq: 40,
+        acked_seq,
+        epoch: Some(epoch),
+    };
+    let Downlink::Welcome { epoch: next, .. } = reply(&handle(&mut store, &hello(epoch, 40)).expect("handled")) else {
+        panic!("expected a welcome")
+    };
+    assert_ne!(next, epoch, "the store lost 40 acknowledged entries of a");
+    // Another device still speaking for the old epoch is no new evidence.
+    let other = reply(&handle(&mut store, &hello(epoch, 40)).expect("handled"));
+    assert!(matches!(other, Downlink::Welcome { epoch: e, .. } if e == next));
+    // The device then speaks for the new epoch, with no acknowledgements under it yet.
+    let again = reply(&handle(&mut store, &hello(next, 0)).expect("handled"));
+    assert!(matches!(again, Downlink::Welcome { epoch: e, .. } if e == next));
+}
+
+#[test]
+fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let epoch = store.epoch().expect("epoch");
+    let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
+    handle(&mut store, &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch }).expect("merge");
+    let head = store.log_head("t").expect("head");
+    let pull = |epoch, cursor| Uplink::Pull {
+        device: "b".into(),
+        epoch: Some(epoch),
+        cursor: Some(cursor),
+        max_rows: 10,
+        max_bytes: 1 << 20,
+    };
+    // Same position, same tag: an ordinary pull.
+    let first = reply(&handle(&mut store, &pull(epoch, head)).expect("handled"));
+    assert!(matches!(first, Downlink::Changes { epoch: e, .. } if e == epoch));
+    // Same position, another tag: the log was rolled back and written again.
+    let other = LogCursor { tag: head.tag ^ 1, ..head };
+    let Downlink::Changes { epoch: next, .. } = reply(&handle(&mut store, &pull(epoch, other)).expect("handled"))
+    else {
+        panic!("expected changes")
+    };
+    assert_ne!(next, epoch);
+    // A device still on the old epoch is told the new one, and nothing changes further.
+    let Downlink::Changes { epoch: told, .. } = reply(&handle(&mut store, &pull(epoch, head)).expect("handled")) else {
+        panic!("expected changes")
+    };
+    assert_eq!(told, next);
+}
+
+/// The real store, with a storage failure injected into every merge.
+struct FailingMerges(SqliteStore);
+
+impl GatewayStore for FailingMerges {
+    fn epoch(&mut self) -> Result<Epoch> {
+        self.0.epoch()
+    }
+    fn new_epoch(&mut self, reason: &str) -> Result<Epoch> {
+        self.0.new_epoch(reason)
+    }
+    fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<crate::storage::DeviceView> {
+        self.0.hello(tenant, device, node)
+    }
+    fn merge(&mut self, _: &crate::storage::Incoming<'_>, _: &Batch) -> Result<MergeOutcome, MergeError> {
+        Err(MergeError::Store(Error::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        ))))
+    }
+    fn changes_after(&mut self, t: &str, d: &str, c: u64, m: usize) -> Result<crate::storage::ChangesPage> {
+        self.0.changes_after(t, d, c, m)
+    }
+    fn log_head(&mut self, t: &str) -> Result<LogCursor> {
+        self.0.log_head(t)
+    }
+    fn log_tag(&mut self, t: &str, p: u64) -> Result<Option<u64>> {
+        self.0.log_tag(t, p)
+    }
+    fn snapshot_page(&mut self, t: &str, r: &[u8], m: usize) -> Result<Option<crate::storage::SnapshotPage>> {
+        self.0.snapshot_page(t, r, m)
+    }
+    fn touch_device(&mut self, t: &str, d: &str, c: Option<u64>) -> Result<()> {
+        self.0.touch_device(t, d, c)
+    }
+    fn devices(&mut self, t: &str) -> Result<Vec<crate::storage::DeviceInfo>> {
+        self.0.devices(t)
+    }
+    fn tenants(&mut self) -> Result<Vec<String>> {
+        self.0.tenants()
+    }
+    fn dead_letter(&mut self, t: &str, d: &str, r: &str, p: &[u8]) -> Result<i64> {
+        self.0.dead_letter(t, d, r, p)
+    }
+    fn dead_letters(&mut self, f: &DeadLetterFilter) -> Result<Vec<crate::storage::DeadLetter>> {
+        self.0.dead_letters(f)
+    }
+    fn purge_dead_letters(&mut self, b: i64) -> Result<usize> {
+        self.0.purge_dead_letters(b)
+    }
+    fn note_attempt(&mut self, k: &[u8; 32]) -> Result<u32> {
+        self.0.note_attempt(k)
+    }
+    fn attempts(&mut self, k: &[u8; 32]) -> Result<Option<(u32, i64)>> {
+        self.0.attempts(k)
+    }
+    fn clear_attempts(&mut self, k: &[u8; 32]) -> Result<()> {
+        self.0.clear_attempts(k)
+    }
+    fn clock_skew(&mut self, t: &str) -> Result<Vec<crate::storage::SkewedNode>> {
+        self.0.clock_skew(t)
+    }
+}
+
+#[test]
+fn a_storage_failure_is_ours_answered_with_nothing_never_a_nack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = FailingMerges(open(&dir));
+    let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
+    let msg = Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch };
+    assert!(matches!(handle(&mut store, &msg), Err(Error::Sqlite(_))));
+    assert!(letters(&mut store.0).is_empty(), "the device's data is not the gateway's to refuse");
+}
+
+#[test]
+fn an_oversized_batch_is_refused_by_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let cfg = HandlerConfig { max_uplink_bytes: 1 << 16, ..HandlerConfig::default() };
+    let msg = Uplink::Batch { device: "a".into(), id: 3, first_seq: 1, last_seq: 1, batch: vec![0; 1 << 20] };
+    let out = handle_uplink(&mut store, &cfg, "driftless/t/a/up", &msg.encode(), NOW).expect("handled");
+    assert!(matches!(reply(&out), Downlink::Nack { id: 3, .. }));
+    let letter = &letters(&mut store)[0];
+    assert!(letter.size > 1 << 20 && letter.payload.len() < 1 << 16);
+}

@@ -1,0 +1,180 @@
+//! Merging one device batch into the SQLite store, in one transaction.
+//!
+//! Everything that could make a row unusable for some replica is checked before anything is
+//! written: a NULL key part, a key whose arity differs from the table's, a state grown past
+//! the decode limits. Such a batch is refused whole, so nothing any device would refuse ever
+//! enters the log. Timestamps from a writer whose clock runs beyond the allowed drift are
+//! bounded here, at the first replica that accepts them, and the bounded change is logged for
+//! every device, its writer included.
+
+use std::collections::{BTreeMap, HashMap};
+
+use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
+use driftless_core::{Batch, Hlc, NodeId, RowChange, Value, bound_future_timestamps, join_row};
+use rusqlite::{Connection, OptionalExtension, Transaction};
+
+use crate::error::{Error, MergeError};
+use crate::storage::{Incoming, MergeOutcome};
+
+fn refused(reason: String) -> MergeError {
+    MergeError::Refused(reason)
+}
+
+/// Checks every row's key against what the table's key looks like.
+fn validate_keys(tx: &Transaction<'_>, tenant: &str, batch: &Batch) -> Result<HashMap<String, usize>, MergeError> {
+    let mut arity: HashMap<String, usize> = HashMap::new();
+    for row in &batch.rows {
+        if row.pk.contains(&Value::Null) {
+            return Err(refused(format!("a change to {:?} has a NULL key value", row.table)));
+        }
+        let known = match arity.get(&row.table) {
+            Some(&n) => Some(n),
+            None => {
+                let stored: Option<i64> = tx
+                    .prepare_cached("SELECT key_len FROM gw_tables WHERE tenant = ?1 AND tbl = ?2")?
+                    .query_row(rusqlite::params![tenant, row.table], |r| r.get(0))
+                    .optional()?;
+                stored.map(|n| n as usize)
+            }
+        };
+        match known {
+            Some(n) if n != row.pk.len() => {
+                return Err(refused(format!(
+                    "table {:?} has {n} key columns; a change to it has {}",
+                    row.table,
+                    row.pk.len()
+                )));
+            }
+            Some(_) => {}
+            None => {
+                arity.insert(row.table.clone(), row.pk.len());
+            }
+        }
+    }
+    Ok(arity)
+}
+
+/// A stored row's state and the roles of the nodes in it.
+fn load_row(
+    tx: &Transaction<'_>,
+    limits: &Limits,
+    tenant: &str,
+    row: &RowChange,
+    key: &[u8],
+) -> Result<(RowChange, BTreeMap<NodeId, String>), Error> {
+    let stored: Option<Vec<u8>> = tx
+        .prepare_cached("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?
+        .query_row(rusqlite::params![tenant, row.table, key], |r| r.get(0))
+        .optional()?;
+    match stored {
+        Some(bytes) => {
+            let mut b = decode_payload(&bytes, limits)
+                .map_err(|e| Error::Corrupt(format!("stored row of {:?}: {e}", row.table)))?;
+            let stored = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
+            Ok((stored, b.roles))
+        }
+        None => {
+            Ok((RowChange { table: row.table.clone(), pk: row.pk.clone(), state: Default::default() }, BTreeMap::new()))
+        }
+    }
+}
+
+fn one_row_payload(roles: &BTreeMap<NodeId, String>, row: RowChange) -> Vec<u8> {
+    let roles = row.state.nodes().into_iter().filter_map(|n| roles.get(&n).map(|r| (n, r.clone()))).collect();
+    encode_payload(&Batch { roles, rows: vec![row] })
+}
+
+/// Merges `batch`; `tag` is the tag its log entry gets, if one is written.
+pub(super) fn merge(
+    conn: &mut Connection,
+    limits: &Limits,
+    at: &Incoming<'_>,
+    tag: u64,
+    batch: &Batch,
+) -> Result<MergeOutcome, MergeError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tenant = at.tenant;
+    let new_tables = validate_keys(&tx, tenant, batch)?;
+    let limit = Hlc::new(at.now_ms.saturating_add(at.max_drift_ms), u16::MAX);
+    let bound = Hlc::new(at.now_ms, 0);
+    let mut outcome = MergeOutcome::default();
+    let mut changed = Batch::default();
+    let mut skewed: BTreeMap<NodeId, Hlc> = BTreeMap::new();
+    let mut counters: BTreeMap<NodeId, u64> = BTreeMap::new();
+    for row in &batch.rows {
+        let key = encode_key(&row.pk);
+        let mut incoming = row.clone();
+        if incoming.state.max_hlc().is_some_and(|(_, h)| h > limit) {
+            for (node, hlc) in stamps(&incoming.state) {
+                if hlc > limit {
+                    let e = skewed.entry(node).or_default();
+                    *e = (*e).max(hlc);
+                }
+            }
+            outcome.bounded += bound_future_timestamps(&mut incoming.state, limit, bound).len();
+        }
+        for (node, c) in incoming.state.write_counters() {
+            let e = counters.entry(node).or_default();
+            *e = (*e).max(c);
+        }
+        let (mut current, mut roles) = load_row(&tx, limits, tenant, &incoming, &key)?;
+        if !join_row(&mut current.state, &incoming.state) {
+            outcome.duplicates += 1;
+            continue;
+        }
+        current.state.check_limits(limits).map_err(|e| refused(format!("a change to {:?} {e}", row.table)))?;
+        outcome.applied += 1;
+        roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
+        tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(rusqlite::params![tenant, row.table, key, one_row_payload(&roles, current)])?;
+        changed.rows.push(incoming);
+    }
+    for (table, arity) in new_tables {
+        tx.prepare_cached("INSERT OR IGNORE INTO gw_tables(tenant, tbl, key_len) VALUES (?1, ?2, ?3)")?
+            .execute(rusqlite::params![tenant, table, arity as i64])?;
+    }
+    for (node, counter) in counters {
+        tx.prepare_cached(
+            "INSERT INTO gw_nodes(tenant, node, max_counter) VALUES (?1, ?2, ?3)
+             ON CONFLICT(tenant, node) DO UPDATE SET max_counter = max(max_counter, excluded.max_counter)",
+        )?
+        .execute(rusqlite::params![tenant, &node.0[..], counter as i64])?;
+    }
+    for (node, hlc) in &skewed {
+        tx.prepare_cached(
+            "INSERT INTO gw_clock_skew(tenant, node, max_hlc, bounded, last_ms) VALUES (?1, ?2, ?3, 1, ?4)
+             ON CONFLICT(tenant, node) DO UPDATE SET max_hlc = max(max_hlc, excluded.max_hlc),
+                 bounded = bounded + 1, last_ms = excluded.last_ms",
+        )?
+        .execute(rusqlite::params![tenant, &node.0[..], hlc.0 as i64, at.now_ms as i64])?;
+    }
+    if !changed.rows.is_empty() {
+        changed.roles = batch.roles.clone();
+        // A change whose timestamps were bounded goes back to its writer too, which then holds
+        // the bounded timestamps like everyone else.
+        let origin = if outcome.bounded > 0 { "" } else { at.device };
+        tx.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change, tag) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(rusqlite::params![
+                tenant,
+                origin,
+                changed.rows.len() as i64,
+                encode_payload(&changed),
+                tag as i64
+            ])?;
+        outcome.logged_at = Some(tx.last_insert_rowid() as u64);
+    }
+    tx.prepare_cached(
+        "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, uplink_hwm) VALUES (?1, ?2, ?3, ?3, ?4)
+         ON CONFLICT(tenant, device) DO UPDATE SET last_seen_ms = ?3, uplink_hwm = max(uplink_hwm, ?4)",
+    )?
+    .execute(rusqlite::params![tenant, at.device, at.now_ms as i64, at.last_seq.max(at.first_seq)])?;
+    tx.commit()?;
+    Ok(outcome)
+}
+
+/// Every write's node and timestamp in a state.
+fn stamps(state: &driftless_core::RowState) -> Vec<(NodeId, Hlc)> {
+    let life = state.life.entries.iter().map(|e| (e.dot.node, e.hlc));
+    let fields = state.fields.values().flat_map(|r| r.entries.iter().map(|e| (e.dot.node, e.hlc)));
+    life.chain(fields).collect()
+}

@@ -1,0 +1,123 @@
+//! The gateway database's tables, created and migrated by version (`PRAGMA user_version`).
+
+use rusqlite::Connection;
+
+use crate::error::Result;
+
+/// The schema version this build writes.
+const VERSION: i64 = 2;
+
+/// Brings the tables up to [`VERSION`], inside the caller's transaction.
+pub(super) fn upgrade(conn: &Connection) -> Result<()> {
+    let mut found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found == 0 {
+        // Version 1 predates the version number: its tables exist but user_version is 0.
+        let v1: bool =
+            conn.query_row("SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE name = 'gw_rows')", [], |r| r.get(0))?;
+        if v1 {
+            found = 1;
+        }
+    }
+    for version in found..VERSION {
+        upgrade_from(conn, version)?;
+    }
+    conn.execute_batch(&format!("PRAGMA user_version = {VERSION};"))?;
+    Ok(())
+}
+
+fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
+    if version == 0 {
+        conn.execute_batch(
+            "
+            CREATE TABLE gw_rows (
+                tenant TEXT NOT NULL,
+                tbl    TEXT NOT NULL,
+                pk     BLOB NOT NULL,
+                state  BLOB NOT NULL,   -- a one-row batch payload: the row's merged state
+                PRIMARY KEY (tenant, tbl, pk)
+            ) WITHOUT ROWID;
+            -- Merged changes in merge order; devices pull after a cursor into it.
+            CREATE TABLE gw_log (
+                seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+                tenant TEXT NOT NULL,
+                origin TEXT NOT NULL,
+                rows   INTEGER NOT NULL,
+                change BLOB NOT NULL    -- a batch payload of the rows whose state changed
+            );
+            CREATE INDEX gw_log_by_tenant ON gw_log (tenant, seq);
+            CREATE TABLE gw_devices (
+                tenant          TEXT NOT NULL,
+                device          TEXT NOT NULL,
+                first_seen_ms   INTEGER NOT NULL,
+                last_seen_ms    INTEGER NOT NULL,
+                uplink_hwm      INTEGER NOT NULL DEFAULT 0,
+                downlink_cursor INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (tenant, device)
+            ) WITHOUT ROWID;
+            CREATE TABLE gw_dead_letters (
+                id          INTEGER PRIMARY KEY AUTOINCREMENT,
+                tenant      TEXT NOT NULL,
+                device      TEXT NOT NULL,
+                received_ms INTEGER NOT NULL,
+                reason      TEXT NOT NULL,
+                payload     BLOB NOT NULL
+            );
+            ",
+        )?;
+    }
+    if version == 1 {
+        conn.execute_batch(
+            "
+            -- The store's epoch, and other single values.
+            CREATE TABLE gw_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+            -- Every epoch the store has had, and why it changed.
+            CREATE TABLE gw_epochs (
+                epoch    BLOB NOT NULL,
+                since_ms INTEGER NOT NULL,
+                reason   TEXT NOT NULL
+            );
+            -- A random tag per log entry: a device's cursor names one, so a log rolled back and
+            -- written again (a restored backup) is told apart from the one it read.
+            ALTER TABLE gw_log ADD COLUMN tag INTEGER NOT NULL DEFAULT 0;
+            -- Node ids: the device each is bound to, and the highest dot counter merged.
+            CREATE TABLE gw_nodes (
+                tenant      TEXT NOT NULL,
+                node        BLOB NOT NULL,
+                device      TEXT,
+                max_counter INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (tenant, node)
+            ) WITHOUT ROWID;
+            -- The key arity of each table, learned from the first change to it: a change with
+            -- another arity could never be applied by any device.
+            CREATE TABLE gw_tables (
+                tenant  TEXT NOT NULL,
+                tbl     TEXT NOT NULL,
+                key_len INTEGER NOT NULL,
+                PRIMARY KEY (tenant, tbl)
+            ) WITHOUT ROWID;
+            -- Nodes seen writing with clocks beyond the allowed drift.
+            CREATE TABLE gw_clock_skew (
+                tenant  TEXT NOT NULL,
+                node    BLOB NOT NULL,
+                max_hlc INTEGER NOT NULL,
+                bounded INTEGER NOT NULL,
+                last_ms INTEGER NOT NULL,
+                PRIMARY KEY (tenant, node)
+            ) WITHOUT ROWID;
+            -- Attempts at messages that made the gateway fail, by content hash: a message that
+            -- fails every time is set aside instead of being retried forever.
+            CREATE TABLE gw_attempts (
+                key      BLOB PRIMARY KEY,
+                count    INTEGER NOT NULL,
+                first_ms INTEGER NOT NULL,
+                last_ms  INTEGER NOT NULL
+            ) WITHOUT ROWID;
+            -- Dead letters keep large payloads by reference: size, hash and first bytes.
+            ALTER TABLE gw_dead_letters ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+            ALTER TABLE gw_dead_letters ADD COLUMN sha256 TEXT NOT NULL DEFAULT '';
+            CREATE INDEX gw_dead_letters_by_time ON gw_dead_letters (received_ms);
+            ",
+        )?;
+    }
+    Ok(())
+}

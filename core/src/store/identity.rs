@@ -1,0 +1,163 @@
+//! Node identity and the gateway's epoch, as the store keeps them.
+//!
+//! A node id names one history of writes: dot counters are issued once per node. A store that
+//! may have forgotten part of its own history (restored from a backup, copied to another
+//! device) would issue counters again that other replicas already hold, and its new writes
+//! would be dropped everywhere as duplicates. So the sync layer holds sealing until the
+//! gateway has said how far this node's and this device's history went
+//! ([`GatewayView`]); a store behind its own past takes a new node id before it seals, and
+//! fetches the current state again, its own forgotten writes included.
+//!
+//! The gateway store has an epoch for the same reason. When it changes, the gateway's store
+//! was replaced or restored and may lack changes it once acknowledged: the store queues the
+//! full state of every row it holds to be sent again (merging is idempotent, counters are
+//! per node, so nothing is counted twice) and fetches the current state again.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::{Inner, cursor};
+use crate::clock::NodeId;
+use crate::error::{Error, Result};
+use crate::protocol::{Epoch, LogCursor};
+
+const EPOCH_KEY: &str = "sync.epoch";
+const ACKED_KEY: &str = "acked_seq";
+
+/// What a device says about itself when it connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub node: NodeId,
+    /// The highest dot counter this node has issued.
+    pub counter: u64,
+    /// The highest outbox sequence number issued.
+    pub outbox_seq: i64,
+    /// The highest outbox sequence number the gateway acknowledged in its current epoch.
+    pub acked_seq: i64,
+    /// The gateway epoch the cursor and acknowledgements belong to.
+    pub epoch: Option<Epoch>,
+    pub cursor: Option<LogCursor>,
+}
+
+/// What the gateway says it has merged from this device and its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayView {
+    pub epoch: Epoch,
+    pub node_counter: u64,
+    pub device_seq: i64,
+    /// The node id is bound to another device.
+    pub node_elsewhere: bool,
+}
+
+/// What confirming the identity changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    /// The node id given up, when the store was behind its own past.
+    pub retired_node: Option<NodeId>,
+    /// The gateway's epoch changed: rows were queued to be sent again.
+    pub epoch_changed: bool,
+    /// Rows queued to be sent again.
+    pub resent_rows: usize,
+    /// The pull cursor afterwards (`None`: start from a snapshot).
+    pub cursor: Option<LogCursor>,
+}
+
+fn outbox_seq(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = '_driftless_outbox'")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn state_text(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM _driftless_state WHERE key = ?1")?
+        .query_row([key], |r| r.get::<_, String>(0))
+        .optional()?)
+}
+
+fn stored_epoch(conn: &Connection) -> Result<Option<Epoch>> {
+    match state_text(conn, EPOCH_KEY)? {
+        None => Ok(None),
+        Some(hex) => hex.parse().map(Some).map_err(|()| Error::Corrupt("stored gateway epoch".into())),
+    }
+}
+
+pub(crate) fn identity(conn: &Connection, inner: &Inner) -> Result<Identity> {
+    let acked_seq = conn
+        .prepare_cached("SELECT value FROM _driftless_state WHERE key = ?1")?
+        .query_row([ACKED_KEY], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0);
+    Ok(Identity {
+        node: inner.node,
+        counter: inner.counter,
+        outbox_seq: outbox_seq(conn)?,
+        acked_seq,
+        epoch: stored_epoch(conn)?,
+        cursor: cursor::get(conn)?,
+    })
+}
+
+/// Records that the gateway acknowledged entries up to `last` (with the ack itself).
+pub(crate) fn note_acked(conn: &Connection, last: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO _driftless_state(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+    )?
+    .execute(rusqlite::params![ACKED_KEY, last])?;
+    Ok(())
+}
+
+pub(crate) fn confirm(conn: &Connection, inner: &mut Inner, view: &GatewayView) -> Result<Confirmed> {
+    let mut out = Confirmed { retired_node: None, epoch_changed: false, resent_rows: 0, cursor: None };
+    let seq = outbox_seq(conn)?;
+    let behind = view.node_counter > inner.counter || view.device_seq > seq || view.node_elsewhere;
+    if behind {
+        out.retired_node = Some(inner.node);
+        rotate_node(conn, inner)?;
+        // New entries must not reuse sequence numbers the gateway has seen from this device.
+        // (sqlite_sequence has no key: update the row, or add it if the outbox never had one.)
+        let next = seq.max(view.device_seq);
+        if conn.execute("UPDATE sqlite_sequence SET seq = ?1 WHERE name = '_driftless_outbox'", [next])? == 0 {
+            conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('_driftless_outbox', ?1)", [next])?;
+        }
+        // What this store forgot comes back from the gateway like anyone else's writes.
+        cursor::reset(conn)?;
+    }
+    match stored_epoch(conn)? {
+        Some(known) if known != view.epoch => {
+            out.epoch_changed = true;
+            out.resent_rows = conn
+                .prepare_cached(
+                    "INSERT INTO _driftless_outbox(tbl, pk, change, created_ms)
+                     SELECT tbl, pk, meta, ?1 FROM _driftless_rows ORDER BY tbl, pk",
+                )?
+                .execute([inner.now() as i64])?;
+            cursor::reset(conn)?;
+            // Acknowledgements count per epoch: the new store has acknowledged nothing yet,
+            // and claiming the old ones would look like evidence that it lost them too.
+            conn.prepare_cached("DELETE FROM _driftless_state WHERE key = ?1")?.execute([ACKED_KEY])?;
+        }
+        _ => {}
+    }
+    conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)")?
+        .execute([EPOCH_KEY, &view.epoch.to_string()])?;
+    out.cursor = cursor::get(conn)?;
+    Ok(out)
+}
+
+/// Gives this store a new node id (same role); the old one is kept as one of its own.
+fn rotate_node(conn: &Connection, inner: &mut Inner) -> Result<()> {
+    let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
+    conn.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'node_id'", [&node.0[..]])?;
+    conn.execute(
+        "INSERT INTO _driftless_nodes(idx, id, role, own) SELECT coalesce(max(idx), -1) + 1, ?1, ?2, 1 FROM _driftless_nodes",
+        rusqlite::params![&node.0[..], inner.role],
+    )?;
+    inner.node = node;
+    inner.counter = 0;
+    inner.nodes = super::meta::Nodes::load(conn)?;
+    inner.save_clocks(conn)?;
+    inner.bump_meta_version(conn)
+}

@@ -1,0 +1,58 @@
+//! Carrying out the sync machine's store work on a [`Store`]: the only place the machine's
+//! requests touch the database. The agent runs it on the store's own thread; the
+//! deterministic simulation in the tests crate calls it directly.
+
+use driftless_core::Store;
+
+use crate::machine::{StoreOp, StoreResult};
+
+/// Keys of the agent's state kept in the store (they commit with the data they describe).
+pub(crate) const LAST_SYNC_KEY: &str = "last_sync_ms";
+/// "1" while a running agent is connected, for `driftless-agent status` from another process.
+pub(crate) const CONNECTED_KEY: &str = "connected";
+
+/// Does `op` on `store` at wall time `now_ms`. A failure is returned as a result, for the
+/// machine to try again later, never as a panic.
+pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
+    let run = |store: &mut Store| -> driftless_core::Result<StoreResult> {
+        Ok(match op {
+            StoreOp::Begin => {
+                // Nothing seals until the gateway has confirmed this store's node id.
+                store.hold_seal();
+                store.set_sync_state(CONNECTED_KEY, "1")?;
+                StoreResult::Begun { identity: store.identity()?, pending: store.pending_changes()? }
+            }
+            StoreOp::End => {
+                store.hold_seal();
+                store.set_sync_state(CONNECTED_KEY, "0")?;
+                StoreResult::Done
+            }
+            StoreOp::Confirm(view) => StoreResult::Confirmed(store.confirm_identity(&view)?),
+            StoreOp::ReadOutbox { after, max_rows } => {
+                store.seal()?;
+                StoreResult::Outbox(store.outbox_batch_after(after, max_rows)?)
+            }
+            StoreOp::ReadRange { first, last } => StoreResult::Outbox(store.outbox_range(first, last)?),
+            StoreOp::Ack { first, last } => {
+                let removed = store.ack(first, last)?;
+                store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
+                StoreResult::Acked(removed)
+            }
+            StoreOp::Reject { first, last, reason } => {
+                store.reject(first, last, &reason)?;
+                StoreResult::Done
+            }
+            StoreOp::Apply { batch, cursor } => {
+                let report = match cursor {
+                    Some(c) => store.apply_with_cursor(&batch, c)?,
+                    None => store.apply(&batch)?,
+                };
+                if !batch.rows.is_empty() {
+                    store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
+                }
+                StoreResult::Applied(report)
+            }
+        })
+    };
+    run(store).unwrap_or_else(|e| StoreResult::Failed(e.to_string()))
+}
