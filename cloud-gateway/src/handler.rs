@@ -199,7 +199,7 @@ fn process(
             store.touch_device(tenant, device, Some(cursor.position))?;
             let (page, more, batch) =
                 changes(store, tenant, device, cursor.position, rows(max_rows), bytes(max_bytes))?;
-            Ok(reply(Downlink::Changes { epoch, cursor: page, more, batch }))
+            Ok(reply(Downlink::Changes { epoch, from: cursor.position, cursor: page, more, batch }))
         }
         Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, .. } => {
             if claimed != epoch {
@@ -268,9 +268,11 @@ fn merge(
 /// The answer to a device that speaks for another epoch: nothing, under the current one. The
 /// device sees the new epoch and starts over with a handshake.
 fn stale(epoch: Epoch, cursor: Option<LogCursor>) -> Downlink {
+    let cursor = cursor.unwrap_or_default();
     Downlink::Changes {
         epoch,
-        cursor: cursor.unwrap_or_default(),
+        from: cursor.position,
+        cursor,
         more: false,
         batch: encode_batch(&Batch::default(), EncodeOptions::default()),
     }

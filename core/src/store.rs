@@ -448,12 +448,16 @@ impl Store {
         })
     }
 
-    /// Applies a batch and moves the pull cursor in the same transaction (a cursor moves only
-    /// together with the changes it covers).
-    pub fn apply_with_cursor(&mut self, batch: &Batch, cursor: LogCursor) -> Result<ApplyReport> {
+    /// Applies a batch and moves the pull cursor to `to` in the same transaction (a cursor
+    /// moves only together with the changes it covers), but only if the cursor is still at
+    /// position `from` (`None`: no cursor): an answer to an older pull, or one that crossed a
+    /// reset (`track` asking for a fresh snapshot), applies harmlessly and leaves the cursor.
+    pub fn apply_with_cursor(&mut self, batch: &Batch, from: Option<u64>, to: LogCursor) -> Result<ApplyReport> {
         self.transact(|tx, inner| {
             let report = apply::apply(tx, inner, batch)?;
-            cursor::set(tx, cursor)?;
+            if cursor::get(tx)?.map(|c| c.position) == from {
+                cursor::set(tx, to)?;
+            }
             Ok(report)
         })
     }

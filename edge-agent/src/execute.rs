@@ -33,6 +33,7 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                 StoreResult::Outbox(store.outbox_batch_after(after, max_rows)?)
             }
             StoreOp::ReadRange { first, last } => StoreResult::Outbox(store.outbox_range(first, last)?),
+            StoreOp::ReadCursor => StoreResult::Cursor(store.cursor()?),
             StoreOp::Ack { first, last } => {
                 let removed = store.ack(first, last)?;
                 store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
@@ -44,7 +45,7 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
             }
             StoreOp::Apply { batch, cursor } => {
                 let report = match cursor {
-                    Some(c) => store.apply_with_cursor(&batch, c)?,
+                    Some(m) => store.apply_with_cursor(&batch, m.from, m.to)?,
                     None => store.apply(&batch)?,
                 };
                 if !batch.rows.is_empty() {

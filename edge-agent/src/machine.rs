@@ -17,7 +17,9 @@
 //!   sending is never flooded with copies; repeats back off.
 //!
 //! At most one store operation is outstanding: it is the last action of a step, and its
-//! result is the next input.
+//! result is the next input. Other inputs that arrive meanwhile wait for it. What to do next
+//! (read the cursor and pull, read the outbox and ship, send a batch again) is decided in one
+//! place, [`Machine::drive`], after every input.
 
 use std::collections::VecDeque;
 
@@ -122,8 +124,19 @@ pub enum StoreOp {
     /// Apply remote changes, moving the cursor with them if given.
     Apply {
         batch: Batch,
-        cursor: Option<LogCursor>,
+        cursor: Option<CursorMove>,
     },
+    /// Read the pull cursor (it lives in the store: `track` may reset it at any time).
+    ReadCursor,
+}
+
+/// Moves the pull cursor to `to`, but only if it is still at `from` (`None`: no cursor): an
+/// answer to an older pull, or one that crossed a reset, applies its changes (harmlessly)
+/// without moving the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorMove {
+    pub from: Option<u64>,
+    pub to: LogCursor,
 }
 
 /// The outcome of a [`StoreOp`].
@@ -139,6 +152,7 @@ pub enum StoreResult {
     Outbox(Option<OutboxBatch>),
     Acked(usize),
     Applied(ApplyReport),
+    Cursor(Option<LogCursor>),
     /// The store failed; the work is tried again later.
     Failed(String),
 }
@@ -198,8 +212,8 @@ enum Awaiting {
     },
     Ack,
     Reject,
+    Cursor,
     Changes {
-        cursor: LogCursor,
         more: bool,
     },
     SnapshotPage {
@@ -213,7 +227,6 @@ enum Awaiting {
 #[derive(Debug)]
 struct Pulling {
     since: u64,
-    tries: u32,
 }
 
 /// The device's sync state machine.
@@ -229,13 +242,21 @@ pub struct Machine {
     /// Highest outbox sequence number published on this connection.
     sent_upto: i64,
     next_id: u64,
-    /// Batches to send again, oldest first.
+    /// Batches to send again, oldest first: `(first, last, resends)`.
     resend: VecDeque<(i64, i64, u32)>,
+    /// The outbox may hold entries not sent yet.
+    want_ship: bool,
+    /// A pull should go out as soon as none is in flight.
+    want_pull: bool,
     pulling: Option<Pulling>,
+    /// Unanswered pulls in a row, for backing off.
+    pull_tries: u32,
+    /// An announcement arrived while a pull was out: pull again when it is answered.
     pull_again: bool,
-    cursor: Option<LogCursor>,
     msg_limit: usize,
     awaiting: Option<Awaiting>,
+    /// Inputs that arrived while a store operation was outstanding.
+    deferred: VecDeque<Input>,
     /// The Hello of this connection, sent again if unanswered.
     hello: Option<Uplink>,
     /// The epoch of the Welcome being confirmed by the store.
@@ -259,11 +280,14 @@ impl Machine {
             sent_upto: 0,
             next_id,
             resend: VecDeque::new(),
+            want_ship: false,
+            want_pull: false,
             pulling: None,
+            pull_tries: 0,
             pull_again: false,
-            cursor: None,
             msg_limit,
             awaiting: None,
+            deferred: VecDeque::new(),
             hello: None,
             welcomed: None,
             last_ship: 0,
@@ -294,22 +318,34 @@ impl Machine {
         let mut out = Vec::new();
         match input {
             Input::Store(result) => self.on_store(result, &mut out),
-            // Everything else waits for the outstanding store operation's result.
-            _ if self.awaiting.is_some() => {}
+            other if self.awaiting.is_some() => self.deferred.push_back(other),
+            other => self.on_input(other, &mut out),
+        }
+        // Inputs that waited for the store go next, in order, while nothing is outstanding.
+        while self.awaiting.is_none()
+            && let Some(next) = self.deferred.pop_front()
+        {
+            self.on_input(next, &mut out);
+        }
+        self.drive(&mut out);
+        self.live.inflight_batches = self.inflight.len();
+        out
+    }
+
+    fn on_input(&mut self, input: Input, out: &mut Vec<Action>) {
+        match input {
+            Input::Store(_) => {}
             Input::Connected => {
                 self.phase = Phase::Handshake(None);
                 self.published = 0;
                 self.flushed = 0;
                 // Anything in flight before may be lost: start over from the oldest entry
                 // (the gateway merges repeats harmlessly).
-                self.inflight.clear();
-                self.resend.clear();
-                self.sent_upto = 0;
-                self.pulling = None;
+                self.forget_in_flight();
                 self.hello = None;
                 self.live.connected = true;
                 self.live.last_error = None;
-                self.store(&mut out, StoreOp::Begin, Awaiting::Begin);
+                self.store(out, StoreOp::Begin, Awaiting::Begin);
             }
             Input::Disconnected { flush_timeout } => {
                 if flush_timeout {
@@ -320,37 +356,33 @@ impl Machine {
                 self.pulling = None;
                 self.live.connected = false;
                 self.live.confirmed = false;
-                self.store(&mut out, StoreOp::End, Awaiting::End);
+                self.store(out, StoreOp::End, Awaiting::End);
             }
             Input::Flushed => {
                 self.flushed += 1;
                 for b in self.inflight.iter_mut().filter(|b| b.ordinal <= self.flushed && b.flushed_at.is_none()) {
-                    b.flushed_at = Some(now_ms);
+                    b.flushed_at = Some(self.now);
                 }
             }
-            Input::Downlink(msg) => self.on_downlink(msg, &mut out),
+            Input::Downlink(msg) => self.on_downlink(msg, out),
             Input::Poke => {
                 if self.pulling.is_some() {
                     self.pull_again = true;
                 } else {
-                    self.pull(&mut out);
+                    self.want_pull = true;
                 }
             }
             Input::LocalChange => {
                 if self.cfg.interval_ms.is_none() {
-                    self.ship(&mut out);
+                    self.want_ship = true;
                 }
             }
             Input::SyncNow => {
-                if self.pulling.is_none() {
-                    self.pull(&mut out);
-                }
-                self.ship(&mut out);
+                self.want_pull = true;
+                self.want_ship = true;
             }
-            Input::Tick => self.on_tick(&mut out),
+            Input::Tick => self.on_tick(out),
         }
-        self.live.inflight_batches = self.inflight.len();
-        out
     }
 
     fn store(&mut self, out: &mut Vec<Action>, op: StoreOp, awaiting: Awaiting) {
@@ -377,16 +409,46 @@ impl Machine {
         self.flushed >= self.published
     }
 
-    /// Starts the handshake again (the gateway's epoch changed under us).
-    fn rehandshake(&mut self, out: &mut Vec<Action>) {
-        tracing::info!("the gateway speaks for another epoch; confirming this store's identity again");
-        self.live.confirmed = false;
+    fn forget_in_flight(&mut self) {
         self.inflight.clear();
         self.resend.clear();
         self.sent_upto = 0;
         self.pulling = None;
+        self.want_pull = true;
+        self.want_ship = true;
+    }
+
+    /// Starts the handshake again (the gateway's epoch changed under us).
+    fn rehandshake(&mut self, out: &mut Vec<Action>) {
+        tracing::info!("the gateway speaks for another epoch; confirming this store's identity again");
+        self.live.confirmed = false;
+        self.forget_in_flight();
         self.phase = Phase::Handshake(None);
         self.store(out, StoreOp::Begin, Awaiting::Begin);
+    }
+
+    /// Starts the next piece of work, if nothing is outstanding: first a pull that is due,
+    /// then a batch to send again, then a new batch.
+    fn drive(&mut self, out: &mut Vec<Action>) {
+        if self.awaiting.is_some() || self.confirmed().is_none() {
+            return;
+        }
+        if self.want_pull && self.pulling.is_none() && self.cfg.receives {
+            self.want_pull = false;
+            self.store(out, StoreOp::ReadCursor, Awaiting::Cursor);
+            return;
+        }
+        if let Some((first, last, resends)) = self.resend.pop_front() {
+            self.inflight.retain(|b| b.first != first);
+            self.store(out, StoreOp::ReadRange { first, last }, Awaiting::Range { resends });
+            return;
+        }
+        if self.want_ship && self.inflight.len() < self.cfg.max_inflight {
+            self.want_ship = false;
+            self.last_ship = self.now;
+            let rows = self.cfg.batch_rows.max(1);
+            self.store(out, StoreOp::ReadOutbox { after: self.sent_upto, max_rows: rows }, Awaiting::Outbox { rows });
+        }
     }
 
     fn on_tick(&mut self, out: &mut Vec<Action>) {
@@ -421,62 +483,25 @@ impl Machine {
                 }
             }
             if let Some(p) = &self.pulling
-                && self.now.saturating_sub(p.since) > timeout.saturating_mul(1 << p.tries.min(3))
+                && self.now.saturating_sub(p.since) > timeout.saturating_mul(1 << self.pull_tries.min(3))
             {
-                let tries = p.tries + 1;
+                self.pull_tries += 1;
                 self.pulling = None;
-                self.pull(out);
-                if let Some(p) = &mut self.pulling {
-                    p.tries = tries;
-                }
+                self.want_pull = true;
             }
         }
-        let due = self.cfg.interval_ms.is_none_or(|i| self.now.saturating_sub(self.last_ship) >= i);
-        if self.pulling.is_none() && self.cfg.interval_ms.is_some() && due {
-            self.pull(out);
-        }
-        // Last: it may start a store operation, which ends the step.
-        if due || !self.resend.is_empty() {
-            self.ship(out);
+        // Writes and announcements wake the machine at once; the tick is a backstop for lost
+        // ones (every timeout), or the schedule in interval mode.
+        let every = self.cfg.interval_ms.unwrap_or(timeout);
+        if self.now.saturating_sub(self.last_ship) >= every {
+            self.want_ship = true;
+            if self.pulling.is_none() {
+                self.want_pull = true;
+            }
         }
     }
 
-    fn pull(&mut self, out: &mut Vec<Action>) {
-        let Some(epoch) = self.confirmed() else { return };
-        if !self.cfg.receives {
-            return;
-        }
-        self.pull_again = false;
-        self.pulling = Some(Pulling { since: self.now, tries: 0 });
-        let msg = Uplink::Pull {
-            device: self.cfg.device_id.clone(),
-            epoch: Some(epoch),
-            cursor: self.cursor,
-            max_rows: self.cfg.pull_rows,
-            max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
-        };
-        self.publish(out, msg);
-    }
-
-    /// Starts the next store read for shipping, if a batch may go out now.
-    fn ship(&mut self, out: &mut Vec<Action>) {
-        if self.confirmed().is_none() || self.awaiting.is_some() {
-            return;
-        }
-        if let Some((first, last, resends)) = self.resend.pop_front() {
-            self.inflight.retain(|b| b.first != first);
-            self.store(out, StoreOp::ReadRange { first, last }, Awaiting::Range { resends });
-            return;
-        }
-        if self.inflight.len() >= self.cfg.max_inflight {
-            return;
-        }
-        self.last_ship = self.now;
-        let rows = self.cfg.batch_rows.max(1);
-        self.store(out, StoreOp::ReadOutbox { after: self.sent_upto, max_rows: rows }, Awaiting::Outbox { rows });
-    }
-
-    /// Encodes and publishes an outbox read; `None` if it must be read again smaller.
+    /// Encodes and publishes an outbox read; false if it must be read again smaller.
     fn send_batch(&mut self, out: &mut Vec<Action>, ob: &OutboxBatch, resends: u32) -> bool {
         let batch = encode_batch(&ob.batch, EncodeOptions::default());
         // Rows can be large (photos, documents): halve the batch until its envelope fits the
@@ -512,8 +537,8 @@ impl Machine {
         if let StoreResult::Failed(reason) = &result {
             tracing::error!("sync store work failed: {reason}");
             self.live.last_error = Some(reason.clone());
-            // The work is tried again: a read or an apply at the next tick or answer, an
-            // unanswered batch or pull after its timeout.
+            // The work is tried again: a read at the next tick or answer, an unanswered batch
+            // or pull after its timeout.
             if matches!(awaiting, Awaiting::Changes { .. } | Awaiting::SnapshotPage { .. }) {
                 self.pulling = None;
             }
@@ -532,7 +557,6 @@ impl Machine {
                     acked_seq: identity.acked_seq,
                     epoch: identity.epoch,
                 };
-                self.cursor = identity.cursor;
                 self.hello = Some(hello.clone());
                 self.publish(out, hello);
                 self.phase = Phase::Handshake(Some(self.now));
@@ -554,15 +578,27 @@ impl Machine {
                     self.live.epoch_changes += 1;
                     tracing::warn!(rows = c.resent_rows, "the gateway's store changed; sending every row again");
                 }
-                self.cursor = c.cursor;
                 if let Phase::Handshake(_) = self.phase
                     && let Some(epoch) = self.welcomed.take()
                 {
                     self.phase = Phase::Confirmed(epoch);
                     self.live.confirmed = true;
+                    self.want_pull = true;
+                    self.want_ship = true;
                 }
-                self.pull(out);
-                self.ship(out);
+            }
+            (Awaiting::Cursor, StoreResult::Cursor(cursor)) => {
+                let Some(epoch) = self.confirmed() else { return };
+                self.pull_again = false;
+                self.pulling = Some(Pulling { since: self.now });
+                let msg = Uplink::Pull {
+                    device: self.cfg.device_id.clone(),
+                    epoch: Some(epoch),
+                    cursor,
+                    max_rows: self.cfg.pull_rows,
+                    max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+                };
+                self.publish(out, msg);
             }
             (Awaiting::Outbox { rows }, StoreResult::Outbox(read)) => {
                 let Some(ob) = read else {
@@ -573,25 +609,21 @@ impl Machine {
                     return;
                 };
                 if self.send_batch(out, &ob, 0) {
-                    self.ship(out);
+                    self.want_ship = true;
                 } else {
                     let rows = (ob.batch.rows.len() / 2).max(1).min(rows);
-                    self.store(
-                        out,
-                        StoreOp::ReadOutbox { after: self.sent_upto, max_rows: rows },
-                        Awaiting::Outbox { rows },
-                    );
+                    let op = StoreOp::ReadOutbox { after: self.sent_upto, max_rows: rows };
+                    self.store(out, op, Awaiting::Outbox { rows });
                 }
             }
             (Awaiting::Range { resends }, StoreResult::Outbox(read)) => {
-                // Acknowledged meanwhile, or gone: nothing to send again.
+                // None: acknowledged meanwhile, nothing to send again.
                 if let Some(ob) = read {
                     // A batch sent again is sent whole, whatever its size: its range is its
                     // identity.
                     let batch = encode_batch(&ob.batch, EncodeOptions::default());
                     self.publish_batch(out, &ob, batch, resends);
                 }
-                self.ship(out);
             }
             (Awaiting::Ack, StoreResult::Acked(removed)) => {
                 self.live.acked_batches += 1;
@@ -600,45 +632,42 @@ impl Machine {
                 }
                 // Messages of this size got through: let them grow back toward the maximum.
                 self.msg_limit = (self.msg_limit + self.msg_limit / 4).min(self.cfg.max_message_bytes);
-                self.ship(out);
+                self.want_ship = true;
             }
-            (Awaiting::Reject, _) => self.ship(out),
-            (Awaiting::Changes { cursor, more }, StoreResult::Applied(report)) => {
-                self.cursor = Some(cursor);
+            (Awaiting::Reject, _) => self.want_ship = true,
+            (Awaiting::Changes { more }, StoreResult::Applied(report)) => {
                 self.pulling = None;
+                self.pull_tries = 0;
                 if !report.changed.is_empty() {
                     out.push(Action::Changed(report.changed));
                 }
                 if more || self.pull_again {
-                    self.pull(out);
+                    self.want_pull = true;
                 }
-                self.ship(out);
             }
             (Awaiting::SnapshotPage { resume, log_cursor, done, rows }, StoreResult::Applied(report)) => {
                 if !report.changed.is_empty() {
                     out.push(Action::Changed(report.changed));
                 }
+                out.push(Action::Progress(if done { Progress::Finish } else { Progress::Advance(rows) }));
                 if done {
-                    self.cursor = Some(log_cursor);
                     self.pulling = None;
-                    out.push(Action::Progress(Progress::Finish));
+                    self.pull_tries = 0;
                     // Changes logged while the snapshot was read come next.
-                    self.pull(out);
-                    self.ship(out);
-                } else {
-                    out.push(Action::Progress(Progress::Advance(rows)));
-                    let Some(epoch) = self.confirmed() else { return };
-                    self.pulling = Some(Pulling { since: self.now, tries: 0 });
-                    let msg = Uplink::PullSnapshot {
-                        device: self.cfg.device_id.clone(),
-                        epoch,
-                        resume,
-                        log_cursor,
-                        max_rows: self.cfg.pull_rows,
-                        max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
-                    };
-                    self.publish(out, msg);
+                    self.want_pull = true;
+                    return;
                 }
+                let Some(epoch) = self.confirmed() else { return };
+                self.pulling = Some(Pulling { since: self.now });
+                let msg = Uplink::PullSnapshot {
+                    device: self.cfg.device_id.clone(),
+                    epoch,
+                    resume,
+                    log_cursor,
+                    max_rows: self.cfg.pull_rows,
+                    max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+                };
+                self.publish(out, msg);
             }
             (awaiting, result) => {
                 tracing::error!("store result {result:?} does not answer {awaiting:?}");
@@ -669,9 +698,7 @@ impl Machine {
         }
         match msg {
             Downlink::Ack { id, first_seq, last_seq, .. } => {
-                let Some(at) =
-                    self.inflight.iter().position(|b| b.id == id && b.first == first_seq && b.last == last_seq)
-                else {
+                let Some(at) = self.in_flight(id, first_seq, last_seq) else {
                     tracing::debug!(id, first_seq, last_seq, "an ack for no batch in flight; ignored");
                     return;
                 };
@@ -679,9 +706,7 @@ impl Machine {
                 self.store(out, StoreOp::Ack { first: first_seq, last: last_seq }, Awaiting::Ack);
             }
             Downlink::Nack { id, first_seq, last_seq, reason, .. } => {
-                let Some(at) =
-                    self.inflight.iter().position(|b| b.id == id && b.first == first_seq && b.last == last_seq)
-                else {
+                let Some(at) = self.in_flight(id, first_seq, last_seq) else {
                     tracing::warn!(id, first_seq, last_seq, %reason, "a refusal for no batch in flight; ignored");
                     return;
                 };
@@ -689,20 +714,18 @@ impl Machine {
                 self.inflight.remove(at);
                 self.store(out, StoreOp::Reject { first: first_seq, last: last_seq, reason }, Awaiting::Reject);
             }
-            Downlink::Changes { cursor, more, batch, .. } => {
-                if self.cursor.is_some_and(|c| cursor.position < c.position) {
-                    // An answer to an earlier pull, overtaken by a later one.
-                    return;
-                }
+            Downlink::Changes { from, cursor, more, batch, .. } => {
                 let Some(batch) = self.decode(&batch) else { return };
-                self.store(out, StoreOp::Apply { batch, cursor: Some(cursor) }, Awaiting::Changes { cursor, more });
+                let cursor = Some(CursorMove { from: Some(from), to: cursor });
+                self.store(out, StoreOp::Apply { batch, cursor }, Awaiting::Changes { more });
             }
             Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
                 let Some(batch) = self.decode(&batch) else { return };
                 let rows = batch.rows.len() as u64;
-                let cursor = done.then_some(log_cursor);
-                // The cursor moves only with the last page: a restart mid-snapshot starts the
-                // snapshot again, which merges harmlessly.
+                // The cursor moves only with the last page (a restart mid-snapshot starts the
+                // snapshot again, which merges harmlessly), and only if no cursor was set
+                // meanwhile.
+                let cursor = done.then_some(CursorMove { from: None, to: log_cursor });
                 self.store(
                     out,
                     StoreOp::Apply { batch, cursor },
@@ -711,6 +734,10 @@ impl Machine {
             }
             _ => {}
         }
+    }
+
+    fn in_flight(&self, id: u64, first: i64, last: i64) -> Option<usize> {
+        self.inflight.iter().position(|b| b.id == id && b.first == first && b.last == last)
     }
 
     fn decode(&mut self, bytes: &[u8]) -> Option<Batch> {

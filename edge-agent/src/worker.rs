@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::thread;
 
-use driftless_core::{ApplyReport, Batch, OutboxBatch, Store, StoreOptions};
+use driftless_core::{Store, StoreOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -51,42 +51,5 @@ impl StoreHandle {
             }))
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)
-    }
-
-    /// Seals journaled changes and reads outbox entries after sequence `after`.
-    pub async fn outbox_after(&self, after: i64, max_rows: usize) -> Result<Option<OutboxBatch>> {
-        Ok(self
-            .call(move |s| {
-                s.seal()?;
-                s.outbox_batch_after(after, max_rows)
-            })
-            .await??)
-    }
-
-    pub async fn ack(&self, first: i64, last: i64) -> Result<usize> {
-        Ok(self.call(move |s| s.ack(first, last)).await??)
-    }
-
-    pub async fn reject(&self, first: i64, last: i64, reason: String) -> Result<usize> {
-        Ok(self.call(move |s| s.reject(first, last, &reason)).await??)
-    }
-
-    /// Applies remote changes and, if given, moves the pull cursor with them in the same
-    /// transaction.
-    pub async fn apply(&self, batch: Batch, cursor: Option<u64>) -> Result<ApplyReport> {
-        Ok(self
-            .call(move |s| match cursor {
-                Some(c) => s.apply_with_cursor(&batch, driftless_core::LogCursor { position: c, tag: 0 }),
-                None => s.apply(&batch),
-            })
-            .await??)
-    }
-
-    pub async fn sync_state(&self, key: &'static str) -> Result<Option<String>> {
-        Ok(self.call(move |s| s.sync_state(key)).await??)
-    }
-
-    pub async fn set_sync_state(&self, key: &'static str, value: String) -> Result<()> {
-        Ok(self.call(move |s| s.set_sync_state(key, &value)).await??)
     }
 }

@@ -75,9 +75,11 @@ pub enum Downlink {
         last_seq: i64,
         reason: String,
     },
-    /// Changes logged after the pulled cursor, up to `cursor`; `more` if others follow.
+    /// Changes logged after position `from` (the pull's cursor), up to `cursor`; `more` if
+    /// others follow.
     Changes {
         epoch: Epoch,
+        from: u64,
         cursor: LogCursor,
         more: bool,
         batch: Vec<u8>,
@@ -375,9 +377,10 @@ impl Downlink {
                 w.zigzag(*last_seq);
                 w.bytes(reason.as_bytes());
             }
-            Downlink::Changes { epoch, cursor, more, batch } => {
+            Downlink::Changes { epoch, from, cursor, more, batch } => {
                 w.u8(tag::CHANGES);
                 w.epoch(epoch);
+                w.varint(*from);
                 w.cursor(cursor);
                 w.u8(u8::from(*more));
                 w.raw(batch);
@@ -439,9 +442,10 @@ impl Downlink {
             },
             tag::CHANGES => {
                 let epoch = r.epoch()?;
+                let from = r.varint()?;
                 let cursor = r.cursor()?;
                 let more = r.flag()?;
-                return Ok(Downlink::Changes { epoch, cursor, more, batch: r.take(r.remaining())?.to_vec() });
+                return Ok(Downlink::Changes { epoch, from, cursor, more, batch: r.take(r.remaining())?.to_vec() });
             }
             tag::SNAPSHOT => {
                 let epoch = r.epoch()?;
@@ -533,7 +537,7 @@ mod tests {
             Downlink::Welcome { epoch: e, node_counter: 5, device_seq: 9, node_elsewhere: true },
             Downlink::Ack { epoch: e, id: 4, first_seq: 1, last_seq: 2 },
             Downlink::Nack { epoch: e, id: 4, first_seq: 1, last_seq: 2, reason: "bad".into() },
-            Downlink::Changes { epoch: e, cursor: c, more: true, batch: vec![4] },
+            Downlink::Changes { epoch: e, from: 70, cursor: c, more: true, batch: vec![4] },
             Downlink::Snapshot { epoch: e, resume: vec![1], log_cursor: c, done: false, batch: vec![] },
             Downlink::LegacyAck { first_seq: 1, last_seq: 2 },
             Downlink::LegacyNack { first_seq: 1, last_seq: 2, reason: "bad".into() },

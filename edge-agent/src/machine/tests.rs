@@ -1,1 +1,308 @@
+//! Transitions of the sync machine, driven by hand: no store, no broker, no clock.
 
+use driftless_core::{ApplyReport, Batch, Confirmed, Epoch, Identity, LogCursor, NodeId, OutboxBatch};
+
+use super::*;
+
+const E1: Epoch = Epoch([1; 16]);
+const E2: Epoch = Epoch([2; 16]);
+const TIMEOUT: u64 = 1_000;
+
+fn config() -> MachineConfig {
+    MachineConfig {
+        device_id: "tab".into(),
+        max_inflight: 2,
+        batch_rows: 10,
+        max_message_bytes: 1 << 20,
+        pull_rows: 100,
+        ack_timeout_ms: TIMEOUT,
+        receives: true,
+        interval_ms: None,
+        id_seed: 1_000,
+    }
+}
+
+fn identity() -> Identity {
+    Identity {
+        node: NodeId([7; 16]),
+        counter: 5,
+        outbox_seq: 9,
+        acked_seq: 4,
+        epoch: Some(E1),
+        cursor: Some(LogCursor { position: 3, tag: 33 }),
+    }
+}
+
+fn confirmed(cursor: Option<LogCursor>) -> Confirmed {
+    Confirmed { retired_node: None, epoch_changed: false, resent_rows: 0, cursor }
+}
+
+fn welcome(epoch: Epoch) -> Input {
+    Input::Downlink(Downlink::Welcome { epoch, node_counter: 5, device_seq: 9, node_elsewhere: false })
+}
+
+fn outbox(first: i64, last: i64) -> StoreResult {
+    StoreResult::Outbox(Some(OutboxBatch { first_seq: first, last_seq: last, batch: Batch::default() }))
+}
+
+fn applied() -> StoreResult {
+    StoreResult::Applied(ApplyReport::default())
+}
+
+fn publishes(actions: &[Action]) -> Vec<&Uplink> {
+    actions.iter().filter_map(|a| if let Action::Publish(m) = a { Some(m) } else { None }).collect()
+}
+
+fn store_op(actions: &[Action]) -> Option<&StoreOp> {
+    match actions.last() {
+        Some(Action::Store(op)) => Some(op),
+        _ => None,
+    }
+}
+
+/// Confirms a handshake in progress with `result`, answers the cursor read with `cursor`, and
+/// returns what was published then.
+fn confirm(m: &mut Machine, result: Confirmed, cursor: Option<LogCursor>, now: u64) -> Vec<Uplink> {
+    let out = m.handle(Input::Store(StoreResult::Confirmed(result)), now);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::Cursor(cursor)), now);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadOutbox { after: 0, .. })), "{out:?}");
+    publishes(&out).into_iter().cloned().collect()
+}
+
+/// A machine that has connected and been confirmed under `E1`, with nothing to send.
+fn confirmed_machine() -> Machine {
+    let mut m = Machine::new(config());
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 0);
+    m.handle(welcome(E1), 1);
+    confirm(&mut m, confirmed(identity().cursor), identity().cursor, 1);
+    m.handle(Input::Store(StoreResult::Outbox(None)), 1);
+    m
+}
+
+/// Ships one batch `first..=last`; returns its id.
+fn ship(m: &mut Machine, first: i64, last: i64, now: u64) -> u64 {
+    let out = m.handle(Input::LocalChange, now);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadOutbox { .. })), "{out:?}");
+    let out = m.handle(Input::Store(outbox(first, last)), now);
+    let id = match publishes(&out)[..] {
+        [Uplink::Batch { id, first_seq, last_seq, .. }] if *first_seq == first && *last_seq == last => *id,
+        ref other => panic!("expected one batch, got {other:?}"),
+    };
+    m.handle(Input::Store(StoreResult::Outbox(None)), now);
+    id
+}
+
+#[test]
+fn nothing_is_sealed_shipped_or_pulled_before_the_gateway_confirms_the_identity() {
+    let mut m = Machine::new(config());
+    let out = m.handle(Input::Connected, 0);
+    assert!(matches!(store_op(&out), Some(StoreOp::Begin)));
+    let out = m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 3 }), 0);
+    assert!(matches!(publishes(&out)[..], [Uplink::Hello { counter: 5, outbox_seq: 9, acked_seq: 4, .. }]));
+    for input in [Input::LocalChange, Input::Poke, Input::SyncNow, Input::Tick] {
+        let out = m.handle(input, 10);
+        assert!(out.is_empty(), "acted before the handshake: {out:?}");
+    }
+    let out = m.handle(welcome(E1), 20);
+    assert!(matches!(store_op(&out), Some(StoreOp::Confirm(GatewayView { epoch: E1, .. }))));
+    let sent = confirm(&mut m, confirmed(identity().cursor), identity().cursor, 20);
+    assert!(matches!(
+        sent[..],
+        [Uplink::Pull { epoch: Some(E1), cursor: Some(LogCursor { position: 3, tag: 33 }), .. }]
+    ));
+    assert!(m.live().confirmed);
+}
+
+#[test]
+fn an_unanswered_hello_is_sent_again_once_the_link_is_idle() {
+    let mut m = Machine::new(config());
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 0);
+    assert!(m.handle(Input::Tick, TIMEOUT + 10).is_empty(), "the Hello is not written out yet");
+    m.handle(Input::Flushed, TIMEOUT + 20);
+    assert!(matches!(publishes(&m.handle(Input::Tick, TIMEOUT + 30))[..], [Uplink::Hello { .. }]));
+}
+
+#[test]
+fn answers_count_only_for_the_batch_in_flight_with_that_id_and_range() {
+    let mut m = confirmed_machine();
+    let id = ship(&mut m, 10, 12, 5);
+    let ack = |id, first, last| Input::Downlink(Downlink::Ack { epoch: E1, id, first_seq: first, last_seq: last });
+    let nack = |id, first, last| {
+        Input::Downlink(Downlink::Nack { epoch: E1, id, first_seq: first, last_seq: last, reason: "forged".into() })
+    };
+    // A forged or stale answer: another id, another range, or a range never sent.
+    for wrong in [ack(id + 1, 10, 12), ack(id, 10, 11), nack(id + 1, 10, 12), nack(999, 1, 100)] {
+        assert!(m.handle(wrong, 6).is_empty());
+    }
+    assert_eq!(m.live().inflight_batches, 1);
+    let out = m.handle(ack(id, 10, 12), 7);
+    assert!(matches!(store_op(&out), Some(StoreOp::Ack { first: 10, last: 12 })));
+    // The same ack again matches nothing.
+    m.handle(Input::Store(StoreResult::Acked(3)), 7);
+    m.handle(Input::Store(StoreResult::Outbox(None)), 7);
+    assert!(m.handle(ack(id, 10, 12), 8).is_empty());
+}
+
+#[test]
+fn a_refusal_of_a_batch_in_flight_moves_exactly_that_batch_aside() {
+    let mut m = confirmed_machine();
+    let id = ship(&mut m, 10, 12, 5);
+    let out = m.handle(
+        Input::Downlink(Downlink::Nack { epoch: E1, id, first_seq: 10, last_seq: 12, reason: "bad".into() }),
+        6,
+    );
+    assert!(matches!(store_op(&out), Some(StoreOp::Reject { first: 10, last: 12, .. })));
+}
+
+#[test]
+fn a_batch_is_sent_again_only_after_the_link_was_idle_for_a_whole_timeout() {
+    let mut m = confirmed_machine();
+    // The Hello and the first pull were written out; the batch is not yet.
+    m.handle(Input::Flushed, 0);
+    m.handle(Input::Flushed, 0);
+    ship(&mut m, 10, 12, 0);
+    let resends = |out: &[Action]| matches!(store_op(out), Some(StoreOp::ReadRange { .. }));
+    // A tick, with the backstop's reads answered (no cursor, nothing new in the outbox) until
+    // something else is asked.
+    let tick = |m: &mut Machine, now| {
+        let mut out = m.handle(Input::Tick, now);
+        loop {
+            let next = match store_op(&out) {
+                Some(StoreOp::ReadCursor) => StoreResult::Cursor(None),
+                Some(StoreOp::ReadOutbox { .. }) => StoreResult::Outbox(None),
+                _ => return out,
+            };
+            out = m.handle(Input::Store(next), now);
+        }
+    };
+    // Still being written out on a slow link: never sent again meanwhile.
+    assert!(!resends(&tick(&mut m, 10 * TIMEOUT)));
+    m.handle(Input::Flushed, 10 * TIMEOUT);
+    // The pull that timed out meanwhile goes out again, and is written out at once.
+    assert!(!resends(&tick(&mut m, 11 * TIMEOUT - 10)));
+    m.handle(Input::Flushed, 11 * TIMEOUT - 10);
+    let out = tick(&mut m, 11 * TIMEOUT + 10);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadRange { first: 10, last: 12 })), "{out:?}");
+    let out = m.handle(Input::Store(outbox(10, 12)), 11 * TIMEOUT + 10);
+    let [Uplink::Batch { id, .. }] = publishes(&out)[..] else { panic!("expected the batch again: {out:?}") };
+    let resent = *id;
+    m.handle(Input::Store(StoreResult::Outbox(None)), 11 * TIMEOUT + 10);
+    m.handle(Input::Flushed, 11 * TIMEOUT + 20);
+    // The second wait is twice as long.
+    assert!(!resends(&tick(&mut m, 12 * TIMEOUT + 500)));
+    // The first copy's answer arriving late no longer matches; the second's does.
+    let late = Downlink::Ack { epoch: E1, id: resent - 1, first_seq: 10, last_seq: 12 };
+    assert!(m.handle(Input::Downlink(late), 12 * TIMEOUT + 600).is_empty());
+    let out =
+        m.handle(Input::Downlink(Downlink::Ack { epoch: E1, id: resent, first_seq: 10, last_seq: 12 }), 12 * TIMEOUT);
+    assert!(matches!(store_op(&out), Some(StoreOp::Ack { .. })));
+}
+
+#[test]
+fn the_in_flight_window_is_bounded() {
+    let mut m = confirmed_machine();
+    m.handle(Input::LocalChange, 1);
+    let out = m.handle(Input::Store(outbox(1, 1)), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadOutbox { after: 1, .. })));
+    let out = m.handle(Input::Store(outbox(2, 2)), 1);
+    assert_eq!(publishes(&out).len(), 1);
+    assert!(store_op(&out).is_none(), "two in flight: no third read");
+    assert!(m.handle(Input::LocalChange, 2).is_empty());
+}
+
+#[test]
+fn an_answer_from_another_epoch_starts_a_new_handshake() {
+    let mut m = confirmed_machine();
+    let id = ship(&mut m, 10, 12, 5);
+    let out = m.handle(Input::Downlink(Downlink::Ack { epoch: E2, id, first_seq: 10, last_seq: 12 }), 6);
+    assert!(matches!(store_op(&out), Some(StoreOp::Begin)), "{out:?}");
+    assert!(!m.live().confirmed);
+    assert_eq!(m.live().inflight_batches, 0, "everything is sent again after the new handshake");
+    let out = m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 7);
+    assert!(matches!(publishes(&out)[..], [Uplink::Hello { .. }]));
+    m.handle(welcome(E2), 8);
+    let changed = Confirmed { epoch_changed: true, resent_rows: 40, ..confirmed(None) };
+    let sent = confirm(&mut m, changed, None, 8);
+    assert!(matches!(sent[..], [Uplink::Pull { epoch: Some(E2), cursor: None, .. }]));
+    assert_eq!(m.live().epoch_changes, 1);
+}
+
+#[test]
+fn a_store_behind_its_own_past_is_counted_and_starts_from_a_snapshot() {
+    let mut m = Machine::new(config());
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 0);
+    m.handle(
+        Input::Downlink(Downlink::Welcome { epoch: E1, node_counter: 50, device_seq: 90, node_elsewhere: false }),
+        1,
+    );
+    let rotated = Confirmed { retired_node: Some(NodeId([7; 16])), ..confirmed(None) };
+    let sent = confirm(&mut m, rotated, None, 1);
+    assert!(matches!(sent[..], [Uplink::Pull { cursor: None, .. }]));
+    assert_eq!(m.live().node_changes, 1);
+}
+
+#[test]
+fn a_snapshot_moves_the_cursor_only_with_its_last_page() {
+    let mut m = confirmed_machine();
+    let head = LogCursor { position: 40, tag: 4 };
+    let page = |done| {
+        Input::Downlink(Downlink::Snapshot {
+            epoch: E1,
+            resume: vec![1],
+            log_cursor: head,
+            done,
+            batch: encode_batch(&Batch::default(), EncodeOptions::default()),
+        })
+    };
+    let out = m.handle(page(false), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: None, .. })));
+    let out = m.handle(Input::Store(applied()), 1);
+    assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { log_cursor, .. }] if *log_cursor == head));
+    let out = m.handle(page(true), 2);
+    let only_if_unset = CursorMove { from: None, to: head };
+    assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if *c == only_if_unset));
+    // The changes logged meanwhile come next, from the cursor as the store has it then.
+    let out = m.handle(Input::Store(applied()), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)));
+}
+
+#[test]
+fn a_page_moves_the_cursor_only_from_where_it_was_pulled() {
+    let mut m = confirmed_machine();
+    let to = LogCursor { position: 9, tag: 1 };
+    let changes = Downlink::Changes {
+        epoch: E1,
+        from: 3,
+        cursor: to,
+        more: false,
+        batch: encode_batch(&Batch::default(), EncodeOptions::default()),
+    };
+    let out = m.handle(Input::Downlink(changes), 1);
+    let expected = CursorMove { from: Some(3), to };
+    assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if *c == expected));
+}
+
+#[test]
+fn a_message_too_slow_to_write_out_makes_later_ones_smaller() {
+    let mut m = confirmed_machine();
+    m.handle(Input::Disconnected { flush_timeout: true }, 1);
+    m.handle(Input::Store(StoreResult::Done), 1);
+    m.handle(Input::Connected, 2);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 2);
+    m.handle(welcome(E1), 3);
+    let sent = confirm(&mut m, confirmed(identity().cursor), identity().cursor, 3);
+    assert!(matches!(sent[..], [Uplink::Pull { max_bytes, .. }] if max_bytes == (1 << 19)));
+}
+
+#[test]
+fn failed_store_work_is_reported_and_tried_again() {
+    let mut m = Machine::new(config());
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Failed("disk I/O error".into())), 0);
+    assert_eq!(m.live().last_error.as_deref(), Some("disk I/O error"));
+    assert!(matches!(store_op(&m.handle(Input::Tick, 100)), Some(StoreOp::Begin)));
+}
