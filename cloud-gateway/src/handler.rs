@@ -7,8 +7,10 @@
 //! the gateway's own (storage, a stored row it cannot read back) is returned as an error: the
 //! message gets no answer at all, and the device sends it again later.
 
-use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
-use driftless_core::protocol::{Downlink, Uplink, downlink_topic, parse_uplink_topic};
+use driftless_core::codec::{
+    DecodeError, Dictionaries, EncodeOptions, Limits, declared_payload_len, decode_batch, encode_batch,
+};
+use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic};
 use driftless_core::{Batch, Epoch, LogCursor};
 
 use crate::error::{Error, MergeError, Result};
@@ -127,7 +129,7 @@ fn process(
     payload: &[u8],
     now_ms: u64,
 ) -> Result<Vec<Outgoing>, Fault> {
-    let epoch = store.epoch()?;
+    let epoch = store.epoch(tenant)?;
     let msg = Uplink::decode(payload, &cfg.decode)
         .map_err(|e| Fault::Message { reason: format!("undecodable message: {e}"), nack: None })?;
     if msg.device() != device {
@@ -145,7 +147,9 @@ fn process(
         Uplink::Hello { node, acked_seq, epoch: claimed, .. } => {
             let view = store.hello(tenant, device, node)?;
             let mut epoch = epoch;
-            if claimed == Some(epoch) && acked_seq > view.device_seq {
+            // Evidence only from a device speaking for this epoch with its own node (a copied
+            // database or a renamed device id claims acknowledgements of another's).
+            if claimed == Some(epoch) && acked_seq > view.device_seq && view.node_owner == device {
                 // The device holds acknowledgements this store has no record of: the store was
                 // restored from an older backup. Every device must send again what it holds.
                 let reason = format!(
@@ -153,7 +157,7 @@ fn process(
                     view.device_seq
                 );
                 tracing::warn!(%reason, "this store lost acknowledged changes; starting a new epoch");
-                epoch = store.new_epoch(&reason)?;
+                epoch = store.new_epoch(tenant, &reason)?;
             }
             store.touch_device(tenant, device, None)?;
             Ok(reply(Downlink::Welcome {
@@ -163,11 +167,20 @@ fn process(
                 node_elsewhere: view.node_owner != device,
             }))
         }
-        Uplink::Batch { id, first_seq, last_seq, ref batch, .. } => {
+        Uplink::Batch { id, first_seq, last_seq, epoch: claimed, acked_seq, ref batch, .. } => {
+            let mut epoch = epoch;
+            if claimed == Some(epoch) && acked_seq > store.device_seq(tenant, device)? {
+                // Acknowledged once, unknown now: the store was restored from an older backup
+                // (a device that only uploads tells so with its next batch).
+                let reason =
+                    format!("device {device:?} of {tenant:?} was acknowledged up to {acked_seq}, the store has less");
+                tracing::warn!(%reason, "this store lost acknowledged changes; starting a new epoch");
+                epoch = store.new_epoch(tenant, &reason)?;
+            }
             let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
             let nack = |reason: String| Downlink::Nack { epoch, id, first_seq, last_seq, reason };
-            let logged = merge(store, cfg, &from, batch, nack)?;
-            let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq });
+            let (logged, refused) = merge(store, cfg, &from, batch, nack)?;
+            let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused });
             if logged {
                 out.push(Outgoing::Poke { tenant: tenant.to_owned() });
             }
@@ -193,7 +206,7 @@ fn process(
                     cursor.position
                 );
                 tracing::warn!(%reason, "this store lost logged changes; starting a new epoch");
-                let epoch = store.new_epoch(&reason)?;
+                let epoch = store.new_epoch(tenant, &reason)?;
                 return Ok(reply(stale(epoch, Some(cursor))));
             }
             store.touch_device(tenant, device, Some(cursor.position))?;
@@ -211,7 +224,15 @@ fn process(
         Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
             let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
             let nack = |reason: String| Downlink::LegacyNack { first_seq, last_seq, reason };
-            let logged = merge(store, cfg, &from, batch, nack)?;
+            let (logged, refused) = merge(store, cfg, &from, batch, nack)?;
+            if !refused.is_empty() {
+                // Version 1 cannot say which rows: the whole batch is refused.
+                let reason = refused.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join("; ");
+                return Err(Fault::Message {
+                    nack: Some(Downlink::LegacyNack { first_seq, last_seq, reason: reason.clone() }),
+                    reason,
+                });
+            }
             let mut out = reply(Downlink::LegacyAck { first_seq, last_seq });
             if logged {
                 out.push(Outgoing::Poke { tenant: tenant.to_owned() });
@@ -243,22 +264,38 @@ fn process(
     }
 }
 
-/// Decodes and merges a batch; whether anything was logged. A batch at fault is refused with
-/// the nack `nack` builds; a failure of the store is ours.
+/// Decodes and merges a batch; whether anything was logged, and the rows refused (each kept
+/// as a dead letter). A batch at fault as a whole is refused with the nack `nack` builds; a
+/// failure of the store, or a batch this gateway is too old to read, is ours.
 fn merge(
     store: &mut dyn GatewayStore,
     cfg: &HandlerConfig,
     from: &Incoming<'_>,
     batch: &[u8],
     nack: impl Fn(String) -> Downlink,
-) -> Result<bool, Fault> {
+) -> Result<(bool, Vec<RefusedRow>), Fault> {
     let refuse = |reason: String| Fault::Message { nack: Some(nack(reason.clone())), reason };
-    let decoded = decode_batch(batch, &cfg.decode, &Dictionaries::default())
-        .map_err(|e| refuse(format!("batch refused: {e}")))?;
+    let decoded = match decode_batch(batch, &cfg.decode, &Dictionaries::default()) {
+        Ok(b) => b,
+        // Written by a newer version, or with a dictionary this gateway lacks: the device is
+        // right and the gateway must be upgraded; the device sends it again later.
+        Err(e @ (DecodeError::UnsupportedVersion(_) | DecodeError::UnknownDictionary(_))) => {
+            return Err(Fault::Ours(Error::Corrupt(format!("a batch this gateway cannot read yet: {e}"))));
+        }
+        Err(e) => return Err(refuse(format!("batch refused: {e}"))),
+    };
     match store.merge(from, &decoded) {
         Ok(outcome) => {
             tracing::debug!(tenant = from.tenant, device = from.device, applied = outcome.applied, "merged");
-            Ok(outcome.logged_at.is_some())
+            let mut refused = Vec::with_capacity(outcome.refused.len());
+            for (index, reason) in outcome.refused {
+                let row = Batch { roles: decoded.roles.clone(), rows: vec![decoded.rows[index].clone()] };
+                let reason = format!("row refused: {reason}");
+                tracing::warn!(tenant = from.tenant, device = from.device, %reason);
+                store.dead_letter(from.tenant, from.device, &reason, &encode_batch(&row, EncodeOptions::default()))?;
+                refused.push(RefusedRow { index: index as u32, reason });
+            }
+            Ok((outcome.logged_at.is_some(), refused))
         }
         Err(MergeError::Refused(r)) => Err(refuse(format!("batch refused: {r}"))),
         Err(MergeError::Store(e)) => Err(Fault::Ours(e)),
@@ -278,6 +315,14 @@ fn stale(epoch: Epoch, cursor: Option<LogCursor>) -> Downlink {
     }
 }
 
+/// Whether an encoded page fits `max_bytes`, and its payload, once decompressed, stays well
+/// within what a device's decoder accepts (compressible rows can be small on the wire and
+/// huge in memory).
+fn fits(envelope: &[u8], max_bytes: usize) -> bool {
+    let raw = declared_payload_len(envelope).unwrap_or(u64::MAX);
+    envelope.len() <= max_bytes && raw <= (Limits::default().max_decompressed / 2) as u64
+}
+
 /// Logged changes after `cursor`, halved until the message fits `max_bytes`.
 fn changes(
     store: &mut dyn GatewayStore,
@@ -290,7 +335,7 @@ fn changes(
     loop {
         let page = store.changes_after(tenant, device, cursor, rows)?;
         let batch = encode_batch(&page.batch, EncodeOptions::default());
-        if batch.len() <= max_bytes || rows == 1 {
+        if fits(&batch, max_bytes) || rows == 1 {
             return Ok((page.cursor, page.more, batch));
         }
         rows /= 2;
@@ -310,7 +355,7 @@ fn snapshot_page(
             nack: None,
         })?;
         let batch = encode_batch(&page.batch, EncodeOptions::default());
-        if batch.len() <= max_bytes || rows == 1 {
+        if fits(&batch, max_bytes) || rows == 1 {
             return Ok((page, batch));
         }
         rows /= 2;

@@ -11,12 +11,11 @@ use crate::storage::{DeadLetterFilter, GatewayStore};
 /// selects, of which the newest `filter.limit` are listed one by one.
 pub fn render(store: &mut dyn GatewayStore, filter: &DeadLetterFilter) -> Result<String> {
     let mut out = String::new();
-    let _ = writeln!(out, "epoch {}", store.epoch()?);
     for tenant in store.tenants()? {
         if filter.tenant.as_ref().is_some_and(|t| *t != tenant) {
             continue;
         }
-        let _ = writeln!(out, "tenant {tenant}");
+        let _ = writeln!(out, "tenant {tenant} (epoch {})", store.epoch(&tenant)?);
         let _ = writeln!(out, "  device                           last seen (ms)  uplink hwm  cursor      lag");
         for d in store.devices(&tenant)? {
             let _ = writeln!(

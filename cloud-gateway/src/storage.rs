@@ -11,6 +11,9 @@ use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId};
 
 use crate::error::{MergeError, Result};
 
+/// The least time between two new epochs of one tenant.
+pub const EPOCH_QUIET: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where a batch comes from, and when it is merged.
 #[derive(Debug, Clone, Copy)]
 pub struct Incoming<'a> {
@@ -26,7 +29,7 @@ pub struct Incoming<'a> {
 }
 
 /// What merging one device batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MergeOutcome {
     /// Rows whose merged state changed.
     pub applied: usize,
@@ -34,6 +37,9 @@ pub struct MergeOutcome {
     pub duplicates: usize,
     /// Writes whose timestamps were bounded (their writer's clock ran too far ahead).
     pub bounded: usize,
+    /// Rows not merged because no replica could accept them: their position in the batch
+    /// and why. The rest of the batch is merged.
+    pub refused: Vec<(usize, String)>,
     /// The log position of the new changes, if any were logged.
     pub logged_at: Option<u64>,
 }
@@ -126,12 +132,17 @@ pub struct SkewedNode {
 
 /// Gateway storage. Every method is one transaction.
 pub trait GatewayStore: Send {
-    /// The store's current epoch.
-    fn epoch(&mut self) -> Result<Epoch>;
+    /// The tenant's current epoch (made when its first device shows up).
+    fn epoch(&mut self, tenant: &str) -> Result<Epoch>;
 
-    /// Gives the store a new epoch: it has lost changes it once acknowledged, and every device
-    /// must send again what it holds. `reason` is logged with it.
-    fn new_epoch(&mut self, reason: &str) -> Result<Epoch>;
+    /// Gives the tenant a new epoch: the store has lost changes it once acknowledged, and
+    /// every device of the tenant must send again what it holds. `reason` is kept with it. At
+    /// most one new epoch per tenant per [`EPOCH_QUIET`]: one restore is one new epoch,
+    /// however many devices notice it; returns the current epoch either way.
+    fn new_epoch(&mut self, tenant: &str, reason: &str) -> Result<Epoch>;
+
+    /// The highest outbox sequence number of `device` merged so far (0 if none).
+    fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64>;
 
     /// Notes that `device` of `tenant` says it writes as `node`, binding the node to it if the
     /// node is new, and returns what has been merged from both.
@@ -139,8 +150,10 @@ pub trait GatewayStore: Send {
 
     /// Merges a device's batch, logs what changed and records the device's high-water mark,
     /// all in one transaction. Merging the same batch again changes nothing. Timestamps
-    /// later than `now_ms + max_drift_ms` are bounded to `now_ms`. A batch that writes
-    /// something no replica could accept is refused whole ([`MergeError::Refused`]).
+    /// later than `now_ms + max_drift_ms` are bounded to `now_ms`. A row no replica could
+    /// accept (a NULL key part, a key of another arity than the table's, a state grown past
+    /// the limits) is not merged and listed in [`MergeOutcome::refused`]; a batch that is
+    /// wrong as a whole is refused ([`MergeError::Refused`]).
     fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError>;
 
     /// Logged changes after `cursor` not made by `device`, up to about `max_rows` rows.

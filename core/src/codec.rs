@@ -217,6 +217,20 @@ pub fn encode_batch(batch: &Batch, opts: EncodeOptions<'_>) -> Vec<u8> {
     w.buf
 }
 
+/// The payload size an envelope declares (its size once decompressed), read from its header.
+pub fn declared_payload_len(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let limits = Limits::default();
+    let mut r = Reader::new(bytes, &limits);
+    if r.take(4)? != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    r.u8()?;
+    if r.u8()? & FLAG_DICTIONARY != 0 {
+        r.varint()?;
+    }
+    r.varint()
+}
+
 /// Decodes an envelope from untrusted bytes.
 pub fn decode_batch(bytes: &[u8], limits: &Limits, dictionaries: &Dictionaries) -> Result<Batch, DecodeError> {
     let mut r = Reader::new(bytes, limits);

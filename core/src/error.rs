@@ -43,6 +43,10 @@ pub enum Error {
          nothing was applied"
     )]
     SealHeld,
+    #[error(
+        "the app's own constraint on {table:?} rolled back the whole transaction while a remote change was applied"
+    )]
+    AppRolledBack { table: String, key: Vec<u8> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -9,7 +9,7 @@
 
 mod messages;
 
-pub use self::messages::{Downlink, Uplink};
+pub use self::messages::{Downlink, RefusedRow, Uplink};
 
 /// Topic root shared by every driftless topic.
 pub const TOPIC_ROOT: &str = "driftless";

@@ -126,6 +126,19 @@ impl RowState {
         for counter in self.counters.values() {
             over("counter parts", counter.0.len(), limits.max_vector_len)?;
         }
+        // The whole row must fit one message with room to spare: a snapshot page, a log entry
+        // or the gateway's copy of the row holds it in one payload.
+        let total: usize = self
+            .fields
+            .values()
+            .flat_map(|r| r.entries.iter())
+            .map(|e| match &e.value {
+                Value::Text(t) => t.len(),
+                Value::Blob(b) | Value::RawText(b) => b.len(),
+                Value::Null | Value::Integer(_) | Value::Real(_) => 0,
+            })
+            .sum();
+        over("bytes of values in a row", total, limits.max_decompressed / 2)?;
         Ok(())
     }
 

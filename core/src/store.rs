@@ -212,7 +212,7 @@ impl Store {
             let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
             tx.execute("INSERT INTO _driftless_state(key, value) VALUES ('node_id', ?1)", [&node.0[..]])?;
             tx.execute(
-                "INSERT INTO _driftless_nodes(idx, id, role, own) VALUES (0, ?1, ?2, 1)",
+                "INSERT INTO _driftless_nodes(idx, id, role) VALUES (0, ?1, ?2)",
                 rusqlite::params![&node.0[..], opts.role],
             )?;
         }
@@ -230,7 +230,7 @@ impl Store {
                 let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
                 tx.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'node_id'", [&node.0[..]])?;
                 tx.execute(
-                    "INSERT INTO _driftless_nodes(idx, id, role, own) SELECT coalesce(max(idx), -1) + 1, ?1, ?2, 1 FROM _driftless_nodes",
+                    "INSERT INTO _driftless_nodes(idx, id, role) SELECT coalesce(max(idx), -1) + 1, ?1, ?2 FROM _driftless_nodes",
                     rusqlite::params![&node.0[..], opts.role],
                 )?;
                 tx.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'role'", [&opts.role])?;
@@ -245,6 +245,11 @@ impl Store {
     /// This replica's node id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node
+    }
+
+    /// The source role this store writes as (for `authority` columns).
+    pub fn role(&self) -> &str {
+        &self.inner.role
     }
 
     /// The database file.
@@ -368,6 +373,16 @@ impl Store {
         })
     }
 
+    /// Like [`Store::ack`], but the entries at the given positions within the range (the
+    /// rows of the batch the gateway refused, with its reasons) are moved aside to
+    /// `_driftless_rejected` instead of deleted.
+    pub fn ack_refusing(&mut self, first: i64, last: i64, refused: &[(u32, String)]) -> Result<usize> {
+        self.transact(|tx, inner| {
+            identity::note_acked(tx, last)?;
+            outbox::ack_refusing(tx, first, last, refused, inner.now())
+        })
+    }
+
     /// Holds sealing: local writes stay in the journal (still captured, still counted as
     /// pending) until [`Store::confirm_identity`], and remote batches are refused. The sync
     /// layer holds it from start-up and on every disconnect until the gateway has confirmed
@@ -449,23 +464,57 @@ impl Store {
     }
 
     /// Applies a batch and moves the pull cursor to `to` in the same transaction (a cursor
-    /// moves only together with the changes it covers), but only if the cursor is still at
-    /// position `from` (`None`: no cursor): an answer to an older pull, or one that crossed a
-    /// reset (`track` asking for a fresh snapshot), applies harmlessly and leaves the cursor.
-    pub fn apply_with_cursor(&mut self, batch: &Batch, from: Option<u64>, to: LogCursor) -> Result<ApplyReport> {
-        self.transact(|tx, inner| {
-            let report = apply::apply(tx, inner, batch)?;
-            if cursor::get(tx)?.map(|c| c.position) == from {
+    /// moves only together with the changes it covers), but only if the cursor is as the pull
+    /// found it: at position `from` (`None`: no cursor) with `resets` resets so far. An answer
+    /// to an older pull, or one that crossed a reset (`track` asking for a fresh snapshot),
+    /// applies harmlessly and leaves the cursor.
+    pub fn apply_with_cursor(
+        &mut self,
+        batch: &Batch,
+        from: Option<u64>,
+        resets: u64,
+        to: LogCursor,
+    ) -> Result<ApplyReport> {
+        self.apply_holding_back(batch, |tx| {
+            if cursor::get(tx)?.map(|c| c.position) == from && cursor::resets(tx)? == resets {
                 cursor::set(tx, to)?;
             }
-            Ok(report)
+            Ok(())
         })
     }
 
-    /// Where this replica has caught up to in the gateway's log; `None` before the first
-    /// snapshot, or after something made the current state worth fetching again.
-    pub fn cursor(&self) -> Result<Option<LogCursor>> {
-        cursor::get(&self.conn)
+    /// Applies `batch` and runs `also` in the same transaction. If an app constraint rolls the
+    /// whole transaction back on some row, starts over with that row held back from the app's
+    /// table (merged, recorded as unapplied), so one row never blocks the batch.
+    fn apply_holding_back(
+        &mut self,
+        batch: &Batch,
+        also: impl Fn(&Transaction<'_>) -> Result<()>,
+    ) -> Result<ApplyReport> {
+        let mut hold_back = std::collections::HashSet::new();
+        loop {
+            let attempt = self.transact(|tx, inner| {
+                let report = apply::apply(tx, inner, batch, &hold_back)?;
+                also(tx)?;
+                Ok(report)
+            });
+            match attempt {
+                Err(Error::AppRolledBack { table, key }) if hold_back.len() < batch.rows.len() => {
+                    let id = self.inner.catalog.by_name(&table).map_or(-1, |t| self.inner.catalog.tables[t].id);
+                    if !hold_back.insert((id, key)) {
+                        return Err(Error::AppRolledBack { table, key: Vec::new() });
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Where this replica has caught up to in the gateway's log (`None` before the first
+    /// snapshot, or after something made the current state worth fetching again), and how
+    /// many times the cursor was reset so far.
+    pub fn cursor(&self) -> Result<(Option<LogCursor>, u64)> {
+        Ok((cursor::get(&self.conn)?, cursor::resets(&self.conn)?))
     }
 
     /// Number of local changes not yet acknowledged (sealed or still journaled).
@@ -476,7 +525,7 @@ impl Store {
     /// Merges a remote batch: seals local changes first, then joins every row, writes the
     /// resulting values into the app's tables without re-capturing them, all in one transaction.
     pub fn apply(&mut self, batch: &Batch) -> Result<ApplyReport> {
-        self.transact(|tx, inner| apply::apply(tx, inner, batch))
+        self.apply_holding_back(batch, |_| Ok(()))
     }
 
     /// A page of the full state of every tracked row, for bootstrapping another replica.

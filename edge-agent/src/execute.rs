@@ -16,15 +16,20 @@ pub(crate) const CONNECTED_KEY: &str = "connected";
 pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
     let run = |store: &mut Store| -> driftless_core::Result<StoreResult> {
         Ok(match op {
-            StoreOp::Begin => {
+            StoreOp::Begin { hold } => {
                 // Nothing seals until the gateway has confirmed this store's node id.
-                store.hold_seal();
+                if hold {
+                    store.hold_seal();
+                }
                 store.set_sync_state(CONNECTED_KEY, "1")?;
                 StoreResult::Begun { identity: store.identity()?, pending: store.pending_changes()? }
             }
             StoreOp::End => {
-                store.hold_seal();
                 store.set_sync_state(CONNECTED_KEY, "0")?;
+                StoreResult::Done
+            }
+            StoreOp::Seal => {
+                store.seal()?;
                 StoreResult::Done
             }
             StoreOp::Confirm(view) => StoreResult::Confirmed(store.confirm_identity(&view)?),
@@ -33,9 +38,13 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                 StoreResult::Outbox(store.outbox_batch_after(after, max_rows)?)
             }
             StoreOp::ReadRange { first, last } => StoreResult::Outbox(store.outbox_range(first, last)?),
-            StoreOp::ReadCursor => StoreResult::Cursor(store.cursor()?),
-            StoreOp::Ack { first, last } => {
-                let removed = store.ack(first, last)?;
+            StoreOp::ReadCursor => {
+                let (cursor, resets) = store.cursor()?;
+                StoreResult::Cursor { cursor, resets }
+            }
+            StoreOp::Ack { first, last, refused } => {
+                let refused: Vec<(u32, String)> = refused.into_iter().map(|r| (r.index, r.reason)).collect();
+                let removed = store.ack_refusing(first, last, &refused)?;
                 store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
                 StoreResult::Acked(removed)
             }
@@ -45,7 +54,7 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
             }
             StoreOp::Apply { batch, cursor } => {
                 let report = match cursor {
-                    Some(m) => store.apply_with_cursor(&batch, m.from, m.to)?,
+                    Some(m) => store.apply_with_cursor(&batch, m.from, m.resets, m.to)?,
                     None => store.apply(&batch)?,
                 };
                 if !batch.rows.is_empty() {

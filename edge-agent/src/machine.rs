@@ -23,8 +23,8 @@
 
 use std::collections::VecDeque;
 
-use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
-use driftless_core::protocol::{Downlink, Uplink};
+use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, declared_payload_len, decode_batch, encode_batch};
+use driftless_core::protocol::{Downlink, RefusedRow, Uplink};
 use driftless_core::{ApplyReport, Batch, ChangedRow, Confirmed, Epoch, GatewayView, Identity, LogCursor, OutboxBatch};
 
 /// How the machine behaves.
@@ -97,10 +97,17 @@ pub enum Progress {
 /// Store work (see [`crate::execute`]).
 #[derive(Debug)]
 pub enum StoreOp {
-    /// A connection is up: hold sealing, note it, and say who this store is.
-    Begin,
-    /// The connection is gone: hold sealing again and note it.
+    /// A connection is up: note it and say who this store is; `hold` sealing until the
+    /// gateway confirms the identity (until the first confirmation of this process: the
+    /// database cannot be restored under a running process).
+    Begin {
+        hold: bool,
+    },
+    /// The connection is gone: note it.
     End,
+    /// Seal journaled writes now (offline, once the identity was confirmed), so that a backup
+    /// taken meanwhile holds them as sealed changes rather than as writes to seal again.
+    Seal,
     Confirm(GatewayView),
     /// Seal, then read up to `max_rows` entries after `after`.
     ReadOutbox {
@@ -112,9 +119,11 @@ pub enum StoreOp {
         first: i64,
         last: i64,
     },
+    /// Delete acknowledged entries; move aside the ones at these positions of the batch.
     Ack {
         first: i64,
         last: i64,
+        refused: Vec<RefusedRow>,
     },
     Reject {
         first: i64,
@@ -136,6 +145,8 @@ pub enum StoreOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CursorMove {
     pub from: Option<u64>,
+    /// The cursor's reset count when the pull was made.
+    pub resets: u64,
     pub to: LogCursor,
 }
 
@@ -152,7 +163,10 @@ pub enum StoreResult {
     Outbox(Option<OutboxBatch>),
     Acked(usize),
     Applied(ApplyReport),
-    Cursor(Option<LogCursor>),
+    Cursor {
+        cursor: Option<LogCursor>,
+        resets: u64,
+    },
     /// The store failed; the work is tried again later.
     Failed(String),
 }
@@ -263,6 +277,14 @@ pub struct Machine {
     welcomed: Option<Epoch>,
     last_ship: u64,
     uploading: bool,
+    /// The gateway confirmed this store's identity at least once in this process.
+    confirmed_once: bool,
+    /// Writes were noticed while offline, to be sealed.
+    want_seal: bool,
+    /// The highest outbox sequence number acknowledged under the current epoch.
+    acked_seq: i64,
+    /// The cursor's reset count when it was last read for a pull.
+    pull_resets: u64,
     live: LiveStatus,
 }
 
@@ -292,6 +314,10 @@ impl Machine {
             welcomed: None,
             last_ship: 0,
             uploading: false,
+            confirmed_once: false,
+            want_seal: false,
+            acked_seq: 0,
+            pull_resets: 0,
             live: LiveStatus::default(),
         }
     }
@@ -345,7 +371,7 @@ impl Machine {
                 self.hello = None;
                 self.live.connected = true;
                 self.live.last_error = None;
-                self.store(out, StoreOp::Begin, Awaiting::Begin);
+                self.begin(out);
             }
             Input::Disconnected { flush_timeout } => {
                 if flush_timeout {
@@ -376,6 +402,7 @@ impl Machine {
                 if self.cfg.interval_ms.is_none() {
                     self.want_ship = true;
                 }
+                self.want_seal = self.phase == Phase::Down && self.confirmed_once;
             }
             Input::SyncNow => {
                 self.want_pull = true;
@@ -424,13 +451,26 @@ impl Machine {
         self.live.confirmed = false;
         self.forget_in_flight();
         self.phase = Phase::Handshake(None);
-        self.store(out, StoreOp::Begin, Awaiting::Begin);
+        self.begin(out);
+    }
+
+    fn begin(&mut self, out: &mut Vec<Action>) {
+        let hold = !self.confirmed_once;
+        self.store(out, StoreOp::Begin { hold }, Awaiting::Begin);
     }
 
     /// Starts the next piece of work, if nothing is outstanding: first a pull that is due,
     /// then a batch to send again, then a new batch.
     fn drive(&mut self, out: &mut Vec<Action>) {
-        if self.awaiting.is_some() || self.confirmed().is_none() {
+        if self.awaiting.is_some() {
+            return;
+        }
+        if self.phase == Phase::Down && self.want_seal {
+            self.want_seal = false;
+            self.store(out, StoreOp::Seal, Awaiting::End);
+            return;
+        }
+        if self.confirmed().is_none() {
             return;
         }
         if self.want_pull && self.pulling.is_none() && self.cfg.receives {
@@ -457,7 +497,7 @@ impl Machine {
             Phase::Down => return,
             Phase::Handshake(None) => {
                 // A Begin that failed: try again.
-                self.store(out, StoreOp::Begin, Awaiting::Begin);
+                self.begin(out);
                 return;
             }
             Phase::Handshake(Some(at)) => {
@@ -505,8 +545,11 @@ impl Machine {
     fn send_batch(&mut self, out: &mut Vec<Action>, ob: &OutboxBatch, resends: u32) -> bool {
         let batch = encode_batch(&ob.batch, EncodeOptions::default());
         // Rows can be large (photos, documents): halve the batch until its envelope fits the
-        // message bound. A single row over it is sent alone; the gateway decides.
-        if batch.len() > self.msg_limit && ob.batch.rows.len() > 1 {
+        // message bound, and its payload, once decompressed, stays well within what a decoder
+        // accepts. A single row over it is sent alone; the gateway decides.
+        let raw = declared_payload_len(&batch).unwrap_or(u64::MAX);
+        let too_big = batch.len() > self.msg_limit || raw > (Limits::default().max_decompressed / 2) as u64;
+        if too_big && ob.batch.rows.len() > 1 {
             return false;
         }
         self.publish_batch(out, ob, batch, resends);
@@ -521,6 +564,8 @@ impl Machine {
             id,
             first_seq: ob.first_seq,
             last_seq: ob.last_seq,
+            epoch: self.confirmed(),
+            acked_seq: self.acked_seq,
             batch,
         };
         let ordinal = self.publish(out, msg);
@@ -557,6 +602,7 @@ impl Machine {
                     acked_seq: identity.acked_seq,
                     epoch: identity.epoch,
                 };
+                self.acked_seq = identity.acked_seq;
                 self.hello = Some(hello.clone());
                 self.publish(out, hello);
                 self.phase = Phase::Handshake(Some(self.now));
@@ -575,6 +621,7 @@ impl Machine {
                     );
                 }
                 if c.epoch_changed {
+                    self.acked_seq = 0;
                     self.live.epoch_changes += 1;
                     tracing::warn!(rows = c.resent_rows, "the gateway's store changed; sending every row again");
                 }
@@ -582,13 +629,15 @@ impl Machine {
                     && let Some(epoch) = self.welcomed.take()
                 {
                     self.phase = Phase::Confirmed(epoch);
+                    self.confirmed_once = true;
                     self.live.confirmed = true;
                     self.want_pull = true;
                     self.want_ship = true;
                 }
             }
-            (Awaiting::Cursor, StoreResult::Cursor(cursor)) => {
+            (Awaiting::Cursor, StoreResult::Cursor { cursor, resets }) => {
                 let Some(epoch) = self.confirmed() else { return };
+                self.pull_resets = resets;
                 self.pull_again = false;
                 self.pulling = Some(Pulling { since: self.now });
                 let msg = Uplink::Pull {
@@ -697,13 +746,17 @@ impl Machine {
             None => return,
         }
         match msg {
-            Downlink::Ack { id, first_seq, last_seq, .. } => {
+            Downlink::Ack { id, first_seq, last_seq, refused, .. } => {
                 let Some(at) = self.in_flight(id, first_seq, last_seq) else {
                     tracing::debug!(id, first_seq, last_seq, "an ack for no batch in flight; ignored");
                     return;
                 };
+                for r in &refused {
+                    tracing::warn!(first_seq, last_seq, index = r.index, reason = %r.reason, "the gateway refused a row; moving it aside");
+                }
                 self.inflight.remove(at);
-                self.store(out, StoreOp::Ack { first: first_seq, last: last_seq }, Awaiting::Ack);
+                self.acked_seq = self.acked_seq.max(last_seq);
+                self.store(out, StoreOp::Ack { first: first_seq, last: last_seq, refused }, Awaiting::Ack);
             }
             Downlink::Nack { id, first_seq, last_seq, reason, .. } => {
                 let Some(at) = self.in_flight(id, first_seq, last_seq) else {
@@ -716,7 +769,7 @@ impl Machine {
             }
             Downlink::Changes { from, cursor, more, batch, .. } => {
                 let Some(batch) = self.decode(&batch) else { return };
-                let cursor = Some(CursorMove { from: Some(from), to: cursor });
+                let cursor = Some(CursorMove { from: Some(from), resets: self.pull_resets, to: cursor });
                 self.store(out, StoreOp::Apply { batch, cursor }, Awaiting::Changes { more });
             }
             Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
@@ -725,7 +778,7 @@ impl Machine {
                 // The cursor moves only with the last page (a restart mid-snapshot starts the
                 // snapshot again, which merges harmlessly), and only if no cursor was set
                 // meanwhile.
-                let cursor = done.then_some(CursorMove { from: None, to: log_cursor });
+                let cursor = done.then_some(CursorMove { from: None, resets: self.pull_resets, to: log_cursor });
                 self.store(
                     out,
                     StoreOp::Apply { batch, cursor },

@@ -55,11 +55,17 @@ enum Command {
         device_id: String,
         #[arg(long, default_value = "default")]
         tenant: String,
-        #[arg(long, default_value = "")]
-        role: String,
+        /// The role set by `init`; given here, it must match (a different role is a new
+        /// identity: change it with `init --role`).
+        #[arg(long)]
+        role: Option<String>,
         /// Ship every N milliseconds instead of as soon as changes are written.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         interval_ms: Option<u64>,
+        /// How long to wait for the gateway's answer, once a message is sent, before sending it
+        /// again (repeats back off).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+        ack_timeout_ms: u64,
         #[arg(long)]
         username: Option<String>,
         #[arg(long, env = "DRIFTLESS_MQTT_PASSWORD")]
@@ -113,8 +119,17 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Init { db, role } => {
-            let store = Store::open(&db, StoreOptions { role, ..StoreOptions::default() })?;
-            say!("initialized {} (node {})", db.display(), store.node_id());
+            let before =
+                if db.exists() { Some(Store::open(&db, StoreOptions::default())?.role().to_owned()) } else { None };
+            let store = Store::open(&db, StoreOptions { role: role.clone(), ..StoreOptions::default() })?;
+            match before {
+                Some(old) if !role.is_empty() && old != role => say!(
+                    "{}: role changed from {old:?} to {role:?}; writes from now on are made as a new node ({})",
+                    db.display(),
+                    store.node_id()
+                ),
+                _ => say!("initialized {} (node {}, role {:?})", db.display(), store.node_id(), store.role()),
+            }
         }
         Command::Track { db, table, policies, direction, delete_policy } => {
             let mut store = open_existing(&db)?;
@@ -131,27 +146,33 @@ async fn main() -> anyhow::Result<()> {
             store.untrack(&table)?;
             say!("stopped tracking {table}");
         }
-        Command::Run { db, broker, device_id, tenant, role, interval_ms, username, password } => {
+        Command::Run { db, broker, device_id, tenant, role, interval_ms, ack_timeout_ms, username, password } => {
             let mut config = AgentConfig::new(&db, &broker, &tenant, &device_id)?;
-            if !db.exists() {
+            let store = open_existing(&db)?;
+            let stored = store.role().to_owned();
+            drop(store);
+            if let Some(role) = role.filter(|r| *r != stored) {
                 bail!(
-                    "database {} does not exist (run `driftless-agent init --db {}` first)",
+                    "{} writes as role {stored:?} (set by init); a different role is a new identity for every \
+                     write made from now on: run `driftless-agent init --db {} --role {role}` to change it",
                     db.display(),
                     db.display()
                 );
             }
             config.mode = interval_ms.map_or(SyncMode::RealTime, |ms| SyncMode::Interval(Duration::from_millis(ms)));
+            config.ack_timeout = Duration::from_millis(ack_timeout_ms);
             config.username = username;
             config.password = password;
             config.progress = true;
-            tracing::info!(device = %device_id, %tenant, "agent starting");
-            run(config, StoreOptions { role, ..StoreOptions::default() }, shutdown_signal()).await?;
+            tracing::info!(device = %device_id, %tenant, role = %stored, "agent starting");
+            run(config, StoreOptions::default(), shutdown_signal()).await?;
         }
         Command::Status { db } => {
             let store = open_existing(&db)?;
             let connected = store.sync_state("connected")?.as_deref() == Some("1");
             let last = store.sync_state("last_sync_ms")?;
             say!("node:            {}", store.node_id());
+            say!("role:            {}", store.role());
             say!("tracked tables:  {}", store.tracked().iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", "));
             say!("pending changes: {}", store.pending_changes()?);
             say!("last sync:       {}", last.map_or("never".to_owned(), |ms| format!("{ms} ms since epoch")));

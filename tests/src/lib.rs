@@ -1,6 +1,7 @@
 //! Fixtures for the end-to-end tests and benchmarks: brokers, a gateway, devices.
 
 pub mod bench;
+pub mod procs;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,59 @@ pub fn brokers() -> Vec<BrokerAddr> {
         out.push(url.parse().expect("DRIFTLESS_TEST_MQTT_URL must be mqtt://HOST:PORT"));
     }
     out
+}
+
+/// A Mosquitto of our own on a free port, so the test can stop and start it. Also the broker
+/// for scenarios that restart the gateway: the embedded rumqttd does not survive a persistent
+/// shared-subscription session reconnecting with messages in flight.
+#[derive(Debug)]
+pub struct OwnMosquitto {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnMosquitto {
+    pub fn start(port: u16) -> OwnMosquitto {
+        let mut m = OwnMosquitto { port, child: None };
+        m.restart();
+        m
+    }
+
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("mosquitto")
+            .args(["-p", &self.port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto; .ci/run does this)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("mosquitto did not start on port {}", self.port);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnMosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl OwnMosquitto {
+    pub fn addr(&self) -> BrokerAddr {
+        BrokerAddr { host: "127.0.0.1".into(), port: self.port }
+    }
 }
 
 /// A tenant name unique to this test run, so tests sharing a broker do not see each other.

@@ -106,6 +106,8 @@ async fn the_same_batch_delivered_five_times_applies_once() {
             id: 7,
             first_seq: out.first_seq,
             last_seq: out.last_seq,
+            epoch: None,
+            acked_seq: 0,
             batch: bytes,
         };
         for _ in 0..5 {
@@ -144,6 +146,8 @@ async fn malformed_and_misaddressed_batches_are_dead_lettered_and_sync_continues
             id: 1,
             first_seq: 900,
             last_seq: 900,
+            epoch: None,
+            acked_seq: 0,
             batch: b"not a batch".to_vec(),
         };
         client
@@ -159,6 +163,8 @@ async fn malformed_and_misaddressed_batches_are_dead_lettered_and_sync_continues
             id: 2,
             first_seq: out.first_seq,
             last_seq: out.last_seq,
+            epoch: None,
+            acked_seq: 0,
             batch: encode_batch(&out.batch, EncodeOptions::default()),
         };
         client
@@ -227,50 +233,6 @@ async fn a_batch_resent_after_the_gateway_died_between_merge_and_ack_applies_onc
         agent_a.stop().await;
         agent_b.stop().await;
         gw.stop().await;
-    }
-}
-
-/// A Mosquitto of our own on a free port, so the test can stop and start it.
-struct OwnMosquitto {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl OwnMosquitto {
-    fn start(port: u16) -> OwnMosquitto {
-        let mut m = OwnMosquitto { port, child: None };
-        m.restart();
-        m
-    }
-
-    fn restart(&mut self) {
-        let child = std::process::Command::new("mosquitto")
-            .args(["-p", &self.port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed (apt-get install mosquitto; .ci/run does this)");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("mosquitto did not start on port {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnMosquitto {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

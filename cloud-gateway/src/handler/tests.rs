@@ -42,7 +42,15 @@ fn device_batch(dir: &tempfile::TempDir, sql: &str) -> Vec<u8> {
 fn a_batch_claiming_another_device_is_refused_by_its_id_and_dead_lettered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
-    let msg = Uplink::Batch { device: "b".into(), id: 42, first_seq: 1, last_seq: 2, batch: vec![] };
+    let msg = Uplink::Batch {
+        device: "b".into(),
+        id: 42,
+        first_seq: 1,
+        last_seq: 2,
+        epoch: None,
+        acked_seq: 0,
+        batch: vec![],
+    };
     let out =
         handle_uplink(&mut store, &HandlerConfig::default(), "driftless/t/a/up", &msg.encode(), NOW).expect("handled");
     assert!(matches!(reply(&out), Downlink::Nack { id: 42, first_seq: 1, last_seq: 2, .. }));
@@ -67,7 +75,7 @@ fn garbage_is_dead_lettered_without_a_reply() {
 fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
-    let epoch = store.epoch().expect("epoch");
+    let epoch = store.epoch("t").expect("epoch");
     let msg = Uplink::PullSnapshot {
         device: "a".into(),
         epoch,
@@ -81,11 +89,12 @@ fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
 }
 
 #[test]
-fn a_row_no_device_could_apply_is_refused_with_a_nack_and_never_logged() {
+fn a_row_no_device_could_apply_is_refused_by_position_and_never_logged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
     let good = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
-    let msg = Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch: good };
+    let msg =
+        Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch: good };
     assert!(matches!(reply(&handle(&mut store, &msg).expect("handled")), Downlink::Ack { id: 1, .. }));
     // The same table with a two-column key: no device could apply it.
     let mut s = Store::open(dir.path().join("other.db"), StoreOptions::default()).expect("open");
@@ -93,19 +102,24 @@ fn a_row_no_device_could_apply_is_refused_with_a_nack_and_never_logged() {
     s.track("t", TableSpec::new()).expect("track");
     s.write(|tx| Ok(tx.execute_batch("INSERT INTO t VALUES ('x', 'y')")?)).expect("write");
     let bad = encode_batch(&s.outbox_batch(10).expect("outbox").expect("batch").batch, EncodeOptions::default());
-    let msg = Uplink::Batch { device: "b".into(), id: 9, first_seq: 1, last_seq: 1, batch: bad };
+    let msg =
+        Uplink::Batch { device: "b".into(), id: 9, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch: bad };
     match reply(&handle(&mut store, &msg).expect("handled")) {
-        Downlink::Nack { id: 9, reason, .. } => assert!(reason.contains("key columns"), "{reason}"),
-        other => panic!("expected a nack, got {other:?}"),
+        Downlink::Ack { id: 9, refused, .. } => {
+            assert_eq!(refused.len(), 1);
+            assert!(refused[0].reason.contains("key columns"), "{refused:?}");
+        }
+        other => panic!("expected an ack refusing the row, got {other:?}"),
     }
     assert_eq!(store.log_head("t").expect("head").position, 1);
+    assert!(letters(&mut store)[0].reason.contains("row refused"));
 }
 
 #[test]
 fn a_hello_reports_what_the_gateway_holds_of_the_device_and_its_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
-    let epoch = store.epoch().expect("epoch");
+    let epoch = store.epoch("t").expect("epoch");
     let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
     let decoded = driftless_core::codec::decode_batch(&batch, &Limits::default(), &Default::default()).expect("decode");
     let node = decoded.rows[0].state.life.entries[0].dot.node;
@@ -119,7 +133,11 @@ fn a_hello_reports_what_the_gateway_holds_of_the_device_and_its_node() {
     };
     let out = handle(&mut store, &hello("a", 0, None)).expect("handled");
     assert_eq!(reply(&out), Downlink::Welcome { epoch, node_counter: 0, device_seq: 0, node_elsewhere: false });
-    handle(&mut store, &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch }).expect("merge");
+    handle(
+        &mut store,
+        &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch },
+    )
+    .expect("merge");
     let out = handle(&mut store, &hello("a", 1, Some(epoch))).expect("handled");
     assert_eq!(reply(&out), Downlink::Welcome { epoch, node_counter: 1, device_seq: 1, node_elsewhere: false });
     // A copy of a's database on device c.
@@ -131,7 +149,7 @@ fn a_hello_reports_what_the_gateway_holds_of_the_device_and_its_node() {
 fn acknowledgements_the_store_has_no_record_of_start_a_new_epoch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
-    let epoch = store.epoch().expect("epoch");
+    let epoch = store.epoch("t").expect("epoch");
     let hello = |epoch, acked_seq| Uplink::Hello {
         device: "a".into(),
         node: NodeId([5; 16]),
@@ -156,9 +174,13 @@ fn acknowledgements_the_store_has_no_record_of_start_a_new_epoch() {
 fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
-    let epoch = store.epoch().expect("epoch");
+    let epoch = store.epoch("t").expect("epoch");
     let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
-    handle(&mut store, &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch }).expect("merge");
+    handle(
+        &mut store,
+        &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch },
+    )
+    .expect("merge");
     let head = store.log_head("t").expect("head");
     let pull = |epoch, cursor| Uplink::Pull {
         device: "b".into(),
@@ -188,11 +210,14 @@ fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
 struct FailingMerges(SqliteStore);
 
 impl GatewayStore for FailingMerges {
-    fn epoch(&mut self) -> Result<Epoch> {
-        self.0.epoch()
+    fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
+        self.0.epoch(tenant)
     }
-    fn new_epoch(&mut self, reason: &str) -> Result<Epoch> {
-        self.0.new_epoch(reason)
+    fn new_epoch(&mut self, tenant: &str, reason: &str) -> Result<Epoch> {
+        self.0.new_epoch(tenant, reason)
+    }
+    fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64> {
+        self.0.device_seq(tenant, device)
     }
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<crate::storage::DeviceView> {
         self.0.hello(tenant, device, node)
@@ -252,7 +277,7 @@ fn a_storage_failure_is_ours_answered_with_nothing_never_a_nack() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = FailingMerges(open(&dir));
     let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
-    let msg = Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, batch };
+    let msg = Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch };
     assert!(matches!(handle(&mut store, &msg), Err(Error::Sqlite(_))));
     assert!(letters(&mut store.0).is_empty(), "the device's data is not the gateway's to refuse");
 }
@@ -262,7 +287,15 @@ fn an_oversized_batch_is_refused_by_reference() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
     let cfg = HandlerConfig { max_uplink_bytes: 1 << 16, ..HandlerConfig::default() };
-    let msg = Uplink::Batch { device: "a".into(), id: 3, first_seq: 1, last_seq: 1, batch: vec![0; 1 << 20] };
+    let msg = Uplink::Batch {
+        device: "a".into(),
+        id: 3,
+        first_seq: 1,
+        last_seq: 1,
+        epoch: None,
+        acked_seq: 0,
+        batch: vec![0; 1 << 20],
+    };
     let out = handle_uplink(&mut store, &cfg, "driftless/t/a/up", &msg.encode(), NOW).expect("handled");
     assert!(matches!(reply(&out), Downlink::Nack { id: 3, .. }));
     let letter = &letters(&mut store)[0];

@@ -3,6 +3,7 @@
 mod merge;
 mod schema;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
 use super::{
-    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
-    SkewedNode, SnapshotPage,
+    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, EPOCH_QUIET, GatewayStore, Incoming,
+    MergeOutcome, SkewedNode, SnapshotPage,
 };
 use crate::error::{Error, MergeError, Result};
 
@@ -51,7 +52,8 @@ impl Tags {
 pub struct SqliteStore {
     conn: Connection,
     limits: Limits,
-    epoch: Epoch,
+    /// Each tenant's current epoch and since when, as read or written by this instance.
+    epochs: HashMap<String, (Epoch, i64)>,
     tags: Tags,
 }
 
@@ -79,18 +81,8 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         schema::upgrade(&tx)?;
-        let stored: Option<Vec<u8>> =
-            tx.query_row("SELECT value FROM gw_meta WHERE key = 'epoch'", [], |r| r.get(0)).optional()?;
-        let epoch = match stored {
-            Some(b) => Epoch(b.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?),
-            None => {
-                let epoch = Epoch::random().map_err(|e| Error::Random(e.to_string()))?;
-                set_epoch(&tx, epoch, "store created")?;
-                epoch
-            }
-        };
         tx.commit()?;
-        Ok(SqliteStore { conn, limits: Limits::default(), epoch, tags: Tags::new()? })
+        Ok(SqliteStore { conn, limits: Limits::default(), epochs: HashMap::new(), tags: Tags::new()? })
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Batch> {
@@ -98,13 +90,30 @@ impl SqliteStore {
     }
 }
 
-fn set_epoch(conn: &Connection, epoch: Epoch, reason: &str) -> Result<()> {
-    conn.execute("INSERT OR REPLACE INTO gw_meta(key, value) VALUES ('epoch', ?1)", [&epoch.0[..]])?;
+/// Starts a new epoch for `tenant`; returns it and since when.
+fn start_epoch(conn: &Connection, tenant: &str, reason: &str) -> Result<(Epoch, i64)> {
+    let epoch = Epoch::random().map_err(|e| Error::Random(e.to_string()))?;
+    let since = now_ms();
     conn.execute(
-        "INSERT INTO gw_epochs(epoch, since_ms, reason) VALUES (?1, ?2, ?3)",
-        rusqlite::params![&epoch.0[..], now_ms(), reason],
+        "INSERT INTO gw_epochs(tenant, epoch, since_ms, reason) VALUES (?1, ?2, ?3, ?4)",
+        rusqlite::params![tenant, &epoch.0[..], since, reason],
     )?;
-    Ok(())
+    Ok((epoch, since))
+}
+
+/// The tenant's current epoch, since when, and whether it replaced an earlier one.
+fn current_epoch(conn: &Connection, tenant: &str) -> Result<Option<(Epoch, i64, bool)>> {
+    let row: Option<(Vec<u8>, i64, bool)> = conn
+        .prepare_cached(
+            "SELECT epoch, since_ms, (SELECT count(*) FROM gw_epochs WHERE tenant = ?1) > 1
+             FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    row.map(|(b, since, replaced)| {
+        Ok((Epoch(b.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?), since, replaced))
+    })
+    .transpose()
 }
 
 /// Snapshot resume tokens: table name length, table name, encoded key.
@@ -122,17 +131,44 @@ fn parse_resume(token: &[u8]) -> Option<(String, Vec<u8>)> {
 }
 
 impl GatewayStore for SqliteStore {
-    fn epoch(&mut self) -> Result<Epoch> {
-        Ok(self.epoch)
+    fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
+        if let Some((epoch, _)) = self.epochs.get(tenant) {
+            return Ok(*epoch);
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current = match current_epoch(&tx, tenant)? {
+            Some((epoch, since, _)) => (epoch, since),
+            None => start_epoch(&tx, tenant, "the tenant's first device")?,
+        };
+        tx.commit()?;
+        self.epochs.insert(tenant.to_owned(), current);
+        Ok(current.0)
     }
 
-    fn new_epoch(&mut self, reason: &str) -> Result<Epoch> {
-        let epoch = Epoch::random().map_err(|e| Error::Random(e.to_string()))?;
+    fn new_epoch(&mut self, tenant: &str, reason: &str) -> Result<Epoch> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        set_epoch(&tx, epoch, reason)?;
+        let current = current_epoch(&tx, tenant)?;
+        // One restore is one new epoch, however many devices notice it.
+        if let Some((epoch, since, true)) = current
+            && now_ms() - since < EPOCH_QUIET.as_millis() as i64
+        {
+            tracing::warn!(tenant, %reason, "a new epoch began moments ago; keeping it");
+            self.epochs.insert(tenant.to_owned(), (epoch, since));
+            return Ok(epoch);
+        }
+        let next = start_epoch(&tx, tenant, reason)?;
         tx.commit()?;
-        self.epoch = epoch;
-        Ok(epoch)
+        self.epochs.insert(tenant.to_owned(), next);
+        Ok(next.0)
+    }
+
+    fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT uplink_hwm FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
+            .query_row(rusqlite::params![tenant, device], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
     }
 
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {

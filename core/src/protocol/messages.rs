@@ -29,7 +29,18 @@ pub enum Uplink {
     },
     /// Local changes: outbox entries `first_seq..=last_seq` as an encoded batch envelope. `id`
     /// is new for every publish; the answer names it, so only this publish is settled by it.
-    Batch { device: String, id: u64, first_seq: i64, last_seq: i64, batch: Vec<u8> },
+    /// `epoch` and `acked_seq` say which gateway store acknowledged what so far: a store that
+    /// has no record of those acknowledgements was restored, which even a device that only
+    /// uploads reveals with its next batch.
+    Batch {
+        device: String,
+        id: u64,
+        first_seq: i64,
+        last_seq: i64,
+        epoch: Option<Epoch>,
+        acked_seq: i64,
+        batch: Vec<u8>,
+    },
     /// Asks for changes logged after `cursor` (from the gateway epoch `epoch`); no cursor asks
     /// for a snapshot first. Answers hold at most `max_rows` rows and about `max_bytes` bytes.
     Pull { device: String, epoch: Option<Epoch>, cursor: Option<LogCursor>, max_rows: u32, max_bytes: u32 },
@@ -59,12 +70,15 @@ pub enum Downlink {
         /// The node id is bound to another device: the database was copied.
         node_elsewhere: bool,
     },
-    /// The batch with this id was merged and is durable: delete those outbox entries.
+    /// The batch with this id was merged and is durable: delete those outbox entries. Rows
+    /// listed in `refused` (by their position in the batch) were not merged, because no
+    /// replica could accept them: move those entries aside instead.
     Ack {
         epoch: Epoch,
         id: u64,
         first_seq: i64,
         last_seq: i64,
+        refused: Vec<RefusedRow>,
     },
     /// The batch with this id was refused because of what it holds, and kept as a dead
     /// letter: move those entries aside.
@@ -113,6 +127,14 @@ pub enum Downlink {
         done: bool,
         batch: Vec<u8>,
     },
+}
+
+/// A row of a batch the gateway did not merge, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRow {
+    /// Its position in the batch.
+    pub index: u32,
+    pub reason: String,
 }
 
 mod tag {
@@ -230,12 +252,14 @@ impl Uplink {
                 w.zigzag(*acked_seq);
                 w.opt_epoch(epoch);
             }
-            Uplink::Batch { device, id, first_seq, last_seq, batch } => {
+            Uplink::Batch { device, id, first_seq, last_seq, epoch, acked_seq, batch } => {
                 w.u8(tag::BATCH);
                 w.bytes(device.as_bytes());
                 w.varint(*id);
                 w.zigzag(*first_seq);
                 w.zigzag(*last_seq);
+                w.opt_epoch(epoch);
+                w.zigzag(*acked_seq);
                 w.raw(batch);
             }
             Uplink::Pull { device, epoch, cursor, max_rows, max_bytes } => {
@@ -296,8 +320,10 @@ impl Uplink {
                 let id = r.varint()?;
                 let first_seq = r.zigzag()?;
                 let last_seq = r.zigzag()?;
+                let epoch = r.opt_epoch()?;
+                let acked_seq = r.zigzag()?;
                 let batch = r.take(r.remaining())?.to_vec();
-                return Ok(Uplink::Batch { device, id, first_seq, last_seq, batch });
+                return Ok(Uplink::Batch { device, id, first_seq, last_seq, epoch, acked_seq, batch });
             }
             tag::PULL => Uplink::Pull {
                 device,
@@ -362,12 +388,17 @@ impl Downlink {
                 w.zigzag(*device_seq);
                 w.u8(u8::from(*node_elsewhere));
             }
-            Downlink::Ack { epoch, id, first_seq, last_seq } => {
+            Downlink::Ack { epoch, id, first_seq, last_seq, refused } => {
                 w.u8(tag::ACK);
                 w.epoch(epoch);
                 w.varint(*id);
                 w.zigzag(*first_seq);
                 w.zigzag(*last_seq);
+                w.varint(refused.len() as u64);
+                for row in refused {
+                    w.varint(u64::from(row.index));
+                    w.bytes(row.reason.as_bytes());
+                }
             }
             Downlink::Nack { epoch, id, first_seq, last_seq, reason } => {
                 w.u8(tag::NACK);
@@ -431,7 +462,14 @@ impl Downlink {
                 node_elsewhere: r.flag()?,
             },
             tag::ACK => {
-                Downlink::Ack { epoch: r.epoch()?, id: r.varint()?, first_seq: r.zigzag()?, last_seq: r.zigzag()? }
+                let (epoch, id, first_seq, last_seq) = (r.epoch()?, r.varint()?, r.zigzag()?, r.zigzag()?);
+                let n = r.count(limits.max_rows, "refused rows")?;
+                let mut refused = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let index = r.u32("refused row index out of range")?;
+                    refused.push(RefusedRow { index, reason: r.string(MAX_TOKEN, "refusal reason bytes")? });
+                }
+                Downlink::Ack { epoch, id, first_seq, last_seq, refused }
             }
             tag::NACK => Downlink::Nack {
                 epoch: r.epoch()?,
@@ -515,7 +553,15 @@ mod tests {
                 acked_seq: 0,
                 epoch: None,
             },
-            Uplink::Batch { device: "tab-1".into(), id: 1 << 40, first_seq: 3, last_seq: 9, batch: vec![1, 2, 3] },
+            Uplink::Batch {
+                device: "tab-1".into(),
+                id: 1 << 40,
+                first_seq: 3,
+                last_seq: 9,
+                epoch: Some(e),
+                acked_seq: 2,
+                batch: vec![1, 2, 3],
+            },
             Uplink::Pull { device: "tab-1".into(), epoch: Some(e), cursor: Some(c), max_rows: 500, max_bytes: 1 << 20 },
             Uplink::Pull { device: "tab-1".into(), epoch: None, cursor: None, max_rows: 500, max_bytes: 1 << 20 },
             Uplink::PullSnapshot {
@@ -535,7 +581,14 @@ mod tests {
         }
         let downs = [
             Downlink::Welcome { epoch: e, node_counter: 5, device_seq: 9, node_elsewhere: true },
-            Downlink::Ack { epoch: e, id: 4, first_seq: 1, last_seq: 2 },
+            Downlink::Ack { epoch: e, id: 4, first_seq: 1, last_seq: 2, refused: vec![] },
+            Downlink::Ack {
+                epoch: e,
+                id: 4,
+                first_seq: 1,
+                last_seq: 9,
+                refused: vec![RefusedRow { index: 3, reason: "NULL key".into() }],
+            },
             Downlink::Nack { epoch: e, id: 4, first_seq: 1, last_seq: 2, reason: "bad".into() },
             Downlink::Changes { epoch: e, from: 70, cursor: c, more: true, batch: vec![4] },
             Downlink::Snapshot { epoch: e, resume: vec![1], log_cursor: c, done: false, batch: vec![] },

@@ -55,7 +55,15 @@ fn check_key(info: &TableInfo, pk: &[Value]) -> std::result::Result<(), String> 
     Ok(())
 }
 
-pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Result<ApplyReport> {
+/// Merges `batch`. Rows in `hold_back` (table id, key) are merged but not written to the
+/// app's table: an earlier attempt found that the app's own constraint rolls back the whole
+/// transaction when they are.
+pub(crate) fn apply(
+    conn: &Connection,
+    inner: &mut Inner,
+    batch: &Batch,
+    hold_back: &HashSet<(i64, Vec<u8>)>,
+) -> Result<ApplyReport> {
     if inner.seal_held {
         // Remote changes must not land before the local ones made earlier are sealed.
         return Err(Error::SealHeld);
@@ -102,12 +110,26 @@ pub(crate) fn apply(conn: &Connection, inner: &mut Inner, batch: &Batch) -> Resu
         }
         let id = inner.catalog.tables[t].id;
         let shown = shown_counters(conn, &inner.catalog.tables[t], &row.pk)?;
-        match write_app_row(conn, inner, t, &row.pk, &state) {
+        let written = if hold_back.contains(&(id, key.clone())) {
+            Err(Error::AppRolledBack { table: row.table.clone(), key: key.clone() })
+        } else {
+            write_app_row(conn, inner, t, &row.pk, &state)
+        };
+        match written {
             Ok(()) => refusals::clear_unapplied(conn, id, &key)?,
             // The app's own constraints refused the row (the failed statement left no trace).
             // The merged state is still saved, so nothing is lost, and the refusal is recorded
             // instead of failing the batch: one such row must not block every row after it.
             Err(Error::Sqlite(e)) if is_constraint(&e) => {
+                if conn.is_autocommit() {
+                    // ON CONFLICT ROLLBACK or RAISE(ROLLBACK): the whole transaction is gone.
+                    // The caller starts over, holding this row back from the app's table.
+                    return Err(Error::AppRolledBack { table: row.table.clone(), key });
+                }
+                report.unapplied += 1;
+                refusals::record_unapplied(conn, id, &key, &e.to_string(), inner.now(), &shown)?;
+            }
+            Err(e @ Error::AppRolledBack { .. }) => {
                 report.unapplied += 1;
                 refusals::record_unapplied(conn, id, &key, &e.to_string(), inner.now(), &shown)?;
             }

@@ -118,7 +118,9 @@ pub(crate) fn confirm(conn: &Connection, inner: &mut Inner, view: &GatewayView) 
         rotate_node(conn, inner)?;
         // New entries must not reuse sequence numbers the gateway has seen from this device.
         // (sqlite_sequence has no key: update the row, or add it if the outbox never had one.)
-        let next = seq.max(view.device_seq);
+        // A sequence number no device could have reached is not believed (it could only come
+        // from a forged batch): the node id changes all the same.
+        let next = if view.device_seq < i64::MAX / 2 { seq.max(view.device_seq) } else { seq };
         if conn.execute("UPDATE sqlite_sequence SET seq = ?1 WHERE name = '_driftless_outbox'", [next])? == 0 {
             conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('_driftless_outbox', ?1)", [next])?;
         }
@@ -147,12 +149,12 @@ pub(crate) fn confirm(conn: &Connection, inner: &mut Inner, view: &GatewayView) 
     Ok(out)
 }
 
-/// Gives this store a new node id (same role); the old one is kept as one of its own.
+/// Gives this store a new node id (same role); the old one stays in the node dictionary.
 fn rotate_node(conn: &Connection, inner: &mut Inner) -> Result<()> {
     let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
     conn.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'node_id'", [&node.0[..]])?;
     conn.execute(
-        "INSERT INTO _driftless_nodes(idx, id, role, own) SELECT coalesce(max(idx), -1) + 1, ?1, ?2, 1 FROM _driftless_nodes",
+        "INSERT INTO _driftless_nodes(idx, id, role) SELECT coalesce(max(idx), -1) + 1, ?1, ?2 FROM _driftless_nodes",
         rusqlite::params![&node.0[..], inner.role],
     )?;
     inner.node = node;

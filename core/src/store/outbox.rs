@@ -41,6 +41,15 @@ pub(crate) fn read(
         batch.rows.push(row_change(inner, tbl, &pk, &change)?);
     }
     let Some(first_seq) = first else { return Ok(None) };
+    // Every node whose writes the batch carries, with its role: entries re-sent after a new
+    // gateway epoch, or written before this store took a new node id, name other nodes.
+    for row in &batch.rows {
+        for node in row.state.write_counters().into_keys() {
+            if let Some(role) = inner.nodes.roles.get(&node) {
+                batch.roles.insert(node, role.clone());
+            }
+        }
+    }
     if !inner.role.is_empty() {
         batch.roles.insert(inner.node, inner.role.clone());
     }
@@ -61,6 +70,29 @@ fn row_change(inner: &Inner, tbl: i64, pk: &[u8], state: &[u8]) -> Result<RowCha
 
 pub(crate) fn ack(conn: &Connection, first: i64, last: i64) -> Result<usize> {
     Ok(conn.prepare_cached("DELETE FROM _driftless_outbox WHERE seq BETWEEN ?1 AND ?2")?.execute([first, last])?)
+}
+
+/// Acknowledges `first..=last`, moving the entries at the positions in `refused` (counted
+/// among the entries of the range, oldest first) aside with their reasons.
+pub(crate) fn ack_refusing(
+    conn: &Connection,
+    first: i64,
+    last: i64,
+    refused: &[(u32, String)],
+    now_ms: u64,
+) -> Result<usize> {
+    if !refused.is_empty() {
+        let seqs: Vec<i64> = conn
+            .prepare_cached("SELECT seq FROM _driftless_outbox WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")?
+            .query_map([first, last], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (index, reason) in refused {
+            if let Some(&seq) = seqs.get(*index as usize) {
+                reject(conn, seq, seq, reason, now_ms)?;
+            }
+        }
+    }
+    ack(conn, first, last)
 }
 
 /// Moves entries `first..=last` from the outbox to `_driftless_rejected` with `reason`.

@@ -108,10 +108,6 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ALTER TABLE _driftless_unapplied ADD COLUMN shown TEXT;
             -- Untracked tables keep their sync metadata (0 = not tracked).
             ALTER TABLE _driftless_tables ADD COLUMN tracked INTEGER NOT NULL DEFAULT 1;
-            -- Node ids this store has written as (1), for re-uploading its own writes.
-            ALTER TABLE _driftless_nodes ADD COLUMN own INTEGER NOT NULL DEFAULT 0;
-            UPDATE _driftless_nodes SET own = 1
-             WHERE idx = 0 OR id = (SELECT value FROM _driftless_state WHERE key = 'node_id');
             -- Changes that were not merged at all, with why: a remote row this store cannot
             -- accept, a local write too large to sync.
             CREATE TABLE _driftless_refused (

@@ -54,9 +54,22 @@ pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
     track::check_schema(conn, inner)?;
     let mut journal = Vec::new();
     for t in 0..inner.catalog.tables.len() {
-        if inner.catalog.tables[t].journal {
-            journal.extend(read_journal(conn, inner, t)?);
+        let info = &inner.catalog.tables[t];
+        if !info.journal {
+            continue;
         }
+        if !info.tracked && !track::columns_still_there(conn, info)? {
+            // Untracked, then dropped or altered before its last writes were sealed: their
+            // values cannot be read any more. Say so, rather than fail every seal from now on.
+            let now = inner.now();
+            let rows = capture::journaled_rows(conn, info)?;
+            let reason = format!("{rows} unsent writes could not be read: the table was changed after untrack");
+            refusals::refuse(conn, Origin::Local, &info.name, &[], &reason, now)?;
+            capture::drop_journal(conn, info)?;
+            inner.catalog.tables[t].journal = false;
+            continue;
+        }
+        journal.extend(read_journal(conn, inner, t)?);
     }
     if journal.is_empty() {
         return Ok(report);

@@ -204,6 +204,16 @@ pub(crate) fn untrack(conn: &Connection, inner: &mut Inner, table: &str) -> Resu
     Ok(())
 }
 
+/// Whether the app table still has every column the catalog captures (false if it is gone).
+pub(crate) fn columns_still_there(conn: &Connection, info: &TableInfo) -> Result<bool> {
+    match describe(conn, &info.name) {
+        Ok((cols, _)) => Ok(info.app.iter().all(|a| cols.iter().any(|c| c.name == a.name))
+            && info.pk.iter().all(|k| cols.iter().any(|c| &c.name == k))),
+        Err(Error::NoSuchTable(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Refuses to seal when a tracked table changed shape since it was tracked, rather than
 /// silently ignoring a new column. Cheap when nothing changed: one pragma read.
 pub(crate) fn check_schema(conn: &Connection, inner: &mut Inner) -> Result<()> {

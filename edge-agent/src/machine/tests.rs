@@ -65,7 +65,7 @@ fn store_op(actions: &[Action]) -> Option<&StoreOp> {
 fn confirm(m: &mut Machine, result: Confirmed, cursor: Option<LogCursor>, now: u64) -> Vec<Uplink> {
     let out = m.handle(Input::Store(StoreResult::Confirmed(result)), now);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
-    let out = m.handle(Input::Store(StoreResult::Cursor(cursor)), now);
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor, resets: 0 }), now);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadOutbox { after: 0, .. })), "{out:?}");
     publishes(&out).into_iter().cloned().collect()
 }
@@ -98,7 +98,7 @@ fn ship(m: &mut Machine, first: i64, last: i64, now: u64) -> u64 {
 fn nothing_is_sealed_shipped_or_pulled_before_the_gateway_confirms_the_identity() {
     let mut m = Machine::new(config());
     let out = m.handle(Input::Connected, 0);
-    assert!(matches!(store_op(&out), Some(StoreOp::Begin)));
+    assert!(matches!(store_op(&out), Some(StoreOp::Begin { .. })));
     let out = m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 3 }), 0);
     assert!(matches!(publishes(&out)[..], [Uplink::Hello { counter: 5, outbox_seq: 9, acked_seq: 4, .. }]));
     for input in [Input::LocalChange, Input::Poke, Input::SyncNow, Input::Tick] {
@@ -129,7 +129,9 @@ fn an_unanswered_hello_is_sent_again_once_the_link_is_idle() {
 fn answers_count_only_for_the_batch_in_flight_with_that_id_and_range() {
     let mut m = confirmed_machine();
     let id = ship(&mut m, 10, 12, 5);
-    let ack = |id, first, last| Input::Downlink(Downlink::Ack { epoch: E1, id, first_seq: first, last_seq: last });
+    let ack = |id, first, last| {
+        Input::Downlink(Downlink::Ack { epoch: E1, id, first_seq: first, last_seq: last, refused: vec![] })
+    };
     let nack = |id, first, last| {
         Input::Downlink(Downlink::Nack { epoch: E1, id, first_seq: first, last_seq: last, reason: "forged".into() })
     };
@@ -139,7 +141,7 @@ fn answers_count_only_for_the_batch_in_flight_with_that_id_and_range() {
     }
     assert_eq!(m.live().inflight_batches, 1);
     let out = m.handle(ack(id, 10, 12), 7);
-    assert!(matches!(store_op(&out), Some(StoreOp::Ack { first: 10, last: 12 })));
+    assert!(matches!(store_op(&out), Some(StoreOp::Ack { first: 10, last: 12, .. })));
     // The same ack again matches nothing.
     m.handle(Input::Store(StoreResult::Acked(3)), 7);
     m.handle(Input::Store(StoreResult::Outbox(None)), 7);
@@ -171,7 +173,7 @@ fn a_batch_is_sent_again_only_after_the_link_was_idle_for_a_whole_timeout() {
         let mut out = m.handle(Input::Tick, now);
         loop {
             let next = match store_op(&out) {
-                Some(StoreOp::ReadCursor) => StoreResult::Cursor(None),
+                Some(StoreOp::ReadCursor) => StoreResult::Cursor { cursor: None, resets: 0 },
                 Some(StoreOp::ReadOutbox { .. }) => StoreResult::Outbox(None),
                 _ => return out,
             };
@@ -194,10 +196,12 @@ fn a_batch_is_sent_again_only_after_the_link_was_idle_for_a_whole_timeout() {
     // The second wait is twice as long.
     assert!(!resends(&tick(&mut m, 12 * TIMEOUT + 500)));
     // The first copy's answer arriving late no longer matches; the second's does.
-    let late = Downlink::Ack { epoch: E1, id: resent - 1, first_seq: 10, last_seq: 12 };
+    let late = Downlink::Ack { epoch: E1, id: resent - 1, first_seq: 10, last_seq: 12, refused: vec![] };
     assert!(m.handle(Input::Downlink(late), 12 * TIMEOUT + 600).is_empty());
-    let out =
-        m.handle(Input::Downlink(Downlink::Ack { epoch: E1, id: resent, first_seq: 10, last_seq: 12 }), 12 * TIMEOUT);
+    let out = m.handle(
+        Input::Downlink(Downlink::Ack { epoch: E1, id: resent, first_seq: 10, last_seq: 12, refused: vec![] }),
+        12 * TIMEOUT,
+    );
     assert!(matches!(store_op(&out), Some(StoreOp::Ack { .. })));
 }
 
@@ -217,8 +221,9 @@ fn the_in_flight_window_is_bounded() {
 fn an_answer_from_another_epoch_starts_a_new_handshake() {
     let mut m = confirmed_machine();
     let id = ship(&mut m, 10, 12, 5);
-    let out = m.handle(Input::Downlink(Downlink::Ack { epoch: E2, id, first_seq: 10, last_seq: 12 }), 6);
-    assert!(matches!(store_op(&out), Some(StoreOp::Begin)), "{out:?}");
+    let out =
+        m.handle(Input::Downlink(Downlink::Ack { epoch: E2, id, first_seq: 10, last_seq: 12, refused: vec![] }), 6);
+    assert!(matches!(store_op(&out), Some(StoreOp::Begin { .. })), "{out:?}");
     assert!(!m.live().confirmed);
     assert_eq!(m.live().inflight_batches, 0, "everything is sent again after the new handshake");
     let out = m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 7);
@@ -263,7 +268,7 @@ fn a_snapshot_moves_the_cursor_only_with_its_last_page() {
     let out = m.handle(Input::Store(applied()), 1);
     assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { log_cursor, .. }] if *log_cursor == head));
     let out = m.handle(page(true), 2);
-    let only_if_unset = CursorMove { from: None, to: head };
+    let only_if_unset = CursorMove { from: None, resets: 0, to: head };
     assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if *c == only_if_unset));
     // The changes logged meanwhile come next, from the cursor as the store has it then.
     let out = m.handle(Input::Store(applied()), 2);
@@ -282,7 +287,7 @@ fn a_page_moves_the_cursor_only_from_where_it_was_pulled() {
         batch: encode_batch(&Batch::default(), EncodeOptions::default()),
     };
     let out = m.handle(Input::Downlink(changes), 1);
-    let expected = CursorMove { from: Some(3), to };
+    let expected = CursorMove { from: Some(3), resets: 0, to };
     assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if *c == expected));
 }
 
@@ -304,5 +309,5 @@ fn failed_store_work_is_reported_and_tried_again() {
     m.handle(Input::Connected, 0);
     m.handle(Input::Store(StoreResult::Failed("disk I/O error".into())), 0);
     assert_eq!(m.live().last_error.as_deref(), Some("disk I/O error"));
-    assert!(matches!(store_op(&m.handle(Input::Tick, 100)), Some(StoreOp::Begin)));
+    assert!(matches!(store_op(&m.handle(Input::Tick, 100)), Some(StoreOp::Begin { .. })));
 }

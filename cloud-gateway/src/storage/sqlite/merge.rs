@@ -1,9 +1,10 @@
 //! Merging one device batch into the SQLite store, in one transaction.
 //!
-//! Everything that could make a row unusable for some replica is checked before anything is
-//! written: a NULL key part, a key whose arity differs from the table's, a state grown past
-//! the decode limits. Such a batch is refused whole, so nothing any device would refuse ever
-//! enters the log. Timestamps from a writer whose clock runs beyond the allowed drift are
+//! Everything that could make a row unusable for some replica is checked before it is written:
+//! a NULL key part, a key whose arity differs from the table's, a state grown past the decode
+//! limits. Such a row is refused (and listed, so the device moves just it aside) while the rest
+//! of the batch is merged, so nothing any device would refuse ever enters the log and no good
+//! row is set aside with a bad one. Timestamps from a writer whose clock runs beyond the allowed drift are
 //! bounded here, at the first replica that accepts them, and the bounded change is logged for
 //! every device, its writer included.
 
@@ -16,42 +17,37 @@ use rusqlite::{Connection, OptionalExtension, Transaction};
 use crate::error::{Error, MergeError};
 use crate::storage::{Incoming, MergeOutcome};
 
-fn refused(reason: String) -> MergeError {
-    MergeError::Refused(reason)
-}
-
-/// Checks every row's key against what the table's key looks like.
-fn validate_keys(tx: &Transaction<'_>, tenant: &str, batch: &Batch) -> Result<HashMap<String, usize>, MergeError> {
-    let mut arity: HashMap<String, usize> = HashMap::new();
-    for row in &batch.rows {
-        if row.pk.contains(&Value::Null) {
-            return Err(refused(format!("a change to {:?} has a NULL key value", row.table)));
+/// Why this store cannot take a row's key, if it cannot. `arity` holds the key arity of
+/// tables learned so far in this batch (new tables are recorded once their first row merges).
+fn check_key(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    row: &RowChange,
+    arity: &mut HashMap<String, usize>,
+) -> Result<Option<String>, Error> {
+    if row.pk.contains(&Value::Null) {
+        return Ok(Some(format!("a change to {:?} has a NULL key value", row.table)));
+    }
+    let known = match arity.get(&row.table) {
+        Some(&n) => Some(n),
+        None => {
+            let stored: Option<i64> = tx
+                .prepare_cached("SELECT key_len FROM gw_tables WHERE tenant = ?1 AND tbl = ?2")?
+                .query_row(rusqlite::params![tenant, row.table], |r| r.get(0))
+                .optional()?;
+            stored.map(|n| n as usize)
         }
-        let known = match arity.get(&row.table) {
-            Some(&n) => Some(n),
-            None => {
-                let stored: Option<i64> = tx
-                    .prepare_cached("SELECT key_len FROM gw_tables WHERE tenant = ?1 AND tbl = ?2")?
-                    .query_row(rusqlite::params![tenant, row.table], |r| r.get(0))
-                    .optional()?;
-                stored.map(|n| n as usize)
-            }
-        };
-        match known {
-            Some(n) if n != row.pk.len() => {
-                return Err(refused(format!(
-                    "table {:?} has {n} key columns; a change to it has {}",
-                    row.table,
-                    row.pk.len()
-                )));
-            }
-            Some(_) => {}
-            None => {
-                arity.insert(row.table.clone(), row.pk.len());
-            }
+    };
+    match known {
+        Some(n) if n != row.pk.len() => {
+            Ok(Some(format!("table {:?} has {n} key columns; a change to it has {}", row.table, row.pk.len())))
+        }
+        Some(_) => Ok(None),
+        None => {
+            arity.insert(row.table.clone(), row.pk.len());
+            Ok(None)
         }
     }
-    Ok(arity)
 }
 
 /// A stored row's state and the roles of the nodes in it.
@@ -92,16 +88,26 @@ pub(super) fn merge(
     tag: u64,
     batch: &Batch,
 ) -> Result<MergeOutcome, MergeError> {
+    // Sequence numbers no device could have issued would wedge it (it adopts the gateway's
+    // record of them after a restore); a range of more entries than rows is allowed (entries
+    // acknowledged earlier leave gaps).
+    if at.first_seq < 1 || at.last_seq < at.first_seq || at.last_seq - at.first_seq > (1 << 40) {
+        return Err(MergeError::Refused(format!("outbox range {}..={} is impossible", at.first_seq, at.last_seq)));
+    }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let tenant = at.tenant;
-    let new_tables = validate_keys(&tx, tenant, batch)?;
+    let mut new_tables: HashMap<String, usize> = HashMap::new();
     let limit = Hlc::new(at.now_ms.saturating_add(at.max_drift_ms), u16::MAX);
     let bound = Hlc::new(at.now_ms, 0);
     let mut outcome = MergeOutcome::default();
     let mut changed = Batch::default();
     let mut skewed: BTreeMap<NodeId, Hlc> = BTreeMap::new();
     let mut counters: BTreeMap<NodeId, u64> = BTreeMap::new();
-    for row in &batch.rows {
+    for (index, row) in batch.rows.iter().enumerate() {
+        if let Some(reason) = check_key(&tx, tenant, row, &mut new_tables)? {
+            outcome.refused.push((index, reason));
+            continue;
+        }
         let key = encode_key(&row.pk);
         let mut incoming = row.clone();
         if incoming.state.max_hlc().is_some_and(|(_, h)| h > limit) {
@@ -122,13 +128,18 @@ pub(super) fn merge(
             outcome.duplicates += 1;
             continue;
         }
-        current.state.check_limits(limits).map_err(|e| refused(format!("a change to {:?} {e}", row.table)))?;
+        if let Err(e) = current.state.check_limits(limits) {
+            outcome.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
+            continue;
+        }
         outcome.applied += 1;
         roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
         tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
             .execute(rusqlite::params![tenant, row.table, key, one_row_payload(&roles, current)])?;
         changed.rows.push(incoming);
     }
+    // Tables first seen in this batch, if a row of theirs was merged.
+    new_tables.retain(|t, _| changed.rows.iter().any(|r| &r.table == t));
     for (table, arity) in new_tables {
         tx.prepare_cached("INSERT OR IGNORE INTO gw_tables(tenant, tbl, key_len) VALUES (?1, ?2, ?3)")?
             .execute(rusqlite::params![tenant, table, arity as i64])?;

@@ -68,14 +68,15 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
     if version == 1 {
         conn.execute_batch(
             "
-            -- The store's epoch, and other single values.
-            CREATE TABLE gw_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-            -- Every epoch the store has had, and why it changed.
+            -- Every epoch each tenant has had, and why it changed; the newest is current.
             CREATE TABLE gw_epochs (
+                id       INTEGER PRIMARY KEY AUTOINCREMENT,
+                tenant   TEXT NOT NULL,
                 epoch    BLOB NOT NULL,
                 since_ms INTEGER NOT NULL,
                 reason   TEXT NOT NULL
             );
+            CREATE INDEX gw_epochs_by_tenant ON gw_epochs (tenant, id);
             -- A random tag per log entry: a device's cursor names one, so a log rolled back and
             -- written again (a restored backup) is told apart from the one it read.
             ALTER TABLE gw_log ADD COLUMN tag INTEGER NOT NULL DEFAULT 0;

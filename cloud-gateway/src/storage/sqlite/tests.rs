@@ -60,7 +60,7 @@ fn snapshot_pages_cover_every_row_once() {
 }
 
 #[test]
-fn rows_no_device_could_apply_are_refused_before_anything_is_written() {
+fn rows_no_device_could_apply_are_refused_and_never_logged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let batch = device_batch(dir.path(), "d.db", StoreOptions::default());
     let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
@@ -70,10 +70,10 @@ fn rows_no_device_could_apply_are_refused_before_anything_is_written() {
     let mut two_keys = batch.clone();
     two_keys.rows[1].pk.push(Value::Integer(7));
     for (bad, why) in [(null_key, "NULL key"), (two_keys, "key columns")] {
-        match merge(&mut gw, "tab-1", &bad) {
-            Err(MergeError::Refused(reason)) => assert!(reason.contains(why), "{reason}"),
-            other => panic!("expected a refusal, got {other:?}"),
-        }
+        let outcome = merge(&mut gw, "tab-1", &bad).expect("merge");
+        assert_eq!(outcome.refused.len(), 1);
+        assert_eq!(outcome.refused[0].0, 1);
+        assert!(outcome.refused[0].1.contains(why), "{:?}", outcome.refused);
     }
     assert_eq!(gw.log_head("acme").expect("head").position, 1, "nothing was logged");
 }
@@ -115,16 +115,41 @@ fn a_node_is_bound_to_the_first_device_that_says_it_writes_as_it() {
 }
 
 #[test]
-fn the_epoch_survives_reopening_and_changes_only_when_asked() {
+fn epochs_are_per_tenant_survive_reopening_and_change_once_per_restore() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let first = SqliteStore::open(dir.path().join("gw.db")).expect("open").epoch().expect("epoch");
+    let first = SqliteStore::open(dir.path().join("gw.db")).expect("open").epoch("acme").expect("epoch");
     let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
-    assert_eq!(gw.epoch().expect("epoch"), first);
-    let next = gw.new_epoch("test").expect("new epoch");
+    assert_eq!(gw.epoch("acme").expect("epoch"), first);
+    assert_ne!(gw.epoch("other").expect("epoch"), first);
+    let next = gw.new_epoch("acme", "test").expect("new epoch");
     assert_ne!(next, first);
-    assert_eq!(SqliteStore::open(dir.path().join("gw.db")).expect("open").epoch().expect("epoch"), next);
+    // Other devices noticing the same loss moments later start nothing new.
+    assert_eq!(gw.new_epoch("acme", "test again").expect("new epoch"), next);
+    assert_eq!(SqliteStore::open(dir.path().join("gw.db")).expect("open").epoch("acme").expect("epoch"), next);
     assert!(matches!(SqliteStore::open_existing(dir.path().join("typo.db")), Err(Error::MissingDatabase(_))));
     assert!(!dir.path().join("typo.db").exists());
+}
+
+#[test]
+fn one_bad_row_is_refused_and_the_rest_of_its_batch_merged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let batch = device_batch(dir.path(), "d.db", StoreOptions::default());
+    let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+    let mut mixed = batch.clone();
+    mixed.rows[0].pk = vec![Value::Null];
+    let outcome = merge(&mut gw, "tab-1", &mixed).expect("merge");
+    assert_eq!(outcome.applied, 1);
+    assert_eq!(outcome.refused.len(), 1);
+    assert_eq!(outcome.refused[0].0, 0);
+    let from = Incoming {
+        tenant: "acme",
+        device: "tab-1",
+        first_seq: 5,
+        last_seq: i64::MAX,
+        now_ms: NOW,
+        max_drift_ms: DRIFT,
+    };
+    assert!(matches!(gw.merge(&from, &batch), Err(MergeError::Refused(_))), "an impossible range");
 }
 
 #[test]
