@@ -56,6 +56,7 @@ const MIN_MESSAGE_BYTES: usize = 64 << 10;
 
 /// What the machine reacts to.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Input {
     Connected,
     /// The connection dropped; `flush_timeout` if a message could not be written out in time.
@@ -78,6 +79,7 @@ pub enum Input {
 
 /// What the machine asks for.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Action {
     Publish(Uplink),
     Store(StoreOp),
@@ -88,6 +90,7 @@ pub enum Action {
 
 /// Progress of long work, for a progress bar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Progress {
     Start { label: &'static str, total: u64 },
     Advance(u64),
@@ -96,6 +99,7 @@ pub enum Progress {
 
 /// Store work (see [`crate::execute`]).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum StoreOp {
     /// A connection is up: note it and say who this store is; `hold` sealing until the
     /// gateway confirms the identity (until the first confirmation of this process: the
@@ -152,6 +156,7 @@ pub struct CursorMove {
 
 /// The outcome of a [`StoreOp`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum StoreResult {
     /// Answer to `Begin`: the identity and the changes waiting to be sent.
     Begun {
