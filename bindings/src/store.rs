@@ -68,6 +68,10 @@ impl SyncStore {
     #[uniffi::constructor]
     pub fn open(path: String, role: String) -> Result<Arc<SyncStore>, ApiError> {
         let store = StoreHandle::create(path.into(), StoreOptions { role, ..StoreOptions::default() })?;
+        // A phone's database may have been restored from a backup: nothing is sealed under its
+        // node id until the gateway has confirmed the id is still this store's own (the sync
+        // agent releases the hold). Writes meanwhile are captured and counted as pending.
+        runtime().block_on(store.call(|s| s.hold_seal())).map_err(ApiError::from)?;
         Ok(Arc::new(SyncStore { state: Mutex::new(Some(Open { store, agent: None })) }))
     }
 

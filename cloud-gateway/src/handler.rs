@@ -14,7 +14,7 @@ use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, par
 use driftless_core::{Batch, Epoch, LogCursor};
 
 use crate::error::{Error, MergeError, Result};
-use crate::storage::{GatewayStore, Incoming};
+use crate::storage::{GatewayStore, Incoming, MergeOutcome};
 
 /// What to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +58,7 @@ impl Default for HandlerConfig {
 /// Why a message was not handled.
 enum Fault {
     /// The message's own fault: dead-letter it, and send `nack` if there is one.
-    Message { reason: String, nack: Option<Downlink> },
+    Message { reason: String, nack: Option<Box<Downlink>> },
     /// The gateway's fault: no answer; the device sends it again.
     Ours(Error),
 }
@@ -80,18 +80,20 @@ fn to(tenant: &str, device: &str, msg: Downlink) -> Outgoing {
 }
 
 /// The refusal of `msg`, if it was a batch (naming exactly that batch).
-fn nack(msg: &Uplink, epoch: Epoch, reason: &str) -> Option<Downlink> {
+fn nack(msg: &Uplink, epoch: Epoch, reason: &str) -> Option<Box<Downlink>> {
     match msg {
-        Uplink::Batch { id, first_seq, last_seq, .. } => Some(Downlink::Nack {
+        Uplink::Batch { id, first_seq, last_seq, .. } => Some(Box::new(Downlink::Nack {
             epoch,
             id: *id,
             first_seq: *first_seq,
             last_seq: *last_seq,
             reason: reason.to_owned(),
-        }),
-        Uplink::LegacyBatch { first_seq, last_seq, .. } => {
-            Some(Downlink::LegacyNack { first_seq: *first_seq, last_seq: *last_seq, reason: reason.to_owned() })
-        }
+        })),
+        Uplink::LegacyBatch { first_seq, last_seq, .. } => Some(Box::new(Downlink::LegacyNack {
+            first_seq: *first_seq,
+            last_seq: *last_seq,
+            reason: reason.to_owned(),
+        })),
         _ => None,
     }
 }
@@ -116,7 +118,7 @@ pub fn handle_uplink(
         Err(Fault::Message { reason, nack }) => {
             tracing::warn!(tenant, device, %reason, "refusing a message");
             store.dead_letter(tenant, device, &reason, payload)?;
-            Ok(nack.into_iter().map(|n| to(tenant, device, n)).collect())
+            Ok(nack.into_iter().map(|n| to(tenant, device, *n)).collect())
         }
     }
 }
@@ -129,9 +131,15 @@ fn process(
     payload: &[u8],
     now_ms: u64,
 ) -> Result<Vec<Outgoing>, Fault> {
-    let epoch = store.epoch(tenant)?;
     let msg = Uplink::decode(payload, &cfg.decode)
         .map_err(|e| Fault::Message { reason: format!("undecodable message: {e}"), nack: None })?;
+    let mut epoch = store.epoch(tenant)?;
+    if claimed_epoch(&msg).is_some_and(|claimed| claimed != epoch) {
+        // A device speaking for an epoch this instance does not know: another instance
+        // sharing the store may have renewed it. Answering from a stale cache would send the
+        // device back and forth between the two.
+        epoch = store.epoch_now(tenant)?;
+    }
     if msg.device() != device {
         let reason = format!("message claims device {:?} but arrived on the topic of {device:?}", msg.device());
         return Err(Fault::Message { nack: nack(&msg, epoch, &reason), reason });
@@ -144,20 +152,13 @@ fn process(
     let bytes = |asked: u32| (asked as usize).clamp(1, cfg.max_message_bytes);
     let reply = |msg: Downlink| vec![to(tenant, device, msg)];
     match msg {
-        Uplink::Hello { node, acked_seq, epoch: claimed, .. } => {
+        Uplink::Hello { node, ref receipts, epoch: claimed, .. } => {
             let view = store.hello(tenant, device, node)?;
             let mut epoch = epoch;
             // Evidence only from a device speaking for this epoch with its own node (a copied
-            // database or a renamed device id claims acknowledgements of another's).
-            if claimed == Some(epoch) && acked_seq > view.device_seq && view.node_owner == device {
-                // The device holds acknowledgements this store has no record of: the store was
-                // restored from an older backup. Every device must send again what it holds.
-                let reason = format!(
-                    "device {device:?} of {tenant:?} was acknowledged up to {acked_seq}, the store holds {}",
-                    view.device_seq
-                );
-                tracing::warn!(%reason, "this store lost acknowledged changes; starting a new epoch");
-                epoch = store.new_epoch(tenant, &reason)?;
+            // database or a renamed device id shows another's receipts).
+            if claimed == Some(epoch) && view.node_owner == device {
+                epoch = check_receipts(store, tenant, device, epoch, receipts)?;
             }
             store.touch_device(tenant, device, None)?;
             Ok(reply(Downlink::Welcome {
@@ -167,28 +168,29 @@ fn process(
                 node_elsewhere: view.node_owner != device,
             }))
         }
-        Uplink::Batch { id, first_seq, last_seq, epoch: claimed, acked_seq, ref batch, .. } => {
+        Uplink::Batch { id, first_seq, last_seq, epoch: claimed, ref receipts, ref batch, .. } => {
             let mut epoch = epoch;
-            if claimed == Some(epoch) && acked_seq > store.device_seq(tenant, device)? {
-                // Acknowledged once, unknown now: the store was restored from an older backup
-                // (a device that only uploads tells so with its next batch).
-                let reason =
-                    format!("device {device:?} of {tenant:?} was acknowledged up to {acked_seq}, the store has less");
-                tracing::warn!(%reason, "this store lost acknowledged changes; starting a new epoch");
-                epoch = store.new_epoch(tenant, &reason)?;
+            if claimed == Some(epoch) {
+                // A device that only uploads tells with its next batch that the store lost it.
+                epoch = check_receipts(store, tenant, device, epoch, receipts)?;
             }
             let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
             let nack = |reason: String| Downlink::Nack { epoch, id, first_seq, last_seq, reason };
-            let (logged, refused) = merge(store, cfg, &from, batch, nack)?;
-            let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused });
-            if logged {
+            let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
+            let (receipt, previous) = (outcome.receipt, outcome.previous);
+            let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous });
+            if outcome.logged.is_some() {
                 out.push(Outgoing::Poke { tenant: tenant.to_owned() });
             }
             Ok(out)
         }
-        Uplink::Pull { epoch: claimed, cursor, max_rows, max_bytes, .. } => {
+        Uplink::Pull { epoch: claimed, cursor, ref receipts, max_rows, max_bytes, .. } => {
             if claimed != Some(epoch) {
                 return Ok(reply(stale(epoch, cursor)));
+            }
+            let renewed = check_receipts(store, tenant, device, epoch, receipts)?;
+            if renewed != epoch {
+                return Ok(reply(stale(renewed, cursor)));
             }
             let Some(cursor) = cursor else {
                 // A device with no cursor starts from a snapshot of current state.
@@ -196,18 +198,9 @@ fn process(
                 store.touch_device(tenant, device, None)?;
                 return snapshot(store, tenant, device, epoch, &[], head, rows(max_rows), bytes(max_bytes));
             };
-            let head = store.log_head(tenant)?;
-            let tag = store.log_tag(tenant, cursor.position)?;
-            if cursor.position > head.position || (cursor.tag != 0 && tag != Some(cursor.tag)) {
-                // The device read a log this store no longer has: it was restored from an older
-                // backup (and may have logged other changes at those positions since).
-                let reason = format!(
-                    "device {device:?} of {tenant:?} pulled from log position {} the store does not hold",
-                    cursor.position
-                );
-                tracing::warn!(%reason, "this store lost logged changes; starting a new epoch");
-                let epoch = store.new_epoch(tenant, &reason)?;
-                return Ok(reply(stale(epoch, Some(cursor))));
+            let renewed = check_cursor(store, tenant, device, epoch, cursor)?;
+            if renewed != epoch {
+                return Ok(reply(stale(renewed, Some(cursor))));
             }
             store.touch_device(tenant, device, Some(cursor.position))?;
             let (page, more, batch) =
@@ -218,18 +211,25 @@ fn process(
             if claimed != epoch {
                 return Ok(reply(stale(epoch, Some(log_cursor))));
             }
+            // Pages already applied came from the log up to `log_cursor`: a store without it
+            // lost what they showed.
+            let renewed = check_cursor(store, tenant, device, epoch, log_cursor)?;
+            if renewed != epoch {
+                return Ok(reply(stale(renewed, Some(log_cursor))));
+            }
             store.touch_device(tenant, device, None)?;
             snapshot(store, tenant, device, epoch, &resume, log_cursor, rows(max_rows), bytes(max_bytes))
         }
         Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
             let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
             let nack = |reason: String| Downlink::LegacyNack { first_seq, last_seq, reason };
-            let (logged, refused) = merge(store, cfg, &from, batch, nack)?;
+            let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
+            let logged = outcome.logged.is_some();
             if !refused.is_empty() {
                 // Version 1 cannot say which rows: the whole batch is refused.
                 let reason = refused.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join("; ");
                 return Err(Fault::Message {
-                    nack: Some(Downlink::LegacyNack { first_seq, last_seq, reason: reason.clone() }),
+                    nack: Some(Box::new(Downlink::LegacyNack { first_seq, last_seq, reason: reason.clone() })),
                     reason,
                 });
             }
@@ -264,8 +264,65 @@ fn process(
     }
 }
 
-/// Decodes and merges a batch; whether anything was logged, and the rows refused (each kept
-/// as a dead letter). A batch at fault as a whole is refused with the nack `nack` builds; a
+/// The epoch a message says it speaks for, if any.
+fn claimed_epoch(msg: &Uplink) -> Option<Epoch> {
+    match msg {
+        Uplink::Hello { epoch, .. } | Uplink::Batch { epoch, .. } | Uplink::Pull { epoch, .. } => *epoch,
+        Uplink::PullSnapshot { epoch, .. } => Some(*epoch),
+        _ => None,
+    }
+}
+
+/// Starts a new epoch if one of `receipts` (issued by this store for the device's merges)
+/// names a log entry the store no longer holds: the store was restored from an older backup.
+/// Returns the epoch to answer with.
+fn check_receipts(
+    store: &mut dyn GatewayStore,
+    tenant: &str,
+    device: &str,
+    epoch: Epoch,
+    receipts: &[LogCursor],
+) -> Result<Epoch, Fault> {
+    let mut missing = None;
+    for r in receipts {
+        if store.log_tag(tenant, r.position)? != Some(r.tag) {
+            missing = Some(r);
+            break;
+        }
+    }
+    let Some(receipt) = missing else { return Ok(epoch) };
+    let reason = format!(
+        "device {device:?} of {tenant:?} holds a receipt for log entry {} the store does not have",
+        receipt.position
+    );
+    tracing::warn!(%reason, "this store lost acknowledged changes; starting a new epoch");
+    Ok(store.new_epoch(tenant, epoch, &reason)?)
+}
+
+/// Starts a new epoch if `cursor` (read from this store's log) names a position the store
+/// does not hold, or holds another entry at: the store was restored from an older backup
+/// (and may have logged other changes at those positions since). Returns the epoch to answer
+/// with.
+fn check_cursor(
+    store: &mut dyn GatewayStore,
+    tenant: &str,
+    device: &str,
+    epoch: Epoch,
+    cursor: LogCursor,
+) -> Result<Epoch, Fault> {
+    let head = store.log_head(tenant)?;
+    let tag = store.log_tag(tenant, cursor.position)?;
+    if cursor.position <= head.position && (cursor.tag == 0 || tag == Some(cursor.tag)) {
+        return Ok(epoch);
+    }
+    let reason =
+        format!("device {device:?} of {tenant:?} read log position {} the store does not hold", cursor.position);
+    tracing::warn!(%reason, "this store lost logged changes; starting a new epoch");
+    Ok(store.new_epoch(tenant, epoch, &reason)?)
+}
+
+/// Decodes and merges a batch; what the merge did, and the rows refused (each kept as a dead
+/// letter). A batch at fault as a whole is refused with the nack `nack` builds; a
 /// failure of the store, or a batch this gateway is too old to read, is ours.
 fn merge(
     store: &mut dyn GatewayStore,
@@ -273,8 +330,8 @@ fn merge(
     from: &Incoming<'_>,
     batch: &[u8],
     nack: impl Fn(String) -> Downlink,
-) -> Result<(bool, Vec<RefusedRow>), Fault> {
-    let refuse = |reason: String| Fault::Message { nack: Some(nack(reason.clone())), reason };
+) -> Result<(MergeOutcome, Vec<RefusedRow>), Fault> {
+    let refuse = |reason: String| Fault::Message { nack: Some(Box::new(nack(reason.clone()))), reason };
     let decoded = match decode_batch(batch, &cfg.decode, &Dictionaries::default()) {
         Ok(b) => b,
         // Written by a newer version, or with a dictionary this gateway lacks: the device is
@@ -285,17 +342,17 @@ fn merge(
         Err(e) => return Err(refuse(format!("batch refused: {e}"))),
     };
     match store.merge(from, &decoded) {
-        Ok(outcome) => {
+        Ok(mut outcome) => {
             tracing::debug!(tenant = from.tenant, device = from.device, applied = outcome.applied, "merged");
             let mut refused = Vec::with_capacity(outcome.refused.len());
-            for (index, reason) in outcome.refused {
+            for (index, reason) in std::mem::take(&mut outcome.refused) {
                 let row = Batch { roles: decoded.roles.clone(), rows: vec![decoded.rows[index].clone()] };
                 let reason = format!("row refused: {reason}");
                 tracing::warn!(tenant = from.tenant, device = from.device, %reason);
                 store.dead_letter(from.tenant, from.device, &reason, &encode_batch(&row, EncodeOptions::default()))?;
                 refused.push(RefusedRow { index: index as u32, reason });
             }
-            Ok((outcome.logged_at.is_some(), refused))
+            Ok((outcome, refused))
         }
         Err(MergeError::Refused(r)) => Err(refuse(format!("batch refused: {r}"))),
         Err(MergeError::Store(e)) => Err(Fault::Ours(e)),

@@ -11,9 +11,6 @@ use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId};
 
 use crate::error::{MergeError, Result};
 
-/// The least time between two new epochs of one tenant.
-pub const EPOCH_QUIET: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// Where a batch comes from, and when it is merged.
 #[derive(Debug, Clone, Copy)]
 pub struct Incoming<'a> {
@@ -40,8 +37,15 @@ pub struct MergeOutcome {
     /// Rows not merged because no replica could accept them: their position in the batch
     /// and why. The rest of the batch is merged.
     pub refused: Vec<(usize, String)>,
-    /// The log position of the new changes, if any were logged.
-    pub logged_at: Option<u64>,
+    /// The log entry of the new changes, if any were logged.
+    pub logged: Option<LogCursor>,
+    /// The receipt the device keeps: the entry logged, or if the batch changed nothing (its
+    /// changes were merged before, by an earlier copy of it or through another device), the
+    /// tenant's newest entry, which the state that already held them came from. `None` only
+    /// while the log is empty.
+    pub receipt: Option<LogCursor>,
+    /// The receipt given to this device before this one, in this store.
+    pub previous: Option<LogCursor>,
 }
 
 /// Changes for one device, oldest first.
@@ -135,11 +139,16 @@ pub trait GatewayStore: Send {
     /// The tenant's current epoch (made when its first device shows up).
     fn epoch(&mut self, tenant: &str) -> Result<Epoch>;
 
-    /// Gives the tenant a new epoch: the store has lost changes it once acknowledged, and
-    /// every device of the tenant must send again what it holds. `reason` is kept with it. At
-    /// most one new epoch per tenant per [`EPOCH_QUIET`]: one restore is one new epoch,
-    /// however many devices notice it; returns the current epoch either way.
-    fn new_epoch(&mut self, tenant: &str, reason: &str) -> Result<Epoch>;
+    /// The tenant's current epoch as stored now: another gateway instance sharing the store
+    /// may have renewed it since [`GatewayStore::epoch`] was last read.
+    fn epoch_now(&mut self, tenant: &str) -> Result<Epoch>;
+
+    /// Gives the tenant a new epoch in place of `replacing`: the store has lost changes it
+    /// once acknowledged, and every device of the tenant must send again what it holds.
+    /// `reason` is kept with it. If the tenant's epoch is no longer `replacing` (another
+    /// device, or another gateway instance, noticed the same loss first), nothing new starts:
+    /// one restore is one new epoch. Returns the current epoch either way.
+    fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch>;
 
     /// The highest outbox sequence number of `device` merged so far (0 if none).
     fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64>;

@@ -136,7 +136,7 @@ impl HlcClock {
 
 /// A sparse version vector: for each node that wrote, the highest counter seen. Kept sorted
 /// by node so that equal vectors are equal as data.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
 pub struct VersionVector(Vec<(NodeId, u64)>);
 
 impl VersionVector {
@@ -159,6 +159,10 @@ impl VersionVector {
 
     /// Raises `node`'s entry to at least `counter`.
     pub fn advance(&mut self, node: NodeId, counter: u64) {
+        // No entry is the same as 0: keeping none keeps equal vectors equal.
+        if counter == 0 {
+            return;
+        }
         match self.0.binary_search_by(|(n, _)| n.cmp(&node)) {
             Ok(i) => self.0[i].1 = self.0[i].1.max(counter),
             Err(i) => self.0.insert(i, (node, counter)),

@@ -59,8 +59,8 @@ pub use batch::{Batch, RowChange};
 pub use clock::{Dot, Hlc, HlcClock, NodeId, Observed, VersionVector};
 pub use error::{Error, Result};
 pub use merge::{
-    FieldWrite, LocalWrite, bound_future_timestamps, join_counter, join_register, join_row, write_local_delete,
-    write_local_upsert,
+    FieldWrite, LocalWrite, bound_future_timestamps, holds_earlier_times, join_counter, join_register, join_row,
+    write_local_delete, write_local_upsert,
 };
 pub use policy::{ColumnPolicy, DeletePolicy, Direction, ParsePolicyError, TableSpec};
 pub use protocol::{Epoch, LogCursor};

@@ -14,13 +14,51 @@
 //! first replica to accept it put on it when the writer's clock ran too far ahead (see
 //! [`bound_future_timestamps`]). The join keeps the smaller, which is a semilattice too, so
 //! every replica, the writer included, ends up with the bounded one.
+//!
+//! Two different values under one dot cannot come from a correct replica (a dot names one
+//! write); a store that issued a dot twice, or a forged message, can still produce them. The
+//! join then keeps the smaller by a fixed total order, so replicas still agree.
+
+use std::cmp::Ordering;
 
 use crate::clock::{Dot, Hlc, NodeId};
 use crate::state::{Counter, CounterPart, Entry, Life, Register, RowState};
 use crate::value::Value;
 
+/// A fixed total order on register values, to settle two values under one dot the same way
+/// everywhere.
+pub trait Tiebreak {
+    fn tiebreak(&self, other: &Self) -> Ordering;
+}
+
+impl Tiebreak for Life {
+    fn tiebreak(&self, other: &Self) -> Ordering {
+        self.cmp(other)
+    }
+}
+
+impl Tiebreak for Value {
+    fn tiebreak(&self, other: &Self) -> Ordering {
+        let rank = |v: &Value| match v {
+            Value::Null => 0,
+            Value::Integer(_) => 1,
+            Value::Real(_) => 2,
+            Value::Text(_) => 3,
+            Value::RawText(_) => 4,
+            Value::Blob(_) => 5,
+        };
+        match (self, other) {
+            (Value::Integer(a), Value::Integer(b)) => a.cmp(b),
+            (Value::Real(a), Value::Real(b)) => a.to_bits().cmp(&b.to_bits()),
+            (Value::Text(a), Value::Text(b)) => a.cmp(b),
+            (Value::RawText(a), Value::RawText(b)) | (Value::Blob(a), Value::Blob(b)) => a.cmp(b),
+            (a, b) => rank(a).cmp(&rank(b)),
+        }
+    }
+}
+
 /// Joins `incoming` into `local`; returns whether `local` changed.
-pub fn join_register<T: Clone + PartialEq>(local: &mut Register<T>, incoming: &Register<T>) -> bool {
+pub fn join_register<T: Clone + PartialEq + Tiebreak>(local: &mut Register<T>, incoming: &Register<T>) -> bool {
     let before_len = local.entries.len();
     let before_ctx_len = local.ctx.len();
     let old = std::mem::take(&mut local.entries);
@@ -36,8 +74,10 @@ pub fn join_register<T: Clone + PartialEq>(local: &mut Register<T>, incoming: &R
     }
     for e in &incoming.entries {
         if let Some(k) = kept.iter_mut().find(|k| k.dot == e.dot) {
-            if e.hlc < k.hlc {
+            let smaller = e.hlc.cmp(&k.hlc).then_with(|| e.value.tiebreak(&k.value)) == Ordering::Less;
+            if smaller {
                 k.hlc = e.hlc;
+                k.value = e.value.clone();
                 changed = true;
             }
             continue;
@@ -54,6 +94,20 @@ pub fn join_register<T: Clone + PartialEq>(local: &mut Register<T>, incoming: &R
         changed = true;
     }
     changed || local.entries.len() != before_len || local.ctx.len() != before_ctx_len
+}
+
+/// Whether `local` (already joined with `incoming`) holds an earlier time than `incoming` for
+/// one of the writes `incoming` carries. The replica a change came from should hold the
+/// earliest time of every write it passes on (the first replica to accept a write bounds its
+/// time, and a write seen twice keeps the earlier one), so this happens only when that replica
+/// lost the bounded time (a gateway store restored from a backup, with nobody holding
+/// evidence of the loss): the receiver must send its row back for the replicas to agree.
+pub fn holds_earlier_times(local: &RowState, incoming: &RowState) -> bool {
+    fn earlier<T>(local: &Register<T>, incoming: &Register<T>) -> bool {
+        incoming.entries.iter().any(|i| local.entries.iter().any(|l| l.dot == i.dot && l.hlc < i.hlc))
+    }
+    earlier(&local.life, &incoming.life)
+        || incoming.fields.iter().any(|(c, r)| local.fields.get(c).is_some_and(|l| earlier(l, r)))
 }
 
 /// Joins counter contributions: for each node, the part with the higher sequence wins.
@@ -174,7 +228,7 @@ fn add_counter_deltas(state: &mut RowState, change: &mut RowState, dot: Dot, del
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::NodeId;
+    use crate::clock::{NodeId, VersionVector};
 
     fn dot(n: u8, c: u64) -> Dot {
         Dot { node: NodeId([n; 16]), counter: c }
@@ -223,6 +277,28 @@ mod tests {
         let c = write(&ab, 3, dot(3, 1));
         join_register(&mut ab, &c);
         assert_eq!(ab.entries.len(), 1);
+    }
+
+    #[test]
+    fn two_values_under_one_dot_settle_the_same_way_in_any_order() {
+        // Only a store that issued a dot twice (or a forged message) makes these.
+        let a = write(&Register::default(), 1, dot(1, 1));
+        let b = write(&Register::default(), 2, dot(1, 1));
+        let (mut ab, mut ba) = (a.clone(), b.clone());
+        join_register(&mut ab, &b);
+        join_register(&mut ba, &a);
+        assert_eq!(ab, ba);
+        assert_eq!(ab.entries[0].value, Value::Integer(1));
+        let dead =
+            |seen: &[&str]| Life::Dead { seen: seen.iter().map(|c| ((*c).to_owned(), VersionVector::new())).collect() };
+        let mut x = Register::default();
+        x.overwrite(dead(&["a", "b"]), dot(1, 2), Hlc(5));
+        let mut y = Register::default();
+        y.overwrite(dead(&["a", "n"]), dot(1, 2), Hlc(5));
+        let (mut xy, mut yx) = (x.clone(), y.clone());
+        join_register(&mut xy, &y);
+        join_register(&mut yx, &x);
+        assert_eq!(xy, yx);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! its own topics, and the gateway checks that a message's claimed device matches its topic.
 
 mod messages;
+mod receipts;
 
 pub use self::messages::{Downlink, RefusedRow, Uplink};
+pub use self::receipts::{MAX_RECEIPTS, Receipt, Receipts};
 
 /// Topic root shared by every driftless topic.
 pub const TOPIC_ROOT: &str = "driftless";

@@ -48,7 +48,7 @@ impl<T> Register<T> {
 }
 
 /// A value of the life register.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Life {
     /// The row was inserted (or re-inserted).
     Alive,
@@ -87,6 +87,22 @@ pub struct RowState {
 
 impl RowState {
     /// The highest timestamp of any write in this state (for clock observation).
+    /// The highest dot counter of `node` this state mentions (in entries, contexts, the
+    /// columns a delete saw, or counter parts); 0 if none.
+    pub fn max_counter_of(&self, node: NodeId) -> u64 {
+        fn register<T>(r: &Register<T>, node: NodeId) -> u64 {
+            let entries = r.entries.iter().filter(|e| e.dot.node == node).map(|e| e.dot.counter);
+            entries.max().unwrap_or(0).max(r.ctx.get(node))
+        }
+        let seen = self.life.entries.iter().flat_map(|e| match &e.value {
+            Life::Dead { seen } => seen.values().map(|vv| vv.get(node)).max(),
+            Life::Alive => None,
+        });
+        let fields = self.fields.values().map(|r| register(r, node));
+        let counters = self.counters.values().filter_map(|c| c.0.get(&node).map(|p| p.seq));
+        seen.chain(fields).chain(counters).fold(register(&self.life, node), u64::max)
+    }
+
     pub fn max_hlc(&self) -> Option<(NodeId, Hlc)> {
         let life = self.life.entries.iter().map(|e| (e.dot.node, e.hlc));
         let fields = self.fields.values().flat_map(|r| r.entries.iter().map(|e| (e.dot.node, e.hlc)));

@@ -33,7 +33,7 @@ use crate::clock::{Hlc, HlcClock, NodeId};
 use crate::codec::{self, Limits};
 use crate::error::{Error, Result};
 use crate::policy::TableSpec;
-use crate::protocol::LogCursor;
+use crate::protocol::{LogCursor, Receipts};
 use crate::value::Value;
 
 pub use self::apply::{ApplyReport, ChangedRow};
@@ -367,20 +367,31 @@ impl Store {
 
     /// Deletes acknowledged outbox entries with sequence numbers in `first..=last`.
     pub fn ack(&mut self, first: i64, last: i64) -> Result<usize> {
-        self.transact(|tx, _| {
-            identity::note_acked(tx, last)?;
-            outbox::ack(tx, first, last)
-        })
+        self.transact(|tx, _| outbox::ack(tx, first, last))
     }
 
     /// Like [`Store::ack`], but the entries at the given positions within the range (the
     /// rows of the batch the gateway refused, with its reasons) are moved aside to
-    /// `_driftless_rejected` instead of deleted.
-    pub fn ack_refusing(&mut self, first: i64, last: i64, refused: &[(u32, String)]) -> Result<usize> {
+    /// `_driftless_rejected` instead of deleted, and `receipts`, if given, become the
+    /// receipts to show (see [`Identity::receipts`]).
+    pub fn ack_refusing(
+        &mut self,
+        first: i64,
+        last: i64,
+        refused: &[(u32, String)],
+        receipts: Option<&Receipts>,
+    ) -> Result<usize> {
         self.transact(|tx, inner| {
-            identity::note_acked(tx, last)?;
+            if let Some(receipts) = receipts {
+                identity::save_receipts(tx, receipts)?;
+            }
             outbox::ack_refusing(tx, first, last, refused, inner.now())
         })
+    }
+
+    /// Replaces the receipts to show (see [`Identity::receipts`]).
+    pub fn keep_receipts(&mut self, receipts: &Receipts) -> Result<()> {
+        self.transact(|tx, _| identity::save_receipts(tx, receipts))
     }
 
     /// Holds sealing: local writes stay in the journal (still captured, still counted as
@@ -467,7 +478,7 @@ impl Store {
     /// moves only together with the changes it covers), but only if the cursor is as the pull
     /// found it: at position `from` (`None`: no cursor) with `resets` resets so far. An answer
     /// to an older pull, or one that crossed a reset (`track` asking for a fresh snapshot),
-    /// applies harmlessly and leaves the cursor.
+    /// changes nothing (an empty report).
     pub fn apply_with_cursor(
         &mut self,
         batch: &Batch,
@@ -475,8 +486,17 @@ impl Store {
         resets: u64,
         to: LogCursor,
     ) -> Result<ApplyReport> {
+        // An answer to an older pull, or one from a store since replaced, is not applied at
+        // all: what it holds is pulled again from where the cursor is, and state taken in
+        // without a cursor to show for it could never be checked against a restored store.
+        let as_pulled = |conn: &Connection| -> Result<bool> {
+            Ok(cursor::get(conn)?.map(|c| c.position) == from && cursor::resets(conn)? == resets)
+        };
+        if !as_pulled(&self.conn)? {
+            return Ok(ApplyReport::default());
+        }
         self.apply_holding_back(batch, |tx| {
-            if cursor::get(tx)?.map(|c| c.position) == from && cursor::resets(tx)? == resets {
+            if as_pulled(tx)? {
                 cursor::set(tx, to)?;
             }
             Ok(())

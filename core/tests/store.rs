@@ -26,8 +26,15 @@ fn write_from_the_sqlite3_shell_is_captured() {
     let status = std::process::Command::new("sqlite3")
         .arg(dir.path().join("a.db"))
         .arg("INSERT INTO inspections(id, status) VALUES ('s1', 'logged'); UPDATE inspections SET notes = 'from shell' WHERE id = 's1';")
-        .status()
-        .expect("the sqlite3 shell is installed (apt-get install sqlite3)");
+        .status();
+    // Skipped without the shell (a toolchain-only machine); .ci/run installs it and requires it.
+    let status = match status {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::env::var_os("DRIFTLESS_REQUIRE_TOOLS").is_none() => {
+            eprintln!("skipped: sqlite3 is not installed");
+            return;
+        }
+        other => other.expect("run the sqlite3 shell"),
+    };
     assert!(status.success());
     let out = store.outbox_batch(10).expect("outbox").expect("a change");
     let state = &out.batch.rows[0].state;
@@ -322,4 +329,68 @@ fn a_remote_row_the_app_table_refuses_is_recorded_and_does_not_block_the_rest() 
     sync(&mut a, &mut [&mut b]);
     assert!(b.unapplied().expect("unapplied").is_empty());
     assert_eq!(rows(&b, "SELECT id, site FROM inspections WHERE id = 'i2'"), vec![vec![text("i2"), text("east")]]);
+}
+
+#[test]
+fn a_sender_that_lost_a_bounded_time_gets_the_row_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::at(1_000_000);
+    let mut a = open(dir.path(), "a.db", clock.options("field"), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", clock.options("office"), TableSpec::new());
+    a.write(|tx| Ok(tx.execute("INSERT INTO inspections(id, notes) VALUES ('i1', 'x')", [])?)).expect("write");
+    let sent = drain(&mut a).remove(0);
+    // The first replica to accept the write bounded its time; b learned the bounded one.
+    let mut bounded = sent.clone();
+    for row in &mut bounded.rows {
+        let bound = driftless_core::Hlc::new(900_000, 0);
+        assert!(!driftless_core::bound_future_timestamps(&mut row.state, bound, bound).is_empty());
+    }
+    let report = b.apply(&bounded).expect("apply bounded");
+    assert_eq!((report.applied, report.sent_back), (1, 0));
+    assert_eq!(b.pending_changes().expect("pending"), 0);
+    // That replica lost it (restored) and passes the write on with its original time: b keeps
+    // the earlier time and sends its row back, so the sender learns it again.
+    let report = b.apply(&sent).expect("apply original");
+    assert_eq!((report.duplicates, report.sent_back), (1, 1));
+    let back = drain(&mut b);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].rows[0].state, bounded.rows[0].state);
+    let report = a.apply(&back[0]).expect("apply sent back");
+    assert_eq!((report.applied, report.sent_back), (1, 0), "a now holds the bounded time too");
+    // Nothing more goes back and forth.
+    assert_eq!(a.pending_changes().expect("pending"), 0);
+    assert_eq!(b.apply(&bounded).expect("again").sent_back, 0);
+}
+
+#[test]
+fn an_increment_that_overtook_its_rows_insert_is_not_cancelled_by_a_local_insert() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = || TableSpec::new().column("stock", ColumnPolicy::Counter);
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), spec());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), spec());
+    let write = |s: &mut Store, sql: &str| s.write(|tx| Ok(tx.execute_batch(sql)?)).expect(sql);
+    write(&mut a, "INSERT INTO inspections(id, stock) VALUES ('k', 1)");
+    let insert = drain(&mut a).remove(0);
+    write(&mut a, "UPDATE inspections SET stock = stock + 4 WHERE id = 'k'");
+    let increment = drain(&mut a).remove(0);
+    // The increment reaches b before the insert: b merges it, but has no row to show.
+    b.apply(&increment).expect("apply increment");
+    assert!(rows(&b, "SELECT id FROM inspections").is_empty());
+    // b's app creates the row itself, knowing nothing of a's.
+    write(&mut b, "INSERT INTO inspections(id, notes, stock) VALUES ('k', 'from b', 0)");
+    let from_b = drain(&mut b);
+    assert!(
+        from_b[0].rows[0].state.counters.get("stock").is_none_or(|c| c.value() == 0),
+        "b added nothing to the counter: {:?}",
+        from_b[0].rows[0].state.counters
+    );
+    let stock = "SELECT stock FROM inspections WHERE id = 'k'";
+    // b's app keeps showing what it wrote until the row arrives, and counts from that.
+    assert_eq!(rows(&b, stock), vec![vec![Value::Integer(0)]]);
+    assert_eq!(b.unapplied().expect("unapplied").len(), 1);
+    b.apply(&insert).expect("apply insert");
+    assert!(b.unapplied().expect("unapplied").is_empty());
+    a.apply(&from_b[0]).expect("apply b's change");
+    assert_eq!(rows(&a, stock), vec![vec![Value::Integer(5)]]);
+    assert_eq!(rows(&b, stock), vec![vec![Value::Integer(5)]]);
 }

@@ -204,10 +204,15 @@ fn machine_config(config: &AgentConfig, receives: bool) -> Result<MachineConfig>
 /// Sync messages are small and answered at once: waiting to coalesce them (Nagle) would add
 /// tens of milliseconds per round trip. Writing one message may take a while on a slow link,
 /// so the write timeout is generous; a link too slow even for that makes the machine send
-/// smaller messages.
+/// smaller messages. The send buffer is kept small, so that "written out" means on its way:
+/// with the kernel's default (megabytes) a whole backlog is "written" at once, and a slow
+/// link still carrying it looks like one that lost it.
+const SEND_BUFFER_BYTES: u32 = 128 << 10;
+
 fn network_options() -> rumqttc::NetworkOptions {
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
+    net.set_tcp_send_buffer_size(SEND_BUFFER_BYTES);
     net.set_connection_timeout(30);
     net
 }

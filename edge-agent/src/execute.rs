@@ -38,13 +38,17 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                 StoreResult::Outbox(store.outbox_batch_after(after, max_rows)?)
             }
             StoreOp::ReadRange { first, last } => StoreResult::Outbox(store.outbox_range(first, last)?),
+            StoreOp::KeepReceipts(receipts) => {
+                store.keep_receipts(&receipts)?;
+                StoreResult::Done
+            }
             StoreOp::ReadCursor => {
                 let (cursor, resets) = store.cursor()?;
                 StoreResult::Cursor { cursor, resets }
             }
-            StoreOp::Ack { first, last, refused } => {
+            StoreOp::Ack { first, last, refused, receipts } => {
                 let refused: Vec<(u32, String)> = refused.into_iter().map(|r| (r.index, r.reason)).collect();
-                let removed = store.ack_refusing(first, last, &refused)?;
+                let removed = store.ack_refusing(first, last, &refused, receipts.as_ref())?;
                 store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
                 StoreResult::Acked(removed)
             }

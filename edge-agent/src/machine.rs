@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 
 use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, declared_payload_len, decode_batch, encode_batch};
-use driftless_core::protocol::{Downlink, RefusedRow, Uplink};
+use driftless_core::protocol::{Downlink, Receipt, Receipts, RefusedRow, Uplink};
 use driftless_core::{ApplyReport, Batch, ChangedRow, Confirmed, Epoch, GatewayView, Identity, LogCursor, OutboxBatch};
 
 /// How the machine behaves.
@@ -123,17 +123,21 @@ pub enum StoreOp {
         first: i64,
         last: i64,
     },
-    /// Delete acknowledged entries; move aside the ones at these positions of the batch.
+    /// Delete acknowledged entries; move aside the ones at these positions of the batch; keep
+    /// these receipts to show, if they changed.
     Ack {
         first: i64,
         last: i64,
         refused: Vec<RefusedRow>,
+        receipts: Option<Receipts>,
     },
     Reject {
         first: i64,
         last: i64,
         reason: String,
     },
+    /// Keep these receipts to show.
+    KeepReceipts(Receipts),
     /// Apply remote changes, moving the cursor with them if given.
     Apply {
         batch: Batch,
@@ -201,10 +205,22 @@ struct Inflight {
     last: i64,
     /// The ordinal of its publish on this connection.
     ordinal: u64,
-    /// When it was written out to the network.
+    /// When it was handed to the connection, and when it was written out to the network.
+    published_at: u64,
     flushed_at: Option<u64>,
     /// Times it was sent before on this connection.
     resends: u32,
+    /// The receipts it showed.
+    shown: Option<Shown>,
+}
+
+/// Receipts a batch showed the gateway, under the epoch they belong to. An ack of it in that
+/// epoch means the gateway found them all (it would have started a new epoch otherwise). Pulls and Hellos show receipts too, but their answers do not name the message
+/// they answer, so only a batch's answer vouches for what was shown.
+#[derive(Debug, Clone)]
+struct Shown {
+    epoch: Epoch,
+    receipts: Vec<LogCursor>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -231,6 +247,7 @@ enum Awaiting {
     },
     Ack,
     Reject,
+    Receipts,
     Cursor,
     Changes {
         more: bool,
@@ -286,10 +303,12 @@ pub struct Machine {
     confirmed_once: bool,
     /// Writes were noticed while offline, to be sealed.
     want_seal: bool,
-    /// The highest outbox sequence number acknowledged under the current epoch.
-    acked_seq: i64,
+    /// Receipts of merges acknowledged under the current epoch, still to be shown.
+    receipts: Receipts,
     /// The cursor's reset count when it was last read for a pull.
     pull_resets: u64,
+    /// When a device that never pulls last showed the gateway its receipt.
+    last_check: u64,
     live: LiveStatus,
 }
 
@@ -321,8 +340,9 @@ impl Machine {
             uploading: false,
             confirmed_once: false,
             want_seal: false,
-            acked_seq: 0,
+            receipts: Receipts::default(),
             pull_resets: 0,
+            last_check: 0,
             live: LiveStatus::default(),
         }
     }
@@ -519,7 +539,10 @@ impl Machine {
         }
         if self.link_idle() {
             for b in &self.inflight {
-                let wait = timeout.saturating_mul(1 << b.resends.min(4));
+                // A batch that took long to write out crossed a slow link, which still holds
+                // the tail of it (the socket's send buffer): it gets as long again.
+                let writing = b.flushed_at.map_or(0, |at| at.saturating_sub(b.published_at));
+                let wait = timeout.saturating_mul(1 << b.resends.min(4)).saturating_add(writing);
                 if b.flushed_at.is_some_and(|at| self.now.saturating_sub(at) > wait)
                     && !self.resend.iter().any(|(f, _, _)| *f == b.first)
                 {
@@ -534,6 +557,25 @@ impl Machine {
                 self.pulling = None;
                 self.want_pull = true;
             }
+        }
+        // A device that never pulls still shows its receipt now and then, so that a gateway
+        // store restored from a backup learns it lost this device's changes even while the
+        // device has nothing new to send.
+        if !self.cfg.receives
+            && self.now.saturating_sub(self.last_check) >= timeout.saturating_mul(6)
+            && let (Some(Uplink::Hello { device, node, counter, outbox_seq, .. }), Some(epoch)) =
+                (self.hello.clone(), self.confirmed())
+        {
+            self.last_check = self.now;
+            let check = Uplink::Hello {
+                device,
+                node,
+                counter,
+                outbox_seq,
+                receipts: self.receipts.shown(),
+                epoch: Some(epoch),
+            };
+            self.publish(out, check);
         }
         // Writes and announcements wake the machine at once; the tick is a backstop for lost
         // ones (every timeout), or the schedule in interval mode.
@@ -564,18 +606,22 @@ impl Machine {
     fn publish_batch(&mut self, out: &mut Vec<Action>, ob: &OutboxBatch, batch: Vec<u8>, resends: u32) {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
+        let receipts = self.receipts.shown();
+        let shown = self.confirmed().map(|epoch| Shown { epoch, receipts: receipts.clone() });
         let msg = Uplink::Batch {
             device: self.cfg.device_id.clone(),
             id,
             first_seq: ob.first_seq,
             last_seq: ob.last_seq,
             epoch: self.confirmed(),
-            acked_seq: self.acked_seq,
+            receipts,
             batch,
         };
         let ordinal = self.publish(out, msg);
         self.sent_upto = self.sent_upto.max(ob.last_seq);
-        self.inflight.push(Inflight { id, first: ob.first_seq, last: ob.last_seq, ordinal, flushed_at: None, resends });
+        let (first, last) = (ob.first_seq, ob.last_seq);
+        let published_at = self.now;
+        self.inflight.push(Inflight { id, first, last, ordinal, published_at, flushed_at: None, resends, shown });
         self.inflight.sort_by_key(|b| b.first);
     }
 
@@ -604,10 +650,10 @@ impl Machine {
                     node: identity.node,
                     counter: identity.counter,
                     outbox_seq: identity.outbox_seq,
-                    acked_seq: identity.acked_seq,
+                    receipts: identity.receipts.shown(),
                     epoch: identity.epoch,
                 };
-                self.acked_seq = identity.acked_seq;
+                self.receipts = identity.receipts;
                 self.hello = Some(hello.clone());
                 self.publish(out, hello);
                 self.phase = Phase::Handshake(Some(self.now));
@@ -626,7 +672,7 @@ impl Machine {
                     );
                 }
                 if c.epoch_changed {
-                    self.acked_seq = 0;
+                    self.receipts = Receipts::default();
                     self.live.epoch_changes += 1;
                     tracing::warn!(rows = c.resent_rows, "the gateway's store changed; sending every row again");
                 }
@@ -649,6 +695,7 @@ impl Machine {
                     device: self.cfg.device_id.clone(),
                     epoch: Some(epoch),
                     cursor,
+                    receipts: self.receipts.shown(),
                     max_rows: self.cfg.pull_rows,
                     max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
                 };
@@ -689,6 +736,7 @@ impl Machine {
                 self.want_ship = true;
             }
             (Awaiting::Reject, _) => self.want_ship = true,
+            (Awaiting::Receipts, _) => {}
             (Awaiting::Changes { more }, StoreResult::Applied(report)) => {
                 self.pulling = None;
                 self.pull_tries = 0;
@@ -722,6 +770,13 @@ impl Machine {
                     max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
                 };
                 self.publish(out, msg);
+                // The pages applied so far came from the log up to `log_cursor`, and the
+                // cursor moves there only with the last page: until then the receipts vouch
+                // for them (a restart mid-snapshot would otherwise forget where they came
+                // from).
+                if log_cursor.position > 0 && self.receipts.admit(Receipt { at: log_cursor, previous: None }) {
+                    self.store(out, StoreOp::KeepReceipts(self.receipts.clone()), Awaiting::Receipts);
+                }
             }
             (awaiting, result) => {
                 tracing::error!("store result {result:?} does not answer {awaiting:?}");
@@ -751,17 +806,28 @@ impl Machine {
             None => return,
         }
         match msg {
-            Downlink::Ack { id, first_seq, last_seq, refused, .. } => {
+            Downlink::Ack { id, first_seq, last_seq, refused, receipt, previous, .. } => {
                 let Some(at) = self.in_flight(id, first_seq, last_seq) else {
-                    tracing::debug!(id, first_seq, last_seq, "an ack for no batch in flight; ignored");
+                    tracing::debug!(id, first_seq, last_seq, "an ack for no batch in flight; keeping its receipt only");
+                    // Its batch was sent again meanwhile, but the receipt is still evidence of a
+                    // merge: if it came from a store since replaced, it is the only evidence.
+                    if let Some(at) = receipt
+                        && self.receipts.admit(Receipt { at, previous })
+                    {
+                        self.store(out, StoreOp::KeepReceipts(self.receipts.clone()), Awaiting::Receipts);
+                    }
                     return;
                 };
                 for r in &refused {
                     tracing::warn!(first_seq, last_seq, index = r.index, reason = %r.reason, "the gateway refused a row; moving it aside");
                 }
-                self.inflight.remove(at);
-                self.acked_seq = self.acked_seq.max(last_seq);
-                self.store(out, StoreOp::Ack { first: first_seq, last: last_seq, refused }, Awaiting::Ack);
+                let batch = self.inflight.remove(at);
+                let mut changed = self.checked(batch.shown.as_ref(), epoch);
+                if let Some(at) = receipt {
+                    changed |= self.receipts.admit(Receipt { at, previous });
+                }
+                let receipts = changed.then(|| self.receipts.clone());
+                self.store(out, StoreOp::Ack { first: first_seq, last: last_seq, refused, receipts }, Awaiting::Ack);
             }
             Downlink::Nack { id, first_seq, last_seq, reason, .. } => {
                 let Some(at) = self.in_flight(id, first_seq, last_seq) else {
@@ -769,6 +835,8 @@ impl Machine {
                     return;
                 };
                 tracing::warn!(first_seq, last_seq, %reason, "the gateway refused a batch; moving it aside");
+                // (A refusal vouches for no receipt: some are sent before receipts are looked
+                // at, for a message too large or on the wrong topic.)
                 self.inflight.remove(at);
                 self.store(out, StoreOp::Reject { first: first_seq, last: last_seq, reason }, Awaiting::Reject);
             }
@@ -791,6 +859,15 @@ impl Machine {
                 );
             }
             _ => {}
+        }
+    }
+
+    /// The gateway answered, in `epoch`, a batch that showed receipts: it holds them all.
+    /// Whether the receipts to keep changed.
+    fn checked(&mut self, shown: Option<&Shown>, epoch: Epoch) -> bool {
+        match shown {
+            Some(s) if s.epoch == epoch => self.receipts.checked(&s.receipts),
+            _ => false,
         }
     }
 

@@ -1,11 +1,18 @@
 //! Drain: a device that was offline for 100,000 field changes reconnects; time until every
 //! change is merged by the gateway and acknowledged. Through Mosquitto, gateway in its own
 //! process.
+//!
+//! In the same run, the same outbox is merged into a gateway store directly (decoded and
+//! merged in this process: the gateway's own work without broker, agent or round trips):
+//! `drain_vs_raw` is the drain time over that time.
 
 use std::time::{Duration, Instant};
 
 use driftless_agent::{Agent, AgentConfig};
+use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
 use driftless_core::{Store, StoreOptions, TableSpec};
+use driftless_gateway::storage::Incoming;
+use driftless_gateway::{GatewayStore, SqliteStore};
 use driftless_tests::bench::{GatewayProcess, bench_broker_url, report};
 
 const ROWS: usize = 10_000;
@@ -43,6 +50,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         })?;
     }
+    // The same offline outbox, for the direct merge.
+    let copy = dir.path().join("device-copy.db");
+    rusqlite::Connection::open(&db)?.execute("VACUUM INTO ?1", [copy.to_str().expect("utf-8 path")])?;
     let field_changes = ROWS * FIELDS;
     let config = AgentConfig::new(&db, &url, &tenant, "offline-device")?;
     let start = Instant::now();
@@ -62,11 +72,44 @@ async fn main() -> anyhow::Result<()> {
         "{field_changes} field changes in {ROWS} rows drained in {secs:.3}s; {} batches acknowledged; {} bytes published",
         live.acked_batches, live.bytes_sent
     );
+    let direct = merge_directly(&copy, &dir.path().join("gw-direct.db"))?;
+    println!("the same outbox decoded and merged into a gateway store directly in {direct:.3}s");
     report(&[
         ("field_changes", field_changes as f64),
         ("seconds", secs),
         ("changes_per_s", (field_changes as f64 / secs).round()),
         ("wire_bytes_total", live.bytes_sent as f64),
+        ("direct_merge_seconds", direct),
+        ("drain_vs_raw", (secs / direct * 100.0).round() / 100.0),
     ]);
     Ok(())
+}
+
+/// Seals the outbox of `device`, then times decoding its batches (500 rows, as the agent
+/// sends them) and merging them into a new gateway store at `gateway`.
+fn merge_directly(device: &std::path::Path, gateway: &std::path::Path) -> anyhow::Result<f64> {
+    let mut store = Store::open(device, StoreOptions::default())?;
+    store.seal()?;
+    let mut batches = Vec::new();
+    let mut after = 0;
+    while let Some(ob) = store.outbox_batch_after(after, 500)? {
+        after = ob.last_seq;
+        batches.push((ob.first_seq, ob.last_seq, encode_batch(&ob.batch, EncodeOptions::default())));
+    }
+    let mut gw = SqliteStore::open(gateway)?;
+    let now_ms = std::time::UNIX_EPOCH.elapsed()?.as_millis() as u64;
+    let start = Instant::now();
+    for (first_seq, last_seq, bytes) in &batches {
+        let batch = decode_batch(bytes, &Limits::default(), &Dictionaries::default())?;
+        let from = Incoming {
+            tenant: "direct",
+            device: "offline-device",
+            first_seq: *first_seq,
+            last_seq: *last_seq,
+            now_ms,
+            max_drift_ms: 300_000,
+        };
+        gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod procs;
+pub mod slow_link;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -47,11 +48,32 @@ pub struct OwnMosquitto {
     child: Option<std::process::Child>,
 }
 
+/// Whether the program `name` can be run. A test that needs one that is missing is skipped
+/// with a notice, so `cargo test` works with only the Rust toolchain; `.ci/run` installs the
+/// tools and sets `DRIFTLESS_REQUIRE_TOOLS=1`, which turns a missing one into a failure.
+pub fn have_tool(name: &str) -> bool {
+    let found = std::process::Command::new(name)
+        .arg("--help")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(std::env::var_os("DRIFTLESS_REQUIRE_TOOLS").is_none(), "{name} is not installed");
+        eprintln!("skipped: {name} is not installed (apt-get install {name}; .ci/run does this)");
+    }
+    found
+}
+
 impl OwnMosquitto {
-    pub fn start(port: u16) -> OwnMosquitto {
+    /// Starts one, or `None` (the test is skipped) if Mosquitto is not installed.
+    pub fn start(port: u16) -> Option<OwnMosquitto> {
+        if !have_tool("mosquitto") {
+            return None;
+        }
         let mut m = OwnMosquitto { port, child: None };
         m.restart();
-        m
+        Some(m)
     }
 
     pub fn restart(&mut self) {

@@ -112,7 +112,7 @@ async fn the_write_made_last_wins_even_when_sealed_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_restored_from_an_older_backup_gets_everything_back() {
     // Restarting the gateway needs a broker that keeps its persistent session.
-    let mosquitto = OwnMosquitto::start(free_port());
+    let Some(mosquitto) = OwnMosquitto::start(free_port()) else { return };
     for broker in [mosquitto.addr()] {
         let dir = tempfile::tempdir().expect("tempdir");
         let tenant = tenant("gwrestore");
@@ -237,7 +237,7 @@ async fn a_forged_refusal_sets_nothing_aside() {
                 first_seq: 1,
                 last_seq: 100,
                 epoch: None,
-                acked_seq: 0,
+                receipts: vec![],
                 batch: b"junk".to_vec(),
             };
             client
@@ -299,4 +299,99 @@ async fn a_clock_a_year_ahead_does_not_win_later_edits() {
         .into_owned();
         assert!(report.contains("clock ahead"), "the skewed node is flagged:\n{report}");
     }
+}
+
+/// Reads one value from a database another process has open.
+fn query_i64(db: &Path, sql: &str) -> i64 {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    conn.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    conn.query_row(sql, [], |r| r.get(0)).expect(sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_of_the_gateways_own_refuses_nothing() {
+    for broker in brokers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tenant = tenant("ourfault");
+        let gw_db = dir.path().join("gw.db");
+        let mut gw = gateway(&broker, &tenant, &gw_db, &[]);
+        let (a, b) = (cli_device(dir.path(), "a"), cli_device(dir.path(), "b"));
+        let _agent_a = agent(&a, &broker, &tenant, "tab-a");
+        let _agent_b = agent(&b, &broker, &tenant, "tab-b");
+        exec(&a, "INSERT INTO inspections(id, notes, stock) VALUES ('qty', 'first', 1)");
+        eventually("b has the row", WAIT, || rows(&b, QTY).len() == 1).await;
+        drained(&a).await;
+
+        // The gateway's own storage goes bad under that row (a disk fault, a bug).
+        let conn = rusqlite::Connection::open(&gw_db).expect("open");
+        conn.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+        let good: Vec<u8> = conn
+            .query_row("SELECT state FROM gw_rows WHERE tenant = ?1", [&tenant], |r| r.get(0))
+            .expect("the row's state");
+        conn.execute("UPDATE gw_rows SET state = X'0badf00d' WHERE tenant = ?1", [&tenant]).expect("corrupt");
+
+        exec(&a, "UPDATE inspections SET stock = stock + 2, notes = 'during the fault' WHERE id = 'qty'");
+        exec(&b, "INSERT INTO inspections(id, notes, stock) VALUES ('other', 'unaffected', 5)");
+        eventually("the other rows still sync", WAIT, || rows(&a, "SELECT id FROM inspections").len() == 2).await;
+        eventually("the gateway reports its own failure", WAIT, || gw.log_count("the gateway failed on a message") > 0)
+            .await;
+        assert!(gw.alive(), "the gateway keeps running");
+        // Our fault is never the user's refusal: a's change waits, nothing is set aside.
+        let status = agent_ok(&["status", "--db", s(&a)]);
+        assert_ne!(field(&status, "pending changes:"), "0", "{status}");
+        assert_eq!(field(&status, "rejected:"), "0", "{status}");
+        let refused = query_i64(&gw_db, "SELECT count(*) FROM gw_dead_letters WHERE reason LIKE 'row refused%'");
+        assert_eq!(refused, 0, "nothing was refused");
+
+        // Repaired, the change that waited goes through, once.
+        conn.execute("UPDATE gw_rows SET state = ?2 WHERE tenant = ?1", rusqlite::params![&tenant, good])
+            .expect("repair");
+        let want = vec![vec![Value::Integer(3), text("during the fault")]];
+        eventually("a's change arrives once repaired", WAIT, || rows(&b, QTY) == want).await;
+        drained(&a).await;
+        assert_eq!(field(&agent_ok(&["status", "--db", s(&a)]), "rejected:"), "0");
+        gw.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_publish_is_kept_by_reference_and_sync_goes_on() {
+    // The embedded broker caps packets at 64 MiB itself; Mosquitto passes anything MQTT can
+    // carry, so the gateway's own bound is what is tested.
+    let Some(mosquitto) = OwnMosquitto::start(free_port()) else { return };
+    let broker = mosquitto.addr();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tenant = tenant("oversized");
+    let gw_db = dir.path().join("gw.db");
+    let mut gw = gateway(&broker, &tenant, &gw_db, &[]);
+    let (a, b) = (cli_device(dir.path(), "a"), cli_device(dir.path(), "b"));
+    let _agent_a = agent(&a, &broker, &tenant, "tab-a");
+    let _agent_b = agent(&b, &broker, &tenant, "tab-b");
+
+    let size = 65 << 20;
+    let mut opts = rumqttc::MqttOptions::new("intruder", &broker.host, broker.port);
+    opts.set_max_packet_size(1 << 20, size + 1024);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 8);
+    let poller = tokio::spawn(async move {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) | Err(_) = events.poll().await {
+                return;
+            }
+        }
+    });
+    let topic = driftless_core::protocol::uplink_topic(&tenant, "intruder");
+    client.publish(topic, rumqttc::QoS::AtLeastOnce, false, vec![7u8; size]).await.expect("publish");
+    tokio::time::timeout(WAIT, poller).await.expect("the broker took the publish").expect("poller");
+
+    let kept = "SELECT count(*) FROM gw_dead_letters WHERE device = 'intruder'";
+    eventually("the publish is dead-lettered", WAIT, || query_i64(&gw_db, kept) == 1).await;
+    let by_reference = "SELECT size = 65 * 1048576 AND length(sha256) = 64 AND length(payload) <= 4096
+                        FROM gw_dead_letters WHERE device = 'intruder'";
+    assert_eq!(query_i64(&gw_db, by_reference), 1, "kept by size, digest and first bytes");
+    assert!(gw.alive(), "the gateway keeps running");
+
+    exec(&a, "INSERT INTO inspections(id, notes, stock) VALUES ('after', 'still syncing', 1)");
+    eventually("sync goes on", WAIT, || rows(&b, "SELECT id FROM inspections").len() == 1).await;
+    assert_eq!(gw.log_count("gateway connected to the broker"), 1, "the gateway's session was never dropped");
+    gw.stop();
 }

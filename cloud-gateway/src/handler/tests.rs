@@ -48,7 +48,7 @@ fn a_batch_claiming_another_device_is_refused_by_its_id_and_dead_lettered() {
         first_seq: 1,
         last_seq: 2,
         epoch: None,
-        acked_seq: 0,
+        receipts: vec![],
         batch: vec![],
     };
     let out =
@@ -93,8 +93,15 @@ fn a_row_no_device_could_apply_is_refused_by_position_and_never_logged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
     let good = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
-    let msg =
-        Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch: good };
+    let msg = Uplink::Batch {
+        device: "a".into(),
+        id: 1,
+        first_seq: 1,
+        last_seq: 1,
+        epoch: None,
+        receipts: vec![],
+        batch: good,
+    };
     assert!(matches!(reply(&handle(&mut store, &msg).expect("handled")), Downlink::Ack { id: 1, .. }));
     // The same table with a two-column key: no device could apply it.
     let mut s = Store::open(dir.path().join("other.db"), StoreOptions::default()).expect("open");
@@ -102,8 +109,15 @@ fn a_row_no_device_could_apply_is_refused_by_position_and_never_logged() {
     s.track("t", TableSpec::new()).expect("track");
     s.write(|tx| Ok(tx.execute_batch("INSERT INTO t VALUES ('x', 'y')")?)).expect("write");
     let bad = encode_batch(&s.outbox_batch(10).expect("outbox").expect("batch").batch, EncodeOptions::default());
-    let msg =
-        Uplink::Batch { device: "b".into(), id: 9, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch: bad };
+    let msg = Uplink::Batch {
+        device: "b".into(),
+        id: 9,
+        first_seq: 1,
+        last_seq: 1,
+        epoch: None,
+        receipts: vec![],
+        batch: bad,
+    };
     match reply(&handle(&mut store, &msg).expect("handled")) {
         Downlink::Ack { id: 9, refused, .. } => {
             assert_eq!(refused.len(), 1);
@@ -123,51 +137,76 @@ fn a_hello_reports_what_the_gateway_holds_of_the_device_and_its_node() {
     let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
     let decoded = driftless_core::codec::decode_batch(&batch, &Limits::default(), &Default::default()).expect("decode");
     let node = decoded.rows[0].state.life.entries[0].dot.node;
-    let hello = |device: &str, acked_seq, epoch| Uplink::Hello {
+    let hello = |device: &str, receipts, epoch| Uplink::Hello {
         device: device.into(),
         node,
         counter: 0,
         outbox_seq: 0,
-        acked_seq,
+        receipts,
         epoch,
     };
-    let out = handle(&mut store, &hello("a", 0, None)).expect("handled");
+    let out = handle(&mut store, &hello("a", vec![], None)).expect("handled");
     assert_eq!(reply(&out), Downlink::Welcome { epoch, node_counter: 0, device_seq: 0, node_elsewhere: false });
-    handle(
+    let merged = handle(
         &mut store,
-        &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch },
+        &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, receipts: vec![], batch },
     )
     .expect("merge");
-    let out = handle(&mut store, &hello("a", 1, Some(epoch))).expect("handled");
+    let Downlink::Ack { receipt: Some(receipt), .. } = reply(&merged) else { panic!("an ack with a receipt") };
+    let out = handle(&mut store, &hello("a", vec![receipt], Some(epoch))).expect("handled");
     assert_eq!(reply(&out), Downlink::Welcome { epoch, node_counter: 1, device_seq: 1, node_elsewhere: false });
     // A copy of a's database on device c.
-    let out = handle(&mut store, &hello("c", 0, None)).expect("handled");
+    let out = handle(&mut store, &hello("c", vec![], None)).expect("handled");
     assert!(matches!(reply(&out), Downlink::Welcome { node_elsewhere: true, .. }));
 }
 
 #[test]
-fn acknowledgements_the_store_has_no_record_of_start_a_new_epoch() {
+fn a_receipt_the_store_has_no_record_of_starts_a_new_epoch_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
     let epoch = store.epoch("t").expect("epoch");
-    let hello = |epoch, acked_seq| Uplink::Hello {
+    // A receipt for a log entry this store never wrote (it was restored from a backup).
+    let lost = LogCursor { position: 7, tag: 77 };
+    let hello = |epoch, receipts| Uplink::Hello {
         device: "a".into(),
         node: NodeId([5; 16]),
         counter: 9,
         outbox_seq: 40,
-        acked_seq,
+        receipts,
         epoch: Some(epoch),
     };
-    let Downlink::Welcome { epoch: next, .. } = reply(&handle(&mut store, &hello(epoch, 40)).expect("handled")) else {
+    let Downlink::Welcome { epoch: next, .. } = reply(&handle(&mut store, &hello(epoch, vec![lost])).expect("handled"))
+    else {
         panic!("expected a welcome")
     };
-    assert_ne!(next, epoch, "the store lost 40 acknowledged entries of a");
+    assert_ne!(next, epoch, "the store lost a's acknowledged merge");
     // Another device still speaking for the old epoch is no new evidence.
-    let other = reply(&handle(&mut store, &hello(epoch, 40)).expect("handled"));
+    let other = reply(&handle(&mut store, &hello(epoch, vec![lost])).expect("handled"));
     assert!(matches!(other, Downlink::Welcome { epoch: e, .. } if e == next));
-    // The device then speaks for the new epoch, with no acknowledgements under it yet.
-    let again = reply(&handle(&mut store, &hello(next, 0)).expect("handled"));
+    // The device then speaks for the new epoch, with no receipt under it yet.
+    let again = reply(&handle(&mut store, &hello(next, vec![])).expect("handled"));
     assert!(matches!(again, Downlink::Welcome { epoch: e, .. } if e == next));
+    // A batch shows its receipts too: a device that only uploads notices as well, even when
+    // only one of the receipts it shows is missing.
+    let batch = device_batch(&dir, "INSERT INTO t VALUES ('x', 1)");
+    let other_tenant =
+        Uplink::Batch { device: "b".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, receipts: vec![], batch };
+    let out = handle_uplink(&mut store, &HandlerConfig::default(), "driftless/u/b/up", &other_tenant.encode(), NOW)
+        .expect("handled");
+    let Downlink::Ack { epoch: u_epoch, receipt: Some(held), .. } = reply(&out) else { panic!("an ack") };
+    let stale = Uplink::Batch {
+        device: "b".into(),
+        id: 2,
+        first_seq: 2,
+        last_seq: 2,
+        epoch: Some(u_epoch),
+        receipts: vec![held, lost],
+        batch: device_batch(&dir, "INSERT INTO t VALUES ('y', 1)"),
+    };
+    let out = handle_uplink(&mut store, &HandlerConfig::default(), "driftless/u/b/up", &stale.encode(), NOW)
+        .expect("handled");
+    assert!(matches!(reply(&out), Downlink::Ack { epoch: e, .. } if e != u_epoch), "tenant u starts a new epoch");
+    assert_eq!(store.epoch("t").expect("epoch"), next, "epochs are per tenant");
 }
 
 #[test]
@@ -178,7 +217,7 @@ fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
     let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
     handle(
         &mut store,
-        &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch },
+        &Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, receipts: vec![], batch },
     )
     .expect("merge");
     let head = store.log_head("t").expect("head");
@@ -186,6 +225,7 @@ fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
         device: "b".into(),
         epoch: Some(epoch),
         cursor: Some(cursor),
+        receipts: vec![],
         max_rows: 10,
         max_bytes: 1 << 20,
     };
@@ -213,8 +253,12 @@ impl GatewayStore for FailingMerges {
     fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
         self.0.epoch(tenant)
     }
-    fn new_epoch(&mut self, tenant: &str, reason: &str) -> Result<Epoch> {
-        self.0.new_epoch(tenant, reason)
+    fn epoch_now(&mut self, tenant: &str) -> Result<Epoch> {
+        self.0.epoch_now(tenant)
+    }
+
+    fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch> {
+        self.0.new_epoch(tenant, replacing, reason)
     }
     fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64> {
         self.0.device_seq(tenant, device)
@@ -277,7 +321,8 @@ fn a_storage_failure_is_ours_answered_with_nothing_never_a_nack() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = FailingMerges(open(&dir));
     let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
-    let msg = Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, acked_seq: 0, batch };
+    let msg =
+        Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, receipts: vec![], batch };
     assert!(matches!(handle(&mut store, &msg), Err(Error::Sqlite(_))));
     assert!(letters(&mut store.0).is_empty(), "the device's data is not the gateway's to refuse");
 }
@@ -293,7 +338,7 @@ fn an_oversized_batch_is_refused_by_reference() {
         first_seq: 1,
         last_seq: 1,
         epoch: None,
-        acked_seq: 0,
+        receipts: vec![],
         batch: vec![0; 1 << 20],
     };
     let out = handle_uplink(&mut store, &cfg, "driftless/t/a/up", &msg.encode(), NOW).expect("handled");

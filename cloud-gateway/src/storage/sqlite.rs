@@ -13,8 +13,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
 use super::{
-    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, EPOCH_QUIET, GatewayStore, Incoming,
-    MergeOutcome, SkewedNode, SnapshotPage,
+    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
+    SkewedNode, SnapshotPage,
 };
 use crate::error::{Error, MergeError, Result};
 
@@ -101,19 +101,14 @@ fn start_epoch(conn: &Connection, tenant: &str, reason: &str) -> Result<(Epoch, 
     Ok((epoch, since))
 }
 
-/// The tenant's current epoch, since when, and whether it replaced an earlier one.
-fn current_epoch(conn: &Connection, tenant: &str) -> Result<Option<(Epoch, i64, bool)>> {
-    let row: Option<(Vec<u8>, i64, bool)> = conn
-        .prepare_cached(
-            "SELECT epoch, since_ms, (SELECT count(*) FROM gw_epochs WHERE tenant = ?1) > 1
-             FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1",
-        )?
-        .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+/// The tenant's current epoch and since when.
+fn current_epoch(conn: &Connection, tenant: &str) -> Result<Option<(Epoch, i64)>> {
+    let row: Option<(Vec<u8>, i64)> = conn
+        .prepare_cached("SELECT epoch, since_ms FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1")?
+        .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    row.map(|(b, since, replaced)| {
-        Ok((Epoch(b.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?), since, replaced))
-    })
-    .transpose()
+    row.map(|(b, since)| Ok((Epoch(b.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?), since)))
+        .transpose()
 }
 
 /// Snapshot resume tokens: table name length, table name, encoded key.
@@ -137,7 +132,7 @@ impl GatewayStore for SqliteStore {
         }
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current = match current_epoch(&tx, tenant)? {
-            Some((epoch, since, _)) => (epoch, since),
+            Some(current) => current,
             None => start_epoch(&tx, tenant, "the tenant's first device")?,
         };
         tx.commit()?;
@@ -145,16 +140,21 @@ impl GatewayStore for SqliteStore {
         Ok(current.0)
     }
 
-    fn new_epoch(&mut self, tenant: &str, reason: &str) -> Result<Epoch> {
+    fn epoch_now(&mut self, tenant: &str) -> Result<Epoch> {
+        self.epochs.remove(tenant);
+        self.epoch(tenant)
+    }
+
+    fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current = current_epoch(&tx, tenant)?;
-        // One restore is one new epoch, however many devices notice it.
-        if let Some((epoch, since, true)) = current
-            && now_ms() - since < EPOCH_QUIET.as_millis() as i64
+        // One restore is one new epoch, however many devices (or gateway instances, each
+        // with its own cached epoch) notice it.
+        if let Some(current) = current_epoch(&tx, tenant)?
+            && current.0 != replacing
         {
-            tracing::warn!(tenant, %reason, "a new epoch began moments ago; keeping it");
-            self.epochs.insert(tenant.to_owned(), (epoch, since));
-            return Ok(epoch);
+            tracing::info!(tenant, %reason, "the epoch was renewed already");
+            self.epochs.insert(tenant.to_owned(), current);
+            return Ok(current.0);
         }
         let next = start_epoch(&tx, tenant, reason)?;
         tx.commit()?;

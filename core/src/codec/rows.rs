@@ -171,6 +171,10 @@ impl RowDecoder<'_, '_, '_> {
     fn dot_hlc(&mut self) -> Result<(Dot, Hlc), DecodeError> {
         let node = self.node()?;
         let counter = self.r.varint()?;
+        if counter == 0 {
+            // Counters start at 1: 0 means "nothing seen" in every version vector.
+            return Err(DecodeError::Invalid("a dot with counter 0"));
+        }
         let hlc = Hlc(self.cx.hlc_base.wrapping_add(self.r.zigzag()? as u64));
         Ok((Dot { node, counter }, hlc))
     }
@@ -181,6 +185,9 @@ impl RowDecoder<'_, '_, '_> {
         for _ in 0..n {
             let node = self.node()?;
             let counter = self.r.varint()?;
+            if counter == 0 {
+                return Err(DecodeError::Invalid("a version vector entry of 0"));
+            }
             if vv.get(node) != 0 {
                 return Err(DecodeError::Invalid("node repeated in a version vector"));
             }
@@ -270,6 +277,9 @@ impl RowDecoder<'_, '_, '_> {
             for _ in 0..parts {
                 let node = self.node()?;
                 let part = CounterPart { seq: self.r.varint()?, total: self.r.zigzag()? };
+                if part.seq == 0 {
+                    return Err(DecodeError::Invalid("a counter part with sequence 0"));
+                }
                 if counter.0.insert(node, part).is_some() {
                     return Err(DecodeError::Invalid("node repeated in a counter"));
                 }

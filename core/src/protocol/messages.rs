@@ -3,7 +3,7 @@
 //! Tags 1 to 4 are the first version of the exchange (no handshake, acks matched by range
 //! only); a gateway still answers them, so devices can be upgraded after their gateway.
 
-use super::{Epoch, LogCursor};
+use super::{Epoch, LogCursor, MAX_RECEIPTS};
 use crate::clock::NodeId;
 use crate::codec::buf::{Reader, Writer};
 use crate::codec::{DecodeError, Limits};
@@ -22,28 +22,38 @@ pub enum Uplink {
         counter: u64,
         /// The highest outbox sequence number the device has issued.
         outbox_seq: i64,
-        /// The highest outbox sequence number a gateway acknowledged to it.
-        acked_seq: i64,
-        /// The gateway epoch its cursor and acknowledgements come from, if any.
+        /// Receipts of merges of its changes the gateway acknowledged, in the epoch below
+        /// (see [`super::Receipts`]): a store that does not hold one of those log entries
+        /// lost acknowledged changes.
+        receipts: Vec<LogCursor>,
+        /// The gateway epoch its cursor and receipt come from, if any.
         epoch: Option<Epoch>,
     },
     /// Local changes: outbox entries `first_seq..=last_seq` as an encoded batch envelope. `id`
     /// is new for every publish; the answer names it, so only this publish is settled by it.
-    /// `epoch` and `acked_seq` say which gateway store acknowledged what so far: a store that
-    /// has no record of those acknowledgements was restored, which even a device that only
-    /// uploads reveals with its next batch.
+    /// `epoch` and `receipts` say which gateway store acknowledged what so far: a store that
+    /// has no record of one of those receipts was restored, which even a device that only uploads
+    /// reveals with its next batch.
     Batch {
         device: String,
         id: u64,
         first_seq: i64,
         last_seq: i64,
         epoch: Option<Epoch>,
-        acked_seq: i64,
+        receipts: Vec<LogCursor>,
         batch: Vec<u8>,
     },
     /// Asks for changes logged after `cursor` (from the gateway epoch `epoch`); no cursor asks
     /// for a snapshot first. Answers hold at most `max_rows` rows and about `max_bytes` bytes.
-    Pull { device: String, epoch: Option<Epoch>, cursor: Option<LogCursor>, max_rows: u32, max_bytes: u32 },
+    /// `receipts` as in `Batch`: an idle device that only pulls reveals a restored store too.
+    Pull {
+        device: String,
+        epoch: Option<Epoch>,
+        cursor: Option<LogCursor>,
+        receipts: Vec<LogCursor>,
+        max_rows: u32,
+        max_bytes: u32,
+    },
     /// Asks for the snapshot page after `resume` (opaque, from the previous page).
     PullSnapshot { device: String, epoch: Epoch, resume: Vec<u8>, log_cursor: LogCursor, max_rows: u32, max_bytes: u32 },
     /// Version 1: a batch acknowledged by its range alone.
@@ -72,13 +82,18 @@ pub enum Downlink {
     },
     /// The batch with this id was merged and is durable: delete those outbox entries. Rows
     /// listed in `refused` (by their position in the batch) were not merged, because no
-    /// replica could accept them: move those entries aside instead.
+    /// replica could accept them: move those entries aside instead. `receipt` names the log
+    /// entry the merge wrote (if it changed nothing: the newest entry, whose state already held
+    /// it; none while the log is empty), for the device to show later; `previous` is the
+    /// receipt given to this device before it in this store, which `receipt` vouches for.
     Ack {
         epoch: Epoch,
         id: u64,
         first_seq: i64,
         last_seq: i64,
         refused: Vec<RefusedRow>,
+        receipt: Option<LogCursor>,
+        previous: Option<LogCursor>,
     },
     /// The batch with this id was refused because of what it holds, and kept as a dead
     /// letter: move those entries aside.
@@ -189,6 +204,13 @@ impl Writer {
             None => self.u8(0),
         }
     }
+
+    fn cursors(&mut self, list: &[LogCursor]) {
+        self.varint(list.len() as u64);
+        for c in list {
+            self.cursor(c);
+        }
+    }
 }
 
 impl Reader<'_> {
@@ -221,6 +243,14 @@ impl Reader<'_> {
         if self.flag()? { self.cursor().map(Some) } else { Ok(None) }
     }
 
+    fn receipts(&mut self) -> Result<Vec<LogCursor>, DecodeError> {
+        let n = self.varint()?;
+        if n > MAX_RECEIPTS as u64 {
+            return Err(DecodeError::Invalid("more receipts than a device keeps"));
+        }
+        (0..n).map(|_| self.cursor()).collect()
+    }
+
     fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         u32::try_from(self.varint()?).map_err(|_| DecodeError::Invalid(what))
     }
@@ -243,30 +273,31 @@ impl Uplink {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         match self {
-            Uplink::Hello { device, node, counter, outbox_seq, acked_seq, epoch } => {
+            Uplink::Hello { device, node, counter, outbox_seq, receipts, epoch } => {
                 w.u8(tag::HELLO);
                 w.bytes(device.as_bytes());
                 w.raw(&node.0);
                 w.varint(*counter);
                 w.zigzag(*outbox_seq);
-                w.zigzag(*acked_seq);
+                w.cursors(receipts);
                 w.opt_epoch(epoch);
             }
-            Uplink::Batch { device, id, first_seq, last_seq, epoch, acked_seq, batch } => {
+            Uplink::Batch { device, id, first_seq, last_seq, epoch, receipts, batch } => {
                 w.u8(tag::BATCH);
                 w.bytes(device.as_bytes());
                 w.varint(*id);
                 w.zigzag(*first_seq);
                 w.zigzag(*last_seq);
                 w.opt_epoch(epoch);
-                w.zigzag(*acked_seq);
+                w.cursors(receipts);
                 w.raw(batch);
             }
-            Uplink::Pull { device, epoch, cursor, max_rows, max_bytes } => {
+            Uplink::Pull { device, epoch, cursor, receipts, max_rows, max_bytes } => {
                 w.u8(tag::PULL);
                 w.bytes(device.as_bytes());
                 w.opt_epoch(epoch);
                 w.opt_cursor(cursor);
+                w.cursors(receipts);
                 w.varint(u64::from(*max_rows));
                 w.varint(u64::from(*max_bytes));
             }
@@ -313,7 +344,7 @@ impl Uplink {
                 node: NodeId::from_slice(r.take(16)?).ok_or(DecodeError::Truncated)?,
                 counter: r.varint()?,
                 outbox_seq: r.zigzag()?,
-                acked_seq: r.zigzag()?,
+                receipts: r.receipts()?,
                 epoch: r.opt_epoch()?,
             },
             tag::BATCH => {
@@ -321,14 +352,15 @@ impl Uplink {
                 let first_seq = r.zigzag()?;
                 let last_seq = r.zigzag()?;
                 let epoch = r.opt_epoch()?;
-                let acked_seq = r.zigzag()?;
+                let receipts = r.receipts()?;
                 let batch = r.take(r.remaining())?.to_vec();
-                return Ok(Uplink::Batch { device, id, first_seq, last_seq, epoch, acked_seq, batch });
+                return Ok(Uplink::Batch { device, id, first_seq, last_seq, epoch, receipts, batch });
             }
             tag::PULL => Uplink::Pull {
                 device,
                 epoch: r.opt_epoch()?,
                 cursor: r.opt_cursor()?,
+                receipts: r.receipts()?,
                 max_rows: r.u32("max_rows out of range")?,
                 max_bytes: r.u32("max_bytes out of range")?,
             },
@@ -388,7 +420,7 @@ impl Downlink {
                 w.zigzag(*device_seq);
                 w.u8(u8::from(*node_elsewhere));
             }
-            Downlink::Ack { epoch, id, first_seq, last_seq, refused } => {
+            Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous } => {
                 w.u8(tag::ACK);
                 w.epoch(epoch);
                 w.varint(*id);
@@ -399,6 +431,8 @@ impl Downlink {
                     w.varint(u64::from(row.index));
                     w.bytes(row.reason.as_bytes());
                 }
+                w.opt_cursor(receipt);
+                w.opt_cursor(previous);
             }
             Downlink::Nack { epoch, id, first_seq, last_seq, reason } => {
                 w.u8(tag::NACK);
@@ -469,7 +503,8 @@ impl Downlink {
                     let index = r.u32("refused row index out of range")?;
                     refused.push(RefusedRow { index, reason: r.string(MAX_TOKEN, "refusal reason bytes")? });
                 }
-                Downlink::Ack { epoch, id, first_seq, last_seq, refused }
+                let (receipt, previous) = (r.opt_cursor()?, r.opt_cursor()?);
+                Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous }
             }
             tag::NACK => Downlink::Nack {
                 epoch: r.epoch()?,
@@ -542,7 +577,7 @@ mod tests {
                 node: NodeId([9; 16]),
                 counter: 12,
                 outbox_seq: 40,
-                acked_seq: 38,
+                receipts: vec![LogCursor { position: 3, tag: 1 }, c],
                 epoch: Some(e),
             },
             Uplink::Hello {
@@ -550,7 +585,7 @@ mod tests {
                 node: NodeId([9; 16]),
                 counter: 0,
                 outbox_seq: 0,
-                acked_seq: 0,
+                receipts: vec![],
                 epoch: None,
             },
             Uplink::Batch {
@@ -559,11 +594,25 @@ mod tests {
                 first_seq: 3,
                 last_seq: 9,
                 epoch: Some(e),
-                acked_seq: 2,
+                receipts: vec![c],
                 batch: vec![1, 2, 3],
             },
-            Uplink::Pull { device: "tab-1".into(), epoch: Some(e), cursor: Some(c), max_rows: 500, max_bytes: 1 << 20 },
-            Uplink::Pull { device: "tab-1".into(), epoch: None, cursor: None, max_rows: 500, max_bytes: 1 << 20 },
+            Uplink::Pull {
+                device: "tab-1".into(),
+                epoch: Some(e),
+                cursor: Some(c),
+                receipts: vec![c],
+                max_rows: 500,
+                max_bytes: 1 << 20,
+            },
+            Uplink::Pull {
+                device: "tab-1".into(),
+                epoch: None,
+                cursor: None,
+                receipts: vec![],
+                max_rows: 500,
+                max_bytes: 1 << 20,
+            },
             Uplink::PullSnapshot {
                 device: "tab-1".into(),
                 epoch: e,
@@ -581,13 +630,23 @@ mod tests {
         }
         let downs = [
             Downlink::Welcome { epoch: e, node_counter: 5, device_seq: 9, node_elsewhere: true },
-            Downlink::Ack { epoch: e, id: 4, first_seq: 1, last_seq: 2, refused: vec![] },
+            Downlink::Ack {
+                epoch: e,
+                id: 4,
+                first_seq: 1,
+                last_seq: 2,
+                refused: vec![],
+                receipt: None,
+                previous: None,
+            },
             Downlink::Ack {
                 epoch: e,
                 id: 4,
                 first_seq: 1,
                 last_seq: 9,
                 refused: vec![RefusedRow { index: 3, reason: "NULL key".into() }],
+                receipt: Some(c),
+                previous: Some(LogCursor { position: 3, tag: 9 }),
             },
             Downlink::Nack { epoch: e, id: 4, first_seq: 1, last_seq: 2, reason: "bad".into() },
             Downlink::Changes { epoch: e, from: 70, cursor: c, more: true, batch: vec![4] },
@@ -603,10 +662,28 @@ mod tests {
         assert!(Uplink::decode(&[9, 0], &limits).is_err());
         assert!(Downlink::decode(&[], &limits).is_err());
         // A truncated cursor or epoch is an error, not a panic.
-        let pull =
-            Uplink::Pull { device: "d".into(), epoch: Some(e), cursor: Some(c), max_rows: 1, max_bytes: 1 }.encode();
+        let pull = Uplink::Pull {
+            device: "d".into(),
+            epoch: Some(e),
+            cursor: Some(c),
+            receipts: vec![c],
+            max_rows: 1,
+            max_bytes: 1,
+        }
+        .encode();
         for len in 0..pull.len() {
             assert!(Uplink::decode(&pull[..len], &limits).is_err());
         }
+        // A device keeps a bounded number of receipts; a message claiming more is refused.
+        let many = vec![c; crate::protocol::MAX_RECEIPTS + 1];
+        let hello = Uplink::Hello {
+            device: "d".into(),
+            node: NodeId([1; 16]),
+            counter: 1,
+            outbox_seq: 1,
+            receipts: many,
+            epoch: None,
+        };
+        assert!(Uplink::decode(&hello.encode(), &limits).is_err());
     }
 }

@@ -7,12 +7,12 @@ use rusqlite::{Connection, OptionalExtension};
 use super::catalog::{TableInfo, ident};
 use super::refusals::{self, Origin};
 use super::seal::counter_value;
-use super::{Inner, meta, seal};
+use super::{Inner, identity, meta, seal};
 use crate::batch::Batch;
 use crate::clock::{Hlc, NodeId, Observed};
 use crate::codec::encode_key;
 use crate::error::{Error, Result};
-use crate::merge::join_row;
+use crate::merge::{holds_earlier_times, join_row};
 use crate::value::Value;
 use crate::view;
 
@@ -42,6 +42,9 @@ pub struct ApplyReport {
     pub unapplied: usize,
     /// Rows not merged because this store cannot take them (see `Store::refused`).
     pub refused: usize,
+    /// Rows queued to be sent back because this store held an earlier time for one of their
+    /// writes than the sender (see [`crate::holds_earlier_times`]).
+    pub sent_back: usize,
 }
 
 /// Why a remote row cannot be merged here, if it cannot: this table's key has another shape.
@@ -67,6 +70,14 @@ pub(crate) fn apply(
     if inner.seal_held {
         // Remote changes must not land before the local ones made earlier are sealed.
         return Err(Error::SealHeld);
+    }
+    // Writes of this node it has no record of issuing: the store is behind its own past (a
+    // backup restored where the gateway lost the same writes, so the handshake could not
+    // tell). Issuing those dots again would make the next writes duplicates everyone drops:
+    // take a new node id before sealing anything.
+    let own = batch.rows.iter().map(|r| r.state.max_counter_of(inner.node)).max().unwrap_or(0);
+    if own > inner.counter {
+        identity::rotate_node(conn, inner)?;
     }
     seal::seal(conn, inner)?;
     for (node, role) in &batch.roles {
@@ -96,13 +107,22 @@ pub(crate) fn apply(
         }
         let mut state = meta::load(conn, &inner.nodes, info, &key, &inner.opts.limits)?.unwrap_or_default();
         let had_conflicts = meta::has_conflicts(inner, t, &state);
-        if !join_row(&mut state, &row.state) {
-            report.duplicates += 1;
-            continue;
-        }
+        let joined = join_row(&mut state, &row.state);
         if let Err(reason) = state.check_limits(&inner.opts.limits) {
             refusals::refuse(conn, Origin::Remote, &row.table, &key, &reason, inner.now())?;
             report.refused += 1;
+            continue;
+        }
+        if holds_earlier_times(&state, &row.state) && inner.catalog.tables[t].captures() {
+            // The sender lost the bounded time of a write this store holds: send the row
+            // back (its whole state; the join on the other side is idempotent).
+            let bytes = meta::encode(conn, inner, t, &state)?;
+            conn.prepare_cached("INSERT INTO _driftless_outbox(tbl, pk, change, created_ms) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(rusqlite::params![inner.catalog.tables[t].id, key, bytes, inner.now() as i64])?;
+            report.sent_back += 1;
+        }
+        if !joined {
+            report.duplicates += 1;
             continue;
         }
         if let Some(seen) = row.state.max_hlc() {

@@ -18,10 +18,11 @@ use rusqlite::{Connection, OptionalExtension};
 use super::{Inner, cursor};
 use crate::clock::NodeId;
 use crate::error::{Error, Result};
-use crate::protocol::{Epoch, LogCursor};
+use crate::protocol::{Epoch, LogCursor, Receipts};
 
 const EPOCH_KEY: &str = "sync.epoch";
-const ACKED_KEY: &str = "acked_seq";
+/// The receipts of acknowledged merges the device still shows (see [`Receipts`]).
+const RECEIPTS_KEY: &str = "sync.receipts";
 
 /// What a device says about itself when it connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +32,8 @@ pub struct Identity {
     pub counter: u64,
     /// The highest outbox sequence number issued.
     pub outbox_seq: i64,
-    /// The highest outbox sequence number the gateway acknowledged in its current epoch.
-    pub acked_seq: i64,
+    /// Receipts of merges the gateway acknowledged in its current epoch, to show it.
+    pub receipts: Receipts,
     /// The gateway epoch the cursor and acknowledgements belong to.
     pub epoch: Option<Epoch>,
     pub cursor: Option<LogCursor>,
@@ -83,29 +84,28 @@ fn stored_epoch(conn: &Connection) -> Result<Option<Epoch>> {
     }
 }
 
+fn receipts(conn: &Connection) -> Result<Receipts> {
+    match state_text(conn, RECEIPTS_KEY)? {
+        None => Ok(Receipts::default()),
+        Some(text) => Receipts::from_text(&text).ok_or_else(|| Error::Corrupt("stored receipts".into())),
+    }
+}
+
 pub(crate) fn identity(conn: &Connection, inner: &Inner) -> Result<Identity> {
-    let acked_seq = conn
-        .prepare_cached("SELECT value FROM _driftless_state WHERE key = ?1")?
-        .query_row([ACKED_KEY], |r| r.get::<_, i64>(0))
-        .optional()?
-        .unwrap_or(0);
     Ok(Identity {
         node: inner.node,
         counter: inner.counter,
         outbox_seq: outbox_seq(conn)?,
-        acked_seq,
+        receipts: receipts(conn)?,
         epoch: stored_epoch(conn)?,
         cursor: cursor::get(conn)?,
     })
 }
 
-/// Records that the gateway acknowledged entries up to `last` (with the ack itself).
-pub(crate) fn note_acked(conn: &Connection, last: i64) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO _driftless_state(key, value) VALUES (?1, ?2)
-         ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-    )?
-    .execute(rusqlite::params![ACKED_KEY, last])?;
+/// Keeps the receipts to show (with the ack that changed them).
+pub(crate) fn save_receipts(conn: &Connection, receipts: &Receipts) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)")?
+        .execute([RECEIPTS_KEY, &receipts.to_text()])?;
     Ok(())
 }
 
@@ -137,9 +137,9 @@ pub(crate) fn confirm(conn: &Connection, inner: &mut Inner, view: &GatewayView) 
                 )?
                 .execute([inner.now() as i64])?;
             cursor::reset(conn)?;
-            // Acknowledgements count per epoch: the new store has acknowledged nothing yet,
-            // and claiming the old ones would look like evidence that it lost them too.
-            conn.prepare_cached("DELETE FROM _driftless_state WHERE key = ?1")?.execute([ACKED_KEY])?;
+            // Receipts belong to one epoch: the new store has issued none yet, and showing an
+            // old one would look like evidence that it lost it too.
+            conn.prepare_cached("DELETE FROM _driftless_state WHERE key = ?1")?.execute([RECEIPTS_KEY])?;
         }
         _ => {}
     }
@@ -150,7 +150,7 @@ pub(crate) fn confirm(conn: &Connection, inner: &mut Inner, view: &GatewayView) 
 }
 
 /// Gives this store a new node id (same role); the old one stays in the node dictionary.
-fn rotate_node(conn: &Connection, inner: &mut Inner) -> Result<()> {
+pub(crate) fn rotate_node(conn: &Connection, inner: &mut Inner) -> Result<()> {
     let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
     conn.execute("UPDATE _driftless_state SET value = ?1 WHERE key = 'node_id'", [&node.0[..]])?;
     conn.execute(

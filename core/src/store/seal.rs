@@ -103,7 +103,14 @@ pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
         let mut state = old.unwrap_or_default();
         let had_conflicts = meta::has_conflicts(inner, t, &state);
         let info = &inner.catalog.tables[t];
-        let shown = refusals::shown_counters(conn, info.id, &key)?;
+        let mut shown = refusals::shown_counters(conn, info.id, &key)?;
+        // Counter contributions merged before anything said the row exists (an increment
+        // that overtook its row's insert on the way here): the app never showed them, so its
+        // own value counts from zero.
+        let unseen = existed && state.life.entries.is_empty() && !state.counters.is_empty() && shown.is_none();
+        if unseen {
+            shown = Some(info.counter_columns().map(|c| (c.name.clone(), 0)).collect());
+        }
         let deltas = counter_deltas(info, &state, row.present.then_some(&row.values[..]), shown.as_ref());
         let dot = Dot { node: inner.node, counter: inner.counter + 1 };
         let row_hlc = stamp(to_store_ms(row.row_ms));
@@ -167,18 +174,24 @@ pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
         inner.counter += 1;
         report.rows += 1;
         report.fields += change.fields.len() + change.counters.len();
-        if shown.is_some() {
-            let info = &inner.catalog.tables[t];
-            let now_values: Vec<(String, i64)> = info
-                .app
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.counter)
-                .map(|(i, c)| (c.name.clone(), if row.present { counter_value(&row.values[i]) } else { 0 }))
-                .collect();
-            refusals::set_shown_counters(conn, info.id, &key, &now_values)?;
+        let info = &inner.catalog.tables[t];
+        let now_values = || -> Vec<(String, i64)> {
+            let value = |i: usize| if row.present { counter_value(&row.values[i]) } else { 0 };
+            info.app.iter().enumerate().filter(|(_, c)| c.counter).map(|(i, c)| (c.name.clone(), value(i))).collect()
+        };
+        if shown.is_some() && !unseen {
+            refusals::set_shown_counters(conn, info.id, &key, &now_values())?;
         }
+        let unseen_shown = (unseen && row.present).then(now_values);
         meta::save(conn, inner, t, &key, &state, had_conflicts)?;
+        if let Some(shown_now) = unseen_shown {
+            // The app shows its own value, not the merged sum: recorded like a row the app
+            // refused, with the values it shows, so later seals count from those, and shown
+            // whole when the row's next change (its insert, still on its way) is applied.
+            let reason = "increments arrived before the row did; shown once the row arrives";
+            let id = inner.catalog.tables[t].id;
+            refusals::record_unapplied(conn, id, &key, reason, now, &shown_now)?;
+        }
         let bytes = meta::encode(conn, inner, t, &change)?;
         conn.prepare_cached("INSERT INTO _driftless_outbox(tbl, pk, change, created_ms) VALUES (?1, ?2, ?3, ?4)")?
             .execute(rusqlite::params![inner.catalog.tables[t].id, key, bytes, now as i64])?;

@@ -172,13 +172,40 @@ pub(super) fn merge(
                 encode_payload(&changed),
                 tag as i64
             ])?;
-        outcome.logged_at = Some(tx.last_insert_rowid() as u64);
+        outcome.logged = Some(driftless_core::LogCursor { position: tx.last_insert_rowid() as u64, tag });
     }
+    let previous: Option<(Option<i64>, Option<i64>)> = tx
+        .prepare_cached("SELECT receipt_pos, receipt_tag FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
+        .query_row(rusqlite::params![tenant, at.device], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    outcome.previous = previous
+        .and_then(|(p, t)| p.zip(t))
+        .map(|(position, tag)| driftless_core::LogCursor { position: position as u64, tag: tag as u64 });
+    outcome.receipt = match outcome.logged {
+        Some(entry) => Some(entry),
+        None => {
+            let head: Option<(i64, i64)> = tx
+                .prepare_cached("SELECT seq, tag FROM gw_log WHERE tenant = ?1 ORDER BY seq DESC LIMIT 1")?
+                .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            head.map(|(seq, tag)| driftless_core::LogCursor { position: seq as u64, tag: tag as u64 })
+        }
+    };
+    let receipt = outcome.receipt.map(|r| (r.position as i64, r.tag as i64));
     tx.prepare_cached(
-        "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, uplink_hwm) VALUES (?1, ?2, ?3, ?3, ?4)
-         ON CONFLICT(tenant, device) DO UPDATE SET last_seen_ms = ?3, uplink_hwm = max(uplink_hwm, ?4)",
+        "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, uplink_hwm, receipt_pos, receipt_tag)
+         VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)
+         ON CONFLICT(tenant, device) DO UPDATE SET last_seen_ms = ?3, uplink_hwm = max(uplink_hwm, ?4),
+             receipt_pos = coalesce(?5, receipt_pos), receipt_tag = coalesce(?6, receipt_tag)",
     )?
-    .execute(rusqlite::params![tenant, at.device, at.now_ms as i64, at.last_seq.max(at.first_seq)])?;
+    .execute(rusqlite::params![
+        tenant,
+        at.device,
+        at.now_ms as i64,
+        at.last_seq.max(at.first_seq),
+        receipt.map(|r| r.0),
+        receipt.map(|r| r.1)
+    ])?;
     tx.commit()?;
     Ok(outcome)
 }

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 2;
+const VERSION: i64 = 3;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -117,6 +117,15 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ALTER TABLE gw_dead_letters ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
             ALTER TABLE gw_dead_letters ADD COLUMN sha256 TEXT NOT NULL DEFAULT '';
             CREATE INDEX gw_dead_letters_by_time ON gw_dead_letters (received_ms);
+            ",
+        )?;
+    }
+    if version == 2 {
+        conn.execute_batch(
+            "
+            -- The receipt last given to each device: the `previous` of its next ack.
+            ALTER TABLE gw_devices ADD COLUMN receipt_pos INTEGER;
+            ALTER TABLE gw_devices ADD COLUMN receipt_tag INTEGER;
             ",
         )?;
     }

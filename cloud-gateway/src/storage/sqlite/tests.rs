@@ -28,10 +28,13 @@ fn merging_the_same_batch_again_changes_nothing() {
     let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
     let first = merge(&mut gw, "tab-1", &batch).expect("merge");
     assert_eq!((first.applied, first.duplicates), (2, 0));
-    assert_eq!(first.logged_at, Some(1));
+    assert_eq!(first.logged.map(|l| l.position), Some(1));
     for _ in 0..4 {
         let again = merge(&mut gw, "tab-1", &batch).expect("merge");
-        assert_eq!((again.applied, again.duplicates, again.logged_at), (0, 2, None));
+        assert_eq!((again.applied, again.duplicates, again.logged), (0, 2, None));
+        // The copy's receipt is the entry whose state already held it (the first copy's ack
+        // may be the one that was lost), following the receipt given before.
+        assert_eq!((again.receipt, again.previous), (first.logged, first.logged));
     }
     assert_eq!(gw.log_head("acme").expect("head").position, 1);
     // The device that sent the changes is not sent them back; another device is.
@@ -121,11 +124,21 @@ fn epochs_are_per_tenant_survive_reopening_and_change_once_per_restore() {
     let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
     assert_eq!(gw.epoch("acme").expect("epoch"), first);
     assert_ne!(gw.epoch("other").expect("epoch"), first);
-    let next = gw.new_epoch("acme", "test").expect("new epoch");
+    // A second instance sharing the file, still believing in the first epoch.
+    let mut other = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+    assert_eq!(other.epoch("acme").expect("epoch"), first);
+    let next = gw.new_epoch("acme", first, "test").expect("new epoch");
     assert_ne!(next, first);
-    // Other devices noticing the same loss moments later start nothing new.
-    assert_eq!(gw.new_epoch("acme", "test again").expect("new epoch"), next);
-    assert_eq!(SqliteStore::open(dir.path().join("gw.db")).expect("open").epoch("acme").expect("epoch"), next);
+    // Others noticing the same loss under the epoch it replaced start nothing new.
+    assert_eq!(gw.new_epoch("acme", first, "test again").expect("new epoch"), next);
+    assert_eq!(other.epoch("acme").expect("cached"), first, "the other instance's cache is stale");
+    assert_eq!(other.epoch_now("acme").expect("reread"), next);
+    assert_eq!(other.new_epoch("acme", first, "seen by another instance").expect("new epoch"), next);
+    assert_eq!(other.epoch("acme").expect("epoch"), next);
+    // A loss noticed under the new epoch is a new restore.
+    let third = other.new_epoch("acme", next, "restored again").expect("new epoch");
+    assert!(third != next && third != first);
+    assert_eq!(SqliteStore::open(dir.path().join("gw.db")).expect("open").epoch("acme").expect("epoch"), third);
     assert!(matches!(SqliteStore::open_existing(dir.path().join("typo.db")), Err(Error::MissingDatabase(_))));
     assert!(!dir.path().join("typo.db").exists());
 }
@@ -170,4 +183,25 @@ fn large_dead_letters_are_kept_by_reference_and_can_be_filtered_and_purged() {
         gw.dead_letters(&DeadLetterFilter { reason: Some("large".into()), ..Default::default() }).expect("letters");
     assert_eq!(by_reason.len(), 1);
     assert_eq!(gw.purge_dead_letters(i64::MAX).expect("purge"), 2);
+}
+
+#[test]
+fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.db");
+    drop(SqliteStore::open(&path).expect("open"));
+    // What version 2 left: no receipt columns.
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.execute_batch(
+        "ALTER TABLE gw_devices DROP COLUMN receipt_pos; ALTER TABLE gw_devices DROP COLUMN receipt_tag;
+         PRAGMA user_version = 2;",
+    )
+    .expect("downgrade");
+    drop(conn);
+    let mut gw = SqliteStore::open(&path).expect("reopen");
+    let batch = device_batch(dir.path(), "d.db", StoreOptions::default());
+    let first = merge(&mut gw, "tab-1", &batch).expect("merge");
+    assert_eq!(first.receipt, first.logged);
+    let again = merge(&mut gw, "tab-1", &batch).expect("merge again");
+    assert_eq!(again.previous, first.logged);
 }
