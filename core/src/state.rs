@@ -115,6 +115,10 @@ impl RowState {
         fn over(what: &str, found: usize, limit: usize) -> Result<(), String> {
             if found > limit { Err(format!("{what}: {found} exceeds the limit of {limit}")) } else { Ok(()) }
         }
+        // Names built only for a row that is over (this runs for every row sealed or merged).
+        let over_in = |what: &str, column: &str, found: usize, limit: usize| -> Result<(), String> {
+            if found > limit { over(&format!("{what} of {column:?}"), found, limit) } else { Ok(()) }
+        };
         over("columns in a row", self.fields.len(), limits.max_columns)?;
         over("counter columns in a row", self.counters.len(), limits.max_columns)?;
         over("concurrent row versions", self.life.entries.len(), limits.max_register_entries)?;
@@ -128,7 +132,7 @@ impl RowState {
             }
         }
         for (column, reg) in &self.fields {
-            over(&format!("concurrent values of {column:?}"), reg.entries.len(), limits.max_register_entries)?;
+            over_in("concurrent values", column, reg.entries.len(), limits.max_register_entries)?;
             over("version vector entries", reg.ctx.len(), limits.max_vector_len)?;
             for e in &reg.entries {
                 let len = match &e.value {
@@ -136,7 +140,7 @@ impl RowState {
                     Value::Blob(b) | Value::RawText(b) => b.len(),
                     Value::Null | Value::Integer(_) | Value::Real(_) => 0,
                 };
-                over(&format!("bytes in a value of {column:?}"), len, limits.max_value_bytes)?;
+                over_in("bytes in a value", column, len, limits.max_value_bytes)?;
             }
         }
         for counter in self.counters.values() {

@@ -645,7 +645,7 @@ impl Sim {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 100, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn a_fleet_converges_with_exact_counters_whatever_happens(actions in proptest::collection::vec(act(), 20..90)) {

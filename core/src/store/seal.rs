@@ -103,7 +103,9 @@ pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
         let mut state = old.unwrap_or_default();
         let had_conflicts = meta::has_conflicts(inner, t, &state);
         let info = &inner.catalog.tables[t];
-        let mut shown = refusals::shown_counters(conn, info.id, &key)?;
+        // (Only counters need the values the app showed.)
+        let has_counters = info.counter_columns().next().is_some();
+        let mut shown = if has_counters { refusals::shown_counters(conn, info.id, &key)? } else { None };
         // Counter contributions merged before anything said the row exists (an increment
         // that overtook its row's insert on the way here): the app never showed them, so its
         // own value counts from zero.
