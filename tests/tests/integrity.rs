@@ -240,10 +240,15 @@ async fn a_forged_refusal_sets_nothing_aside() {
                 receipts: vec![],
                 batch: b"junk".to_vec(),
             };
-            client
-                .publish(uplink_topic(&tenant, "tab-a"), QoS::AtLeastOnce, false, forged.encode())
-                .await
-                .expect("publish");
+            // The same in the first protocol version, whose refusals name only the range.
+            let legacy =
+                Uplink::LegacyBatch { device: "tab-a".into(), first_seq: 1, last_seq: 100, batch: b"junk".to_vec() };
+            for msg in [forged, legacy] {
+                client
+                    .publish(uplink_topic(&tenant, "tab-a"), QoS::AtLeastOnce, false, msg.encode())
+                    .await
+                    .expect("publish");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         eventually("all four rows reach b", WAIT, || rows(&b, "SELECT id FROM inspections").len() == 4).await;
