@@ -1,6 +1,8 @@
 //! Transitions of the sync machine, driven by hand: no store, no broker, no clock.
 
-use driftless_core::{ApplyReport, Batch, Confirmed, Epoch, Identity, LogCursor, NodeId, OutboxBatch};
+use driftless_core::codec::{EncodeOptions, encode_batch};
+use driftless_core::protocol::{Downlink, Receipt, Receipts, Uplink};
+use driftless_core::{ApplyReport, Batch, Confirmed, Epoch, GatewayView, Identity, LogCursor, NodeId, OutboxBatch};
 
 use super::*;
 

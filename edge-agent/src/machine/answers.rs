@@ -1,0 +1,272 @@
+//! Taking in what comes back: results of store work, and the gateway's answers.
+
+use driftless_core::codec::{Dictionaries, Limits, decode_batch};
+use driftless_core::protocol::{Downlink, Receipt, Uplink};
+use driftless_core::{Batch, Epoch, GatewayView};
+
+use super::*;
+
+impl Machine {
+    pub(super) fn on_store(&mut self, result: StoreResult, out: &mut Vec<Action>) {
+        let Some(awaiting) = self.awaiting.take() else {
+            tracing::warn!("a store result nobody asked for: {result:?}");
+            return;
+        };
+        if let StoreResult::Failed(reason) = &result {
+            tracing::error!("sync store work failed: {reason}");
+            self.live.last_error = Some(reason.clone());
+            // The work is tried again: a read at the next tick or answer, an unanswered batch
+            // or pull after its timeout.
+            if matches!(awaiting, Awaiting::Changes { .. } | Awaiting::SnapshotPage { .. }) {
+                self.pulling = None;
+            }
+            return;
+        }
+        match (awaiting, result) {
+            (Awaiting::Begin, StoreResult::Begun { identity, pending }) => {
+                if self.phase == Phase::Down {
+                    return;
+                }
+                let hello = Uplink::Hello {
+                    device: self.cfg.device_id.clone(),
+                    node: identity.node,
+                    counter: identity.counter,
+                    outbox_seq: identity.outbox_seq,
+                    receipts: identity.receipts.shown(),
+                    epoch: identity.epoch,
+                };
+                self.receipts = identity.receipts;
+                self.hello = Some(hello.clone());
+                self.publish(out, hello);
+                self.phase = Phase::Handshake(Some(self.now));
+                if pending > 0 {
+                    self.uploading = true;
+                    out.push(Action::Progress(Progress::Start { label: "uploading", total: pending }));
+                }
+            }
+            (Awaiting::End, _) => {}
+            (Awaiting::Confirm, StoreResult::Confirmed(c)) => {
+                if c.retired_node.is_some() {
+                    self.live.node_changes += 1;
+                    tracing::warn!(
+                        retired = ?c.retired_node,
+                        "this store is behind its own past (restored or copied); it writes under a new node id"
+                    );
+                }
+                if c.epoch_changed {
+                    self.receipts = Receipts::default();
+                    self.live.epoch_changes += 1;
+                    tracing::warn!(rows = c.resent_rows, "the gateway's store changed; sending every row again");
+                }
+                if let Phase::Handshake(_) = self.phase
+                    && let Some(epoch) = self.welcomed.take()
+                {
+                    self.phase = Phase::Confirmed(epoch);
+                    self.confirmed_once = true;
+                    self.live.confirmed = true;
+                    self.want_pull = true;
+                    self.want_ship = true;
+                }
+            }
+            (Awaiting::Cursor, StoreResult::Cursor { cursor, resets }) => {
+                let Some(epoch) = self.confirmed() else { return };
+                self.pull_resets = resets;
+                self.pull_again = false;
+                self.pulling = Some(Pulling { since: self.now });
+                let msg = Uplink::Pull {
+                    device: self.cfg.device_id.clone(),
+                    epoch: Some(epoch),
+                    cursor,
+                    receipts: self.receipts.shown(),
+                    max_rows: self.cfg.pull_rows,
+                    max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+                };
+                self.publish(out, msg);
+            }
+            (Awaiting::Outbox { rows }, StoreResult::Outbox(read)) => {
+                let Some(ob) = read else {
+                    if self.uploading && self.inflight.is_empty() {
+                        self.uploading = false;
+                        out.push(Action::Progress(Progress::Finish));
+                    }
+                    return;
+                };
+                if self.send_batch(out, &ob, 0) {
+                    self.want_ship = true;
+                } else {
+                    let rows = (ob.batch.rows.len() / 2).max(1).min(rows);
+                    let op = StoreOp::ReadOutbox { after: self.sent_upto, max_rows: rows };
+                    self.store(out, op, Awaiting::Outbox { rows });
+                }
+            }
+            (Awaiting::Range { resends }, StoreResult::Outbox(read)) => {
+                // None: acknowledged meanwhile, nothing to send again.
+                if let Some(ob) = read {
+                    // A batch sent again is sent whole, whatever its size: its range is its
+                    // identity.
+                    let batch = encode_batch(&ob.batch, EncodeOptions::default());
+                    self.publish_batch(out, &ob, batch, resends);
+                }
+            }
+            (Awaiting::Ack, StoreResult::Acked(removed)) => {
+                self.live.acked_batches += 1;
+                if self.uploading {
+                    out.push(Action::Progress(Progress::Advance(removed as u64)));
+                }
+                // Messages of this size got through: let them grow back toward the maximum.
+                self.msg_limit = (self.msg_limit + self.msg_limit / 4).min(self.cfg.max_message_bytes);
+                self.want_ship = true;
+            }
+            (Awaiting::Reject, _) => self.want_ship = true,
+            (Awaiting::Receipts, _) => {}
+            (Awaiting::Changes { more }, StoreResult::Applied(report)) => {
+                self.pulling = None;
+                self.pull_tries = 0;
+                if !report.changed.is_empty() {
+                    out.push(Action::Changed(report.changed));
+                }
+                if more || self.pull_again {
+                    self.want_pull = true;
+                }
+            }
+            (Awaiting::SnapshotPage { resume, log_cursor, done, rows }, StoreResult::Applied(report)) => {
+                if !report.changed.is_empty() {
+                    out.push(Action::Changed(report.changed));
+                }
+                out.push(Action::Progress(if done { Progress::Finish } else { Progress::Advance(rows) }));
+                if done {
+                    self.pulling = None;
+                    self.pull_tries = 0;
+                    // Changes logged while the snapshot was read come next.
+                    self.want_pull = true;
+                    return;
+                }
+                let Some(epoch) = self.confirmed() else { return };
+                self.pulling = Some(Pulling { since: self.now });
+                let msg = Uplink::PullSnapshot {
+                    device: self.cfg.device_id.clone(),
+                    epoch,
+                    resume,
+                    log_cursor,
+                    max_rows: self.cfg.pull_rows,
+                    max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+                };
+                self.publish(out, msg);
+                // The pages applied so far came from the log up to `log_cursor`, and the
+                // cursor moves there only with the last page: until then the receipts vouch
+                // for them (a restart mid-snapshot would otherwise forget where they came
+                // from).
+                if log_cursor.position > 0 && self.receipts.admit(Receipt { at: log_cursor, previous: None }) {
+                    self.store(out, StoreOp::KeepReceipts(self.receipts.clone()), Awaiting::Receipts);
+                }
+            }
+            (awaiting, result) => {
+                tracing::error!("store result {result:?} does not answer {awaiting:?}");
+            }
+        }
+    }
+
+    pub(super) fn on_downlink(&mut self, msg: Downlink, out: &mut Vec<Action>) {
+        if let Downlink::Welcome { epoch, node_counter, device_seq, node_elsewhere } = msg {
+            match self.phase {
+                Phase::Handshake(Some(_)) => {
+                    self.welcomed = Some(epoch);
+                    let view = GatewayView { epoch, node_counter, device_seq, node_elsewhere };
+                    self.store(out, StoreOp::Confirm(view), Awaiting::Confirm);
+                }
+                Phase::Confirmed(current) if current != epoch => self.rehandshake(out),
+                // A repeated Hello's second answer.
+                _ => {}
+            }
+            return;
+        }
+        let Some(epoch) = self.confirmed() else { return };
+        match msg.epoch() {
+            Some(e) if e == epoch => {}
+            Some(_) => return self.rehandshake(out),
+            // Version 1 answers are never asked for by this machine.
+            None => return,
+        }
+        match msg {
+            Downlink::Ack { id, first_seq, last_seq, refused, receipt, previous, .. } => {
+                let Some(at) = self.in_flight(id, first_seq, last_seq) else {
+                    tracing::debug!(id, first_seq, last_seq, "an ack for no batch in flight; keeping its receipt only");
+                    // Its batch was sent again meanwhile, but the receipt is still evidence of a
+                    // merge: if it came from a store since replaced, it is the only evidence.
+                    if let Some(at) = receipt
+                        && self.receipts.admit(Receipt { at, previous })
+                    {
+                        self.store(out, StoreOp::KeepReceipts(self.receipts.clone()), Awaiting::Receipts);
+                    }
+                    return;
+                };
+                for r in &refused {
+                    tracing::warn!(first_seq, last_seq, index = r.index, reason = %r.reason, "the gateway refused a row; moving it aside");
+                }
+                let batch = self.inflight.remove(at);
+                let mut changed = self.checked(batch.shown.as_ref(), epoch);
+                if let Some(at) = receipt {
+                    changed |= self.receipts.admit(Receipt { at, previous });
+                }
+                let receipts = changed.then(|| self.receipts.clone());
+                self.store(out, StoreOp::Ack { first: first_seq, last: last_seq, refused, receipts }, Awaiting::Ack);
+            }
+            Downlink::Nack { id, first_seq, last_seq, reason, .. } => {
+                let Some(at) = self.in_flight(id, first_seq, last_seq) else {
+                    tracing::warn!(id, first_seq, last_seq, %reason, "a refusal for no batch in flight; ignored");
+                    return;
+                };
+                tracing::warn!(first_seq, last_seq, %reason, "the gateway refused a batch; moving it aside");
+                // (A refusal vouches for no receipt: some are sent before receipts are looked
+                // at, for a message too large or on the wrong topic.)
+                self.inflight.remove(at);
+                self.store(out, StoreOp::Reject { first: first_seq, last: last_seq, reason }, Awaiting::Reject);
+            }
+            Downlink::Changes { from, cursor, more, batch, .. } => {
+                let Some(batch) = self.decode(&batch) else { return };
+                let cursor = Some(CursorMove { from: Some(from), resets: self.pull_resets, to: cursor });
+                self.store(out, StoreOp::Apply { batch, cursor }, Awaiting::Changes { more });
+            }
+            Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
+                let Some(batch) = self.decode(&batch) else { return };
+                let rows = batch.rows.len() as u64;
+                // The cursor moves only with the last page (a restart mid-snapshot starts the
+                // snapshot again, which merges harmlessly), and only if no cursor was set
+                // meanwhile.
+                let cursor = done.then_some(CursorMove { from: None, resets: self.pull_resets, to: log_cursor });
+                self.store(
+                    out,
+                    StoreOp::Apply { batch, cursor },
+                    Awaiting::SnapshotPage { resume, log_cursor, done, rows },
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// The gateway answered, in `epoch`, a batch that showed receipts: it holds them all.
+    /// Whether the receipts to keep changed.
+    fn checked(&mut self, shown: Option<&Shown>, epoch: Epoch) -> bool {
+        match shown {
+            Some(s) if s.epoch == epoch => self.receipts.checked(&s.receipts),
+            _ => false,
+        }
+    }
+
+    fn in_flight(&self, id: u64, first: i64, last: i64) -> Option<usize> {
+        self.inflight.iter().position(|b| b.id == id && b.first == first && b.last == last)
+    }
+
+    fn decode(&mut self, bytes: &[u8]) -> Option<Batch> {
+        match decode_batch(bytes, &Limits::default(), &Dictionaries::default()) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                // The gateway checks everything it logs with these same limits, so this is a
+                // fault of the gateway's (or of the link); the pull is retried after a timeout.
+                tracing::error!("an undecodable page from the gateway: {e}");
+                self.live.last_error = Some(format!("undecodable page from the gateway: {e}"));
+                None
+            }
+        }
+    }
+}
