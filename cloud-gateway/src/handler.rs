@@ -435,4 +435,4 @@ fn snapshot(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

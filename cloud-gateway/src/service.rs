@@ -202,6 +202,15 @@ fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publi
                 std::thread::sleep(delay);
                 delay *= 4;
             }
+            // Storage that keeps failing is the gateway's fault, not the message's: it is not
+            // counted towards setting the message aside, so once storage is repaired it
+            // merges at the next redelivery rather than after a quarantine.
+            Ok(Err(e @ Error::Sqlite(_))) => {
+                if guarded {
+                    store.unnote_attempt(&key)?;
+                }
+                return Ok(Handled::Failed(e.to_string()));
+            }
             Ok(Err(e)) => {
                 if !guarded {
                     store.note_attempt(&key)?;
@@ -388,5 +397,41 @@ async fn poll_events(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use driftless_core::protocol::Uplink;
+
+    use super::*;
+    use crate::handler::tests::{FailingMerges, device_batch, open};
+
+    #[test]
+    fn storage_that_keeps_failing_does_not_set_the_message_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
+        let msg = Uplink::Batch {
+            device: "a".into(),
+            id: 1,
+            first_seq: 1,
+            last_seq: 1,
+            epoch: None,
+            receipts: vec![],
+            batch,
+        };
+        let mut publish = Publish::new("driftless/t/a/up", QoS::AtLeastOnce, msg.encode());
+        let store = Mutex::new(FailingMerges(open(&dir)));
+        let cfg = HandlerConfig::default();
+        // Redeliveries well past the limit for a message the gateway fails on.
+        for delivery in 0..MAX_ATTEMPTS + 1 {
+            publish.dup = delivery > 0;
+            let handled = handle_blocking(&store, &cfg, &publish).expect("handled");
+            assert!(matches!(handled, Handled::Failed(_)), "delivery {delivery} was set aside");
+        }
+        let key = content_key(&publish.topic, &publish.payload);
+        let mut guard = store.lock().expect("lock");
+        assert_eq!(guard.attempts(&key).expect("attempts"), None, "the gateway's fault is not counted");
+        assert!(guard.0.dead_letters(&Default::default()).expect("letters").is_empty());
     }
 }

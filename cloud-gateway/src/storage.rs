@@ -150,9 +150,6 @@ pub trait GatewayStore: Send {
     /// one restore is one new epoch. Returns the current epoch either way.
     fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch>;
 
-    /// The highest outbox sequence number of `device` merged so far (0 if none).
-    fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64>;
-
     /// Notes that `device` of `tenant` says it writes as `node`, binding the node to it if the
     /// node is new, and returns what has been merged from both.
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView>;
@@ -202,6 +199,10 @@ pub trait GatewayStore: Send {
     /// Attempts counted for a message so far, and when the last one began (ms since the
     /// Unix epoch); `None` if none were counted.
     fn attempts(&mut self, key: &[u8; 32]) -> Result<Option<(u32, i64)>>;
+
+    /// Takes back one attempt counted before trying, when the try failed for a reason that is
+    /// not the message's.
+    fn unnote_attempt(&mut self, key: &[u8; 32]) -> Result<()>;
 
     /// Forgets the attempts at a message that was handled.
     fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()>;

@@ -117,12 +117,6 @@ impl HlcClock {
         self.last = self.last.max(issued);
     }
 
-    /// The latest timestamp a write seen at wall time `now_ms` may keep: anything beyond is
-    /// from a clock running more than the allowed drift ahead.
-    pub fn limit(&self, now_ms: u64) -> Hlc {
-        Hlc::new(now_ms.saturating_add(self.max_drift_ms), u16::MAX)
-    }
-
     /// Folds in a timestamp seen on a remote write, bounded by the allowed drift.
     pub fn observe(&mut self, remote: Hlc, now_ms: u64) -> Observed {
         let bound = Hlc::new(now_ms.saturating_add(self.max_drift_ms), 0);

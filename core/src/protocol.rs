@@ -80,12 +80,10 @@ impl Epoch {
     }
 }
 
+// Written like node ids: 32 hex digits, eight in debug output.
 impl std::fmt::Display for Epoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        std::fmt::Display::fmt(&crate::NodeId(self.0), f)
     }
 }
 

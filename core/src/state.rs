@@ -135,12 +135,7 @@ impl RowState {
             over_in("concurrent values", column, reg.entries.len(), limits.max_register_entries)?;
             over("version vector entries", reg.ctx.len(), limits.max_vector_len)?;
             for e in &reg.entries {
-                let len = match &e.value {
-                    Value::Text(t) => t.len(),
-                    Value::Blob(b) | Value::RawText(b) => b.len(),
-                    Value::Null | Value::Integer(_) | Value::Real(_) => 0,
-                };
-                over_in("bytes in a value", column, len, limits.max_value_bytes)?;
+                over_in("bytes in a value", column, e.value.payload_len(), limits.max_value_bytes)?;
             }
         }
         for counter in self.counters.values() {
@@ -148,16 +143,7 @@ impl RowState {
         }
         // The whole row must fit one message with room to spare: a snapshot page, a log entry
         // or the gateway's copy of the row holds it in one payload.
-        let total: usize = self
-            .fields
-            .values()
-            .flat_map(|r| r.entries.iter())
-            .map(|e| match &e.value {
-                Value::Text(t) => t.len(),
-                Value::Blob(b) | Value::RawText(b) => b.len(),
-                Value::Null | Value::Integer(_) | Value::Real(_) => 0,
-            })
-            .sum();
+        let total: usize = self.fields.values().flat_map(|r| r.entries.iter()).map(|e| e.value.payload_len()).sum();
         over("bytes of values in a row", total, limits.max_decompressed / 2)?;
         Ok(())
     }

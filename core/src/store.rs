@@ -16,6 +16,7 @@ mod reconcile;
 mod refusals;
 mod schema;
 mod seal;
+mod settings;
 mod track;
 
 use std::cell::RefCell;
@@ -153,17 +154,13 @@ impl Inner {
     /// Tells other connections' stores to reload their mirror (inside the current transaction).
     fn bump_meta_version(&mut self, conn: &Connection) -> Result<()> {
         self.meta_version += 1;
-        conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES ('meta_version', ?1)")?
-            .execute([self.meta_version])?;
-        Ok(())
+        settings::set(conn, "meta_version", &self.meta_version)
     }
 
     /// Saves the clock and the dot counter (inside the current transaction).
     fn save_clocks(&self, conn: &Connection) -> Result<()> {
-        let mut stmt = conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)")?;
-        stmt.execute(rusqlite::params!["hlc", self.clock.last().0 as i64])?;
-        stmt.execute(rusqlite::params!["counter", self.counter as i64])?;
-        Ok(())
+        settings::set(conn, "hlc", &(self.clock.last().0 as i64))?;
+        settings::set(conn, "counter", &(self.counter as i64))
     }
 }
 
@@ -330,6 +327,14 @@ impl Store {
     /// nothing; remote changes to it are skipped meanwhile.
     pub fn untrack(&mut self, table: &str) -> Result<()> {
         self.transact(|tx, inner| {
+            // Sealed first, while the app table still has the shape its journal was written
+            // for: after untrack the app may alter it, and unsealed writes would be unreadable.
+            // A table that already changed shape cannot be sealed (nothing is written before
+            // that check); its journal then waits, as it would have anyway.
+            match seal::seal(tx, inner) {
+                Ok(_) | Err(Error::SchemaChanged { .. }) => {}
+                Err(e) => return Err(e),
+            }
             track::untrack(tx, inner, table)?;
             inner.bump_meta_version(tx)
         })
@@ -457,21 +462,12 @@ impl Store {
     /// A value the sync layer keeps with the data (cursors, last sync time), so it commits
     /// and rolls back with it.
     pub fn sync_state(&self, key: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row("SELECT value FROM _driftless_state WHERE key = ?1", [format!("sync.{key}")], |r| r.get(0))
-            .optional()?)
+        settings::get(&self.conn, &format!("sync.{key}"))
     }
 
     /// Sets a value read back by [`Store::sync_state`].
     pub fn set_sync_state(&mut self, key: &str, value: &str) -> Result<()> {
-        self.transact(|tx, _| {
-            tx.execute(
-                "INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)",
-                rusqlite::params![format!("sync.{key}"), value],
-            )?;
-            Ok(())
-        })
+        self.transact(|tx, _| settings::set(tx, &format!("sync.{key}"), &value))
     }
 
     /// Applies a batch and moves the pull cursor to `to` in the same transaction (a cursor

@@ -39,6 +39,15 @@ impl PartialEq for Value {
 impl Eq for Value {}
 
 impl Value {
+    /// Bytes of text or blob it holds (0 for numbers and NULL): what the size limits count.
+    pub(crate) fn payload_len(&self) -> usize {
+        match self {
+            Value::Text(t) => t.len(),
+            Value::Blob(b) | Value::RawText(b) => b.len(),
+            Value::Null | Value::Integer(_) | Value::Real(_) => 0,
+        }
+    }
+
     pub(crate) fn from_ref(value: ValueRef<'_>) -> Value {
         match value {
             ValueRef::Null => Value::Null,

@@ -9,7 +9,8 @@ fn recorded_fuzz_inputs_join_the_same_way_in_either_order() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("regressions directory") {
-        let data = std::fs::read(entry.expect("entry").path()).expect("read input");
+        let path = entry.expect("entry").path();
+        let data = std::fs::read(&path).expect("read input");
         // The fuzz target's input format: one byte for where the first batch ends.
         let cut = data.first().map_or(0, |c| *c as usize).min(data.len().saturating_sub(1));
         let rest = data.get(1..).unwrap_or_default();
@@ -19,6 +20,8 @@ fn recorded_fuzz_inputs_join_the_same_way_in_either_order() {
             decode_batch(left, &limits, &Dictionaries::default()),
             decode_batch(right, &limits, &Dictionaries::default()),
         ) else {
+            // A dot of counter 0 is not a dot: such a batch is refused at the door.
+            assert!(path.ends_with("merge_apply-zero-counter-dot"), "{} no longer decodes", path.display());
             continue;
         };
         for a in &x.rows {

@@ -96,10 +96,6 @@ impl Proc {
             .unwrap_or(0)
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())

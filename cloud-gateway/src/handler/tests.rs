@@ -21,11 +21,11 @@ fn letters(store: &mut SqliteStore) -> Vec<crate::storage::DeadLetter> {
     store.dead_letters(&DeadLetterFilter::default()).expect("dead letters")
 }
 
-fn open(dir: &tempfile::TempDir) -> SqliteStore {
+pub(crate) fn open(dir: &tempfile::TempDir) -> SqliteStore {
     SqliteStore::open(dir.path().join("gw.db")).expect("open")
 }
 
-fn device_batch(dir: &tempfile::TempDir, sql: &str) -> Vec<u8> {
+pub(crate) fn device_batch(dir: &tempfile::TempDir, sql: &str) -> Vec<u8> {
     let mut s = Store::open(dir.path().join("d.db"), StoreOptions::default()).expect("open");
     s.write(|tx| {
         Ok(tx.execute_batch("CREATE TABLE IF NOT EXISTS t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)")?)
@@ -247,7 +247,7 @@ fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
 }
 
 /// The real store, with a storage failure injected into every merge.
-struct FailingMerges(SqliteStore);
+pub(crate) struct FailingMerges(pub(crate) SqliteStore);
 
 impl GatewayStore for FailingMerges {
     fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
@@ -259,9 +259,6 @@ impl GatewayStore for FailingMerges {
 
     fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch> {
         self.0.new_epoch(tenant, replacing, reason)
-    }
-    fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64> {
-        self.0.device_seq(tenant, device)
     }
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<crate::storage::DeviceView> {
         self.0.hello(tenant, device, node)
@@ -307,6 +304,9 @@ impl GatewayStore for FailingMerges {
     }
     fn attempts(&mut self, k: &[u8; 32]) -> Result<Option<(u32, i64)>> {
         self.0.attempts(k)
+    }
+    fn unnote_attempt(&mut self, k: &[u8; 32]) -> Result<()> {
+        self.0.unnote_attempt(k)
     }
     fn clear_attempts(&mut self, k: &[u8; 32]) -> Result<()> {
         self.0.clear_attempts(k)

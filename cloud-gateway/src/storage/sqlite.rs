@@ -162,15 +162,6 @@ impl GatewayStore for SqliteStore {
         Ok(next.0)
     }
 
-    fn device_seq(&mut self, tenant: &str, device: &str) -> Result<i64> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT uplink_hwm FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
-            .query_row(rusqlite::params![tenant, device], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0))
-    }
-
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.prepare_cached(
@@ -383,6 +374,12 @@ impl GatewayStore for SqliteStore {
             .query_row([&key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(found.map(|(c, at)| (c as u32, at)))
+    }
+
+    fn unnote_attempt(&mut self, key: &[u8; 32]) -> Result<()> {
+        self.conn.prepare_cached("UPDATE gw_attempts SET count = count - 1 WHERE key = ?1")?.execute([&key[..]])?;
+        self.conn.prepare_cached("DELETE FROM gw_attempts WHERE key = ?1 AND count <= 0")?.execute([&key[..]])?;
+        Ok(())
     }
 
     fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {

@@ -41,14 +41,6 @@ impl Receipts {
         r
     }
 
-    pub fn list(&self) -> &[Receipt] {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// What to show the gateway, lowest position first.
     pub fn shown(&self) -> Vec<LogCursor> {
         self.0.iter().map(|r| r.at).collect()
@@ -180,7 +172,7 @@ mod tests {
         for i in 0..(MAX_RECEIPTS as u64 + 5) {
             set.admit(r(c(i * 2 + 1, i), if i % 3 == 0 { None } else { Some(c(i * 2, 0)) }));
         }
-        assert_eq!(set.list().len(), MAX_RECEIPTS);
+        assert_eq!(set.shown().len(), MAX_RECEIPTS);
         assert_eq!(set.shown()[0].position, 11);
         assert_eq!(Receipts::from_text(&set.to_text()), Some(set.clone()));
         assert_eq!(Receipts::from_text(""), Some(Receipts::default()));

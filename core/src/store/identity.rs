@@ -15,7 +15,7 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{Inner, cursor};
+use super::{Inner, cursor, settings};
 use crate::clock::NodeId;
 use crate::error::{Error, Result};
 use crate::protocol::{Epoch, LogCursor, Receipts};
@@ -70,22 +70,15 @@ fn outbox_seq(conn: &Connection) -> Result<i64> {
         .unwrap_or(0))
 }
 
-fn state_text(conn: &Connection, key: &str) -> Result<Option<String>> {
-    Ok(conn
-        .prepare_cached("SELECT value FROM _driftless_state WHERE key = ?1")?
-        .query_row([key], |r| r.get::<_, String>(0))
-        .optional()?)
-}
-
 fn stored_epoch(conn: &Connection) -> Result<Option<Epoch>> {
-    match state_text(conn, EPOCH_KEY)? {
+    match settings::get(conn, EPOCH_KEY)? {
         None => Ok(None),
         Some(hex) => hex.parse().map(Some).map_err(|()| Error::Corrupt("stored gateway epoch".into())),
     }
 }
 
 fn receipts(conn: &Connection) -> Result<Receipts> {
-    match state_text(conn, RECEIPTS_KEY)? {
+    match settings::get(conn, RECEIPTS_KEY)? {
         None => Ok(Receipts::default()),
         Some(text) => Receipts::from_text(&text).ok_or_else(|| Error::Corrupt("stored receipts".into())),
     }
@@ -104,9 +97,7 @@ pub(crate) fn identity(conn: &Connection, inner: &Inner) -> Result<Identity> {
 
 /// Keeps the receipts to show (with the ack that changed them).
 pub(crate) fn save_receipts(conn: &Connection, receipts: &Receipts) -> Result<()> {
-    conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)")?
-        .execute([RECEIPTS_KEY, &receipts.to_text()])?;
-    Ok(())
+    settings::set(conn, RECEIPTS_KEY, &receipts.to_text())
 }
 
 pub(crate) fn confirm(conn: &Connection, inner: &mut Inner, view: &GatewayView) -> Result<Confirmed> {
@@ -139,12 +130,11 @@ pub(crate) fn confirm(conn: &Connection, inner: &mut Inner, view: &GatewayView) 
             cursor::reset(conn)?;
             // Receipts belong to one epoch: the new store has issued none yet, and showing an
             // old one would look like evidence that it lost it too.
-            conn.prepare_cached("DELETE FROM _driftless_state WHERE key = ?1")?.execute([RECEIPTS_KEY])?;
+            settings::delete(conn, &[RECEIPTS_KEY])?;
         }
         _ => {}
     }
-    conn.prepare_cached("INSERT OR REPLACE INTO _driftless_state(key, value) VALUES (?1, ?2)")?
-        .execute([EPOCH_KEY, &view.epoch.to_string()])?;
+    settings::set(conn, EPOCH_KEY, &view.epoch.to_string())?;
     out.cursor = cursor::get(conn)?;
     Ok(out)
 }

@@ -159,13 +159,10 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
         tracked: true,
         journal,
     };
-    let was_shown: Vec<String> = match &before {
-        Some(old) if old.tracked => old.app.iter().map(|c| c.name.clone()).collect(),
-        // Untracked, the app's rows may have been edited but remote changes were not shown:
-        // every column it has counts as shown (edits made meanwhile are local writes).
-        Some(old) => old.app.iter().map(|c| c.name.clone()).collect(),
-        None => Vec::new(),
-    };
+    // (Untracked meanwhile, the app's rows may have been edited but remote changes were not
+    // shown: every column it had still counts as shown, edits made meanwhile are local writes.)
+    let was_shown: Vec<String> =
+        before.as_ref().map_or(Vec::new(), |old| old.app.iter().map(|c| c.name.clone()).collect());
     let newly_shown: Vec<String> =
         info.app.iter().filter(|c| !was_shown.contains(&c.name)).map(|c| c.name.clone()).collect();
     let needs_bootstrap = match &before {
