@@ -41,7 +41,9 @@ impl From<CoreError> for ApiError {
             | CoreError::NoSuchColumn { .. }
             | CoreError::BadSpec { .. }
             | CoreError::NoSuchConflict { .. }
-            | CoreError::SchemaChanged { .. } => ApiError::InvalidArgument { reason: e.to_string() },
+            | CoreError::SchemaChanged { .. }
+            | CoreError::SchemaMismatch { .. }
+            | CoreError::Schema(_) => ApiError::InvalidArgument { reason: e.to_string() },
             // Engine-internal statements: report the kind, not the statement.
             CoreError::Sqlite(inner) => ApiError::Storage { reason: sqlite_kind(&inner) },
             other => ApiError::Storage { reason: other.to_string() },

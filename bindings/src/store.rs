@@ -188,9 +188,9 @@ impl SyncStore {
             let open = state.as_ref().ok_or(ApiError::Closed)?;
             (open.store.clone(), open.agent.as_ref().map(Agent::live))
         };
-        let (pending, last, conflicts) = runtime()
+        let (pending, last, conflicts, schema) = runtime()
             .block_on(store.call(|s| -> driftless_core::Result<_> {
-                Ok((s.pending_changes()?, s.sync_state("last_sync_ms")?, s.conflicts()?.len()))
+                Ok((s.pending_changes()?, s.sync_state("last_sync_ms")?, s.conflicts()?.len(), s.schema()?))
             }))
             .map_err(ApiError::from)??;
         Ok(SyncStatus {
@@ -200,6 +200,7 @@ impl SyncStore {
             last_synced_at_ms: last.and_then(|v| v.parse().ok()),
             last_error: live.and_then(|l| l.last_error),
             conflicts: conflicts as u32,
+            schema_version: schema.map_or(0, |(v, _)| v),
         })
     }
 

@@ -112,6 +112,8 @@ pub struct SyncStatus {
     pub last_synced_at_ms: Option<u64>,
     pub last_error: Option<String>,
     pub conflicts: u32,
+    /// The version of the gateway's sync schema this store follows (0: none).
+    pub schema_version: u64,
 }
 
 /// One version in a conflict: `value` is absent for a delete.

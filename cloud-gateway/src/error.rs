@@ -25,6 +25,9 @@ pub enum Error {
     Random(String),
     #[error("database {0} does not exist")]
     MissingDatabase(String),
+    /// The schema file an operator loads is invalid, or cannot replace the current one.
+    #[error(transparent)]
+    Schema(#[from] driftless_core::SchemaError),
 }
 
 /// Why a batch was not merged.

@@ -11,7 +11,7 @@ use driftless_core::codec::{
     DecodeError, Dictionaries, EncodeOptions, Limits, declared_payload_len, decode_batch, encode_batch,
 };
 use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic};
-use driftless_core::{Batch, Epoch, LogCursor};
+use driftless_core::{Batch, Epoch, LogCursor, SyncSchema};
 
 use crate::error::{Error, MergeError, Result};
 use crate::storage::{GatewayStore, Incoming, MergeOutcome};
@@ -39,6 +39,32 @@ pub struct HandlerConfig {
     /// How far ahead of the gateway's clock a write's timestamp may be; later ones are
     /// bounded to the gateway's clock and flagged.
     pub max_clock_drift_ms: u64,
+    /// The declared sync schema: served to devices after every handshake and enforced on
+    /// every batch. `None`: no schema was ever loaded, and any table is taken.
+    pub schema: Option<std::sync::Arc<ServedSchema>>,
+}
+
+/// A sync schema version as the gateway serves it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedSchema {
+    pub version: u64,
+    /// As loaded: devices parse the same text.
+    pub text: String,
+    pub schema: SyncSchema,
+}
+
+impl ServedSchema {
+    /// The schema the store holds as current, if any.
+    pub fn current(store: &mut dyn GatewayStore) -> Result<Option<ServedSchema>> {
+        let Some((version, text)) = store.schema()? else { return Ok(None) };
+        let schema = SyncSchema::parse(&text).map_err(|e| Error::Corrupt(format!("stored sync schema: {e}")))?;
+        Ok(Some(ServedSchema { version, text, schema }))
+    }
+
+    /// The message that carries it.
+    pub fn message(&self) -> Downlink {
+        Downlink::Schema { version: self.version, text: self.text.clone() }
+    }
 }
 
 impl Default for HandlerConfig {
@@ -51,6 +77,7 @@ impl Default for HandlerConfig {
             max_rows_per_message: 2_000,
             max_message_bytes: 4 << 20,
             max_clock_drift_ms: 5 * 60_000,
+            schema: None,
         }
     }
 }
@@ -151,6 +178,15 @@ fn process(
     let rows = |asked: u32| (asked as usize).clamp(1, cfg.max_rows_per_message);
     let bytes = |asked: u32| (asked as usize).clamp(1, cfg.max_message_bytes);
     let reply = |msg: Downlink| vec![to(tenant, device, msg)];
+    let incoming = |first_seq, last_seq| Incoming {
+        tenant,
+        device,
+        first_seq,
+        last_seq,
+        now_ms,
+        max_drift_ms: cfg.max_clock_drift_ms,
+        schema: cfg.schema.as_deref().map(|s| &s.schema),
+    };
     match msg {
         Uplink::Hello { node, ref receipts, epoch: claimed, .. } => {
             let view = store.hello(tenant, device, node)?;
@@ -161,12 +197,18 @@ fn process(
                 epoch = check_receipts(store, tenant, device, epoch, receipts)?;
             }
             store.touch_device(tenant, device, None)?;
-            Ok(reply(Downlink::Welcome {
+            let mut out = reply(Downlink::Welcome {
                 epoch,
                 node_counter: view.node_counter,
                 device_seq: view.device_seq,
                 node_elsewhere: view.node_owner != device,
-            }))
+            });
+            // Every handshake, so a device that was offline when a version was announced
+            // follows it before it syncs.
+            if let Some(served) = &cfg.schema {
+                out.push(to(tenant, device, served.message()));
+            }
+            Ok(out)
         }
         Uplink::Batch { id, first_seq, last_seq, epoch: claimed, ref receipts, ref batch, .. } => {
             let mut epoch = epoch;
@@ -174,7 +216,7 @@ fn process(
                 // A device that only uploads tells with its next batch that the store lost it.
                 epoch = check_receipts(store, tenant, device, epoch, receipts)?;
             }
-            let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
+            let from = incoming(first_seq, last_seq);
             let nack = |reason: String| Downlink::Nack { epoch, id, first_seq, last_seq, reason };
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let (receipt, previous) = (outcome.receipt, outcome.previous);
@@ -221,7 +263,7 @@ fn process(
             snapshot(store, tenant, device, epoch, &resume, log_cursor, rows(max_rows), bytes(max_bytes))
         }
         Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
-            let from = Incoming { tenant, device, first_seq, last_seq, now_ms, max_drift_ms: cfg.max_clock_drift_ms };
+            let from = incoming(first_seq, last_seq);
             let nack = |reason: String| Downlink::LegacyNack { first_seq, last_seq, reason };
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let logged = outcome.logged.is_some();

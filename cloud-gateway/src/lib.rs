@@ -20,5 +20,6 @@ pub mod service;
 pub mod storage;
 
 pub use error::{Error, MergeError, Result};
+pub use handler::{HandlerConfig, ServedSchema};
 pub use service::{GatewayConfig, run};
 pub use storage::{GatewayStore, SqliteStore};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
-use driftless_gateway::{GatewayConfig, SqliteStore, broker, report, run};
+use driftless_gateway::{GatewayConfig, ServedSchema, SqliteStore, broker, report, run};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "driftless cloud gateway: merges device changes and fans them out")]
@@ -63,6 +63,11 @@ struct RunArgs {
     /// How far ahead of this gateway's clock a write's timestamp may be before it is bounded.
     #[arg(long, default_value_t = 300_000)]
     max_clock_drift_ms: u64,
+    /// The declared sync schema (TOML) to serve and enforce. A new version is checked against
+    /// the current one and refused if devices could not follow it; without this flag the
+    /// version loaded last is served.
+    #[arg(long)]
+    schema: Option<PathBuf>,
     /// Same as the `report` command with its defaults (kept for scripts).
     #[arg(long)]
     report: bool,
@@ -145,7 +150,14 @@ async fn main() -> anyhow::Result<()> {
             ReportArgs { db: args.db, tenant: None, device: None, reason: None, since_hours: None, limit: 20 };
         return print_report(defaults);
     }
-    let store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
+    let mut store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
+    if let Some(path) = &args.schema {
+        use driftless_gateway::GatewayStore as _;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let version = store.install_schema(&text).with_context(|| format!("loading {}", path.display()))?;
+        tracing::info!(version, schema = %path.display(), "sync schema loaded");
+    }
+    let schema = ServedSchema::current(&mut store)?.map(std::sync::Arc::new);
     let broker_addr: BrokerAddr = if args.embedded_broker {
         broker::start_embedded_broker(args.listen)?;
         BrokerAddr { host: args.listen.ip().to_string(), port: args.listen.port() }
@@ -159,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
     config.share_group = args.share_group;
     config.tenant = args.tenant;
     config.handler.max_clock_drift_ms = args.max_clock_drift_ms;
+    config.handler.schema = schema;
     config.dead_letter_retention =
         (args.dead_letter_retention_days > 0).then(|| Duration::from_secs(args.dead_letter_retention_days * 86_400));
     tracing::info!(db = %args.db.display(), "gateway starting");

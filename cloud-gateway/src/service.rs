@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use driftless_core::protocol::{BrokerAddr, Uplink, poke_topic, uplink_filter};
+use driftless_core::protocol::{BrokerAddr, Uplink, poke_topic, schema_topic, uplink_filter};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
@@ -100,6 +100,8 @@ pub async fn run<S: GatewayStore + 'static>(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
     let poller = tokio::spawn(poll_events(eventloop, client.clone(), config.clone(), filter, tx, config.ready.clone()));
+    let mut store = store;
+    announce_schema(&client, &mut store, &config).await?;
     let store = Arc::new(Mutex::new(store));
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
@@ -131,6 +133,20 @@ pub async fn run<S: GatewayStore + 'static>(
     let _ = client.disconnect().await;
     poller.abort();
     result
+}
+
+/// Keeps the schema this gateway serves as the retained message of each tenant's schema
+/// topic, so running devices follow a new version as soon as it is loaded, and a device that
+/// subscribes later gets it at once.
+async fn announce_schema<S: GatewayStore>(client: &AsyncClient, store: &mut S, config: &GatewayConfig) -> Result<()> {
+    let Some(served) = &config.handler.schema else { return Ok(()) };
+    let tenants = if config.tenant == "+" { store.tenants()? } else { vec![config.tenant.clone()] };
+    let payload = served.message().encode();
+    for tenant in tenants {
+        client.publish(schema_topic(&tenant), QoS::AtLeastOnce, true, payload.clone()).await?;
+    }
+    tracing::info!(version = served.version, "serving sync schema");
+    Ok(())
 }
 
 /// The content a message is recognised by across deliveries and resends: a batch's identity

@@ -7,7 +7,7 @@ mod sqlite;
 
 pub use self::sqlite::SqliteStore;
 
-use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId};
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
 
 use crate::error::{MergeError, Result};
 
@@ -23,6 +23,8 @@ pub struct Incoming<'a> {
     pub now_ms: u64,
     /// How far ahead of `now_ms` a write's timestamp may be before it is bounded.
     pub max_drift_ms: u64,
+    /// The declared sync schema every row must fit, if one is loaded.
+    pub schema: Option<&'a SyncSchema>,
 }
 
 /// What merging one device batch did.
@@ -209,4 +211,13 @@ pub trait GatewayStore: Send {
 
     /// Nodes of a tenant seen writing with clocks beyond the allowed drift.
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>>;
+
+    /// The current declared sync schema: its version and TOML text (`None` if none was ever
+    /// loaded).
+    fn schema(&mut self) -> Result<Option<(u64, String)>>;
+
+    /// Makes `text` the current sync schema, checked against the current one (see
+    /// [`SyncSchema::check_replaces`]); returns its version. The same schema as the current
+    /// one (comments and layout aside) keeps the current version.
+    fn install_schema(&mut self, text: &str) -> Result<u64>;
 }

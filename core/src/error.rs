@@ -24,6 +24,10 @@ pub enum Error {
     RowidPrimaryKey { table: String, column: String },
     #[error("table {table:?} changed shape since it was tracked ({detail}); call track() again to capture new columns")]
     SchemaChanged { table: String, detail: String },
+    #[error("table {table:?} does not match the sync schema: {detail}")]
+    SchemaMismatch { table: String, detail: String },
+    #[error("the sync schema could not be read: {0}")]
+    Schema(#[from] crate::schema::SchemaError),
     #[error("table name {0:?} is not supported (names starting with _driftless_ are reserved)")]
     BadTableName(String),
     #[error("column {column:?} is not a column of {table:?}")]

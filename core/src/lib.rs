@@ -15,6 +15,7 @@
 //! - [`codec`]: the versioned, zstd-compressed batch format; bounded decoding.
 //! - `value`: bit-exact SQLite values.
 //! - [`protocol`]: device/gateway sync messages and MQTT topics.
+//! - [`schema`]: the declared sync schema the gateway serves and enforces and devices follow.
 //!
 //! # Example: two replicas converge
 //! ```
@@ -50,6 +51,7 @@ mod error;
 mod merge;
 mod policy;
 pub mod protocol;
+pub mod schema;
 mod state;
 pub mod store;
 mod value;
@@ -64,10 +66,11 @@ pub use merge::{
 };
 pub use policy::{ColumnPolicy, DeletePolicy, Direction, ParsePolicyError, TableSpec};
 pub use protocol::{Epoch, LogCursor};
+pub use schema::{ColumnType, SchemaColumn, SchemaError, SchemaTable, SyncSchema};
 pub use state::{Counter, CounterPart, Entry, Life, Register, RowState};
 pub use store::{
-    ApplyReport, ChangedRow, Confirmed, Conflict, GatewayView, Identity, OutboxBatch, Refused, SealReport,
-    SnapshotCursor, Store, StoreOptions,
+    ApplyReport, ChangedRow, Confirmed, Conflict, GatewayView, Identity, OutboxBatch, Refused, SchemaApplied,
+    SealReport, SnapshotCursor, Store, StoreOptions,
 };
 pub use value::Value;
 pub use view::{ConflictKind, ConflictRecord, Roles, Version, conflicts, is_visible, resolve, row_values};

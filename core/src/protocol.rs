@@ -10,7 +10,7 @@
 mod messages;
 mod receipts;
 
-pub use self::messages::{Downlink, RefusedRow, Uplink};
+pub use self::messages::{Downlink, MAX_SCHEMA_BYTES, RefusedRow, Uplink};
 pub use self::receipts::{MAX_RECEIPTS, Receipt, Receipts};
 
 /// Topic root shared by every driftless topic.
@@ -29,6 +29,11 @@ pub fn downlink_topic(tenant: &str, device: &str) -> String {
 /// The tenant-wide topic on which the gateway announces that new changes were logged.
 pub fn poke_topic(tenant: &str) -> String {
     format!("{TOPIC_ROOT}/{tenant}/poke")
+}
+
+/// The tenant-wide topic on which the gateway keeps the current sync schema (retained).
+pub fn schema_topic(tenant: &str) -> String {
+    format!("{TOPIC_ROOT}/{tenant}/schema")
 }
 
 /// The filter gateways subscribe with; `$share/GROUP/` splits uplinks among instances.

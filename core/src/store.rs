@@ -9,6 +9,7 @@ mod capture;
 mod catalog;
 mod conflicts;
 mod cursor;
+mod declared;
 mod identity;
 mod meta;
 mod outbox;
@@ -39,6 +40,7 @@ use crate::value::Value;
 
 pub use self::apply::{ApplyReport, ChangedRow};
 pub use self::conflicts::Conflict;
+pub use self::declared::SchemaApplied;
 pub use self::identity::{Confirmed, GatewayView, Identity};
 pub use self::outbox::{OutboxBatch, SnapshotCursor};
 pub use self::refusals::Refused;
@@ -320,6 +322,27 @@ impl Store {
             }
             inner.bump_meta_version(tx)
         })
+    }
+
+    /// Follows version `version` of the declared sync schema (its TOML `text`, as the gateway
+    /// serves it): creates the tables it declares, adds the columns a later version added, and
+    /// tracks every table with its declared spec, all in one transaction. An older or equal
+    /// version than the one followed changes nothing. A local table that contradicts the
+    /// schema is [`Error::SchemaMismatch`], and nothing changes.
+    pub fn follow_schema(&mut self, version: u64, text: &str) -> Result<SchemaApplied> {
+        let schema = crate::schema::SyncSchema::parse(text)?;
+        self.transact(|tx, inner| {
+            let done = declared::apply(tx, inner, &schema, version, text)?;
+            if !done.tracked.is_empty() {
+                inner.bump_meta_version(tx)?;
+            }
+            Ok(done)
+        })
+    }
+
+    /// The sync schema version this store follows, and its text (`None` before the first).
+    pub fn schema(&self) -> Result<Option<(u64, String)>> {
+        declared::current(&self.conn)
     }
 
     /// Stops tracking `table`: removes its triggers and journal. Its sync metadata and the

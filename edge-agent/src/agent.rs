@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use driftless_core::codec::Limits;
-use driftless_core::protocol::{Downlink, downlink_topic, poke_topic};
+use driftless_core::protocol::{Downlink, downlink_topic, poke_topic, schema_topic};
 use driftless_core::{ChangedRow, StoreOptions};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -69,8 +69,14 @@ impl Agent {
     pub async fn start_with_store(config: AgentConfig, store: StoreHandle) -> Result<Agent> {
         // A device whose tables are all up-only has nothing to receive: it neither listens
         // for announcements nor pulls.
-        let receives = store
-            .call(|s| s.tracked().iter().any(|(_, spec)| spec.direction != driftless_core::Direction::UpOnly))
+        let (receives, tracks_any) = store
+            .call(|s| {
+                let tracked = s.tracked();
+                (
+                    tracked.iter().any(|(_, spec)| spec.direction != driftless_core::Direction::UpOnly),
+                    !tracked.is_empty(),
+                )
+            })
             .await?;
         let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config), 64);
         eventloop.set_network_options(network_options());
@@ -101,7 +107,9 @@ impl Agent {
             }
         }));
         let poller =
-            poll_events(eventloop, client.clone(), config.clone(), receives, events_tx.clone(), cancel.clone());
+            // A store that tracks nothing yet waits for the gateway's schema, which may declare
+            // tables to receive: it listens for announcements from the start.
+            poll_events(eventloop, client.clone(), config.clone(), receives || !tracks_any, events_tx.clone(), cancel.clone());
         tasks.push(tokio::spawn(poller));
         let (changes, _) = broadcast::channel(256);
         let machine = Machine::new(machine_config(&config, receives)?);
@@ -239,6 +247,7 @@ async fn poll_events(
     let limits = Limits::default();
     let down = downlink_topic(&config.tenant, &config.device_id);
     let poke = poke_topic(&config.tenant);
+    let schema = schema_topic(&config.tenant);
     let mut backoff = Duration::from_millis(100);
     loop {
         let polled = tokio::select! {
@@ -250,9 +259,12 @@ async fn poll_events(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 let (client, down, poke, events) = (client.clone(), down.clone(), poke.clone(), events.clone());
+                let schema = schema.clone();
                 tokio::spawn(async move {
                     let subscribed = async {
                         client.subscribe(&down, QoS::AtLeastOnce).await?;
+                        // The gateway keeps the current schema there, retained.
+                        client.subscribe(&schema, QoS::AtLeastOnce).await?;
                         if receives {
                             client.subscribe(&poke, QoS::AtMostOnce).await?;
                         }
@@ -269,13 +281,15 @@ async fn poll_events(
             }
             Ok(Event::Outgoing(Outgoing::Publish(_))) => Input::Flushed,
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => Input::Poke,
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == down => match Downlink::decode(&p.payload, &limits) {
-                Ok(msg) => Input::Downlink(msg),
-                Err(e) => {
-                    tracing::warn!("ignoring an undecodable downlink message: {e}");
-                    continue;
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == down || p.topic == schema => {
+                match Downlink::decode(&p.payload, &limits) {
+                    Ok(msg) => Input::Downlink(msg),
+                    Err(e) => {
+                        tracing::warn!("ignoring an undecodable downlink message: {e}");
+                        continue;
+                    }
                 }
-            },
+            }
             Ok(_) => continue,
             Err(e) => {
                 let flush_timeout = matches!(e, ConnectionError::FlushTimeout);

@@ -2,7 +2,7 @@
 //! requests touch the database. The agent runs it on the store's own thread; the
 //! deterministic simulation in the tests crate calls it directly.
 
-use driftless_core::Store;
+use driftless_core::{Direction, Store};
 
 use crate::machine::{StoreOp, StoreResult};
 
@@ -55,6 +55,11 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
             StoreOp::Reject { first, last, reason } => {
                 store.reject(first, last, &reason)?;
                 StoreResult::Done
+            }
+            StoreOp::FollowSchema { version, text } => {
+                let done = store.follow_schema(version, &text)?;
+                let receives = store.tracked().iter().any(|(_, spec)| spec.direction != Direction::UpOnly);
+                StoreResult::SchemaFollowed { version: done.version, changed: !done.tracked.is_empty(), receives }
             }
             StoreOp::Apply { batch, cursor } => {
                 let report = match cursor {

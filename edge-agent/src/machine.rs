@@ -89,6 +89,7 @@ enum Awaiting {
     Reject,
     Receipts,
     Cursor,
+    Schema,
     Changes {
         more: bool,
     },

@@ -174,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
             say!("node:            {}", store.node_id());
             say!("role:            {}", store.role());
             say!("tracked tables:  {}", store.tracked().iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", "));
+            say!("sync schema:     {}", store.schema()?.map_or("none".to_owned(), |(v, _)| format!("version {v}")));
             say!("pending changes: {}", store.pending_changes()?);
             say!("last sync:       {}", last.map_or("never".to_owned(), |ms| format!("{ms} ms since epoch")));
             say!("connected:       {}", if connected { "yes" } else { "no" });

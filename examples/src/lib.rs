@@ -8,17 +8,20 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use driftless_agent::{Agent, AgentConfig};
 use driftless_core::protocol::BrokerAddr;
-use driftless_core::{Store, StoreOptions, TableSpec};
-use driftless_gateway::{GatewayConfig, SqliteStore};
+use driftless_core::{Store, StoreOptions};
+use driftless_gateway::{GatewayConfig, GatewayStore as _, ServedSchema, SqliteStore};
 use tokio::sync::oneshot;
 
-/// Starts an embedded MQTT broker on a free loopback port and a gateway on it.
-pub async fn start_cloud(dir: &Path) -> anyhow::Result<(BrokerAddr, oneshot::Sender<()>)> {
+/// Starts an embedded MQTT broker on a free loopback port and a gateway on it, serving the
+/// sync schema `schema` (TOML, as `driftless-gateway --schema` loads it).
+pub async fn start_cloud(dir: &Path, schema: &str) -> anyhow::Result<(BrokerAddr, oneshot::Sender<()>)> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     driftless_gateway::broker::start_embedded_broker(format!("127.0.0.1:{port}").parse()?)?;
     let broker = BrokerAddr { host: "127.0.0.1".into(), port };
-    let store = SqliteStore::open(dir.join("gateway.db"))?;
-    let config = GatewayConfig::new(broker.clone());
+    let mut store = SqliteStore::open(dir.join("gateway.db"))?;
+    store.install_schema(schema)?;
+    let mut config = GatewayConfig::new(broker.clone());
+    config.handler.schema = ServedSchema::current(&mut store)?.map(std::sync::Arc::new);
     let ready = config.ready.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -43,27 +46,26 @@ pub struct Device {
 }
 
 impl Device {
-    /// Creates the device database with `schema` and tracks `table` with `spec`.
-    pub fn create(
-        dir: &Path,
-        name: &str,
-        role: &str,
-        schema: &str,
-        table: &str,
-        spec: TableSpec,
-    ) -> anyhow::Result<Device> {
+    /// Creates an empty device database writing as `role`: its tables come from the
+    /// gateway's sync schema when it first goes online.
+    pub fn create(dir: &Path, name: &str, role: &str) -> anyhow::Result<Device> {
         let db = dir.join(format!("{name}.db"));
-        let mut store = Store::open(&db, StoreOptions { role: role.into(), ..StoreOptions::default() })?;
-        store.write(|tx| Ok(tx.execute_batch(schema)?))?;
-        store.track(table, spec)?;
+        drop(Store::open(&db, StoreOptions { role: role.into(), ..StoreOptions::default() })?);
         Ok(Device { name: name.into(), db, role: role.into(), agent: None })
     }
 
+    /// Starts syncing; returns once the device follows the gateway's sync schema (its tables
+    /// exist and are tracked).
     pub async fn go_online(&mut self, broker: &BrokerAddr) -> anyhow::Result<()> {
         let url = format!("mqtt://{}:{}", broker.host, broker.port);
         let config = AgentConfig::new(&self.db, &url, "demo", &self.name)?;
-        self.agent =
-            Some(Agent::start(config, StoreOptions { role: self.role.clone(), ..StoreOptions::default() }).await?);
+        let agent = Agent::start(config, StoreOptions { role: self.role.clone(), ..StoreOptions::default() }).await?;
+        let start = Instant::now();
+        while agent.store().call(|s| s.schema()).await??.is_none() {
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "{} got no sync schema", self.name);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.agent = Some(agent);
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use driftless_agent::{Agent, AgentConfig};
 use driftless_core::protocol::BrokerAddr;
 use driftless_core::{ColumnPolicy, Store, StoreOptions, TableSpec, Value};
-use driftless_gateway::{GatewayConfig, SqliteStore};
+use driftless_gateway::{GatewayConfig, GatewayStore as _, SqliteStore};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -129,8 +129,18 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway and waits until it is subscribed to uplinks.
     pub async fn start(broker: &BrokerAddr, tenant: &str, db: PathBuf) -> Gateway {
-        let store = SqliteStore::open(&db).expect("gateway store");
+        Self::start_with_schema(broker, tenant, db, None).await
+    }
+
+    /// Starts a gateway that loads `schema` (TOML) first, as `--schema` does.
+    pub async fn start_with_schema(broker: &BrokerAddr, tenant: &str, db: PathBuf, schema: Option<&str>) -> Gateway {
+        let mut store = SqliteStore::open(&db).expect("gateway store");
+        if let Some(text) = schema {
+            store.install_schema(text).expect("schema loads");
+        }
         let mut config = GatewayConfig::new(broker.clone());
+        config.handler.schema =
+            driftless_gateway::ServedSchema::current(&mut store).expect("stored schema").map(std::sync::Arc::new);
         config.client_id = format!("gw-{tenant}");
         config.share_group = format!("gw-{tenant}");
         config.tenant = tenant.to_owned();

@@ -314,6 +314,12 @@ impl GatewayStore for FailingMerges {
     fn clock_skew(&mut self, t: &str) -> Result<Vec<crate::storage::SkewedNode>> {
         self.0.clock_skew(t)
     }
+    fn schema(&mut self) -> Result<Option<(u64, String)>> {
+        self.0.schema()
+    }
+    fn install_schema(&mut self, text: &str) -> Result<u64> {
+        self.0.install_schema(text)
+    }
 }
 
 #[test]
@@ -345,4 +351,146 @@ fn an_oversized_batch_is_refused_by_reference() {
     assert!(matches!(reply(&out), Downlink::Nack { id: 3, .. }));
     let letter = &letters(&mut store)[0];
     assert!(letter.size > 1 << 20 && letter.payload.len() < 1 << 16);
+}
+
+const SCHEMA: &str = r#"
+[[table]]
+name = "t"
+key = ["id"]
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "n"
+type = "integer"
+policy = "counter"
+
+[[table]]
+name = "prices"
+key = ["sku"]
+direction = "down-only"
+[[table.column]]
+name = "sku"
+type = "text"
+"#;
+
+/// One batch from a device whose tables are made by `create` and tracked with default specs
+/// (counters for `n`), after running `sql`.
+fn batch_from(dir: &tempfile::TempDir, name: &str, create: &str, sql: &str) -> Vec<u8> {
+    let mut s = Store::open(dir.path().join(name), StoreOptions::default()).expect("open");
+    s.write(|tx| Ok(tx.execute_batch(create)?)).expect("schema");
+    for (table, _) in s.read(|c| {
+        let mut stmt = c.prepare("SELECT name, 0 FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '%sqlite%' AND name NOT LIKE '_driftless%'")?;
+        Ok(stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?)
+    })
+    .expect("tables")
+    {
+        let spec = TableSpec::new();
+        let spec = if table == "t" { spec.column("n", ColumnPolicy::Counter) } else { spec };
+        s.track(&table, spec).expect("track");
+    }
+    s.write(|tx| Ok(tx.execute_batch(sql)?)).expect("write");
+    let out = s.outbox_batch(100).expect("outbox").expect("batch");
+    encode_batch(&out.batch, EncodeOptions::default())
+}
+
+fn with_schema(store: &mut SqliteStore) -> HandlerConfig {
+    store.install_schema(SCHEMA).expect("install");
+    let served = ServedSchema::current(store).expect("current").expect("installed");
+    HandlerConfig { schema: Some(std::sync::Arc::new(served)), ..HandlerConfig::default() }
+}
+
+#[test]
+fn schema_versions_grow_only_with_changes_devices_can_follow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    assert_eq!(store.schema().expect("schema"), None);
+    assert_eq!(store.install_schema(SCHEMA).expect("first"), 1);
+    let relaid = format!("# the same schema, commented\n{SCHEMA}");
+    assert_eq!(store.install_schema(&relaid).expect("same"), 1);
+    let grown = format!("{SCHEMA}[[table.column]]\nname = \"price\"\ntype = \"real\"\n");
+    assert_eq!(store.install_schema(&grown).expect("grown"), 2);
+    let dropped = SCHEMA.replace("[[table]]\nname = \"prices\"", "[[table]]\nname = \"costs\"");
+    let err = store.install_schema(&dropped).expect_err("a table dropped").to_string();
+    assert!(err.contains("table \"prices\" was dropped") && err.contains("version 2"), "{err}");
+    assert!(matches!(store.install_schema("[[table]]\nname = 1"), Err(Error::Schema(_))));
+    assert_eq!(store.schema().expect("schema").map(|(v, _)| v), Some(2));
+}
+
+#[test]
+fn the_schema_follows_every_welcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let cfg = with_schema(&mut store);
+    let hello = Uplink::Hello {
+        device: "a".into(),
+        node: NodeId([3; 16]),
+        counter: 0,
+        outbox_seq: 0,
+        receipts: vec![],
+        epoch: None,
+    };
+    let out = handle_uplink(&mut store, &cfg, "driftless/t/a/up", &hello.encode(), NOW).expect("handled");
+    let Some(Outgoing::Reply { payload, .. }) = out.get(1) else {
+        panic!("expected the schema after the welcome: {out:?}")
+    };
+    assert_eq!(Downlink::decode(payload, &Limits::default()), Ok(Downlink::Schema { version: 1, text: SCHEMA.into() }));
+}
+
+#[test]
+fn rows_the_schema_does_not_allow_are_refused_and_the_rest_merged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let cfg = with_schema(&mut store);
+    let cases = [
+        (
+            "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0, colour TEXT)",
+            "INSERT INTO t VALUES ('x', 1, 'red')",
+            "no column \"colour\"",
+        ),
+        (
+            "CREATE TABLE unknown (id TEXT PRIMARY KEY, v TEXT)",
+            "INSERT INTO unknown VALUES ('x', 'v')",
+            "not in the sync schema",
+        ),
+        ("CREATE TABLE prices (sku TEXT PRIMARY KEY)", "INSERT INTO prices VALUES ('p1')", "written only by the cloud"),
+        (
+            "CREATE TABLE t (id TEXT, k TEXT, n INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (id, k))",
+            "INSERT INTO t VALUES ('x', 'y', 1)",
+            "1 key columns",
+        ),
+        (
+            "CREATE TABLE t (id BLOB PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)",
+            "INSERT INTO t VALUES (X'01', 1)",
+            "not a blob value",
+        ),
+    ];
+    for (i, (create, sql, want)) in cases.into_iter().enumerate() {
+        // Each bad row rides with a good one, which is merged.
+        let good = "CREATE TABLE IF NOT EXISTS t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)";
+        let (create, sql) = if create.contains("TABLE t ") {
+            (create.to_owned(), sql.to_owned())
+        } else {
+            (format!("{create}; {good}"), format!("{sql}; INSERT INTO t VALUES ('good{i}', 1)"))
+        };
+        let batch = batch_from(&dir, &format!("d{i}.db"), &create, &sql);
+        let msg = Uplink::Batch {
+            device: "a".into(),
+            id: i as u64,
+            first_seq: 1,
+            last_seq: 2,
+            epoch: None,
+            receipts: vec![],
+            batch,
+        };
+        let out = handle_uplink(&mut store, &cfg, "driftless/t/a/up", &msg.encode(), NOW).expect("handled");
+        let Downlink::Ack { refused, .. } = reply(&out) else { panic!("{want}: expected an ack") };
+        assert_eq!(refused.len(), 1, "{want}: {refused:?}");
+        assert!(refused[0].reason.contains(want), "{want}: {}", refused[0].reason);
+        assert!(letters(&mut store).iter().any(|l| l.reason.contains(want)), "{want}: kept as a dead letter");
+    }
+    // Only the good rows reached the log.
+    let page = store.changes_after("t", "nobody", 0, 100).expect("changes");
+    let keys: Vec<_> = page.batch.rows.iter().map(|r| r.pk.clone()).collect();
+    assert_eq!(keys, (1..3).map(|i| vec![driftless_core::Value::Text(format!("good{i}"))]).collect::<Vec<_>>());
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use driftless_core::codec::{Limits, decode_payload};
-use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId};
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
@@ -380,6 +380,43 @@ impl GatewayStore for SqliteStore {
         self.conn.prepare_cached("UPDATE gw_attempts SET count = count - 1 WHERE key = ?1")?.execute([&key[..]])?;
         self.conn.prepare_cached("DELETE FROM gw_attempts WHERE key = ?1 AND count <= 0")?.execute([&key[..]])?;
         Ok(())
+    }
+
+    fn schema(&mut self) -> Result<Option<(u64, String)>> {
+        let row: Option<(i64, String)> = self
+            .conn
+            .query_row("SELECT version, text FROM gw_sync_schema ORDER BY version DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        Ok(row.map(|(v, t)| (v as u64, t)))
+    }
+
+    fn install_schema(&mut self, text: &str) -> Result<u64> {
+        let new = SyncSchema::parse(text)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: Option<(i64, String)> = tx
+            .query_row("SELECT version, text FROM gw_sync_schema ORDER BY version DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let version = match current {
+            Some((version, old)) => {
+                let old = SyncSchema::parse(&old).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?;
+                if old == new {
+                    return Ok(version as u64);
+                }
+                new.check_replaces(&old, version as u64)?;
+                version + 1
+            }
+            None => 1,
+        };
+        tx.execute(
+            "INSERT INTO gw_sync_schema(version, text, loaded_ms) VALUES (?1, ?2, ?3)",
+            rusqlite::params![version, text, now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(version as u64)
     }
 
     fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {

@@ -121,6 +121,13 @@ pub enum Downlink {
         done: bool,
         batch: Vec<u8>,
     },
+    /// The declared sync schema (its TOML text) at `version`: sent after every `Welcome` and,
+    /// retained, on the tenant's schema topic whenever a gateway loads a new version. Not
+    /// tied to an epoch: versions only grow, and a device follows a version newer than its own.
+    Schema {
+        version: u64,
+        text: String,
+    },
     /// Version 1 answers.
     LegacyAck {
         first_seq: i64,
@@ -170,10 +177,14 @@ mod tag {
     pub(super) const NACK: u8 = 7;
     pub(super) const CHANGES: u8 = 8;
     pub(super) const SNAPSHOT: u8 = 9;
+    pub(super) const SCHEMA: u8 = 10;
 }
 
 /// Longest resume token and refusal reason accepted.
 const MAX_TOKEN: usize = 4096;
+
+/// Longest schema text accepted.
+pub const MAX_SCHEMA_BYTES: usize = 1 << 20;
 
 impl Writer {
     fn epoch(&mut self, e: &Epoch) {
@@ -403,7 +414,8 @@ impl Downlink {
             | Downlink::Nack { epoch, .. }
             | Downlink::Changes { epoch, .. }
             | Downlink::Snapshot { epoch, .. } => Some(*epoch),
-            Downlink::LegacyAck { .. }
+            Downlink::Schema { .. }
+            | Downlink::LegacyAck { .. }
             | Downlink::LegacyNack { .. }
             | Downlink::LegacyChanges { .. }
             | Downlink::LegacySnapshot { .. } => None,
@@ -457,6 +469,11 @@ impl Downlink {
                 w.cursor(log_cursor);
                 w.u8(u8::from(*done));
                 w.raw(batch);
+            }
+            Downlink::Schema { version, text } => {
+                w.u8(tag::SCHEMA);
+                w.varint(*version);
+                w.bytes(text.as_bytes());
             }
             Downlink::LegacyAck { first_seq, last_seq } => {
                 w.u8(tag::LEGACY_ACK);
@@ -532,6 +549,9 @@ impl Downlink {
                     done,
                     batch: r.take(r.remaining())?.to_vec(),
                 });
+            }
+            tag::SCHEMA => {
+                Downlink::Schema { version: r.varint()?, text: r.string(MAX_SCHEMA_BYTES, "schema text bytes")? }
             }
             tag::LEGACY_ACK => Downlink::LegacyAck { first_seq: r.zigzag()?, last_seq: r.zigzag()? },
             tag::LEGACY_NACK => Downlink::LegacyNack {
@@ -630,6 +650,7 @@ mod tests {
         }
         let downs = [
             Downlink::Welcome { epoch: e, node_counter: 5, device_seq: 9, node_elsewhere: true },
+            Downlink::Schema { version: 3, text: "[[table]]\nname = \"t\"".into() },
             Downlink::Ack {
                 epoch: e,
                 id: 4,

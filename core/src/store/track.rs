@@ -10,14 +10,14 @@ use crate::policy::{ColumnPolicy, TableSpec};
 
 /// One column as SQLite describes it.
 #[derive(Debug)]
-struct ColumnDesc {
-    name: String,
-    decl_type: String,
+pub(crate) struct ColumnDesc {
+    pub(crate) name: String,
+    pub(crate) decl_type: String,
     /// Position in the primary key (1-based), 0 if not part of it.
-    pk: i64,
+    pub(crate) pk: i64,
 }
 
-fn describe(conn: &Connection, table: &str) -> Result<(Vec<ColumnDesc>, bool)> {
+pub(crate) fn describe(conn: &Connection, table: &str) -> Result<(Vec<ColumnDesc>, bool)> {
     let exists: Option<bool> = conn
         .query_row(
             "SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main' AND type = 'table'",

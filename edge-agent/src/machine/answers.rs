@@ -68,6 +68,16 @@ impl Machine {
                     self.want_ship = true;
                 }
             }
+            (Awaiting::Schema, StoreResult::SchemaFollowed { version, changed, receives }) => {
+                self.live.schema_version = version;
+                if changed {
+                    tracing::info!(version, "following the sync schema");
+                    // New tables hold the app's rows as writes, and fetch what others wrote.
+                    self.cfg.receives = receives;
+                    self.want_ship = true;
+                    self.want_pull = true;
+                }
+            }
             (Awaiting::Cursor, StoreResult::Cursor { cursor, resets }) => {
                 let Some(epoch) = self.confirmed() else { return };
                 self.pull_resets = resets;
@@ -167,6 +177,14 @@ impl Machine {
     }
 
     pub(super) fn on_downlink(&mut self, msg: Downlink, out: &mut Vec<Action>) {
+        // A schema is no epoch's: it comes after every Welcome and whenever a gateway loads a
+        // new version, and the store follows only a version newer than its own.
+        if let Downlink::Schema { version, text } = msg {
+            if version > self.live.schema_version {
+                self.store(out, StoreOp::FollowSchema { version, text }, Awaiting::Schema);
+            }
+            return;
+        }
         if let Downlink::Welcome { epoch, node_counter, device_seq, node_elsewhere } = msg {
             match self.phase {
                 Phase::Handshake(Some(_)) => {

@@ -119,6 +119,12 @@ pub enum StoreOp {
     },
     /// Read the pull cursor (it lives in the store: `track` may reset it at any time).
     ReadCursor,
+    /// Follow this version of the declared sync schema (its TOML text): create, migrate and
+    /// track the tables it declares.
+    FollowSchema {
+        version: u64,
+        text: String,
+    },
 }
 
 /// Moves the pull cursor to `to`, and applies the page it comes with, only if the cursor is
@@ -150,6 +156,13 @@ pub enum StoreResult {
         cursor: Option<LogCursor>,
         resets: u64,
     },
+    /// Answer to `FollowSchema`: the version the store follows now, whether tracking
+    /// changed, and whether any tracked table takes remote writes.
+    SchemaFollowed {
+        version: u64,
+        changed: bool,
+        receives: bool,
+    },
     /// The store failed; the work is tried again later.
     Failed(String),
 }
@@ -170,4 +183,6 @@ pub struct LiveStatus {
     pub epoch_changes: u64,
     /// Times this store found itself behind its own past and took a new node id.
     pub node_changes: u64,
+    /// The sync schema version the store follows (0: none yet).
+    pub schema_version: u64,
 }

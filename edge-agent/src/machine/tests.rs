@@ -393,3 +393,25 @@ fn a_batch_answered_in_another_epoch_vouches_for_nothing() {
     assert!(matches!(store_op(&out), Some(StoreOp::Begin { .. })), "{out:?}");
     assert_eq!(m.receipts.shown(), [LogCursor { position: 2, tag: 22 }]);
 }
+
+#[test]
+fn a_newer_schema_is_followed_once_and_a_device_that_received_nothing_starts_pulling() {
+    let mut m = Machine::new(MachineConfig { receives: false, ..config() });
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 0);
+    m.handle(welcome(E1), 1);
+    // The schema arrives while the identity is being confirmed: it waits its turn.
+    let out = m.handle(Input::Downlink(Downlink::Schema { version: 2, text: "t".into() }), 1);
+    assert!(store_op(&out).is_none(), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::Confirmed(confirmed(None))), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::FollowSchema { version: 2, .. })), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::SchemaFollowed { version: 2, changed: true, receives: true }), 3);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "the declared tables are pulled: {out:?}");
+    assert_eq!(m.live().schema_version, 2);
+    m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 0 }), 3);
+    // The same version again, or an older one, asks nothing of the store.
+    for version in [2, 1] {
+        let out = m.handle(Input::Downlink(Downlink::Schema { version, text: "t".into() }), 4);
+        assert!(!out.iter().any(|a| matches!(a, Action::Store(StoreOp::FollowSchema { .. }))), "{out:?}");
+    }
+}

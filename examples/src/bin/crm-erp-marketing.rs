@@ -4,28 +4,19 @@
 //!
 //! Run: `cargo run -p driftless-examples --bin crm-erp-marketing`.
 
-use driftless_core::TableSpec;
 use driftless_examples::{Device, print_conflicts, start_cloud, wait_converged};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS prospects (
-    id TEXT PRIMARY KEY, name TEXT, job_title TEXT, email_opt_in INTEGER, billing_address TEXT)";
+const SCHEMA: &str = include_str!("../../schemas/crm-erp-marketing.toml");
 const SHOW: &str = "SELECT id, name, job_title, email_opt_in, billing_address FROM prospects";
-
-fn spec() -> anyhow::Result<TableSpec> {
-    Ok(TableSpec::new()
-        .column("job_title", "authority:crm>erp>marketing".parse()?)
-        .column("email_opt_in", "authority:marketing>crm>erp".parse()?)
-        .column("billing_address", "authority:erp>crm>marketing".parse()?))
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (broker, stop_cloud) = start_cloud(dir.path()).await?;
+    let (broker, stop_cloud) = start_cloud(dir.path(), SCHEMA).await?;
     let mut systems = vec![
-        Device::create(dir.path(), "crm", "crm", SCHEMA, "prospects", spec()?)?,
-        Device::create(dir.path(), "erp", "erp", SCHEMA, "prospects", spec()?)?,
-        Device::create(dir.path(), "marketing", "marketing", SCHEMA, "prospects", spec()?)?,
+        Device::create(dir.path(), "crm", "crm")?,
+        Device::create(dir.path(), "erp", "erp")?,
+        Device::create(dir.path(), "marketing", "marketing")?,
     ];
     for s in &mut systems {
         s.go_online(&broker).await?;

@@ -4,25 +4,10 @@
 //! Run: `cargo run -p driftless-examples --bin field-demo`. Nothing to install: the MQTT
 //! broker and the gateway run inside this process.
 
-use driftless_core::{ColumnPolicy, DeletePolicy, TableSpec};
 use driftless_examples::{Device, print_conflicts, start_cloud, wait_converged};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS inspections (
-    id        TEXT PRIMARY KEY,
-    site      TEXT NOT NULL,
-    status    TEXT NOT NULL,
-    inspector TEXT,
-    notes     TEXT,
-    spare_seals INTEGER NOT NULL DEFAULT 0
-)";
+const SCHEMA: &str = include_str!("../../schemas/field-demo.toml");
 const SHOW: &str = "SELECT id, status, inspector, notes, spare_seals FROM inspections ORDER BY id";
-
-fn spec() -> TableSpec {
-    TableSpec::new()
-        .column("spare_seals", ColumnPolicy::Counter)
-        .column("notes", ColumnPolicy::Manual)
-        .delete_policy(DeletePolicy::DeleteWins)
-}
 
 fn show(title: &str, devices: &[Device]) -> anyhow::Result<()> {
     println!("\n== {title}");
@@ -38,11 +23,11 @@ fn show(title: &str, devices: &[Device]) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     println!("driftless field demo: an embedded MQTT broker, a gateway and three field tablets");
-    let (broker, stop_cloud) = start_cloud(dir.path()).await?;
+    let (broker, stop_cloud) = start_cloud(dir.path(), SCHEMA).await?;
     let mut devices = vec![
-        Device::create(dir.path(), "anna", "field", SCHEMA, "inspections", spec())?,
-        Device::create(dir.path(), "ben", "field", SCHEMA, "inspections", spec())?,
-        Device::create(dir.path(), "chen", "field", SCHEMA, "inspections", spec())?,
+        Device::create(dir.path(), "anna", "field")?,
+        Device::create(dir.path(), "ben", "field")?,
+        Device::create(dir.path(), "chen", "field")?,
     ];
     for d in &mut devices {
         d.go_online(&broker).await?;

@@ -104,7 +104,13 @@ pub(super) fn merge(
     let mut skewed: BTreeMap<NodeId, Hlc> = BTreeMap::new();
     let mut counters: BTreeMap<NodeId, u64> = BTreeMap::new();
     for (index, row) in batch.rows.iter().enumerate() {
-        if let Some(reason) = check_key(&tx, tenant, row, &mut new_tables)? {
+        // A declared schema says everything about a row's shape; without one, the first
+        // change to a table sets its key arity.
+        let refused = match at.schema {
+            Some(schema) => schema.check_device_row(row).err(),
+            None => check_key(&tx, tenant, row, &mut new_tables)?,
+        };
+        if let Some(reason) = refused {
             outcome.refused.push((index, reason));
             continue;
         }

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 3;
+const VERSION: i64 = 4;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -126,6 +126,19 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             -- The receipt last given to each device: the `previous` of its next ack.
             ALTER TABLE gw_devices ADD COLUMN receipt_pos INTEGER;
             ALTER TABLE gw_devices ADD COLUMN receipt_tag INTEGER;
+            ",
+        )?;
+    }
+    if version == 3 {
+        conn.execute_batch(
+            "
+            -- Every version of the declared sync schema loaded, as its TOML text; the newest
+            -- is current. Versions only grow.
+            CREATE TABLE gw_sync_schema (
+                version   INTEGER PRIMARY KEY,
+                text      TEXT NOT NULL,
+                loaded_ms INTEGER NOT NULL
+            );
             ",
         )?;
     }
