@@ -11,7 +11,7 @@ use driftless_core::codec::{
     DecodeError, Dictionaries, EncodeOptions, Limits, declared_payload_len, decode_batch, encode_batch,
 };
 use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic};
-use driftless_core::{Batch, Epoch, LogCursor, SyncSchema};
+use driftless_core::{Batch, Epoch, LogCursor};
 
 use crate::error::{Error, MergeError, Result};
 use crate::storage::{GatewayStore, Incoming, MergeOutcome};
@@ -39,32 +39,6 @@ pub struct HandlerConfig {
     /// How far ahead of the gateway's clock a write's timestamp may be; later ones are
     /// bounded to the gateway's clock and flagged.
     pub max_clock_drift_ms: u64,
-    /// The declared sync schema: served to devices after every handshake and enforced on
-    /// every batch. `None`: no schema was ever loaded, and any table is taken.
-    pub schema: Option<std::sync::Arc<ServedSchema>>,
-}
-
-/// A sync schema version as the gateway serves it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServedSchema {
-    pub version: u64,
-    /// As loaded: devices parse the same text.
-    pub text: String,
-    pub schema: SyncSchema,
-}
-
-impl ServedSchema {
-    /// The schema the store holds as current, if any.
-    pub fn current(store: &mut dyn GatewayStore) -> Result<Option<ServedSchema>> {
-        let Some((version, text)) = store.schema()? else { return Ok(None) };
-        let schema = SyncSchema::parse(&text).map_err(|e| Error::Corrupt(format!("stored sync schema: {e}")))?;
-        Ok(Some(ServedSchema { version, text, schema }))
-    }
-
-    /// The message that carries it.
-    pub fn message(&self) -> Downlink {
-        Downlink::Schema { version: self.version, text: self.text.clone() }
-    }
 }
 
 impl Default for HandlerConfig {
@@ -77,7 +51,6 @@ impl Default for HandlerConfig {
             max_rows_per_message: 2_000,
             max_message_bytes: 4 << 20,
             max_clock_drift_ms: 5 * 60_000,
-            schema: None,
         }
     }
 }
@@ -185,7 +158,6 @@ fn process(
         last_seq,
         now_ms,
         max_drift_ms: cfg.max_clock_drift_ms,
-        schema: cfg.schema.as_deref().map(|s| &s.schema),
     };
     match msg {
         Uplink::Hello { node, ref receipts, epoch: claimed, .. } => {
@@ -205,7 +177,7 @@ fn process(
             });
             // Every handshake, so a device that was offline when a version was announced
             // follows it before it syncs.
-            if let Some(served) = &cfg.schema {
+            if let Some(served) = store.served_schema()? {
                 out.push(to(tenant, device, served.message()));
             }
             Ok(out)

@@ -20,6 +20,6 @@ pub mod service;
 pub mod storage;
 
 pub use error::{Error, MergeError, Result};
-pub use handler::{HandlerConfig, ServedSchema};
+pub use handler::HandlerConfig;
 pub use service::{GatewayConfig, run};
-pub use storage::{GatewayStore, SqliteStore};
+pub use storage::{GatewayStore, ServedSchema, SqliteStore};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
-use driftless_gateway::{GatewayConfig, ServedSchema, SqliteStore, broker, report, run};
+use driftless_gateway::{GatewayConfig, SqliteStore, broker, report, run};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "driftless cloud gateway: merges device changes and fans them out")]
@@ -157,7 +157,6 @@ async fn main() -> anyhow::Result<()> {
         let version = store.install_schema(&text).with_context(|| format!("loading {}", path.display()))?;
         tracing::info!(version, schema = %path.display(), "sync schema loaded");
     }
-    let schema = ServedSchema::current(&mut store)?.map(std::sync::Arc::new);
     let broker_addr: BrokerAddr = if args.embedded_broker {
         broker::start_embedded_broker(args.listen)?;
         BrokerAddr { host: args.listen.ip().to_string(), port: args.listen.port() }
@@ -171,7 +170,6 @@ async fn main() -> anyhow::Result<()> {
     config.share_group = args.share_group;
     config.tenant = args.tenant;
     config.handler.max_clock_drift_ms = args.max_clock_drift_ms;
-    config.handler.schema = schema;
     config.dead_letter_retention =
         (args.dead_letter_retention_days > 0).then(|| Duration::from_secs(args.dead_letter_retention_days * 86_400));
     tracing::info!(db = %args.db.display(), "gateway starting");

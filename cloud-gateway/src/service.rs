@@ -139,7 +139,7 @@ pub async fn run<S: GatewayStore + 'static>(
 /// topic, so running devices follow a new version as soon as it is loaded, and a device that
 /// subscribes later gets it at once.
 async fn announce_schema<S: GatewayStore>(client: &AsyncClient, store: &mut S, config: &GatewayConfig) -> Result<()> {
-    let Some(served) = &config.handler.schema else { return Ok(()) };
+    let Some(served) = store.served_schema()? else { return Ok(()) };
     let tenants = if config.tenant == "+" { store.tenants()? } else { vec![config.tenant.clone()] };
     let payload = served.message().encode();
     for tenant in tenants {
@@ -176,6 +176,15 @@ enum Handled {
     Failed(String),
 }
 
+/// Whether a storage error is the storage's state rather than anything the message holds.
+fn is_transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen | OutOfMemory | ReadOnly)
+    )
+}
+
 /// Handles one delivery on a blocking thread: attempt bookkeeping, retries of transient
 /// storage errors, and panics caught.
 fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publish: &Publish) -> Result<Handled> {
@@ -192,9 +201,10 @@ fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publi
     {
         return Ok(Handled::SetAside);
     }
+    let mut count = 0;
     if guarded {
         // Counted before trying, so a crash is counted too.
-        let count = store.note_attempt(&key)?;
+        count = store.note_attempt(&key)?;
         if count == MAX_ATTEMPTS {
             let (tenant, device) = driftless_core::protocol::parse_uplink_topic(&publish.topic).unwrap_or(("", ""));
             let reason = format!("the gateway failed on this message {count} times; kept for replay, not refused");
@@ -213,16 +223,17 @@ fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publi
                 }
                 return Ok(Handled::Done(out));
             }
-            Ok(Err(Error::Sqlite(e))) if attempt < 4 => {
+            Ok(Err(Error::Sqlite(e))) if attempt < 4 && is_transient(&e) => {
                 tracing::warn!(attempt, "storage error, retrying in {delay:?}: {e}");
                 std::thread::sleep(delay);
                 delay *= 4;
             }
-            // Storage that keeps failing is the gateway's fault, not the message's: it is not
-            // counted towards setting the message aside, so once storage is repaired it
-            // merges at the next redelivery rather than after a quarantine.
-            Ok(Err(e @ Error::Sqlite(_))) => {
-                if guarded {
+            // Storage that keeps failing (busy, full, I/O) is the gateway's fault, not the
+            // message's: it is not counted towards setting the message aside, so once storage
+            // is repaired it merges at the next redelivery rather than after a quarantine.
+            // (Unless this attempt was the one that set it aside: its dead letter is written.)
+            Ok(Err(Error::Sqlite(e))) if is_transient(&e) => {
+                if guarded && count < MAX_ATTEMPTS {
                     store.unnote_attempt(&key)?;
                 }
                 return Ok(Handled::Failed(e.to_string()));

@@ -7,6 +7,7 @@ mod sqlite;
 
 pub use self::sqlite::SqliteStore;
 
+use driftless_core::protocol::Downlink;
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
 
 use crate::error::{MergeError, Result};
@@ -23,8 +24,28 @@ pub struct Incoming<'a> {
     pub now_ms: u64,
     /// How far ahead of `now_ms` a write's timestamp may be before it is bounded.
     pub max_drift_ms: u64,
-    /// The declared sync schema every row must fit, if one is loaded.
-    pub schema: Option<&'a SyncSchema>,
+}
+
+/// A sync schema version as the gateway serves it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedSchema {
+    pub version: u64,
+    /// As loaded: devices parse the same text.
+    pub text: String,
+    pub schema: SyncSchema,
+}
+
+impl ServedSchema {
+    /// A stored version, parsed.
+    pub fn parse(version: u64, text: String) -> Result<ServedSchema> {
+        let schema = SyncSchema::parse(&text).map_err(|e| crate::Error::Corrupt(format!("stored sync schema: {e}")))?;
+        Ok(ServedSchema { version, text, schema })
+    }
+
+    /// The message that carries it.
+    pub fn message(&self) -> Downlink {
+        Downlink::Schema { version: self.version, text: self.text.clone() }
+    }
 }
 
 /// What merging one device batch did.
@@ -212,9 +233,10 @@ pub trait GatewayStore: Send {
     /// Nodes of a tenant seen writing with clocks beyond the allowed drift.
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>>;
 
-    /// The current declared sync schema: its version and TOML text (`None` if none was ever
-    /// loaded).
-    fn schema(&mut self) -> Result<Option<(u64, String)>>;
+    /// The current declared sync schema (`None` if none was ever loaded), as stored now:
+    /// another instance sharing the store may have loaded a newer version. Every merge
+    /// enforces the version current when it runs.
+    fn served_schema(&mut self) -> Result<Option<std::sync::Arc<ServedSchema>>>;
 
     /// Makes `text` the current sync schema, checked against the current one (see
     /// [`SyncSchema::check_replaces`]); returns its version. The same schema as the current

@@ -40,7 +40,7 @@ use crate::value::Value;
 pub enum ColumnType {
     /// A 64-bit signed integer.
     Integer,
-    /// An IEEE 754 double (integers are taken as their nearest double, as SQLite does).
+    /// An IEEE 754 double.
     Real,
     /// UTF-8 text without NUL characters.
     Text,
@@ -83,7 +83,9 @@ impl ColumnType {
         let fits = match (self, value) {
             (_, Value::Null) => true,
             (ColumnType::Integer, Value::Integer(_)) => true,
-            (ColumnType::Real, Value::Real(_) | Value::Integer(_)) => true,
+            // Not integers: a REAL column stores them as reals, so a replica holding the
+            // integer would disagree with every one holding the real.
+            (ColumnType::Real, Value::Real(_)) => true,
             (ColumnType::Text, Value::Text(t)) => {
                 return t.contains('\0').then(|| "text with a NUL character".to_owned());
             }
@@ -156,14 +158,24 @@ impl SchemaTable {
     /// `CREATE TABLE` for SQLite: a STRICT table, so a value of the wrong type is refused
     /// when the app writes it rather than later by the gateway.
     pub fn sqlite_create(&self) -> String {
+        self.sqlite_create_named(&self.name)
+    }
+
+    /// [`SchemaTable::sqlite_create`] under another name (the gateway qualifies it by tenant).
+    pub fn sqlite_create_named(&self, name: &str) -> String {
         let mut defs: Vec<String> = self.columns.iter().map(|c| self.sqlite_column(c)).collect();
         defs.push(format!("PRIMARY KEY ({})", self.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ")));
-        format!("CREATE TABLE {} (\n  {}\n) STRICT", quote(&self.name), defs.join(",\n  "))
+        format!("CREATE TABLE {} (\n  {}\n) STRICT", quote(name), defs.join(",\n  "))
     }
 
     /// `ALTER TABLE ... ADD COLUMN` for a column added by a later version.
     pub fn sqlite_add_column(&self, column: &SchemaColumn) -> String {
-        format!("ALTER TABLE {} ADD COLUMN {}", quote(&self.name), self.sqlite_column(column))
+        self.sqlite_add_column_named(&self.name, column)
+    }
+
+    /// [`SchemaTable::sqlite_add_column`] on a table of another name.
+    pub fn sqlite_add_column_named(&self, name: &str, column: &SchemaColumn) -> String {
+        format!("ALTER TABLE {} ADD COLUMN {}", quote(name), self.sqlite_column(column))
     }
 
     fn sqlite_column(&self, c: &SchemaColumn) -> String {
@@ -247,6 +259,9 @@ pub enum SchemaError {
     Table { table: String, detail: String },
     #[error("the schema is invalid: {0}")]
     Invalid(String),
+    /// The first schema of a store that already holds rows, contradicting them.
+    #[error("the schema does not fit the rows already synced: {}", .0.join("; "))]
+    UnfitRows(Vec<String>),
     /// Changes no running fleet can follow (a column dropped, a type or key changed).
     #[error("the new schema cannot replace version {from}: {}", .changes.join("; "))]
     Incompatible { from: u64, changes: Vec<String> },
@@ -315,8 +330,12 @@ impl SyncSchema {
                 if (is_key || counter) && nullable {
                     return Err(bad(format!("column {:?}: key columns and counters cannot be nullable", c.name)));
                 }
-                // A counter shows the sum of everyone's increments: 0 before any.
-                let default = if counter { default.or(Some(Value::Integer(0))) } else { default };
+                // A counter shows the sum of everyone's increments: 0 before any. Any other
+                // default would be counted again as an increment by every device holding it.
+                if counter && default.as_ref().is_some_and(|d| *d != Value::Integer(0)) {
+                    return Err(bad(format!("counter {:?} starts at 0; it cannot have another default", c.name)));
+                }
+                let default = if counter { Some(Value::Integer(0)) } else { default };
                 columns.push(SchemaColumn { name: c.name.clone(), ty: c.ty, nullable, default, policy });
             }
             let table = SchemaTable {
@@ -387,9 +406,11 @@ impl SyncSchema {
 }
 
 fn check_table(t: &SchemaTable, roles: &[String]) -> Result<(), String> {
-    if t.name.is_empty() || t.name.starts_with("_driftless_") || t.name.starts_with("gw_") || t.name.contains('\u{1f}')
-    {
-        return Err("this table name is reserved or empty".into());
+    if !plain_identifier(&t.name) {
+        return Err("a table name is a letter or _ then letters, digits or _ (at most 63)".into());
+    }
+    if t.name.starts_with("_driftless") || t.name.starts_with("gw_") {
+        return Err("this table name is reserved".into());
     }
     if t.key.is_empty() {
         return Err("a key is required: rows are told apart by it on every replica".into());
@@ -401,7 +422,10 @@ fn check_table(t: &SchemaTable, roles: &[String]) -> Result<(), String> {
     if t.columns.len() > limits.max_columns {
         return Err(format!("at most {} columns", limits.max_columns));
     }
-    for k in &t.key {
+    for (i, k) in t.key.iter().enumerate() {
+        if t.key[..i].contains(k) {
+            return Err(format!("key column {k:?} is listed twice"));
+        }
         let c = t.column(k).ok_or_else(|| format!("key column {k:?} is not declared"))?;
         if c.policy != ColumnPolicy::Lww {
             return Err(format!("key column {k:?} cannot have a policy"));
@@ -412,8 +436,8 @@ fn check_table(t: &SchemaTable, roles: &[String]) -> Result<(), String> {
         return Err(format!("key column {:?} is a lone integer; use text (UUID, ULID) or a composite key", t.key[0]));
     }
     for c in &t.columns {
-        if c.name.is_empty() {
-            return Err("a column has an empty name".into());
+        if !plain_identifier(&c.name) {
+            return Err(format!("column name {:?}: a letter or _ then letters, digits or _ (at most 63)", c.name));
         }
         if c.policy == ColumnPolicy::Counter && c.ty != ColumnType::Integer {
             return Err(format!("counter {:?} must be an integer", c.name));
@@ -430,6 +454,15 @@ fn check_table(t: &SchemaTable, roles: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether `name` can name a table or column in every store without surprises: the gateway
+/// qualifies tables by tenant with a dot, and PostgreSQL limits names to 63 bytes.
+fn plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// A TOML default as a value (integers, floats, strings and booleans as 0/1).
@@ -458,7 +491,7 @@ fn sql_literal(v: &Value) -> String {
 }
 
 /// An identifier quoted for SQL.
-fn quote(name: &str) -> String {
+pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

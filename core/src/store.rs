@@ -333,7 +333,7 @@ impl Store {
         let schema = crate::schema::SyncSchema::parse(text)?;
         self.transact(|tx, inner| {
             let done = declared::apply(tx, inner, &schema, version, text)?;
-            if !done.tracked.is_empty() {
+            if !done.tracked.is_empty() || !done.untracked.is_empty() {
                 inner.bump_meta_version(tx)?;
             }
             Ok(done)
@@ -350,14 +350,8 @@ impl Store {
     /// nothing; remote changes to it are skipped meanwhile.
     pub fn untrack(&mut self, table: &str) -> Result<()> {
         self.transact(|tx, inner| {
-            // Sealed first, while the app table still has the shape its journal was written
-            // for: after untrack the app may alter it, and unsealed writes would be unreadable.
-            // A table that already changed shape cannot be sealed (nothing is written before
-            // that check); its journal then waits, as it would have anyway.
-            match seal::seal(tx, inner) {
-                Ok(_) | Err(Error::SchemaChanged { .. }) => {}
-                Err(e) => return Err(e),
-            }
+            // Not sealed here: only the sync layer seals, once the gateway has confirmed this
+            // store's node id (a store restored from a backup would reissue dots otherwise).
             track::untrack(tx, inner, table)?;
             inner.bump_meta_version(tx)
         })

@@ -17,6 +17,12 @@ impl Roles for std::collections::HashMap<NodeId, String> {
     }
 }
 
+impl Roles for std::collections::BTreeMap<NodeId, String> {
+    fn role(&self, node: NodeId) -> Option<&str> {
+        self.get(&node).map(String::as_str)
+    }
+}
+
 /// The entry a policy shows among concurrent ones, `None` for an empty register.
 pub fn resolve<'a>(reg: &'a Register<Value>, policy: &ColumnPolicy, roles: &dyn Roles) -> Option<&'a Entry<Value>> {
     let lww_key = |e: &Entry<Value>| (e.hlc, e.dot.node, e.dot.counter);

@@ -107,3 +107,27 @@ fn a_local_table_that_contradicts_the_schema_is_named_and_nothing_changes() {
     exec(&mut s, "CREATE TABLE drafts (id TEXT PRIMARY KEY, body TEXT)");
     assert!(s.follow_schema(2, &v2()).is_ok());
 }
+
+#[test]
+fn a_schema_that_would_recount_or_orphan_synced_data_is_refused_or_untracks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = store(dir.path(), "s.db");
+    // Synced so far by hand: parts by value, and a table the schema does not name.
+    s.write(|tx| {
+        Ok(tx.execute_batch(
+            "CREATE TABLE work_orders (id TEXT PRIMARY KEY, title TEXT, parts INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE drafts (id TEXT PRIMARY KEY, body TEXT);",
+        )?)
+    })
+    .expect("create");
+    s.track("work_orders", driftless_core::TableSpec::new()).expect("track");
+    s.track("drafts", driftless_core::TableSpec::new()).expect("track");
+    let err = s.follow_schema(1, V1).expect_err("parts would become a counter");
+    assert!(err.to_string().contains("\"parts\" is synced by value here"), "{err}");
+    assert_eq!(s.tracked().len(), 2, "nothing changed");
+    // Declared as it is synced, the schema is followed and the undeclared table untracked.
+    let by_value = V1.replace("policy = \"counter\"", "");
+    let done = s.follow_schema(1, &by_value).expect("follow");
+    assert_eq!(done.untracked, vec!["drafts".to_owned()]);
+    assert_eq!(s.tracked().iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), vec!["work_orders"]);
+}

@@ -177,20 +177,6 @@ fn untrack_stops_capturing_but_still_ships_what_was_written_before() {
 }
 
 #[test]
-fn writes_made_before_untrack_ship_even_if_the_table_is_altered_after() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
-    exec(&mut store, "INSERT INTO inspections(id, status) VALUES ('i1', 'done')");
-    store.untrack("inspections").expect("untrack");
-    // Untracked tables are the app's to reshape; the write made while tracked is not lost.
-    exec(&mut store, "ALTER TABLE inspections DROP COLUMN status");
-    let out = store.outbox_batch(10).expect("outbox").expect("the write made while tracked");
-    assert_eq!(out.batch.rows.len(), 1);
-    assert_eq!(out.batch.rows[0].pk, vec![text("i1")]);
-    assert!(store.refused().expect("refused").is_empty());
-}
-
-#[test]
 fn only_acknowledged_entries_leave_the_outbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());

@@ -59,7 +59,11 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
             StoreOp::FollowSchema { version, text } => {
                 let done = store.follow_schema(version, &text)?;
                 let receives = store.tracked().iter().any(|(_, spec)| spec.direction != Direction::UpOnly);
-                StoreResult::SchemaFollowed { version: done.version, changed: !done.tracked.is_empty(), receives }
+                StoreResult::SchemaFollowed {
+                    version: done.version,
+                    changed: !done.tracked.is_empty() || !done.untracked.is_empty(),
+                    receives,
+                }
             }
             StoreOp::Apply { batch, cursor } => {
                 let report = match cursor {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use driftless_agent::{Agent, AgentConfig};
 use driftless_core::protocol::BrokerAddr;
 use driftless_core::{Store, StoreOptions};
-use driftless_gateway::{GatewayConfig, GatewayStore as _, ServedSchema, SqliteStore};
+use driftless_gateway::{GatewayConfig, GatewayStore as _, SqliteStore};
 use tokio::sync::oneshot;
 
 /// Starts an embedded MQTT broker on a free loopback port and a gateway on it, serving the
@@ -20,8 +20,7 @@ pub async fn start_cloud(dir: &Path, schema: &str) -> anyhow::Result<(BrokerAddr
     let broker = BrokerAddr { host: "127.0.0.1".into(), port };
     let mut store = SqliteStore::open(dir.join("gateway.db"))?;
     store.install_schema(schema)?;
-    let mut config = GatewayConfig::new(broker.clone());
-    config.handler.schema = ServedSchema::current(&mut store)?.map(std::sync::Arc::new);
+    let config = GatewayConfig::new(broker.clone());
     let ready = config.ready.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -84,27 +83,7 @@ impl Device {
 
     /// Rows of a query, each formatted as one line.
     pub fn lines(&self, sql: &str) -> anyhow::Result<Vec<String>> {
-        let conn = rusqlite::Connection::open(&self.db)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        let mut stmt = conn.prepare(sql)?;
-        let n = stmt.column_count();
-        let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
-        let rows = stmt.query_map([], |r| {
-            let mut parts = Vec::new();
-            for (i, name) in names.iter().enumerate().take(n) {
-                let v: rusqlite::types::Value = r.get(i)?;
-                let shown = match v {
-                    rusqlite::types::Value::Null => "NULL".to_owned(),
-                    rusqlite::types::Value::Integer(i) => i.to_string(),
-                    rusqlite::types::Value::Real(f) => f.to_string(),
-                    rusqlite::types::Value::Text(t) => format!("{t:?}"),
-                    rusqlite::types::Value::Blob(b) => format!("<{} bytes>", b.len()),
-                };
-                parts.push(format!("{name}={shown}"));
-            }
-            Ok(parts.join("  "))
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        lines(&self.db, sql)
     }
 
     /// Runs `f` on the device's store: through the running agent (the one writer) when
@@ -175,4 +154,30 @@ pub async fn wait_converged(devices: &[Device], sql: &str, done: impl Fn(&[Strin
         anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "devices did not converge within 60 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Rows of a query on the database at `db` (a device's, or the gateway's), each formatted as
+/// one line.
+pub fn lines(db: &Path, sql: &str) -> anyhow::Result<Vec<String>> {
+    let conn = rusqlite::Connection::open(db)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let mut stmt = conn.prepare(sql)?;
+    let n = stmt.column_count();
+    let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+    let rows = stmt.query_map([], |r| {
+        let mut parts = Vec::new();
+        for (i, name) in names.iter().enumerate().take(n) {
+            let v: rusqlite::types::Value = r.get(i)?;
+            let shown = match v {
+                rusqlite::types::Value::Null => "NULL".to_owned(),
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Real(f) => f.to_string(),
+                rusqlite::types::Value::Text(t) => format!("{t:?}"),
+                rusqlite::types::Value::Blob(b) => format!("<{} bytes>", b.len()),
+            };
+            parts.push(format!("{name}={shown}"));
+        }
+        Ok(parts.join("  "))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }

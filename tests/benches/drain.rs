@@ -108,7 +108,6 @@ fn merge_directly(device: &std::path::Path, gateway: &std::path::Path) -> anyhow
             last_seq: *last_seq,
             now_ms,
             max_drift_ms: 300_000,
-            schema: None,
         };
         gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
     }

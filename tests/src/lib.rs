@@ -139,8 +139,6 @@ impl Gateway {
             store.install_schema(text).expect("schema loads");
         }
         let mut config = GatewayConfig::new(broker.clone());
-        config.handler.schema =
-            driftless_gateway::ServedSchema::current(&mut store).expect("stored schema").map(std::sync::Arc::new);
         config.client_id = format!("gw-{tenant}");
         config.share_group = format!("gw-{tenant}");
         config.tenant = tenant.to_owned();

@@ -2,9 +2,11 @@
 
 mod merge;
 mod schema;
+mod tables;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use driftless_core::codec::{Limits, decode_payload};
@@ -14,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
-    SkewedNode, SnapshotPage,
+    ServedSchema, SkewedNode, SnapshotPage,
 };
 use crate::error::{Error, MergeError, Result};
 
@@ -51,6 +53,9 @@ impl Tags {
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Connection,
+    path: PathBuf,
+    /// The sync schema version last read, parsed.
+    schema: Option<Arc<ServedSchema>>,
     limits: Limits,
     /// Each tenant's current epoch and since when, as read or written by this instance.
     epochs: HashMap<String, (Epoch, i64)>,
@@ -74,7 +79,8 @@ impl SqliteStore {
     }
 
     fn open_with(path: impl AsRef<Path>, flags: OpenFlags) -> Result<SqliteStore> {
-        let mut conn = Connection::open_with_flags(path, flags)?;
+        let path = path.as_ref().to_path_buf();
+        let mut conn = Connection::open_with_flags(&path, flags)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: an ack tells the device to delete its copy, so a merge must survive power loss.
@@ -82,7 +88,19 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         schema::upgrade(&tx)?;
         tx.commit()?;
-        Ok(SqliteStore { conn, limits: Limits::default(), epochs: HashMap::new(), tags: Tags::new()? })
+        Ok(SqliteStore {
+            conn,
+            path,
+            schema: None,
+            limits: Limits::default(),
+            epochs: HashMap::new(),
+            tags: Tags::new()?,
+        })
+    }
+
+    /// The database file: the real tables in it are for anyone to read with plain SQL.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Batch> {
@@ -109,6 +127,53 @@ fn current_epoch(conn: &Connection, tenant: &str) -> Result<Option<(Epoch, i64)>
         .optional()?;
     row.map(|(b, since)| Ok((Epoch(b.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?), since)))
         .transpose()
+}
+
+/// How the rows stored so far contradict `schema` (at most a few of each kind).
+fn unfit_rows(conn: &Connection, limits: &Limits, schema: &SyncSchema) -> Result<Vec<String>> {
+    let mut unfit: Vec<String> = Vec::new();
+    let mut note = |problem: String| {
+        if !unfit.contains(&problem) && unfit.len() < 20 {
+            unfit.push(problem);
+        }
+    };
+    for table in &schema.tables {
+        let arities: Vec<i64> = conn
+            .prepare("SELECT DISTINCT key_len FROM gw_tables WHERE tbl = ?1")?
+            .query_map([&table.name], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for n in arities.into_iter().filter(|n| *n as usize != table.key.len()) {
+            note(format!("rows of {:?} have {n} key columns; the schema declares {}", table.name, table.key.len()));
+        }
+        let mut stmt = conn.prepare("SELECT state FROM gw_rows WHERE tbl = ?1")?;
+        let mut rows = stmt.query([&table.name])?;
+        while let Some(r) = rows.next()? {
+            let bytes: Vec<u8> = r.get(0)?;
+            let b = decode_payload(&bytes, limits).map_err(|e| Error::Corrupt(format!("stored row: {e}")))?;
+            for row in &b.rows {
+                for name in row.state.fields.keys() {
+                    match table.column(name) {
+                        None => {
+                            note(format!("rows of {:?} hold column {name:?}, which it does not declare", table.name))
+                        }
+                        Some(c) if c.policy == driftless_core::ColumnPolicy::Counter => {
+                            note(format!("{:?}.{name:?} holds values; the schema declares a counter", table.name))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                for name in row.state.counters.keys() {
+                    if table.column(name).is_none_or(|c| c.policy != driftless_core::ColumnPolicy::Counter) {
+                        note(format!(
+                            "{:?}.{name:?} is synced as a counter; the schema does not declare one",
+                            table.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(unfit)
 }
 
 /// Snapshot resume tokens: table name length, table name, encoded key.
@@ -183,7 +248,8 @@ impl GatewayStore for SqliteStore {
 
     fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
         let tag = self.tags.next();
-        merge::merge(&mut self.conn, &self.limits, from, tag, batch)
+        let schema = self.served_schema()?;
+        merge::merge(&mut self.conn, &self.limits, from, schema.as_deref(), tag, batch)
     }
 
     fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
@@ -382,14 +448,18 @@ impl GatewayStore for SqliteStore {
         Ok(())
     }
 
-    fn schema(&mut self) -> Result<Option<(u64, String)>> {
-        let row: Option<(i64, String)> = self
-            .conn
-            .query_row("SELECT version, text FROM gw_sync_schema ORDER BY version DESC LIMIT 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        Ok(row.map(|(v, t)| (v as u64, t)))
+    fn served_schema(&mut self) -> Result<Option<Arc<ServedSchema>>> {
+        let version: Option<i64> = self.conn.query_row("SELECT max(version) FROM gw_sync_schema", [], |r| r.get(0))?;
+        let Some(version) = version.map(|v| v as u64) else { return Ok(None) };
+        if let Some(cached) = self.schema.as_ref().filter(|s| s.version == version) {
+            return Ok(Some(cached.clone()));
+        }
+        let text: String =
+            self.conn
+                .query_row("SELECT text FROM gw_sync_schema WHERE version = ?1", [version as i64], |r| r.get(0))?;
+        let served = Arc::new(ServedSchema::parse(version, text)?);
+        self.schema = Some(served.clone());
+        Ok(Some(served))
     }
 
     fn install_schema(&mut self, text: &str) -> Result<u64> {
@@ -409,7 +479,14 @@ impl GatewayStore for SqliteStore {
                 new.check_replaces(&old, version as u64)?;
                 version + 1
             }
-            None => 1,
+            None => {
+                // Rows synced before any schema must fit the first one.
+                let unfit = unfit_rows(&tx, &self.limits, &new)?;
+                if !unfit.is_empty() {
+                    return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
+                }
+                1
+            }
         };
         tx.execute(
             "INSERT INTO gw_sync_schema(version, text, loaded_ms) VALUES (?1, ?2, ?3)",

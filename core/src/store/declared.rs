@@ -7,6 +7,7 @@ use rusqlite::Connection;
 
 use super::{Inner, cursor, settings, track};
 use crate::error::{Error, Result};
+use crate::policy::ColumnPolicy;
 use crate::schema::{SchemaTable, SyncSchema};
 
 /// What following a schema version did.
@@ -20,6 +21,8 @@ pub struct SchemaApplied {
     pub added: Vec<(String, String)>,
     /// Tables whose tracking started or changed.
     pub tracked: Vec<String>,
+    /// Tables tracked before that the schema does not name: no longer synced.
+    pub untracked: Vec<String>,
 }
 
 const VERSION_KEY: &str = "sync_schema_version";
@@ -61,17 +64,44 @@ pub(crate) fn apply(
             Ok((local, _)) => migrate(conn, table, &local)?,
         };
         let spec = table.spec();
-        let unchanged = inner
-            .catalog
-            .by_name(&table.name)
-            .map(|t| &inner.catalog.tables[t])
-            .is_some_and(|t| t.tracked && t.spec == spec);
+        let before = inner.catalog.by_name(&table.name).map(|t| &inner.catalog.tables[t]);
+        // A column synced so far as a counter keeps per-node totals, any other keeps values:
+        // switching would count every value again as an increment, or drop the totals.
+        if let Some(old) = before {
+            for c in &table.columns {
+                let was = matches!(old.spec.policy(&c.name), ColumnPolicy::Counter);
+                if was != (c.policy == ColumnPolicy::Counter) && old.app.iter().any(|a| a.name == c.name) {
+                    return Err(Error::SchemaMismatch {
+                        table: table.name.clone(),
+                        detail: format!(
+                            "column {:?} is synced {} here; the schema makes it {}",
+                            c.name,
+                            if was { "as a counter" } else { "by value" },
+                            if was { "a plain column" } else { "a counter" }
+                        ),
+                    });
+                }
+            }
+        }
+        let unchanged = before.is_some_and(|t| t.tracked && t.spec == spec);
         done.added.extend(added.iter().map(|c| (table.name.clone(), c.clone())));
         if unchanged && added.is_empty() {
             continue;
         }
         bootstrap |= track::track(conn, inner, &table.name, spec)?.needs_bootstrap;
         done.tracked.push(table.name.clone());
+    }
+    // Tables the schema does not name are the app's own: the gateway refuses their rows.
+    let undeclared: Vec<String> = inner
+        .catalog
+        .tables
+        .iter()
+        .filter(|t| t.tracked && schema.table(&t.name).is_none())
+        .map(|t| t.name.clone())
+        .collect();
+    for name in undeclared {
+        track::untrack(conn, inner, &name)?;
+        done.untracked.push(name);
     }
     if bootstrap {
         cursor::reset(conn)?;

@@ -4,7 +4,7 @@
 //! Run: `cargo run -p driftless-examples --bin field-demo`. Nothing to install: the MQTT
 //! broker and the gateway run inside this process.
 
-use driftless_examples::{Device, print_conflicts, start_cloud, wait_converged};
+use driftless_examples::{Device, lines, print_conflicts, start_cloud, wait_converged};
 
 const SCHEMA: &str = include_str!("../../schemas/field-demo.toml");
 const SHOW: &str = "SELECT id, status, inspector, notes, spare_seals FROM inspections ORDER BY id";
@@ -90,6 +90,13 @@ async fn main() -> anyhow::Result<()> {
         "  conflicts needing review on chen's tablet: {}",
         open.iter().filter(|c| c.record.needs_resolution()).count()
     );
+
+    // The cloud copy is a real table in the gateway's database, for any SQL client.
+    println!("\n== the cloud database (sqlite3 gateway.db 'SELECT ... FROM \"demo.inspections\"')");
+    let cloud_sql = SHOW.replace("FROM inspections", "FROM \"demo.inspections\"");
+    for line in lines(&dir.path().join("gateway.db"), &cloud_sql)? {
+        println!("  cloud  {line}");
+    }
 
     for d in &mut devices {
         d.go_offline().await;

@@ -14,8 +14,9 @@ use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
 use driftless_core::{Batch, Hlc, NodeId, RowChange, Value, bound_future_timestamps, join_row};
 use rusqlite::{Connection, OptionalExtension, Transaction};
 
+use super::tables;
 use crate::error::{Error, MergeError};
-use crate::storage::{Incoming, MergeOutcome};
+use crate::storage::{Incoming, MergeOutcome, ServedSchema};
 
 /// Why this store cannot take a row's key, if it cannot. `arity` holds the key arity of
 /// tables learned so far in this batch (new tables are recorded once their first row merges).
@@ -85,6 +86,7 @@ pub(super) fn merge(
     conn: &mut Connection,
     limits: &Limits,
     at: &Incoming<'_>,
+    schema: Option<&ServedSchema>,
     tag: u64,
     batch: &Batch,
 ) -> Result<MergeOutcome, MergeError> {
@@ -96,6 +98,9 @@ pub(super) fn merge(
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let tenant = at.tenant;
+    if let Some(served) = schema {
+        tables::materialize(&tx, limits, tenant, served)?;
+    }
     let mut new_tables: HashMap<String, usize> = HashMap::new();
     let limit = Hlc::new(at.now_ms.saturating_add(at.max_drift_ms), u16::MAX);
     let bound = Hlc::new(at.now_ms, 0);
@@ -106,8 +111,8 @@ pub(super) fn merge(
     for (index, row) in batch.rows.iter().enumerate() {
         // A declared schema says everything about a row's shape; without one, the first
         // change to a table sets its key arity.
-        let refused = match at.schema {
-            Some(schema) => schema.check_device_row(row).err(),
+        let refused = match schema {
+            Some(served) => served.schema.check_device_row(row).err(),
             None => check_key(&tx, tenant, row, &mut new_tables)?,
         };
         if let Some(reason) = refused {
@@ -140,6 +145,9 @@ pub(super) fn merge(
         }
         outcome.applied += 1;
         roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
+        if let Some(table) = schema.and_then(|s| s.schema.table(&row.table)) {
+            tables::write_row(&tx, tenant, table, &current, &roles)?;
+        }
         tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
             .execute(rusqlite::params![tenant, row.table, key, one_row_payload(&roles, current)])?;
         changed.rows.push(incoming);

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 4;
+const VERSION: i64 = 5;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -139,6 +139,17 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 text      TEXT NOT NULL,
                 loaded_ms INTEGER NOT NULL
             );
+            ",
+        )?;
+    }
+    if version == 4 {
+        conn.execute_batch(
+            "
+            -- The schema version each tenant's real tables (\"TENANT.TABLE\") follow.
+            CREATE TABLE gw_tenant_tables (
+                tenant  TEXT PRIMARY KEY,
+                version INTEGER NOT NULL
+            ) WITHOUT ROWID;
             ",
         )?;
     }

@@ -17,8 +17,7 @@ fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch {
 }
 
 fn merge(gw: &mut SqliteStore, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
-    let from =
-        Incoming { tenant: "acme", device, first_seq: 1, last_seq: 2, now_ms: NOW, max_drift_ms: DRIFT, schema: None };
+    let from = Incoming { tenant: "acme", device, first_seq: 1, last_seq: 2, now_ms: NOW, max_drift_ms: DRIFT };
     gw.merge(&from, batch)
 }
 
@@ -162,7 +161,6 @@ fn one_bad_row_is_refused_and_the_rest_of_its_batch_merged() {
         last_seq: i64::MAX,
         now_ms: NOW,
         max_drift_ms: DRIFT,
-        schema: None,
     };
     assert!(matches!(gw.merge(&from, &batch), Err(MergeError::Refused(_))), "an impossible range");
 }
@@ -196,7 +194,7 @@ fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
         "ALTER TABLE gw_devices DROP COLUMN receipt_pos; ALTER TABLE gw_devices DROP COLUMN receipt_tag;
-         DROP TABLE gw_sync_schema; PRAGMA user_version = 2;",
+         DROP TABLE gw_sync_schema; DROP TABLE gw_tenant_tables; PRAGMA user_version = 2;",
     )
     .expect("downgrade");
     drop(conn);

@@ -1,0 +1,208 @@
+//! The merged rows of every declared table as a real table, one per tenant and table, named
+//! `"TENANT.TABLE"`: typed columns, the declared key, and the values every device shows (a
+//! manual conflict's provisional winner, a counter's sum). They are written in the same
+//! transaction as the causal state and the log, so plain SQL (the sqlite3 shell, a report, an
+//! integration) always reads what was acknowledged. Conflicts that need someone's review are
+//! listed in `"TENANT._driftless_conflicts"`.
+//!
+//! Tables are made per tenant when its first batch merges under a schema version, and brought
+//! to a later version (new tables, added columns) the same way; either refills the table from
+//! the causal state, which holds every column a device ever sent.
+
+use std::collections::BTreeMap;
+
+use driftless_core::codec::{Limits, decode_payload, encode_key};
+use driftless_core::schema::quote;
+use driftless_core::{ColumnPolicy, NodeId, RowChange, SchemaTable, Value, conflicts, row_values};
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+use crate::storage::ServedSchema;
+
+/// The real table of `table` for `tenant`.
+pub(crate) fn table_name(tenant: &str, table: &str) -> String {
+    format!("{tenant}.{table}")
+}
+
+fn conflicts_name(tenant: &str) -> String {
+    format!("{tenant}._driftless_conflicts")
+}
+
+/// Makes sure the tenant's tables follow `served`; cheap when they already do.
+pub(super) fn materialize(conn: &Connection, limits: &Limits, tenant: &str, served: &ServedSchema) -> Result<()> {
+    let have: Option<i64> = conn
+        .prepare_cached("SELECT version FROM gw_tenant_tables WHERE tenant = ?1")?
+        .query_row([tenant], |r| r.get(0))
+        .optional()?;
+    if have == Some(served.version as i64) {
+        return Ok(());
+    }
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+            tbl          TEXT NOT NULL,
+            key          TEXT NOT NULL,  -- the key values, as SQL literals
+            col          TEXT NOT NULL,  -- '' for a delete raced by an update
+            policy       TEXT NOT NULL,
+            needs_review INTEGER NOT NULL,
+            shown        TEXT,           -- the value shown, as an SQL literal
+            others       TEXT NOT NULL,  -- the other values written, as SQL literals
+            pk           BLOB NOT NULL,
+            PRIMARY KEY (tbl, pk, col)
+        )",
+        quote(&conflicts_name(tenant))
+    ))?;
+    for table in &served.schema.tables {
+        let name = table_name(tenant, &table.name);
+        let columns: Vec<String> = conn
+            .prepare(&format!("SELECT name FROM pragma_table_info({})", sql_text(&name)))?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if columns.is_empty() {
+            conn.execute_batch(&table.sqlite_create_named(&name))?;
+        } else {
+            let missing: Vec<_> = table.columns.iter().filter(|c| !columns.contains(&c.name)).collect();
+            if missing.is_empty() {
+                continue;
+            }
+            for c in missing {
+                conn.execute_batch(&table.sqlite_add_column_named(&name, c))?;
+            }
+        }
+        refill(conn, limits, tenant, table)?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO gw_tenant_tables(tenant, version) VALUES (?1, ?2)
+         ON CONFLICT(tenant) DO UPDATE SET version = excluded.version",
+    )?
+    .execute(rusqlite::params![tenant, served.version as i64])?;
+    Ok(())
+}
+
+/// Writes every stored row of `table` into its real table again.
+fn refill(conn: &Connection, limits: &Limits, tenant: &str, table: &SchemaTable) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2")?;
+    let mut rows = stmt.query(rusqlite::params![tenant, table.name])?;
+    while let Some(r) = rows.next()? {
+        let bytes: Vec<u8> = r.get(0)?;
+        let mut b = decode_payload(&bytes, limits).map_err(|e| Error::Corrupt(format!("stored row: {e}")))?;
+        let row = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
+        write_row(conn, tenant, table, &row, &b.roles)?;
+    }
+    Ok(())
+}
+
+/// Shows `row`'s merged state in its real table (deleting it there if it is deleted), and
+/// its conflicts in the conflicts table.
+pub(super) fn write_row(
+    conn: &Connection,
+    tenant: &str,
+    table: &SchemaTable,
+    row: &RowChange,
+    roles: &BTreeMap<NodeId, String>,
+) -> Result<()> {
+    let name = quote(&table_name(tenant, &table.name));
+    let keys: Vec<String> = table.key.iter().map(|k| quote(k)).collect();
+    let spec = table.spec();
+    match row_values(&row.state, &spec, roles) {
+        None => {
+            let matches: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("{k} = ?{}", i + 1)).collect();
+            conn.prepare_cached(&format!("DELETE FROM {name} WHERE {}", matches.join(" AND ")))?
+                .execute(rusqlite::params_from_iter(row.pk.iter()))?;
+        }
+        Some(values) => {
+            // Columns no write gave keep the table's default, as on a device.
+            let mut cols: Vec<&str> = Vec::new();
+            let mut params: Vec<&Value> = row.pk.iter().collect();
+            for (column, value) in &values {
+                if table.column(column).is_some() && !table.is_key(column) {
+                    cols.push(column);
+                    params.push(value);
+                }
+            }
+            let zero = Value::Integer(0);
+            for c in table.columns.iter().filter(|c| c.policy == ColumnPolicy::Counter) {
+                if !cols.contains(&c.name.as_str()) {
+                    cols.push(&c.name);
+                    params.push(&zero);
+                }
+            }
+            let names: Vec<String> = keys.iter().cloned().chain(cols.iter().map(|c| quote(c))).collect();
+            let slots: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
+            let action = if cols.is_empty() {
+                "NOTHING".to_owned()
+            } else {
+                let sets: Vec<String> = cols.iter().map(|c| format!("{0} = excluded.{0}", quote(c))).collect();
+                format!("UPDATE SET {}", sets.join(", "))
+            };
+            let sql = format!(
+                "INSERT INTO {name} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
+                names.join(", "),
+                slots.join(", "),
+                keys.join(", ")
+            );
+            conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(params))?;
+        }
+    }
+    write_conflicts(conn, tenant, table, row, roles)
+}
+
+fn write_conflicts(
+    conn: &Connection,
+    tenant: &str,
+    table: &SchemaTable,
+    row: &RowChange,
+    roles: &BTreeMap<NodeId, String>,
+) -> Result<()> {
+    let name = quote(&conflicts_name(tenant));
+    let pk = encode_key(&row.pk);
+    conn.prepare_cached(&format!("DELETE FROM {name} WHERE tbl = ?1 AND pk = ?2"))?
+        .execute(rusqlite::params![table.name, pk])?;
+    let found = conflicts(&row.state, &table.spec(), roles);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let key = row.pk.iter().map(literal).collect::<Vec<_>>().join(", ");
+    let mut insert = conn.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO {name}(tbl, key, col, policy, needs_review, shown, others, pk)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))?;
+    for c in found {
+        let policy = match &c.kind {
+            driftless_core::ConflictKind::Field { policy, .. } => policy.to_string(),
+            driftless_core::ConflictKind::DeleteUpdate { policy } => format!("{policy:?}"),
+            _ => String::new(),
+        };
+        let shown = c.winner.value.as_ref().map_or("DELETE".to_owned(), literal);
+        let others: Vec<String> =
+            c.losers.iter().map(|v| v.value.as_ref().map_or("DELETE".to_owned(), literal)).collect();
+        insert.execute(rusqlite::params![
+            table.name,
+            key,
+            c.column().unwrap_or(""),
+            policy,
+            c.needs_resolution(),
+            shown,
+            others.join(", "),
+            pk
+        ])?;
+    }
+    Ok(())
+}
+
+/// A value as a readable SQL literal.
+fn literal(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::Integer(i) => i.to_string(),
+        Value::Real(r) => format!("{r:?}"),
+        Value::Text(t) => sql_text(t),
+        Value::Blob(b) | Value::RawText(b) => {
+            format!("X'{}'", b.iter().map(|x| format!("{x:02X}")).collect::<String>())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn sql_text(t: &str) -> String {
+    format!("'{}'", t.replace('\'', "''"))
+}
