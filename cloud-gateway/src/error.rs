@@ -25,6 +25,8 @@ pub enum Error {
     Random(String),
     #[error("database {0} does not exist")]
     MissingDatabase(String),
+    #[error("watching the database for writes: {0}")]
+    Watch(String),
     /// The schema file an operator loads is invalid, or cannot replace the current one.
     #[error(transparent)]
     Schema(#[from] driftless_core::SchemaError),

@@ -193,7 +193,7 @@ fn process(
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let (receipt, previous) = (outcome.receipt, outcome.previous);
             let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous });
-            if outcome.logged.is_some() {
+            if outcome.logged.is_some() || outcome.cloud_logged {
                 out.push(Outgoing::Poke { tenant: tenant.to_owned() });
             }
             Ok(out)
@@ -238,7 +238,7 @@ fn process(
             let from = incoming(first_seq, last_seq);
             let nack = |reason: String| Downlink::LegacyNack { first_seq, last_seq, reason };
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
-            let logged = outcome.logged.is_some();
+            let logged = outcome.logged.is_some() || outcome.cloud_logged;
             if !refused.is_empty() {
                 // Version 1 cannot say which rows: the whole batch is refused.
                 let reason = refused.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join("; ");

@@ -164,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
         args.broker.parse().map_err(|e| anyhow::anyhow!("--broker {}: {e}", args.broker))?
     };
     let mut config = GatewayConfig::new(broker_addr);
+    config.watch = Some(args.db.clone());
     if let Some(id) = args.client_id {
         config.client_id = id;
     }

@@ -45,6 +45,9 @@ pub struct GatewayConfig {
     pub handler: HandlerConfig,
     /// Dead letters older than this are deleted (checked hourly); `None` keeps them.
     pub dead_letter_retention: Option<Duration>,
+    /// The store's database file, watched for writes other programs make to its real tables
+    /// (`None`: not watched; such writes are taken in with the next merge of their tenant).
+    pub watch: Option<std::path::PathBuf>,
 }
 
 impl GatewayConfig {
@@ -59,6 +62,7 @@ impl GatewayConfig {
             ready: Arc::new(Notify::new()),
             handler: HandlerConfig::default(),
             dead_letter_retention: Some(Duration::from_secs(30 * 86_400)),
+            watch: None,
         }
     }
 }
@@ -105,6 +109,14 @@ pub async fn run<S: GatewayStore + 'static>(
     let store = Arc::new(Mutex::new(store));
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
+    // Writes to the real tables by other programs wake the gateway (inotify; no polling).
+    let (wake, mut cloud_writes) = mpsc::channel::<()>(1);
+    let _watcher = match &config.watch {
+        Some(db) => Some(watch_database(db, wake.clone())?),
+        None => None,
+    };
+    let _ = wake.try_send(());
+    let mut recheck: Option<tokio::time::Instant> = None;
     let mut poke_tick = tokio::time::interval(POKE_INTERVAL);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(3_600));
     tokio::pin!(shutdown);
@@ -115,6 +127,23 @@ pub async fn run<S: GatewayStore + 'static>(
             publish = rx.recv() => {
                 let Some(publish) = publish else { break Ok(()) };
                 if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
+                    break Err(e);
+                }
+            }
+            woke = cloud_writes.recv() => {
+                if woke.is_none() {
+                    break Ok(());
+                }
+                // The intake waits for the writer's lock, so a commit still under way when the
+                // file changed is seen; one more look a little later is the backstop.
+                recheck = Some(tokio::time::Instant::now() + COMMIT_RECHECK);
+                if let Err(e) = take_in_cloud_writes(&store, &client, &mut pokes).await {
+                    break Err(e);
+                }
+            }
+            () = async { tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)).await }, if recheck.is_some() => {
+                recheck = None;
+                if let Err(e) = take_in_cloud_writes(&store, &client, &mut pokes).await {
                     break Err(e);
                 }
             }
@@ -133,6 +162,56 @@ pub async fn run<S: GatewayStore + 'static>(
     let _ = client.disconnect().await;
     poller.abort();
     result
+}
+
+/// When the gateway looks for cloud writes again after a write to the database file.
+const COMMIT_RECHECK: Duration = Duration::from_millis(25);
+
+/// Takes in writes other programs made to the real tables, and pokes their tenants' devices.
+/// A failure of the store leaves them in the journal, for the next wake-up or merge.
+async fn take_in_cloud_writes<S: GatewayStore + 'static>(
+    store: &Arc<Mutex<S>>,
+    client: &AsyncClient,
+    pokes: &mut Pokes,
+) -> Result<()> {
+    let store = store.clone();
+    let ingested = tokio::task::spawn_blocking(move || {
+        let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
+        guard.ingest_cloud_writes(now_ms())
+    })
+    .await
+    .map_err(|e| Error::WorkerGone(e.to_string()))?;
+    match ingested {
+        Ok(tenants) => {
+            for tenant in tenants {
+                tracing::debug!(%tenant, "took in writes made to the cloud tables");
+                pokes.request(client, tenant).await?;
+            }
+        }
+        Err(e) => tracing::error!("taking in writes made to the cloud tables failed: {e}"),
+    }
+    Ok(())
+}
+
+/// Watches `db` (and its WAL) and sends a unit on `tx` after writes; sends coalesce while one
+/// is pending. The watcher stops when dropped.
+fn watch_database(db: &std::path::Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let name = db.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if !matches!(event.kind, notify::EventKind::Modify(_) | notify::EventKind::Create(_)) {
+            return;
+        }
+        if event.paths.iter().any(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&name))) {
+            // A full channel already holds a wake-up; that one will see this write too.
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| Error::Watch(e.to_string()))?;
+    let dir = db.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive).map_err(|e| Error::Watch(e.to_string()))?;
+    Ok(watcher)
 }
 
 /// Keeps the schema this gateway serves as the retained message of each tenant's schema

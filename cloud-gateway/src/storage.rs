@@ -69,6 +69,8 @@ pub struct MergeOutcome {
     pub receipt: Option<LogCursor>,
     /// The receipt given to this device before this one, in this store.
     pub previous: Option<LogCursor>,
+    /// Writes made directly to the real tables were taken in first and logged.
+    pub cloud_logged: bool,
 }
 
 /// Changes for one device, oldest first.
@@ -242,4 +244,9 @@ pub trait GatewayStore: Send {
     /// [`SyncSchema::check_replaces`]); returns its version. The same schema as the current
     /// one (comments and layout aside) keeps the current version.
     fn install_schema(&mut self, text: &str) -> Result<u64>;
+
+    /// Takes in writes made directly to the real tables (by any SQL client) as writes of
+    /// each tenant's cloud node, logging them for every device; returns the tenants whose
+    /// log grew.
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>>;
 }

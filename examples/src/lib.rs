@@ -20,7 +20,8 @@ pub async fn start_cloud(dir: &Path, schema: &str) -> anyhow::Result<(BrokerAddr
     let broker = BrokerAddr { host: "127.0.0.1".into(), port };
     let mut store = SqliteStore::open(dir.join("gateway.db"))?;
     store.install_schema(schema)?;
-    let config = GatewayConfig::new(broker.clone());
+    let mut config = GatewayConfig::new(broker.clone());
+    config.watch = Some(dir.join("gateway.db"));
     let ready = config.ready.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {

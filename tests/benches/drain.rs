@@ -72,8 +72,17 @@ async fn main() -> anyhow::Result<()> {
         "{field_changes} field changes in {ROWS} rows drained in {secs:.3}s; {} batches acknowledged; {} bytes published",
         live.acked_batches, live.bytes_sent
     );
-    let direct = merge_directly(&copy, &dir.path().join("gw-direct.db"))?;
+    let direct = merge_directly(&copy, &dir.path().join("gw-direct.db"), None)?;
     println!("the same outbox decoded and merged into a gateway store directly in {direct:.3}s");
+    // And into a store with the table declared, which also writes it as a real table.
+    let mut schema = String::from(
+        "[[table]]\nname = \"readings\"\nkey = [\"id\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n",
+    );
+    for c in &cols {
+        schema.push_str(&format!("[[table.column]]\nname = \"{c}\"\ntype = \"text\"\n"));
+    }
+    let declared = merge_directly(&copy, &dir.path().join("gw-declared.db"), Some(&schema))?;
+    println!("the same, under a declared schema (real tables written too), in {declared:.3}s");
     report(&[
         ("field_changes", field_changes as f64),
         ("seconds", secs),
@@ -81,13 +90,15 @@ async fn main() -> anyhow::Result<()> {
         ("wire_bytes_total", live.bytes_sent as f64),
         ("direct_merge_seconds", direct),
         ("drain_vs_raw", (secs / direct * 100.0).round() / 100.0),
+        ("direct_merge_declared_seconds", declared),
+        ("declared_vs_plain", (declared / direct * 100.0).round() / 100.0),
     ]);
     Ok(())
 }
 
 /// Seals the outbox of `device`, then times decoding its batches (500 rows, as the agent
-/// sends them) and merging them into a new gateway store at `gateway`.
-fn merge_directly(device: &std::path::Path, gateway: &std::path::Path) -> anyhow::Result<f64> {
+/// sends them) and merging them into a new gateway store at `gateway`, with `schema` loaded.
+fn merge_directly(device: &std::path::Path, gateway: &std::path::Path, schema: Option<&str>) -> anyhow::Result<f64> {
     let mut store = Store::open(device, StoreOptions::default())?;
     store.seal()?;
     let mut batches = Vec::new();
@@ -97,6 +108,9 @@ fn merge_directly(device: &std::path::Path, gateway: &std::path::Path) -> anyhow
         batches.push((ob.first_seq, ob.last_seq, encode_batch(&ob.batch, EncodeOptions::default())));
     }
     let mut gw = SqliteStore::open(gateway)?;
+    if let Some(text) = schema {
+        gw.install_schema(text)?;
+    }
     let now_ms = std::time::UNIX_EPOCH.elapsed()?.as_millis() as u64;
     let start = Instant::now();
     for (first_seq, last_seq, bytes) in &batches {

@@ -24,6 +24,11 @@ impl GatewayProcess {
     /// It serves only `tenant`, in a share group of its own, so runs never split traffic
     /// with the lingering sessions of earlier ones.
     pub fn start(db: &Path, broker_url: &str, tenant: &str) -> GatewayProcess {
+        Self::start_with(db, broker_url, tenant, &[])
+    }
+
+    /// [`GatewayProcess::start`] with more flags (`--schema FILE`).
+    pub fn start_with(db: &Path, broker_url: &str, tenant: &str, extra: &[&str]) -> GatewayProcess {
         let bin = std::env::var("DRIFTLESS_GATEWAY_BIN")
             .expect("DRIFTLESS_GATEWAY_BIN must name a driftless-gateway binary (scripts/bench sets it)");
         let mut child = Command::new(bin)
@@ -31,6 +36,7 @@ impl GatewayProcess {
             .arg(db)
             .args(["--broker", broker_url, "--client-id", &format!("bench-gw-{tenant}")])
             .args(["--share-group", &format!("bench-{tenant}"), "--tenant", tenant])
+            .args(extra)
             .env("RUST_LOG", "warn,driftless_gateway=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

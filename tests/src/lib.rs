@@ -139,6 +139,7 @@ impl Gateway {
             store.install_schema(text).expect("schema loads");
         }
         let mut config = GatewayConfig::new(broker.clone());
+        config.watch = Some(db.clone());
         config.client_id = format!("gw-{tenant}");
         config.share_group = format!("gw-{tenant}");
         config.tenant = tenant.to_owned();

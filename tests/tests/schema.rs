@@ -82,6 +82,20 @@ fn devices_follow_the_gateways_schema_and_its_new_versions_while_running() {
     wait_until("the new column syncs", || [&a, &b, &c].iter().all(|d| rows(d, q) == want));
     wait_until("the new table syncs", || rows(&c, "SELECT body FROM notes") == vec![vec![text("bring a ladder")]]);
 
+    // The cloud copy is a real table: the back office reads it and writes it with the sqlite3
+    // shell, and the write reaches the running devices with no device writing anything.
+    let cloud = format!("\"{tenant}.work_orders\"");
+    assert_eq!(rows(&gw_db, &format!("SELECT id, site, parts FROM {cloud} ORDER BY id")), want);
+    if have_tool("sqlite3") {
+        let update = format!("UPDATE {cloud} SET title = 'from the office', parts = parts + 10 WHERE id = 'w2'");
+        let out = std::process::Command::new("sqlite3").arg(&gw_db).arg(&update).output().expect("sqlite3");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let q = "SELECT title, parts FROM work_orders WHERE id = 'w2'";
+        wait_until("the office's write on every device", || {
+            [&a, &b, &c].iter().all(|d| rows(d, q) == vec![vec![text("from the office"), Value::Integer(11)]])
+        });
+    }
+
     // A version that drops a column is refused at load, and the running one stays.
     gw.kill();
     std::fs::write(&v1_file, V1).expect("write v1");

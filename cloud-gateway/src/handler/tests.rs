@@ -320,6 +320,9 @@ impl GatewayStore for FailingMerges {
     fn install_schema(&mut self, text: &str) -> Result<u64> {
         self.0.install_schema(text)
     }
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
+        self.0.ingest_cloud_writes(now_ms)
+    }
 }
 
 #[test]
@@ -651,4 +654,78 @@ fn every_instance_enforces_the_newest_schema_stored() {
     ship(&mut two, &HandlerConfig::default(), &mut a, "a");
     let rows = cloud_rows(&two, "SELECT id, site FROM \"acme.orders\"");
     assert_eq!(rows, vec![vec![driftless_core::Value::Text("o1".into()), driftless_core::Value::Text("north".into())]]);
+}
+
+/// Runs SQL on the gateway's database through a connection of its own, as any SQL client.
+fn cloud_sql(store: &SqliteStore, sql: &str) {
+    let conn = rusqlite::Connection::open(store.path()).expect("open");
+    conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+    conn.execute_batch(sql).expect(sql);
+}
+
+/// Brings `device` up to date with everything logged for it.
+fn catch_up(store: &mut SqliteStore, device: &mut Store, id: &str) {
+    let page = store.changes_after("acme", id, 0, 1_000).expect("changes");
+    device.apply(&page.batch).expect("apply");
+}
+
+fn device_rows(device: &Store, sql: &str) -> Vec<Vec<driftless_core::Value>> {
+    device
+        .read(|conn| {
+            let mut stmt = conn.prepare(sql)?;
+            let n = stmt.column_count();
+            Ok(stmt
+                .query_map([], |r| (0..n).map(|i| r.get(i)).collect::<rusqlite::Result<Vec<_>>>())?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .expect(sql)
+}
+
+#[test]
+fn writes_made_with_plain_sql_on_the_cloud_tables_reach_devices_merged_by_policy() {
+    use driftless_core::Value::{Integer, Text};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    store.install_schema(ORDERS).expect("install");
+    let cfg = HandlerConfig::default();
+    let (mut a, mut b) = (orders_device(&dir, "a.db"), orders_device(&dir, "b.db"));
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO orders VALUES ('o1', 'first', 10, 1.5)")?)).expect("write");
+    ship(&mut store, &cfg, &mut a, "a");
+    assert_eq!(
+        store.ingest_cloud_writes(NOW).expect("ingest"),
+        Vec::<String>::new(),
+        "the gateway's writes are its own"
+    );
+
+    // The back office inserts a row and takes 2 from the counter; a device adds 3 meanwhile.
+    cloud_sql(
+        &store,
+        "INSERT INTO \"acme.orders\"(id, note, qty) VALUES ('o2', 'from the office', 7);
+         UPDATE \"acme.orders\" SET qty = qty - 2, note = 'office note' WHERE id = 'o1';",
+    );
+    a.write(|tx| Ok(tx.execute_batch("UPDATE orders SET qty = qty + 3, note = 'field note' WHERE id = 'o1'")?))
+        .expect("write");
+    // The device's batch arrives before the gateway noticed the cloud write: taken in first.
+    ship(&mut store, &cfg, &mut a, "a");
+    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), Vec::<String>::new(), "already taken in");
+    for (device, id) in [(&mut a, "a"), (&mut b, "b")] {
+        catch_up(&mut store, device, id);
+    }
+    let q = "SELECT id, qty FROM orders ORDER BY id";
+    let want = vec![vec![Text("o1".into()), Integer(11)], vec![Text("o2".into()), Integer(7)]];
+    assert_eq!(device_rows(&a, q), want, "10 - 2 + 3, and the office's row");
+    assert_eq!(device_rows(&b, q), want);
+    assert_eq!(cloud_rows(&store, "SELECT id, qty FROM \"acme.orders\" ORDER BY id"), want);
+    // The two notes were concurrent: a manual conflict, on devices and in the cloud alike.
+    assert_eq!(a.conflicts().expect("conflicts").len(), 1);
+    let review = cloud_rows(&store, "SELECT col, needs_review FROM \"acme._driftless_conflicts\"");
+    assert_eq!(review, vec![vec![Text("note".into()), Integer(1)]]);
+
+    // A delete with plain SQL, noticed without any device writing.
+    cloud_sql(&store, "DELETE FROM \"acme.orders\" WHERE id = 'o2'");
+    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    catch_up(&mut store, &mut b, "b");
+    assert_eq!(device_rows(&b, "SELECT id FROM orders"), vec![vec![Text("o1".into())]]);
+    // Nothing is taken in twice.
+    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), Vec::<String>::new());
 }

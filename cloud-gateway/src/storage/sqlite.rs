@@ -1,5 +1,6 @@
 //! The single-file SQLite gateway store.
 
+mod cloud_writes;
 mod merge;
 mod schema;
 mod tables;
@@ -247,9 +248,8 @@ impl GatewayStore for SqliteStore {
     }
 
     fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
-        let tag = self.tags.next();
         let schema = self.served_schema()?;
-        merge::merge(&mut self.conn, &self.limits, from, schema.as_deref(), tag, batch)
+        merge::merge(&mut self.conn, &self.limits, from, schema.as_deref(), &mut self.tags, batch)
     }
 
     fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
@@ -460,6 +460,29 @@ impl GatewayStore for SqliteStore {
         let served = Arc::new(ServedSchema::parse(version, text)?);
         self.schema = Some(served.clone());
         Ok(Some(served))
+    }
+
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
+        let Some(served) = self.served_schema()? else { return Ok(Vec::new()) };
+        // Taking the write lock first also waits for a writer still committing: its file
+        // writes (what woke the gateway) come a moment before its commit is visible.
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut logged = Vec::new();
+        let tenants = cloud_writes::pending_tenants(&tx)?;
+        if tenants.is_empty() {
+            return Ok(logged);
+        }
+        cloud_writes::begin_own_writes(&tx)?;
+        for tenant in tenants {
+            tables::materialize(&tx, &self.limits, &tenant, &served)?;
+            if let Some(change) = cloud_writes::ingest(&tx, &self.limits, &tenant, &served, now_ms)? {
+                merge::log_change(&tx, &tenant, "", &change, self.tags.next())?;
+                logged.push(tenant);
+            }
+        }
+        cloud_writes::end_own_writes(&tx)?;
+        tx.commit()?;
+        Ok(logged)
     }
 
     fn install_schema(&mut self, text: &str) -> Result<u64> {

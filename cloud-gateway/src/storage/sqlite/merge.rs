@@ -14,7 +14,7 @@ use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
 use driftless_core::{Batch, Hlc, NodeId, RowChange, Value, bound_future_timestamps, join_row};
 use rusqlite::{Connection, OptionalExtension, Transaction};
 
-use super::tables;
+use super::{cloud_writes, tables};
 use crate::error::{Error, MergeError};
 use crate::storage::{Incoming, MergeOutcome, ServedSchema};
 
@@ -52,8 +52,8 @@ fn check_key(
 }
 
 /// A stored row's state and the roles of the nodes in it.
-fn load_row(
-    tx: &Transaction<'_>,
+pub(super) fn load_row(
+    tx: &Connection,
     limits: &Limits,
     tenant: &str,
     row: &RowChange,
@@ -76,7 +76,7 @@ fn load_row(
     }
 }
 
-fn one_row_payload(roles: &BTreeMap<NodeId, String>, row: RowChange) -> Vec<u8> {
+pub(super) fn one_row_payload(roles: &BTreeMap<NodeId, String>, row: RowChange) -> Vec<u8> {
     let roles = row.state.nodes().into_iter().filter_map(|n| roles.get(&n).map(|r| (n, r.clone()))).collect();
     encode_payload(&Batch { roles, rows: vec![row] })
 }
@@ -87,7 +87,7 @@ pub(super) fn merge(
     limits: &Limits,
     at: &Incoming<'_>,
     schema: Option<&ServedSchema>,
-    tag: u64,
+    tags: &mut super::Tags,
     batch: &Batch,
 ) -> Result<MergeOutcome, MergeError> {
     // Sequence numbers no device could have issued would wedge it (it adopts the gateway's
@@ -98,8 +98,17 @@ pub(super) fn merge(
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let tenant = at.tenant;
+    let mut cloud_logged = false;
     if let Some(served) = schema {
+        cloud_writes::begin_own_writes(&tx)?;
         tables::materialize(&tx, limits, tenant, served)?;
+        // Writes made to the real tables first: this merge must not overwrite one unseen.
+        if cloud_writes::pending(&tx, tenant)?
+            && let Some(cloud) = cloud_writes::ingest(&tx, limits, tenant, served, at.now_ms)?
+        {
+            log_change(&tx, tenant, "", &cloud, tags.next())?;
+            cloud_logged = true;
+        }
     }
     let mut new_tables: HashMap<String, usize> = HashMap::new();
     let limit = Hlc::new(at.now_ms.saturating_add(at.max_drift_ms), u16::MAX);
@@ -178,16 +187,9 @@ pub(super) fn merge(
         // A change whose timestamps were bounded goes back to its writer too, which then holds
         // the bounded timestamps like everyone else.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        tx.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change, tag) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(rusqlite::params![
-                tenant,
-                origin,
-                changed.rows.len() as i64,
-                encode_payload(&changed),
-                tag as i64
-            ])?;
-        outcome.logged = Some(driftless_core::LogCursor { position: tx.last_insert_rowid() as u64, tag });
+        outcome.logged = Some(log_change(&tx, tenant, origin, &changed, tags.next())?);
     }
+    outcome.cloud_logged = cloud_logged;
     let previous: Option<(Option<i64>, Option<i64>)> = tx
         .prepare_cached("SELECT receipt_pos, receipt_tag FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
         .query_row(rusqlite::params![tenant, at.device], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -220,8 +222,25 @@ pub(super) fn merge(
         receipt.map(|r| r.0),
         receipt.map(|r| r.1)
     ])?;
+    if schema.is_some() {
+        cloud_writes::end_own_writes(&tx)?;
+    }
     tx.commit()?;
     Ok(outcome)
+}
+
+/// Appends `change` to the tenant's log; `origin` is the device not to send it to (empty:
+/// every device).
+pub(super) fn log_change(
+    conn: &Connection,
+    tenant: &str,
+    origin: &str,
+    change: &Batch,
+    tag: u64,
+) -> Result<driftless_core::LogCursor, Error> {
+    conn.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change, tag) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(rusqlite::params![tenant, origin, change.rows.len() as i64, encode_payload(change), tag as i64])?;
+    Ok(driftless_core::LogCursor { position: conn.last_insert_rowid() as u64, tag })
 }
 
 /// Every write's node and timestamp in a state.

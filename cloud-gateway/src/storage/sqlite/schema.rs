@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 5;
+const VERSION: i64 = 6;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -150,6 +150,24 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 tenant  TEXT PRIMARY KEY,
                 version INTEGER NOT NULL
             ) WITHOUT ROWID;
+            ",
+        )?;
+    }
+    if version == 5 {
+        conn.execute_batch(
+            "
+            -- Writes made directly to the real tables: tenants with some waiting, each
+            -- tenant's cloud node, and the marker of the gateway's own transactions (a row
+            -- only while one runs, so its writes are not captured).
+            CREATE TABLE gw_cloud_pending (tenant TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE gw_cloud_nodes (
+                tenant  TEXT PRIMARY KEY,
+                node    BLOB NOT NULL,
+                counter INTEGER NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE gw_writing (x INTEGER);
+            -- Real tables are made again, now with their capture triggers.
+            DELETE FROM gw_tenant_tables;
             ",
         )?;
     }

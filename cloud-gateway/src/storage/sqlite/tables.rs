@@ -16,6 +16,7 @@ use driftless_core::schema::quote;
 use driftless_core::{ColumnPolicy, NodeId, RowChange, SchemaTable, Value, conflicts, row_values};
 use rusqlite::{Connection, OptionalExtension};
 
+use super::cloud_writes;
 use crate::error::{Error, Result};
 use crate::storage::ServedSchema;
 
@@ -28,7 +29,8 @@ fn conflicts_name(tenant: &str) -> String {
     format!("{tenant}._driftless_conflicts")
 }
 
-/// Makes sure the tenant's tables follow `served`; cheap when they already do.
+/// Makes sure the tenant's tables follow `served`; cheap when they already do. Runs inside a
+/// transaction that holds `cloud_writes::begin_own_writes`.
 pub(super) fn materialize(conn: &Connection, limits: &Limits, tenant: &str, served: &ServedSchema) -> Result<()> {
     let have: Option<i64> = conn
         .prepare_cached("SELECT version FROM gw_tenant_tables WHERE tenant = ?1")?
@@ -57,18 +59,18 @@ pub(super) fn materialize(conn: &Connection, limits: &Limits, tenant: &str, serv
             .prepare(&format!("SELECT name FROM pragma_table_info({})", sql_text(&name)))?
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
+        let missing: Vec<_> = table.columns.iter().filter(|c| !columns.contains(&c.name)).collect();
         if columns.is_empty() {
             conn.execute_batch(&table.sqlite_create_named(&name))?;
         } else {
-            let missing: Vec<_> = table.columns.iter().filter(|c| !columns.contains(&c.name)).collect();
-            if missing.is_empty() {
-                continue;
-            }
-            for c in missing {
+            for c in &missing {
                 conn.execute_batch(&table.sqlite_add_column_named(&name, c))?;
             }
         }
-        refill(conn, limits, tenant, table)?;
+        cloud_writes::install(conn, tenant, table)?;
+        if !missing.is_empty() {
+            refill(conn, limits, tenant, table)?;
+        }
     }
     conn.prepare_cached(
         "INSERT INTO gw_tenant_tables(tenant, version) VALUES (?1, ?2)
