@@ -117,6 +117,7 @@ pub async fn run<S: GatewayStore + 'static>(
     };
     let _ = wake.try_send(());
     let mut recheck: Option<tokio::time::Instant> = None;
+    let mut backstop = tokio::time::interval(Duration::from_secs(10));
     let mut poke_tick = tokio::time::interval(POKE_INTERVAL);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(3_600));
     tokio::pin!(shutdown);
@@ -124,12 +125,7 @@ pub async fn run<S: GatewayStore + 'static>(
         tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
-            publish = rx.recv() => {
-                let Some(publish) = publish else { break Ok(()) };
-                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
-                    break Err(e);
-                }
-            }
+            // Before uplinks: steady uplinks must not hold cloud writes back.
             woke = cloud_writes.recv() => {
                 if woke.is_none() {
                     break Ok(());
@@ -144,6 +140,18 @@ pub async fn run<S: GatewayStore + 'static>(
             () = async { tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)).await }, if recheck.is_some() => {
                 recheck = None;
                 if let Err(e) = take_in_cloud_writes(&store, &client, &mut pokes).await {
+                    break Err(e);
+                }
+            }
+            // A backstop for a wake-up the file system did not deliver.
+            _ = backstop.tick() => {
+                if let Err(e) = take_in_cloud_writes(&store, &client, &mut pokes).await {
+                    break Err(e);
+                }
+            }
+            publish = rx.recv() => {
+                let Some(publish) = publish else { break Ok(()) };
+                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
                     break Err(e);
                 }
             }
@@ -199,8 +207,13 @@ fn watch_database(db: &std::path::Path, tx: mpsc::Sender<()>) -> Result<notify::
     use notify::Watcher as _;
     let name = db.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if !matches!(event.kind, notify::EventKind::Modify(_) | notify::EventKind::Create(_)) {
+        // An error (a lost event, an overflowing queue) may hide a write: look anyway.
+        let Ok(event) = event else {
+            let _ = tx.try_send(());
+            return;
+        };
+        if !matches!(event.kind, notify::EventKind::Modify(_) | notify::EventKind::Create(_) | notify::EventKind::Other)
+        {
             return;
         }
         if event.paths.iter().any(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&name))) {

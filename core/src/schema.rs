@@ -85,6 +85,8 @@ impl ColumnType {
             (ColumnType::Integer, Value::Integer(_)) => true,
             // Not integers: a REAL column stores them as reals, so a replica holding the
             // integer would disagree with every one holding the real.
+            // SQL stores NaN as NULL: a replica could not show it.
+            (ColumnType::Real, Value::Real(r)) if r.is_nan() => return Some("NaN".to_owned()),
             (ColumnType::Real, Value::Real(_)) => true,
             (ColumnType::Text, Value::Text(t)) => {
                 return t.contains('\0').then(|| "text with a NUL character".to_owned());
@@ -478,7 +480,7 @@ fn literal(v: &toml::Value) -> Option<Value> {
 }
 
 /// A value as an SQL literal, for a DEFAULT clause.
-fn sql_literal(v: &Value) -> String {
+pub fn sql_literal(v: &Value) -> String {
     match v {
         Value::Null => "NULL".into(),
         Value::Integer(i) => i.to_string(),

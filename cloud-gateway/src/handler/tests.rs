@@ -729,3 +729,137 @@ fn writes_made_with_plain_sql_on_the_cloud_tables_reach_devices_merged_by_policy
     // Nothing is taken in twice.
     assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), Vec::<String>::new());
 }
+
+const PROSPECTS: &str = include_str!("../../../examples/schemas/crm-erp-marketing.toml");
+
+#[test]
+fn a_plain_sql_writer_names_its_role_through_the_role_view_and_authority_decides() {
+    use driftless_core::Value::Text;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    store.install_schema(PROSPECTS).expect("install");
+    let cfg = HandlerConfig::default();
+    let mut crm =
+        Store::open(dir.path().join("crm.db"), StoreOptions { role: "crm".into(), ..StoreOptions::default() })
+            .expect("open");
+    crm.follow_schema(1, PROSPECTS).expect("follow");
+    crm.write(|tx| Ok(tx.execute_batch("INSERT INTO prospects VALUES ('p1', 'Dana', 'Engineer', 0, '1 Old St')")?))
+        .expect("write");
+    ship(&mut store, &cfg, &mut crm, "crm");
+    // At once: the CRM edits both fields on its device, the ERP both with plain SQL as "erp",
+    // and someone else the name with plain SQL under no role.
+    crm.write(|tx| {
+        Ok(tx.execute_batch("UPDATE prospects SET job_title = 'CTO', billing_address = 'crm says' WHERE id = 'p1'")?)
+    })
+    .expect("write");
+    cloud_sql(
+        &store,
+        "UPDATE \"acme.prospects@erp\" SET job_title = 'erp says', billing_address = '42 Invoice Lane' WHERE id = 'p1';
+         UPDATE \"acme.prospects\" SET name = 'Dana W.' WHERE id = 'p1';",
+    );
+    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    ship(&mut store, &cfg, &mut crm, "crm");
+    catch_up(&mut store, &mut crm, "crm");
+    let q = "SELECT name, job_title, billing_address FROM prospects";
+    let want = vec![vec![Text("Dana W.".into()), Text("CTO".into()), Text("42 Invoice Lane".into())]];
+    assert_eq!(device_rows(&crm, q), want, "each field from its owner; the name had no rival");
+    assert_eq!(cloud_rows(&store, "SELECT name, job_title, billing_address FROM \"acme.prospects\""), want);
+    // An insert through the view fills the columns it leaves out from their defaults, and
+    // deletes work too.
+    cloud_sql(
+        &store,
+        "INSERT INTO \"acme.prospects@erp\"(id, name) VALUES ('p2', 'Lee'); DELETE FROM \"acme.prospects@erp\" WHERE id = 'p1';",
+    );
+    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    catch_up(&mut store, &mut crm, "crm");
+    assert_eq!(device_rows(&crm, "SELECT id, name FROM prospects"), vec![vec![Text("p2".into()), Text("Lee".into())]]);
+}
+
+#[test]
+fn plain_sql_writes_count_like_a_device_and_write_only_what_they_changed() {
+    use driftless_core::Value::{Integer, Null, Text};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    store.install_schema(ORDERS).expect("install");
+    let cfg = HandlerConfig::default();
+    let mut a = orders_device(&dir, "a.db");
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO orders(id, qty) VALUES ('o1', 10)")?)).expect("write");
+    ship(&mut store, &cfg, &mut a, "a");
+    // Version 2 adds a column no stored row has a value for.
+    let v2 = format!("{ORDERS}[[table.column]]\nname = \"site\"\ntype = \"text\"\n");
+    store.install_schema(&v2).expect("v2");
+    a.follow_schema(2, &v2).expect("follow");
+    // Made while the gateway was not looking, before the tables follow version 2: adding
+    // the column must not undo it.
+    cloud_sql(&store, "UPDATE \"acme.orders\" SET qty = 7 WHERE id = 'o1'");
+    // The device sets the new column, offline; the office then touches only the counter.
+    a.write(|tx| Ok(tx.execute_batch("UPDATE orders SET site = 'north' WHERE id = 'o1'")?)).expect("write");
+    let mut b = orders_device(&dir, "b.db");
+    b.follow_schema(2, &v2).expect("follow");
+    b.write(|tx| Ok(tx.execute_batch("INSERT INTO orders(id) VALUES ('other')")?)).expect("write");
+    ship(&mut store, &cfg, &mut b, "b");
+    cloud_sql(&store, "UPDATE \"acme.orders\" SET qty = qty + 1 WHERE id = 'o1'");
+    store.ingest_cloud_writes(NOW + 1).expect("ingest");
+    ship(&mut store, &cfg, &mut a, "a");
+    let q = "SELECT id, site, qty FROM \"acme.orders\" WHERE id = 'o1'";
+    assert_eq!(cloud_rows(&store, q), vec![vec![Text("o1".into()), Text("north".into()), Integer(8)]]);
+    // A delete takes the counter back to 0, so a new row counts from there.
+    cloud_sql(&store, "DELETE FROM \"acme.orders\" WHERE id = 'o1'");
+    store.ingest_cloud_writes(NOW + 2).expect("ingest");
+    cloud_sql(&store, "INSERT INTO \"acme.orders\"(id, qty) VALUES ('o1', 1)");
+    store.ingest_cloud_writes(NOW + 3).expect("ingest");
+    catch_up(&mut store, &mut b, "b");
+    let q = "SELECT id, site, qty FROM orders WHERE id = 'o1'";
+    assert_eq!(device_rows(&b, q), vec![vec![Text("o1".into()), Null, Integer(1)]]);
+    assert_eq!(cloud_rows(&store, &q.replace("FROM orders", "FROM \"acme.orders\"")), device_rows(&b, q));
+}
+
+#[test]
+fn a_plain_sql_value_no_replica_could_take_is_refused_and_the_row_put_back() {
+    use driftless_core::Value::{Integer, Text};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    store.install_schema(ORDERS).expect("install");
+    let cfg = HandlerConfig::default();
+    let mut a = orders_device(&dir, "a.db");
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO orders(id, note, qty) VALUES ('o1', 'fine', 1)")?)).expect("write");
+    ship(&mut store, &cfg, &mut a, "a");
+    // Text with a NUL: SQLite holds it, PostgreSQL and the schema do not. Another row's
+    // write in the same intake goes through.
+    cloud_sql(
+        &store,
+        "UPDATE \"acme.orders\" SET note = CAST(X'610062' AS TEXT) WHERE id = 'o1';
+         INSERT INTO \"acme.orders\"(id, qty) VALUES ('o2', 5);",
+    );
+    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    let q = "SELECT id, note, qty FROM \"acme.orders\" ORDER BY id";
+    assert_eq!(
+        cloud_rows(&store, q),
+        vec![
+            vec![Text("o1".into()), Text("fine".into()), Integer(1)],
+            vec![Text("o2".into()), driftless_core::Value::Null, Integer(5)]
+        ]
+    );
+    let refused = letters(&mut store);
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0].reason.contains("NUL") && refused[0].device == "sql as cloud", "{:?}", refused[0]);
+}
+
+#[test]
+fn a_first_schema_must_fit_the_types_of_rows_synced_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let mut a = Store::open(dir.path().join("a.db"), StoreOptions::default()).expect("open");
+    a.write(|tx| {
+        Ok(tx.execute_batch(
+            "CREATE TABLE orders (id TEXT PRIMARY KEY, note TEXT, qty INTEGER NOT NULL DEFAULT 0, price REAL)",
+        )?)
+    })
+    .expect("create");
+    a.track("orders", TableSpec::new().column("qty", ColumnPolicy::Counter).column("note", ColumnPolicy::Manual))
+        .expect("track");
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO orders VALUES ('o1', 'n', 2, 'cheap')")?)).expect("write");
+    ship(&mut store, &HandlerConfig::default(), &mut a, "a");
+    let err = store.install_schema(ORDERS).expect_err("a text price").to_string();
+    assert!(err.contains("\"price\" holds real, not a text value"), "{err}");
+}

@@ -66,7 +66,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens the store at `path`, creating it if needed.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
-        Self::open_with(path, OpenFlags::default())
+        let store = Self::open_with(path, OpenFlags::default())?;
+        // The file may be a restored backup whose cloud nodes already issued dots it has no
+        // record of: writes with plain SQL take new nodes, so no dot is issued twice.
+        store.conn.execute("DELETE FROM gw_cloud_writers", [])?;
+        Ok(store)
     }
 
     /// Opens an existing store; a missing file is an error rather than a new empty store
@@ -152,6 +156,23 @@ fn unfit_rows(conn: &Connection, limits: &Limits, schema: &SyncSchema) -> Result
             let bytes: Vec<u8> = r.get(0)?;
             let b = decode_payload(&bytes, limits).map_err(|e| Error::Corrupt(format!("stored row: {e}")))?;
             for row in &b.rows {
+                if let Err(reason) = table.check_row(row) {
+                    note(format!("a stored row does not fit: {reason}"));
+                }
+                if driftless_core::is_visible(&row.state, &table.spec()) {
+                    let required = table.columns.iter().filter(|c| {
+                        !c.nullable
+                            && c.default.is_none()
+                            && !table.is_key(&c.name)
+                            && c.policy != driftless_core::ColumnPolicy::Counter
+                    });
+                    for c in required.filter(|c| !row.state.fields.contains_key(&c.name)) {
+                        note(format!(
+                            "rows of {:?} lack {:?}, which is NOT NULL without a default",
+                            table.name, c.name
+                        ));
+                    }
+                }
                 for name in row.state.fields.keys() {
                     match table.column(name) {
                         None => {
@@ -175,6 +196,24 @@ fn unfit_rows(conn: &Connection, limits: &Limits, schema: &SyncSchema) -> Result
         }
     }
     Ok(unfit)
+}
+
+/// Keeps a refused message (or row) with its reason; large payloads by reference.
+pub(super) fn keep_dead_letter(
+    conn: &Connection,
+    tenant: &str,
+    device: &str,
+    reason: &str,
+    payload: &[u8],
+) -> Result<i64> {
+    let sha256: String = Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect();
+    let kept = if payload.len() > DEAD_LETTER_INLINE { &payload[..DEAD_LETTER_PREFIX] } else { payload };
+    conn.prepare_cached(
+        "INSERT INTO gw_dead_letters(tenant, device, received_ms, reason, payload, size, sha256)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(rusqlite::params![tenant, device, now_ms(), reason, kept, payload.len() as i64, sha256])?;
+    Ok(conn.last_insert_rowid())
 }
 
 /// Snapshot resume tokens: table name length, table name, encoded key.
@@ -377,15 +416,7 @@ impl GatewayStore for SqliteStore {
     }
 
     fn dead_letter(&mut self, tenant: &str, device: &str, reason: &str, payload: &[u8]) -> Result<i64> {
-        let sha256: String = Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect();
-        let kept = if payload.len() > DEAD_LETTER_INLINE { &payload[..DEAD_LETTER_PREFIX] } else { payload };
-        self.conn
-            .prepare_cached(
-                "INSERT INTO gw_dead_letters(tenant, device, received_ms, reason, payload, size, sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(rusqlite::params![tenant, device, now_ms(), reason, kept, payload.len() as i64, sha256])?;
-        Ok(self.conn.last_insert_rowid())
+        keep_dead_letter(&self.conn, tenant, device, reason, payload)
     }
 
     fn dead_letters(&mut self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>> {

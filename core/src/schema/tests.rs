@@ -136,6 +136,7 @@ fn rows_that_do_not_fit_the_schema_are_refused_with_the_reason() {
         (write("work_orders", Value::Text("w".into()), &[("title", Value::Text("a\0b".into()))]), "NUL"),
         (write("work_orders", Value::Text("w".into()), &[("parts", Value::Integer(1))]), "is a counter"),
         (write("work_orders", Value::Text("w".into()), &[("weight", Value::Integer(3))]), "not an integer value"),
+        (write("work_orders", Value::Text("w".into()), &[("weight", Value::Real(f64::NAN))]), "not NaN"),
     ];
     for (row, want) in refused {
         let err = s.check_device_row(&row).expect_err(want);

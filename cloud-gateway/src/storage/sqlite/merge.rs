@@ -152,11 +152,22 @@ pub(super) fn merge(
             outcome.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
             continue;
         }
-        outcome.applied += 1;
         roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
         if let Some(table) = schema.and_then(|s| s.schema.table(&row.table)) {
-            tables::write_row(&tx, tenant, table, &current, &roles)?;
+            // The real table's own constraints (NOT NULL of a row no write gave a value yet)
+            // refuse this row only, never the batch.
+            tx.execute_batch("SAVEPOINT gw_row")?;
+            match tables::write_row(&tx, tenant, table, &current, &roles) {
+                Ok(()) => tx.execute_batch("RELEASE gw_row")?,
+                Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                    tx.execute_batch("ROLLBACK TO gw_row; RELEASE gw_row")?;
+                    outcome.refused.push((index, format!("the cloud table {:?} refuses the row: {e}", row.table)));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        outcome.applied += 1;
         tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
             .execute(rusqlite::params![tenant, row.table, key, one_row_payload(&roles, current)])?;
         changed.rows.push(incoming);

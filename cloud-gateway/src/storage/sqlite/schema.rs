@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 6;
+const VERSION: i64 = 7;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -167,6 +167,24 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ) WITHOUT ROWID;
             CREATE TABLE gw_writing (x INTEGER);
             -- Real tables are made again, now with their capture triggers.
+            DELETE FROM gw_tenant_tables;
+            ",
+        )?;
+    }
+    if version == 6 {
+        conn.execute_batch(
+            "
+            -- A cloud node per role a writer names (\"TENANT.TABLE@ROLE\"), 'cloud' otherwise.
+            CREATE TABLE gw_cloud_writers (
+                tenant  TEXT NOT NULL,
+                role    TEXT NOT NULL,
+                node    BLOB NOT NULL,
+                counter INTEGER NOT NULL,
+                PRIMARY KEY (tenant, role)
+            ) WITHOUT ROWID;
+            INSERT INTO gw_cloud_writers SELECT tenant, 'cloud', node, counter FROM gw_cloud_nodes;
+            DROP TABLE gw_cloud_nodes;
+            -- Made again: journals record the role, and each declared role gets its views.
             DELETE FROM gw_tenant_tables;
             ",
         )?;

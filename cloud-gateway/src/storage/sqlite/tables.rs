@@ -67,9 +67,13 @@ pub(super) fn materialize(conn: &Connection, limits: &Limits, tenant: &str, serv
                 conn.execute_batch(&table.sqlite_add_column_named(&name, c))?;
             }
         }
-        cloud_writes::install(conn, tenant, table)?;
-        if !missing.is_empty() {
-            refill(conn, limits, tenant, table)?;
+        cloud_writes::install(conn, tenant, table, &served.schema.roles)?;
+        if columns.is_empty() {
+            refill(conn, limits, tenant, table, None)?;
+        } else if !missing.is_empty() {
+            // Only the added columns: the others may hold writes not taken in yet.
+            let added: Vec<&str> = missing.iter().map(|c| c.name.as_str()).collect();
+            refill(conn, limits, tenant, table, Some(&added))?;
         }
     }
     conn.prepare_cached(
@@ -80,15 +84,32 @@ pub(super) fn materialize(conn: &Connection, limits: &Limits, tenant: &str, serv
     Ok(())
 }
 
-/// Writes every stored row of `table` into its real table again.
-fn refill(conn: &Connection, limits: &Limits, tenant: &str, table: &SchemaTable) -> Result<()> {
+/// Writes every stored row of `table` into its real table (a new table), or just the values
+/// of the columns `only` (columns just added).
+fn refill(conn: &Connection, limits: &Limits, tenant: &str, table: &SchemaTable, only: Option<&[&str]>) -> Result<()> {
     let mut stmt = conn.prepare("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2")?;
     let mut rows = stmt.query(rusqlite::params![tenant, table.name])?;
     while let Some(r) = rows.next()? {
         let bytes: Vec<u8> = r.get(0)?;
         let mut b = decode_payload(&bytes, limits).map_err(|e| Error::Corrupt(format!("stored row: {e}")))?;
         let row = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
-        write_row(conn, tenant, table, &row, &b.roles)?;
+        let Some(only) = only else {
+            write_row(conn, tenant, table, &row, &b.roles)?;
+            continue;
+        };
+        let Some(values) = row_values(&row.state, &table.spec(), &b.roles) else { continue };
+        for (column, value) in values.iter().filter(|(c, _)| only.contains(&c.as_str())) {
+            let matches: Vec<String> =
+                table.key.iter().enumerate().map(|(i, k)| format!("{} = ?{}", quote(k), i + 2)).collect();
+            let sql = format!(
+                "UPDATE {} SET {} = ?1 WHERE {}",
+                quote(&table_name(tenant, &table.name)),
+                quote(column),
+                matches.join(" AND ")
+            );
+            let params: Vec<&Value> = std::iter::once(value).chain(row.pk.iter()).collect();
+            conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(params))?;
+        }
     }
     Ok(())
 }
