@@ -863,3 +863,71 @@ fn a_first_schema_must_fit_the_types_of_rows_synced_before_it() {
     let err = store.install_schema(ORDERS).expect_err("a text price").to_string();
     assert!(err.contains("\"price\" holds real, not a text value"), "{err}");
 }
+
+#[test]
+fn any_sql_statement_form_is_captured_and_a_failed_one_hides_nothing() {
+    use driftless_core::Value::{Integer, Text};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    store.install_schema(PROSPECTS).expect("install");
+    let cfg = HandlerConfig::default();
+    let mut crm =
+        Store::open(dir.path().join("crm.db"), StoreOptions { role: "crm".into(), ..StoreOptions::default() })
+            .expect("open");
+    crm.follow_schema(1, PROSPECTS).expect("follow");
+    crm.write(|tx| Ok(tx.execute_batch("INSERT INTO prospects(id, name) VALUES ('p1', 'Dana')")?)).expect("write");
+    ship(&mut store, &cfg, &mut crm, "crm");
+    // Upserts and explicit conflict clauses, twice before any intake.
+    cloud_sql(
+        &store,
+        "INSERT INTO \"acme.prospects\"(id, name) VALUES ('p2', 'Lee') ON CONFLICT(id) DO UPDATE SET name = excluded.name;
+         INSERT INTO \"acme.prospects\"(id, name) VALUES ('p2', 'Lee B.') ON CONFLICT(id) DO UPDATE SET name = excluded.name;
+         UPDATE OR ABORT \"acme.prospects\" SET email_opt_in = 1 WHERE id = 'p1';",
+    );
+    // A statement through a view that fails half way (OR FAIL keeps its first row): the
+    // writes after it are still captured.
+    let conn = rusqlite::Connection::open(store.path()).expect("open");
+    let failed = conn
+        .execute_batch("INSERT OR FAIL INTO \"acme.prospects@erp\"(id, name) VALUES ('p3', 'Kim'), ('p1', 'clash')");
+    assert!(failed.is_err());
+    conn.execute_batch("UPDATE \"acme.prospects\" SET name = 'Dana W.' WHERE id = 'p1'").expect("update");
+    drop(conn);
+    store.ingest_cloud_writes(NOW).expect("ingest");
+    catch_up(&mut store, &mut crm, "crm");
+    let q = "SELECT id, name, email_opt_in FROM prospects ORDER BY id";
+    let want = vec![
+        vec![Text("p1".into()), Text("Dana W.".into()), Integer(1)],
+        vec![Text("p2".into()), Text("Lee B.".into()), driftless_core::Value::Null],
+        vec![Text("p3".into()), Text("Kim".into()), driftless_core::Value::Null],
+    ];
+    assert_eq!(device_rows(&crm, q), want);
+    assert_eq!(cloud_rows(&store, &q.replace("FROM prospects", "FROM \"acme.prospects\"")), want);
+}
+
+#[test]
+fn a_schema_version_that_declares_columns_in_another_order_keeps_pending_writes_right() {
+    use driftless_core::Value::{Integer, Text};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    store.install_schema(ORDERS).expect("install");
+    let cfg = HandlerConfig::default();
+    let mut a = orders_device(&dir, "a.db");
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO orders(id, note, qty) VALUES ('o1', 'n', 1)")?)).expect("write");
+    ship(&mut store, &cfg, &mut a, "a");
+    // Written under version 1's column order, taken in under version 2's.
+    cloud_sql(&store, "UPDATE \"acme.orders\" SET qty = 5 WHERE id = 'o1'");
+    let v2 = ORDERS.replace(
+        "[[table.column]]\nname = \"note\"\ntype = \"text\"\npolicy = \"manual\"\n",
+        "[[table.column]]\nname = \"site\"\ntype = \"text\"\n[[table.column]]\nname = \"note\"\ntype = \"text\"\npolicy = \"manual\"\n",
+    );
+    assert_ne!(v2, ORDERS);
+    store.install_schema(&v2).expect("v2");
+    a.follow_schema(2, &v2).expect("follow");
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO orders(id) VALUES ('o2')")?)).expect("write");
+    ship(&mut store, &cfg, &mut a, "a");
+    catch_up(&mut store, &mut a, "a");
+    let q = "SELECT id, note, qty, site FROM orders ORDER BY id";
+    let rows = device_rows(&a, q);
+    assert_eq!(rows[0], vec![Text("o1".into()), Text("n".into()), Integer(5), driftless_core::Value::Null]);
+    assert_eq!(cloud_rows(&store, &q.replace("FROM orders", "FROM \"acme.orders\"")), rows);
+}

@@ -499,7 +499,7 @@ impl GatewayStore for SqliteStore {
         // writes (what woke the gateway) come a moment before its commit is visible.
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut logged = Vec::new();
-        let tenants = cloud_writes::pending_tenants(&tx)?;
+        let tenants = cloud_writes::pending_tenants(&tx, &served)?;
         if tenants.is_empty() {
             return Ok(logged);
         }

@@ -3,8 +3,7 @@
 //! of the tenant's cloud node, under the cloud role, resolved by the same policies as any
 //! device's write, and logged for every device.
 //!
-//! Each real table `"T.X"` has a journal `"T.X._driftless_writes"` of the keys written, and
-//! the tenant is marked in `gw_cloud_pending`. The gateway's own writes to the real tables
+//! Each real table `"T.X"` has a journal `"T.X._driftless_writes"` of the keys written. The gateway's own writes to the real tables
 //! are not captured: it holds a row in `gw_writing` for the length of its transaction, which
 //! no other connection ever sees, and the triggers stand down while it is there.
 //!
@@ -42,8 +41,17 @@ fn journal_name(tenant: &str, table: &str) -> String {
     format!("{}._driftless_writes", table_name(tenant, table))
 }
 
+/// The non-key columns of a real table in the order they were added to it. Columns are only
+/// ever added, at the end, so a change mask's bit keeps naming the same column across schema
+/// versions, whatever order a later version declares them in.
+fn mask_columns(conn: &Connection, real: &str, table: &SchemaTable) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info({}) ORDER BY cid", sql_text(real)))?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(names.into_iter().filter(|n| !table.is_key(n)).collect())
+}
+
 /// Creates the journal and capture triggers of a real table, and its view per declared role
-/// (again, if they exist: columns may have been added).
+/// (again, if they exist: columns may have been added, roles changed).
 pub(super) fn install(conn: &Connection, tenant: &str, table: &SchemaTable, roles: &[String]) -> Result<()> {
     let real = table_name(tenant, &table.name);
     let base = quote(&real);
@@ -51,7 +59,8 @@ pub(super) fn install(conn: &Connection, tenant: &str, table: &SchemaTable, role
     let journal = quote(&journal_plain);
     let slots: Vec<String> = (0..table.key.len()).map(|i| format!("k{i}")).collect();
     // Untyped columns keep key values exactly as written. `role` is NULL for the cloud role;
-    // `mask` has bit i set if non-key column i changed (NULL: all of them); `at_ms` is when.
+    // `mask` has bit i set if column i of `mask_columns` changed (NULL: all of them); `at_ms`
+    // is when.
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {journal} (seq INTEGER PRIMARY KEY, {}, role TEXT, mask INTEGER, at_ms INTEGER)",
         slots.join(", ")
@@ -69,9 +78,9 @@ pub(super) fn install(conn: &Connection, tenant: &str, table: &SchemaTable, role
     let of = |row: &str| table.key.iter().map(|k| format!("{row}.{}", quote(k))).collect::<Vec<_>>().join(", ");
     let changed_key =
         table.key.iter().map(|k| format!("OLD.{0} IS NOT NEW.{0}", quote(k))).collect::<Vec<_>>().join(" OR ");
-    // Bit i for non-key column i; a table of more columns than a mask holds records its
-    // updates as writes of every column (compared with what the row showed, so still exact).
-    let plain: Vec<&str> = table.columns.iter().filter(|c| !table.is_key(&c.name)).map(|c| c.name.as_str()).collect();
+    // A table of more columns than a mask holds records its updates as writes of every
+    // column (compared with what the row showed, so still exact).
+    let plain = mask_columns(conn, &real, table)?;
     let mask = if plain.is_empty() {
         "0".to_owned()
     } else if plain.len() > MASK_BITS {
@@ -85,77 +94,75 @@ pub(super) fn install(conn: &Connection, tenant: &str, table: &SchemaTable, role
             .join(" + ")
     };
     let now = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
-    let pending = format!("INSERT OR IGNORE INTO gw_cloud_pending(tenant) VALUES ({});", sql_text(tenant));
-    let cols = slots.join(", ");
-    // What each kind of write records: insert, update, the old key of an update that changed
-    // it, delete.
-    let record = |role: &str| -> [String; 4] {
-        let into = format!("INSERT INTO {journal}({cols}, role, mask, at_ms)");
-        [
-            format!("{into} VALUES ({}, {role}, NULL, {now});", of("NEW")),
-            format!("{into} VALUES ({}, {role}, CASE WHEN {changed_key} THEN NULL ELSE {mask} END, {now});", of("NEW")),
-            format!("{into} VALUES ({}, {role}, NULL, {now});", of("OLD")),
-            format!("{into} VALUES ({}, {role}, NULL, {now});", of("OLD")),
-        ]
-    };
+    let into = format!("INSERT INTO {journal}({}, role, mask, at_ms)", slots.join(", "));
     let guard = "NOT EXISTS (SELECT 1 FROM gw_writing)";
-    let [on_insert, on_update, on_rekey, on_delete] = record("NULL");
+    // What a write records: the new row (whole, or the columns an update changed), the old
+    // key of an update that changed it, a deleted row; under `role` (NULL: cloud).
+    let on_insert = |role: &str| format!("{into} VALUES ({}, {role}, NULL, {now});", of("NEW"));
+    let on_update = |role: &str| {
+        format!("{into} VALUES ({}, {role}, CASE WHEN {changed_key} THEN NULL ELSE {mask} END, {now});", of("NEW"))
+    };
+    let on_old = |role: &str| format!("{into} VALUES ({}, {role}, NULL, {now});", of("OLD"));
     let key_list = table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
     for (suffix, event, when, body) in [
-        ("ins", "INSERT".to_owned(), guard.to_owned(), on_insert),
-        ("upd", "UPDATE".to_owned(), guard.to_owned(), on_update),
+        ("ins", "INSERT".to_owned(), guard.to_owned(), on_insert("NULL")),
+        ("upd", "UPDATE".to_owned(), guard.to_owned(), on_update("NULL")),
         // Only an update that changes the key also records the old key.
-        ("rekey", format!("UPDATE OF {key_list}"), format!("({changed_key}) AND {guard}"), on_rekey),
-        ("del", "DELETE".to_owned(), guard.to_owned(), on_delete),
+        ("rekey", format!("UPDATE OF {key_list}"), format!("({changed_key}) AND {guard}"), on_old("NULL")),
+        ("del", "DELETE".to_owned(), guard.to_owned(), on_old("NULL")),
     ] {
         let trigger = quote(&format!("{real}._driftless_{suffix}"));
         conn.execute_batch(&format!(
             "DROP TRIGGER IF EXISTS {trigger};
-             CREATE TRIGGER {trigger} AFTER {event} ON {base} WHEN {when} BEGIN {body} {pending} END;"
+             CREATE TRIGGER {trigger} AFTER {event} ON {base} WHEN {when} BEGIN {body} END;"
         ))?;
     }
     // A writer names its role by writing through "TENANT.TABLE@ROLE": the view's triggers
-    // write the table with capture held off (a marker row that lives only inside the
-    // statement) and record the keys under that role.
+    // write the table (whose own triggers record the write as the cloud's) and then record
+    // it again under the role; the later record decides whose each column is. Nothing is
+    // held off, so a statement that fails half way can hide no other write.
     let names: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
     let inserted: Vec<String> = table
         .columns
         .iter()
         .map(|c| match &c.default {
-            // A view passes NULL for a column the INSERT left out: the default applies then.
+            // A view passes NULL for a column the INSERT left out: the default applies then
+            // (an explicit NULL in a column with a default too).
             Some(d) => format!("coalesce(NEW.{}, {})", quote(&c.name), driftless_core::schema::sql_literal(d)),
             None => format!("NEW.{}", quote(&c.name)),
         })
         .collect();
     let sets: Vec<String> = names.iter().map(|n| format!("{n} = NEW.{n}")).collect();
     let at_old: Vec<String> = table.key.iter().map(|k| format!("{0} = OLD.{0}", quote(k))).collect();
-    let hold = "INSERT INTO gw_writing(x) VALUES (2);";
-    let release = "DELETE FROM gw_writing WHERE x = 2;";
-    for role in roles {
-        let view = quote(&format!("{real}@{role}"));
-        // (An INSTEAD OF trigger cannot be limited to key changes: the update records the old
-        // key itself when it changed.)
-        let [on_insert, on_update, _, on_delete] = record(&sql_text(role));
-        let on_update = format!(
-            "{on_update} INSERT INTO {journal}({cols}, role, mask, at_ms) SELECT {}, {}, NULL, {now} WHERE {changed_key};",
-            of("OLD"),
-            sql_text(role)
-        );
+    // Views of roles no longer declared go.
+    let prefix = format!("{real}@");
+    let stale: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'view' AND substr(name, 1, length(?1)) = ?1")?
+        .query_map([&prefix], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for view in stale.iter().filter(|v| !roles.iter().any(|r| **v == format!("{prefix}{r}"))) {
+        conn.execute_batch(&format!("DROP VIEW IF EXISTS {}", quote(view)))?;
+    }
+    for r in roles {
+        let view = quote(&format!("{real}@{r}"));
+        let role = sql_text(r);
         let writes = [
-            format!("INSERT INTO {base}({}) VALUES ({});", names.join(", "), inserted.join(", ")),
-            format!("UPDATE {base} SET {} WHERE {};", sets.join(", "), at_old.join(" AND ")),
-            format!("DELETE FROM {base} WHERE {};", at_old.join(" AND ")),
+            format!("INSERT INTO {base}({}) VALUES ({}); {}", names.join(", "), inserted.join(", "), on_insert(&role)),
+            format!(
+                "UPDATE {base} SET {} WHERE {}; {} {into} SELECT {}, {role}, NULL, {now} WHERE {changed_key};",
+                sets.join(", "),
+                at_old.join(" AND "),
+                on_update(&role),
+                of("OLD")
+            ),
+            format!("DELETE FROM {base} WHERE {}; {}", at_old.join(" AND "), on_old(&role)),
         ];
         conn.execute_batch(&format!("DROP VIEW IF EXISTS {view}; CREATE VIEW {view} AS SELECT * FROM {base};"))?;
-        for (((suffix, event), write), recorded) in [("ins", "INSERT"), ("upd", "UPDATE"), ("del", "DELETE")]
-            .into_iter()
-            .zip(writes)
-            .zip([on_insert, on_update, on_delete])
+        for ((suffix, event), write) in
+            [("ins", "INSERT"), ("upd", "UPDATE"), ("del", "DELETE")].into_iter().zip(writes)
         {
-            let trigger = quote(&format!("{real}@{role}._driftless_{suffix}"));
-            conn.execute_batch(&format!(
-                "CREATE TRIGGER {trigger} INSTEAD OF {event} ON {view} BEGIN {hold} {write} {release} {recorded} {pending} END;"
-            ))?;
+            let trigger = quote(&format!("{real}@{r}._driftless_{suffix}"));
+            conn.execute_batch(&format!("CREATE TRIGGER {trigger} INSTEAD OF {event} ON {view} BEGIN {write} END;"))?;
         }
     }
     Ok(())
@@ -164,7 +171,7 @@ pub(super) fn install(conn: &Connection, tenant: &str, table: &SchemaTable, role
 /// Marks the current transaction as the gateway's own: its writes to real tables are not
 /// captured. Call [`end_own_writes`] before committing.
 pub(super) fn begin_own_writes(conn: &Connection) -> Result<()> {
-    conn.prepare_cached("INSERT INTO gw_writing(x) VALUES (1)")?.execute([])?;
+    conn.prepare_cached("INSERT OR IGNORE INTO gw_writing(x) VALUES (1)")?.execute([])?;
     Ok(())
 }
 
@@ -173,20 +180,49 @@ pub(super) fn end_own_writes(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Whether `tenant` has cloud writes waiting.
-pub(super) fn pending(conn: &Connection, tenant: &str) -> Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM gw_cloud_pending WHERE tenant = ?1")?
-        .query_row([tenant], |_| Ok(()))
-        .optional()?
-        .is_some())
+/// The journals of the tenant's real tables, as they exist.
+fn journals(conn: &Connection, tenant: &str, served: &ServedSchema) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for table in &served.schema.tables {
+        let name = journal_name(tenant, &table.name);
+        let exists: bool = conn
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)")?
+            .query_row([&name], |r| r.get(0))?;
+        if exists {
+            found.push(name);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether `tenant` has cloud writes waiting: one of its journals holds a row. (Checked in
+/// the journals themselves, so a captured write costs the writer no more than its journal
+/// row.)
+pub(super) fn pending(conn: &Connection, tenant: &str, served: &ServedSchema) -> Result<bool> {
+    for journal in journals(conn, tenant, served)? {
+        let any: bool = conn
+            .prepare_cached(&format!("SELECT EXISTS(SELECT 1 FROM {})", quote(&journal)))?
+            .query_row([], |r| r.get(0))?;
+        if any {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Tenants with cloud writes waiting.
-pub(super) fn pending_tenants(conn: &Connection) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT tenant FROM gw_cloud_pending")?;
-    let tenants = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-    Ok(tenants)
+pub(super) fn pending_tenants(conn: &Connection, served: &ServedSchema) -> Result<Vec<String>> {
+    let tenants: Vec<String> = conn
+        .prepare_cached("SELECT tenant FROM gw_tenant_tables")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::new();
+    for tenant in tenants {
+        if pending(conn, &tenant, served)? {
+            out.push(tenant);
+        }
+    }
+    Ok(out)
 }
 
 /// The node writing for `role` in the tenant's cloud database, and the next dot counter it
@@ -213,44 +249,41 @@ fn cloud_node(conn: &Connection, tenant: &str, role: &str) -> Result<(NodeId, u6
 /// What the journal says of one key since the last intake.
 #[derive(Debug, Default)]
 struct Written {
+    /// The key's values, as written.
+    pk: Vec<Value>,
     /// The role of its last write (`None`: the cloud role).
     role: Option<String>,
-    /// A write of the whole row came last or before the updates since (an insert, a delete,
-    /// a new key): every column is the last role's... unless an update named it since.
+    /// A write of the whole row (an insert, a delete, a new key) is among them.
     whole: bool,
-    /// For each non-key column, the role of the last update that changed it.
-    cols: Vec<Option<Option<String>>>,
+    /// For each column of `mask_columns`, the role and time of the last write that changed it.
+    cols: Vec<Option<(Option<String>, u64)>>,
     /// When it was last written (Unix ms).
     at_ms: u64,
 }
 
 impl Written {
     fn fold(&mut self, role: Option<String>, mask: Option<i64>, at_ms: Option<i64>, width: usize) {
+        let at_ms = at_ms.unwrap_or(0).max(0) as u64;
         self.cols.resize(width, None);
-        match mask {
-            None => {
-                self.whole = true;
-                self.cols.iter_mut().for_each(|c| *c = Some(role.clone()));
-            }
-            Some(mask) => {
-                for (i, c) in self.cols.iter_mut().enumerate().take(MASK_BITS) {
-                    if mask & (1 << i) != 0 {
-                        *c = Some(role.clone());
-                    }
-                }
+        for (i, c) in self.cols.iter_mut().enumerate() {
+            if mask.is_none_or(|m| i < MASK_BITS && m & (1 << i) != 0) {
+                *c = Some((role.clone(), at_ms));
             }
         }
+        self.whole |= mask.is_none();
         self.role = role;
-        self.at_ms = self.at_ms.max(at_ms.unwrap_or(0).max(0) as u64);
+        self.at_ms = self.at_ms.max(at_ms);
     }
 
-    /// The roles that changed columns, each with the columns it changed last (every column
-    /// for a whole-row write), in a stable order.
-    fn by_role(&self) -> BTreeMap<String, Vec<usize>> {
-        let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (i, c) in self.cols.iter().enumerate() {
-            if let Some(role) = c {
-                out.entry(role.clone().unwrap_or_else(|| CLOUD_ROLE.to_owned())).or_default().push(i);
+    /// The roles that changed columns, each with the columns it changed last and when it
+    /// changed the last of them.
+    fn by_role(&self, names: &[String]) -> BTreeMap<String, (Vec<String>, u64)> {
+        let mut out: BTreeMap<String, (Vec<String>, u64)> = BTreeMap::new();
+        for (name, c) in names.iter().zip(&self.cols) {
+            if let Some((role, at)) = c {
+                let part = out.entry(role.clone().unwrap_or_else(|| CLOUD_ROLE.to_owned())).or_default();
+                part.0.push(name.clone());
+                part.1 = part.1.max(*at);
             }
         }
         out
@@ -280,7 +313,7 @@ pub(super) fn ingest(
             continue;
         }
         let n = table.key.len();
-        let width = table.columns.len() - n;
+        let names = mask_columns(conn, &table_name(tenant, &table.name), table)?;
         let slots: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
         let keys: BTreeMap<Vec<u8>, Written> = {
             let sql = format!("SELECT {}, role, mask, at_ms FROM {journal} ORDER BY seq", slots.join(", "));
@@ -296,63 +329,63 @@ pub(super) fn ingest(
             })?;
             let mut keys: BTreeMap<Vec<u8>, Written> = BTreeMap::new();
             for row in rows {
-                let (pk, role, cols, at_ms) = row?;
-                keys.entry(encode_key(&pk)).or_default().fold(role, cols, at_ms, width);
+                let (pk, role, mask, at_ms) = row?;
+                let written = keys.entry(encode_key(&pk)).or_default();
+                written.pk = pk;
+                written.fold(role, mask, at_ms, names.len());
             }
             keys
         };
         for (key, written) in keys {
-            let pk = driftless_core::codec::decode_key(&key, limits).map_err(|e| Error::Corrupt(e.to_string()))?;
-            let probe = RowChange { table: table.name.clone(), pk, state: Default::default() };
+            let probe = RowChange { table: table.name.clone(), pk: written.pk.clone(), state: Default::default() };
             let (before, mut roles) = load_row(conn, limits, tenant, &probe, &key)?;
             let mut current = before.clone();
-            let at_ms = written.at_ms.min(now_ms);
             // A row that appears or goes is one write, the last writer's; an update is one
-            // write per role, of the columns it changed last.
+            // write per role, of the columns it changed last, stamped when it changed them.
             let whole = written.whole
                 && (read_row(conn, tenant, table, &current.pk)?.is_none() || !shows(&current, table, &roles));
-            let parts: Vec<(String, Option<Vec<usize>>)> = if whole {
-                vec![(written.role.clone().unwrap_or_else(|| CLOUD_ROLE.to_owned()), None)]
+            let parts: Vec<(String, Option<Vec<String>>, u64)> = if whole {
+                vec![(written.role.clone().unwrap_or_else(|| CLOUD_ROLE.to_owned()), None, written.at_ms)]
             } else {
-                written.by_role().into_iter().map(|(role, cols)| (role, Some(cols))).collect()
+                written.by_role(&names).into_iter().map(|(role, (cols, at))| (role, Some(cols), at)).collect()
             };
             let mut made = Vec::new();
-            let mut refused = None;
-            for (role, cols) in parts {
+            for (role, cols, at_ms) in parts {
                 let (node, counter) = match writers.get(&role) {
                     Some(w) => *w,
                     None => cloud_node(conn, tenant, &role)?,
                 };
                 roles.insert(node, role.clone());
-                let part = Part { dot: Dot { node, counter }, at_ms, only: cols.as_deref() };
+                let kept = current.clone();
+                let part = Part { dot: Dot { node, counter }, at_ms: at_ms.min(now_ms), only: cols.as_deref() };
                 let Some(change) = cloud_change(conn, tenant, table, &mut current, &roles, part)? else {
                     continue;
                 };
                 writers.insert(role.clone(), (node, counter + 1));
                 let change = RowChange { table: table.name.clone(), pk: current.pk.clone(), state: change };
-                // What no replica could take is not merged: kept with its reason, and the
-                // row shows again what it showed.
-                if let Some(reason) =
-                    table.check_row(&change).err().or_else(|| current.state.check_limits(limits).err())
-                {
-                    refused = Some((role, node, change, reason));
-                    break;
+                // What no replica could take is not merged: kept with its reason; the row
+                // shows what it showed for those columns, and other roles' parts go on.
+                let refused = table
+                    .check_row(&change)
+                    .err()
+                    .or_else(|| key_too_long(&change.pk, limits))
+                    .or_else(|| current.state.check_limits(limits).err());
+                if let Some(reason) = refused {
+                    let reason = format!("a write to {:?} made with SQL as {role:?} was refused: {reason}", table.name);
+                    tracing::warn!(%tenant, %reason);
+                    let writer = format!("sql as {role}");
+                    let payload = encode_payload(&Batch { roles: BTreeMap::from([(node, role)]), rows: vec![change] });
+                    super::keep_dead_letter(conn, tenant, &writer, &reason, &payload)?;
+                    current = kept;
+                    continue;
                 }
                 made.push((node, role, change));
             }
-            if let Some((role, node, change, reason)) = refused {
-                let reason = format!("a write to {:?} made with SQL as {role:?} was refused: {reason}", table.name);
-                tracing::warn!(%tenant, %reason);
-                let writer = format!("sql as {role}");
-                let payload = encode_payload(&Batch { roles: BTreeMap::from([(node, role)]), rows: vec![change] });
-                super::keep_dead_letter(conn, tenant, &writer, &reason, &payload)?;
-                tables::write_row(conn, tenant, table, &before, &roles)?;
-                continue;
-            }
+            // The table shows the merged row: what was taken in, and what was refused put back.
+            tables::write_row(conn, tenant, table, &current, &roles)?;
             if made.is_empty() {
                 continue;
             }
-            tables::write_row(conn, tenant, table, &current, &roles)?;
             conn.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(rusqlite::params![tenant, table.name, key, one_row_payload(&roles, current.clone())])?;
             for (node, role, change) in made {
@@ -366,7 +399,6 @@ pub(super) fn ingest(
         conn.prepare_cached("UPDATE gw_cloud_writers SET counter = ?3 WHERE tenant = ?1 AND role = ?2")?
             .execute(rusqlite::params![tenant, role, *next as i64 - 1])?;
     }
-    conn.prepare_cached("DELETE FROM gw_cloud_pending WHERE tenant = ?1")?.execute([tenant])?;
     if changes.rows.is_empty() {
         return Ok(None);
     }
@@ -374,12 +406,12 @@ pub(super) fn ingest(
 }
 
 /// One writer's part of what the journal says of a row: its dot, when, and the non-key
-/// columns (by position) it changed last (`None`: all of them).
+/// columns it changed last (`None`: all of them).
 #[derive(Debug, Clone, Copy)]
 struct Part<'a> {
     dot: Dot,
     at_ms: u64,
-    only: Option<&'a [usize]>,
+    only: Option<&'a [String]>,
 }
 
 /// The write the real table's row makes against the merged state it showed, if any, as a
@@ -414,8 +446,8 @@ fn cloud_change(
     };
     let mut write = LocalWrite::default();
     let plain: Vec<_> = table.columns.iter().filter(|c| !table.is_key(&c.name)).collect();
-    for (i, (c, value)) in plain.into_iter().zip(values).enumerate() {
-        let changed = only.is_none_or(|cols| cols.contains(&i));
+    for (c, value) in plain.into_iter().zip(values) {
+        let changed = only.is_none_or(|cols| cols.contains(&c.name));
         if !changed && shown.is_some() {
             continue;
         }
@@ -432,6 +464,16 @@ fn cloud_change(
         return Ok(None);
     }
     Ok(Some(write_local_upsert(&mut current.state, dot, hlc, write)))
+}
+
+/// Why a key is too long for any replica to take, if it is.
+fn key_too_long(pk: &[Value], limits: &Limits) -> Option<String> {
+    let long = pk.iter().any(|v| match v {
+        Value::Text(t) => t.len() > limits.max_value_bytes,
+        Value::Blob(b) | Value::RawText(b) => b.len() > limits.max_value_bytes,
+        _ => false,
+    });
+    long.then(|| format!("a key value exceeds the limit of {} bytes", limits.max_value_bytes))
 }
 
 /// Whether the row shows in its table (it exists and is not deleted).

@@ -103,7 +103,7 @@ pub(super) fn merge(
         cloud_writes::begin_own_writes(&tx)?;
         tables::materialize(&tx, limits, tenant, served)?;
         // Writes made to the real tables first: this merge must not overwrite one unseen.
-        if cloud_writes::pending(&tx, tenant)?
+        if cloud_writes::pending(&tx, tenant, served)?
             && let Some(cloud) = cloud_writes::ingest(&tx, limits, tenant, served, at.now_ms)?
         {
             log_change(&tx, tenant, "", &cloud, tags.next())?;

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 7;
+const VERSION: i64 = 8;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -186,6 +186,18 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             DROP TABLE gw_cloud_nodes;
             -- Made again: journals record the role, and each declared role gets its views.
             DELETE FROM gw_tenant_tables;
+            ",
+        )?;
+    }
+    if version == 7 {
+        conn.execute_batch(
+            "
+            -- Capture triggers and role views made again (see storage/sqlite/cloud_writes.rs).
+            DROP TABLE gw_writing;
+            CREATE TABLE gw_writing (x INTEGER PRIMARY KEY);
+            DELETE FROM gw_tenant_tables;
+            -- Waiting writes are found in the journals themselves.
+            DROP TABLE gw_cloud_pending;
             ",
         )?;
     }

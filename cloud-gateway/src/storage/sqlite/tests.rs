@@ -194,7 +194,7 @@ fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
         "ALTER TABLE gw_devices DROP COLUMN receipt_pos; ALTER TABLE gw_devices DROP COLUMN receipt_tag;
-         DROP TABLE gw_sync_schema; DROP TABLE gw_tenant_tables; DROP TABLE gw_cloud_pending;
+         DROP TABLE gw_sync_schema; DROP TABLE gw_tenant_tables;
          DROP TABLE gw_cloud_writers; DROP TABLE gw_writing; PRAGMA user_version = 2;",
     )
     .expect("downgrade");
