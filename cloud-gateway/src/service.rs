@@ -235,6 +235,8 @@ async fn announce_schema<S: GatewayStore>(client: &AsyncClient, store: &mut S, c
     let tenants = if config.tenant == "+" { store.tenants()? } else { vec![config.tenant.clone()] };
     let payload = served.message().encode();
     for tenant in tenants {
+        // Its cloud tables exist from now on, for SQL clients too.
+        store.prepare_tenant(&tenant)?;
         client.publish(schema_topic(&tenant), QoS::AtLeastOnce, true, payload.clone()).await?;
     }
     tracing::info!(version = served.version, "serving sync schema");

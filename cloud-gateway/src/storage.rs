@@ -245,6 +245,10 @@ pub trait GatewayStore: Send {
     /// one (comments and layout aside) keeps the current version.
     fn install_schema(&mut self, text: &str) -> Result<u64>;
 
+    /// Makes the tenant's real tables for the current schema now, rather than at its first
+    /// merge, so SQL clients can write a tenant no device has synced yet.
+    fn prepare_tenant(&mut self, tenant: &str) -> Result<()>;
+
     /// Takes in writes made directly to the real tables (by any SQL client) as writes of
     /// each tenant's cloud node, logging them for every device; returns the tenants whose
     /// log grew.

@@ -320,6 +320,9 @@ impl GatewayStore for FailingMerges {
     fn install_schema(&mut self, text: &str) -> Result<u64> {
         self.0.install_schema(text)
     }
+    fn prepare_tenant(&mut self, tenant: &str) -> Result<()> {
+        self.0.prepare_tenant(tenant)
+    }
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
         self.0.ingest_cloud_writes(now_ms)
     }
@@ -1045,4 +1048,18 @@ fn devices_and_plain_sql_writers_in_any_interleaving_converge() {
             assert_eq!(device_rows(d, q), cloud, "seed {seed}: device {id} and the cloud table differ");
         }
     }
+}
+
+#[test]
+fn a_served_tenant_has_its_cloud_tables_before_any_device_syncs() {
+    use driftless_core::Value::{Integer, Text};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    store.install_schema(ORDERS).expect("install");
+    store.prepare_tenant("acme").expect("prepare");
+    cloud_sql(&store, "INSERT INTO \"acme.orders\"(id, qty) VALUES ('o1', 3)");
+    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    let mut a = orders_device(&dir, "a.db");
+    catch_up(&mut store, &mut a, "a");
+    assert_eq!(device_rows(&a, "SELECT id, qty FROM orders"), vec![vec![Text("o1".into()), Integer(3)]]);
 }

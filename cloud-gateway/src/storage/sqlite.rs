@@ -493,6 +493,16 @@ impl GatewayStore for SqliteStore {
         Ok(Some(served))
     }
 
+    fn prepare_tenant(&mut self, tenant: &str) -> Result<()> {
+        let Some(served) = self.served_schema()? else { return Ok(()) };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        cloud_writes::begin_own_writes(&tx)?;
+        tables::materialize(&tx, &self.limits, tenant, &served)?;
+        cloud_writes::end_own_writes(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
         let Some(served) = self.served_schema()? else { return Ok(Vec::new()) };
         // Taking the write lock first also waits for a writer still committing: its file
