@@ -3,6 +3,7 @@
 //!
 //! [`GatewayStore`] is the seam a PostgreSQL backend implements next to [`SqliteStore`].
 
+mod cloud_intake;
 mod sqlite;
 
 pub use self::sqlite::SqliteStore;

@@ -15,6 +15,8 @@
 //! - [`codec`]: the versioned, zstd-compressed batch format; bounded decoding.
 //! - `value`: bit-exact SQLite values.
 //! - [`protocol`]: device/gateway sync messages and MQTT topics.
+//! - [`intake`]: validating and merging a batch into a row store, shared by the device's
+//!   store and every gateway store.
 //! - [`schema`]: the declared sync schema the gateway serves and enforces and devices follow.
 //!
 //! # Example: two replicas converge
@@ -48,6 +50,7 @@ mod batch;
 mod clock;
 pub mod codec;
 mod error;
+pub mod intake;
 mod merge;
 mod policy;
 pub mod protocol;

@@ -1,6 +1,6 @@
 //! Applying remote batches: join each row's state, then write the resolved row.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -8,11 +8,13 @@ use super::catalog::{TableInfo, ident};
 use super::refusals::{self, Origin};
 use super::seal::counter_value;
 use super::{Inner, identity, meta, seal};
-use crate::batch::Batch;
+use crate::batch::{Batch, RowChange};
 use crate::clock::{Hlc, NodeId, Observed};
 use crate::codec::encode_key;
 use crate::error::{Error, Result};
-use crate::merge::{holds_earlier_times, join_row};
+use crate::intake::{Admit, IntakeRules, RowStore, Written, merge_batch};
+use crate::merge::holds_earlier_times;
+use crate::state::RowState;
 use crate::value::Value;
 use crate::view;
 
@@ -85,55 +87,109 @@ pub(crate) fn apply(
             inner.nodes.set_role(conn, *node, role)?;
         }
     }
-    let mut report = ApplyReport { field_changes: batch.field_changes(), ..ApplyReport::default() };
+    let mut rows = DeviceRows { conn, inner, hold_back, table: 0, had_conflicts: false, extra: Extra::default() };
+    let limits = rows.inner.opts.limits.clone();
+    let merged = merge_batch(&mut rows, batch, IntakeRules { limits: &limits, bound: None })?;
+    let DeviceRows { inner, extra, .. } = rows;
+    for (index, reason) in &merged.refused {
+        let row = &batch.rows[*index];
+        refusals::refuse(conn, Origin::Remote, &row.table, &encode_key(&row.pk), reason, inner.now())?;
+    }
+    let mut report = ApplyReport {
+        field_changes: batch.field_changes(),
+        applied: merged.applied,
+        duplicates: merged.duplicates,
+        skipped: merged.skipped,
+        refused: merged.refused.len(),
+        unapplied: extra.unapplied,
+        sent_back: extra.sent_back,
+        ..ApplyReport::default()
+    };
     let mut reported = HashSet::new();
     let mut newest: Vec<(NodeId, Hlc)> = Vec::new();
-    for row in &batch.rows {
-        let t = match inner.catalog.by_name(&row.table) {
-            Some(t) if inner.catalog.tables[t].accepts() => t,
-            _ => {
-                report.skipped += 1;
-                continue;
-            }
-        };
-        let key = encode_key(&row.pk);
-        let info = &inner.catalog.tables[t];
-        // One row this store cannot take is recorded and skipped: it must not stop the rows
-        // after it, nor the pull cursor.
-        if let Err(reason) = check_key(info, &row.pk) {
-            refusals::refuse(conn, Origin::Remote, &row.table, &key, &reason, inner.now())?;
-            report.refused += 1;
-            continue;
-        }
-        let mut state = meta::load(conn, &inner.nodes, info, &key, &inner.opts.limits)?.unwrap_or_default();
-        let had_conflicts = meta::has_conflicts(inner, t, &state);
-        let joined = join_row(&mut state, &row.state);
-        if let Err(reason) = state.check_limits(&inner.opts.limits) {
-            refusals::refuse(conn, Origin::Remote, &row.table, &key, &reason, inner.now())?;
-            report.refused += 1;
-            continue;
-        }
-        if holds_earlier_times(&state, &row.state) && inner.catalog.tables[t].captures() {
-            // The sender lost the bounded time of a write this store holds: send the row
-            // back (its whole state; the join on the other side is idempotent).
-            let bytes = meta::encode(conn, inner, t, &state)?;
-            conn.prepare_cached("INSERT INTO _driftless_outbox(tbl, pk, change, created_ms) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(rusqlite::params![inner.catalog.tables[t].id, key, bytes, inner.now() as i64])?;
-            report.sent_back += 1;
-        }
-        if !joined {
-            report.duplicates += 1;
-            continue;
-        }
+    for row in &merged.changed {
         if let Some(seen) = row.state.max_hlc() {
             newest.push(seen);
         }
-        let id = inner.catalog.tables[t].id;
-        let shown = shown_counters(conn, &inner.catalog.tables[t], &row.pk)?;
-        let written = if hold_back.contains(&(id, key.clone())) {
-            Err(Error::AppRolledBack { table: row.table.clone(), key: key.clone() })
+        if reported.insert((row.table.clone(), encode_key(&row.pk))) {
+            report.changed.push(ChangedRow { table: row.table.clone(), pk: row.pk.clone() });
+        }
+    }
+    report.skewed = observe_clocks(conn, inner, &newest)?;
+    Ok(report)
+}
+
+/// This store's tracked tables and metadata as the row store the shared merge runs against.
+struct DeviceRows<'a> {
+    conn: &'a Connection,
+    inner: &'a mut Inner,
+    hold_back: &'a HashSet<(i64, Vec<u8>)>,
+    /// The catalog index of the row being merged, and whether it held conflicts before.
+    table: usize,
+    had_conflicts: bool,
+    extra: Extra,
+}
+
+#[derive(Debug, Default)]
+struct Extra {
+    unapplied: usize,
+    sent_back: usize,
+}
+
+impl RowStore for DeviceRows<'_> {
+    type Error = Error;
+
+    fn admit(&mut self, row: &RowChange) -> Result<Admit> {
+        let t = match self.inner.catalog.by_name(&row.table) {
+            Some(t) if self.inner.catalog.tables[t].accepts() => t,
+            _ => return Ok(Admit::Skip),
+        };
+        self.table = t;
+        // One row this store cannot take is recorded and skipped: it must not stop the rows
+        // after it, nor the pull cursor.
+        Ok(match check_key(&self.inner.catalog.tables[t], &row.pk) {
+            Ok(()) => Admit::Merge,
+            Err(reason) => Admit::Refuse(reason),
+        })
+    }
+
+    fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>)> {
+        let info = &self.inner.catalog.tables[self.table];
+        let key = encode_key(&row.pk);
+        let state = meta::load(self.conn, &self.inner.nodes, info, &key, &self.inner.opts.limits)?.unwrap_or_default();
+        self.had_conflicts = meta::has_conflicts(self.inner, self.table, &state);
+        // Roles live in the node registry, set from each batch before its rows.
+        Ok((state, BTreeMap::new()))
+    }
+
+    fn joined(&mut self, incoming: &RowChange, merged: &RowState) -> Result<()> {
+        let t = self.table;
+        if holds_earlier_times(merged, &incoming.state) && self.inner.catalog.tables[t].captures() {
+            // The sender lost the bounded time of a write this store holds: send the row
+            // back (its whole state; the join on the other side is idempotent).
+            let bytes = meta::encode(self.conn, self.inner, t, merged)?;
+            self.conn
+                .prepare_cached("INSERT INTO _driftless_outbox(tbl, pk, change, created_ms) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(rusqlite::params![
+                    self.inner.catalog.tables[t].id,
+                    encode_key(&incoming.pk),
+                    bytes,
+                    self.inner.now() as i64
+                ])?;
+            self.extra.sent_back += 1;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, _: &RowChange, merged: RowChange, _: &BTreeMap<NodeId, String>) -> Result<Written> {
+        let (conn, t) = (self.conn, self.table);
+        let key = encode_key(&merged.pk);
+        let id = self.inner.catalog.tables[t].id;
+        let shown = shown_counters(conn, &self.inner.catalog.tables[t], &merged.pk)?;
+        let written = if self.hold_back.contains(&(id, key.clone())) {
+            Err(Error::AppRolledBack { table: merged.table.clone(), key: key.clone() })
         } else {
-            write_app_row(conn, inner, t, &row.pk, &state)
+            write_app_row(conn, self.inner, t, &merged.pk, &merged.state)
         };
         match written {
             Ok(()) => refusals::clear_unapplied(conn, id, &key)?,
@@ -144,26 +200,21 @@ pub(crate) fn apply(
                 if conn.is_autocommit() {
                     // ON CONFLICT ROLLBACK or RAISE(ROLLBACK): the whole transaction is gone.
                     // The caller starts over, holding this row back from the app's table.
-                    return Err(Error::AppRolledBack { table: row.table.clone(), key });
+                    return Err(Error::AppRolledBack { table: merged.table, key });
                 }
-                report.unapplied += 1;
-                refusals::record_unapplied(conn, id, &key, &e.to_string(), inner.now(), &shown)?;
+                self.extra.unapplied += 1;
+                refusals::record_unapplied(conn, id, &key, &e.to_string(), self.inner.now(), &shown)?;
             }
             Err(e @ Error::AppRolledBack { .. }) => {
-                report.unapplied += 1;
-                refusals::record_unapplied(conn, id, &key, &e.to_string(), inner.now(), &shown)?;
+                self.extra.unapplied += 1;
+                refusals::record_unapplied(conn, id, &key, &e.to_string(), self.inner.now(), &shown)?;
             }
             Err(e) => return Err(e),
         }
-        forget_journaled(conn, &inner.catalog.tables[t], &row.pk)?;
-        meta::save(conn, inner, t, &key, &state, had_conflicts)?;
-        report.applied += 1;
-        if reported.insert((t, key)) {
-            report.changed.push(ChangedRow { table: row.table.clone(), pk: row.pk.clone() });
-        }
+        forget_journaled(conn, &self.inner.catalog.tables[t], &merged.pk)?;
+        meta::save(conn, self.inner, t, &key, &merged.state, self.had_conflicts)?;
+        Ok(Written::Done)
     }
-    report.skewed = observe_clocks(conn, inner, &newest)?;
-    Ok(report)
 }
 
 /// What the app row's counter columns show right now (0 for a missing row).

@@ -18,24 +18,16 @@
 
 use std::collections::BTreeMap;
 
-use driftless_core::codec::{Limits, encode_key, encode_payload};
+use driftless_core::codec::{Limits, encode_key};
 use driftless_core::schema::quote;
-use driftless_core::{
-    Batch, ColumnPolicy, Dot, FieldWrite, Hlc, LocalWrite, NodeId, RowChange, SchemaTable, Value, row_values,
-    write_local_delete, write_local_upsert,
-};
+use driftless_core::{Batch, NodeId, RowChange, SchemaTable, Value};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::merge::{load_row, one_row_payload};
 use super::tables::{self, table_name};
 use crate::error::{Error, Result};
 use crate::storage::ServedSchema;
-
-/// The role cloud writes are made under (authority policies may rank it).
-pub(crate) const CLOUD_ROLE: &str = "cloud";
-
-/// Non-key columns a journal's change mask covers.
-const MASK_BITS: usize = 62;
+use crate::storage::cloud_intake::{CloudTables, Intake, Journaled, MASK_BITS};
 
 fn journal_name(tenant: &str, table: &str) -> String {
     format!("{}._driftless_writes", table_name(tenant, table))
@@ -225,71 +217,6 @@ pub(super) fn pending_tenants(conn: &Connection, served: &ServedSchema) -> Resul
     Ok(out)
 }
 
-/// The node writing for `role` in the tenant's cloud database, and the next dot counter it
-/// may use.
-fn cloud_node(conn: &Connection, tenant: &str, role: &str) -> Result<(NodeId, u64)> {
-    let found: Option<(Vec<u8>, i64)> = conn
-        .prepare_cached("SELECT node, counter FROM gw_cloud_writers WHERE tenant = ?1 AND role = ?2")?
-        .query_row([tenant, role], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    match found {
-        Some((node, counter)) => {
-            let node = NodeId(node.try_into().map_err(|_| Error::Corrupt("stored cloud node".into()))?);
-            Ok((node, counter as u64 + 1))
-        }
-        None => {
-            let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
-            conn.prepare_cached("INSERT INTO gw_cloud_writers(tenant, role, node, counter) VALUES (?1, ?2, ?3, 0)")?
-                .execute(rusqlite::params![tenant, role, &node.0[..]])?;
-            Ok((node, 1))
-        }
-    }
-}
-
-/// What the journal says of one key since the last intake.
-#[derive(Debug, Default)]
-struct Written {
-    /// The key's values, as written.
-    pk: Vec<Value>,
-    /// The role of its last write (`None`: the cloud role).
-    role: Option<String>,
-    /// A write of the whole row (an insert, a delete, a new key) is among them.
-    whole: bool,
-    /// For each column of `mask_columns`, the role and time of the last write that changed it.
-    cols: Vec<Option<(Option<String>, u64)>>,
-    /// When it was last written (Unix ms).
-    at_ms: u64,
-}
-
-impl Written {
-    fn fold(&mut self, role: Option<String>, mask: Option<i64>, at_ms: Option<i64>, width: usize) {
-        let at_ms = at_ms.unwrap_or(0).max(0) as u64;
-        self.cols.resize(width, None);
-        for (i, c) in self.cols.iter_mut().enumerate() {
-            if mask.is_none_or(|m| i < MASK_BITS && m & (1 << i) != 0) {
-                *c = Some((role.clone(), at_ms));
-            }
-        }
-        self.whole |= mask.is_none();
-        self.role = role;
-        self.at_ms = self.at_ms.max(at_ms);
-    }
-
-    /// The roles that changed columns, each with the columns it changed last and when it
-    /// changed the last of them.
-    fn by_role(&self, names: &[String]) -> BTreeMap<String, (Vec<String>, u64)> {
-        let mut out: BTreeMap<String, (Vec<String>, u64)> = BTreeMap::new();
-        for (name, c) in names.iter().zip(&self.cols) {
-            if let Some((role, at)) = c {
-                let part = out.entry(role.clone().unwrap_or_else(|| CLOUD_ROLE.to_owned())).or_default();
-                part.0.push(name.clone());
-                part.1 = part.1.max(*at);
-            }
-        }
-        out
-    }
-}
-
 /// Takes in the tenant's pending cloud writes, inside the caller's transaction (which holds
 /// [`begin_own_writes`]). Returns the changes to log, if any.
 pub(super) fn ingest(
@@ -299,9 +226,8 @@ pub(super) fn ingest(
     served: &ServedSchema,
     now_ms: u64,
 ) -> Result<Option<Batch>> {
-    // Each role's node and its next counter, as used in this intake.
-    let mut writers: BTreeMap<String, (NodeId, u64)> = BTreeMap::new();
-    let mut changes = Batch::default();
+    let mut intake = Intake::new(&served.schema, limits, now_ms);
+    let mut rows = Rows { conn, limits, tenant };
     for table in &served.schema.tables {
         let journal = quote(&journal_name(tenant, &table.name));
         let exists: bool = conn.query_row(
@@ -315,7 +241,7 @@ pub(super) fn ingest(
         let n = table.key.len();
         let names = mask_columns(conn, &table_name(tenant, &table.name), table)?;
         let slots: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
-        let keys: BTreeMap<Vec<u8>, Written> = {
+        let keys: BTreeMap<Vec<u8>, Journaled> = {
             let sql = format!("SELECT {}, role, mask, at_ms FROM {journal} ORDER BY seq", slots.join(", "));
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map([], |r| {
@@ -327,7 +253,7 @@ pub(super) fn ingest(
                     r.get::<_, Option<i64>>(n + 2)?,
                 ))
             })?;
-            let mut keys: BTreeMap<Vec<u8>, Written> = BTreeMap::new();
+            let mut keys: BTreeMap<Vec<u8>, Journaled> = BTreeMap::new();
             for row in rows {
                 let (pk, role, mask, at_ms) = row?;
                 let written = keys.entry(encode_key(&pk)).or_default();
@@ -336,156 +262,75 @@ pub(super) fn ingest(
             }
             keys
         };
-        for (key, written) in keys {
-            let probe = RowChange { table: table.name.clone(), pk: written.pk.clone(), state: Default::default() };
-            let (before, mut roles) = load_row(conn, limits, tenant, &probe, &key)?;
-            let mut current = before.clone();
-            // A row that appears or goes is one write, the last writer's; an update is one
-            // write per role, of the columns it changed last, stamped when it changed them.
-            let whole = written.whole
-                && (read_row(conn, tenant, table, &current.pk)?.is_none() || !shows(&current, table, &roles));
-            let parts: Vec<(String, Option<Vec<String>>, u64)> = if whole {
-                vec![(written.role.clone().unwrap_or_else(|| CLOUD_ROLE.to_owned()), None, written.at_ms)]
-            } else {
-                written.by_role(&names).into_iter().map(|(role, (cols, at))| (role, Some(cols), at)).collect()
-            };
-            let mut made = Vec::new();
-            for (role, cols, at_ms) in parts {
-                let (node, counter) = match writers.get(&role) {
-                    Some(w) => *w,
-                    None => cloud_node(conn, tenant, &role)?,
-                };
-                roles.insert(node, role.clone());
-                let kept = current.clone();
-                let part = Part { dot: Dot { node, counter }, at_ms: at_ms.min(now_ms), only: cols.as_deref() };
-                let Some(change) = cloud_change(conn, tenant, table, &mut current, &roles, part)? else {
-                    continue;
-                };
-                writers.insert(role.clone(), (node, counter + 1));
-                let change = RowChange { table: table.name.clone(), pk: current.pk.clone(), state: change };
-                // What no replica could take is not merged: kept with its reason; the row
-                // shows what it showed for those columns, and other roles' parts go on.
-                let refused = table
-                    .check_row(&change)
-                    .err()
-                    .or_else(|| key_too_long(&change.pk, limits))
-                    .or_else(|| current.state.check_limits(limits).err());
-                if let Some(reason) = refused {
-                    let reason = format!("a write to {:?} made with SQL as {role:?} was refused: {reason}", table.name);
-                    tracing::warn!(%tenant, %reason);
-                    let writer = format!("sql as {role}");
-                    let payload = encode_payload(&Batch { roles: BTreeMap::from([(node, role)]), rows: vec![change] });
-                    super::keep_dead_letter(conn, tenant, &writer, &reason, &payload)?;
-                    current = kept;
-                    continue;
-                }
-                made.push((node, role, change));
-            }
-            // The table shows the merged row: what was taken in, and what was refused put back.
-            tables::write_row(conn, tenant, table, &current, &roles)?;
-            if made.is_empty() {
-                continue;
-            }
-            conn.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(rusqlite::params![tenant, table.name, key, one_row_payload(&roles, current.clone())])?;
-            for (node, role, change) in made {
-                changes.roles.insert(node, role);
-                changes.rows.push(change);
-            }
+        for written in keys.values() {
+            intake.key(&mut rows, table, &names, written)?;
         }
         conn.execute_batch(&format!("DELETE FROM {journal}"))?;
     }
-    for (role, (_, next)) in &writers {
+    for (role, (_, next)) in &intake.writers {
         conn.prepare_cached("UPDATE gw_cloud_writers SET counter = ?3 WHERE tenant = ?1 AND role = ?2")?
             .execute(rusqlite::params![tenant, role, *next as i64 - 1])?;
     }
-    if changes.rows.is_empty() {
-        return Ok(None);
+    Ok((!intake.changes.rows.is_empty()).then_some(intake.changes))
+}
+
+/// A tenant's real tables and causal state in this store, as an intake uses them.
+struct Rows<'a> {
+    conn: &'a Connection,
+    limits: &'a Limits,
+    tenant: &'a str,
+}
+
+impl CloudTables for Rows<'_> {
+    fn load(&mut self, table: &SchemaTable, pk: &[Value]) -> Result<(RowChange, BTreeMap<NodeId, String>)> {
+        let probe = RowChange { table: table.name.clone(), pk: pk.to_vec(), state: Default::default() };
+        load_row(self.conn, self.limits, self.tenant, &probe, &encode_key(pk))
     }
-    Ok(Some(changes))
-}
 
-/// One writer's part of what the journal says of a row: its dot, when, and the non-key
-/// columns it changed last (`None`: all of them).
-#[derive(Debug, Clone, Copy)]
-struct Part<'a> {
-    dot: Dot,
-    at_ms: u64,
-    only: Option<&'a [String]>,
-}
+    fn read_row(&mut self, table: &SchemaTable, pk: &[Value]) -> Result<Option<Vec<Value>>> {
+        read_row(self.conn, self.tenant, table, pk)
+    }
 
-/// The write the real table's row makes against the merged state it showed, if any, as a
-/// device's seal makes it: each changed column whose value differs from what the row showed
-/// (only the columns the writer changed), counters by their difference, a delete if the row
-/// is gone (its counters back to 0), an insert if it is new. Stamped when it was written,
-/// never behind anything the row already holds.
-fn cloud_change(
-    conn: &Connection,
-    tenant: &str,
-    table: &SchemaTable,
-    current: &mut RowChange,
-    roles: &BTreeMap<NodeId, String>,
-    part: Part<'_>,
-) -> Result<Option<driftless_core::RowState>> {
-    let Part { dot, at_ms, only } = part;
-    let spec = table.spec();
-    let shown: Option<BTreeMap<String, Value>> =
-        row_values(&current.state, &spec, roles).map(|v| v.into_iter().collect());
-    let values = read_row(conn, tenant, table, &current.pk)?;
-    let newest = current.state.max_hlc().map_or(Hlc::default(), |(_, h)| h);
-    let hlc = Hlc::new(at_ms, 0).max(Hlc(newest.0 + 1));
-    let total = |c: &str| current.state.counters.get(c).map_or(0, driftless_core::Counter::value);
-    let counters = table.columns.iter().filter(|c| c.policy == ColumnPolicy::Counter);
-    let Some(values) = values else {
-        if shown.is_none() {
-            return Ok(None);
-        }
-        let deltas: Vec<(String, i64)> =
-            counters.filter(|c| total(&c.name) != 0).map(|c| (c.name.clone(), total(&c.name).wrapping_neg())).collect();
-        return Ok(Some(write_local_delete(&mut current.state, dot, hlc, deltas)));
-    };
-    let mut write = LocalWrite::default();
-    let plain: Vec<_> = table.columns.iter().filter(|c| !table.is_key(&c.name)).collect();
-    for (c, value) in plain.into_iter().zip(values) {
-        let changed = only.is_none_or(|cols| cols.contains(&c.name));
-        if !changed && shown.is_some() {
-            continue;
-        }
-        if c.policy == ColumnPolicy::Counter {
-            let delta = counter_value(&value).wrapping_sub(total(&c.name));
-            if delta != 0 {
-                write.counter_deltas.push((c.name.clone(), delta));
+    fn cloud_node(&mut self, role: &str) -> Result<(NodeId, u64)> {
+        let found: Option<(Vec<u8>, i64)> = self
+            .conn
+            .prepare_cached("SELECT node, counter FROM gw_cloud_writers WHERE tenant = ?1 AND role = ?2")?
+            .query_row([self.tenant, role], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match found {
+            Some((node, counter)) => {
+                let node = NodeId(node.try_into().map_err(|_| Error::Corrupt("stored cloud node".into()))?);
+                Ok((node, counter as u64 + 1))
             }
-        } else if shown.is_none() || shown.as_ref().and_then(|s| s.get(&c.name)) != Some(&value) {
-            write.fields.push(FieldWrite { column: c.name.clone(), value, hlc });
+            None => {
+                let node = NodeId::random().map_err(|e| Error::Random(e.to_string()))?;
+                self.conn
+                    .prepare_cached("INSERT INTO gw_cloud_writers(tenant, role, node, counter) VALUES (?1, ?2, ?3, 0)")?
+                    .execute(rusqlite::params![self.tenant, role, &node.0[..]])?;
+                Ok((node, 1))
+            }
         }
     }
-    if shown.is_some() && write.fields.is_empty() && write.counter_deltas.is_empty() {
-        return Ok(None);
+
+    fn dead_letter(&mut self, writer: &str, reason: &str, payload: &[u8]) -> Result<()> {
+        super::keep_dead_letter(self.conn, self.tenant, writer, reason, payload)?;
+        Ok(())
     }
-    Ok(Some(write_local_upsert(&mut current.state, dot, hlc, write)))
-}
 
-/// Why a key is too long for any replica to take, if it is.
-fn key_too_long(pk: &[Value], limits: &Limits) -> Option<String> {
-    let long = pk.iter().any(|v| match v {
-        Value::Text(t) => t.len() > limits.max_value_bytes,
-        Value::Blob(b) | Value::RawText(b) => b.len() > limits.max_value_bytes,
-        _ => false,
-    });
-    long.then(|| format!("a key value exceeds the limit of {} bytes", limits.max_value_bytes))
-}
+    fn show(&mut self, table: &SchemaTable, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
+        tables::write_row(self.conn, self.tenant, table, row, roles)
+    }
 
-/// Whether the row shows in its table (it exists and is not deleted).
-fn shows(row: &RowChange, table: &SchemaTable, roles: &BTreeMap<NodeId, String>) -> bool {
-    row_values(&row.state, &table.spec(), roles).is_some()
-}
-
-/// A counter column's value as an integer (what a STRICT INTEGER column holds).
-fn counter_value(v: &Value) -> i64 {
-    match v {
-        Value::Integer(i) => *i,
-        _ => 0,
+    fn save(&mut self, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(rusqlite::params![
+                self.tenant,
+                row.table,
+                encode_key(&row.pk),
+                one_row_payload(roles, row.clone())
+            ])?;
+        Ok(())
     }
 }
 

@@ -11,7 +11,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
-use driftless_core::{Batch, Hlc, NodeId, RowChange, Value, bound_future_timestamps, join_row};
+use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, merge_batch};
+use driftless_core::{Batch, NodeId, RowChange, RowState, Value};
 use rusqlite::{Connection, OptionalExtension, Transaction};
 
 use super::{cloud_writes, tables};
@@ -48,6 +49,56 @@ fn check_key(
             arity.insert(row.table.clone(), row.pk.len());
             Ok(None)
         }
+    }
+}
+
+/// The gateway's causal state and real tables as the row store the shared merge runs against.
+struct Rows<'a> {
+    tx: &'a Transaction<'a>,
+    limits: &'a Limits,
+    tenant: &'a str,
+    schema: Option<&'a ServedSchema>,
+    /// Key arities of tables first seen in this batch (without a declared schema).
+    new_tables: HashMap<String, usize>,
+}
+
+impl RowStore for Rows<'_> {
+    type Error = Error;
+
+    fn admit(&mut self, row: &RowChange) -> Result<Admit, Error> {
+        // A declared schema says everything about a row's shape; without one, the first
+        // change to a table sets its key arity.
+        let refused = match self.schema {
+            Some(served) => served.schema.check_device_row(row).err(),
+            None => check_key(self.tx, self.tenant, row, &mut self.new_tables)?,
+        };
+        Ok(refused.map_or(Admit::Merge, Admit::Refuse))
+    }
+
+    fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>), Error> {
+        let (stored, roles) = load_row(self.tx, self.limits, self.tenant, row, &encode_key(&row.pk))?;
+        Ok((stored.state, roles))
+    }
+
+    fn write(&mut self, _: &RowChange, merged: RowChange, roles: &BTreeMap<NodeId, String>) -> Result<Written, Error> {
+        let tx = self.tx;
+        if let Some(table) = self.schema.and_then(|s| s.schema.table(&merged.table)) {
+            // The real table's own constraints (NOT NULL of a row no write gave a value yet)
+            // refuse this row only, never the batch.
+            tx.execute_batch("SAVEPOINT gw_row")?;
+            match tables::write_row(tx, self.tenant, table, &merged, roles) {
+                Ok(()) => tx.execute_batch("RELEASE gw_row")?,
+                Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                    tx.execute_batch("ROLLBACK TO gw_row; RELEASE gw_row")?;
+                    return Ok(Written::Refused(format!("the cloud table {:?} refuses the row: {e}", merged.table)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (key, table) = (encode_key(&merged.pk), merged.table.clone());
+        tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(rusqlite::params![self.tenant, table, key, one_row_payload(roles, merged)])?;
+        Ok(Written::Done)
     }
 }
 
@@ -110,68 +161,19 @@ pub(super) fn merge(
             cloud_logged = true;
         }
     }
-    let mut new_tables: HashMap<String, usize> = HashMap::new();
-    let limit = Hlc::new(at.now_ms.saturating_add(at.max_drift_ms), u16::MAX);
-    let bound = Hlc::new(at.now_ms, 0);
-    let mut outcome = MergeOutcome::default();
-    let mut changed = Batch::default();
-    let mut skewed: BTreeMap<NodeId, Hlc> = BTreeMap::new();
-    let mut counters: BTreeMap<NodeId, u64> = BTreeMap::new();
-    for (index, row) in batch.rows.iter().enumerate() {
-        // A declared schema says everything about a row's shape; without one, the first
-        // change to a table sets its key arity.
-        let refused = match schema {
-            Some(served) => served.schema.check_device_row(row).err(),
-            None => check_key(&tx, tenant, row, &mut new_tables)?,
-        };
-        if let Some(reason) = refused {
-            outcome.refused.push((index, reason));
-            continue;
-        }
-        let key = encode_key(&row.pk);
-        let mut incoming = row.clone();
-        if incoming.state.max_hlc().is_some_and(|(_, h)| h > limit) {
-            for (node, hlc) in stamps(&incoming.state) {
-                if hlc > limit {
-                    let e = skewed.entry(node).or_default();
-                    *e = (*e).max(hlc);
-                }
-            }
-            outcome.bounded += bound_future_timestamps(&mut incoming.state, limit, bound).len();
-        }
-        for (node, c) in incoming.state.write_counters() {
-            let e = counters.entry(node).or_default();
-            *e = (*e).max(c);
-        }
-        let (mut current, mut roles) = load_row(&tx, limits, tenant, &incoming, &key)?;
-        if !join_row(&mut current.state, &incoming.state) {
-            outcome.duplicates += 1;
-            continue;
-        }
-        if let Err(e) = current.state.check_limits(limits) {
-            outcome.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
-            continue;
-        }
-        roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
-        if let Some(table) = schema.and_then(|s| s.schema.table(&row.table)) {
-            // The real table's own constraints (NOT NULL of a row no write gave a value yet)
-            // refuse this row only, never the batch.
-            tx.execute_batch("SAVEPOINT gw_row")?;
-            match tables::write_row(&tx, tenant, table, &current, &roles) {
-                Ok(()) => tx.execute_batch("RELEASE gw_row")?,
-                Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                    tx.execute_batch("ROLLBACK TO gw_row; RELEASE gw_row")?;
-                    outcome.refused.push((index, format!("the cloud table {:?} refuses the row: {e}", row.table)));
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        outcome.applied += 1;
-        tx.prepare_cached("INSERT OR REPLACE INTO gw_rows(tenant, tbl, pk, state) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(rusqlite::params![tenant, row.table, key, one_row_payload(&roles, current)])?;
-        changed.rows.push(incoming);
-    }
+    let mut rows = Rows { tx: &tx, limits, tenant, schema, new_tables: HashMap::new() };
+    let rules = IntakeRules { limits, bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)) };
+    let merged = merge_batch(&mut rows, batch, rules)?;
+    let mut new_tables = std::mem::take(&mut rows.new_tables);
+    let mut outcome = MergeOutcome {
+        applied: merged.applied,
+        duplicates: merged.duplicates,
+        bounded: merged.bounded,
+        refused: merged.refused,
+        ..MergeOutcome::default()
+    };
+    let (counters, skewed) = (merged.counters, merged.skewed);
+    let mut changed = Batch { roles: BTreeMap::new(), rows: merged.changed };
     // Tables first seen in this batch, if a row of theirs was merged.
     new_tables.retain(|t, _| changed.rows.iter().any(|r| &r.table == t));
     for (table, arity) in new_tables {
@@ -252,11 +254,4 @@ pub(super) fn log_change(
     conn.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change, tag) VALUES (?1, ?2, ?3, ?4, ?5)")?
         .execute(rusqlite::params![tenant, origin, change.rows.len() as i64, encode_payload(change), tag as i64])?;
     Ok(driftless_core::LogCursor { position: conn.last_insert_rowid() as u64, tag })
-}
-
-/// Every write's node and timestamp in a state.
-fn stamps(state: &driftless_core::RowState) -> Vec<(NodeId, Hlc)> {
-    let life = state.life.entries.iter().map(|e| (e.dot.node, e.hlc));
-    let fields = state.fields.values().flat_map(|r| r.entries.iter().map(|e| (e.dot.node, e.hlc)));
-    life.chain(fields).collect()
 }

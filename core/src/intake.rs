@@ -1,0 +1,176 @@
+//! Validating and merging a batch into a row store: the one piece of merge code that the
+//! device's store and every gateway store run, each behind [`RowStore`].
+//!
+//! For each row of a batch, in order: the store says whether it takes the row at all (a
+//! table it does not track is skipped; a row no replica could take is refused on its own);
+//! timestamps of a writer whose clock runs past the allowed drift are bounded (the gateway
+//! does this, the first replica that accepts a write); the stored state and the roles of its
+//! nodes are loaded; the incoming state is joined in; a state grown past the limits is
+//! refused; a row whose state did not change is a duplicate (a redelivery); otherwise the
+//! store writes it, and may still refuse it (a constraint of the table that shows it). One
+//! bad row never stops the rows after it.
+
+use std::collections::BTreeMap;
+
+use crate::batch::{Batch, RowChange};
+use crate::clock::{Hlc, NodeId};
+use crate::codec::Limits;
+use crate::merge::{bound_future_timestamps, join_row};
+use crate::state::RowState;
+
+/// Whether a store takes a row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    Merge,
+    /// Not this store's business (a table it does not track, or only sends).
+    Skip,
+    /// No replica could take it, for this reason.
+    Refuse(String),
+}
+
+/// What a store did with a merged row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// Not merged after all, for this reason (nothing of it was kept).
+    Refused(String),
+}
+
+/// A row store the shared merge runs against. Every call happens inside the store's own
+/// transaction, which the caller opened and commits.
+pub trait RowStore {
+    type Error;
+
+    /// Whether this store takes `row`.
+    fn admit(&mut self, row: &RowChange) -> Result<Admit, Self::Error>;
+
+    /// The state held for the row's key (empty if none) and the roles of the nodes in it
+    /// as this store knows them.
+    fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>), Self::Error>;
+
+    /// Called once `incoming` was joined into `merged`, whether it changed anything or not.
+    fn joined(&mut self, _incoming: &RowChange, _merged: &RowState) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// Keeps a row whose state changed: `merged` is the whole new state and `roles` the roles
+    /// of its nodes (the stored ones and the batch's).
+    fn write(
+        &mut self,
+        incoming: &RowChange,
+        merged: RowChange,
+        roles: &BTreeMap<NodeId, String>,
+    ) -> Result<Written, Self::Error>;
+}
+
+/// Timestamps past `limit` become `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockBound {
+    pub limit: Hlc,
+    pub to: Hlc,
+}
+
+impl ClockBound {
+    /// The gateway's bound: later than `now_ms + max_drift_ms` becomes `now_ms`.
+    pub fn at(now_ms: u64, max_drift_ms: u64) -> ClockBound {
+        ClockBound { limit: Hlc::new(now_ms.saturating_add(max_drift_ms), u16::MAX), to: Hlc::new(now_ms, 0) }
+    }
+}
+
+/// How a batch is merged.
+#[derive(Debug, Clone, Copy)]
+pub struct IntakeRules<'a> {
+    pub limits: &'a Limits,
+    /// Bound writers' clocks (at the gateway); `None` takes timestamps as they are.
+    pub bound: Option<ClockBound>,
+}
+
+/// What merging a batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntakeReport {
+    /// Rows whose state changed.
+    pub applied: usize,
+    /// Rows whose changes were all merged before.
+    pub duplicates: usize,
+    /// Rows the store does not take ([`Admit::Skip`]).
+    pub skipped: usize,
+    /// Rows refused, by position in the batch, with the reason.
+    pub refused: Vec<(usize, String)>,
+    /// Writes whose timestamps were bounded.
+    pub bounded: usize,
+    /// Nodes whose writes were bounded, with the largest timestamp each sent.
+    pub skewed: BTreeMap<NodeId, Hlc>,
+    /// The highest dot counter of each node among the rows taken (merged or duplicate).
+    pub counters: BTreeMap<NodeId, u64>,
+    /// The rows as merged (timestamps bounded) whose state changed, in batch order.
+    pub changed: Vec<RowChange>,
+}
+
+/// Merges `batch` into `store` row by row.
+pub fn merge_batch<S: RowStore>(
+    store: &mut S,
+    batch: &Batch,
+    rules: IntakeRules<'_>,
+) -> Result<IntakeReport, S::Error> {
+    let mut report = IntakeReport::default();
+    for (index, row) in batch.rows.iter().enumerate() {
+        match store.admit(row)? {
+            Admit::Merge => {}
+            Admit::Skip => {
+                report.skipped += 1;
+                continue;
+            }
+            Admit::Refuse(reason) => {
+                report.refused.push((index, reason));
+                continue;
+            }
+        }
+        let mut incoming = row.clone();
+        if let Some(bound) = rules.bound
+            && incoming.state.max_hlc().is_some_and(|(_, h)| h > bound.limit)
+        {
+            for (node, hlc) in stamps(&incoming.state) {
+                if hlc > bound.limit {
+                    let e = report.skewed.entry(node).or_default();
+                    *e = (*e).max(hlc);
+                }
+            }
+            report.bounded += bound_future_timestamps(&mut incoming.state, bound.limit, bound.to).len();
+        }
+        for (node, c) in incoming.state.write_counters() {
+            let e = report.counters.entry(node).or_default();
+            *e = (*e).max(c);
+        }
+        let (mut state, mut roles) = store.load(&incoming)?;
+        let changed = join_row(&mut state, &incoming.state);
+        if let Err(e) = state.check_limits(rules.limits) {
+            report.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
+            continue;
+        }
+        store.joined(&incoming, &state)?;
+        if !changed {
+            report.duplicates += 1;
+            continue;
+        }
+        roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
+        let merged = RowChange { table: incoming.table.clone(), pk: incoming.pk.clone(), state };
+        match store.write(&incoming, merged, &roles)? {
+            Written::Done => {
+                report.applied += 1;
+                report.changed.push(incoming);
+            }
+            Written::Refused(reason) => report.refused.push((index, reason)),
+        }
+    }
+    Ok(report)
+}
+
+/// Every write's node and timestamp in a state.
+fn stamps(state: &RowState) -> Vec<(NodeId, Hlc)> {
+    let life = state.life.entries.iter().map(|e| (e.dot.node, e.hlc));
+    let fields = state.fields.values().flat_map(|r| r.entries.iter().map(|e| (e.dot.node, e.hlc)));
+    life.chain(fields).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,135 @@
+//! The shared merge over a store kept in memory: what it decides, row by row.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::clock::Dot;
+use crate::codec::encode_key;
+use crate::merge::{FieldWrite, LocalWrite, write_local_upsert};
+use crate::value::Value;
+
+/// A store that keeps states in a map, refuses table `bad`, skips table `skip`, and whose
+/// "table" refuses any row whose `v` is -1 (as a CHECK constraint would).
+/// A row's state and the roles of its nodes.
+type Held = (RowState, BTreeMap<NodeId, String>);
+
+#[derive(Default)]
+struct Rows {
+    held: BTreeMap<(String, Vec<u8>), Held>,
+    joined: usize,
+}
+
+impl RowStore for Rows {
+    type Error = std::convert::Infallible;
+
+    fn admit(&mut self, row: &RowChange) -> Result<Admit, Self::Error> {
+        Ok(match row.table.as_str() {
+            "bad" => Admit::Refuse("not here".into()),
+            "skip" => Admit::Skip,
+            _ => Admit::Merge,
+        })
+    }
+
+    fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>), Self::Error> {
+        Ok(self.held.get(&(row.table.clone(), encode_key(&row.pk))).cloned().unwrap_or_default())
+    }
+
+    fn joined(&mut self, _: &RowChange, _: &RowState) -> Result<(), Self::Error> {
+        self.joined += 1;
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        _: &RowChange,
+        merged: RowChange,
+        roles: &BTreeMap<NodeId, String>,
+    ) -> Result<Written, Self::Error> {
+        let refused =
+            merged.state.fields.get("v").is_some_and(|r| r.entries.iter().any(|e| e.value == Value::Integer(-1)));
+        if refused {
+            return Ok(Written::Refused("CHECK (v >= 0)".into()));
+        }
+        self.held.insert((merged.table, encode_key(&merged.pk)), (merged.state, roles.clone()));
+        Ok(Written::Done)
+    }
+}
+
+fn key(k: i64) -> (String, Vec<u8>) {
+    ("t".to_owned(), encode_key(&[Value::Integer(k)]))
+}
+
+fn node(n: u8) -> NodeId {
+    NodeId([n; 16])
+}
+
+fn row(table: &str, key: i64, node_id: u8, counter: u64, ms: u64, v: i64) -> RowChange {
+    let mut state = RowState::default();
+    let write = LocalWrite {
+        fields: vec![FieldWrite { column: "v".into(), value: Value::Integer(v), hlc: Hlc::new(ms, 0) }],
+        ..LocalWrite::default()
+    };
+    let change = write_local_upsert(&mut state, Dot { node: node(node_id), counter }, Hlc::new(ms, 0), write);
+    RowChange { table: table.into(), pk: vec![Value::Integer(key)], state: change }
+}
+
+fn rules(limits: &Limits, bound: Option<ClockBound>) -> IntakeRules<'_> {
+    IntakeRules { limits, bound }
+}
+
+#[test]
+fn each_row_is_decided_on_its_own_and_a_copy_changes_nothing() {
+    let limits = Limits::default();
+    let mut store = Rows::default();
+    let batch = Batch {
+        roles: BTreeMap::from([(node(1), "field".to_owned())]),
+        rows: vec![
+            row("bad", 1, 1, 1, 10, 1),
+            row("t", 1, 1, 2, 10, 1),
+            row("skip", 1, 1, 3, 10, 1),
+            row("t", 2, 1, 4, 10, -1),
+        ],
+    };
+    let first = merge_batch(&mut store, &batch, rules(&limits, None)).unwrap();
+    assert_eq!((first.applied, first.duplicates, first.skipped), (1, 0, 1));
+    assert_eq!(first.refused, vec![(0, "not here".to_owned()), (3, "CHECK (v >= 0)".to_owned())]);
+    assert_eq!(first.changed, vec![batch.rows[1].clone()]);
+    // Counters of every row taken, refused by the table or not: the dots were issued.
+    assert_eq!(first.counters, BTreeMap::from([(node(1), 4)]));
+    // The batch's roles are kept with the row.
+    assert_eq!(store.held[&key(1)].1, batch.roles);
+
+    let again = merge_batch(&mut store, &batch, rules(&limits, None)).unwrap();
+    assert_eq!((again.applied, again.duplicates, again.changed.len()), (0, 1, 0));
+    // The hook sees duplicates too (the device sends back a write it holds an earlier time of).
+    assert_eq!(store.joined, 2 + 2);
+}
+
+#[test]
+fn a_writer_clock_past_the_drift_is_bounded_once_and_reported() {
+    let limits = Limits::default();
+    let mut store = Rows::default();
+    let far = 10_000_000;
+    let batch = Batch { roles: BTreeMap::new(), rows: vec![row("t", 1, 7, 1, far, 5), row("t", 2, 8, 1, 900, 5)] };
+    let report = merge_batch(&mut store, &batch, rules(&limits, Some(ClockBound::at(1_000, 100)))).unwrap();
+    assert_eq!(report.bounded, 1);
+    assert_eq!(report.skewed, BTreeMap::from([(node(7), Hlc::new(far, 0))]));
+    let held = &store.held[&key(1)].0;
+    assert_eq!(held.max_hlc(), Some((node(7), Hlc::new(1_000, 0))));
+    // The change as logged carries the bounded time, not the writer's.
+    assert_eq!(report.changed[0].state.max_hlc(), Some((node(7), Hlc::new(1_000, 0))));
+}
+
+#[test]
+fn a_row_grown_past_the_limits_is_refused_and_nothing_of_it_kept() {
+    let limits = Limits { max_register_entries: 2, ..Limits::default() };
+    let mut store = Rows::default();
+    // Three concurrent writers of one field: the third would keep three entries.
+    let rows: Vec<RowChange> = (1..=3).map(|n| row("t", 1, n, 1, 10, n as i64)).collect();
+    let report = merge_batch(&mut store, &Batch { roles: BTreeMap::new(), rows }, rules(&limits, None)).unwrap();
+    assert_eq!(report.applied, 2);
+    assert_eq!(report.refused.len(), 1);
+    assert_eq!(report.refused[0].0, 2);
+    assert!(report.refused[0].1.contains("past a limit"), "{:?}", report.refused);
+    assert_eq!(store.held[&key(1)].0.fields["v"].entries.len(), 2);
+}
