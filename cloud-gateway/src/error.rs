@@ -11,6 +11,11 @@
 pub enum Error {
     #[error("storage: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] postgres::Error),
+    /// A setting the operator gave cannot work (a store URL, a tenant name the store cannot hold).
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("core: {0}")]
     Core(#[from] driftless_core::Error),
     #[error("stored data is corrupt: {0}")]
@@ -32,6 +37,44 @@ pub enum Error {
     Schema(#[from] driftless_core::SchemaError),
 }
 
+impl Error {
+    /// Whether the store failed for a reason of its own that may pass (busy, locked, full,
+    /// the connection lost), so the message is tried again rather than counted against it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Sqlite(e) => {
+                use rusqlite::ErrorCode::*;
+                matches!(
+                    e.sqlite_error_code(),
+                    Some(
+                        DatabaseBusy
+                            | DatabaseLocked
+                            | SystemIoFailure
+                            | DiskFull
+                            | CannotOpen
+                            | OutOfMemory
+                            | ReadOnly
+                    )
+                )
+            }
+            Error::Postgres(e) => {
+                // Connection lost (08), serialization or deadlock (40), lock wait timeout
+                // (55P03), out of resources (53), shut down (57P0x).
+                e.is_closed()
+                    || e.code().is_none_or(|c| {
+                        let c = c.code();
+                        c.starts_with("08")
+                            || c.starts_with("40")
+                            || c.starts_with("53")
+                            || c == "55P03"
+                            || c.starts_with("57P0")
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Why a batch was not merged.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -51,3 +94,9 @@ impl From<rusqlite::Error> for MergeError {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<postgres::Error> for MergeError {
+    fn from(e: postgres::Error) -> Self {
+        MergeError::Store(e.into())
+    }
+}

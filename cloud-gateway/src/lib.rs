@@ -22,4 +22,4 @@ pub mod storage;
 pub use error::{Error, MergeError, Result};
 pub use handler::HandlerConfig;
 pub use service::{GatewayConfig, run};
-pub use storage::{GatewayStore, ServedSchema, SqliteStore};
+pub use storage::{GatewayStore, PgStore, ServedSchema, SqliteStore};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
-use driftless_gateway::{GatewayConfig, SqliteStore, broker, report, run};
+use driftless_gateway::{GatewayConfig, PgStore, SqliteStore, broker, report, run};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "driftless cloud gateway: merges device changes and fans them out")]
@@ -35,9 +35,13 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Gateway database file.
+    /// Gateway database file (the embedded SQLite store).
     #[arg(long, default_value = "driftless-gateway.db")]
     db: PathBuf,
+    /// A PostgreSQL database to keep everything in instead (postgres://USER@HOST/DB); several
+    /// instances may share it.
+    #[arg(long, env = "DRIFTLESS_STORE")]
+    store: Option<String>,
     /// External broker, mqtt://HOST:PORT. Ignored with --embedded-broker.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
@@ -150,11 +154,39 @@ async fn main() -> anyhow::Result<()> {
             ReportArgs { db: args.db, tenant: None, device: None, reason: None, since_hours: None, limit: 20 };
         return print_report(defaults);
     }
-    let mut store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
-    if let Some(path) = &args.schema {
-        use driftless_gateway::GatewayStore as _;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let version = store.install_schema(&text).with_context(|| format!("loading {}", path.display()))?;
+    match args.store.clone() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            // The PostgreSQL client blocks: opened off the async threads.
+            let store = tokio::task::spawn_blocking(move || PgStore::open(&url))
+                .await?
+                .context("opening the PostgreSQL store")?;
+            serve(args, store, None).await
+        }
+        Some(other) => anyhow::bail!("--store {other}: only postgres:// URLs (the default store is --db FILE)"),
+        None => {
+            let store = SqliteStore::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
+            let watch = Some(args.db.clone());
+            serve(args, store, watch).await
+        }
+    }
+}
+
+/// Loads the schema if one was given, then runs the gateway on `store` until a signal.
+async fn serve<S: driftless_gateway::GatewayStore + 'static>(
+    args: RunArgs,
+    store: S,
+    watch: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut store = store;
+    if let Some(path) = args.schema.clone() {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (back, version) = tokio::task::spawn_blocking(move || {
+            let version = store.install_schema(&text);
+            (store, version)
+        })
+        .await?;
+        store = back;
+        let version = version.with_context(|| format!("loading {}", path.display()))?;
         tracing::info!(version, schema = %path.display(), "sync schema loaded");
     }
     let broker_addr: BrokerAddr = if args.embedded_broker {
@@ -164,7 +196,7 @@ async fn main() -> anyhow::Result<()> {
         args.broker.parse().map_err(|e| anyhow::anyhow!("--broker {}: {e}", args.broker))?
     };
     let mut config = GatewayConfig::new(broker_addr);
-    config.watch = Some(args.db.clone());
+    config.watch = watch;
     if let Some(id) = args.client_id {
         config.client_id = id;
     }
@@ -173,8 +205,20 @@ async fn main() -> anyhow::Result<()> {
     config.handler.max_clock_drift_ms = args.max_clock_drift_ms;
     config.dead_letter_retention =
         (args.dead_letter_retention_days > 0).then(|| Duration::from_secs(args.dead_letter_retention_days * 86_400));
-    tracing::info!(db = %args.db.display(), "gateway starting");
+    tracing::info!(store = %args.store.as_deref().map_or_else(|| args.db.display().to_string(), redact), "gateway starting");
     run(config, store, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// A store URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user = &url[scheme + 3..at];
+            let user = user.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }

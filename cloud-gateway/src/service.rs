@@ -104,9 +104,8 @@ pub async fn run<S: GatewayStore + 'static>(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
     let poller = tokio::spawn(poll_events(eventloop, client.clone(), config.clone(), filter, tx, config.ready.clone()));
-    let mut store = store;
-    announce_schema(&client, &mut store, &config).await?;
     let store = Arc::new(Mutex::new(store));
+    announce_schema(&client, &store, &config).await?;
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
     // Writes to the real tables by other programs wake the gateway (inotify; no polling).
@@ -115,6 +114,14 @@ pub async fn run<S: GatewayStore + 'static>(
         Some(db) => Some(watch_database(db, wake.clone())?),
         None => None,
     };
+    // A database that notifies commits (PostgreSQL's LISTEN) wakes the gateway itself.
+    let notified = wake.clone();
+    let _listener = blocking(&store, move |s| {
+        s.watch_cloud_writes(Box::new(move || {
+            let _ = notified.try_send(());
+        }))
+    })
+    .await?;
     let _ = wake.try_send(());
     let mut recheck: Option<tokio::time::Instant> = None;
     let mut backstop = tokio::time::interval(Duration::from_secs(10));
@@ -169,7 +176,23 @@ pub async fn run<S: GatewayStore + 'static>(
     };
     let _ = client.disconnect().await;
     poller.abort();
+    // A store may close its connections by blocking (the PostgreSQL client does).
+    let _ = tokio::task::spawn_blocking(move || drop(store)).await;
     result
+}
+
+/// Runs `f` on the store on a blocking thread: store calls block (file or network I/O).
+async fn blocking<S: GatewayStore + 'static, T: Send + 'static>(
+    store: &Arc<Mutex<S>>,
+    f: impl FnOnce(&mut S) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| Error::WorkerGone(e.to_string()))?
 }
 
 /// When the gateway looks for cloud writes again after a write to the database file.
@@ -230,13 +253,28 @@ fn watch_database(db: &std::path::Path, tx: mpsc::Sender<()>) -> Result<notify::
 /// Keeps the schema this gateway serves as the retained message of each tenant's schema
 /// topic, so running devices follow a new version as soon as it is loaded, and a device that
 /// subscribes later gets it at once.
-async fn announce_schema<S: GatewayStore>(client: &AsyncClient, store: &mut S, config: &GatewayConfig) -> Result<()> {
-    let Some(served) = store.served_schema()? else { return Ok(()) };
-    let tenants = if config.tenant == "+" { store.tenants()? } else { vec![config.tenant.clone()] };
+async fn announce_schema<S: GatewayStore + 'static>(
+    client: &AsyncClient,
+    store: &Arc<Mutex<S>>,
+    config: &GatewayConfig,
+) -> Result<()> {
+    let only = (config.tenant != "+").then(|| config.tenant.clone());
+    let found = blocking(store, move |store| {
+        let Some(served) = store.served_schema()? else { return Ok(None) };
+        let tenants = match only {
+            Some(tenant) => vec![tenant],
+            None => store.tenants()?,
+        };
+        // Their cloud tables exist from now on, for SQL clients too.
+        for tenant in &tenants {
+            store.prepare_tenant(tenant)?;
+        }
+        Ok(Some((served, tenants)))
+    })
+    .await?;
+    let Some((served, tenants)) = found else { return Ok(()) };
     let payload = served.message().encode();
     for tenant in tenants {
-        // Its cloud tables exist from now on, for SQL clients too.
-        store.prepare_tenant(&tenant)?;
         client.publish(schema_topic(&tenant), QoS::AtLeastOnce, true, payload.clone()).await?;
     }
     tracing::info!(version = served.version, "serving sync schema");
@@ -268,15 +306,6 @@ enum Handled {
     SetAside,
     /// The gateway failed; nothing is answered.
     Failed(String),
-}
-
-/// Whether a storage error is the storage's state rather than anything the message holds.
-fn is_transient(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::*;
-    matches!(
-        e.sqlite_error_code(),
-        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen | OutOfMemory | ReadOnly)
-    )
 }
 
 /// Handles one delivery on a blocking thread: attempt bookkeeping, retries of transient
@@ -317,7 +346,7 @@ fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publi
                 }
                 return Ok(Handled::Done(out));
             }
-            Ok(Err(Error::Sqlite(e))) if attempt < 4 && is_transient(&e) => {
+            Ok(Err(e)) if attempt < 4 && e.is_transient() => {
                 tracing::warn!(attempt, "storage error, retrying in {delay:?}: {e}");
                 std::thread::sleep(delay);
                 delay *= 4;
@@ -326,7 +355,7 @@ fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publi
             // message's: it is not counted towards setting the message aside, so once storage
             // is repaired it merges at the next redelivery rather than after a quarantine.
             // (Unless this attempt was the one that set it aside: its dead letter is written.)
-            Ok(Err(Error::Sqlite(e))) if is_transient(&e) => {
+            Ok(Err(e)) if e.is_transient() => {
                 if guarded && count < MAX_ATTEMPTS {
                     store.unnote_attempt(&key)?;
                 }

@@ -4,8 +4,16 @@
 //! [`GatewayStore`] is the seam a PostgreSQL backend implements next to [`SqliteStore`].
 
 mod cloud_intake;
+mod common;
+mod postgres;
+mod shown;
 mod sqlite;
+#[cfg(test)]
+pub(crate) mod test_backends;
+#[cfg(test)]
+mod tests;
 
+pub use self::postgres::PgStore;
 pub use self::sqlite::SqliteStore;
 
 use driftless_core::protocol::Downlink;
@@ -160,6 +168,9 @@ pub struct SkewedNode {
     pub last_ms: i64,
 }
 
+/// Keeps watching for plain-SQL writes while it lives.
+pub type Watch = Box<dyn std::any::Any + Send>;
+
 /// Gateway storage. Every method is one transaction.
 pub trait GatewayStore: Send {
     /// The tenant's current epoch (made when its first device shows up).
@@ -254,4 +265,10 @@ pub trait GatewayStore: Send {
     /// each tenant's cloud node, logging them for every device; returns the tenants whose
     /// log grew.
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>>;
+
+    /// Starts watching for writes other clients make to the real tables, calling `wake` when
+    /// one commits, if this store can be told (a database that notifies); `None` otherwise.
+    fn watch_cloud_writes(&mut self, _wake: Box<dyn Fn() + Send>) -> Result<Option<Watch>> {
+        Ok(None)
+    }
 }

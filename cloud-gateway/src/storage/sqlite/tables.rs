@@ -13,12 +13,13 @@ use std::collections::BTreeMap;
 
 use driftless_core::codec::{Limits, decode_payload, encode_key};
 use driftless_core::schema::quote;
-use driftless_core::{ColumnPolicy, NodeId, RowChange, SchemaTable, Value, conflicts, row_values};
+use driftless_core::{NodeId, RowChange, SchemaTable, Value, row_values};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::cloud_writes;
 use crate::error::{Error, Result};
 use crate::storage::ServedSchema;
+use crate::storage::shown::{conflict_rows, upsert};
 
 /// The real table of `table` for `tenant`.
 pub(crate) fn table_name(tenant: &str, table: &str) -> String {
@@ -133,36 +134,7 @@ pub(super) fn write_row(
                 .execute(rusqlite::params_from_iter(row.pk.iter()))?;
         }
         Some(values) => {
-            // Columns no write gave keep the table's default, as on a device.
-            let mut cols: Vec<&str> = Vec::new();
-            let mut params: Vec<&Value> = row.pk.iter().collect();
-            for (column, value) in &values {
-                if table.column(column).is_some() && !table.is_key(column) {
-                    cols.push(column);
-                    params.push(value);
-                }
-            }
-            let zero = Value::Integer(0);
-            for c in table.columns.iter().filter(|c| c.policy == ColumnPolicy::Counter) {
-                if !cols.contains(&c.name.as_str()) {
-                    cols.push(&c.name);
-                    params.push(&zero);
-                }
-            }
-            let names: Vec<String> = keys.iter().cloned().chain(cols.iter().map(|c| quote(c))).collect();
-            let slots: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
-            let action = if cols.is_empty() {
-                "NOTHING".to_owned()
-            } else {
-                let sets: Vec<String> = cols.iter().map(|c| format!("{0} = excluded.{0}", quote(c))).collect();
-                format!("UPDATE SET {}", sets.join(", "))
-            };
-            let sql = format!(
-                "INSERT INTO {name} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
-                names.join(", "),
-                slots.join(", "),
-                keys.join(", ")
-            );
+            let (sql, params) = upsert(&name, table, row, values, |i| format!("?{i}"));
             conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(params))?;
         }
     }
@@ -180,50 +152,18 @@ fn write_conflicts(
     let pk = encode_key(&row.pk);
     conn.prepare_cached(&format!("DELETE FROM {name} WHERE tbl = ?1 AND pk = ?2"))?
         .execute(rusqlite::params![table.name, pk])?;
-    let found = conflicts(&row.state, &table.spec(), roles);
+    let found = conflict_rows(table, row, roles);
     if found.is_empty() {
         return Ok(());
     }
-    let key = row.pk.iter().map(literal).collect::<Vec<_>>().join(", ");
     let mut insert = conn.prepare_cached(&format!(
         "INSERT OR REPLACE INTO {name}(tbl, key, col, policy, needs_review, shown, others, pk)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     ))?;
     for c in found {
-        let policy = match &c.kind {
-            driftless_core::ConflictKind::Field { policy, .. } => policy.to_string(),
-            driftless_core::ConflictKind::DeleteUpdate { policy } => format!("{policy:?}"),
-            _ => String::new(),
-        };
-        let shown = c.winner.value.as_ref().map_or("DELETE".to_owned(), literal);
-        let others: Vec<String> =
-            c.losers.iter().map(|v| v.value.as_ref().map_or("DELETE".to_owned(), literal)).collect();
-        insert.execute(rusqlite::params![
-            table.name,
-            key,
-            c.column().unwrap_or(""),
-            policy,
-            c.needs_resolution(),
-            shown,
-            others.join(", "),
-            pk
-        ])?;
+        insert.execute(rusqlite::params![table.name, c.key, c.col, c.policy, c.needs_review, c.shown, c.others, pk])?;
     }
     Ok(())
-}
-
-/// A value as a readable SQL literal.
-fn literal(v: &Value) -> String {
-    match v {
-        Value::Null => "NULL".into(),
-        Value::Integer(i) => i.to_string(),
-        Value::Real(r) => format!("{r:?}"),
-        Value::Text(t) => sql_text(t),
-        Value::Blob(b) | Value::RawText(b) => {
-            format!("X'{}'", b.iter().map(|x| format!("{x:02X}")).collect::<String>())
-        }
-        other => format!("{other:?}"),
-    }
 }
 
 fn sql_text(t: &str) -> String {

@@ -1,0 +1,121 @@
+//! What every gateway store does the same way: log entry tags, timestamps, snapshot resume
+//! tokens, and how much of a dead letter is kept.
+
+use driftless_core::SyncSchema;
+use driftless_core::codec::{Limits, decode_payload};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Dead letters larger than this keep only their first [`DEAD_LETTER_PREFIX`] bytes.
+pub(crate) const DEAD_LETTER_INLINE: usize = 64 << 10;
+pub(crate) const DEAD_LETTER_PREFIX: usize = 4 << 10;
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A source of log entry tags: random per process, so a log rolled back and written again
+/// by another run gets other tags at the same positions.
+#[derive(Debug)]
+pub(crate) struct Tags(u64);
+
+impl Tags {
+    pub(crate) fn new() -> Result<Tags> {
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| Error::Random(e.to_string()))?;
+        Ok(Tags(u64::from_le_bytes(seed) | 1))
+    }
+
+    /// The next tag (xorshift64*, never 0: 0 means "unknown" in a cursor).
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).max(1)
+    }
+}
+
+/// Snapshot resume tokens: table name length, table name, encoded key.
+pub(crate) fn resume_token(table: &str, key: &[u8]) -> Vec<u8> {
+    let mut t = (table.len() as u32).to_le_bytes().to_vec();
+    t.extend_from_slice(table.as_bytes());
+    t.extend_from_slice(key);
+    t
+}
+
+pub(crate) fn parse_resume(token: &[u8]) -> Option<(String, Vec<u8>)> {
+    let len = u32::from_le_bytes(token.get(..4)?.try_into().ok()?) as usize;
+    let table = std::str::from_utf8(token.get(4..4usize.checked_add(len)?)?).ok()?.to_owned();
+    Some((table, token[4 + len..].to_vec()))
+}
+
+/// What is kept of a refused payload (all of it, or its first bytes when it is large) and
+/// the hex SHA-256 of all of it.
+pub(crate) fn dead_letter_kept(payload: &[u8]) -> (&[u8], String) {
+    let sha256: String = Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect();
+    let kept = if payload.len() > DEAD_LETTER_INLINE { &payload[..DEAD_LETTER_PREFIX] } else { payload };
+    (kept, sha256)
+}
+
+/// How the rows stored so far contradict `schema` (at most a few of each kind).
+pub(crate) fn unfit_rows(
+    limits: &Limits,
+    schema: &SyncSchema,
+    mut stored: impl FnMut(&str) -> Result<(Vec<i64>, Vec<Vec<u8>>)>,
+) -> Result<Vec<String>> {
+    let mut unfit: Vec<String> = Vec::new();
+    let mut note = |problem: String| {
+        if !unfit.contains(&problem) && unfit.len() < 20 {
+            unfit.push(problem);
+        }
+    };
+    for table in &schema.tables {
+        let (arities, states) = stored(&table.name)?;
+        for n in arities.into_iter().filter(|n| *n as usize != table.key.len()) {
+            note(format!("rows of {:?} have {n} key columns; the schema declares {}", table.name, table.key.len()));
+        }
+        for bytes in states {
+            let b = decode_payload(&bytes, limits).map_err(|e| Error::Corrupt(format!("stored row: {e}")))?;
+            for row in &b.rows {
+                if let Err(reason) = table.check_row(row) {
+                    note(format!("a stored row does not fit: {reason}"));
+                }
+                if driftless_core::is_visible(&row.state, &table.spec()) {
+                    let required = table.columns.iter().filter(|c| {
+                        !c.nullable
+                            && c.default.is_none()
+                            && !table.is_key(&c.name)
+                            && c.policy != driftless_core::ColumnPolicy::Counter
+                    });
+                    for c in required.filter(|c| !row.state.fields.contains_key(&c.name)) {
+                        note(format!(
+                            "rows of {:?} lack {:?}, which is NOT NULL without a default",
+                            table.name, c.name
+                        ));
+                    }
+                }
+                for name in row.state.fields.keys() {
+                    match table.column(name) {
+                        None => {
+                            note(format!("rows of {:?} hold column {name:?}, which it does not declare", table.name))
+                        }
+                        Some(c) if c.policy == driftless_core::ColumnPolicy::Counter => {
+                            note(format!("{:?}.{name:?} holds values; the schema declares a counter", table.name))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                for name in row.state.counters.keys() {
+                    if table.column(name).is_none_or(|c| c.policy != driftless_core::ColumnPolicy::Counter) {
+                        note(format!(
+                            "{:?}.{name:?} is synced as a counter; the schema does not declare one",
+                            table.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(unfit)
+}

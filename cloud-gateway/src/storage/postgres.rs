@@ -1,0 +1,585 @@
+//! The PostgreSQL gateway store (`--store postgres://...`): the same state as the SQLite
+//! store, in a database that several gateway instances share and any SQL client reads and
+//! writes. See docs/adr/0005-postgresql-store.md for the choices.
+//!
+//! Every transaction that changes a tenant takes the tenant's advisory lock exclusively
+//! first: merges of one tenant (from any instance) and its plain-SQL writers (who take it
+//! shared, from a trigger) take turns, and log positions, assigned under it, commit in order.
+//! Tenants do not wait for each other.
+
+mod merge;
+mod migrate;
+mod tables;
+mod values;
+
+#[cfg(test)]
+pub(crate) use values::Read as ReadValue;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use driftless_core::codec::{Limits, decode_payload};
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
+use postgres::{Client, Config, NoTls, Transaction};
+
+use super::common::{Tags, dead_letter_kept, now_ms, parse_resume, resume_token, unfit_rows};
+use super::{
+    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
+    ServedSchema, SkewedNode, SnapshotPage,
+};
+use crate::error::{Error, MergeError, Result};
+
+/// How long a gateway transaction waits for a tenant's lock (a plain-SQL writer holding it)
+/// before giving up for now; the message is retried later.
+const LOCK_WAIT: &str = "10s";
+
+/// How often device last-seen times and pull cursors are written, at most.
+const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Gateway state in a PostgreSQL database.
+pub struct PgStore {
+    config: Config,
+    client: Client,
+    schema: Option<Arc<ServedSchema>>,
+    limits: Limits,
+    epochs: HashMap<String, (Epoch, i64)>,
+    tags: Tags,
+    /// Pulls seen since the last write of them: (tenant, device) -> (when, cursor).
+    touched: HashMap<(String, String), (i64, Option<u64>)>,
+    touched_at: Instant,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("schema", &self.schema.as_ref().map(|s| s.version)).finish_non_exhaustive()
+    }
+}
+
+fn connect(config: &Config) -> Result<Client> {
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'"))?;
+    Ok(client)
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host/db`) and brings its
+    /// `driftless` schema up to date.
+    pub fn open(url: &str) -> Result<PgStore> {
+        let config: Config = url.parse().map_err(|e: postgres::Error| Error::Config(format!("{url}: {e}")))?;
+        Self::open_config(config)
+    }
+
+    pub fn open_config(config: Config) -> Result<PgStore> {
+        let mut client = connect(&config)?;
+        migrate::upgrade(&mut client)?;
+        // A restored database may hold cloud nodes that issued dots it has no record of:
+        // plain-SQL writes take new nodes after every start, so no dot is issued twice.
+        client.execute("DELETE FROM driftless.gw_cloud_writers", &[])?;
+        Ok(PgStore {
+            config,
+            client,
+            schema: None,
+            limits: Limits::default(),
+            epochs: HashMap::new(),
+            tags: Tags::new()?,
+            touched: HashMap::new(),
+            touched_at: Instant::now(),
+        })
+    }
+
+    /// The connection settings (for a listener of its own).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The client, connected again if the server closed the connection.
+    fn client(&mut self) -> Result<&mut Client> {
+        if self.client.is_closed() {
+            self.client = connect(&self.config)?;
+        }
+        Ok(&mut self.client)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Batch> {
+        decode_payload(bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))
+    }
+
+    /// Writes the pulls noted since the last flush, in one transaction that does not wait
+    /// for its commit to reach disk (a lost last-seen time costs nothing).
+    fn flush_touches(&mut self) -> Result<()> {
+        if self.touched.is_empty() {
+            return Ok(());
+        }
+        let touched = std::mem::take(&mut self.touched);
+        self.touched_at = Instant::now();
+        let mut tx = self.client()?.transaction()?;
+        tx.batch_execute("SET LOCAL synchronous_commit = off")?;
+        let mut keys: Vec<_> = touched.into_iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        let (mut tenants, mut devices, mut seen, mut cursors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((tenant, device), (at, cursor)) in keys {
+            tenants.push(tenant);
+            devices.push(device);
+            seen.push(at);
+            cursors.push(cursor.map(|c| c as i64));
+        }
+        tx.execute(
+            "INSERT INTO driftless.gw_devices(tenant, device, first_seen_ms, last_seen_ms, downlink_cursor)
+             SELECT t, d, s, s, coalesce(c, 0) FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(t, d, s, c)
+             ON CONFLICT (tenant, device) DO UPDATE SET last_seen_ms = greatest(driftless.gw_devices.last_seen_ms, excluded.last_seen_ms),
+                 downlink_cursor = CASE WHEN excluded.downlink_cursor > 0 OR driftless.gw_devices.downlink_cursor = 0
+                                        THEN excluded.downlink_cursor ELSE driftless.gw_devices.downlink_cursor END",
+            &[&tenants, &devices, &seen, &cursors],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// Starts a new epoch for `tenant`; returns it and since when.
+fn start_epoch(tx: &mut Transaction<'_>, tenant: &str, reason: &str) -> Result<(Epoch, i64)> {
+    let epoch = Epoch::random().map_err(|e| Error::Random(e.to_string()))?;
+    let since = now_ms();
+    tx.execute(
+        "INSERT INTO driftless.gw_epochs(tenant, epoch, since_ms, reason) VALUES ($1, $2, $3, $4)",
+        &[&tenant, &&epoch.0[..], &since, &reason],
+    )?;
+    Ok((epoch, since))
+}
+
+fn current_epoch(tx: &mut Transaction<'_>, tenant: &str) -> Result<Option<(Epoch, i64)>> {
+    let row = tx.query_opt(
+        "SELECT epoch, since_ms FROM driftless.gw_epochs WHERE tenant = $1 ORDER BY id DESC LIMIT 1",
+        &[&tenant],
+    )?;
+    row.map(|r| {
+        let bytes: Vec<u8> = r.get(0);
+        Ok((Epoch(bytes.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?), r.get(1)))
+    })
+    .transpose()
+}
+
+fn log_head_of(client: &mut impl postgres::GenericClient, tenant: &str) -> Result<LogCursor> {
+    let row = client
+        .query_opt("SELECT seq, tag FROM driftless.gw_log WHERE tenant = $1 ORDER BY seq DESC LIMIT 1", &[&tenant])?;
+    Ok(row.map_or(LogCursor::default(), |r| LogCursor {
+        position: r.get::<_, i64>(0) as u64,
+        tag: r.get::<_, i64>(1) as u64,
+    }))
+}
+
+impl GatewayStore for PgStore {
+    fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
+        if let Some((epoch, _)) = self.epochs.get(tenant) {
+            return Ok(*epoch);
+        }
+        let mut tx = self.client()?.transaction()?;
+        tables::begin_gateway_tx(&mut tx, tenant)?;
+        let current = match current_epoch(&mut tx, tenant)? {
+            Some(current) => current,
+            None => start_epoch(&mut tx, tenant, "the tenant's first device")?,
+        };
+        tx.commit()?;
+        self.epochs.insert(tenant.to_owned(), current);
+        Ok(current.0)
+    }
+
+    fn epoch_now(&mut self, tenant: &str) -> Result<Epoch> {
+        self.epochs.remove(tenant);
+        self.epoch(tenant)
+    }
+
+    fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch> {
+        let mut tx = self.client()?.transaction()?;
+        tables::begin_gateway_tx(&mut tx, tenant)?;
+        // One restore is one new epoch, however many devices or instances notice it.
+        if let Some(current) = current_epoch(&mut tx, tenant)?
+            && current.0 != replacing
+        {
+            tx.commit()?;
+            self.epochs.insert(tenant.to_owned(), current);
+            return Ok(current.0);
+        }
+        let next = start_epoch(&mut tx, tenant, reason)?;
+        tx.commit()?;
+        self.epochs.insert(tenant.to_owned(), next);
+        Ok(next.0)
+    }
+
+    fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {
+        let mut tx = self.client()?.transaction()?;
+        let row = tx.query_one(
+            "INSERT INTO driftless.gw_nodes(tenant, node, device) VALUES ($1, $2, $3)
+             ON CONFLICT (tenant, node) DO UPDATE SET device = coalesce(driftless.gw_nodes.device, excluded.device)
+             RETURNING device, max_counter",
+            &[&tenant, &&node.0[..], &device],
+        )?;
+        let (owner, counter): (String, i64) = (row.get(0), row.get(1));
+        let device_seq: i64 = tx
+            .query_opt(
+                "SELECT uplink_hwm FROM driftless.gw_devices WHERE tenant = $1 AND device = $2",
+                &[&tenant, &device],
+            )?
+            .map_or(0, |r| r.get(0));
+        tx.commit()?;
+        Ok(DeviceView { node_counter: counter as u64, device_seq, node_owner: owner })
+    }
+
+    fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
+        if let Some(reason) = tables::unfit_tenant(from.tenant) {
+            return Err(MergeError::Refused(reason));
+        }
+        let schema = self.served_schema()?;
+        self.flush_touches()?;
+        let limits = self.limits.clone();
+        let tag = self.tags.next();
+        let cloud_tag = self.tags.next();
+        let client = self.client()?;
+        merge::merge(client, &limits, from, schema.as_deref(), (tag, cloud_tag), batch)
+    }
+
+    fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
+        const ENTRIES: i64 = 256;
+        let tag = self.log_tag(tenant, cursor)?.unwrap_or(0);
+        let mut page = ChangesPage { cursor: LogCursor { position: cursor, tag }, ..ChangesPage::default() };
+        let entries = self.client()?.query(
+            "SELECT seq, origin, change, tag FROM driftless.gw_log WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&tenant, &(cursor as i64), &(ENTRIES + 1)],
+        )?;
+        page.more = entries.len() as i64 > ENTRIES;
+        for r in entries.into_iter().take(ENTRIES as usize) {
+            if page.batch.rows.len() >= max_rows {
+                page.more = true;
+                break;
+            }
+            page.cursor = LogCursor { position: r.get::<_, i64>(0) as u64, tag: r.get::<_, i64>(3) as u64 };
+            // A device's own changes are not sent back to it; the cursor still moves past them.
+            if r.get::<_, &str>(1) == device {
+                continue;
+            }
+            let b = self.decode(r.get(2))?;
+            page.batch.roles.extend(b.roles);
+            page.batch.rows.extend(b.rows);
+        }
+        Ok(page)
+    }
+
+    fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
+        log_head_of(self.client()?, tenant)
+    }
+
+    fn log_tag(&mut self, tenant: &str, position: u64) -> Result<Option<u64>> {
+        if position == 0 {
+            return Ok(Some(0));
+        }
+        let row = self.client()?.query_opt(
+            "SELECT tag FROM driftless.gw_log WHERE tenant = $1 AND seq = $2",
+            &[&tenant, &(position as i64)],
+        )?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    fn snapshot_page(&mut self, tenant: &str, resume: &[u8], max_rows: usize) -> Result<Option<SnapshotPage>> {
+        let (table, key) = if resume.is_empty() {
+            (String::new(), Vec::new())
+        } else {
+            match parse_resume(resume) {
+                Some(position) => position,
+                None => return Ok(None),
+            }
+        };
+        // Table names compare bytewise (COLLATE "C"), as the SQLite store orders them.
+        let rows = self.client()?.query(
+            "SELECT tbl, pk, state FROM driftless.gw_rows
+             WHERE tenant = $1 AND (tbl COLLATE \"C\", pk) > ($2 COLLATE \"C\", $3)
+             ORDER BY tbl COLLATE \"C\", pk LIMIT $4",
+            &[&tenant, &table, &key, &(max_rows as i64)],
+        )?;
+        let mut page = SnapshotPage { done: rows.len() < max_rows, ..SnapshotPage::default() };
+        for r in rows {
+            let b = self.decode(r.get(2))?;
+            page.batch.roles.extend(b.roles);
+            page.batch.rows.extend(b.rows);
+            page.resume = resume_token(r.get(0), r.get(1));
+        }
+        if page.done {
+            page.resume.clear();
+        }
+        Ok(Some(page))
+    }
+
+    fn touch_device(&mut self, tenant: &str, device: &str, cursor: Option<u64>) -> Result<()> {
+        // Reads do not write: pulls are noted here and written in bulk.
+        let e = self.touched.entry((tenant.to_owned(), device.to_owned())).or_insert((0, None));
+        e.0 = now_ms();
+        if cursor.is_some() {
+            e.1 = cursor;
+        }
+        if self.touched_at.elapsed() >= TOUCH_EVERY {
+            self.flush_touches()?;
+        }
+        Ok(())
+    }
+
+    fn devices(&mut self, tenant: &str) -> Result<Vec<DeviceInfo>> {
+        self.flush_touches()?;
+        let head = self.log_head(tenant)?.position;
+        let rows = self.client()?.query(
+            "SELECT device, first_seen_ms, last_seen_ms, uplink_hwm, downlink_cursor FROM driftless.gw_devices
+             WHERE tenant = $1 ORDER BY device COLLATE \"C\"",
+            &[&tenant],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let cursor = r.get::<_, i64>(4) as u64;
+                DeviceInfo {
+                    tenant: tenant.to_owned(),
+                    device: r.get(0),
+                    first_seen_ms: r.get(1),
+                    last_seen_ms: r.get(2),
+                    uplink_hwm: r.get(3),
+                    downlink_cursor: cursor,
+                    lag: head.saturating_sub(cursor),
+                }
+            })
+            .collect())
+    }
+
+    fn tenants(&mut self) -> Result<Vec<String>> {
+        self.flush_touches()?;
+        let rows = self.client()?.query(
+            "SELECT tenant FROM (SELECT tenant FROM driftless.gw_devices
+                                 UNION SELECT tenant FROM driftless.gw_dead_letters) AS u
+             ORDER BY tenant COLLATE \"C\"",
+            &[],
+        )?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    fn dead_letter(&mut self, tenant: &str, device: &str, reason: &str, payload: &[u8]) -> Result<i64> {
+        keep_dead_letter(self.client()?, tenant, device, reason, payload)
+    }
+
+    fn dead_letters(&mut self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>> {
+        let limit = if filter.limit == 0 { i64::MAX } else { filter.limit as i64 };
+        let rows = self.client()?.query(
+            "SELECT id, tenant, device, received_ms, reason, payload, size, sha256 FROM driftless.gw_dead_letters
+             WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR device = $2)
+               AND ($3::text IS NULL OR strpos(reason, $3) > 0) AND ($4::bigint IS NULL OR received_ms >= $4)
+             ORDER BY id DESC LIMIT $5",
+            &[&filter.tenant, &filter.device, &filter.reason, &filter.since_ms, &limit],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DeadLetter {
+                id: r.get(0),
+                tenant: r.get(1),
+                device: r.get(2),
+                received_ms: r.get(3),
+                reason: r.get(4),
+                payload: r.get(5),
+                size: r.get::<_, i64>(6) as u64,
+                sha256: r.get(7),
+            })
+            .collect())
+    }
+
+    fn purge_dead_letters(&mut self, before_ms: i64) -> Result<usize> {
+        Ok(self.client()?.execute("DELETE FROM driftless.gw_dead_letters WHERE received_ms < $1", &[&before_ms])?
+            as usize)
+    }
+
+    fn note_attempt(&mut self, key: &[u8; 32]) -> Result<u32> {
+        let row = self.client()?.query_one(
+            "INSERT INTO driftless.gw_attempts(key, count, first_ms, last_ms) VALUES ($1, 1, $2, $2)
+             ON CONFLICT (key) DO UPDATE SET count = driftless.gw_attempts.count + 1, last_ms = excluded.last_ms
+             RETURNING count",
+            &[&&key[..], &now_ms()],
+        )?;
+        Ok(row.get::<_, i32>(0) as u32)
+    }
+
+    fn attempts(&mut self, key: &[u8; 32]) -> Result<Option<(u32, i64)>> {
+        let row = self
+            .client()?
+            .query_opt("SELECT count, last_ms FROM driftless.gw_attempts WHERE key = $1", &[&&key[..]])?;
+        Ok(row.map(|r| (r.get::<_, i32>(0) as u32, r.get(1))))
+    }
+
+    fn unnote_attempt(&mut self, key: &[u8; 32]) -> Result<()> {
+        let client = self.client()?;
+        client.execute("UPDATE driftless.gw_attempts SET count = count - 1 WHERE key = $1", &[&&key[..]])?;
+        client.execute("DELETE FROM driftless.gw_attempts WHERE key = $1 AND count <= 0", &[&&key[..]])?;
+        Ok(())
+    }
+
+    fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {
+        self.client()?.execute("DELETE FROM driftless.gw_attempts WHERE key = $1", &[&&key[..]])?;
+        Ok(())
+    }
+
+    fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {
+        let rows = self.client()?.query(
+            "SELECT node, max_hlc, bounded, last_ms FROM driftless.gw_clock_skew WHERE tenant = $1 ORDER BY node",
+            &[&tenant],
+        )?;
+        rows.into_iter()
+            .map(|r| {
+                let node: Vec<u8> = r.get(0);
+                Ok(SkewedNode {
+                    node: NodeId::from_slice(&node).ok_or_else(|| Error::Corrupt("skewed node id".into()))?,
+                    max_hlc: Hlc(r.get::<_, i64>(1) as u64),
+                    bounded: r.get::<_, i64>(2) as u64,
+                    last_ms: r.get(3),
+                })
+            })
+            .collect()
+    }
+
+    fn served_schema(&mut self) -> Result<Option<Arc<ServedSchema>>> {
+        let version: Option<i64> =
+            self.client()?.query_one("SELECT max(version) FROM driftless.gw_sync_schema", &[])?.get(0);
+        let Some(version) = version.map(|v| v as u64) else { return Ok(None) };
+        if let Some(cached) = self.schema.as_ref().filter(|s| s.version == version) {
+            return Ok(Some(cached.clone()));
+        }
+        let text: String = self
+            .client()?
+            .query_one("SELECT text FROM driftless.gw_sync_schema WHERE version = $1", &[&(version as i64)])?
+            .get(0);
+        let served = Arc::new(ServedSchema::parse(version, text)?);
+        self.schema = Some(served.clone());
+        Ok(Some(served))
+    }
+
+    fn install_schema(&mut self, text: &str) -> Result<u64> {
+        let new = SyncSchema::parse(text)?;
+        let limits = self.limits.clone();
+        let mut tx = self.client()?.transaction()?;
+        // Versions are numbered under one lock: two instances loading at once get two.
+        tx.execute("SELECT pg_advisory_xact_lock($1, 1)", &[&migrate::LOCK_SPACE])?;
+        let current =
+            tx.query_opt("SELECT version, text FROM driftless.gw_sync_schema ORDER BY version DESC LIMIT 1", &[])?;
+        let version = match current {
+            Some(r) => {
+                let (version, old): (i64, String) = (r.get(0), r.get(1));
+                let old = SyncSchema::parse(&old).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?;
+                if old == new {
+                    return Ok(version as u64);
+                }
+                new.check_replaces(&old, version as u64)?;
+                version + 1
+            }
+            None => {
+                let unfit = unfit_rows(&limits, &new, |table| {
+                    let arities = tx
+                        .query("SELECT DISTINCT key_len::bigint FROM driftless.gw_tables WHERE tbl = $1", &[&table])?
+                        .into_iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    let states = tx
+                        .query("SELECT state FROM driftless.gw_rows WHERE tbl = $1", &[&table])?
+                        .into_iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    Ok((arities, states))
+                })?;
+                if !unfit.is_empty() {
+                    return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
+                }
+                1
+            }
+        };
+        tx.execute(
+            "INSERT INTO driftless.gw_sync_schema(version, text, loaded_ms) VALUES ($1, $2, $3)",
+            &[&version, &text, &now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(version as u64)
+    }
+
+    fn prepare_tenant(&mut self, tenant: &str) -> Result<()> {
+        let Some(served) = self.served_schema()? else { return Ok(()) };
+        if let Some(reason) = tables::unfit_tenant(tenant) {
+            // Its batches are refused with this reason; the other tenants are served.
+            tracing::warn!(%reason, "tenant without cloud tables");
+            return Ok(());
+        }
+        let limits = self.limits.clone();
+        let mut tx = self.client()?.transaction()?;
+        tables::begin_gateway_tx(&mut tx, tenant)?;
+        tables::materialize(&mut tx, &limits, tenant, &served)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
+        let Some(served) = self.served_schema()? else { return Ok(Vec::new()) };
+        let tenants: Vec<String> = self
+            .client()?
+            .query("SELECT tenant FROM driftless.gw_tenant_tables ORDER BY tenant", &[])?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut logged = Vec::new();
+        // One transaction per tenant: tenants do not wait for each other's writers.
+        for tenant in tenants {
+            let limits = self.limits.clone();
+            let tag = self.tags.next();
+            let mut tx = self.client()?.transaction()?;
+            tables::begin_gateway_tx(&mut tx, &tenant)?;
+            tables::materialize(&mut tx, &limits, &tenant, &served)?;
+            if merge::ingest_pending(&mut tx, &limits, &tenant, &served, now_ms, tag)?.is_some() {
+                logged.push(tenant);
+            }
+            tx.commit()?;
+        }
+        Ok(logged)
+    }
+
+    fn watch_cloud_writes(&mut self, wake: Box<dyn Fn() + Send>) -> Result<Option<super::Watch>> {
+        let mut listener = connect(&self.config)?;
+        listener.batch_execute(&format!("LISTEN {}", tables::CHANNEL))?;
+        let thread = std::thread::Builder::new()
+            .name("driftless-pg-listen".into())
+            .spawn(move || {
+                use postgres::fallible_iterator::FallibleIterator;
+                let mut notes = listener.notifications();
+                let mut it = notes.blocking_iter();
+                loop {
+                    match it.next() {
+                        Ok(Some(_)) => wake(),
+                        Ok(None) | Err(_) => {
+                            tracing::warn!("the PostgreSQL listener's connection ended; SQL writes wait for the next merge or the backstop");
+                            wake();
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Watch(e.to_string()))?;
+        Ok(Some(Box::new(thread)))
+    }
+}
+
+/// Keeps a refused message (or row) with its reason; large payloads by reference.
+fn keep_dead_letter(
+    client: &mut impl postgres::GenericClient,
+    tenant: &str,
+    device: &str,
+    reason: &str,
+    payload: &[u8],
+) -> Result<i64> {
+    let (kept, sha256) = dead_letter_kept(payload);
+    let row = client.query_one(
+        "INSERT INTO driftless.gw_dead_letters(tenant, device, received_ms, reason, payload, size, sha256)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        &[&tenant, &device, &now_ms(), &reason, &kept, &(payload.len() as i64), &sha256],
+    )?;
+    Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests;

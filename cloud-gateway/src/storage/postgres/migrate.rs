@@ -1,0 +1,143 @@
+//! The gateway's own tables in PostgreSQL (schema `driftless`), created and migrated by
+//! version. Each migration runs once, in its own transaction, under an advisory lock: several
+//! instances starting together migrate once.
+
+use postgres::Client;
+
+use crate::error::Result;
+
+/// The advisory lock key space of driftless (first of the two 32-bit keys).
+pub(super) const LOCK_SPACE: i32 = 0x6466_6c73; // "dfls"
+
+/// Migrations in order; version N is `MIGRATIONS[N - 1]`. Never edit one that shipped: add.
+const MIGRATIONS: &[&str] = &[
+    // 1: everything the SQLite store holds, per tenant.
+    "
+    CREATE TABLE driftless.gw_rows (
+        tenant text NOT NULL,
+        tbl    text NOT NULL,
+        pk     bytea NOT NULL,
+        state  bytea NOT NULL,       -- a one-row batch payload: the row's merged state
+        PRIMARY KEY (tenant, tbl, pk)
+    );
+    -- Merged changes; positions are per tenant and assigned under the tenant's lock, so they
+    -- commit in order and a cursor never passes one that commits later.
+    CREATE TABLE driftless.gw_log (
+        tenant text NOT NULL,
+        seq    bigint NOT NULL,
+        origin text NOT NULL,
+        rows   integer NOT NULL,
+        change bytea NOT NULL,
+        tag    bigint NOT NULL,
+        PRIMARY KEY (tenant, seq)
+    );
+    CREATE TABLE driftless.gw_devices (
+        tenant          text NOT NULL,
+        device          text NOT NULL,
+        first_seen_ms   bigint NOT NULL,
+        last_seen_ms    bigint NOT NULL,
+        uplink_hwm      bigint NOT NULL DEFAULT 0,
+        downlink_cursor bigint NOT NULL DEFAULT 0,
+        receipt_pos     bigint,
+        receipt_tag     bigint,
+        PRIMARY KEY (tenant, device)
+    );
+    CREATE TABLE driftless.gw_dead_letters (
+        id          bigserial PRIMARY KEY,
+        tenant      text NOT NULL,
+        device      text NOT NULL,
+        received_ms bigint NOT NULL,
+        reason      text NOT NULL,
+        payload     bytea NOT NULL,
+        size        bigint NOT NULL,
+        sha256      text NOT NULL
+    );
+    CREATE INDEX gw_dead_letters_by_time ON driftless.gw_dead_letters (received_ms);
+    CREATE TABLE driftless.gw_epochs (
+        id       bigserial PRIMARY KEY,
+        tenant   text NOT NULL,
+        epoch    bytea NOT NULL,
+        since_ms bigint NOT NULL,
+        reason   text NOT NULL
+    );
+    CREATE INDEX gw_epochs_by_tenant ON driftless.gw_epochs (tenant, id);
+    CREATE TABLE driftless.gw_nodes (
+        tenant      text NOT NULL,
+        node        bytea NOT NULL,
+        device      text,
+        max_counter bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, node)
+    );
+    CREATE TABLE driftless.gw_tables (
+        tenant  text NOT NULL,
+        tbl     text NOT NULL,
+        key_len integer NOT NULL,
+        PRIMARY KEY (tenant, tbl)
+    );
+    CREATE TABLE driftless.gw_clock_skew (
+        tenant  text NOT NULL,
+        node    bytea NOT NULL,
+        max_hlc bigint NOT NULL,
+        bounded bigint NOT NULL,
+        last_ms bigint NOT NULL,
+        PRIMARY KEY (tenant, node)
+    );
+    CREATE TABLE driftless.gw_attempts (
+        key      bytea PRIMARY KEY,
+        count    integer NOT NULL,
+        first_ms bigint NOT NULL,
+        last_ms  bigint NOT NULL
+    );
+    CREATE TABLE driftless.gw_sync_schema (
+        version   bigint PRIMARY KEY,
+        text      text NOT NULL,
+        loaded_ms bigint NOT NULL
+    );
+    -- The schema version each tenant's tables follow, and each table's journal number.
+    CREATE TABLE driftless.gw_tenant_tables (
+        tenant  text PRIMARY KEY,
+        version bigint NOT NULL
+    );
+    CREATE TABLE driftless.gw_journals (
+        tenant text NOT NULL,
+        tbl    text NOT NULL,
+        id     bigserial,
+        PRIMARY KEY (tenant, tbl)
+    );
+    CREATE TABLE driftless.gw_cloud_writers (
+        tenant  text NOT NULL,
+        role    text NOT NULL,
+        node    bytea NOT NULL,
+        counter bigint NOT NULL,
+        PRIMARY KEY (tenant, role)
+    );
+    ",
+];
+
+/// Brings the `driftless` schema up to the newest version.
+pub(super) fn upgrade(client: &mut Client) -> Result<()> {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS driftless;
+         CREATE TABLE IF NOT EXISTS driftless.gw_migrations (version integer PRIMARY KEY, applied_ms bigint NOT NULL);",
+        )
+        .or_else(|e| {
+            // Two instances creating the schema at once: one wins, the other finds it made.
+            if e.code().is_some_and(|c| *c == postgres::error::SqlState::UNIQUE_VIOLATION) { Ok(()) } else { Err(e) }
+        })?;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as i32 + 1;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&LOCK_SPACE])?;
+        let done = tx.query_opt("SELECT 1 FROM driftless.gw_migrations WHERE version = $1", &[&version])?.is_some();
+        if !done {
+            tx.batch_execute(sql)?;
+            tx.execute(
+                "INSERT INTO driftless.gw_migrations(version, applied_ms) VALUES ($1, $2)",
+                &[&version, &super::now_ms()],
+            )?;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}

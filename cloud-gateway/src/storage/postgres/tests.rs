@@ -1,0 +1,250 @@
+//! What only the PostgreSQL store has to prove: several instances and plain-SQL writers on
+//! one database, positions that never let a cursor skip a change, values PostgreSQL holds
+//! that SQLite cannot, and the notification that wakes a gateway.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use driftless_core::{Batch, ColumnPolicy, Store, StoreOptions, TableSpec, Value};
+
+use crate::storage::test_backends::{Backend, TestDb};
+use crate::storage::{GatewayStore, Incoming};
+
+const NOW: u64 = 1_800_000_000_000;
+
+fn incoming<'a>(device: &'a str, seq: i64) -> Incoming<'a> {
+    Incoming { tenant: "acme", device, first_seq: seq, last_seq: seq, now_ms: NOW, max_drift_ms: 300_000 }
+}
+
+/// A device that counts on row `a` of table `t`; each call to `next` is one batch of `+1`.
+struct Counter {
+    store: Store,
+    seq: i64,
+}
+
+impl Counter {
+    fn new(dir: &std::path::Path, name: &str) -> Counter {
+        let mut store = Store::open(dir.join(name), StoreOptions::default()).expect("open");
+        store
+            .write(|tx| Ok(tx.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)")?))
+            .expect("table");
+        store.track("t", TableSpec::new().column("n", ColumnPolicy::Counter)).expect("track");
+        store.write(|tx| Ok(tx.execute_batch("INSERT OR IGNORE INTO t VALUES ('a', 0)")?)).expect("row");
+        Counter { store, seq: 0 }
+    }
+
+    fn next(&mut self) -> (i64, Batch) {
+        self.store.write(|tx| Ok(tx.execute_batch("UPDATE t SET n = n + 1 WHERE id = 'a'")?)).expect("count");
+        let out = self.store.outbox_batch(100).expect("outbox").expect("batch");
+        self.store.ack(out.first_seq, out.last_seq).expect("ack");
+        self.seq = out.last_seq;
+        (out.last_seq, out.batch)
+    }
+}
+
+fn counted(gw: &mut dyn GatewayStore) -> i64 {
+    let page = gw.snapshot_page("acme", &[], 10).expect("snapshot").expect("page");
+    page.batch.rows.iter().find(|r| r.pk == [Value::Text("a".into())]).map_or(0, |r| r.state.counters["n"].value())
+}
+
+#[test]
+fn two_instances_merging_the_same_row_at_once_lose_no_update() {
+    let Some(db) = TestDb::new() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    const EACH: usize = 25;
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|scope| {
+        for name in ["tab-1", "tab-2"] {
+            let (db, dir, tx) = (&db, dir.path(), tx.clone());
+            scope.spawn(move || {
+                let mut gw = db.store();
+                let mut device = Counter::new(dir, &format!("{name}.db"));
+                for _ in 0..EACH {
+                    let (seq, batch) = device.next();
+                    let outcome = gw.merge(&incoming(name, seq), &batch).expect("merge");
+                    tx.send(outcome.logged.expect("logged").position).expect("send");
+                }
+            });
+        }
+    });
+    drop(tx);
+    let mut positions: Vec<u64> = rx.iter().collect();
+    positions.sort_unstable();
+    // Every merge logged once, at its own position, with no gap.
+    assert_eq!(positions, (1..=2 * EACH as u64).collect::<Vec<_>>());
+    let mut gw = db.store();
+    assert_eq!(counted(&mut gw), 2 * EACH as i64, "every increment of both devices counted");
+}
+
+#[test]
+fn a_cursor_never_passes_a_position_that_commits_later() {
+    let Some(db) = TestDb::new() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = Counter::new(dir.path(), "a.db");
+    let mut b = Counter::new(dir.path(), "b.db");
+    let mut gw = db.store();
+    let (seq, batch) = a.next();
+    let start = gw.merge(&incoming("tab-a", seq), &batch).expect("merge").logged.expect("logged");
+    // Hold tab-a's registry row: its next merge takes its log position and then waits to
+    // commit. With positions from a sequence, tab-b's merge would take the next position
+    // and commit first, and a device pulling then would move past tab-a's change for good.
+    let mut blocker = db.client();
+    let mut hold = blocker.transaction().expect("begin");
+    hold.execute("SELECT 1 FROM driftless.gw_devices WHERE tenant = 'acme' AND device = 'tab-a' FOR UPDATE", &[])
+        .expect("lock");
+    let (done_tx, done) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let (db, done_tx) = (&db, done_tx);
+        let (seq_a, batch_a) = a.next();
+        let (seq_b, batch_b) = b.next();
+        let first = done_tx.clone();
+        scope.spawn(move || {
+            let mut gw = db.store();
+            let logged = gw.merge(&incoming("tab-a", seq_a), &batch_a).expect("merge a").logged;
+            first.send(("a", logged)).expect("send");
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        scope.spawn(move || {
+            let mut gw = db.store();
+            let logged = gw.merge(&incoming("tab-b", seq_b), &batch_b).expect("merge b").logged;
+            done_tx.send(("b", logged)).expect("send");
+        });
+        // Neither commits while tab-a's waits, and a pull now sees nothing past the start.
+        assert!(done.recv_timeout(Duration::from_millis(500)).is_err(), "a merge committed past a waiting one");
+        let page = gw.changes_after("acme", "observer", start.position, 100).expect("pull");
+        assert_eq!((page.cursor, page.batch.rows.len()), (start, 0));
+        hold.rollback().expect("release");
+        let mut finished: Vec<_> = (0..2).map(|_| done.recv().expect("finished")).collect();
+        finished.sort_by_key(|(who, _)| *who);
+        let (a_at, b_at) = (finished[0].1.expect("a logged"), finished[1].1.expect("b logged"));
+        assert!(a_at.position < b_at.position, "tab-a took its position first and committed first");
+    });
+    let page = gw.changes_after("acme", "observer", start.position, 100).expect("pull");
+    assert_eq!(page.batch.rows.len(), 2, "the observer gets both changes");
+}
+
+#[test]
+fn a_plain_sql_write_still_open_is_taken_in_before_a_merge_of_its_row() {
+    let Some(db) = TestDb::new() else { return };
+    let backend = Backend::Pg(Box::new(db));
+    let Backend::Pg(db) = &backend else { unreachable!() };
+    let schema = r#"
+[[table]]
+name = "t"
+key = ["id"]
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "n"
+type = "integer"
+policy = "counter"
+[[table.column]]
+name = "note"
+type = "text"
+"#;
+    let mut gw = db.store();
+    gw.install_schema(schema).expect("schema");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut device = Store::open(dir.path().join("d.db"), StoreOptions::default()).expect("open");
+    device.follow_schema(1, schema).expect("follow");
+    device.write(|tx| Ok(tx.execute_batch("INSERT INTO t(id, n) VALUES ('a', 1)")?)).expect("insert");
+    let out = device.outbox_batch(100).expect("outbox").expect("batch");
+    gw.merge(&incoming("tab-1", out.last_seq), &out.batch).expect("merge");
+    device.ack(out.first_seq, out.last_seq).expect("ack");
+    // An ERP transaction adds 10 to the counter and is still open...
+    let mut erp = db.client();
+    let mut open = erp.transaction().expect("begin");
+    open.batch_execute("SET LOCAL driftless.role = 'cloud'; UPDATE acme.t SET n = n + 10, note = 'erp' WHERE id = 'a'")
+        .expect("update");
+    // ...while the device adds 1 more and its batch arrives.
+    device.write(|tx| Ok(tx.execute_batch("UPDATE t SET n = n + 1 WHERE id = 'a'")?)).expect("count");
+    let out = device.outbox_batch(100).expect("outbox").expect("batch");
+    let (done_tx, done) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let (db, batch, seq) = (&db, out.batch.clone(), out.last_seq);
+        scope.spawn(move || {
+            let mut gw = db.store();
+            done_tx.send(gw.merge(&incoming("tab-1", seq), &batch).expect("merge")).expect("send");
+        });
+        assert!(done.recv_timeout(Duration::from_millis(300)).is_err(), "the merge waits for the writer");
+        open.commit().expect("commit");
+        let outcome = done.recv().expect("merged");
+        assert!(outcome.cloud_logged, "the writer's change was taken in first");
+    });
+    let rows = backend.rows("SELECT n, note FROM acme.t WHERE id = 'a'");
+    assert_eq!(rows, vec![vec![Value::Integer(12), Value::Text("erp".into())]], "neither update lost");
+}
+
+#[test]
+fn values_only_postgresql_holds_reach_devices_bit_exact_and_a_commit_wakes_the_gateway() {
+    let Some(db) = TestDb::new() else { return };
+    let schema = r#"
+[[table]]
+name = "m"
+key = ["id"]
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "r"
+type = "real"
+"#;
+    let mut gw = db.store();
+    gw.install_schema(schema).expect("schema");
+    gw.prepare_tenant("acme").expect("tables");
+    let (woke_tx, woke) = mpsc::channel();
+    let _watch = gw
+        .watch_cloud_writes(Box::new(move || {
+            let _ = woke_tx.send(());
+        }))
+        .expect("watch")
+        .expect("a watch");
+    let mut c = db.client();
+    c.batch_execute("INSERT INTO acme.m VALUES ('neg', '-0'::float8), ('tiny', 4.9e-324)").expect("insert");
+    woke.recv_timeout(Duration::from_secs(10)).expect("the commit woke the gateway");
+    assert_eq!(gw.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    // The change only bumps r from -0 to +0: PostgreSQL's `=` says equal, the capture does not.
+    c.batch_execute("UPDATE acme.m SET r = 0.0 WHERE id = 'neg'").expect("update");
+    woke.recv_timeout(Duration::from_secs(10)).expect("woken again");
+    gw.ingest_cloud_writes(NOW).expect("ingest");
+    let page = gw.changes_after("acme", "tab-1", 0, 100).expect("pull");
+    let bits: Vec<(Value, u64)> = page
+        .batch
+        .rows
+        .iter()
+        .map(|r| match &r.state.fields["r"].entries[0].value {
+            Value::Real(x) => (r.pk[0].clone(), x.to_bits()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        bits,
+        vec![
+            (Value::Text("neg".into()), (-0.0f64).to_bits()),
+            (Value::Text("tiny".into()), 4.9e-324f64.to_bits()),
+            (Value::Text("neg".into()), 0.0f64.to_bits()),
+        ]
+    );
+    // Nothing a gateway writes wakes it: its own writes are not captured.
+    while woke.try_recv().is_ok() {}
+    gw.ingest_cloud_writes(NOW).expect("ingest");
+    assert!(woke.recv_timeout(Duration::from_millis(300)).is_err());
+}
+
+#[test]
+fn truncate_is_refused_and_a_tenant_postgresql_cannot_name_is_refused_with_its_reason() {
+    let Some(db) = TestDb::new() else { return };
+    let mut gw = db.store();
+    gw.install_schema("[[table]]\nname = \"m\"\nkey = [\"id\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n")
+        .expect("schema");
+    gw.prepare_tenant("acme").expect("tables");
+    let err = db.client().batch_execute("TRUNCATE acme.m").expect_err("refused");
+    assert!(err.to_string().contains("DELETE") || format!("{err:?}").contains("DELETE"), "{err:?}");
+    let long = "x".repeat(64);
+    let from = Incoming { tenant: &long, ..incoming("tab-1", 1) };
+    match gw.merge(&from, &Batch::default()) {
+        Err(crate::error::MergeError::Refused(reason)) => assert!(reason.contains("63"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}

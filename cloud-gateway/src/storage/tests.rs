@@ -1,0 +1,345 @@
+//! The gateway-store suite: every test runs on the SQLite store and on the PostgreSQL store.
+
+use std::path::Path;
+
+use driftless_core::{Batch, ColumnPolicy, Store, StoreOptions, TableSpec, Value};
+
+use super::test_backends::{Backend, on_every_store};
+use super::{DeadLetterFilter, GatewayStore, Incoming, MergeOutcome};
+use crate::error::MergeError;
+
+const NOW: u64 = 1_800_000_000_000;
+const DRIFT: u64 = 300_000;
+
+on_every_store!(
+    merging_the_same_batch_again_changes_nothing,
+    snapshot_pages_cover_every_row_once,
+    rows_no_device_could_apply_are_refused_and_never_logged,
+    timestamps_from_a_clock_far_ahead_are_bounded_flagged_and_sent_back_to_the_writer,
+    a_node_is_bound_to_the_first_device_that_says_it_writes_as_it,
+    epochs_are_per_tenant_shared_by_instances_and_change_once_per_restore,
+    one_bad_row_is_refused_and_the_rest_of_its_batch_merged,
+    large_dead_letters_are_kept_by_reference_and_can_be_filtered_and_purged,
+    attempts_are_counted_taken_back_and_cleared,
+    pulls_are_recorded_for_the_registry,
+    merged_values_reach_the_real_table_bit_exact,
+    a_plain_sql_write_is_merged_as_the_role_it_names_and_logged_for_devices,
+    a_plain_sql_value_the_schema_refuses_is_dead_lettered_and_the_row_put_back,
+);
+
+pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch {
+    let mut s = Store::open(dir.join(name), opts).expect("open");
+    s.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)")?))
+        .expect("schema");
+    s.track("t", TableSpec::new().column("n", ColumnPolicy::Counter)).expect("track");
+    s.write(|tx| Ok(tx.execute_batch("INSERT INTO t VALUES ('a', 5), ('b', 1)")?)).expect("insert");
+    s.outbox_batch(100).expect("outbox").expect("batch").batch
+}
+
+fn merge(gw: &mut dyn GatewayStore, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
+    let from = Incoming { tenant: "acme", device, first_seq: 1, last_seq: 2, now_ms: NOW, max_drift_ms: DRIFT };
+    gw.merge(&from, batch)
+}
+
+fn merging_the_same_batch_again_changes_nothing(b: &Backend) {
+    let batch = device_batch(b.scratch(), "d.db", StoreOptions::default());
+    let mut gw = b.open();
+    let first = merge(&mut *gw, "tab-1", &batch).expect("merge");
+    assert_eq!((first.applied, first.duplicates), (2, 0));
+    let head = first.logged.expect("logged");
+    for _ in 0..4 {
+        let again = merge(&mut *gw, "tab-1", &batch).expect("merge");
+        assert_eq!((again.applied, again.duplicates, again.logged), (0, 2, None));
+        // The copy's receipt is the entry whose state already held it.
+        assert_eq!((again.receipt, again.previous), (first.logged, first.logged));
+    }
+    assert_eq!(gw.log_head("acme").expect("head"), head);
+    // The device that sent the changes is not sent them back; another device is.
+    assert!(gw.changes_after("acme", "tab-1", 0, 100).expect("page").batch.rows.is_empty());
+    let page = gw.changes_after("acme", "tab-2", 0, 100).expect("page");
+    assert_eq!((page.batch.rows.len(), page.cursor, page.more), (2, head, false));
+    assert_eq!(Some(head.tag), gw.log_tag("acme", head.position).expect("tag"));
+    // Tenants are separate.
+    assert_eq!(gw.log_head("other").expect("head").position, 0);
+    assert_eq!(gw.log_tag("other", head.position).expect("tag"), None);
+}
+
+fn snapshot_pages_cover_every_row_once(b: &Backend) {
+    let batch = device_batch(b.scratch(), "d.db", StoreOptions::default());
+    let mut gw = b.open();
+    merge(&mut *gw, "tab-1", &batch).expect("merge");
+    let first = gw.snapshot_page("acme", &[], 1).expect("page").expect("a page");
+    assert_eq!((first.batch.rows.len(), first.done), (1, false));
+    let second = gw.snapshot_page("acme", &first.resume, 1).expect("page").expect("a page");
+    let third = gw.snapshot_page("acme", &second.resume, 1).expect("page").expect("a page");
+    assert_eq!(second.batch.rows.len(), 1);
+    assert!(third.done && third.batch.rows.is_empty());
+    assert_ne!(first.batch.rows[0].pk, second.batch.rows[0].pk);
+    assert!(gw.snapshot_page("acme", &[1, 0], 1).expect("page").is_none(), "not a token of this store");
+}
+
+fn rows_no_device_could_apply_are_refused_and_never_logged(b: &Backend) {
+    let batch = device_batch(b.scratch(), "d.db", StoreOptions::default());
+    let mut gw = b.open();
+    let head = merge(&mut *gw, "tab-1", &batch).expect("merge").logged;
+    let mut null_key = batch.clone();
+    null_key.rows[1].pk = vec![Value::Null];
+    let mut two_keys = batch.clone();
+    two_keys.rows[1].pk.push(Value::Integer(7));
+    for (bad, why) in [(null_key, "NULL key"), (two_keys, "key columns")] {
+        let outcome = merge(&mut *gw, "tab-1", &bad).expect("merge");
+        assert_eq!(outcome.refused.len(), 1);
+        assert_eq!(outcome.refused[0].0, 1);
+        assert!(outcome.refused[0].1.contains(why), "{:?}", outcome.refused);
+    }
+    assert_eq!(Some(gw.log_head("acme").expect("head")), head, "nothing was logged");
+}
+
+fn timestamps_from_a_clock_far_ahead_are_bounded_flagged_and_sent_back_to_the_writer(b: &Backend) {
+    let year = 365 * 86_400_000;
+    let ahead = StoreOptions { clock: std::sync::Arc::new(move || NOW + year), ..StoreOptions::default() };
+    let batch = device_batch(b.scratch(), "d.db", ahead);
+    let mut gw = b.open();
+    let outcome = merge(&mut *gw, "tab-1", &batch).expect("merge");
+    assert!(outcome.bounded > 0);
+    let skew = gw.clock_skew("acme").expect("skew");
+    assert_eq!(skew.len(), 1);
+    assert!(skew[0].max_hlc.millis() >= NOW + year - 1_000);
+    // The writer itself is sent the bounded change, and every timestamp in it is bounded.
+    let page = gw.changes_after("acme", "tab-1", 0, 100).expect("page");
+    assert_eq!(page.batch.rows.len(), 2);
+    for row in &page.batch.rows {
+        let (_, hlc) = row.state.max_hlc().expect("a write");
+        assert!(hlc.millis() <= NOW, "{hlc:?}");
+    }
+}
+
+fn a_node_is_bound_to_the_first_device_that_says_it_writes_as_it(b: &Backend) {
+    let batch = device_batch(b.scratch(), "d.db", StoreOptions::default());
+    let node = batch.rows[0].state.life.entries[0].dot.node;
+    let mut gw = b.open();
+    let view = gw.hello("acme", "tab-1", node).expect("hello");
+    assert_eq!((view.node_counter, view.device_seq, view.node_owner.as_str()), (0, 0, "tab-1"));
+    merge(&mut *gw, "tab-1", &batch).expect("merge");
+    let view = gw.hello("acme", "tab-1", node).expect("hello");
+    assert_eq!((view.node_counter, view.device_seq), (2, 2));
+    // A copy of tab-1's database on another device says the same node.
+    assert_eq!(gw.hello("acme", "tab-9", node).expect("hello").node_owner, "tab-1");
+}
+
+fn epochs_are_per_tenant_shared_by_instances_and_change_once_per_restore(b: &Backend) {
+    let first = b.open().epoch("acme").expect("epoch");
+    let mut gw = b.open();
+    assert_eq!(gw.epoch("acme").expect("epoch"), first);
+    assert_ne!(gw.epoch("other").expect("epoch"), first);
+    // A second instance sharing the store, still believing in the first epoch.
+    let mut other = b.open();
+    assert_eq!(other.epoch("acme").expect("epoch"), first);
+    let next = gw.new_epoch("acme", first, "test").expect("new epoch");
+    assert_ne!(next, first);
+    assert_eq!(gw.new_epoch("acme", first, "test again").expect("new epoch"), next);
+    assert_eq!(other.epoch("acme").expect("cached"), first, "the other instance's cache is stale");
+    assert_eq!(other.epoch_now("acme").expect("reread"), next);
+    assert_eq!(other.new_epoch("acme", first, "seen by another instance").expect("new epoch"), next);
+    let third = other.new_epoch("acme", next, "restored again").expect("new epoch");
+    assert!(third != next && third != first);
+    assert_eq!(b.open().epoch("acme").expect("epoch"), third);
+}
+
+fn one_bad_row_is_refused_and_the_rest_of_its_batch_merged(b: &Backend) {
+    let batch = device_batch(b.scratch(), "d.db", StoreOptions::default());
+    let mut gw = b.open();
+    let mut mixed = batch.clone();
+    mixed.rows[0].pk = vec![Value::Null];
+    let outcome = merge(&mut *gw, "tab-1", &mixed).expect("merge");
+    assert_eq!(outcome.applied, 1);
+    assert_eq!(outcome.refused.len(), 1);
+    assert_eq!(outcome.refused[0].0, 0);
+    let from = Incoming {
+        tenant: "acme",
+        device: "tab-1",
+        first_seq: 5,
+        last_seq: i64::MAX,
+        now_ms: NOW,
+        max_drift_ms: DRIFT,
+    };
+    assert!(matches!(gw.merge(&from, &batch), Err(MergeError::Refused(_))), "an impossible range");
+}
+
+fn large_dead_letters_are_kept_by_reference_and_can_be_filtered_and_purged(b: &Backend) {
+    let mut gw = b.open();
+    gw.dead_letter("acme", "tab-1", "too large", &vec![7u8; 1 << 20]).expect("letter");
+    gw.dead_letter("acme", "tab-2", "undecodable", b"xyz").expect("letter");
+    let all = gw.dead_letters(&DeadLetterFilter::default()).expect("letters");
+    assert_eq!(all.len(), 2);
+    let big = &all[1];
+    assert_eq!((big.size, big.payload.len(), big.sha256.len()), (1 << 20, 4096, 64));
+    let only =
+        gw.dead_letters(&DeadLetterFilter { device: Some("tab-2".into()), ..Default::default() }).expect("letters");
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].payload, b"xyz");
+    let by_reason =
+        gw.dead_letters(&DeadLetterFilter { reason: Some("large".into()), ..Default::default() }).expect("letters");
+    assert_eq!(by_reason.len(), 1);
+    assert_eq!(gw.dead_letters(&DeadLetterFilter { limit: 1, ..Default::default() }).expect("letters").len(), 1);
+    assert_eq!(gw.tenants().expect("tenants"), vec!["acme".to_owned()]);
+    assert_eq!(gw.purge_dead_letters(i64::MAX).expect("purge"), 2);
+}
+
+fn attempts_are_counted_taken_back_and_cleared(b: &Backend) {
+    let mut gw = b.open();
+    let key = [9u8; 32];
+    assert_eq!(gw.attempts(&key).expect("attempts"), None);
+    assert_eq!(gw.note_attempt(&key).expect("note"), 1);
+    assert_eq!(gw.note_attempt(&key).expect("note"), 2);
+    gw.unnote_attempt(&key).expect("unnote");
+    assert_eq!(b.open().attempts(&key).expect("attempts").map(|a| a.0), Some(1), "kept for every instance");
+    gw.clear_attempts(&key).expect("clear");
+    assert_eq!(gw.attempts(&key).expect("attempts"), None);
+}
+
+fn pulls_are_recorded_for_the_registry(b: &Backend) {
+    let batch = device_batch(b.scratch(), "d.db", StoreOptions::default());
+    let mut gw = b.open();
+    let head = merge(&mut *gw, "tab-1", &batch).expect("merge").logged.expect("logged");
+    gw.touch_device("acme", "tab-2", Some(head.position)).expect("touch");
+    gw.touch_device("acme", "tab-2", None).expect("touch again, no cursor");
+    let devices = gw.devices("acme").expect("devices");
+    assert_eq!(devices.iter().map(|d| d.device.as_str()).collect::<Vec<_>>(), ["tab-1", "tab-2"]);
+    assert_eq!((devices[1].downlink_cursor, devices[1].lag), (head.position, 0));
+    assert_eq!((devices[0].uplink_hwm, devices[0].lag), (2, head.position));
+}
+
+const SCHEMA: &str = r#"
+roles = ["erp", "field"]
+
+[[table]]
+name = "t"
+key = ["id"]
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "i"
+type = "integer"
+[[table.column]]
+name = "r"
+type = "real"
+[[table.column]]
+name = "s"
+type = "text"
+[[table.column]]
+name = "b"
+type = "blob"
+[[table.column]]
+name = "owner"
+type = "text"
+policy = "authority:erp>field"
+"#;
+
+/// A device following [`SCHEMA`], with `sql` run on it, and the batch it sends.
+fn schema_device(dir: &Path, name: &str, sql: &str) -> (Store, Batch) {
+    let mut s =
+        Store::open(dir.join(name), StoreOptions { role: "field".into(), ..StoreOptions::default() }).expect("open");
+    s.follow_schema(1, SCHEMA).expect("follow");
+    s.write(|tx| Ok(tx.execute_batch(sql)?)).expect("write");
+    let batch = s.outbox_batch(100).expect("outbox").expect("batch").batch;
+    (s, batch)
+}
+
+fn merged_values_reach_the_real_table_bit_exact(b: &Backend) {
+    let mut gw = b.open();
+    assert_eq!(gw.install_schema(SCHEMA).expect("schema"), 1);
+    let (_, batch) = schema_device(
+        b.scratch(),
+        "d.db",
+        "INSERT INTO t(id, i, r, s, b) VALUES
+           ('min', -9223372036854775808, -1.5e-300, 'ünïcödé ✓', x'00ff00'),
+           ('max', 9223372036854775807, 1e308, '', x''),
+           ('tiny', 0, 5e-324, 'x', NULL)",
+    );
+    let outcome = merge(&mut *gw, "tab-1", &batch).expect("merge");
+    assert_eq!((outcome.applied, outcome.refused.len()), (3, 0));
+    let t = b.table("acme", "t");
+    let rows = b.rows(&format!("SELECT id, i, r, s, b FROM {t} ORDER BY i"));
+    assert_eq!(
+        rows,
+        vec![
+            vec![
+                Value::Text("min".into()),
+                Value::Integer(i64::MIN),
+                Value::Real(-1.5e-300),
+                Value::Text("ünïcödé ✓".into()),
+                Value::Blob(vec![0, 255, 0])
+            ],
+            vec![
+                Value::Text("tiny".into()),
+                Value::Integer(0),
+                Value::Real(5e-324),
+                Value::Text("x".into()),
+                Value::Null
+            ],
+            vec![
+                Value::Text("max".into()),
+                Value::Integer(i64::MAX),
+                Value::Real(1e308),
+                Value::Text(String::new()),
+                Value::Blob(Vec::new())
+            ],
+        ]
+    );
+}
+
+fn a_plain_sql_write_is_merged_as_the_role_it_names_and_logged_for_devices(b: &Backend) {
+    let mut gw = b.open();
+    gw.install_schema(SCHEMA).expect("schema");
+    let (mut device, batch) =
+        schema_device(b.scratch(), "d.db", "INSERT INTO t(id, s, owner) VALUES ('w1', 'new', 'field')");
+    let logged = merge(&mut *gw, "tab-1", &batch).expect("merge").logged.expect("logged");
+    device.ack(1, 1).ok();
+    let t = b.table("acme", "t");
+    // The ERP takes the row over and renames it, in one transaction, as role erp.
+    match b {
+        Backend::Sqlite(_) => b.exec("UPDATE \"acme.t@erp\" SET owner = 'erp', s = 'renamed' WHERE id = 'w1'", None),
+        Backend::Pg(_) => b.exec(&format!("UPDATE {t} SET owner = 'erp', s = 'renamed' WHERE id = 'w1'"), Some("erp")),
+    }
+    // And a plain write without a role adds a row.
+    b.exec(&format!("INSERT INTO {t}(id, i) VALUES ('w2', 7)"), None);
+    assert_eq!(gw.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    assert!(gw.ingest_cloud_writes(NOW).expect("ingest again").is_empty(), "taken in once");
+    let page = gw.changes_after("acme", "tab-1", logged.position, 100).expect("page");
+    assert_eq!(page.batch.rows.len(), 2);
+    let roles: Vec<&str> = page.batch.roles.values().map(String::as_str).collect();
+    assert!(roles.contains(&"erp") && roles.contains(&"cloud"), "{roles:?}");
+    // The device shows both.
+    device.apply(&page.batch).expect("apply");
+    let shown: Vec<(Option<String>, Option<String>, Option<i64>)> = device
+        .read(|c| {
+            let mut stmt = c.prepare("SELECT s, owner, i FROM t ORDER BY id")?;
+            Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?)
+        })
+        .expect("read");
+    assert_eq!(shown, vec![(Some("renamed".into()), Some("erp".into()), None), (None, None, Some(7))]);
+}
+
+fn a_plain_sql_value_the_schema_refuses_is_dead_lettered_and_the_row_put_back(b: &Backend) {
+    let mut gw = b.open();
+    gw.install_schema(SCHEMA).expect("schema");
+    let (_, batch) = schema_device(b.scratch(), "d.db", "INSERT INTO t(id, r, s) VALUES ('w1', 1.5, 'ok')");
+    merge(&mut *gw, "tab-1", &batch).expect("merge");
+    let t = b.table("acme", "t");
+    // Values each database takes but no replica does: NaN in PostgreSQL (SQLite stores it as
+    // NULL), text holding NUL in SQLite (PostgreSQL refuses it itself).
+    match b {
+        Backend::Sqlite(_) => {
+            b.exec(&format!("UPDATE {t} SET r = 2.5, s = 'a' || char(0) || 'b' WHERE id = 'w1'"), None)
+        }
+        Backend::Pg(_) => b.exec(&format!("UPDATE {t} SET r = 'NaN', s = 'x' WHERE id = 'w1'"), None),
+    }
+    gw.ingest_cloud_writes(NOW).ok();
+    let letters = gw.dead_letters(&DeadLetterFilter::default()).expect("letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0].device.starts_with("sql as"), "{letters:?}");
+    let expected = vec![vec![Value::Real(1.5), Value::Text("ok".into())]];
+    assert_eq!(b.rows(&format!("SELECT r, s FROM {t} WHERE id = 'w1'")), expected, "put back");
+}
