@@ -13,7 +13,7 @@ pub(crate) mod test_backends;
 #[cfg(test)]
 mod tests;
 
-pub use self::postgres::PgStore;
+pub use self::postgres::{PgStore, testing};
 pub use self::sqlite::SqliteStore;
 
 use driftless_core::protocol::Downlink;

@@ -134,12 +134,18 @@ impl Drop for Proc {
 
 /// Starts `driftless-gateway` serving `tenant` and waits until it is subscribed.
 pub fn gateway(broker: &BrokerAddr, tenant: &str, db: &Path, extra: &[&str]) -> Proc {
+    gateway_as(&format!("gw-{tenant}"), broker, tenant, db, extra)
+}
+
+/// [`gateway`] with its own MQTT client id, for several instances sharing the uplinks (`db`
+/// also names its log file).
+pub fn gateway_as(client_id: &str, broker: &BrokerAddr, tenant: &str, db: &Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("driftless-gateway"));
     cmd.arg("--db").arg(db).args([
         "--broker",
         &url(broker),
         "--client-id",
-        &format!("gw-{tenant}"),
+        client_id,
         "--share-group",
         &format!("gw-{tenant}"),
         "--tenant",

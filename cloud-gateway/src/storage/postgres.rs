@@ -10,6 +10,8 @@
 mod merge;
 mod migrate;
 mod tables;
+#[doc(hidden)]
+pub mod testing;
 mod values;
 
 #[cfg(test)]

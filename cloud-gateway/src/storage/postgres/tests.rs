@@ -126,8 +126,9 @@ fn a_cursor_never_passes_a_position_that_commits_later() {
 #[test]
 fn a_plain_sql_write_still_open_is_taken_in_before_a_merge_of_its_row() {
     let Some(db) = TestDb::new() else { return };
-    let backend = Backend::Pg(Box::new(db));
-    let Backend::Pg(db) = &backend else { unreachable!() };
+    let backend = Backend::Pg(Box::new((db, tempfile::tempdir().expect("tempdir"))));
+    let Backend::Pg(pg) = &backend else { unreachable!() };
+    let db = &pg.0;
     let schema = r#"
 [[table]]
 name = "t"
