@@ -16,6 +16,9 @@ pub enum Error {
     /// A setting the operator gave cannot work (a store URL, a tenant name the store cannot hold).
     #[error("configuration: {0}")]
     Config(String),
+    /// Something another instance changed at the same moment; trying again sees it.
+    #[error("{0}")]
+    Retry(String),
     #[error("core: {0}")]
     Core(#[from] driftless_core::Error),
     #[error("stored data is corrupt: {0}")]

@@ -41,6 +41,12 @@ pub enum Written {
 pub trait RowStore {
     type Error;
 
+    /// Called once before the rows of a batch are merged, with all of them: a store whose
+    /// reads cost a round trip loads them at once here.
+    fn prefetch(&mut self, _rows: &[RowChange]) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Whether this store takes `row`.
     fn admit(&mut self, row: &RowChange) -> Result<Admit, Self::Error>;
 
@@ -113,6 +119,7 @@ pub fn merge_batch<S: RowStore>(
     rules: IntakeRules<'_>,
 ) -> Result<IntakeReport, S::Error> {
     let mut report = IntakeReport::default();
+    store.prefetch(&batch.rows)?;
     for (index, row) in batch.rows.iter().enumerate() {
         match store.admit(row)? {
             Admit::Merge => {}

@@ -432,6 +432,11 @@ fn check_table(t: &SchemaTable, roles: &[String]) -> Result<(), String> {
         if c.policy != ColumnPolicy::Lww {
             return Err(format!("key column {k:?} cannot have a policy"));
         }
+        if c.ty == ColumnType::Real {
+            // Databases compare -0.0 equal to 0.0 (and may fold NaNs): two keys every replica
+            // keeps apart would be one row in a table.
+            return Err(format!("key column {k:?} cannot be real: use integer or text"));
+        }
     }
     if t.key.len() == 1 && t.column(&t.key[0]).is_some_and(|c| c.ty == ColumnType::Integer) {
         // Every device would hand out 1, 2, 3... and rows from different devices collide.

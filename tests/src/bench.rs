@@ -29,12 +29,18 @@ impl GatewayProcess {
 
     /// [`GatewayProcess::start`] with more flags (`--schema FILE`).
     pub fn start_with(db: &Path, broker_url: &str, tenant: &str, extra: &[&str]) -> GatewayProcess {
+        Self::start_as(&format!("bench-gw-{tenant}"), db, broker_url, tenant, extra)
+    }
+
+    /// [`GatewayProcess::start_with`] under its own MQTT client id: several instances in one
+    /// share group split the uplinks.
+    pub fn start_as(client_id: &str, db: &Path, broker_url: &str, tenant: &str, extra: &[&str]) -> GatewayProcess {
         let bin = std::env::var("DRIFTLESS_GATEWAY_BIN")
             .expect("DRIFTLESS_GATEWAY_BIN must name a driftless-gateway binary (scripts/bench sets it)");
         let mut child = Command::new(bin)
             .arg("--db")
             .arg(db)
-            .args(["--broker", broker_url, "--client-id", &format!("bench-gw-{tenant}")])
+            .args(["--broker", broker_url, "--client-id", client_id])
             .args(["--share-group", &format!("bench-{tenant}"), "--tenant", tenant])
             .args(extra)
             .env("RUST_LOG", "warn,driftless_gateway=info")

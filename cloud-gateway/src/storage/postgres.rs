@@ -34,15 +34,35 @@ use crate::error::{Error, MergeError, Result};
 
 /// How long a gateway transaction waits for a tenant's lock (a plain-SQL writer holding it)
 /// before giving up for now; the message is retried later.
-const LOCK_WAIT: &str = "10s";
+const LOCK_WAIT: &str = "2s";
 
 /// How often device last-seen times and pull cursors are written, at most.
 const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Statements prepared once per connection (each unprepared query costs a round trip more).
+#[derive(Default)]
+pub(super) struct Stmts(HashMap<&'static str, postgres::Statement>);
+
+impl Stmts {
+    pub(super) fn get(
+        &mut self,
+        client: &mut impl postgres::GenericClient,
+        sql: &'static str,
+    ) -> Result<postgres::Statement> {
+        if let Some(s) = self.0.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = client.prepare(sql)?;
+        self.0.insert(sql, s.clone());
+        Ok(s)
+    }
+}
 
 /// Gateway state in a PostgreSQL database.
 pub struct PgStore {
     config: Config,
     client: Client,
+    stmts: Stmts,
     schema: Option<Arc<ServedSchema>>,
     limits: Limits,
     epochs: HashMap<String, (Epoch, i64)>,
@@ -59,8 +79,17 @@ impl std::fmt::Debug for PgStore {
 }
 
 fn connect(config: &Config) -> Result<Client> {
+    let mut config = config.clone();
+    // A dead peer is noticed: a half-open connection would hold a tenant's lock.
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
     let mut client = config.connect(NoTls)?;
-    client.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'"))?;
+    // Positions are max + 1 under the tenant's lock: that needs each statement to see what
+    // committed before it, whatever the database's default isolation.
+    client.batch_execute(&format!(
+        "SET lock_timeout = '{LOCK_WAIT}';
+         SET default_transaction_isolation = 'read committed';
+         SET idle_in_transaction_session_timeout = '60s';"
+    ))?;
     Ok(client)
 }
 
@@ -81,6 +110,7 @@ impl PgStore {
         Ok(PgStore {
             config,
             client,
+            stmts: Stmts::default(),
             schema: None,
             limits: Limits::default(),
             epochs: HashMap::new(),
@@ -99,6 +129,10 @@ impl PgStore {
     fn client(&mut self) -> Result<&mut Client> {
         if self.client.is_closed() {
             self.client = connect(&self.config)?;
+            self.stmts = Stmts::default();
+            // The database may have failed over to a copy behind the one this instance wrote
+            // to: cloud nodes start afresh, so no dot they issued is issued again.
+            self.client.execute("DELETE FROM driftless.gw_cloud_writers", &[])?;
         }
         Ok(&mut self.client)
     }
@@ -162,9 +196,10 @@ fn current_epoch(tx: &mut Transaction<'_>, tenant: &str) -> Result<Option<(Epoch
     .transpose()
 }
 
-fn log_head_of(client: &mut impl postgres::GenericClient, tenant: &str) -> Result<LogCursor> {
-    let row = client
-        .query_opt("SELECT seq, tag FROM driftless.gw_log WHERE tenant = $1 ORDER BY seq DESC LIMIT 1", &[&tenant])?;
+fn log_head_of(client: &mut impl postgres::GenericClient, stmts: &mut Stmts, tenant: &str) -> Result<LogCursor> {
+    let stmt =
+        stmts.get(client, "SELECT seq, tag FROM driftless.gw_log WHERE tenant = $1 ORDER BY seq DESC LIMIT 1")?;
+    let row = client.query_opt(&stmt, &[&tenant])?;
     Ok(row.map_or(LogCursor::default(), |r| LogCursor {
         position: r.get::<_, i64>(0) as u64,
         tag: r.get::<_, i64>(1) as u64,
@@ -204,6 +239,8 @@ impl GatewayStore for PgStore {
             return Ok(current.0);
         }
         let next = start_epoch(&mut tx, tenant, reason)?;
+        // The store lost changes: its cloud nodes may have issued dots it has no record of.
+        tx.execute("DELETE FROM driftless.gw_cloud_writers WHERE tenant = $1", &[&tenant])?;
         tx.commit()?;
         self.epochs.insert(tenant.to_owned(), next);
         Ok(next.0)
@@ -229,26 +266,30 @@ impl GatewayStore for PgStore {
     }
 
     fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
+        // A tenant this store cannot hold is the operator's to fix (another store, another
+        // name), never a refusal of the device's data: the batch stays with the device.
         if let Some(reason) = tables::unfit_tenant(from.tenant) {
-            return Err(MergeError::Refused(reason));
+            return Err(MergeError::Store(Error::Config(reason)));
         }
         let schema = self.served_schema()?;
         self.flush_touches()?;
         let limits = self.limits.clone();
         let tag = self.tags.next();
         let cloud_tag = self.tags.next();
-        let client = self.client()?;
-        merge::merge(client, &limits, from, schema.as_deref(), (tag, cloud_tag), batch)
+        self.client()?;
+        merge::merge(&mut self.client, &mut self.stmts, &limits, from, schema.as_deref(), (tag, cloud_tag), batch)
     }
 
     fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
         const ENTRIES: i64 = 256;
         let tag = self.log_tag(tenant, cursor)?.unwrap_or(0);
         let mut page = ChangesPage { cursor: LogCursor { position: cursor, tag }, ..ChangesPage::default() };
-        let entries = self.client()?.query(
+        self.client()?;
+        let stmt = self.stmts.get(
+            &mut self.client,
             "SELECT seq, origin, change, tag FROM driftless.gw_log WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            &[&tenant, &(cursor as i64), &(ENTRIES + 1)],
         )?;
+        let entries = self.client.query(&stmt, &[&tenant, &(cursor as i64), &(ENTRIES + 1)])?;
         page.more = entries.len() as i64 > ENTRIES;
         for r in entries.into_iter().take(ENTRIES as usize) {
             if page.batch.rows.len() >= max_rows {
@@ -268,7 +309,8 @@ impl GatewayStore for PgStore {
     }
 
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
-        log_head_of(self.client()?, tenant)
+        self.client()?;
+        log_head_of(&mut self.client, &mut self.stmts, tenant)
     }
 
     fn log_tag(&mut self, tenant: &str, position: u64) -> Result<Option<u64>> {
@@ -293,9 +335,9 @@ impl GatewayStore for PgStore {
         };
         // Table names compare bytewise (COLLATE "C"), as the SQLite store orders them.
         let rows = self.client()?.query(
-            "SELECT tbl, pk, state FROM driftless.gw_rows
-             WHERE tenant = $1 AND (tbl COLLATE \"C\", pk) > ($2 COLLATE \"C\", $3)
-             ORDER BY tbl COLLATE \"C\", pk LIMIT $4",
+            "SELECT tbl, pkh, state FROM driftless.gw_rows
+             WHERE tenant = $1 AND (tbl COLLATE \"C\", pkh) > ($2 COLLATE \"C\", $3)
+             ORDER BY tbl COLLATE \"C\", pkh LIMIT $4",
             &[&tenant, &table, &key, &(max_rows as i64)],
         )?;
         let mut page = SnapshotPage { done: rows.len() < max_rows, ..SnapshotPage::default() };
@@ -441,8 +483,9 @@ impl GatewayStore for PgStore {
     }
 
     fn served_schema(&mut self) -> Result<Option<Arc<ServedSchema>>> {
-        let version: Option<i64> =
-            self.client()?.query_one("SELECT max(version) FROM driftless.gw_sync_schema", &[])?.get(0);
+        self.client()?;
+        let stmt = self.stmts.get(&mut self.client, "SELECT max(version) FROM driftless.gw_sync_schema")?;
+        let version: Option<i64> = self.client.query_one(&stmt, &[])?.get(0);
         let Some(version) = version.map(|v| v as u64) else { return Ok(None) };
         if let Some(cached) = self.schema.as_ref().filter(|s| s.version == version) {
             return Ok(Some(cached.clone()));
@@ -512,6 +555,7 @@ impl GatewayStore for PgStore {
         let limits = self.limits.clone();
         let mut tx = self.client()?.transaction()?;
         tables::begin_gateway_tx(&mut tx, tenant)?;
+        tables::check_schema_current(&mut tx, Some(&served))?;
         tables::materialize(&mut tx, &limits, tenant, &served)?;
         tx.commit()?;
         Ok(())
@@ -526,43 +570,98 @@ impl GatewayStore for PgStore {
             .map(|r| r.get(0))
             .collect();
         let mut logged = Vec::new();
-        // One transaction per tenant: tenants do not wait for each other's writers.
+        // One transaction per tenant with writes waiting, if no writer holds its lock now (its
+        // commit notifies again); a tenant that fails does not hold the others back.
         for tenant in tenants {
-            let limits = self.limits.clone();
-            let tag = self.tags.next();
-            let mut tx = self.client()?.transaction()?;
-            tables::begin_gateway_tx(&mut tx, &tenant)?;
-            tables::materialize(&mut tx, &limits, &tenant, &served)?;
-            if merge::ingest_pending(&mut tx, &limits, &tenant, &served, now_ms, tag)?.is_some() {
-                logged.push(tenant);
+            match self.ingest_tenant(&tenant, &served, now_ms) {
+                Ok(true) => logged.push(tenant),
+                Ok(false) => {}
+                Err(e) if e.is_transient() => tracing::debug!(%tenant, "SQL writes left for the next look: {e}"),
+                Err(e) => tracing::warn!(%tenant, "taking in SQL writes failed: {e}"),
             }
-            tx.commit()?;
         }
         Ok(logged)
     }
 
     fn watch_cloud_writes(&mut self, wake: Box<dyn Fn() + Send>) -> Result<Option<super::Watch>> {
-        let mut listener = connect(&self.config)?;
-        listener.batch_execute(&format!("LISTEN {}", tables::CHANNEL))?;
-        let thread = std::thread::Builder::new()
+        let mut listener = listen(&self.config)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let config = self.config.clone();
+        std::thread::Builder::new()
             .name("driftless-pg-listen".into())
             .spawn(move || {
                 use postgres::fallible_iterator::FallibleIterator;
-                let mut notes = listener.notifications();
-                let mut it = notes.blocking_iter();
-                loop {
-                    match it.next() {
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    let next = listener.notifications().timeout_iter(Duration::from_secs(1)).next();
+                    match next {
                         Ok(Some(_)) => wake(),
-                        Ok(None) | Err(_) => {
-                            tracing::warn!("the PostgreSQL listener's connection ended; SQL writes wait for the next merge or the backstop");
-                            wake();
-                            return;
+                        Ok(None) if !listener.is_closed() => {}
+                        // The connection ended (a restart, a failover): listen again, and look
+                        // once, for writes committed while no one listened.
+                        _ => {
+                            tracing::warn!("the PostgreSQL listener's connection ended; listening again");
+                            std::thread::sleep(Duration::from_secs(1));
+                            if let Ok(again) = listen(&config) {
+                                listener = again;
+                                wake();
+                            }
                         }
                     }
                 }
             })
             .map_err(|e| Error::Watch(e.to_string()))?;
-        Ok(Some(Box::new(thread)))
+        Ok(Some(Box::new(StopOnDrop(stop))))
+    }
+}
+
+impl PgStore {
+    /// Takes in one tenant's waiting SQL writes; whether any were logged.
+    fn ingest_tenant(&mut self, tenant: &str, served: &ServedSchema, now_ms: u64) -> Result<bool> {
+        let limits = self.limits.clone();
+        let tag = self.tags.next();
+        self.client()?;
+        // A look without the lock first: most wake-ups are for another tenant.
+        let mut look = self.client.transaction()?;
+        let journals = tables::journals(&mut look, tenant)?;
+        if !tables::pending(&mut look, tenant, &journals)? {
+            return Ok(false);
+        }
+        look.commit()?;
+        let mut tx = self.client.transaction()?;
+        if !tables::try_begin_gateway_tx(&mut tx, tenant)? {
+            return Ok(false);
+        }
+        tables::check_schema_current(&mut tx, Some(served))?;
+        tables::materialize(&mut tx, &limits, tenant, served)?;
+        let logged = merge::ingest_pending(&mut tx, &mut self.stmts, &limits, tenant, served, now_ms, tag)?.is_some();
+        tx.commit()?;
+        Ok(logged)
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Pulls noted since the last write of them (last-seen times, cursors).
+        if let Err(e) = self.flush_touches() {
+            tracing::debug!("device last-seen times not written at close: {e}");
+        }
+    }
+}
+
+/// A connection listening for committed plain-SQL writes.
+fn listen(config: &Config) -> Result<Client> {
+    let mut client = connect(config)?;
+    client.batch_execute(&format!("LISTEN {}", tables::CHANNEL))?;
+    Ok(client)
+}
+
+/// Stops the listener thread when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -25,6 +25,7 @@ on_every_store!(
     merged_values_reach_the_real_table_bit_exact,
     a_plain_sql_write_is_merged_as_the_role_it_names_and_logged_for_devices,
     a_plain_sql_value_the_schema_refuses_is_dead_lettered_and_the_row_put_back,
+    a_key_longer_than_an_index_entry_is_merged_and_snapshotted,
 );
 
 pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch {
@@ -342,4 +343,20 @@ fn a_plain_sql_value_the_schema_refuses_is_dead_lettered_and_the_row_put_back(b:
     assert!(letters[0].device.starts_with("sql as"), "{letters:?}");
     let expected = vec![vec![Value::Real(1.5), Value::Text("ok".into())]];
     assert_eq!(b.rows(&format!("SELECT r, s FROM {t} WHERE id = 'w1'")), expected, "put back");
+}
+
+fn a_key_longer_than_an_index_entry_is_merged_and_snapshotted(b: &Backend) {
+    let mut s = Store::open(b.scratch().join("long.db"), StoreOptions::default()).expect("open");
+    s.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)")?)).expect("table");
+    s.track("t", TableSpec::new()).expect("track");
+    let long = "k".repeat(20_000);
+    s.write(|tx| Ok(tx.execute("INSERT INTO t VALUES (?1, 'x'), ('short', 'y')", [&long]).map(|_| ())?))
+        .expect("insert");
+    let batch = s.outbox_batch(100).expect("outbox").expect("batch").batch;
+    let mut gw = b.open();
+    let outcome = merge(&mut *gw, "tab-1", &batch).expect("merge");
+    assert_eq!((outcome.applied, outcome.refused.len()), (2, 0));
+    assert_eq!(merge(&mut *gw, "tab-1", &batch).expect("again").duplicates, 2);
+    let page = gw.snapshot_page("acme", &[], 10).expect("snapshot").expect("page");
+    assert!(page.batch.rows.iter().any(|r| r.pk == [Value::Text(long.clone())]));
 }

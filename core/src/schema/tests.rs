@@ -111,6 +111,11 @@ fn mistakes_in_a_schema_file_are_named() {
             "starts at 0",
         ),
         ("[[table]]\nname = \"a.b\"\nkey = [\"id\"]", "a table name is"),
+        (
+            "[[table]]\nname = \"t\"\nkey = [\"id\", \"at\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n\
+             [[table.column]]\nname = \"at\"\ntype = \"real\"",
+            "cannot be real",
+        ),
     ];
     for (text, want) in cases {
         let err = SyncSchema::parse(text).expect_err(text).to_string();
@@ -171,7 +176,12 @@ fn a_schema_may_grow_but_not_drop_retype_or_rekey() {
             format!("{ORDERS}\n[[table.column]]\nname = \"must\"\ntype = \"text\"\nnullable = false\n"),
             "without a default",
         ),
-        (ORDERS.replace("key = [\"sku\"]", "key = [\"sku\", \"price\"]"), "key of"),
+        (
+            ORDERS
+                .replace("key = [\"sku\"]", "key = [\"sku\", \"price\"]")
+                .replace("name = \"price\"\ntype = \"real\"", "name = \"price\"\ntype = \"text\""),
+            "key of",
+        ),
     ];
     for (text, want) in cases {
         let Ok(new) = SyncSchema::parse(&text) else { panic!("{want}: the new schema parses") };

@@ -8,7 +8,8 @@ use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, 
 use driftless_core::{Batch, LogCursor, NodeId, RowChange, RowState, SchemaTable, Value};
 use postgres::{Client, Transaction};
 
-use super::tables;
+use super::tables::key_hash;
+use super::{Stmts, tables};
 use crate::error::{Error, MergeError, Result};
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
 use crate::storage::{Incoming, MergeOutcome, ServedSchema};
@@ -17,6 +18,7 @@ use crate::storage::{Incoming, MergeOutcome, ServedSchema};
 /// plain-SQL writes taken in first).
 pub(super) fn merge(
     client: &mut Client,
+    stmts: &mut Stmts,
     limits: &Limits,
     at: &Incoming<'_>,
     schema: Option<&ServedSchema>,
@@ -29,15 +31,27 @@ pub(super) fn merge(
     let tenant = at.tenant;
     let mut tx = client.transaction()?;
     tables::begin_gateway_tx(&mut tx, tenant)?;
+    tables::check_schema_current(&mut tx, schema)?;
     let mut cloud_logged = false;
     if let Some(served) = schema {
         tables::materialize(&mut tx, limits, tenant, served)?;
         // Writes made to the real tables first: this merge must not overwrite one unseen.
-        cloud_logged = ingest_pending(&mut tx, limits, tenant, served, at.now_ms, tags.1)?.is_some();
+        cloud_logged = ingest_pending(&mut tx, stmts, limits, tenant, served, at.now_ms, tags.1)?.is_some();
     }
-    let mut rows = Rows { tx: &mut tx, limits, tenant, schema, new_tables: HashMap::new(), arities: HashMap::new() };
+    let mut rows = Rows {
+        tx: &mut tx,
+        stmts: &mut *stmts,
+        limits,
+        tenant,
+        schema,
+        new_tables: HashMap::new(),
+        arities: HashMap::new(),
+        held: HashMap::new(),
+        saves: BTreeMap::new(),
+    };
     let rules = IntakeRules { limits, bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)) };
     let merged = merge_batch(&mut rows, batch, rules)?;
+    rows.save_all()?;
     let mut new_tables = std::mem::take(&mut rows.new_tables);
     let mut outcome = MergeOutcome {
         applied: merged.applied,
@@ -58,13 +72,14 @@ pub(super) fn merge(
     if !merged.counters.is_empty() {
         let (nodes, counters): (Vec<Vec<u8>>, Vec<i64>) =
             merged.counters.iter().map(|(n, c)| (n.0.to_vec(), *c as i64)).unzip();
-        tx.execute(
+        let stmt = stmts.get(
+            &mut tx,
             "INSERT INTO driftless.gw_nodes(tenant, node, max_counter)
              SELECT $1, n, c FROM unnest($2::bytea[], $3::bigint[]) AS u(n, c)
              ON CONFLICT (tenant, node) DO UPDATE
                  SET max_counter = greatest(driftless.gw_nodes.max_counter, excluded.max_counter)",
-            &[&tenant, &nodes, &counters],
         )?;
+        tx.execute(&stmt, &[&tenant, &nodes, &counters])?;
     }
     for (node, hlc) in &merged.skewed {
         tx.execute(
@@ -77,30 +92,33 @@ pub(super) fn merge(
     if !changed.rows.is_empty() {
         // A change whose timestamps were bounded goes back to its writer too.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        outcome.logged = Some(log_change(&mut tx, tenant, origin, &changed, tags.0)?);
+        outcome.logged = Some(log_change(&mut tx, stmts, tenant, origin, &changed, tags.0)?);
     }
-    let previous = tx.query_opt(
-        "SELECT receipt_pos, receipt_tag FROM driftless.gw_devices WHERE tenant = $1 AND device = $2",
-        &[&tenant, &at.device],
-    )?;
+    let stmt = stmts
+        .get(&mut tx, "SELECT receipt_pos, receipt_tag FROM driftless.gw_devices WHERE tenant = $1 AND device = $2")?;
+    let previous = tx.query_opt(&stmt, &[&tenant, &at.device])?;
     outcome.previous = previous
         .and_then(|r| r.get::<_, Option<i64>>(0).zip(r.get::<_, Option<i64>>(1)))
         .map(|(position, tag)| LogCursor { position: position as u64, tag: tag as u64 });
     outcome.receipt = match outcome.logged {
         Some(entry) => Some(entry),
         None => {
-            let head = super::log_head_of(&mut tx, tenant)?;
+            let head = super::log_head_of(&mut tx, stmts, tenant)?;
             (head.position > 0).then_some(head)
         }
     };
     let receipt = outcome.receipt.map(|r| (r.position as i64, r.tag as i64));
-    tx.execute(
+    let stmt = stmts.get(
+        &mut tx,
         "INSERT INTO driftless.gw_devices(tenant, device, first_seen_ms, last_seen_ms, uplink_hwm, receipt_pos, receipt_tag)
          VALUES ($1, $2, $3, $3, $4, $5, $6)
          ON CONFLICT (tenant, device) DO UPDATE SET last_seen_ms = $3,
              uplink_hwm = greatest(driftless.gw_devices.uplink_hwm, $4),
              receipt_pos = coalesce($5, driftless.gw_devices.receipt_pos),
              receipt_tag = coalesce($6, driftless.gw_devices.receipt_tag)",
+    )?;
+    tx.execute(
+        &stmt,
         &[
             &tenant,
             &at.device,
@@ -118,18 +136,20 @@ pub(super) fn merge(
 /// lock until it commits, so positions commit in order.
 pub(super) fn log_change(
     tx: &mut Transaction<'_>,
+    stmts: &mut Stmts,
     tenant: &str,
     origin: &str,
     change: &Batch,
     tag: u64,
 ) -> Result<LogCursor> {
+    let stmt = stmts.get(
+        tx,
+        "INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag)
+         SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, $4, $5 FROM driftless.gw_log WHERE tenant = $1
+         RETURNING seq",
+    )?;
     let seq: i64 = tx
-        .query_one(
-            "INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag)
-             SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, $4, $5 FROM driftless.gw_log WHERE tenant = $1
-             RETURNING seq",
-            &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(change), &(tag as i64)],
-        )?
+        .query_one(&stmt, &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(change), &(tag as i64)])?
         .get(0);
     Ok(LogCursor { position: seq as u64, tag })
 }
@@ -143,8 +163,8 @@ fn load_row(
     pk: &[Value],
 ) -> Result<(RowChange, BTreeMap<NodeId, String>)> {
     let stored = tx.query_opt(
-        "SELECT state FROM driftless.gw_rows WHERE tenant = $1 AND tbl = $2 AND pk = $3",
-        &[&tenant, &table, &encode_key(pk)],
+        "SELECT state FROM driftless.gw_rows WHERE tenant = $1 AND tbl = $2 AND pkh = $3",
+        &[&tenant, &table, &key_hash(&encode_key(pk))],
     )?;
     match stored {
         Some(r) => {
@@ -159,20 +179,30 @@ fn load_row(
     }
 }
 
-fn save_row(tx: &mut Transaction<'_>, tenant: &str, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
+/// A row's state as stored: a one-row batch with the roles of its nodes.
+fn row_payload(row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Vec<u8> {
     let kept = row.state.nodes().into_iter().filter_map(|n| roles.get(&n).map(|r| (n, r.clone()))).collect();
-    let payload = encode_payload(&Batch { roles: kept, rows: vec![row.clone()] });
+    encode_payload(&Batch { roles: kept, rows: vec![row.clone()] })
+}
+
+fn save_row(tx: &mut Transaction<'_>, tenant: &str, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
+    let payload = row_payload(row, roles);
     tx.execute(
-        "INSERT INTO driftless.gw_rows(tenant, tbl, pk, state) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (tenant, tbl, pk) DO UPDATE SET state = excluded.state",
-        &[&tenant, &row.table, &encode_key(&row.pk), &payload],
+        "INSERT INTO driftless.gw_rows(tenant, tbl, pkh, state) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant, tbl, pkh) DO UPDATE SET state = excluded.state",
+        &[&tenant, &row.table, &key_hash(&encode_key(&row.pk)), &payload],
     )?;
     Ok(())
 }
 
-/// The causal state and real tables as the row store the shared merge runs against.
+/// A stored row's state and the roles of its nodes (`None`: no row yet).
+type Held = Option<(RowChange, BTreeMap<NodeId, String>)>;
+
+/// The causal state and real tables as the row store the shared merge runs against. A
+/// batch's stored rows are read in one query, and its merged states written in one.
 struct Rows<'a, 't> {
     tx: &'a mut Transaction<'t>,
+    stmts: &'a mut Stmts,
     limits: &'a Limits,
     tenant: &'a str,
     schema: Option<&'a ServedSchema>,
@@ -180,10 +210,65 @@ struct Rows<'a, 't> {
     new_tables: HashMap<String, usize>,
     /// Key arities of tables looked up so far.
     arities: HashMap<String, Option<usize>>,
+    /// Stored rows of the batch by (table, key hash), as merged so far.
+    held: HashMap<(String, Vec<u8>), Held>,
+    /// Merged states to write, by (table, key hash).
+    saves: BTreeMap<(String, Vec<u8>), Vec<u8>>,
+}
+
+impl Rows<'_, '_> {
+    /// Writes the merged states in one statement.
+    fn save_all(&mut self) -> Result<()> {
+        if self.saves.is_empty() {
+            return Ok(());
+        }
+        let saves = std::mem::take(&mut self.saves);
+        let mut tables = Vec::with_capacity(saves.len());
+        let mut keys = Vec::with_capacity(saves.len());
+        let mut states = Vec::with_capacity(saves.len());
+        for ((table, key), state) in saves {
+            tables.push(table);
+            keys.push(key);
+            states.push(state);
+        }
+        let stmt = self.stmts.get(
+            self.tx,
+            "INSERT INTO driftless.gw_rows(tenant, tbl, pkh, state)
+             SELECT $1, t, k, s FROM unnest($2::text[], $3::bytea[], $4::bytea[]) AS u(t, k, s)
+             ON CONFLICT (tenant, tbl, pkh) DO UPDATE SET state = excluded.state",
+        )?;
+        self.tx.execute(&stmt, &[&self.tenant, &tables, &keys, &states])?;
+        Ok(())
+    }
 }
 
 impl RowStore for Rows<'_, '_> {
     type Error = Error;
+
+    fn prefetch(&mut self, rows: &[RowChange]) -> Result<()> {
+        let mut tables = Vec::with_capacity(rows.len());
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key = key_hash(&encode_key(&row.pk));
+            if self.held.insert((row.table.clone(), key.clone()), None).is_none() {
+                tables.push(row.table.clone());
+                keys.push(key);
+            }
+        }
+        let stmt = self.stmts.get(
+            self.tx,
+            "SELECT r.tbl, r.pkh, r.state FROM unnest($2::text[], $3::bytea[]) AS u(t, k)
+             JOIN driftless.gw_rows r ON r.tenant = $1 AND r.tbl = u.t AND r.pkh = u.k",
+        )?;
+        for r in self.tx.query(&stmt, &[&self.tenant, &tables, &keys])? {
+            let (table, key): (String, Vec<u8>) = (r.get(0), r.get(1));
+            let mut b = decode_payload(r.get(2), self.limits)
+                .map_err(|e| Error::Corrupt(format!("stored row of {table:?}: {e}")))?;
+            let row = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
+            self.held.insert((table, key), Some((row, b.roles)));
+        }
+        Ok(())
+    }
 
     fn admit(&mut self, row: &RowChange) -> Result<Admit> {
         if let Some(served) = self.schema {
@@ -223,8 +308,15 @@ impl RowStore for Rows<'_, '_> {
     }
 
     fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>)> {
-        let (stored, roles) = load_row(self.tx, self.limits, self.tenant, &row.table, &row.pk)?;
-        Ok((stored.state, roles))
+        match self.held.get(&(row.table.clone(), key_hash(&encode_key(&row.pk)))) {
+            Some(Some((stored, roles))) => Ok((stored.state.clone(), roles.clone())),
+            Some(None) => Ok((RowState::default(), BTreeMap::new())),
+            // Not prefetched (it always is): read it.
+            None => {
+                let (stored, roles) = load_row(self.tx, self.limits, self.tenant, &row.table, &row.pk)?;
+                Ok((stored.state, roles))
+            }
+        }
     }
 
     fn write(&mut self, _: &RowChange, merged: RowChange, roles: &BTreeMap<NodeId, String>) -> Result<Written> {
@@ -234,14 +326,19 @@ impl RowStore for Rows<'_, '_> {
             let mut sp = self.tx.savepoint("gw_row")?;
             match tables::write_row(&mut sp, self.tenant, table, &merged, roles) {
                 Ok(()) => sp.commit()?,
-                Err(Error::Postgres(e)) if e.code().is_some_and(|c| c.code().starts_with("23")) => {
+                // 23: a constraint; 54000: a key longer than PostgreSQL can index (about 2.7 kB).
+                Err(Error::Postgres(e))
+                    if e.code().is_some_and(|c| c.code().starts_with("23") || c.code() == "54000") =>
+                {
                     sp.rollback()?;
                     return Ok(Written::Refused(format!("the cloud table {:?} refuses the row: {e}", merged.table)));
                 }
                 Err(e) => return Err(e),
             }
         }
-        save_row(self.tx, self.tenant, &merged, roles)?;
+        let key = (merged.table.clone(), key_hash(&encode_key(&merged.pk)));
+        self.saves.insert(key.clone(), row_payload(&merged, roles));
+        self.held.insert(key, Some((merged, roles.clone())));
         Ok(Written::Done)
     }
 }
@@ -250,6 +347,7 @@ impl RowStore for Rows<'_, '_> {
 /// Runs under the tenant's lock.
 pub(super) fn ingest_pending(
     tx: &mut Transaction<'_>,
+    stmts: &mut Stmts,
     limits: &Limits,
     tenant: &str,
     served: &ServedSchema,
@@ -265,7 +363,8 @@ pub(super) fn ingest_pending(
         let Some(&id) = journals.get(&table.name) else { continue };
         let names = tables::mask_columns(tx, tenant, table)?;
         let mut keys: BTreeMap<Vec<u8>, Journaled> = BTreeMap::new();
-        for (pk, role, mask, at_ms) in tables::read_journal(tx, tenant, id, table.key.len())? {
+        let (entries, last) = tables::read_journal(tx, tenant, id, table.key.len())?;
+        for (pk, role, mask, at_ms) in entries {
             let written = keys.entry(encode_key(&pk)).or_default();
             written.pk = pk;
             written.fold(role, mask, at_ms, names.len());
@@ -274,7 +373,7 @@ pub(super) fn ingest_pending(
         for written in keys.values() {
             intake.key(&mut rows, table, &names, written)?;
         }
-        tables::clear_journal(tx, tenant, id)?;
+        tables::clear_journal(tx, tenant, id, last)?;
     }
     for (role, (_, next)) in &intake.writers {
         tx.execute(
@@ -285,7 +384,7 @@ pub(super) fn ingest_pending(
     if intake.changes.rows.is_empty() {
         return Ok(None);
     }
-    Ok(Some(log_change(tx, tenant, "", &intake.changes, tag)?))
+    Ok(Some(log_change(tx, stmts, tenant, "", &intake.changes, tag)?))
 }
 
 /// A tenant's real tables and causal state, as an intake uses them.

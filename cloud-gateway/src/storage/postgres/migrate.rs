@@ -13,12 +13,14 @@ pub(super) const LOCK_SPACE: i32 = 0x6466_6c73; // "dfls"
 const MIGRATIONS: &[&str] = &[
     // 1: everything the SQLite store holds, per tenant.
     "
+    -- Rows by the SHA-256 of their encoded key: an index entry holds at most about 2.7 kB,
+    -- and a key may be longer.
     CREATE TABLE driftless.gw_rows (
         tenant text NOT NULL,
         tbl    text NOT NULL,
-        pk     bytea NOT NULL,
+        pkh    bytea NOT NULL,
         state  bytea NOT NULL,       -- a one-row batch payload: the row's merged state
-        PRIMARY KEY (tenant, tbl, pk)
+        PRIMARY KEY (tenant, tbl, pkh)
     );
     -- Merged changes; positions are per tenant and assigned under the tenant's lock, so they
     -- commit in order and a cursor never passes one that commits later.
@@ -111,6 +113,11 @@ const MIGRATIONS: &[&str] = &[
         counter bigint NOT NULL,
         PRIMARY KEY (tenant, role)
     );
+    -- For a plain-SQL transaction that locks rows (SELECT ... FOR UPDATE) before it writes
+    -- them: calling this first takes the tenant's lock in the order the gateway takes it.
+    -- (1684434035 is LOCK_SPACE.)
+    CREATE FUNCTION driftless.writing(tenant text) RETURNS void LANGUAGE sql
+        AS $$ SELECT pg_advisory_xact_lock_shared(1684434035, hashtext(tenant)) $$;
     ",
 ];
 

@@ -51,8 +51,29 @@ fn journal(tenant: &str, id: i64) -> String {
 /// Takes the tenant's lock for the rest of the transaction and marks the transaction as the
 /// gateway's own (its writes to real tables are not captured).
 pub(super) fn begin_gateway_tx(tx: &mut Transaction<'_>, tenant: &str) -> Result<()> {
-    tx.execute("SELECT set_config('driftless.gateway', 'on', true)", &[])?;
-    tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&LOCK_SPACE, &tenant])?;
+    tx.execute(
+        "SELECT set_config('driftless.gateway', 'on', true), pg_advisory_xact_lock($1, hashtext($2))",
+        &[&LOCK_SPACE, &tenant],
+    )?;
+    Ok(())
+}
+
+/// [`begin_gateway_tx`] if the tenant's lock is free now; `false` if a writer holds it.
+pub(super) fn try_begin_gateway_tx(tx: &mut Transaction<'_>, tenant: &str) -> Result<bool> {
+    let row = tx.query_one(
+        "SELECT set_config('driftless.gateway', 'on', true), pg_try_advisory_xact_lock($1, hashtext($2))",
+        &[&LOCK_SPACE, &tenant],
+    )?;
+    Ok(row.get(1))
+}
+
+/// Fails (to be tried again) if the current sync schema is not `served`: another instance
+/// loaded a newer one since it was read. Called under the tenant's lock.
+pub(super) fn check_schema_current(tx: &mut Transaction<'_>, served: Option<&ServedSchema>) -> Result<()> {
+    let current: Option<i64> = tx.query_one("SELECT max(version) FROM driftless.gw_sync_schema", &[])?.get(0);
+    if current.map(|v| v as u64) != served.map(|s| s.version) {
+        return Err(Error::Retry("the sync schema changed while this merge began; reading it again".into()));
+    }
     Ok(())
 }
 
@@ -72,11 +93,27 @@ pub(super) fn materialize(
 ) -> Result<()> {
     let have: Option<i64> =
         tx.query_opt("SELECT version FROM driftless.gw_tenant_tables WHERE tenant = $1", &[&tenant])?.map(|r| r.get(0));
-    if have == Some(served.version as i64) {
-        return Ok(());
-    }
-    if let Some(reason) = unfit_tenant(tenant) {
-        return Err(Error::Corrupt(reason));
+    match have {
+        Some(v) if v == served.version as i64 => return Ok(()),
+        // Never take a tenant's tables back to an older version.
+        Some(v) if v > served.version as i64 => {
+            return Err(Error::Retry("another instance serves a newer sync schema; reading it again".into()));
+        }
+        Some(_) => {}
+        None => {
+            if let Some(reason) = unfit_tenant(tenant) {
+                return Err(Error::Config(reason));
+            }
+            // A schema of that name made by someone else (an ERP's own, `public`) is not
+            // taken over: its tables would be captured and synced.
+            let taken: bool =
+                tx.query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&tenant])?.get(0);
+            if taken {
+                return Err(Error::Config(format!(
+                    "tenant {tenant:?}: a PostgreSQL schema of that name exists and was not made by driftless"
+                )));
+            }
+        }
     }
     let schema = quote(tenant);
     tx.batch_execute(&format!(
@@ -89,8 +126,8 @@ pub(super) fn materialize(
             needs_review boolean NOT NULL,
             shown        text,
             others       text NOT NULL,
-            pk           bytea NOT NULL,
-            PRIMARY KEY (tbl, pk, col)
+            pkh          bytea NOT NULL, -- SHA-256 of the encoded key
+            PRIMARY KEY (tbl, pkh, col)
          );"
     ))?;
     for table in &served.schema.tables {
@@ -207,14 +244,14 @@ fn install_capture(tx: &mut Transaction<'_>, tenant: &str, table: &SchemaTable) 
          END $f$;
          CREATE OR REPLACE FUNCTION {refuse}() RETURNS trigger LANGUAGE plpgsql AS $f$
          BEGIN
-           IF coalesce(current_setting('driftless.gateway', true), '') <> 'on' THEN
+           IF NOT {own} THEN
              RAISE EXCEPTION 'driftless: TRUNCATE is not captured; delete rows with DELETE so devices see it';
            END IF;
            RETURN NULL;
          END $f$;
          CREATE OR REPLACE FUNCTION {notify}() RETURNS trigger LANGUAGE plpgsql AS $f$
          BEGIN
-           IF coalesce(current_setting('driftless.gateway', true), '') <> 'on' THEN
+           IF NOT {own} THEN
              PERFORM pg_notify('{CHANNEL}', {tenant_text});
            END IF;
            RETURN NULL;
@@ -224,7 +261,7 @@ fn install_capture(tx: &mut Transaction<'_>, tenant: &str, table: &SchemaTable) 
            r text := nullif(current_setting('driftless.role', true), '');
            now_ms bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
          BEGIN
-           IF coalesce(current_setting('driftless.gateway', true), '') = 'on' THEN RETURN NULL; END IF;
+           IF {own} THEN RETURN NULL; END IF;
            IF TG_OP = 'INSERT' THEN
              {into} VALUES ({new}, r, NULL, now_ms);
            ELSIF TG_OP = 'UPDATE' THEN
@@ -253,6 +290,8 @@ fn install_capture(tx: &mut Transaction<'_>, tenant: &str, table: &SchemaTable) 
            FOR EACH STATEMENT EXECUTE FUNCTION {notify}();",
         new = of("NEW"),
         old = of("OLD"),
+        // The gateway's own statement; a user's trigger reacting to it (depth 2) is captured.
+        own = "(coalesce(current_setting('driftless.gateway', true), '') = 'on' AND pg_trigger_depth() = 1)",
     ))?;
     Ok(())
 }
@@ -318,15 +357,15 @@ pub(super) fn write_row(
         }
     }
     let conflicts = format!("{}._driftless_conflicts", quote(tenant));
-    let pk = encode_key(&row.pk);
-    tx.execute(&format!("DELETE FROM {conflicts} WHERE tbl = $1 AND pk = $2"), &[&table.name, &pk])?;
+    let pkh = key_hash(&encode_key(&row.pk));
+    tx.execute(&format!("DELETE FROM {conflicts} WHERE tbl = $1 AND pkh = $2"), &[&table.name, &pkh])?;
     for c in conflict_rows(table, row, roles) {
         tx.execute(
             &format!(
-                "INSERT INTO {conflicts}(tbl, key, col, policy, needs_review, shown, others, pk)
+                "INSERT INTO {conflicts}(tbl, key, col, policy, needs_review, shown, others, pkh)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
             ),
-            &[&table.name, &c.key, &c.col, &c.policy, &c.needs_review, &c.shown, &c.others, &pk],
+            &[&table.name, &c.key, &c.col, &c.policy, &c.needs_review, &c.shown, &c.others, &pkh],
         )?;
     }
     Ok(())
@@ -355,21 +394,38 @@ pub(super) fn read_row(
 /// The journal entries of one table, oldest first: key, role, mask, when.
 pub(super) type Entry = (Vec<Value>, Option<String>, Option<i64>, Option<i64>);
 
-pub(super) fn read_journal(tx: &mut Transaction<'_>, tenant: &str, id: i64, key_len: usize) -> Result<Vec<Entry>> {
+/// The entries and the last position read.
+pub(super) fn read_journal(
+    tx: &mut Transaction<'_>,
+    tenant: &str,
+    id: i64,
+    key_len: usize,
+) -> Result<(Vec<Entry>, i64)> {
     let slots: Vec<String> = (0..key_len).map(|i| format!("k{i}")).collect();
-    let sql = format!("SELECT {}, role, mask, at_ms FROM {} ORDER BY seq", slots.join(", "), journal(tenant, id));
+    let sql = format!("SELECT {}, role, mask, at_ms, seq FROM {} ORDER BY seq", slots.join(", "), journal(tenant, id));
     let rows = tx.query(&sql, &[])?;
-    rows.into_iter()
+    let mut last = 0;
+    let entries = rows
+        .into_iter()
         .map(|r| {
             let pk = (0..key_len).map(|i| r.try_get::<_, Read>(i).map(|v| v.0)).collect::<Result<Vec<_>, _>>()?;
+            last = r.try_get(key_len + 3)?;
             Ok((pk, r.try_get(key_len)?, r.try_get(key_len + 1)?, r.try_get(key_len + 2)?))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((entries, last))
 }
 
-pub(super) fn clear_journal(tx: &mut Transaction<'_>, tenant: &str, id: i64) -> Result<()> {
-    tx.batch_execute(&format!("DELETE FROM {}", journal(tenant, id)))?;
+/// Forgets the entries up to `last`, all read and taken in (never one written since).
+pub(super) fn clear_journal(tx: &mut Transaction<'_>, tenant: &str, id: i64, last: i64) -> Result<()> {
+    tx.execute(&format!("DELETE FROM {} WHERE seq <= $1", journal(tenant, id)), &[&last])?;
     Ok(())
+}
+
+/// A row's key as the gateway's tables index it: the SHA-256 of its encoding.
+pub(super) fn key_hash(key: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).to_vec()
 }
 
 /// Whether any of the tenant's journals holds an entry (one round trip).

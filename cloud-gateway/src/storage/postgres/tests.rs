@@ -234,7 +234,7 @@ type = "real"
 }
 
 #[test]
-fn truncate_is_refused_and_a_tenant_postgresql_cannot_name_is_refused_with_its_reason() {
+fn truncate_is_refused_and_a_tenant_postgresql_cannot_name_is_an_error_of_the_store() {
     let Some(db) = TestDb::new() else { return };
     let mut gw = db.store();
     gw.install_schema("[[table]]\nname = \"m\"\nkey = [\"id\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n")
@@ -242,10 +242,36 @@ fn truncate_is_refused_and_a_tenant_postgresql_cannot_name_is_refused_with_its_r
     gw.prepare_tenant("acme").expect("tables");
     let err = db.client().batch_execute("TRUNCATE acme.m").expect_err("refused");
     assert!(err.to_string().contains("DELETE") || format!("{err:?}").contains("DELETE"), "{err:?}");
+    // A tenant name PostgreSQL cannot hold is the operator's to fix: the batch is not
+    // refused (the device keeps it), the store says why.
     let long = "x".repeat(64);
     let from = Incoming { tenant: &long, ..incoming("tab-1", 1) };
     match gw.merge(&from, &Batch::default()) {
-        Err(crate::error::MergeError::Refused(reason)) => assert!(reason.contains("63"), "{reason}"),
+        Err(crate::error::MergeError::Store(e)) => assert!(e.to_string().contains("63"), "{e}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_schema_driftless_did_not_make_is_not_taken_over_and_nothing_is_refused_for_it() {
+    let Some(db) = TestDb::new() else { return };
+    let mut gw = db.store();
+    gw.install_schema("[[table]]\nname = \"m\"\nkey = [\"id\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n")
+        .expect("schema");
+    // An ERP's own schema and table of the same names.
+    db.client().batch_execute("CREATE SCHEMA erp; CREATE TABLE erp.m (id text PRIMARY KEY)").expect("erp");
+    let from = Incoming { tenant: "erp", ..incoming("tab-1", 1) };
+    match gw.merge(&from, &Batch::default()) {
+        Err(crate::error::MergeError::Store(e)) => {
+            assert!(e.to_string().contains("not made by driftless"), "{e}");
+            assert!(!e.is_transient(), "an operator's to fix, counted");
+        }
+        other => panic!("{other:?}"),
+    }
+    let triggers: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'erp.m'::regclass AND NOT tgisinternal", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(triggers, 0, "the ERP's table is left alone");
 }
