@@ -8,33 +8,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use driftless_agent::{Agent, AgentConfig};
-use driftless_core::{Store, StoreOptions, TableSpec};
+use driftless_core::{Store, StoreOptions};
 use driftless_gateway::storage::testing::TestDb;
-use driftless_tests::bench::{GatewayProcess, bench_broker_url, report};
+use driftless_tests::bench::{GatewayProcess, bench_broker_url, offline_device, report};
 
 const ROWS: usize = 10_000;
 const FIELDS: usize = 10;
-
-/// A device store holding the whole workload in its outbox, written while offline.
-fn offline_device(db: &Path) -> anyhow::Result<()> {
-    let mut store = Store::open(db, StoreOptions::default())?;
-    let cols: Vec<String> = (0..FIELDS).map(|i| format!("f{i} TEXT")).collect();
-    store.write(|tx| {
-        Ok(tx.execute_batch(&format!("CREATE TABLE readings (id TEXT PRIMARY KEY, {})", cols.join(", ")))?)
-    })?;
-    store.track("readings", TableSpec::new())?;
-    store.write(|tx| {
-        let slots: Vec<String> = (0..FIELDS).map(|i| format!("?{}", i + 2)).collect();
-        let mut stmt = tx.prepare(&format!("INSERT INTO readings VALUES (?1, {})", slots.join(", ")))?;
-        for r in 0..ROWS {
-            let mut vals = vec![format!("{:08x}-0000-4000-8000-{:012x}", r, r * 7919)];
-            vals.extend((0..FIELDS).map(|f| format!("reading {r} field {f}: {}", r * 31 + f)));
-            stmt.execute(rusqlite::params_from_iter(vals))?;
-        }
-        Ok(())
-    })?;
-    Ok(())
-}
 
 /// Connects the device and times its drain; changes per second.
 async fn drain(db: &Path, url: &str, tenant: &str) -> anyhow::Result<f64> {
@@ -69,7 +48,7 @@ fn direct(db: &TestDb) -> anyhow::Result<()> {
     use driftless_gateway::GatewayStore;
     let dir = tempfile::tempdir()?;
     let device = dir.path().join("device.db");
-    offline_device(&device)?;
+    offline_device(&device, ROWS, FIELDS)?;
     let mut store = Store::open(&device, StoreOptions::default())?;
     store.seal()?;
     let mut batches = Vec::new();
@@ -108,7 +87,7 @@ async fn run(store: &str) -> anyhow::Result<()> {
     let url = bench_broker_url();
     let run = std::process::id();
     let original = dir.path().join("device.db");
-    offline_device(&original)?;
+    offline_device(&original, ROWS, FIELDS)?;
     let copy = |name: &str| -> anyhow::Result<std::path::PathBuf> {
         let to = dir.path().join(name);
         rusqlite::Connection::open(&original)?.execute("VACUUM INTO ?1", [to.to_str().expect("utf-8 path")])?;

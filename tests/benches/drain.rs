@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use driftless_agent::{Agent, AgentConfig};
 use driftless_core::codec::{Dictionaries, EncodeOptions, Limits, decode_batch, encode_batch};
-use driftless_core::{Store, StoreOptions, TableSpec};
+use driftless_core::{Store, StoreOptions};
 use driftless_gateway::storage::Incoming;
 use driftless_gateway::{GatewayStore, SqliteStore};
-use driftless_tests::bench::{GatewayProcess, bench_broker_url, report};
+use driftless_tests::bench::{GatewayProcess, bench_broker_url, offline_device, report};
 
 const ROWS: usize = 10_000;
 const FIELDS: usize = 10;
@@ -27,29 +27,8 @@ async fn main() -> anyhow::Result<()> {
 
     let db = dir.path().join("device.db");
     let cols: Vec<String> = (0..FIELDS).map(|i| format!("f{i}")).collect();
-    {
-        let mut store = Store::open(&db, StoreOptions::default())?;
-        let schema = format!(
-            "CREATE TABLE readings (id TEXT PRIMARY KEY, {})",
-            cols.iter().map(|c| format!("{c} TEXT")).collect::<Vec<_>>().join(", ")
-        );
-        store.write(|tx| Ok(tx.execute_batch(&schema)?))?;
-        store.track("readings", TableSpec::new())?;
-        // Written while offline: ROWS rows of FIELDS fields each.
-        store.write(|tx| {
-            let sql = format!(
-                "INSERT INTO readings VALUES (?1, {})",
-                (0..FIELDS).map(|i| format!("?{}", i + 2)).collect::<Vec<_>>().join(", ")
-            );
-            let mut stmt = tx.prepare(&sql)?;
-            for r in 0..ROWS {
-                let mut vals = vec![format!("{:08x}-0000-4000-8000-{:012x}", r, r * 7919)];
-                vals.extend((0..FIELDS).map(|f| format!("reading {r} field {f}: {}", r * 31 + f)));
-                stmt.execute(rusqlite::params_from_iter(vals))?;
-            }
-            Ok(())
-        })?;
-    }
+    // Written while offline: ROWS rows of FIELDS fields each.
+    offline_device(&db, ROWS, FIELDS)?;
     // The same offline outbox, for the direct merge.
     let copy = dir.path().join("device-copy.db");
     rusqlite::Connection::open(&db)?.execute("VACUUM INTO ?1", [copy.to_str().expect("utf-8 path")])?;

@@ -95,3 +95,26 @@ pub fn report(fields: &[(&str, f64)]) {
     let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {}", (v * 1000.0).round() / 1000.0)).collect();
     println!("{{{}}}", body.join(", "));
 }
+
+/// The drain workload: a device store with a table `readings` of `rows` rows of `fields` text
+/// fields, all written while offline, so its whole content waits in the outbox.
+pub fn offline_device(db: &Path, rows: usize, fields: usize) -> anyhow::Result<()> {
+    use driftless_core::{Store, StoreOptions, TableSpec};
+    let mut store = Store::open(db, StoreOptions::default())?;
+    let cols: Vec<String> = (0..fields).map(|i| format!("f{i} TEXT")).collect();
+    store.write(|tx| {
+        Ok(tx.execute_batch(&format!("CREATE TABLE readings (id TEXT PRIMARY KEY, {})", cols.join(", ")))?)
+    })?;
+    store.track("readings", TableSpec::new())?;
+    store.write(|tx| {
+        let slots: Vec<String> = (0..fields).map(|i| format!("?{}", i + 2)).collect();
+        let mut stmt = tx.prepare(&format!("INSERT INTO readings VALUES (?1, {})", slots.join(", ")))?;
+        for r in 0..rows {
+            let mut vals = vec![format!("{:08x}-0000-4000-8000-{:012x}", r, r * 7919)];
+            vals.extend((0..fields).map(|f| format!("reading {r} field {f}: {}", r * 31 + f)));
+            stmt.execute(rusqlite::params_from_iter(vals))?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
