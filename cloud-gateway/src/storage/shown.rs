@@ -7,10 +7,28 @@ use std::collections::BTreeMap;
 use driftless_core::schema::quote;
 use driftless_core::{ColumnPolicy, NodeId, RowChange, SchemaTable, Value, conflicts};
 
+/// What a visible row shows in each non-key column of its real table, in declaration order:
+/// its resolved value, a counter's sum (0 if no one counted), or for a column no write gave,
+/// the column's default (as on a device). Every column is written, so a plain-SQL value that
+/// was refused is put back even in a column no one else wrote.
+pub(crate) fn shown_columns(table: &SchemaTable, shown: Vec<(String, Value)>) -> Vec<(String, Value)> {
+    let mut by_name: BTreeMap<String, Value> = shown.into_iter().collect();
+    table
+        .columns
+        .iter()
+        .filter(|c| !table.is_key(&c.name))
+        .map(|c| {
+            let value = by_name.remove(&c.name).unwrap_or_else(|| match c.policy {
+                ColumnPolicy::Counter => Value::Integer(0),
+                _ => c.default.clone().unwrap_or(Value::Null),
+            });
+            (c.name.clone(), value)
+        })
+        .collect()
+}
+
 /// The upsert that shows a visible row whose resolved values are `shown`, in the real table
 /// `name`, and its parameters; `slot(i)` is the database's i-th placeholder (from 1).
-/// Columns no write gave keep the table's default, as on a device; counters always show
-/// their sum.
 pub(crate) fn upsert(
     name: &str,
     table: &SchemaTable,
@@ -18,20 +36,9 @@ pub(crate) fn upsert(
     shown: Vec<(String, Value)>,
     slot: impl Fn(usize) -> String,
 ) -> (String, Vec<Value>) {
-    let mut cols: Vec<String> = Vec::new();
-    let mut params: Vec<Value> = row.pk.clone();
-    for (column, value) in shown {
-        if table.column(&column).is_some() && !table.is_key(&column) {
-            cols.push(column);
-            params.push(value);
-        }
-    }
-    for c in table.columns.iter().filter(|c| c.policy == ColumnPolicy::Counter) {
-        if !cols.contains(&c.name) {
-            cols.push(c.name.clone());
-            params.push(Value::Integer(0));
-        }
-    }
+    let columns = shown_columns(table, shown);
+    let cols: Vec<&String> = columns.iter().map(|(c, _)| c).collect();
+    let params: Vec<Value> = row.pk.iter().cloned().chain(columns.iter().map(|(_, v)| v.clone())).collect();
     let keys: Vec<String> = table.key.iter().map(|k| quote(k)).collect();
     let names: Vec<String> = keys.iter().cloned().chain(cols.iter().map(|c| quote(c))).collect();
     let slots: Vec<String> = (1..=names.len()).map(slot).collect();

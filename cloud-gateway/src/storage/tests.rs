@@ -341,8 +341,9 @@ fn a_plain_sql_value_the_schema_refuses_is_dead_lettered_and_the_row_put_back(b:
     let letters = gw.dead_letters(&DeadLetterFilter::default()).expect("letters");
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(letters[0].device.starts_with("sql as"), "{letters:?}");
-    let expected = vec![vec![Value::Real(1.5), Value::Text("ok".into())]];
-    assert_eq!(b.rows(&format!("SELECT r, s FROM {t} WHERE id = 'w1'")), expected, "put back");
+    // Put back, in a column no one had written (`i`) too.
+    let expected = vec![vec![Value::Real(1.5), Value::Text("ok".into()), Value::Null]];
+    assert_eq!(b.rows(&format!("SELECT r, s, i FROM {t} WHERE id = 'w1'")), expected, "put back");
 }
 
 fn a_key_longer_than_an_index_entry_is_merged_and_snapshotted(b: &Backend) {

@@ -185,18 +185,14 @@ fn row_payload(row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Vec<u8> {
     encode_payload(&Batch { roles: kept, rows: vec![row.clone()] })
 }
 
-fn save_row(tx: &mut Transaction<'_>, tenant: &str, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
-    let payload = row_payload(row, roles);
-    tx.execute(
-        "INSERT INTO driftless.gw_rows(tenant, tbl, pkh, state) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (tenant, tbl, pkh) DO UPDATE SET state = excluded.state",
-        &[&tenant, &row.table, &key_hash(&encode_key(&row.pk)), &payload],
-    )?;
-    Ok(())
-}
+/// A stored row's state and the roles of its nodes.
+type Stored = (RowChange, BTreeMap<NodeId, String>);
 
-/// A stored row's state and the roles of its nodes (`None`: no row yet).
-type Held = Option<(RowChange, BTreeMap<NodeId, String>)>;
+/// Stored rows by (table, key hash).
+type StoredRows = HashMap<(String, Vec<u8>), Stored>;
+
+/// A stored row as a merge holds it (`None`: no row yet).
+type Held = Option<Stored>;
 
 /// The causal state and real tables as the row store the shared merge runs against. A
 /// batch's stored rows are read in one query, and its merged states written in one.
@@ -219,53 +215,78 @@ struct Rows<'a, 't> {
 impl Rows<'_, '_> {
     /// Writes the merged states in one statement.
     fn save_all(&mut self) -> Result<()> {
-        if self.saves.is_empty() {
-            return Ok(());
-        }
-        let saves = std::mem::take(&mut self.saves);
-        let mut tables = Vec::with_capacity(saves.len());
-        let mut keys = Vec::with_capacity(saves.len());
-        let mut states = Vec::with_capacity(saves.len());
-        for ((table, key), state) in saves {
-            tables.push(table);
-            keys.push(key);
-            states.push(state);
-        }
-        let stmt = self.stmts.get(
-            self.tx,
-            "INSERT INTO driftless.gw_rows(tenant, tbl, pkh, state)
-             SELECT $1, t, k, s FROM unnest($2::text[], $3::bytea[], $4::bytea[]) AS u(t, k, s)
-             ON CONFLICT (tenant, tbl, pkh) DO UPDATE SET state = excluded.state",
-        )?;
-        self.tx.execute(&stmt, &[&self.tenant, &tables, &keys, &states])?;
-        Ok(())
+        save_states(self.tx, self.stmts, self.tenant, std::mem::take(&mut self.saves))
     }
+}
+
+/// Writes states, by (table, key hash), in one statement.
+fn save_states(
+    tx: &mut Transaction<'_>,
+    stmts: &mut Stmts,
+    tenant: &str,
+    saves: BTreeMap<(String, Vec<u8>), Vec<u8>>,
+) -> Result<()> {
+    if saves.is_empty() {
+        return Ok(());
+    }
+    let mut tables = Vec::with_capacity(saves.len());
+    let mut keys = Vec::with_capacity(saves.len());
+    let mut states = Vec::with_capacity(saves.len());
+    for ((table, key), state) in saves {
+        tables.push(table);
+        keys.push(key);
+        states.push(state);
+    }
+    let stmt = stmts.get(
+        tx,
+        "INSERT INTO driftless.gw_rows(tenant, tbl, pkh, state)
+         SELECT $1, t, k, s FROM unnest($2::text[], $3::bytea[], $4::bytea[]) AS u(t, k, s)
+         ON CONFLICT (tenant, tbl, pkh) DO UPDATE SET state = excluded.state",
+    )?;
+    tx.execute(&stmt, &[&tenant, &tables, &keys, &states])?;
+    Ok(())
+}
+
+/// The stored states of rows, by (table, key hash), in one statement; rows not stored are
+/// absent.
+fn fetch_states(
+    tx: &mut Transaction<'_>,
+    stmts: &mut Stmts,
+    limits: &Limits,
+    tenant: &str,
+    wanted: &[(String, Vec<u8>)],
+) -> Result<StoredRows> {
+    let tables: Vec<&str> = wanted.iter().map(|(t, _)| t.as_str()).collect();
+    let keys: Vec<&[u8]> = wanted.iter().map(|(_, k)| k.as_slice()).collect();
+    let stmt = stmts.get(
+        tx,
+        "SELECT r.tbl, r.pkh, r.state FROM unnest($2::text[], $3::bytea[]) AS u(t, k)
+         JOIN driftless.gw_rows r ON r.tenant = $1 AND r.tbl = u.t AND r.pkh = u.k",
+    )?;
+    let mut found = HashMap::new();
+    for r in tx.query(&stmt, &[&tenant, &tables, &keys])? {
+        let (table, key): (String, Vec<u8>) = (r.get(0), r.get(1));
+        let mut b =
+            decode_payload(r.get(2), limits).map_err(|e| Error::Corrupt(format!("stored row of {table:?}: {e}")))?;
+        let row = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
+        found.insert((table, key), (row, b.roles));
+    }
+    Ok(found)
 }
 
 impl RowStore for Rows<'_, '_> {
     type Error = Error;
 
     fn prefetch(&mut self, rows: &[RowChange]) -> Result<()> {
-        let mut tables = Vec::with_capacity(rows.len());
-        let mut keys = Vec::with_capacity(rows.len());
+        let mut wanted = Vec::with_capacity(rows.len());
         for row in rows {
-            let key = key_hash(&encode_key(&row.pk));
-            if self.held.insert((row.table.clone(), key.clone()), None).is_none() {
-                tables.push(row.table.clone());
-                keys.push(key);
+            let key = (row.table.clone(), key_hash(&encode_key(&row.pk)));
+            if self.held.insert(key.clone(), None).is_none() {
+                wanted.push(key);
             }
         }
-        let stmt = self.stmts.get(
-            self.tx,
-            "SELECT r.tbl, r.pkh, r.state FROM unnest($2::text[], $3::bytea[]) AS u(t, k)
-             JOIN driftless.gw_rows r ON r.tenant = $1 AND r.tbl = u.t AND r.pkh = u.k",
-        )?;
-        for r in self.tx.query(&stmt, &[&self.tenant, &tables, &keys])? {
-            let (table, key): (String, Vec<u8>) = (r.get(0), r.get(1));
-            let mut b = decode_payload(r.get(2), self.limits)
-                .map_err(|e| Error::Corrupt(format!("stored row of {table:?}: {e}")))?;
-            let row = b.rows.pop().ok_or_else(|| Error::Corrupt("empty stored row".into()))?;
-            self.held.insert((table, key), Some((row, b.roles)));
+        for (key, stored) in fetch_states(self.tx, self.stmts, self.limits, self.tenant, &wanted)? {
+            self.held.insert(key, Some(stored));
         }
         Ok(())
     }
@@ -369,10 +390,17 @@ pub(super) fn ingest_pending(
             written.pk = pk;
             written.fold(role, mask, at_ms, names.len());
         }
-        let mut rows = CloudRows { tx, limits, tenant };
+        // Every key's stored state and real-table row read at once; states written at once.
+        let wanted: Vec<(String, Vec<u8>)> = keys.keys().map(|k| (table.name.clone(), key_hash(k))).collect();
+        let stored = fetch_states(tx, stmts, limits, tenant, &wanted)?;
+        let pks: Vec<&[Value]> = keys.values().map(|w| w.pk.as_slice()).collect();
+        let shown = tables::read_rows(tx, tenant, table, &pks)?;
+        let mut rows = CloudRows { tx, tenant, stored, shown, saves: BTreeMap::new() };
         for written in keys.values() {
             intake.key(&mut rows, table, &names, written)?;
         }
+        let saves = std::mem::take(&mut rows.saves);
+        save_states(tx, stmts, tenant, saves)?;
         tables::clear_journal(tx, tenant, id, last)?;
     }
     for (role, (_, next)) in &intake.writers {
@@ -387,20 +415,32 @@ pub(super) fn ingest_pending(
     Ok(Some(log_change(tx, stmts, tenant, "", &intake.changes, tag)?))
 }
 
-/// A tenant's real tables and causal state, as an intake uses them.
+/// A tenant's real tables and causal state, as an intake of one table uses them: the
+/// journaled keys' stored states and real-table rows read at once, states written at once.
 struct CloudRows<'a, 't> {
     tx: &'a mut Transaction<'t>,
-    limits: &'a Limits,
     tenant: &'a str,
+    /// Stored states by (table, key hash), as before this intake.
+    stored: StoredRows,
+    /// The real table's non-key values by encoded key, for the rows that exist.
+    shown: HashMap<Vec<u8>, Vec<Value>>,
+    /// Merged states to write, by (table, key hash).
+    saves: BTreeMap<(String, Vec<u8>), Vec<u8>>,
 }
 
 impl CloudTables for CloudRows<'_, '_> {
     fn load(&mut self, table: &SchemaTable, pk: &[Value]) -> Result<(RowChange, BTreeMap<NodeId, String>)> {
-        load_row(self.tx, self.limits, self.tenant, &table.name, pk)
+        match self.stored.get(&(table.name.clone(), key_hash(&encode_key(pk)))) {
+            Some((row, roles)) => Ok((row.clone(), roles.clone())),
+            None => Ok((
+                RowChange { table: table.name.clone(), pk: pk.to_vec(), state: RowState::default() },
+                BTreeMap::new(),
+            )),
+        }
     }
 
-    fn read_row(&mut self, table: &SchemaTable, pk: &[Value]) -> Result<Option<Vec<Value>>> {
-        tables::read_row(self.tx, self.tenant, table, pk)
+    fn read_row(&mut self, _table: &SchemaTable, pk: &[Value]) -> Result<Option<Vec<Value>>> {
+        Ok(self.shown.get(&encode_key(pk)).cloned())
     }
 
     fn cloud_node(&mut self, role: &str) -> Result<(NodeId, u64)> {
@@ -431,10 +471,19 @@ impl CloudTables for CloudRows<'_, '_> {
     }
 
     fn show(&mut self, table: &SchemaTable, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
+        // Most writes taken in show just what their writer wrote: nothing to write back.
+        let before = self.stored.get(&(table.name.clone(), key_hash(&encode_key(&row.pk))));
+        let had_conflicts = before.is_some_and(|(b, r)| !crate::storage::shown::conflict_rows(table, b, r).is_empty());
+        let has_conflicts = !crate::storage::shown::conflict_rows(table, row, roles).is_empty();
+        let current = self.shown.get(&encode_key(&row.pk));
+        if !had_conflicts && !has_conflicts && tables::shows(table, row, roles, current) {
+            return Ok(());
+        }
         tables::write_row(self.tx, self.tenant, table, row, roles)
     }
 
     fn save(&mut self, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
-        save_row(self.tx, self.tenant, row, roles)
+        self.saves.insert((row.table.clone(), key_hash(&encode_key(&row.pk))), row_payload(row, roles));
+        Ok(())
     }
 }

@@ -11,12 +11,13 @@
 //! a NOTIFY on `driftless_writes` (payload: the tenant) wakes every gateway when it commits.
 //! The gateway's own transactions set `driftless.gateway`, and the triggers stand down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use driftless_core::codec::{Limits, decode_payload, encode_key};
 use driftless_core::schema::quote;
 use driftless_core::{ColumnType, NodeId, RowChange, SchemaTable, Value, row_values};
 use postgres::Transaction;
+use postgres::types::ToSql;
 
 use super::migrate::LOCK_SPACE;
 use super::values::{self, Read, literal, params, refs};
@@ -389,6 +390,103 @@ pub(super) fn read_row(
         return Ok(Some(Vec::new()));
     }
     Ok(Some((0..cols.len()).map(|i| row.try_get::<_, Read>(i).map(|r| r.0)).collect::<Result<_, _>>()?))
+}
+
+/// The non-key columns of the real table's rows with the keys `pks` (in declaration order),
+/// by encoded key, for those that exist; one statement.
+pub(super) fn read_rows(
+    tx: &mut Transaction<'_>,
+    tenant: &str,
+    table: &SchemaTable,
+    pks: &[&[Value]],
+) -> Result<HashMap<Vec<u8>, Vec<Value>>> {
+    let mut found = HashMap::new();
+    if pks.is_empty() {
+        return Ok(found);
+    }
+    // One array per key column, of the column's type.
+    let mut arrays: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+    let mut casts = Vec::new();
+    for (i, k) in table.key.iter().enumerate() {
+        let ty = table.column(k).map_or(ColumnType::Text, |c| c.ty);
+        let column: Option<Box<dyn ToSql + Sync>> = match ty {
+            ColumnType::Integer => pks
+                .iter()
+                .map(|pk| match pk.get(i) {
+                    Some(Value::Integer(v)) => Some(*v),
+                    _ => None,
+                })
+                .collect::<Option<Vec<i64>>>()
+                .map(|v| Box::new(v) as Box<dyn ToSql + Sync>),
+            ColumnType::Text => pks
+                .iter()
+                .map(|pk| match pk.get(i) {
+                    Some(Value::Text(v)) => Some(v.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<String>>>()
+                .map(|v| Box::new(v) as Box<dyn ToSql + Sync>),
+            ColumnType::Blob => pks
+                .iter()
+                .map(|pk| match pk.get(i) {
+                    Some(Value::Blob(v)) => Some(v.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<Vec<u8>>>>()
+                .map(|v| Box::new(v) as Box<dyn ToSql + Sync>),
+            _ => None,
+        };
+        let Some(column) = column else {
+            // A key value of another kind than its column (never from a journal of ours):
+            // one row at a time.
+            for pk in pks {
+                if let Some(values) = read_row(tx, tenant, table, pk)? {
+                    found.insert(encode_key(pk), values);
+                }
+            }
+            return Ok(found);
+        };
+        arrays.push(column);
+        casts.push(format!("${}::{}[]", i + 1, values::type_name(ty)));
+    }
+    let keys: Vec<String> = table.key.iter().map(|k| quote(k)).collect();
+    let slots: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
+    let on: Vec<String> = keys.iter().zip(&slots).map(|(k, s)| format!("r.{k} = u.{s}")).collect();
+    let cols: Vec<String> =
+        table.columns.iter().filter(|c| !table.is_key(&c.name)).map(|c| format!("r.{}", quote(&c.name))).collect();
+    let select: Vec<String> = keys.iter().map(|k| format!("r.{k}")).chain(cols.iter().cloned()).collect();
+    let sql = format!(
+        "SELECT {} FROM {} r JOIN unnest({}) AS u({}) ON {}",
+        select.join(", "),
+        real(tenant, &table.name),
+        casts.join(", "),
+        slots.join(", "),
+        on.join(" AND ")
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a.as_ref()).collect();
+    let n = keys.len();
+    for r in tx.query(&sql, &params)? {
+        let pk = (0..n).map(|i| r.try_get::<_, Read>(i).map(|v| v.0)).collect::<Result<Vec<_>, _>>()?;
+        let values = (n..n + cols.len()).map(|i| r.try_get::<_, Read>(i).map(|v| v.0)).collect::<Result<_, _>>()?;
+        found.insert(encode_key(&pk), values);
+    }
+    Ok(found)
+}
+
+/// Whether the real table's row (`current`: its non-key values in declaration order, `None`
+/// if absent) already shows `row` as merged, so writing it would change nothing.
+pub(super) fn shows(
+    table: &SchemaTable,
+    row: &RowChange,
+    roles: &BTreeMap<NodeId, String>,
+    current: Option<&Vec<Value>>,
+) -> bool {
+    let shown = row_values(&row.state, &table.spec(), roles);
+    let (Some(shown), Some(current)) = (shown, current) else {
+        return false;
+    };
+    let shown = crate::storage::shown::shown_columns(table, shown);
+    shown.len() == current.len() && shown.iter().zip(current).all(|((_, v), now)| v == now)
 }
 
 /// The journal entries of one table, oldest first: key, role, mask, when.
