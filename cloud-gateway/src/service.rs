@@ -176,8 +176,14 @@ pub async fn run<S: GatewayStore + 'static>(
     };
     let _ = client.disconnect().await;
     poller.abort();
-    // A store may close its connections by blocking (the PostgreSQL client does).
-    let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+    // A store may write what it kept in memory, and close its connections, by blocking.
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = guard.close() {
+            tracing::warn!("closing the store: {e}");
+        }
+    })
+    .await;
     result
 }
 

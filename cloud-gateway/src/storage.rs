@@ -266,6 +266,12 @@ pub trait GatewayStore: Send {
     /// log grew.
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>>;
 
+    /// Writes what this instance kept in memory (last-seen times noted since the last write),
+    /// before it goes away. Called from a thread that may block.
+    fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Starts watching for writes other clients make to the real tables, calling `wake` when
     /// one commits, if this store can be told (a database that notifies); `None` otherwise.
     fn watch_cloud_writes(&mut self, _wake: Box<dyn Fn() + Send>) -> Result<Option<Watch>> {

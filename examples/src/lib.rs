@@ -9,19 +9,40 @@ use anyhow::Context;
 use driftless_agent::{Agent, AgentConfig};
 use driftless_core::protocol::BrokerAddr;
 use driftless_core::{Store, StoreOptions};
-use driftless_gateway::{GatewayConfig, GatewayStore as _, SqliteStore};
+use driftless_gateway::{GatewayConfig, GatewayStore as _, PgStore, SqliteStore};
 use tokio::sync::oneshot;
 
 /// Starts an embedded MQTT broker on a free loopback port and a gateway on it, serving the
-/// sync schema `schema` (TOML, as `driftless-gateway --schema` loads it).
+/// sync schema `schema` (TOML, as `driftless-gateway --schema` loads it), its store in
+/// `dir/gateway.db`.
 pub async fn start_cloud(dir: &Path, schema: &str) -> anyhow::Result<(BrokerAddr, oneshot::Sender<()>)> {
+    let mut store = SqliteStore::open(dir.join("gateway.db"))?;
+    store.install_schema(schema)?;
+    serve(store, Some(dir.join("gateway.db"))).await
+}
+
+/// [`start_cloud`] with the gateway's store in the PostgreSQL database at `url`.
+pub async fn start_cloud_on_postgres(url: &str, schema: &str) -> anyhow::Result<(BrokerAddr, oneshot::Sender<()>)> {
+    let (url, schema) = (url.to_owned(), schema.to_owned());
+    // The PostgreSQL client blocks: opened off the async threads.
+    let store = tokio::task::spawn_blocking(move || -> anyhow::Result<PgStore> {
+        let mut store = PgStore::open(&url)?;
+        store.install_schema(&schema)?;
+        Ok(store)
+    })
+    .await??;
+    serve(store, None).await
+}
+
+async fn serve<S: driftless_gateway::GatewayStore + 'static>(
+    store: S,
+    watch: Option<PathBuf>,
+) -> anyhow::Result<(BrokerAddr, oneshot::Sender<()>)> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     driftless_gateway::broker::start_embedded_broker(format!("127.0.0.1:{port}").parse()?)?;
     let broker = BrokerAddr { host: "127.0.0.1".into(), port };
-    let mut store = SqliteStore::open(dir.join("gateway.db"))?;
-    store.install_schema(schema)?;
     let mut config = GatewayConfig::new(broker.clone());
-    config.watch = Some(dir.join("gateway.db"));
+    config.watch = watch;
     let ready = config.ready.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {

@@ -58,10 +58,38 @@ impl Stmts {
     }
 }
 
+/// A client that may be dropped anywhere: the PostgreSQL client closes its connection by
+/// blocking, which a thread driving async tasks must not do, so there it closes on a thread
+/// of its own.
+struct Blocking(Option<Client>);
+
+impl std::ops::Deref for Blocking {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Blocking {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.0.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Blocking {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = std::thread::Builder::new().name("driftless-pg-close".into()).spawn(move || drop(client));
+        }
+    }
+}
+
 /// Gateway state in a PostgreSQL database.
 pub struct PgStore {
     config: Config,
-    client: Client,
+    client: Blocking,
     stmts: Stmts,
     schema: Option<Arc<ServedSchema>>,
     limits: Limits,
@@ -109,7 +137,7 @@ impl PgStore {
         client.execute("DELETE FROM driftless.gw_cloud_writers", &[])?;
         Ok(PgStore {
             config,
-            client,
+            client: Blocking(Some(client)),
             stmts: Stmts::default(),
             schema: None,
             limits: Limits::default(),
@@ -128,7 +156,7 @@ impl PgStore {
     /// The client, connected again if the server closed the connection.
     fn client(&mut self) -> Result<&mut Client> {
         if self.client.is_closed() {
-            self.client = connect(&self.config)?;
+            self.client = Blocking(Some(connect(&self.config)?));
             self.stmts = Stmts::default();
             // The database may have failed over to a copy behind the one this instance wrote
             // to: cloud nodes start afresh, so no dot they issued is issued again.
@@ -286,7 +314,7 @@ impl GatewayStore for PgStore {
         let mut page = ChangesPage { cursor: LogCursor { position: cursor, tag }, ..ChangesPage::default() };
         self.client()?;
         let stmt = self.stmts.get(
-            &mut self.client,
+            &mut *self.client,
             "SELECT seq, origin, change, tag FROM driftless.gw_log WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )?;
         let entries = self.client.query(&stmt, &[&tenant, &(cursor as i64), &(ENTRIES + 1)])?;
@@ -310,7 +338,7 @@ impl GatewayStore for PgStore {
 
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
         self.client()?;
-        log_head_of(&mut self.client, &mut self.stmts, tenant)
+        log_head_of(&mut *self.client, &mut self.stmts, tenant)
     }
 
     fn log_tag(&mut self, tenant: &str, position: u64) -> Result<Option<u64>> {
@@ -484,7 +512,7 @@ impl GatewayStore for PgStore {
 
     fn served_schema(&mut self) -> Result<Option<Arc<ServedSchema>>> {
         self.client()?;
-        let stmt = self.stmts.get(&mut self.client, "SELECT max(version) FROM driftless.gw_sync_schema")?;
+        let stmt = self.stmts.get(&mut *self.client, "SELECT max(version) FROM driftless.gw_sync_schema")?;
         let version: Option<i64> = self.client.query_one(&stmt, &[])?.get(0);
         let Some(version) = version.map(|v| v as u64) else { return Ok(None) };
         if let Some(cached) = self.schema.as_ref().filter(|s| s.version == version) {
@@ -583,6 +611,10 @@ impl GatewayStore for PgStore {
         Ok(logged)
     }
 
+    fn close(&mut self) -> Result<()> {
+        self.flush_touches()
+    }
+
     fn watch_cloud_writes(&mut self, wake: Box<dyn Fn() + Send>) -> Result<Option<super::Watch>> {
         let mut listener = listen(&self.config)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -637,15 +669,6 @@ impl PgStore {
         let logged = merge::ingest_pending(&mut tx, &mut self.stmts, &limits, tenant, served, now_ms, tag)?.is_some();
         tx.commit()?;
         Ok(logged)
-    }
-}
-
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        // Pulls noted since the last write of them (last-seen times, cursors).
-        if let Err(e) = self.flush_touches() {
-            tracing::debug!("device last-seen times not written at close: {e}");
-        }
     }
 }
 
