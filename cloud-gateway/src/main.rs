@@ -26,8 +26,11 @@ enum Command {
     Report(ReportArgs),
     /// Deletes dead letters older than a number of days.
     PurgeDeadLetters {
-        #[arg(long)]
-        db: PathBuf,
+        #[arg(long, required_unless_present = "store")]
+        db: Option<PathBuf>,
+        /// The PostgreSQL store instead of a file.
+        #[arg(long, env = "DRIFTLESS_STORE")]
+        store: Option<String>,
         #[arg(long)]
         older_than_days: u64,
     },
@@ -79,8 +82,11 @@ struct RunArgs {
 
 #[derive(Args, Debug)]
 struct ReportArgs {
-    #[arg(long)]
-    db: PathBuf,
+    #[arg(long, required_unless_present = "store")]
+    db: Option<PathBuf>,
+    /// The PostgreSQL store instead of a file.
+    #[arg(long, env = "DRIFTLESS_STORE")]
+    store: Option<String>,
     /// Only this tenant.
     #[arg(long)]
     tenant: Option<String>,
@@ -112,9 +118,22 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
+/// The store a command that only looks (or purges) works on: an existing file, or PostgreSQL.
+/// Called off the async threads (the PostgreSQL client blocks).
+fn existing_store(
+    db: Option<&PathBuf>,
+    store: Option<&str>,
+) -> anyhow::Result<Box<dyn driftless_gateway::GatewayStore>> {
+    Ok(match (store, db) {
+        (Some(url), _) => Box::new(PgStore::open(url).context("opening the PostgreSQL store")?),
+        (None, Some(db)) => Box::new(SqliteStore::open_existing(db)?),
+        (None, None) => anyhow::bail!("--db FILE or --store URL"),
+    })
+}
+
 fn print_report(args: ReportArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
-    let mut store = SqliteStore::open_existing(&args.db)?;
+    let mut store = existing_store(args.db.as_ref(), args.store.as_deref())?;
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
     let filter = driftless_gateway::storage::DeadLetterFilter {
         tenant: args.tenant,
@@ -123,7 +142,7 @@ fn print_report(args: ReportArgs) -> anyhow::Result<()> {
         since_ms: args.since_hours.map(|h| now_ms - (h as i64) * 3_600_000),
         limit: args.limit,
     };
-    let text = report::render(&mut store, &filter)?;
+    let text = report::render(&mut *store, &filter)?;
     // A closed stdout (`| head`) is not an error worth a panic.
     let _ = std::io::stdout().write_all(text.as_bytes());
     Ok(())
@@ -137,12 +156,14 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Report(args)) => return print_report(args),
-        Some(Command::PurgeDeadLetters { db, older_than_days }) => {
-            use driftless_gateway::GatewayStore as _;
-            let mut store = SqliteStore::open_existing(&db)?;
-            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
-            let purged = store.purge_dead_letters(now_ms - (older_than_days as i64) * 86_400_000)?;
+        Some(Command::Report(args)) => return tokio::task::spawn_blocking(move || print_report(args)).await?,
+        Some(Command::PurgeDeadLetters { db, store, older_than_days }) => {
+            let purged = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+                let mut store = existing_store(db.as_ref(), store.as_deref())?;
+                let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+                Ok(store.purge_dead_letters(now_ms - (older_than_days as i64) * 86_400_000)?)
+            })
+            .await??;
             println!("deleted {purged} dead letters older than {older_than_days} days");
             return Ok(());
         }
@@ -150,9 +171,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let args = cli.run;
     if args.report {
-        let defaults =
-            ReportArgs { db: args.db, tenant: None, device: None, reason: None, since_hours: None, limit: 20 };
-        return print_report(defaults);
+        let defaults = ReportArgs {
+            db: Some(args.db),
+            store: args.store,
+            tenant: None,
+            device: None,
+            reason: None,
+            since_hours: None,
+            limit: 20,
+        };
+        return tokio::task::spawn_blocking(move || print_report(defaults)).await?;
     }
     match args.store.clone() {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {

@@ -127,6 +127,13 @@ fn device_writes_land_in_postgresql_and_sql_writes_reach_devices_resolved_by_the
     // The conflict is listed for review in the cloud database too.
     let conflicts = cloud(&db, &format!("SELECT col, shown FROM \"{tenant}\"._driftless_conflicts"));
     assert!(conflicts.iter().all(|c| c[0] == "owner"), "{conflicts:?}");
+    // The operator's report reads the same store.
+    let out = std::process::Command::new(bin("driftless-gateway"))
+        .args(["report", "--store", &url, "--tenant", &tenant])
+        .output()
+        .expect("report");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("tab-a") && text.contains("tab-b"), "{text}");
 }
 
 #[test]
