@@ -396,6 +396,11 @@ impl SyncSchema {
                 if (nc.policy == ColumnPolicy::Counter) != (oc.policy == ColumnPolicy::Counter) {
                     changes.push(format!("column {:?}.{:?} changed to or from a counter", o.name, oc.name));
                 }
+                // Tables made under the old default keep it (no database changes a column's
+                // default in place everywhere), so every store would show another value.
+                if nc.default != oc.default {
+                    changes.push(format!("column {:?}.{:?} changed its default", o.name, oc.name));
+                }
             }
             for nc in n.columns.iter().filter(|c| o.column(&c.name).is_none()) {
                 if !nc.nullable && nc.default.is_none() {

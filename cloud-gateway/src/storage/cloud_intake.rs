@@ -23,6 +23,66 @@ pub(crate) const CLOUD_ROLE: &str = "cloud";
 /// Non-key columns a journal's change mask covers.
 pub(crate) const MASK_BITS: usize = 62;
 
+/// Which values of an existing real table a schema version declares for the first time: all
+/// of the table (`Whole`: no earlier version declared it), or the columns named. Such values
+/// were written with plain SQL but never reached the causal state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Adopted {
+    Whole,
+    Columns(Vec<String>),
+}
+
+impl Adopted {
+    /// What `table`, existing with `columns`, adopts under the version that declares it, given
+    /// the table as the version its real tables followed declared it (`None`: not declared).
+    pub(crate) fn of(table: &SchemaTable, columns: &[String], before: Option<&SchemaTable>) -> Option<Adopted> {
+        if columns.is_empty() {
+            return None;
+        }
+        let Some(before) = before else { return Some(Adopted::Whole) };
+        let new: Vec<String> = table
+            .columns
+            .iter()
+            .filter(|c| !table.is_key(&c.name) && columns.contains(&c.name) && before.column(&c.name).is_none())
+            .map(|c| c.name.clone())
+            .collect();
+        (!new.is_empty()).then_some(Adopted::Columns(new))
+    }
+
+    /// The statement that journals those values as plain-SQL writes of the cloud role, made
+    /// at `now_ms`: `journal` has the key columns `k0..`, then role, mask, at_ms; `names` are
+    /// the columns its masks cover, in mask order. Writes equal to what a row shows become
+    /// nothing at intake.
+    pub(crate) fn journal_sql(
+        &self,
+        journal: &str,
+        real: &str,
+        table: &SchemaTable,
+        names: &[String],
+        now_ms: i64,
+    ) -> String {
+        use driftless_core::schema::quote;
+        let slots: Vec<String> = (0..table.key.len()).map(|i| format!("k{i}")).collect();
+        let keys: Vec<String> = table.key.iter().map(|k| quote(k)).collect();
+        let (mask, only) = match self {
+            Adopted::Whole => ("NULL".to_owned(), String::new()),
+            Adopted::Columns(cols) => {
+                let bits: Option<i64> = cols
+                    .iter()
+                    .map(|c| names.iter().position(|n| n == c).filter(|i| *i < MASK_BITS).map(|i| 1i64 << i))
+                    .sum();
+                let set: Vec<String> = cols.iter().map(|c| format!("{} IS NOT NULL", quote(c))).collect();
+                (bits.map_or("NULL".to_owned(), |b| b.to_string()), format!(" WHERE {}", set.join(" OR ")))
+            }
+        };
+        format!(
+            "INSERT INTO {journal}({}, role, mask, at_ms) SELECT {}, NULL, {mask}, {now_ms} FROM {real}{only}",
+            slots.join(", "),
+            keys.join(", ")
+        )
+    }
+}
+
 /// What a journal says of one key since the last intake.
 #[derive(Debug, Default)]
 pub(crate) struct Journaled {

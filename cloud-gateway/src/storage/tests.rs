@@ -26,6 +26,7 @@ on_every_store!(
     a_plain_sql_write_is_merged_as_the_role_it_names_and_logged_for_devices,
     a_plain_sql_value_the_schema_refuses_is_dead_lettered_and_the_row_put_back,
     a_key_longer_than_an_index_entry_is_merged_and_snapshotted,
+    a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten,
 );
 
 pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch {
@@ -360,4 +361,38 @@ fn a_key_longer_than_an_index_entry_is_merged_and_snapshotted(b: &Backend) {
     assert_eq!(merge(&mut *gw, "tab-1", &batch).expect("again").duplicates, 2);
     let page = gw.snapshot_page("acme", &[], 10).expect("snapshot").expect("page");
     assert!(page.batch.rows.iter().any(|r| r.pk == [Value::Text(long.clone())]));
+}
+
+fn a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten(b: &Backend) {
+    let mut gw = b.open();
+    gw.install_schema(SCHEMA).expect("schema");
+    let (_, batch) = schema_device(b.scratch(), "d.db", "INSERT INTO t(id, s) VALUES ('w1', 'a'), ('w2', 'b')");
+    merge(&mut *gw, "tab-1", &batch).expect("merge");
+    let t = b.table("acme", "t");
+    // Someone adds a column of their own to the cloud table and fills it...
+    b.exec(&format!("ALTER TABLE {t} ADD COLUMN notes TEXT"), None);
+    b.exec(&format!("UPDATE {t} SET notes = 'kept' WHERE id = 'w1'"), None);
+    gw.ingest_cloud_writes(NOW).expect("ingest");
+    // ...and a later schema version declares it: its values are taken in, not overwritten.
+    let head = gw.log_head("acme").expect("head");
+    assert_eq!(
+        gw.install_schema(&format!("{SCHEMA}[[table.column]]\nname = \"notes\"\ntype = \"text\"\n")).expect("v2"),
+        2
+    );
+    let (_, more) = schema_device(b.scratch(), "e.db", "INSERT INTO t(id, s) VALUES ('w3', 'c')");
+    let from =
+        Incoming { tenant: "acme", device: "tab-2", first_seq: 1, last_seq: 1, now_ms: NOW, max_drift_ms: DRIFT };
+    assert!(gw.merge(&from, &more).expect("merge").cloud_logged, "the adopted values were taken in first");
+    let rows = b.rows(&format!("SELECT id, notes FROM {t} ORDER BY id"));
+    assert_eq!(
+        rows,
+        vec![
+            vec![Value::Text("w1".into()), Value::Text("kept".into())],
+            vec![Value::Text("w2".into()), Value::Null],
+            vec![Value::Text("w3".into()), Value::Null],
+        ]
+    );
+    let page = gw.changes_after("acme", "tab-9", head.position, 100).expect("pull");
+    let w1 = page.batch.rows.iter().find(|r| r.pk == [Value::Text("w1".into())]).expect("w1 sent to devices");
+    assert_eq!(w1.state.fields["notes"].entries[0].value, Value::Text("kept".into()));
 }

@@ -172,6 +172,7 @@ fn a_schema_may_grow_but_not_drop_retype_or_rekey() {
         (ORDERS.replace("name = \"weight\"\ntype = \"real\"", "name = \"weight\"\ntype = \"text\""), "changed type"),
         (ORDERS.replace("[[table.column]]\nname = \"weight\"\ntype = \"real\"\n", ""), "dropped"),
         (ORDERS.replace("policy = \"counter\"", ""), "to or from a counter"),
+        (ORDERS.replace("default = \"\"", "default = \"untitled\""), "changed its default"),
         (
             format!("{ORDERS}\n[[table.column]]\nname = \"must\"\ntype = \"text\"\nnullable = false\n"),
             "without a default",

@@ -479,7 +479,20 @@ impl CloudTables for CloudRows<'_, '_> {
         if !had_conflicts && !has_conflicts && tables::shows(table, row, roles, current) {
             return Ok(());
         }
-        tables::write_row(self.tx, self.tenant, table, row, roles)
+        // A constraint someone added to the table (a CHECK, a foreign key) may refuse what the
+        // merge shows: kept as a dead letter, never a failure of every later intake.
+        let mut sp = self.tx.savepoint("gw_show")?;
+        match tables::write_row(&mut sp, self.tenant, table, row, roles) {
+            Ok(()) => Ok(sp.commit()?),
+            Err(Error::Postgres(e)) if e.code().is_some_and(|c| c.code().starts_with("23") || c.code() == "54000") => {
+                sp.rollback()?;
+                let reason = format!("the cloud table {:?} refuses to show the merged row: {e}", table.name);
+                tracing::warn!(tenant = %self.tenant, %reason);
+                super::keep_dead_letter(self.tx, self.tenant, "gateway", &reason, &row_payload(row, roles))?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn save(&mut self, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {

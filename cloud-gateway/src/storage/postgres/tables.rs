@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use driftless_core::codec::{Limits, decode_payload, encode_key};
 use driftless_core::schema::quote;
-use driftless_core::{ColumnType, NodeId, RowChange, SchemaTable, Value, row_values};
+use driftless_core::{ColumnType, NodeId, RowChange, SchemaTable, SyncSchema, Value, row_values};
 use postgres::Transaction;
 use postgres::types::ToSql;
 
@@ -23,7 +23,7 @@ use super::migrate::LOCK_SPACE;
 use super::values::{self, Read, literal, params, refs};
 use crate::error::{Error, Result};
 use crate::storage::ServedSchema;
-use crate::storage::cloud_intake::MASK_BITS;
+use crate::storage::cloud_intake::{Adopted, MASK_BITS};
 use crate::storage::shown::{conflict_rows, upsert};
 
 /// The channel gateways listen on.
@@ -94,6 +94,14 @@ pub(super) fn materialize(
 ) -> Result<()> {
     let have: Option<i64> =
         tx.query_opt("SELECT version FROM driftless.gw_tenant_tables WHERE tenant = $1", &[&tenant])?.map(|r| r.get(0));
+    let before = match have {
+        Some(v) => tx
+            .query_opt("SELECT text FROM driftless.gw_sync_schema WHERE version = $1", &[&v])?
+            .map(|r| SyncSchema::parse(r.get(0)))
+            .transpose()
+            .map_err(|e| Error::Corrupt(format!("stored sync schema: {e}")))?,
+        None => None,
+    };
     match have {
         Some(v) if v == served.version as i64 => return Ok(()),
         // Never take a tenant's tables back to an older version.
@@ -151,7 +159,11 @@ pub(super) fn materialize(
                 tx.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN {}", column_def(c)))?;
             }
         }
-        install_capture(tx, tenant, table)?;
+        let journal = install_capture(tx, tenant, table)?;
+        if let Some(adopted) = Adopted::of(table, &columns, before.as_ref().and_then(|b| b.table(&table.name))) {
+            let names = mask_columns(tx, tenant, table)?;
+            tx.batch_execute(&adopted.journal_sql(&journal, &name, table, &names, crate::storage::common::now_ms()))?;
+        }
         if columns.is_empty() || !missing.is_empty() {
             refill(tx, limits, tenant, table, (!columns.is_empty()).then_some(&missing[..]))?;
         }
@@ -187,8 +199,8 @@ pub(super) fn mask_columns(tx: &mut Transaction<'_>, tenant: &str, table: &Schem
     Ok(rows.into_iter().map(|r| r.get::<_, String>(0)).filter(|n| !table.is_key(n)).collect())
 }
 
-/// Creates (again) the journal and capture triggers of a real table.
-fn install_capture(tx: &mut Transaction<'_>, tenant: &str, table: &SchemaTable) -> Result<()> {
+/// Creates (again) the journal and capture triggers of a real table; returns the journal.
+fn install_capture(tx: &mut Transaction<'_>, tenant: &str, table: &SchemaTable) -> Result<String> {
     let id: i64 = tx
         .query_one(
             "INSERT INTO driftless.gw_journals(tenant, tbl) VALUES ($1, $2)
@@ -294,7 +306,7 @@ fn install_capture(tx: &mut Transaction<'_>, tenant: &str, table: &SchemaTable) 
         // The gateway's own statement; a user's trigger reacting to it (depth 2) is captured.
         own = "(coalesce(current_setting('driftless.gateway', true), '') = 'on' AND pg_trigger_depth() = 1)",
     ))?;
-    Ok(())
+    Ok(journal)
 }
 
 /// Writes every stored row of `table` into its real table (a new table), or the values of

@@ -27,7 +27,7 @@ use super::merge::{load_row, one_row_payload};
 use super::tables::{self, table_name};
 use crate::error::{Error, Result};
 use crate::storage::ServedSchema;
-use crate::storage::cloud_intake::{CloudTables, Intake, Journaled, MASK_BITS};
+use crate::storage::cloud_intake::{Adopted, CloudTables, Intake, Journaled, MASK_BITS};
 
 fn journal_name(tenant: &str, table: &str) -> String {
     format!("{}._driftless_writes", table_name(tenant, table))
@@ -157,6 +157,16 @@ pub(super) fn install(conn: &Connection, tenant: &str, table: &SchemaTable, role
             conn.execute_batch(&format!("CREATE TRIGGER {trigger} INSTEAD OF {event} ON {view} BEGIN {write} END;"))?;
         }
     }
+    Ok(())
+}
+
+/// Journals values of a real table that the schema declares for the first time (written with
+/// plain SQL before), so the next intake takes them in.
+pub(super) fn adopt(conn: &Connection, tenant: &str, table: &SchemaTable, adopted: &Adopted) -> Result<()> {
+    let real = table_name(tenant, &table.name);
+    let names = mask_columns(conn, &real, table)?;
+    let journal = quote(&journal_name(tenant, &table.name));
+    conn.execute_batch(&adopted.journal_sql(&journal, &quote(&real), table, &names, crate::storage::common::now_ms()))?;
     Ok(())
 }
 
@@ -318,7 +328,26 @@ impl CloudTables for Rows<'_> {
     }
 
     fn show(&mut self, table: &SchemaTable, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {
-        tables::write_row(self.conn, self.tenant, table, row, roles)
+        // A constraint the table cannot meet for what the merge shows is kept as a dead
+        // letter, never a failure of every later intake.
+        self.conn.execute_batch("SAVEPOINT gw_show")?;
+        match tables::write_row(self.conn, self.tenant, table, row, roles) {
+            Ok(()) => Ok(self.conn.execute_batch("RELEASE gw_show")?),
+            Err(Error::Sqlite(e)) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                self.conn.execute_batch("ROLLBACK TO gw_show; RELEASE gw_show")?;
+                let reason = format!("the cloud table {:?} refuses to show the merged row: {e}", table.name);
+                tracing::warn!(tenant = %self.tenant, %reason);
+                super::keep_dead_letter(
+                    self.conn,
+                    self.tenant,
+                    "gateway",
+                    &reason,
+                    &one_row_payload(roles, row.clone()),
+                )?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn save(&mut self, row: &RowChange, roles: &BTreeMap<NodeId, String>) -> Result<()> {

@@ -13,12 +13,13 @@ use std::collections::BTreeMap;
 
 use driftless_core::codec::{Limits, decode_payload, encode_key};
 use driftless_core::schema::quote;
-use driftless_core::{NodeId, RowChange, SchemaTable, Value, row_values};
+use driftless_core::{NodeId, RowChange, SchemaTable, SyncSchema, Value, row_values};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::cloud_writes;
 use crate::error::{Error, Result};
 use crate::storage::ServedSchema;
+use crate::storage::cloud_intake::Adopted;
 use crate::storage::shown::{conflict_rows, upsert};
 
 /// The real table of `table` for `tenant`.
@@ -40,6 +41,15 @@ pub(super) fn materialize(conn: &Connection, limits: &Limits, tenant: &str, serv
     if have == Some(served.version as i64) {
         return Ok(());
     }
+    let before = match have {
+        Some(v) => conn
+            .query_row("SELECT text FROM gw_sync_schema WHERE version = ?1", [v], |r| r.get::<_, String>(0))
+            .optional()?
+            .map(|text| SyncSchema::parse(&text))
+            .transpose()
+            .map_err(|e| Error::Corrupt(format!("stored sync schema: {e}")))?,
+        None => None,
+    };
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {} (
             tbl          TEXT NOT NULL,
@@ -69,6 +79,9 @@ pub(super) fn materialize(conn: &Connection, limits: &Limits, tenant: &str, serv
             }
         }
         cloud_writes::install(conn, tenant, table, &served.schema.roles)?;
+        if let Some(adopted) = Adopted::of(table, &columns, before.as_ref().and_then(|b| b.table(&table.name))) {
+            cloud_writes::adopt(conn, tenant, table, &adopted)?;
+        }
         if columns.is_empty() {
             refill(conn, limits, tenant, table, None)?;
         } else if !missing.is_empty() {
