@@ -17,7 +17,7 @@ fn handle(store: &mut dyn GatewayStore, msg: &Uplink) -> Result<Vec<Outgoing>> {
     handle_uplink(store, &HandlerConfig::default(), &format!("driftless/t/{}/up", msg.device()), &msg.encode(), NOW)
 }
 
-fn letters(store: &mut SqliteStore) -> Vec<crate::storage::DeadLetter> {
+fn letters(store: &mut dyn GatewayStore) -> Vec<crate::storage::DeadLetter> {
     store.dead_letters(&DeadLetterFilter::default()).expect("dead letters")
 }
 

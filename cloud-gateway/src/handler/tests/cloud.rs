@@ -44,7 +44,7 @@ fn batch_from(dir: &tempfile::TempDir, name: &str, create: &str, sql: &str) -> V
     encode_batch(&out.batch, EncodeOptions::default())
 }
 
-fn with_schema(store: &mut SqliteStore) -> HandlerConfig {
+fn with_schema(store: &mut dyn GatewayStore) -> HandlerConfig {
     store.install_schema(SCHEMA).expect("install");
     HandlerConfig::default()
 }
@@ -86,11 +86,13 @@ fn the_schema_follows_every_welcome() {
     assert_eq!(Downlink::decode(payload, &Limits::default()), Ok(Downlink::Schema { version: 1, text: SCHEMA.into() }));
 }
 
-#[test]
-fn rows_the_schema_does_not_allow_are_refused_and_the_rest_merged() {
+crate::storage::test_backends::on_every_store!(rows_the_schema_does_not_allow_are_refused_and_the_rest_merged);
+
+/// On both stores: each schema rule refuses its row with the reason, and the rest is merged.
+fn rows_the_schema_does_not_allow_are_refused_and_the_rest_merged(b: &crate::storage::test_backends::Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = open(&dir);
-    let cfg = with_schema(&mut store);
+    let mut store = b.open();
+    let cfg = with_schema(&mut *store);
     let cases = [
         (
             "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0, colour TEXT)",
@@ -132,11 +134,11 @@ fn rows_the_schema_does_not_allow_are_refused_and_the_rest_merged() {
             receipts: vec![],
             batch,
         };
-        let out = handle_uplink(&mut store, &cfg, "driftless/t/a/up", &msg.encode(), NOW).expect("handled");
+        let out = handle_uplink(&mut *store, &cfg, "driftless/t/a/up", &msg.encode(), NOW).expect("handled");
         let Downlink::Ack { refused, .. } = reply(&out) else { panic!("{want}: expected an ack") };
         assert_eq!(refused.len(), 1, "{want}: {refused:?}");
         assert!(refused[0].reason.contains(want), "{want}: {}", refused[0].reason);
-        assert!(letters(&mut store).iter().any(|l| l.reason.contains(want)), "{want}: kept as a dead letter");
+        assert!(letters(&mut *store).iter().any(|l| l.reason.contains(want)), "{want}: kept as a dead letter");
     }
     // Only the good rows reached the log.
     let page = store.changes_after("t", "nobody", 0, 100).expect("changes");
