@@ -1,7 +1,8 @@
 //! What the gateway keeps: the merged state of every row, the log of merged changes that
 //! devices catch up from, the device and node registry, the store's epoch, and dead letters.
 //!
-//! [`GatewayStore`] is the seam a PostgreSQL backend implements next to [`SqliteStore`].
+//! [`GatewayStore`] is the seam; [`SqliteStore`] (one file, the embedded default) and
+//! [`PgStore`] (PostgreSQL, shared by several instances) implement it and pass one test suite.
 
 mod cloud_intake;
 mod common;
