@@ -361,3 +361,4 @@ fn an_oversized_batch_is_refused_by_reference() {
 
 /// The declared schema, the cloud tables and writes made to them with plain SQL.
 mod cloud;
+mod cloud_writes;

@@ -7,6 +7,7 @@
 //! shared, from a trigger) take turns, and log positions, assigned under it, commit in order.
 //! Tenants do not wait for each other.
 
+mod connection;
 mod merge;
 mod migrate;
 mod tables;
@@ -23,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
-use postgres::{Client, Config, NoTls, Transaction};
+use postgres::{Client, Config, Transaction};
 
+use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use super::common::{Tags, dead_letter_kept, now_ms, parse_resume, resume_token, unfit_rows};
 use super::{
     ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
@@ -32,59 +34,8 @@ use super::{
 };
 use crate::error::{Error, MergeError, Result};
 
-/// How long a gateway transaction waits for a tenant's lock (a plain-SQL writer holding it)
-/// before giving up for now; the message is retried later.
-const LOCK_WAIT: &str = "2s";
-
 /// How often device last-seen times and pull cursors are written, at most.
 const TOUCH_EVERY: Duration = Duration::from_secs(1);
-
-/// Statements prepared once per connection (each unprepared query costs a round trip more).
-#[derive(Default)]
-pub(super) struct Stmts(HashMap<&'static str, postgres::Statement>);
-
-impl Stmts {
-    pub(super) fn get(
-        &mut self,
-        client: &mut impl postgres::GenericClient,
-        sql: &'static str,
-    ) -> Result<postgres::Statement> {
-        if let Some(s) = self.0.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = client.prepare(sql)?;
-        self.0.insert(sql, s.clone());
-        Ok(s)
-    }
-}
-
-/// A client that may be dropped anywhere: the PostgreSQL client closes its connection by
-/// blocking, which a thread driving async tasks must not do, so there it closes on a thread
-/// of its own.
-struct Blocking(Option<Client>);
-
-impl std::ops::Deref for Blocking {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        self.0.as_ref().expect("present until dropped")
-    }
-}
-
-impl std::ops::DerefMut for Blocking {
-    fn deref_mut(&mut self) -> &mut Client {
-        self.0.as_mut().expect("present until dropped")
-    }
-}
-
-impl Drop for Blocking {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take()
-            && tokio::runtime::Handle::try_current().is_ok()
-        {
-            let _ = std::thread::Builder::new().name("driftless-pg-close".into()).spawn(move || drop(client));
-        }
-    }
-}
 
 /// Gateway state in a PostgreSQL database.
 pub struct PgStore {
@@ -104,21 +55,6 @@ impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore").field("schema", &self.schema.as_ref().map(|s| s.version)).finish_non_exhaustive()
     }
-}
-
-fn connect(config: &Config) -> Result<Client> {
-    let mut config = config.clone();
-    // A dead peer is noticed: a half-open connection would hold a tenant's lock.
-    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
-    let mut client = config.connect(NoTls)?;
-    // Positions are max + 1 under the tenant's lock: that needs each statement to see what
-    // committed before it, whatever the database's default isolation.
-    client.batch_execute(&format!(
-        "SET lock_timeout = '{LOCK_WAIT}';
-         SET default_transaction_isolation = 'read committed';
-         SET idle_in_transaction_session_timeout = '60s';"
-    ))?;
-    Ok(client)
 }
 
 impl PgStore {
@@ -669,22 +605,6 @@ impl PgStore {
         let logged = merge::ingest_pending(&mut tx, &mut self.stmts, &limits, tenant, served, now_ms, tag)?.is_some();
         tx.commit()?;
         Ok(logged)
-    }
-}
-
-/// A connection listening for committed plain-SQL writes.
-fn listen(config: &Config) -> Result<Client> {
-    let mut client = connect(config)?;
-    client.batch_execute(&format!("LISTEN {}", tables::CHANNEL))?;
-    Ok(client)
-}
-
-/// Stops the listener thread when dropped.
-struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
