@@ -87,6 +87,20 @@ impl Backend {
     }
 }
 
+/// `n` characters of text that does not compress (an index entry holds a value compressed,
+/// so only such text shows an index's size limit).
+pub(crate) fn incompressible(n: usize) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect()
+}
+
 /// Declares each listed test (a `fn(&Backend)` in scope) once per backend.
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {

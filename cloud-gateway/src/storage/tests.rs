@@ -351,7 +351,7 @@ fn a_key_longer_than_an_index_entry_is_merged_and_snapshotted(b: &Backend) {
     let mut s = Store::open(b.scratch().join("long.db"), StoreOptions::default()).expect("open");
     s.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)")?)).expect("table");
     s.track("t", TableSpec::new()).expect("track");
-    let long = "k".repeat(20_000);
+    let long = super::test_backends::incompressible(20_000);
     s.write(|tx| Ok(tx.execute("INSERT INTO t VALUES (?1, 'x'), ('short', 'y')", [&long]).map(|_| ())?))
         .expect("insert");
     let batch = s.outbox_batch(100).expect("outbox").expect("batch").batch;

@@ -347,12 +347,19 @@ impl RowStore for Rows<'_, '_> {
             let mut sp = self.tx.savepoint("gw_row")?;
             match tables::write_row(&mut sp, self.tenant, table, &merged, roles) {
                 Ok(()) => sp.commit()?,
-                // 23: a constraint; 54000: a key longer than PostgreSQL can index (about 2.7 kB).
-                Err(Error::Postgres(e))
-                    if e.code().is_some_and(|c| c.code().starts_with("23") || c.code() == "54000") =>
-                {
+                // A constraint of the row's own (a NOT NULL no write gave a value yet).
+                Err(Error::Postgres(e)) if e.code().is_some_and(|c| c.code().starts_with("23")) => {
                     sp.rollback()?;
                     return Ok(Written::Refused(format!("the cloud table {:?} refuses the row: {e}", merged.table)));
+                }
+                // A key longer than PostgreSQL can index (about 2.7 kB): a limit of this store,
+                // not the device's fault. The row is merged and sent to devices; only the
+                // readable table cannot show it, which a dead letter says.
+                Err(Error::Postgres(e)) if e.code().is_some_and(|c| c.code() == "54000") => {
+                    sp.rollback()?;
+                    let reason = format!("the cloud table {:?} cannot show a merged row: {e}", merged.table);
+                    tracing::warn!(tenant = %self.tenant, %reason);
+                    super::keep_dead_letter(self.tx, self.tenant, "gateway", &reason, &row_payload(&merged, roles))?;
                 }
                 Err(e) => return Err(e),
             }

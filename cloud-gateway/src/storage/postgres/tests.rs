@@ -275,3 +275,64 @@ fn a_schema_driftless_did_not_make_is_not_taken_over_and_nothing_is_refused_for_
         .get(0);
     assert_eq!(triggers, 0, "the ERP's table is left alone");
 }
+
+#[test]
+fn a_key_the_real_table_cannot_index_is_merged_and_sent_not_refused() {
+    let Some(db) = TestDb::new() else { return };
+    let schema = "[[table]]\nname = \"m\"\nkey = [\"id\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n\
+                  [[table.column]]\nname = \"v\"\ntype = \"text\"\n";
+    let mut gw = db.store();
+    gw.install_schema(schema).expect("schema");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut device = Store::open(dir.path().join("d.db"), StoreOptions::default()).expect("open");
+    device.follow_schema(1, schema).expect("follow");
+    let long = crate::storage::test_backends::incompressible(8_000);
+    device
+        .write(|tx| Ok(tx.execute("INSERT INTO m VALUES (?1, 'x'), ('short', 'y')", [&long]).map(|_| ())?))
+        .expect("insert");
+    let out = device.outbox_batch(100).expect("outbox").expect("batch");
+    let outcome = gw.merge(&incoming("tab-1", out.last_seq), &out.batch).expect("merge");
+    // A limit of this store is not the device's fault: merged, logged, only not shown.
+    assert_eq!((outcome.applied, outcome.refused.len()), (2, 0), "{:?}", outcome.refused);
+    let page = gw.changes_after("acme", "tab-2", 0, 100).expect("pull");
+    assert!(page.batch.rows.iter().any(|r| r.pk == [Value::Text(long.clone())]));
+    let shown: i64 = db.client().query_one("SELECT count(*) FROM acme.m", &[]).expect("count").get(0);
+    assert_eq!(shown, 1);
+    let letters = gw.dead_letters(&crate::storage::DeadLetterFilter::default()).expect("letters");
+    assert!(letters.iter().any(|l| l.device == "gateway" && l.reason.contains("cannot show")), "{letters:?}");
+}
+
+#[test]
+fn after_the_connection_is_lost_plain_sql_writes_take_a_new_cloud_node() {
+    let Some(db) = TestDb::new() else { return };
+    let schema = "[[table]]\nname = \"m\"\nkey = [\"id\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n\
+                  [[table.column]]\nname = \"v\"\ntype = \"text\"\n";
+    let mut gw = db.store();
+    gw.install_schema(schema).expect("schema");
+    gw.prepare_tenant("acme").expect("tables");
+    let mut sql = db.client();
+    let nodes = |c: &mut postgres::Client| -> Vec<Vec<u8>> {
+        c.query("SELECT node FROM driftless.gw_cloud_writers", &[]).expect("nodes").iter().map(|r| r.get(0)).collect()
+    };
+    sql.batch_execute("INSERT INTO acme.m VALUES ('a', '1')").expect("write");
+    gw.ingest_cloud_writes(NOW).expect("ingest");
+    let before = nodes(&mut sql);
+    assert_eq!(before.len(), 1);
+    // The server ends the gateway's connection (a restart, a failover to a copy that may be
+    // behind): whatever that node issued since the copy was taken must not be issued again.
+    sql.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .expect("terminate");
+    sql.batch_execute("INSERT INTO acme.m VALUES ('b', '2')").expect("write");
+    // The first call may find the connection gone (a transient error, tried again).
+    let logged = match gw.ingest_cloud_writes(NOW) {
+        Ok(logged) if !logged.is_empty() => logged,
+        _ => gw.ingest_cloud_writes(NOW).expect("ingest after reconnecting"),
+    };
+    assert_eq!(logged, vec!["acme".to_owned()]);
+    let after = nodes(&mut sql);
+    assert_eq!(after.len(), 1);
+    assert_ne!(after, before, "a new cloud node after the connection was made again");
+}
