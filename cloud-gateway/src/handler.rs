@@ -14,7 +14,7 @@ use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, par
 use driftless_core::{Batch, Epoch, LogCursor};
 
 use crate::error::{Error, MergeError, Result};
-use crate::storage::{GatewayStore, Incoming, MergeOutcome};
+use crate::storage::{GatewayStore, Incoming, MergeOutcome, Registration};
 
 /// What to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,12 @@ pub struct HandlerConfig {
     /// How far ahead of the gateway's clock a write's timestamp may be; later ones are
     /// bounded to the gateway's clock and flagged.
     pub max_clock_drift_ms: u64,
+    /// Serve only registered devices, in every tenant. Otherwise a tenant without a registry
+    /// is open to any device (for development), and its first registration closes it.
+    pub require_registration: bool,
+    /// How long after the store lost changes (a restored backup) devices' batches may carry
+    /// other devices' writes the store cannot check (see `storage::vouching`).
+    pub recovery_window_ms: u64,
 }
 
 impl Default for HandlerConfig {
@@ -51,6 +57,8 @@ impl Default for HandlerConfig {
             max_rows_per_message: 2_000,
             max_message_bytes: 4 << 20,
             max_clock_drift_ms: 5 * 60_000,
+            require_registration: false,
+            recovery_window_ms: 30 * 24 * 3_600_000,
         }
     }
 }
@@ -131,6 +139,18 @@ fn process(
     payload: &[u8],
     now_ms: u64,
 ) -> Result<Vec<Outgoing>, Fault> {
+    // Before anything else: a device the tenant does not serve gets no answer, and nothing
+    // is kept of it (not even a dead letter, or anyone could fill the store).
+    let standing = store.standing(tenant, device)?;
+    let role = match standing.registration {
+        Registration::Registered { role } => Some(role),
+        Registration::Open if !cfg.require_registration => None,
+        Registration::Open | Registration::Unknown => {
+            tracing::debug!(tenant, device, "ignoring a message from a device not registered");
+            return Ok(Vec::new());
+        }
+    };
+    let recovering = standing.renewed_ms.is_some_and(|at| now_ms < (at as u64).saturating_add(cfg.recovery_window_ms));
     let msg = Uplink::decode(payload, &cfg.decode)
         .map_err(|e| Fault::Message { reason: format!("undecodable message: {e}"), nack: None })?;
     let mut epoch = store.epoch(tenant)?;
@@ -158,6 +178,8 @@ fn process(
         last_seq,
         now_ms,
         max_drift_ms: cfg.max_clock_drift_ms,
+        role: role.as_deref(),
+        recovering,
     };
     match msg {
         Uplink::Hello { node, ref receipts, epoch: claimed, .. } => {

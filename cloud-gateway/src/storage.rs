@@ -13,6 +13,7 @@ mod sqlite;
 pub(crate) mod test_backends;
 #[cfg(test)]
 mod tests;
+mod vouching;
 
 pub use self::postgres::{PgStore, testing};
 pub use self::sqlite::SqliteStore;
@@ -34,6 +35,42 @@ pub struct Incoming<'a> {
     pub now_ms: u64,
     /// How far ahead of `now_ms` a write's timestamp may be before it is bounded.
     pub max_drift_ms: u64,
+    /// The device's role in the registry; `None` in a tenant without one.
+    pub role: Option<&'a str>,
+    /// The store lost changes recently and devices are sending back what they hold, other
+    /// devices' writes included: what a batch claims of other nodes cannot be checked.
+    pub recovering: bool,
+}
+
+/// A device as an operator registered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub tenant: String,
+    pub device: String,
+    pub role: String,
+    pub added_ms: i64,
+    /// When it was removed (its credentials revoked), if it was.
+    pub removed_ms: Option<i64>,
+}
+
+/// Whether a device is served, and as what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// The tenant has no registry: every device is served, and each node keeps the first
+    /// role it declares.
+    Open,
+    /// A registered device, with its role.
+    Registered { role: String },
+    /// The tenant has a registry and this device is not (or no longer) in it.
+    Unknown,
+}
+
+/// What the store says of a device before handling its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    pub registration: Registration,
+    /// When the tenant's current epoch replaced one (the store lost changes), if it did.
+    pub renewed_ms: Option<i64>,
 }
 
 /// A sync schema version as the gateway serves it.
@@ -266,6 +303,19 @@ pub trait GatewayStore: Send {
     /// each tenant's cloud node, logging them for every device; returns the tenants whose
     /// log grew.
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>>;
+
+    /// Registers `device` in `tenant` with `role` (again, if it was removed: with the new
+    /// role). The first registration closes the tenant to unregistered devices.
+    fn register_device(&mut self, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()>;
+
+    /// Removes a registered device; whether it was registered.
+    fn remove_device(&mut self, tenant: &str, device: &str, now_ms: i64) -> Result<bool>;
+
+    /// Registered devices (removed ones too), of one tenant or all.
+    fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>>;
+
+    /// Whether `device` is served, and whether its tenant recovers from lost changes.
+    fn standing(&mut self, tenant: &str, device: &str) -> Result<Standing>;
 
     /// Writes what this instance kept in memory (last-seen times noted since the last write),
     /// before it goes away. Called from a thread that may block.

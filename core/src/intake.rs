@@ -18,6 +18,9 @@ use crate::codec::Limits;
 use crate::merge::{bound_future_timestamps, join_row};
 use crate::state::RowState;
 
+mod vouch;
+pub use vouch::Vouch;
+
 /// Whether a store takes a row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
@@ -89,6 +92,12 @@ pub struct IntakeRules<'a> {
     pub limits: &'a Limits,
     /// Bound writers' clocks (at the gateway); `None` takes timestamps as they are.
     pub bound: Option<ClockBound>,
+    /// What the sender may claim (at the gateway): a row claiming more is refused. `None`
+    /// trusts the sender (a device merging what its gateway sent).
+    pub vouch: Option<&'a Vouch>,
+    /// The roles of the batch's nodes as the receiver knows them, in place of the ones the
+    /// batch declares; `None` takes the batch's.
+    pub roles: Option<&'a BTreeMap<NodeId, String>>,
 }
 
 /// What merging a batch did.
@@ -144,11 +153,17 @@ pub fn merge_batch<S: RowStore>(
             }
             report.bounded += bound_future_timestamps(&mut incoming.state, bound.limit, bound.to).len();
         }
+        let (mut state, mut roles) = store.load(&incoming)?;
+        if let Some(reason) = rules.vouch.and_then(|v| v.check(&incoming.state, &state)) {
+            report.refused.push((index, format!("a change to {:?} claims too much: {reason}", row.table)));
+            continue;
+        }
+        // Counted only once the sender is known to vouch for them: a refused row's claims
+        // must not raise what later batches may claim.
         for (node, c) in incoming.state.write_counters() {
             let e = report.counters.entry(node).or_default();
             *e = (*e).max(c);
         }
-        let (mut state, mut roles) = store.load(&incoming)?;
         let changed = join_row(&mut state, &incoming.state);
         if let Err(e) = state.check_limits(rules.limits) {
             report.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
@@ -159,7 +174,7 @@ pub fn merge_batch<S: RowStore>(
             report.duplicates += 1;
             continue;
         }
-        roles.extend(batch.roles.iter().map(|(n, r)| (*n, r.clone())));
+        roles.extend(rules.roles.unwrap_or(&batch.roles).iter().map(|(n, r)| (*n, r.clone())));
         let merged = RowChange { table: incoming.table.clone(), pk: incoming.pk.clone(), state };
         match store.write(&incoming, merged, &roles)? {
             Written::Done => {

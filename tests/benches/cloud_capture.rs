@@ -99,6 +99,8 @@ fn first_merge(gw: &mut dyn GatewayStore, dir: &std::path::Path, text: &str) -> 
         last_seq: out.last_seq,
         now_ms,
         max_drift_ms: 300_000,
+        role: None,
+        recovering: false,
     };
     gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
     Ok(now_ms)

@@ -72,6 +72,8 @@ fn direct(db: &TestDb) -> anyhow::Result<()> {
                 last_seq: *last_seq,
                 now_ms: 1_800_000_000_000,
                 max_drift_ms: 300_000,
+                role: None,
+                recovering: false,
             };
             let t = Instant::now();
             gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;

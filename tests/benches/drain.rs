@@ -101,6 +101,8 @@ fn merge_directly(device: &std::path::Path, gateway: &std::path::Path, schema: O
             last_seq: *last_seq,
             now_ms,
             max_drift_ms: 300_000,
+            role: None,
+            recovering: false,
         };
         gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
     }

@@ -326,6 +326,18 @@ impl GatewayStore for FailingMerges {
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
         self.0.ingest_cloud_writes(now_ms)
     }
+    fn register_device(&mut self, t: &str, d: &str, r: &str, now: i64) -> Result<()> {
+        self.0.register_device(t, d, r, now)
+    }
+    fn remove_device(&mut self, t: &str, d: &str, now: i64) -> Result<bool> {
+        self.0.remove_device(t, d, now)
+    }
+    fn registry(&mut self, t: Option<&str>) -> Result<Vec<crate::storage::Registered>> {
+        self.0.registry(t)
+    }
+    fn standing(&mut self, t: &str, d: &str) -> Result<crate::storage::Standing> {
+        self.0.standing(t, d)
+    }
 }
 
 #[test]
@@ -362,3 +374,4 @@ fn an_oversized_batch_is_refused_by_reference() {
 /// The declared schema, the cloud tables and writes made to them with plain SQL.
 mod cloud;
 mod cloud_writes;
+mod security;

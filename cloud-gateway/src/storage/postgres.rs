@@ -10,6 +10,7 @@
 mod connection;
 mod merge;
 mod migrate;
+mod registry;
 mod tables;
 #[doc(hidden)]
 pub mod testing;
@@ -30,7 +31,7 @@ use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use super::common::{Tags, dead_letter_kept, now_ms, parse_resume, resume_token, unfit_rows};
 use super::{
     ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
-    ServedSchema, SkewedNode, SnapshotPage,
+    Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
 };
 use crate::error::{Error, MergeError, Result};
 
@@ -426,6 +427,23 @@ impl GatewayStore for PgStore {
     fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {
         self.client()?.execute("DELETE FROM driftless.gw_attempts WHERE key = $1", &[&&key[..]])?;
         Ok(())
+    }
+
+    fn register_device(&mut self, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
+        registry::register(self.client()?, tenant, device, role, now_ms)
+    }
+
+    fn remove_device(&mut self, tenant: &str, device: &str, now_ms: i64) -> Result<bool> {
+        registry::remove(self.client()?, tenant, device, now_ms)
+    }
+
+    fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>> {
+        registry::list(self.client()?, tenant)
+    }
+
+    fn standing(&mut self, tenant: &str, device: &str) -> Result<Standing> {
+        self.client()?;
+        registry::standing(&mut self.client, &mut self.stmts, tenant, device)
     }
 
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {

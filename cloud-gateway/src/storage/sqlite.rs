@@ -2,6 +2,7 @@
 
 mod cloud_writes;
 mod merge;
+mod registry;
 mod schema;
 mod tables;
 
@@ -17,7 +18,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use super::common::{Tags, dead_letter_kept, now_ms, parse_resume, resume_token};
 use super::{
     ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
-    ServedSchema, SkewedNode, SnapshotPage,
+    Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
 };
 use crate::error::{Error, MergeError, Result};
 
@@ -470,6 +471,22 @@ impl GatewayStore for SqliteStore {
     fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {
         self.conn.prepare_cached("DELETE FROM gw_attempts WHERE key = ?1")?.execute([&key[..]])?;
         Ok(())
+    }
+
+    fn register_device(&mut self, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
+        registry::register(&self.conn, tenant, device, role, now_ms)
+    }
+
+    fn remove_device(&mut self, tenant: &str, device: &str, now_ms: i64) -> Result<bool> {
+        registry::remove(&self.conn, tenant, device, now_ms)
+    }
+
+    fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>> {
+        registry::list(&self.conn, tenant)
+    }
+
+    fn standing(&mut self, tenant: &str, device: &str) -> Result<Standing> {
+        registry::standing(&self.conn, tenant, device)
     }
 
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {

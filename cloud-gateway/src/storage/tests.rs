@@ -38,8 +38,17 @@ pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch 
     s.outbox_batch(100).expect("outbox").expect("batch").batch
 }
 
-fn merge(gw: &mut dyn GatewayStore, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
-    let from = Incoming { tenant: "acme", device, first_seq: 1, last_seq: 2, now_ms: NOW, max_drift_ms: DRIFT };
+pub(super) fn merge(gw: &mut dyn GatewayStore, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
+    let from = Incoming {
+        tenant: "acme",
+        device,
+        first_seq: 1,
+        last_seq: 2,
+        now_ms: NOW,
+        max_drift_ms: DRIFT,
+        role: None,
+        recovering: false,
+    };
     gw.merge(&from, batch)
 }
 
@@ -164,6 +173,8 @@ fn one_bad_row_is_refused_and_the_rest_of_its_batch_merged(b: &Backend) {
         last_seq: i64::MAX,
         now_ms: NOW,
         max_drift_ms: DRIFT,
+        role: None,
+        recovering: false,
     };
     assert!(matches!(gw.merge(&from, &batch), Err(MergeError::Refused(_))), "an impossible range");
 }
@@ -380,8 +391,16 @@ fn a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten(
         2
     );
     let (_, more) = schema_device(b.scratch(), "e.db", "INSERT INTO t(id, s) VALUES ('w3', 'c')");
-    let from =
-        Incoming { tenant: "acme", device: "tab-2", first_seq: 1, last_seq: 1, now_ms: NOW, max_drift_ms: DRIFT };
+    let from = Incoming {
+        tenant: "acme",
+        device: "tab-2",
+        first_seq: 1,
+        last_seq: 1,
+        now_ms: NOW,
+        max_drift_ms: DRIFT,
+        role: None,
+        recovering: false,
+    };
     assert!(gw.merge(&from, &more).expect("merge").cloud_logged, "the adopted values were taken in first");
     let rows = b.rows(&format!("SELECT id, notes FROM {t} ORDER BY id"));
     assert_eq!(

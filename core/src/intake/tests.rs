@@ -74,7 +74,7 @@ fn row(table: &str, key: i64, node_id: u8, counter: u64, ms: u64, v: i64) -> Row
 }
 
 fn rules(limits: &Limits, bound: Option<ClockBound>) -> IntakeRules<'_> {
-    IntakeRules { limits, bound }
+    IntakeRules { limits, bound, vouch: None, roles: None }
 }
 
 #[test]
@@ -132,4 +132,65 @@ fn a_row_grown_past_the_limits_is_refused_and_nothing_of_it_kept() {
     assert_eq!(report.refused[0].0, 2);
     assert!(report.refused[0].1.contains("past a limit"), "{:?}", report.refused);
     assert_eq!(store.held[&key(1)].0.fields["v"].entries.len(), 2);
+}
+
+/// What a sender writing as node 1, after node 2's writes up to 3 were merged, may claim.
+fn sender_one() -> Vouch {
+    Vouch { own: [node(1)].into(), known: BTreeMap::from([(node(1), 1), (node(2), 3)]) }
+}
+
+fn vouched<'a>(limits: &'a Limits, vouch: &'a Vouch) -> IntakeRules<'a> {
+    IntakeRules { limits, bound: None, vouch: Some(vouch), roles: None }
+}
+
+#[test]
+fn a_sender_writes_only_as_its_own_nodes_and_claims_only_what_was_merged() {
+    let limits = Limits::default();
+    let mut store = Rows::default();
+    // Node 2's write is merged from its own sender first.
+    let theirs = Batch { roles: BTreeMap::new(), rows: vec![row("t", 1, 2, 3, 10, 7)] };
+    merge_batch(&mut store, &theirs, rules(&limits, None)).unwrap();
+    let vouch = sender_one();
+
+    // A forged write as node 2: refused, and its counter not counted.
+    let forged = Batch { roles: BTreeMap::new(), rows: vec![row("t", 2, 2, 9, 20, 666)] };
+    let report = merge_batch(&mut store, &forged, vouched(&limits, &vouch)).unwrap();
+    assert_eq!(report.applied, 0);
+    assert!(report.refused[0].1.contains("not the sender's own"), "{:?}", report.refused);
+    assert!(report.counters.is_empty());
+    assert!(!store.held.contains_key(&key(2)));
+
+    // Node 2's merged write sent back whole is harmless: a duplicate.
+    let echoed = merge_batch(&mut store, &theirs, vouched(&limits, &vouch)).unwrap();
+    assert_eq!((echoed.duplicates, echoed.refused.len()), (1, 0));
+
+    // A context claiming node 2 up to u64::MAX: refused, and node 2's next write still applies.
+    let mut inflated = row("t", 1, 1, 1, 30, 8);
+    inflated.state.fields.get_mut("v").expect("v").ctx.advance(node(2), u64::MAX);
+    let report =
+        merge_batch(&mut store, &Batch { roles: BTreeMap::new(), rows: vec![inflated] }, vouched(&limits, &vouch))
+            .unwrap();
+    assert!(report.refused[0].1.contains("up to counter 18446744073709551615"), "{:?}", report.refused);
+    let next = Batch { roles: BTreeMap::new(), rows: vec![row("t", 1, 2, 4, 40, 9)] };
+    assert_eq!(merge_batch(&mut store, &next, rules(&limits, None)).unwrap().applied, 1);
+
+    // An honest write: its own counter is vouched for by the batch, node 2's by the merge.
+    let mut honest = row("t", 1, 1, 5, 50, 10);
+    honest.state.fields.get_mut("v").expect("v").ctx.advance(node(2), 3);
+    let vouch = Vouch { known: BTreeMap::from([(node(1), 5), (node(2), 4)]), ..vouch };
+    let report =
+        merge_batch(&mut store, &Batch { roles: BTreeMap::new(), rows: vec![honest] }, vouched(&limits, &vouch))
+            .unwrap();
+    assert_eq!((report.applied, report.refused.len()), (1, 0), "{:?}", report.refused);
+}
+
+#[test]
+fn the_receivers_roles_replace_the_ones_a_batch_declares() {
+    let limits = Limits::default();
+    let mut store = Rows::default();
+    let batch = Batch { roles: BTreeMap::from([(node(1), "hq".to_owned())]), rows: vec![row("t", 1, 1, 1, 10, 1)] };
+    let known = BTreeMap::from([(node(1), "field".to_owned())]);
+    let rules = IntakeRules { limits: &limits, bound: None, vouch: None, roles: Some(&known) };
+    merge_batch(&mut store, &batch, rules).unwrap();
+    assert_eq!(store.held[&key(1)].1, known);
 }

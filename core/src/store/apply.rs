@@ -89,7 +89,7 @@ pub(crate) fn apply(
     }
     let mut rows = DeviceRows { conn, inner, hold_back, table: 0, had_conflicts: false, extra: Extra::default() };
     let limits = rows.inner.opts.limits.clone();
-    let merged = merge_batch(&mut rows, batch, IntakeRules { limits: &limits, bound: None })?;
+    let merged = merge_batch(&mut rows, batch, IntakeRules { limits: &limits, bound: None, vouch: None, roles: None })?;
     let DeviceRows { inner, extra, .. } = rows;
     for (index, reason) in &merged.refused {
         let row = &batch.rows[*index];

@@ -8,10 +8,12 @@ use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, 
 use driftless_core::{Batch, LogCursor, NodeId, RowChange, RowState, SchemaTable, Value};
 use postgres::{Client, Transaction};
 
+use super::registry::Book;
 use super::tables::key_hash;
 use super::{Stmts, tables};
 use crate::error::{Error, MergeError, Result};
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
+use crate::storage::vouching::{CLOUD_OWNER, vouch};
 use crate::storage::{Incoming, MergeOutcome, ServedSchema};
 
 /// Merges `batch`; `tags` are the tags of the entries it may log (its own, and one for the
@@ -38,6 +40,10 @@ pub(super) fn merge(
         // Writes made to the real tables first: this merge must not overwrite one unseen.
         cloud_logged = ingest_pending(&mut tx, stmts, limits, tenant, served, at.now_ms, tags.1)?.is_some();
     }
+    let vouched = match vouch(&mut Book { tx: &mut tx, stmts }, at, batch)? {
+        Ok(v) => v,
+        Err(reason) => return Err(MergeError::Refused(reason)),
+    };
     let mut rows = Rows {
         tx: &mut tx,
         stmts: &mut *stmts,
@@ -49,7 +55,12 @@ pub(super) fn merge(
         held: HashMap::new(),
         saves: BTreeMap::new(),
     };
-    let rules = IntakeRules { limits, bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)) };
+    let rules = IntakeRules {
+        limits,
+        bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)),
+        vouch: vouched.vouch.as_ref(),
+        roles: Some(&vouched.roles),
+    };
     let merged = merge_batch(&mut rows, batch, rules)?;
     rows.save_all()?;
     let mut new_tables = std::mem::take(&mut rows.new_tables);
@@ -61,7 +72,7 @@ pub(super) fn merge(
         cloud_logged,
         ..MergeOutcome::default()
     };
-    let changed = Batch { roles: batch.roles.clone(), rows: merged.changed };
+    let changed = Batch { roles: vouched.roles, rows: merged.changed };
     new_tables.retain(|t, _| changed.rows.iter().any(|r| &r.table == t));
     for (table, arity) in new_tables {
         tx.execute(
@@ -410,10 +421,18 @@ pub(super) fn ingest_pending(
         save_states(tx, stmts, tenant, saves)?;
         tables::clear_journal(tx, tenant, id, last)?;
     }
-    for (role, (_, next)) in &intake.writers {
+    for (role, (node, next)) in &intake.writers {
         tx.execute(
             "UPDATE driftless.gw_cloud_writers SET counter = $3 WHERE tenant = $1 AND role = $2",
             &[&tenant, role, &(*next as i64 - 1)],
+        )?;
+        // Bound to the cloud, with how far it wrote: no device may write as it, and devices
+        // may claim what it wrote.
+        tx.execute(
+            "INSERT INTO driftless.gw_nodes(tenant, node, device, role, max_counter) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant, node) DO UPDATE
+                 SET max_counter = greatest(driftless.gw_nodes.max_counter, excluded.max_counter)",
+            &[&tenant, &&node.0[..], &CLOUD_OWNER, role, &(*next as i64 - 1)],
         )?;
     }
     if intake.changes.rows.is_empty() {

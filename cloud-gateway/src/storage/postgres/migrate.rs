@@ -119,6 +119,21 @@ const MIGRATIONS: &[&str] = &[
     CREATE FUNCTION driftless.writing(tenant text) RETURNS void LANGUAGE sql
         AS $$ SELECT pg_advisory_xact_lock_shared(1684434035, hashtext(tenant)) $$;
     ",
+    // 2: nodes bound to roles, the cloud's nodes to the cloud, and the device registry.
+    "
+    ALTER TABLE driftless.gw_nodes ADD COLUMN role text;
+    INSERT INTO driftless.gw_nodes(tenant, node, device, role, max_counter)
+        SELECT tenant, node, '', role, counter FROM driftless.gw_cloud_writers
+        ON CONFLICT (tenant, node) DO UPDATE SET device = '', role = excluded.role;
+    CREATE TABLE driftless.gw_registry (
+        tenant     text NOT NULL,
+        device     text NOT NULL,
+        role       text NOT NULL,
+        added_ms   bigint NOT NULL,
+        removed_ms bigint,
+        PRIMARY KEY (tenant, device)
+    );
+    ",
 ];
 
 /// Brings the `driftless` schema up to the newest version.

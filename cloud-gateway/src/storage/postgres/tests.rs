@@ -13,7 +13,16 @@ use crate::storage::{GatewayStore, Incoming};
 const NOW: u64 = 1_800_000_000_000;
 
 fn incoming<'a>(device: &'a str, seq: i64) -> Incoming<'a> {
-    Incoming { tenant: "acme", device, first_seq: seq, last_seq: seq, now_ms: NOW, max_drift_ms: 300_000 }
+    Incoming {
+        tenant: "acme",
+        device,
+        first_seq: seq,
+        last_seq: seq,
+        now_ms: NOW,
+        max_drift_ms: 300_000,
+        role: None,
+        recovering: false,
+    }
 }
 
 /// A device that counts on row `a` of table `t`; each call to `next` is one batch of `+1`.

@@ -28,6 +28,7 @@ use super::tables::{self, table_name};
 use crate::error::{Error, Result};
 use crate::storage::ServedSchema;
 use crate::storage::cloud_intake::{Adopted, CloudTables, Intake, Journaled, MASK_BITS};
+use crate::storage::vouching::CLOUD_OWNER;
 
 fn journal_name(tenant: &str, table: &str) -> String {
     format!("{}._driftless_writes", table_name(tenant, table))
@@ -277,9 +278,16 @@ pub(super) fn ingest(
         }
         conn.execute_batch(&format!("DELETE FROM {journal}"))?;
     }
-    for (role, (_, next)) in &intake.writers {
+    for (role, (node, next)) in &intake.writers {
         conn.prepare_cached("UPDATE gw_cloud_writers SET counter = ?3 WHERE tenant = ?1 AND role = ?2")?
             .execute(rusqlite::params![tenant, role, *next as i64 - 1])?;
+        // Bound to the cloud, with how far it wrote: no device may write as it, and devices
+        // may claim what it wrote.
+        conn.prepare_cached(
+            "INSERT INTO gw_nodes(tenant, node, device, role, max_counter) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(tenant, node) DO UPDATE SET max_counter = max(max_counter, excluded.max_counter)",
+        )?
+        .execute(rusqlite::params![tenant, &node.0[..], CLOUD_OWNER, role, *next as i64 - 1])?;
     }
     Ok((!intake.changes.rows.is_empty()).then_some(intake.changes))
 }

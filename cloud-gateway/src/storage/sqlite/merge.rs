@@ -15,8 +15,10 @@ use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, 
 use driftless_core::{Batch, NodeId, RowChange, RowState, Value};
 use rusqlite::{Connection, OptionalExtension, Transaction};
 
+use super::registry::Book;
 use super::{cloud_writes, tables};
 use crate::error::{Error, MergeError};
+use crate::storage::vouching::vouch;
 use crate::storage::{Incoming, MergeOutcome, ServedSchema};
 
 /// Why this store cannot take a row's key, if it cannot. `arity` holds the key arity of
@@ -161,8 +163,17 @@ pub(super) fn merge(
             cloud_logged = true;
         }
     }
+    let vouched = match vouch(&mut Book(&tx), at, batch)? {
+        Ok(v) => v,
+        Err(reason) => return Err(MergeError::Refused(reason)),
+    };
     let mut rows = Rows { tx: &tx, limits, tenant, schema, new_tables: HashMap::new() };
-    let rules = IntakeRules { limits, bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)) };
+    let rules = IntakeRules {
+        limits,
+        bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)),
+        vouch: vouched.vouch.as_ref(),
+        roles: Some(&vouched.roles),
+    };
     let merged = merge_batch(&mut rows, batch, rules)?;
     let mut new_tables = std::mem::take(&mut rows.new_tables);
     let mut outcome = MergeOutcome {
@@ -196,7 +207,7 @@ pub(super) fn merge(
         .execute(rusqlite::params![tenant, &node.0[..], hlc.0 as i64, at.now_ms as i64])?;
     }
     if !changed.rows.is_empty() {
-        changed.roles = batch.roles.clone();
+        changed.roles = vouched.roles;
         // A change whose timestamps were bounded goes back to its writer too, which then holds
         // the bounded timestamps like everyone else.
         let origin = if outcome.bounded > 0 { "" } else { at.device };

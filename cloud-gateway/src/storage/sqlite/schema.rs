@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 8;
+const VERSION: i64 = 9;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -198,6 +198,28 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             DELETE FROM gw_tenant_tables;
             -- Waiting writes are found in the journals themselves.
             DROP TABLE gw_cloud_pending;
+            ",
+        )?;
+    }
+    if version == 8 {
+        conn.execute_batch(
+            "
+            -- The role each node writes as, bound with the node (see storage/vouching.rs).
+            ALTER TABLE gw_nodes ADD COLUMN role TEXT;
+            -- The cloud's nodes are bound to the cloud (device ''): no device writes as them.
+            INSERT INTO gw_nodes(tenant, node, device, role, max_counter)
+                SELECT tenant, node, '', role, counter FROM gw_cloud_writers WHERE true
+                ON CONFLICT(tenant, node) DO UPDATE SET device = '', role = excluded.role;
+            -- Devices an operator registered, with their roles. A tenant with a row here is
+            -- closed: only its registered devices are served (removed ones keep a row).
+            CREATE TABLE gw_registry (
+                tenant     TEXT NOT NULL,
+                device     TEXT NOT NULL,
+                role       TEXT NOT NULL,
+                added_ms   INTEGER NOT NULL,
+                removed_ms INTEGER,
+                PRIMARY KEY (tenant, device)
+            ) WITHOUT ROWID;
             ",
         )?;
     }

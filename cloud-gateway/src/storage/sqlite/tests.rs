@@ -1,15 +1,7 @@
 use driftless_core::StoreOptions;
 
 use super::*;
-use crate::storage::tests::device_batch;
-
-const NOW: u64 = 1_800_000_000_000;
-const DRIFT: u64 = 300_000;
-
-fn merge(gw: &mut SqliteStore, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
-    let from = Incoming { tenant: "acme", device, first_seq: 1, last_seq: 2, now_ms: NOW, max_drift_ms: DRIFT };
-    gw.merge(&from, batch)
-}
+use crate::storage::tests::{device_batch, merge};
 
 #[test]
 fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
@@ -21,7 +13,8 @@ fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
     conn.execute_batch(
         "ALTER TABLE gw_devices DROP COLUMN receipt_pos; ALTER TABLE gw_devices DROP COLUMN receipt_tag;
          DROP TABLE gw_sync_schema; DROP TABLE gw_tenant_tables;
-         DROP TABLE gw_cloud_writers; DROP TABLE gw_writing; PRAGMA user_version = 2;",
+         DROP TABLE gw_cloud_writers; DROP TABLE gw_writing; DROP TABLE gw_registry;
+         ALTER TABLE gw_nodes DROP COLUMN role; PRAGMA user_version = 2;",
     )
     .expect("downgrade");
     drop(conn);

@@ -1,0 +1,201 @@
+//! What a device may claim, checked by the gateway whatever the broker let through: writes
+//! only as its own nodes, contexts only up to what was merged, its registered role, and
+//! nothing at all from a device a closed tenant does not know. Each on both stores; after
+//! each forgery the honest devices' next writes still apply.
+
+use driftless_core::Batch;
+
+use super::*;
+use crate::storage::test_backends::{Backend, on_every_store};
+
+on_every_store!(
+    a_device_cannot_write_as_another_devices_node,
+    a_context_claiming_more_than_was_merged_is_refused,
+    roles_come_from_the_registry_and_a_forged_one_is_refused,
+    a_closed_tenant_ignores_devices_it_does_not_know,
+    after_a_restore_writes_sent_back_for_others_are_taken,
+);
+
+fn device(b: &Backend, name: &str, role: &str) -> Store {
+    let opts = StoreOptions { role: role.into(), ..StoreOptions::default() };
+    let mut s = Store::open(b.scratch().join(format!("{name}.db")), opts).expect("open");
+    s.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0)")?))
+        .expect("schema");
+    s.track("t", TableSpec::new().column("n", ColumnPolicy::Counter)).expect("track");
+    s
+}
+
+/// What `sql` wrote on `store` (taken out of its outbox).
+fn pending(store: &mut Store, sql: &str) -> Batch {
+    store.write(|tx| Ok(tx.execute_batch(sql)?)).expect(sql);
+    let out = store.outbox_batch(1_000).expect("outbox").expect("batch");
+    store.ack(out.first_seq, out.last_seq).expect("ack");
+    out.batch
+}
+
+fn ship(gw: &mut dyn GatewayStore, id: &str, batch: &Batch) -> Vec<Outgoing> {
+    ship_with(gw, &HandlerConfig::default(), id, batch)
+}
+
+fn ship_with(gw: &mut dyn GatewayStore, cfg: &HandlerConfig, id: &str, batch: &Batch) -> Vec<Outgoing> {
+    let msg = Uplink::Batch {
+        device: id.into(),
+        id: 7,
+        first_seq: 1,
+        last_seq: 1,
+        epoch: None,
+        receipts: vec![],
+        batch: encode_batch(batch, EncodeOptions::default()),
+    };
+    handle_uplink(gw, cfg, &format!("driftless/t/{id}/up"), &msg.encode(), NOW).expect("handled")
+}
+
+/// The reasons of the rows an ack refused.
+fn refused(out: &[Outgoing]) -> Vec<String> {
+    match reply(out) {
+        Downlink::Ack { refused, .. } => refused.into_iter().map(|r| r.reason).collect(),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+fn logged_ids(gw: &mut dyn GatewayStore) -> Vec<driftless_core::Value> {
+    let page = gw.changes_after("t", "observer", 0, 1_000).expect("changes");
+    page.batch.rows.iter().map(|r| r.pk[0].clone()).collect()
+}
+
+fn a_device_cannot_write_as_another_devices_node(b: &Backend) {
+    let mut gw = b.open();
+    let mut a = device(b, "a", "");
+    let first = pending(&mut a, "INSERT INTO t VALUES ('a1', 1)");
+    assert!(refused(&ship(&mut *gw, "a", &first)).is_empty());
+
+    // b sends a's merged write back whole: harmless, taken as a duplicate.
+    assert!(refused(&ship(&mut *gw, "b", &first)).is_empty());
+    // b sends a write a has not sent yet, as a's node: refused and dead-lettered.
+    let next = pending(&mut a, "INSERT INTO t VALUES ('a2', 2)");
+    let reasons = refused(&ship(&mut *gw, "b", &next));
+    assert!(reasons[0].contains("not the sender's own"), "{reasons:?}");
+    assert!(letters(&mut *gw).iter().any(|l| l.device == "b" && l.reason.contains("not the sender's own")));
+    assert_eq!(logged_ids(&mut *gw), vec![text("a1")]);
+    // a's own copy of it still applies.
+    assert!(refused(&ship(&mut *gw, "a", &next)).is_empty());
+    assert_eq!(logged_ids(&mut *gw), vec![text("a1"), text("a2")]);
+}
+
+fn a_context_claiming_more_than_was_merged_is_refused(b: &Backend) {
+    let mut gw = b.open();
+    let (mut a, mut c) = (device(b, "a", ""), device(b, "c", ""));
+    let from_a = pending(&mut a, "INSERT INTO t VALUES ('a1', 1)");
+    assert!(refused(&ship(&mut *gw, "a", &from_a)).is_empty());
+    let node_a = from_a.rows[0].state.life.entries[0].dot.node;
+
+    // c claims to have seen every write a will ever make.
+    let mut forged = pending(&mut c, "INSERT INTO t VALUES ('c1', 1)");
+    forged.rows[0].state.life.ctx.advance(node_a, u64::MAX);
+    let reasons = refused(&ship(&mut *gw, "c", &forged));
+    assert!(reasons[0].contains("up to counter 18446744073709551615"), "{reasons:?}");
+    // What was merged from a is unchanged, and a's next write applies everywhere.
+    let hello = gw.hello("t", "a", node_a).expect("hello");
+    assert_eq!(hello.node_counter, 1);
+    let next = pending(&mut a, "UPDATE t SET n = n + 1 WHERE id = 'a1'");
+    assert!(refused(&ship(&mut *gw, "a", &next)).is_empty());
+    let page = gw.changes_after("t", "observer", 0, 1_000).expect("changes");
+    assert_eq!(page.batch.rows.len(), 2, "both of a's writes logged");
+
+    // An honest context: c has seen a's writes, merged here.
+    c.apply(&page.batch).expect("apply");
+    let honest = pending(&mut c, "UPDATE t SET n = n + 10 WHERE id = 'a1'");
+    assert!(refused(&ship(&mut *gw, "c", &honest)).is_empty());
+}
+
+fn roles_come_from_the_registry_and_a_forged_one_is_refused(b: &Backend) {
+    let mut gw = b.open();
+    gw.register_device("t", "field-1", "field", 1).expect("register");
+    // A field device configured to claim `hq`: its whole batch is refused.
+    let mut forger = device(b, "forger", "hq");
+    let out = ship(&mut *gw, "field-1", &pending(&mut forger, "INSERT INTO t VALUES ('x', 1)"));
+    let Downlink::Nack { reason, .. } = reply(&out) else { panic!("expected a nack") };
+    assert!(reason.contains("declares role \"hq\""), "{reason}");
+    assert!(logged_ids(&mut *gw).is_empty());
+
+    // The same device as registered: merged, and logged with the registered role.
+    let mut honest = device(b, "honest", "field");
+    let batch = pending(&mut honest, "INSERT INTO t VALUES ('y', 1)");
+    assert!(refused(&ship(&mut *gw, "field-1", &batch)).is_empty());
+    let node = batch.rows[0].state.life.entries[0].dot.node;
+    let page = gw.changes_after("t", "observer", 0, 1_000).expect("changes");
+    assert_eq!(page.batch.roles.get(&node).map(String::as_str), Some("field"));
+
+    // A role left undeclared is filled in from the registry; a node's role never changes.
+    gw.register_device("t", "field-2", "field", 1).expect("register");
+    let mut quiet = device(b, "quiet", "");
+    let batch = pending(&mut quiet, "INSERT INTO t VALUES ('z', 1)");
+    assert!(refused(&ship(&mut *gw, "field-2", &batch)).is_empty());
+    let node = batch.rows[0].state.life.entries[0].dot.node;
+    let page = gw.changes_after("t", "observer", 0, 1_000).expect("changes");
+    assert_eq!(page.batch.roles.get(&node).map(String::as_str), Some("field"));
+    gw.register_device("t", "field-2", "hq", 2).expect("promote");
+    let more = pending(&mut quiet, "INSERT INTO t VALUES ('z2', 1)");
+    let Downlink::Nack { reason, .. } = reply(&ship(&mut *gw, "field-2", &more)) else { panic!("expected a nack") };
+    assert!(reason.contains("writes as role \"field\""), "{reason}");
+}
+
+fn a_closed_tenant_ignores_devices_it_does_not_know(b: &Backend) {
+    let mut gw = b.open();
+    gw.register_device("t", "known", "field", 1).expect("register");
+    let mut s = device(b, "s", "");
+    let batch = pending(&mut s, "INSERT INTO t VALUES ('x', 1)");
+    let hello = Uplink::Hello {
+        device: "stranger".into(),
+        node: NodeId([9; 16]),
+        counter: 0,
+        outbox_seq: 0,
+        receipts: vec![],
+        epoch: None,
+    };
+    let pull = Uplink::Pull {
+        device: "stranger".into(),
+        epoch: None,
+        cursor: None,
+        receipts: vec![],
+        max_rows: 100,
+        max_bytes: 1 << 20,
+    };
+    assert!(handle(&mut *gw, &hello).expect("handled").is_empty());
+    assert!(handle(&mut *gw, &pull).expect("handled").is_empty());
+    assert!(ship(&mut *gw, "stranger", &batch).is_empty());
+    // Nothing was made for it: no device record, no dead letter, no row.
+    assert!(gw.devices("t").expect("devices").is_empty());
+    assert!(letters(&mut *gw).is_empty());
+    assert!(logged_ids(&mut *gw).is_empty());
+    // A removed device is cut off the same way.
+    assert!(refused(&ship(&mut *gw, "known", &batch)).is_empty());
+    assert!(gw.remove_device("t", "known", 2).expect("remove"));
+    assert!(ship(&mut *gw, "known", &pending(&mut s, "INSERT INTO t VALUES ('y', 1)")).is_empty());
+    assert_eq!(logged_ids(&mut *gw), vec![text("x")]);
+    let listed = gw.registry(Some("t")).expect("registry");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].removed_ms, Some(2));
+}
+
+fn after_a_restore_writes_sent_back_for_others_are_taken(b: &Backend) {
+    let mut gw = b.open();
+    let mut a = device(b, "a", "");
+    let lost = pending(&mut a, "INSERT INTO t VALUES ('a1', 1)");
+    // The store lost a's write (restored from a backup): b, which holds it, sends it back.
+    let epoch = gw.epoch("t").expect("epoch");
+    gw.new_epoch("t", epoch, "restored").expect("new epoch");
+    let recovering = HandlerConfig { recovery_window_ms: u64::MAX / 2, ..HandlerConfig::default() };
+    assert!(refused(&ship_with(&mut *gw, &recovering, "b", &lost)).is_empty());
+    assert_eq!(logged_ids(&mut *gw), vec![text("a1")]);
+    // Outside the recovery window the same is refused: a's node has merged writes but no
+    // device yet, and only a's own handshake binds it.
+    let later = pending(&mut a, "INSERT INTO t VALUES ('a2', 1)");
+    let closed = HandlerConfig { recovery_window_ms: 0, ..HandlerConfig::default() };
+    let reasons = refused(&ship_with(&mut *gw, &closed, "b", &later));
+    assert!(reasons[0].contains("not the sender's own"), "{reasons:?}");
+}
+
+fn text(s: &str) -> driftless_core::Value {
+    driftless_core::Value::Text(s.into())
+}

@@ -1,0 +1,98 @@
+//! The device registry and the node book in the PostgreSQL store.
+
+use std::collections::HashMap;
+
+use driftless_core::NodeId;
+use postgres::{Client, Transaction};
+
+use super::Stmts;
+use crate::error::Result;
+use crate::storage::vouching::{NodeBook, NodeFact};
+use crate::storage::{Registered, Registration, Standing};
+
+pub(super) fn register(client: &mut Client, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
+    client.execute(
+        "INSERT INTO driftless.gw_registry(tenant, device, role, added_ms) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant, device) DO UPDATE
+             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL",
+        &[&tenant, &device, &role, &now_ms],
+    )?;
+    Ok(())
+}
+
+pub(super) fn remove(client: &mut Client, tenant: &str, device: &str, now_ms: i64) -> Result<bool> {
+    let n = client.execute(
+        "UPDATE driftless.gw_registry SET removed_ms = $3 WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL",
+        &[&tenant, &device, &now_ms],
+    )?;
+    Ok(n > 0)
+}
+
+pub(super) fn list(client: &mut Client, tenant: Option<&str>) -> Result<Vec<Registered>> {
+    let rows = client.query(
+        "SELECT tenant, device, role, added_ms, removed_ms FROM driftless.gw_registry
+         WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, device",
+        &[&tenant],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| Registered {
+            tenant: r.get(0),
+            device: r.get(1),
+            role: r.get(2),
+            added_ms: r.get(3),
+            removed_ms: r.get(4),
+        })
+        .collect())
+}
+
+pub(super) fn standing(client: &mut Client, stmts: &mut Stmts, tenant: &str, device: &str) -> Result<Standing> {
+    let stmt = stmts.get(
+        client,
+        "SELECT (SELECT role FROM driftless.gw_registry WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL),
+                EXISTS (SELECT 1 FROM driftless.gw_registry WHERE tenant = $1),
+                (SELECT since_ms FROM driftless.gw_epochs WHERE tenant = $1
+                    AND (SELECT count(*) FROM driftless.gw_epochs WHERE tenant = $1) > 1 ORDER BY id DESC LIMIT 1)",
+    )?;
+    let row = client.query_one(&stmt, &[&tenant, &device])?;
+    let registration = match (row.get::<_, Option<String>>(0), row.get::<_, bool>(1)) {
+        (Some(role), _) => Registration::Registered { role },
+        (None, true) => Registration::Unknown,
+        (None, false) => Registration::Open,
+    };
+    Ok(Standing { registration, renewed_ms: row.get(2) })
+}
+
+/// The node book over a merge's transaction.
+pub(super) struct Book<'a, 't> {
+    pub(super) tx: &'a mut Transaction<'t>,
+    pub(super) stmts: &'a mut Stmts,
+}
+
+impl NodeBook for Book<'_, '_> {
+    fn facts(&mut self, tenant: &str, nodes: &[NodeId]) -> Result<HashMap<NodeId, NodeFact>> {
+        let ids: Vec<&[u8]> = nodes.iter().map(|n| &n.0[..]).collect();
+        let stmt = self.stmts.get(
+            self.tx,
+            "SELECT node, device, role, max_counter FROM driftless.gw_nodes WHERE tenant = $1 AND node = ANY($2)",
+        )?;
+        let mut facts = HashMap::new();
+        for r in self.tx.query(&stmt, &[&tenant, &ids])? {
+            let Some(node) = NodeId::from_slice(r.get(0)) else { continue };
+            facts.insert(node, NodeFact { device: r.get(1), role: r.get(2), counter: r.get::<_, i64>(3) as u64 });
+        }
+        Ok(facts)
+    }
+
+    fn bind(&mut self, tenant: &str, node: NodeId, device: &str, role: &str) -> Result<()> {
+        let stmt = self.stmts.get(
+            self.tx,
+            "INSERT INTO driftless.gw_nodes(tenant, node, device, role) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant, node) DO UPDATE
+                 SET device = coalesce(driftless.gw_nodes.device, excluded.device),
+                     role = coalesce(driftless.gw_nodes.role, excluded.role)",
+        )?;
+        self.tx.execute(&stmt, &[&tenant, &&node.0[..], &device, &role])?;
+        Ok(())
+    }
+}

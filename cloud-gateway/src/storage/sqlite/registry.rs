@@ -1,0 +1,95 @@
+//! The device registry and the node book in the SQLite store.
+
+use std::collections::HashMap;
+
+use driftless_core::NodeId;
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::error::Result;
+use crate::storage::vouching::{NodeBook, NodeFact};
+use crate::storage::{Registered, Registration, Standing};
+
+pub(super) fn register(conn: &Connection, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO gw_registry(tenant, device, role, added_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(tenant, device) DO UPDATE SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL",
+    )?
+    .execute(rusqlite::params![tenant, device, role, now_ms])?;
+    Ok(())
+}
+
+pub(super) fn remove(conn: &Connection, tenant: &str, device: &str, now_ms: i64) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE gw_registry SET removed_ms = ?3 WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL",
+        )?
+        .execute(rusqlite::params![tenant, device, now_ms])?;
+    Ok(n > 0)
+}
+
+pub(super) fn list(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Registered>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tenant, device, role, added_ms, removed_ms FROM gw_registry
+         WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant, device",
+    )?;
+    let rows = stmt.query_map([tenant], |r| {
+        Ok(Registered {
+            tenant: r.get(0)?,
+            device: r.get(1)?,
+            role: r.get(2)?,
+            added_ms: r.get(3)?,
+            removed_ms: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub(super) fn standing(conn: &Connection, tenant: &str, device: &str) -> Result<Standing> {
+    let (role, closed, renewed_ms): (Option<String>, bool, Option<i64>) = conn
+        .prepare_cached(
+            "SELECT (SELECT role FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL),
+                    EXISTS (SELECT 1 FROM gw_registry WHERE tenant = ?1),
+                    (SELECT since_ms FROM gw_epochs WHERE tenant = ?1
+                        AND (SELECT count(*) FROM gw_epochs WHERE tenant = ?1) > 1 ORDER BY id DESC LIMIT 1)",
+        )?
+        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let registration = match (role, closed) {
+        (Some(role), _) => Registration::Registered { role },
+        (None, true) => Registration::Unknown,
+        (None, false) => Registration::Open,
+    };
+    Ok(Standing { registration, renewed_ms })
+}
+
+/// The node book over a merge's transaction.
+pub(super) struct Book<'a>(pub(super) &'a Connection);
+
+impl NodeBook for Book<'_> {
+    fn facts(&mut self, tenant: &str, nodes: &[NodeId]) -> Result<HashMap<NodeId, NodeFact>> {
+        let mut stmt =
+            self.0.prepare_cached("SELECT device, role, max_counter FROM gw_nodes WHERE tenant = ?1 AND node = ?2")?;
+        let mut facts = HashMap::new();
+        for node in nodes {
+            let fact = stmt
+                .query_row(rusqlite::params![tenant, &node.0[..]], |r| {
+                    Ok(NodeFact { device: r.get(0)?, role: r.get(1)?, counter: r.get::<_, i64>(2)? as u64 })
+                })
+                .optional()?;
+            if let Some(fact) = fact {
+                facts.insert(*node, fact);
+            }
+        }
+        Ok(facts)
+    }
+
+    fn bind(&mut self, tenant: &str, node: NodeId, device: &str, role: &str) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO gw_nodes(tenant, node, device, role) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(tenant, node) DO UPDATE
+                     SET device = coalesce(device, excluded.device), role = coalesce(role, excluded.role)",
+            )?
+            .execute(rusqlite::params![tenant, &node.0[..], device, role])?;
+        Ok(())
+    }
+}
