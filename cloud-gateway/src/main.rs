@@ -219,7 +219,7 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
     }
     let broker_addr: BrokerAddr = if args.embedded_broker {
         broker::start_embedded_broker(args.listen)?;
-        BrokerAddr { host: args.listen.ip().to_string(), port: args.listen.port() }
+        BrokerAddr::plain(args.listen.ip().to_string(), args.listen.port())
     } else {
         args.broker.parse().map_err(|e| anyhow::anyhow!("--broker {}: {e}", args.broker))?
     };

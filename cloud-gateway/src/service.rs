@@ -77,8 +77,15 @@ fn host_name() -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-fn mqtt_options(config: &GatewayConfig, clean_session: bool) -> MqttOptions {
-    let mut opts = MqttOptions::new(&config.client_id, &config.broker.host, config.broker.port);
+/// The broker connection's options: credentials and TLS from the broker URL (read once, so
+/// a bad certificate file stops the gateway at start rather than at a reconnect).
+fn base_options(config: &GatewayConfig) -> Result<MqttOptions> {
+    driftless_core::transport::mqtt_options(&config.client_id, &config.broker)
+        .map_err(|e| Error::Config(format!("broker {}: {e}", config.broker)))
+}
+
+fn mqtt_options(base: &MqttOptions, clean_session: bool) -> MqttOptions {
+    let mut opts = base.clone();
     opts.set_keep_alive(Duration::from_secs(15));
     // A persistent session: uplinks that arrive while this instance restarts wait for it.
     opts.set_clean_session(clean_session);
@@ -100,10 +107,11 @@ pub async fn run<S: GatewayStore + 'static>(
     store: S,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, false), 1_000);
+    let base = base_options(&config)?;
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&base, false), 1_000);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
-    let poller = tokio::spawn(poll_events(eventloop, client.clone(), config.clone(), filter, tx, config.ready.clone()));
+    let poller = tokio::spawn(poll_events(eventloop, client.clone(), base, filter, tx, config.ready.clone()));
     let store = Arc::new(Mutex::new(store));
     announce_schema(&client, &store, &config).await?;
     let handler = Arc::new(config.handler.clone());
@@ -496,7 +504,7 @@ fn is_protocol_error(e: &ConnectionError) -> bool {
 async fn poll_events(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    config: GatewayConfig,
+    base: MqttOptions,
     filter: String,
     tx: mpsc::UnboundedSender<Publish>,
     ready: Arc<Notify>,
@@ -515,7 +523,7 @@ async fn poll_events(
                 if eventloop.mqtt_options.clean_session() {
                     // The unreadable backlog is gone; keep a persistent session from the next
                     // connect on.
-                    eventloop.mqtt_options = mqtt_options(&config, false);
+                    eventloop.mqtt_options = mqtt_options(&base, false);
                 }
                 // Subscribing from here would await the request channel this task drains.
                 let (client, filter) = (client.clone(), filter.clone());
@@ -544,7 +552,7 @@ async fn poll_events(
                     tracing::error!(
                         "the broker keeps sending what this client cannot read ({e}); dropping the session"
                     );
-                    eventloop.mqtt_options = mqtt_options(&config, true);
+                    eventloop.mqtt_options = mqtt_options(&base, true);
                     failures_since_delivery = 0;
                 } else {
                     tracing::warn!("broker connection: {e}; retrying in {backoff:?}");

@@ -57,6 +57,8 @@ pub mod protocol;
 pub mod schema;
 mod state;
 pub mod store;
+#[cfg(feature = "mqtt")]
+pub mod transport;
 mod value;
 mod view;
 

@@ -7,9 +7,11 @@
 //! Every topic carries the tenant and the device id, so a broker ACL can pin each device to
 //! its own topics, and the gateway checks that a message's claimed device matches its topic.
 
+mod broker;
 mod messages;
 mod receipts;
 
+pub use self::broker::{BrokerAddr, Tls};
 pub use self::messages::{Downlink, MAX_SCHEMA_BYTES, RefusedRow, Uplink};
 pub use self::receipts::{MAX_RECEIPTS, Receipt, Receipts};
 
@@ -121,45 +123,5 @@ mod tests {
         assert_eq!(parse_uplink_topic("driftless/acme/tab-1/down"), None);
         assert_eq!(parse_uplink_topic("driftless/acme/tab-1/up/x"), None);
         assert!(!valid_id("a/b") && !valid_id("") && !valid_id("$SYS"));
-    }
-}
-
-/// Where an MQTT broker listens, parsed from `mqtt://host:port` (or `tcp://`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddr {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::str::FromStr for BrokerAddr {
-    type Err = String;
-    fn from_str(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| "expected mqtt://HOST:PORT (TLS is not supported yet)".to_owned())?;
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
-            None => (rest, 1883),
-        };
-        if host.is_empty() || host.contains(['/', '@', ' ']) {
-            return Err(format!("bad host {host:?}"));
-        }
-        Ok(BrokerAddr { host: host.trim_start_matches('[').trim_end_matches(']').to_owned(), port })
-    }
-}
-
-#[cfg(test)]
-mod url_tests {
-    use super::BrokerAddr;
-
-    #[test]
-    fn broker_urls_parse_or_explain() {
-        assert_eq!("mqtt://127.0.0.1:1883".parse(), Ok(BrokerAddr { host: "127.0.0.1".into(), port: 1883 }));
-        assert_eq!("tcp://broker".parse(), Ok(BrokerAddr { host: "broker".into(), port: 1883 }));
-        assert!("http://x:1".parse::<BrokerAddr>().is_err());
-        assert!("mqtt://x:99999".parse::<BrokerAddr>().is_err());
-        assert!("mqtt://:1883".parse::<BrokerAddr>().is_err());
     }
 }

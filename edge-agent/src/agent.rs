@@ -45,9 +45,10 @@ pub struct Agent {
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
-fn mqtt_options(config: &AgentConfig) -> MqttOptions {
+fn mqtt_options(config: &AgentConfig) -> Result<MqttOptions> {
     let id = format!("driftless-{}-{}", config.tenant, config.device_id);
-    let mut opts = MqttOptions::new(id, &config.broker.host, config.broker.port);
+    let mut opts = driftless_core::transport::mqtt_options(id, &config.broker)
+        .map_err(|e| Error::Transport(format!("broker {}: {e}", config.broker)))?;
     opts.set_keep_alive(Duration::from_secs(15));
     // The outbox and the cursor are the durable state; the broker session need not be.
     opts.set_clean_session(true);
@@ -55,7 +56,7 @@ fn mqtt_options(config: &AgentConfig) -> MqttOptions {
     if let (Some(u), Some(p)) = (&config.username, &config.password) {
         opts.set_credentials(u, p);
     }
-    opts
+    Ok(opts)
 }
 
 impl Agent {
@@ -78,7 +79,7 @@ impl Agent {
                 )
             })
             .await?;
-        let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config), 64);
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config)?, 64);
         eventloop.set_network_options(network_options());
         let (events_tx, events_rx) = mpsc::channel(1_024);
         let (status_tx, status_rx) = watch::channel(LiveStatus::default());

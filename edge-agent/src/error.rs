@@ -14,6 +14,9 @@ pub enum Error {
     BadId(String),
     #[error("MQTT client: {0}")]
     Mqtt(#[from] rumqttc::ClientError),
+    /// The broker connection cannot be set up as configured (a certificate file, a CA).
+    #[error("{0}")]
+    Transport(String),
     #[error("watching the database for changes: {0}")]
     Watch(#[from] notify::Error),
     #[error("the agent has stopped")]

@@ -52,7 +52,7 @@ async fn agent_killed_mid_drain_and_restarted_loses_and_duplicates_nothing() {
         .expect("broker");
     let dir = tempfile::tempdir().expect("tempdir");
     let tenant = format!("kill-{}", std::process::id());
-    let broker = driftless_core::protocol::BrokerAddr { host: "127.0.0.1".into(), port };
+    let broker = driftless_core::protocol::BrokerAddr::plain("127.0.0.1", port);
     let mut config = GatewayConfig::new(broker);
     config.tenant = tenant.clone();
     let ready = config.ready.clone();

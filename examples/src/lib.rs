@@ -40,7 +40,7 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
 ) -> anyhow::Result<(BrokerAddr, oneshot::Sender<()>)> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     driftless_gateway::broker::start_embedded_broker(format!("127.0.0.1:{port}").parse()?)?;
-    let broker = BrokerAddr { host: "127.0.0.1".into(), port };
+    let broker = BrokerAddr::plain("127.0.0.1", port);
     let mut config = GatewayConfig::new(broker.clone());
     config.watch = watch;
     let ready = config.ready.clone();

@@ -32,7 +32,7 @@ pub fn brokers() -> Vec<BrokerAddr> {
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     driftless_gateway::broker::start_embedded_broker(listen).expect("embedded broker");
-    let mut out = vec![BrokerAddr { host: "127.0.0.1".into(), port }];
+    let mut out = vec![BrokerAddr::plain("127.0.0.1", port)];
     if let Ok(url) = std::env::var("DRIFTLESS_TEST_MQTT_URL") {
         out.push(url.parse().expect("DRIFTLESS_TEST_MQTT_URL must be mqtt://HOST:PORT"));
     }
@@ -109,7 +109,7 @@ impl Drop for OwnMosquitto {
 
 impl OwnMosquitto {
     pub fn addr(&self) -> BrokerAddr {
-        BrokerAddr { host: "127.0.0.1".into(), port: self.port }
+        BrokerAddr::plain("127.0.0.1", self.port)
     }
 }
 

@@ -41,7 +41,7 @@ impl SlowLink {
     }
 
     pub fn addr(&self) -> BrokerAddr {
-        BrokerAddr { host: "127.0.0.1".into(), port: self.port }
+        BrokerAddr::plain("127.0.0.1", self.port)
     }
 }
 

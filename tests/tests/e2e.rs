@@ -242,7 +242,7 @@ async fn a_batch_resent_after_the_gateway_died_between_merge_and_ack_applies_onc
 async fn sync_resumes_by_itself_after_the_broker_restarts() {
     let port = free_port();
     let Some(mut mosquitto) = OwnMosquitto::start(port) else { return };
-    let broker = driftless_core::protocol::BrokerAddr { host: "127.0.0.1".into(), port };
+    let broker = driftless_core::protocol::BrokerAddr::plain("127.0.0.1", port);
     let dir = tempfile::tempdir().expect("tempdir");
     let tenant = tenant("restart");
     let (a, b) = (device_db(dir.path(), "a"), device_db(dir.path(), "b"));
