@@ -1,6 +1,7 @@
 //! Fixtures for the end-to-end tests and benchmarks: brokers, a gateway, devices.
 
 pub mod bench;
+pub mod pki;
 pub mod procs;
 pub mod slow_link;
 
@@ -45,6 +46,8 @@ pub fn brokers() -> Vec<BrokerAddr> {
 #[derive(Debug)]
 pub struct OwnMosquitto {
     pub port: u16,
+    /// The configuration file, for a broker that needs one (TLS, authentication).
+    config: Option<PathBuf>,
     child: Option<std::process::Child>,
 }
 
@@ -71,14 +74,31 @@ impl OwnMosquitto {
         if !have_tool("mosquitto") {
             return None;
         }
-        let mut m = OwnMosquitto { port, child: None };
+        let mut m = OwnMosquitto { port, config: None, child: None };
+        m.restart();
+        Some(m)
+    }
+
+    /// Starts one listening on 127.0.0.1 with `settings` (Mosquitto configuration lines for
+    /// that listener and the broker), the file kept in `dir`; `None` if not installed.
+    pub fn start_configured(port: u16, dir: &Path, settings: &str) -> Option<OwnMosquitto> {
+        if !have_tool("mosquitto") {
+            return None;
+        }
+        let config = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(&config, format!("listener {port} 127.0.0.1\n{settings}\n")).expect("write config");
+        let mut m = OwnMosquitto { port, config: Some(config), child: None };
         m.restart();
         Some(m)
     }
 
     pub fn restart(&mut self) {
+        let args = match &self.config {
+            Some(file) => vec!["-c".to_owned(), file.display().to_string()],
+            None => vec!["-p".to_owned(), self.port.to_string()],
+        };
         let child = std::process::Command::new("mosquitto")
-            .args(["-p", &self.port.to_string()])
+            .args(&args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -174,6 +194,8 @@ pub fn device_db(dir: &Path, name: &str) -> PathBuf {
 pub async fn start_agent(db: &Path, broker: &BrokerAddr, tenant: &str, device: &str) -> Agent {
     let url = format!("mqtt://{}:{}", broker.host, broker.port);
     let mut config = AgentConfig::new(db, &url, tenant, device).expect("config");
+    // TLS settings and credentials too.
+    config.broker = broker.clone();
     config.ack_timeout = Duration::from_secs(3);
     Agent::start(config, StoreOptions::default()).await.expect("agent")
 }
@@ -220,4 +242,21 @@ pub async fn converged(dbs: &[&Path]) -> Vec<Vec<Value>> {
 
 pub fn text(s: &str) -> Value {
     Value::Text(s.to_owned())
+}
+
+/// What a client connecting to `broker` meets first: `Ok` once the broker accepts it, the
+/// error otherwise.
+pub async fn try_connect(client_id: &str, broker: &BrokerAddr) -> Result<(), String> {
+    use rumqttc::{ConnectReturnCode, Event, Packet};
+    let opts = driftless_core::transport::mqtt_options(client_id, broker).map_err(|e| e.to_string())?;
+    let (_client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.code == ConnectReturnCode::Success => return Ok(()),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => return Err(format!("refused: {:?}", ack.code)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no answer in 10 s".into()),
+        }
+    }
 }
