@@ -13,6 +13,7 @@
 //! - [`broker`]: the embedded broker for demos and single-machine setups.
 
 pub mod broker;
+pub mod dynsec;
 mod error;
 pub mod handler;
 pub mod report;

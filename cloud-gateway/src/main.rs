@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
+use driftless_gateway::dynsec::{self, Dynsec};
 use driftless_gateway::{GatewayConfig, PgStore, SqliteStore, broker, report, run};
 
 #[derive(Parser, Debug)]
@@ -22,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Registers, removes and lists devices, and sets their broker credentials.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Prints the device registry, the store's epoch, clock skew and the newest dead letters.
     Report(ReportArgs),
     /// Deletes dead letters older than a number of days.
@@ -33,6 +37,65 @@ enum Command {
         store: Option<String>,
         #[arg(long)]
         older_than_days: u64,
+    },
+}
+
+/// Where the registry lives, and the broker whose credentials and access to set.
+#[derive(Args, Debug)]
+struct RegistryArgs {
+    /// Gateway database file (created if missing).
+    #[arg(long, required_unless_present = "store")]
+    db: Option<PathBuf>,
+    /// The PostgreSQL store instead of a file.
+    #[arg(long, env = "DRIFTLESS_STORE")]
+    store: Option<String>,
+    /// Mosquitto with its dynamic-security plugin, as its admin
+    /// (mqtts://ADMIN:PASSWORD@HOST:PORT): devices get broker credentials and access to their
+    /// own topics only. Without it only the gateway's registry changes.
+    #[arg(long, env = "DRIFTLESS_BROKER_ADMIN")]
+    broker_admin: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Registers a device with its role and prints its broker credentials (shown once). The
+    /// first device registered in a tenant closes it to every unregistered one. Adding a
+    /// device again changes its role and issues a new password.
+    Add {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: String,
+        /// The role its writes carry (authority policies rank roles); none by default.
+        #[arg(long, default_value = "")]
+        role: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Removes a device: the gateway ignores it from now on and the broker cuts it off.
+    Remove {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: String,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Lists registered devices (removed ones too).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
+    /// Gives a gateway instance broker credentials that read every uplink and write every
+    /// downlink (prints the password once).
+    AddGateway {
+        /// Its broker user name.
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "DRIFTLESS_BROKER_ADMIN")]
+        broker_admin: String,
     },
 }
 
@@ -156,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Some(Command::Device(command)) => return devices(command).await,
         Some(Command::Report(args)) => return tokio::task::spawn_blocking(move || print_report(args)).await?,
         Some(Command::PurgeDeadLetters { db, store, older_than_days }) => {
             let purged = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
@@ -236,6 +300,97 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
     tracing::info!(store = %args.store.as_deref().map_or_else(|| args.db.display().to_string(), redact), "gateway starting");
     run(config, store, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
+    Ok(())
+}
+
+fn now_ms() -> anyhow::Result<i64> {
+    Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64)
+}
+
+/// The store the registry is kept in, created if missing. Called off the async threads.
+fn registry_store(at: &RegistryArgs) -> anyhow::Result<Box<dyn driftless_gateway::GatewayStore>> {
+    Ok(match (&at.store, &at.db) {
+        (Some(url), _) => Box::new(PgStore::open(url).context("opening the PostgreSQL store")?),
+        (None, Some(db)) => Box::new(SqliteStore::open(db).with_context(|| format!("opening {}", db.display()))?),
+        (None, None) => anyhow::bail!("--db FILE or --store URL"),
+    })
+}
+
+/// Runs `f` on the registry's store, off the async threads.
+async fn on_store<T: Send + 'static>(
+    at: &RegistryArgs,
+    f: impl FnOnce(&mut dyn driftless_gateway::GatewayStore) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let (db, store) = (at.db.clone(), at.store.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut store = registry_store(&RegistryArgs { db, store, broker_admin: None })?;
+        f(&mut *store)
+    })
+    .await?
+}
+
+async fn dynsec(url: &str) -> anyhow::Result<Dynsec> {
+    let admin: BrokerAddr = url.parse().map_err(|e| anyhow::anyhow!("--broker-admin: {e}"))?;
+    Dynsec::connect(&admin).await.context("connecting to the broker as its dynamic-security admin")
+}
+
+async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::Add { tenant, device, role, at } => {
+            for id in [&tenant, &device] {
+                anyhow::ensure!(
+                    driftless_core::protocol::valid_id(id),
+                    "{id:?}: use 1-128 characters without / + # or a leading $"
+                );
+            }
+            // The broker first: a registered device the broker would not let in helps no one.
+            let password = match &at.broker_admin {
+                Some(url) => {
+                    let password = dynsec::new_password()?;
+                    dynsec(url).await?.add_device(&tenant, &device, &password).await?;
+                    Some(password)
+                }
+                None => None,
+            };
+            let (t, d, r) = (tenant.clone(), device.clone(), role.clone());
+            on_store(&at, move |s| Ok(s.register_device(&t, &d, &r, now_ms()?)?)).await?;
+            println!("registered device {device:?} in tenant {tenant:?} with role {role:?}");
+            match password {
+                Some(password) => {
+                    println!("broker username: {}", dynsec::device_username(&tenant, &device));
+                    println!("broker password: {password}");
+                    println!("(shown once: the broker keeps only a hash; add the device again for a new one)");
+                }
+                None => println!("no --broker-admin: set the device's broker credentials and topic access yourself"),
+            }
+        }
+        DeviceCommand::Remove { tenant, device, at } => {
+            // The registry first: from then on the gateway ignores the device whatever the broker does.
+            let (t, d) = (tenant.clone(), device.clone());
+            let was = on_store(&at, move |s| Ok(s.remove_device(&t, &d, now_ms()?)?)).await?;
+            if let Some(url) = &at.broker_admin {
+                dynsec(url).await?.remove_device(&tenant, &device).await?;
+            }
+            match was {
+                true => println!("removed device {device:?} of tenant {tenant:?}"),
+                false => println!("device {device:?} of tenant {tenant:?} was not registered"),
+            }
+        }
+        DeviceCommand::List { tenant, at } => {
+            let listed = on_store(&at, move |s| Ok(s.registry(tenant.as_deref())?)).await?;
+            println!("{:<20} {:<24} {:<12} {:<14} removed_ms", "tenant", "device", "role", "added_ms");
+            for d in listed {
+                let removed = d.removed_ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
+                println!("{:<20} {:<24} {:<12} {:<14} {removed}", d.tenant, d.device, d.role, d.added_ms);
+            }
+        }
+        DeviceCommand::AddGateway { name, broker_admin } => {
+            let password = dynsec::new_password()?;
+            dynsec(&broker_admin).await?.add_gateway(&name, &password).await?;
+            println!("broker username: {name}");
+            println!("broker password: {password}");
+        }
+    }
     Ok(())
 }
 

@@ -40,8 +40,17 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The broker's URL as a command line takes it, credentials included.
 pub fn url(broker: &BrokerAddr) -> String {
-    format!("mqtt://{}:{}", broker.host, broker.port)
+    let login = broker.login.as_ref().map_or(String::new(), |(u, p)| format!("{u}:{p}@"));
+    format!("mqtt://{login}{}:{}", broker.host, broker.port)
+}
+
+/// Runs `driftless-gateway` with `args` and returns its output; fails the test if it fails.
+pub fn gateway_ok(args: &[&str]) -> String {
+    let out = Command::new(bin("driftless-gateway")).args(args).output().expect("run driftless-gateway");
+    assert!(out.status.success(), "driftless-gateway {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs `driftless-agent` with `args` to completion.
@@ -147,7 +156,8 @@ pub fn gateway_as(client_id: &str, broker: &BrokerAddr, tenant: &str, db: &Path,
         "--client-id",
         client_id,
         "--share-group",
-        &format!("gw-{tenant}"),
+        // A share name cannot hold a wildcard: "+" (every tenant) is "all".
+        &format!("gw-{}", tenant.replace('+', "all")),
         "--tenant",
         tenant,
     ]);

@@ -1,0 +1,179 @@
+//! Device credentials and topic access in Mosquitto's dynamic-security plugin, set over MQTT
+//! by the plugin's admin client (commands on `$CONTROL/dynamic-security/v1`).
+//!
+//! Each device gets a broker client `TENANT/DEVICE` (its MQTT client id pinned to the one the
+//! agent uses) and a role of its own that may publish only on its uplink and subscribe only to
+//! its downlink and its tenant's poke and schema topics. The gateway gets a role that may read
+//! every uplink and write every downlink. What the broker enforces, the gateway checks again
+//! (see `handler.rs` and `storage::vouching`): a broker misconfigured or bypassed cannot make
+//! one device write as another.
+
+use std::time::Duration;
+
+use driftless_core::protocol::{BrokerAddr, downlink_topic, poke_topic, schema_topic, uplink_topic};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+const COMMANDS: &str = "$CONTROL/dynamic-security/v1";
+const RESPONSES: &str = "$CONTROL/dynamic-security/v1/response";
+/// The role every gateway instance's broker client has.
+pub const GATEWAY_ROLE: &str = "driftless-gateway";
+
+/// The broker user name of a device.
+pub fn device_username(tenant: &str, device: &str) -> String {
+    format!("{tenant}/{device}")
+}
+
+/// The MQTT client id a device's agent connects with (pinned in the broker).
+pub fn device_client_id(tenant: &str, device: &str) -> String {
+    format!("driftless-{tenant}-{device}")
+}
+
+fn device_role(tenant: &str, device: &str) -> String {
+    format!("driftless-device-{tenant}/{device}")
+}
+
+/// A fresh password: 24 random bytes, hex.
+pub fn new_password() -> Result<String> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn acl(kind: &str, topic: &str) -> Value {
+    json!({ "acltype": kind, "topic": topic, "allow": true })
+}
+
+/// A connection to the broker as the dynamic-security admin.
+pub struct Dynsec {
+    client: AsyncClient,
+    events: EventLoop,
+}
+
+impl std::fmt::Debug for Dynsec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dynsec")
+    }
+}
+
+impl Dynsec {
+    /// Connects as the admin `broker` names (its URL carries the admin's credentials).
+    pub async fn connect(broker: &BrokerAddr) -> Result<Dynsec> {
+        let id = format!("driftless-admin-{}", &new_password()?[..8]);
+        let opts = driftless_core::transport::mqtt_options(id, broker)
+            .map_err(|e| Error::Config(format!("broker {broker}: {e}")))?;
+        let (client, events) = AsyncClient::new(opts, 16);
+        let mut admin = Dynsec { client, events };
+        admin.client.subscribe(RESPONSES, QoS::AtLeastOnce).await?;
+        admin.wait_for(|p| matches!(p, Packet::SubAck(_))).await?;
+        Ok(admin)
+    }
+
+    /// Sends `commands` and returns each one's error (`None`: done), in order.
+    async fn run(&mut self, commands: Vec<Value>) -> Result<Vec<Option<String>>> {
+        let n = commands.len();
+        let payload = serde_json::to_vec(&json!({ "commands": commands })).map_err(|e| Error::Broker(e.to_string()))?;
+        self.client.publish(COMMANDS, QoS::AtLeastOnce, false, payload).await?;
+        let Packet::Publish(answer) =
+            self.wait_for(|p| matches!(p, Packet::Publish(p) if p.topic == RESPONSES)).await?
+        else {
+            return Err(Error::Broker("no answer from the dynamic-security plugin".into()));
+        };
+        let answer: Value = serde_json::from_slice(&answer.payload)
+            .map_err(|e| Error::Broker(format!("dynamic-security answer: {e}")))?;
+        let responses = answer["responses"].as_array().cloned().unwrap_or_default();
+        if responses.len() != n {
+            return Err(Error::Broker(format!(
+                "dynamic-security answered {} of {n} commands: {answer}",
+                responses.len()
+            )));
+        }
+        Ok(responses.iter().map(|r| r["error"].as_str().map(str::to_owned)).collect())
+    }
+
+    /// Runs `commands`, failing on any error but the ones `tolerated` accepts.
+    async fn run_all(&mut self, commands: Vec<Value>, tolerated: impl Fn(&str) -> bool) -> Result<()> {
+        let names: Vec<String> = commands.iter().map(|c| c["command"].as_str().unwrap_or("?").to_owned()).collect();
+        for (name, error) in names.iter().zip(self.run(commands).await?) {
+            if let Some(e) = error.filter(|e| !tolerated(e)) {
+                return Err(Error::Broker(format!("dynamic-security {name}: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives `device` of `tenant` a broker client with `password` and access to its own
+    /// topics only. A device added again gets the new password (its old one stops working).
+    pub async fn add_device(&mut self, tenant: &str, device: &str, password: &str) -> Result<()> {
+        self.remove_device(tenant, device).await?;
+        let role = device_role(tenant, device);
+        let acls = vec![
+            acl("publishClientSend", &uplink_topic(tenant, device)),
+            acl("subscribeLiteral", &downlink_topic(tenant, device)),
+            acl("subscribeLiteral", &poke_topic(tenant)),
+            acl("subscribeLiteral", &schema_topic(tenant)),
+        ];
+        let commands = vec![
+            json!({ "command": "createRole", "rolename": role, "acls": acls }),
+            json!({
+                "command": "createClient",
+                "username": device_username(tenant, device),
+                "password": password,
+                "clientid": device_client_id(tenant, device),
+                "roles": [{ "rolename": role }],
+            }),
+        ];
+        self.run_all(commands, |_| false).await
+    }
+
+    /// Revokes a device's broker client (disconnecting it) and its role.
+    pub async fn remove_device(&mut self, tenant: &str, device: &str) -> Result<()> {
+        let username = device_username(tenant, device);
+        let commands = vec![
+            json!({ "command": "disableClient", "username": username }),
+            json!({ "command": "deleteClient", "username": username }),
+            json!({ "command": "deleteRole", "rolename": device_role(tenant, device) }),
+        ];
+        self.run_all(commands, |e| e.contains("not found")).await
+    }
+
+    /// Gives a gateway instance a broker client `name` with `password`: it reads every
+    /// uplink (through a shared subscription) and writes every downlink, poke and schema.
+    pub async fn add_gateway(&mut self, name: &str, password: &str) -> Result<()> {
+        let acls = vec![
+            acl("subscribePattern", "driftless/#"),
+            acl("subscribePattern", "$share/#"),
+            acl("publishClientSend", "driftless/#"),
+            acl("publishClientReceive", "driftless/#"),
+        ];
+        let commands = vec![json!({ "command": "createRole", "rolename": GATEWAY_ROLE, "acls": acls })];
+        self.run_all(commands, |e| e.contains("already exists")).await?;
+        let commands = vec![
+            json!({ "command": "deleteClient", "username": name }),
+            json!({
+                "command": "createClient",
+                "username": name,
+                "password": password,
+                "roles": [{ "rolename": GATEWAY_ROLE }],
+            }),
+        ];
+        self.run_all(commands, |e| e.contains("not found")).await
+    }
+
+    async fn wait_for(&mut self, wanted: impl Fn(&Packet) -> bool) -> Result<Packet> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.poll())
+                .await
+                .map_err(|_| Error::Broker("the broker did not answer the admin in 10 s".into()))?
+                .map_err(|e| Error::Broker(format!("admin connection: {e}")))?;
+            if let Event::Incoming(packet) = event
+                && wanted(&packet)
+            {
+                return Ok(packet);
+            }
+        }
+    }
+}
