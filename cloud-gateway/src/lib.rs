@@ -16,6 +16,7 @@ pub mod broker;
 pub mod dynsec;
 mod error;
 pub mod handler;
+pub mod quota;
 pub mod report;
 pub mod service;
 pub mod storage;

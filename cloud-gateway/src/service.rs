@@ -13,13 +13,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use driftless_core::protocol::{BrokerAddr, Uplink, poke_topic, schema_topic, uplink_filter};
+use driftless_core::protocol::{BrokerAddr, Downlink, Uplink, downlink_topic, poke_topic, schema_topic, uplink_filter};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::{Error, Result};
 use crate::handler::{HandlerConfig, Outgoing, handle_uplink};
+use crate::quota::{Admission, QuotaConfig, Quotas};
 use crate::storage::GatewayStore;
 
 /// Attempts at a message that fails every time before it is set aside.
@@ -48,6 +49,8 @@ pub struct GatewayConfig {
     /// The store's database file, watched for writes other programs make to its real tables
     /// (`None`: not watched; such writes are taken in with the next merge of their tenant).
     pub watch: Option<std::path::PathBuf>,
+    /// Messages and bytes each device and each tenant may send.
+    pub quotas: QuotaConfig,
 }
 
 impl GatewayConfig {
@@ -63,6 +66,7 @@ impl GatewayConfig {
             handler: HandlerConfig::default(),
             dead_letter_retention: Some(Duration::from_secs(30 * 86_400)),
             watch: None,
+            quotas: QuotaConfig::default(),
         }
     }
 }
@@ -116,6 +120,7 @@ pub async fn run<S: GatewayStore + 'static>(
     announce_schema(&client, &store, &config).await?;
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
+    let mut quotas = Quotas::new(config.quotas.clone());
     // Writes to the real tables by other programs wake the gateway (inotify; no polling).
     let (wake, mut cloud_writes) = mpsc::channel::<()>(1);
     let _watcher = match &config.watch {
@@ -166,7 +171,12 @@ pub async fn run<S: GatewayStore + 'static>(
             }
             publish = rx.recv() => {
                 let Some(publish) = publish else { break Ok(()) };
-                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
+                let handled = match over_quota(&client, &mut quotas, &publish).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => handle(&client, &store, &handler, &mut pokes, publish).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = handled {
                     break Err(e);
                 }
             }
@@ -436,6 +446,26 @@ async fn handle<S: GatewayStore + 'static>(
     // device's to send again. Holding it would only stall this session.
     client.ack(&publish).await?;
     Ok(())
+}
+
+/// Drops a message over its device's or tenant's quota (acknowledged to the broker, not
+/// answered: the device sends it again later) and tells the device to slow down; whether it
+/// was dropped. Costs no store access, so a flood costs little.
+async fn over_quota(client: &AsyncClient, quotas: &mut Quotas, publish: &Publish) -> Result<bool> {
+    let Some((tenant, device)) = driftless_core::protocol::parse_uplink_topic(&publish.topic) else {
+        return Ok(false);
+    };
+    let Admission::Drop { retry_after, tell } = quotas.admit(tenant, device, publish.payload.len(), Instant::now())
+    else {
+        return Ok(false);
+    };
+    if tell {
+        tracing::warn!(tenant, device, ?retry_after, "a device is over its quota; its messages are dropped for now");
+        let slow = Downlink::SlowDown { retry_after_ms: retry_after.as_millis() as u64 };
+        client.publish(downlink_topic(tenant, device), QoS::AtLeastOnce, false, slow.encode()).await?;
+    }
+    client.ack(publish).await?;
+    Ok(true)
 }
 
 async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, keep: Duration) {

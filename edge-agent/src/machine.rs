@@ -128,6 +128,9 @@ pub struct Machine {
     pulling: Option<Pulling>,
     /// Unanswered pulls in a row, for backing off.
     pull_tries: u32,
+    /// The gateway asked this device to send nothing before this time (ms): it is over its
+    /// quota and would drop what it got.
+    quiet_until: u64,
     /// An announcement arrived while a pull was out: pull again when it is answered.
     pull_again: bool,
     msg_limit: usize,
@@ -171,6 +174,7 @@ impl Machine {
             want_pull: false,
             pulling: None,
             pull_tries: 0,
+            quiet_until: 0,
             pull_again: false,
             msg_limit,
             awaiting: None,
@@ -336,7 +340,7 @@ impl Machine {
             self.store(out, StoreOp::Seal, Awaiting::End);
             return;
         }
-        if self.confirmed().is_none() {
+        if self.confirmed().is_none() || self.now < self.quiet_until {
             return;
         }
         if self.want_pull && self.pulling.is_none() && self.cfg.receives {

@@ -128,6 +128,11 @@ pub enum Downlink {
         version: u64,
         text: String,
     },
+    /// The device is over its quota: messages it sends for the next `retry_after_ms` are
+    /// dropped unanswered (what it sent is still its own to send again). Not tied to an epoch.
+    SlowDown {
+        retry_after_ms: u64,
+    },
     /// Version 1 answers.
     LegacyAck {
         first_seq: i64,
@@ -178,6 +183,7 @@ mod tag {
     pub(super) const CHANGES: u8 = 8;
     pub(super) const SNAPSHOT: u8 = 9;
     pub(super) const SCHEMA: u8 = 10;
+    pub(super) const SLOW_DOWN: u8 = 11;
 }
 
 /// Longest resume token and refusal reason accepted.
@@ -415,6 +421,7 @@ impl Downlink {
             | Downlink::Changes { epoch, .. }
             | Downlink::Snapshot { epoch, .. } => Some(*epoch),
             Downlink::Schema { .. }
+            | Downlink::SlowDown { .. }
             | Downlink::LegacyAck { .. }
             | Downlink::LegacyNack { .. }
             | Downlink::LegacyChanges { .. }
@@ -474,6 +481,10 @@ impl Downlink {
                 w.u8(tag::SCHEMA);
                 w.varint(*version);
                 w.bytes(text.as_bytes());
+            }
+            Downlink::SlowDown { retry_after_ms } => {
+                w.u8(tag::SLOW_DOWN);
+                w.varint(*retry_after_ms);
             }
             Downlink::LegacyAck { first_seq, last_seq } => {
                 w.u8(tag::LEGACY_ACK);
@@ -553,6 +564,7 @@ impl Downlink {
             tag::SCHEMA => {
                 Downlink::Schema { version: r.varint()?, text: r.string(MAX_SCHEMA_BYTES, "schema text bytes")? }
             }
+            tag::SLOW_DOWN => Downlink::SlowDown { retry_after_ms: r.varint()? },
             tag::LEGACY_ACK => Downlink::LegacyAck { first_seq: r.zigzag()?, last_seq: r.zigzag()? },
             tag::LEGACY_NACK => Downlink::LegacyNack {
                 first_seq: r.zigzag()?,

@@ -6,6 +6,10 @@ use driftless_core::{Batch, Epoch, GatewayView};
 
 use super::*;
 
+/// The longest a gateway's request to slow down is followed: a longer quiet could only come
+/// from a misconfigured quota, and a device must not go silent for hours on one message.
+const MAX_QUIET_MS: u64 = 60_000;
+
 impl Machine {
     pub(super) fn on_store(&mut self, result: StoreResult, out: &mut Vec<Action>) {
         let Some(awaiting) = self.awaiting.take() else {
@@ -183,6 +187,12 @@ impl Machine {
             if version > self.live.schema_version {
                 self.store(out, StoreOp::FollowSchema { version, text }, Awaiting::Schema);
             }
+            return;
+        }
+        if let Downlink::SlowDown { retry_after_ms } = msg {
+            // What was dropped is resent once its answer is overdue, after the quiet time.
+            tracing::warn!(retry_after_ms, "the gateway asks this device to slow down (over its quota)");
+            self.quiet_until = self.now.saturating_add(retry_after_ms.min(MAX_QUIET_MS));
             return;
         }
         if let Downlink::Welcome { epoch, node_counter, device_seq, node_elsewhere } = msg {

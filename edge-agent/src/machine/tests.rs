@@ -415,3 +415,18 @@ fn a_newer_schema_is_followed_once_and_a_device_that_received_nothing_starts_pul
         assert!(!out.iter().any(|a| matches!(a, Action::Store(StoreOp::FollowSchema { .. }))), "{out:?}");
     }
 }
+
+#[test]
+fn a_device_asked_to_slow_down_sends_nothing_until_the_time_is_up() {
+    let mut m = confirmed_machine();
+    assert!(m.handle(Input::Downlink(Downlink::SlowDown { retry_after_ms: 500 }), 10).is_empty());
+    // A write meanwhile is not read, let alone sent.
+    assert!(m.handle(Input::LocalChange, 20).is_empty());
+    assert!(store_op(&m.handle(Input::Tick, 400)).is_none());
+    // Once the time is up, the next tick ships it.
+    let out = m.handle(Input::Tick, 511);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor | StoreOp::ReadOutbox { .. })), "{out:?}");
+    // A request for hours is followed for a minute at most.
+    m.handle(Input::Downlink(Downlink::SlowDown { retry_after_ms: u64::MAX }), 600);
+    assert!(store_op(&m.handle(Input::Tick, 59_000)).is_none());
+}

@@ -67,6 +67,7 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
     let downs = [
         Downlink::Welcome { epoch: e, node_counter: 5, device_seq: 9, node_elsewhere: true },
         Downlink::Schema { version: 3, text: "[[table]]\nname = \"t\"".into() },
+        Downlink::SlowDown { retry_after_ms: 1_500 },
         Downlink::Ack { epoch: e, id: 4, first_seq: 1, last_seq: 2, refused: vec![], receipt: None, previous: None },
         Downlink::Ack {
             epoch: e,
