@@ -58,7 +58,7 @@ impl Default for HandlerConfig {
             max_message_bytes: 4 << 20,
             max_clock_drift_ms: 5 * 60_000,
             require_registration: false,
-            recovery_window_ms: 30 * 24 * 3_600_000,
+            recovery_window_ms: 24 * 3_600_000,
         }
     }
 }
@@ -150,16 +150,25 @@ fn process(
             return Ok(Vec::new());
         }
     };
-    let recovering = standing.renewed_ms.is_some_and(|at| now_ms < (at as u64).saturating_add(cfg.recovery_window_ms));
+    let mut recovery_from = standing.recovery_from_ms;
     let msg = Uplink::decode(payload, &cfg.decode)
         .map_err(|e| Fault::Message { reason: format!("undecodable message: {e}"), nack: None })?;
     let mut epoch = store.epoch(tenant)?;
-    if claimed_epoch(&msg).is_some_and(|claimed| claimed != epoch) {
+    if let Some(claimed) = claimed_epoch(&msg).filter(|claimed| *claimed != epoch) {
         // A device speaking for an epoch this instance does not know: another instance
         // sharing the store may have renewed it. Answering from a stale cache would send the
         // device back and forth between the two.
         epoch = store.epoch_now(tenant)?;
+        if claimed != epoch && !store.issued_epoch(tenant, claimed)? {
+            // An epoch this store never issued: it replaced the one that did (an empty or
+            // older store). What devices send back now may hold writes it cannot check.
+            let reason = format!("device {device:?} speaks for epoch {claimed}, which this store never issued");
+            tracing::error!(tenant, %reason, "this store replaced another; starting a new epoch");
+            epoch = store.new_epoch(tenant, epoch, &reason)?;
+            recovery_from = Some(now_ms as i64);
+        }
     }
+    let recovering = recovery_from.is_some_and(|at| now_ms < (at as u64).saturating_add(cfg.recovery_window_ms));
     if msg.device() != device {
         let reason = format!("message claims device {:?} but arrived on the topic of {device:?}", msg.device());
         return Err(Fault::Message { nack: nack(&msg, epoch, &reason), reason });
@@ -171,7 +180,7 @@ fn process(
     let rows = |asked: u32| (asked as usize).clamp(1, cfg.max_rows_per_message);
     let bytes = |asked: u32| (asked as usize).clamp(1, cfg.max_message_bytes);
     let reply = |msg: Downlink| vec![to(tenant, device, msg)];
-    let incoming = |first_seq, last_seq| Incoming {
+    let incoming = |first_seq, last_seq, legacy| Incoming {
         tenant,
         device,
         first_seq,
@@ -180,6 +189,7 @@ fn process(
         max_drift_ms: cfg.max_clock_drift_ms,
         role: role.as_deref(),
         recovering,
+        legacy,
     };
     match msg {
         Uplink::Hello { node, ref receipts, epoch: claimed, .. } => {
@@ -210,7 +220,7 @@ fn process(
                 // A device that only uploads tells with its next batch that the store lost it.
                 epoch = check_receipts(store, tenant, device, epoch, receipts)?;
             }
-            let from = incoming(first_seq, last_seq);
+            let from = incoming(first_seq, last_seq, false);
             let nack = |reason: String| Downlink::Nack { epoch, id, first_seq, last_seq, reason };
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let (receipt, previous) = (outcome.receipt, outcome.previous);
@@ -257,7 +267,7 @@ fn process(
             snapshot(store, tenant, device, epoch, &resume, log_cursor, rows(max_rows), bytes(max_bytes))
         }
         Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
-            let from = incoming(first_seq, last_seq);
+            let from = incoming(first_seq, last_seq, true);
             let nack = |reason: String| Downlink::LegacyNack { first_seq, last_seq, reason };
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let logged = outcome.logged.is_some() || outcome.cloud_logged;

@@ -40,6 +40,8 @@ pub struct Incoming<'a> {
     /// The store lost changes recently and devices are sending back what they hold, other
     /// devices' writes included: what a batch claims of other nodes cannot be checked.
     pub recovering: bool,
+    /// A version-1 batch: its device has no handshake that binds its node.
+    pub legacy: bool,
 }
 
 /// A device as an operator registered it.
@@ -69,8 +71,10 @@ pub enum Registration {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Standing {
     pub registration: Registration,
-    /// When the tenant's current epoch replaced one (the store lost changes), if it did.
-    pub renewed_ms: Option<i64>,
+    /// If the tenant's current epoch replaced one (the store lost changes): when this
+    /// device's window for sending back what it holds starts (when it was first heard from
+    /// in the new epoch).
+    pub recovery_from_ms: Option<i64>,
 }
 
 /// A sync schema version as the gateway serves it.
@@ -224,6 +228,9 @@ pub trait GatewayStore: Send {
     /// device, or another gateway instance, noticed the same loss first), nothing new starts:
     /// one restore is one new epoch. Returns the current epoch either way.
     fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch>;
+
+    /// Whether this store ever issued `epoch` to `tenant` (current or earlier).
+    fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool>;
 
     /// Notes that `device` of `tenant` says it writes as `node`, binding the node to it if the
     /// node is new, and returns what has been merged from both.

@@ -216,6 +216,7 @@ async fn a_batch_resent_after_the_gateway_died_between_merge_and_ack_applies_onc
             max_drift_ms: 300_000,
             role: None,
             recovering: false,
+            legacy: false,
         };
         gw_store.merge(&from, &out.batch).expect("merge");
         drop(gw_store);

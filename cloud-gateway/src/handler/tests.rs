@@ -260,6 +260,9 @@ impl GatewayStore for FailingMerges {
     fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch> {
         self.0.new_epoch(tenant, replacing, reason)
     }
+    fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool> {
+        self.0.issued_epoch(tenant, epoch)
+    }
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<crate::storage::DeviceView> {
         self.0.hello(tenant, device, node)
     }

@@ -6,6 +6,7 @@ use driftless_core::codec::{Limits, decode_payload};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::storage::Registration;
 
 /// Dead letters larger than this keep only their first [`DEAD_LETTER_PREFIX`] bytes.
 pub(crate) const DEAD_LETTER_INLINE: usize = 64 << 10;
@@ -118,4 +119,19 @@ pub(crate) fn unfit_rows(
         }
     }
     Ok(unfit)
+}
+
+/// Whether a device is served, from its registered role and whether its tenant has a registry.
+pub(crate) fn registration(role: Option<String>, closed: bool) -> Registration {
+    match (role, closed) {
+        (Some(role), _) => Registration::Registered { role },
+        (None, true) => Registration::Unknown,
+        (None, false) => Registration::Open,
+    }
+}
+
+/// When a device's recovery window starts: if the tenant's epoch replaced another, when the
+/// device was first heard from in it (now, if it was not yet), and never before the renewal.
+pub(crate) fn recovery_from(renewed_ms: Option<i64>, heard_ms: Option<i64>) -> Option<i64> {
+    renewed_ms.map(|renewed| heard_ms.unwrap_or_else(now_ms).max(renewed))
 }

@@ -211,6 +211,14 @@ impl GatewayStore for PgStore {
         Ok(next.0)
     }
 
+    fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool> {
+        let row = self.client()?.query_one(
+            "SELECT EXISTS (SELECT 1 FROM driftless.gw_epochs WHERE tenant = $1 AND epoch = $2)",
+            &[&tenant, &&epoch.0[..]],
+        )?;
+        Ok(row.get(0))
+    }
+
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {
         let mut tx = self.client()?.transaction()?;
         let row = tx.query_one(
@@ -220,6 +228,12 @@ impl GatewayStore for PgStore {
             &[&tenant, &&node.0[..], &device],
         )?;
         let (owner, counter): (String, i64) = (row.get(0), row.get(1));
+        tx.execute(
+            "INSERT INTO driftless.gw_epoch_devices(tenant, device, epoch, since_ms)
+             SELECT $1, $2, epoch, $3 FROM driftless.gw_epochs WHERE tenant = $1 ORDER BY id DESC LIMIT 1
+             ON CONFLICT DO NOTHING",
+            &[&tenant, &device, &now_ms()],
+        )?;
         let device_seq: i64 = tx
             .query_opt(
                 "SELECT uplink_hwm FROM driftless.gw_devices WHERE tenant = $1 AND device = $2",

@@ -175,6 +175,13 @@ impl GatewayStore for SqliteStore {
         Ok(next.0)
     }
 
+    fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM gw_epochs WHERE tenant = ?1 AND epoch = ?2)")?
+            .query_row(rusqlite::params![tenant, &epoch.0[..]], |r| r.get(0))?)
+    }
+
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.prepare_cached(
@@ -185,6 +192,11 @@ impl GatewayStore for SqliteStore {
         let (owner, counter): (String, i64) = tx
             .prepare_cached("SELECT device, max_counter FROM gw_nodes WHERE tenant = ?1 AND node = ?2")?
             .query_row(rusqlite::params![tenant, &node.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO gw_epoch_devices(tenant, device, epoch, since_ms)
+             SELECT ?1, ?2, epoch, ?3 FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1",
+        )?
+        .execute(rusqlite::params![tenant, device, now_ms()])?;
         let device_seq: i64 = tx
             .prepare_cached("SELECT uplink_hwm FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
             .query_row(rusqlite::params![tenant, device], |r| r.get(0))

@@ -48,6 +48,7 @@ pub(super) fn merge(gw: &mut dyn GatewayStore, device: &str, batch: &Batch) -> R
         max_drift_ms: DRIFT,
         role: None,
         recovering: false,
+        legacy: false,
     };
     gw.merge(&from, batch)
 }
@@ -175,6 +176,7 @@ fn one_bad_row_is_refused_and_the_rest_of_its_batch_merged(b: &Backend) {
         max_drift_ms: DRIFT,
         role: None,
         recovering: false,
+        legacy: false,
     };
     assert!(matches!(gw.merge(&from, &batch), Err(MergeError::Refused(_))), "an impossible range");
 }
@@ -400,6 +402,7 @@ fn a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten(
         max_drift_ms: DRIFT,
         role: None,
         recovering: false,
+        legacy: false,
     };
     assert!(gw.merge(&from, &more).expect("merge").cloud_logged, "the adopted values were taken in first");
     let rows = b.rows(&format!("SELECT id, notes FROM {t} ORDER BY id"));

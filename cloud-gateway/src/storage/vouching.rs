@@ -52,9 +52,9 @@ pub(crate) struct Vouched {
     pub(crate) roles: BTreeMap<NodeId, String>,
 }
 
-/// Binds the batch's new nodes to its device and decides what it may claim; `Ok(Err(reason))`
-/// when the batch is refused as a whole (it claims a role its device does not have).
-pub(crate) fn vouch(book: &mut dyn NodeBook, from: &Incoming<'_>, batch: &Batch) -> Result<Result<Vouched, String>> {
+/// Binds the batch's new nodes to its device and decides what it may claim. Nothing here
+/// refuses a batch as a whole: a role it declares is replaced, never a reason to refuse.
+pub(crate) fn vouch(book: &mut dyn NodeBook, from: &Incoming<'_>, batch: &Batch) -> Result<Vouched> {
     let mut written: BTreeMap<NodeId, u64> = BTreeMap::new();
     let mut named = BTreeSet::new();
     for row in &batch.rows {
@@ -73,26 +73,28 @@ pub(crate) fn vouch(book: &mut dyn NodeBook, from: &Incoming<'_>, batch: &Batch)
         let claimed = batch.roles.get(&node).map_or("", String::as_str);
         let own = match fact.device.as_deref() {
             Some(device) => device == from.device,
-            // A node first used by this batch is this device's, unless the store is
-            // recovering: then it may be a node the store forgot, sent back by another. A
-            // node with merged writes but no device (sent back so) is bound only by its
-            // own device's handshake.
-            None => written.contains_key(&node) && !from.recovering && fact.counter == 0,
+            // A node first used by this batch is this device's (a node taken since the
+            // handshake), unless the store is recovering: then it may be a node the store
+            // forgot, sent back by another device. A node with merged writes but no device
+            // (sent back so) is bound only by its own device's handshake, or by a version-1
+            // device, which has none.
+            None => written.contains_key(&node) && !from.recovering && (fact.counter == 0 || from.legacy),
         };
+        let bound_role = fact.role.clone().filter(|r| !r.is_empty());
         let mut counter = fact.counter;
         if own && let Some(&most) = written.get(&node) {
-            let role = match own_role(&fact, from, claimed, node) {
-                Ok(role) => role,
-                Err(reason) => return Ok(Err(reason)),
-            };
-            if fact.device.is_none() || fact.role.is_none() {
+            // A node keeps the role it was first bound to with (every replica must rank it
+            // the same way for good): the registry's at that time, or in a tenant without a
+            // registry the first role it declared. What a batch declares changes nothing.
+            let role = bound_role.clone().unwrap_or_else(|| from.role.unwrap_or(claimed).to_owned());
+            if fact.device.is_none() || (bound_role.is_none() && !role.is_empty()) {
                 book.bind(from.tenant, node, from.device, &role)?;
             }
             if !role.is_empty() {
                 out.roles.insert(node, role);
             }
             counter = counter.max(most);
-        } else if let Some(role) = fact.role.filter(|r| !r.is_empty()) {
+        } else if let Some(role) = bound_role {
             out.roles.insert(node, role);
         } else if from.recovering && !claimed.is_empty() {
             out.roles.insert(node, claimed.to_owned());
@@ -103,29 +105,5 @@ pub(crate) fn vouch(book: &mut dyn NodeBook, from: &Incoming<'_>, batch: &Batch)
         vouch.known.insert(node, counter);
     }
     out.vouch = (!from.recovering).then_some(vouch);
-    Ok(Ok(out))
-}
-
-/// The role an own node the batch writes with is bound to, or why the batch is refused.
-fn own_role(fact: &NodeFact, from: &Incoming<'_>, claimed: &str, node: NodeId) -> Result<String, String> {
-    let role = match (&fact.role, from.role) {
-        (Some(bound), _) => bound.as_str(),
-        (None, Some(registered)) => registered,
-        (None, None) => claimed,
-    };
-    if let Some(registered) = from.role.filter(|r| *r != role) {
-        return Err(format!(
-            "node {node} of device {:?} writes as role {role:?}, but the device is registered as {registered:?}",
-            from.device
-        ));
-    }
-    // A batch need not declare its nodes' roles (the bound one is used), but one it declares
-    // must be the bound one.
-    if !claimed.is_empty() && claimed != role {
-        return Err(format!(
-            "device {:?} declares role {claimed:?} for node {node}, which writes as role {role:?}",
-            from.device
-        ));
-    }
-    Ok(role.to_owned())
+    Ok(out)
 }

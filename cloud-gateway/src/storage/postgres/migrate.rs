@@ -133,6 +133,14 @@ const MIGRATIONS: &[&str] = &[
         removed_ms bigint,
         PRIMARY KEY (tenant, device)
     );
+    CREATE TABLE driftless.gw_epoch_devices (
+        tenant   text NOT NULL,
+        device   text NOT NULL,
+        epoch    bytea NOT NULL,
+        since_ms bigint NOT NULL,
+        PRIMARY KEY (tenant, device, epoch)
+    );
+    CREATE INDEX gw_dead_letters_by_device ON driftless.gw_dead_letters (tenant, device, id);
     ",
 ];
 

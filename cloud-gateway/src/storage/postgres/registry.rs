@@ -7,8 +7,9 @@ use postgres::{Client, Transaction};
 
 use super::Stmts;
 use crate::error::Result;
+use crate::storage::common::{recovery_from, registration};
 use crate::storage::vouching::{NodeBook, NodeFact};
-use crate::storage::{Registered, Registration, Standing};
+use crate::storage::{Registered, Standing};
 
 pub(super) fn register(client: &mut Client, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
     client.execute(
@@ -49,18 +50,18 @@ pub(super) fn list(client: &mut Client, tenant: Option<&str>) -> Result<Vec<Regi
 pub(super) fn standing(client: &mut Client, stmts: &mut Stmts, tenant: &str, device: &str) -> Result<Standing> {
     let stmt = stmts.get(
         client,
-        "SELECT (SELECT role FROM driftless.gw_registry WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL),
+        "WITH current AS (SELECT epoch, since_ms FROM driftless.gw_epochs WHERE tenant = $1 ORDER BY id DESC LIMIT 1)
+         SELECT (SELECT role FROM driftless.gw_registry WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL),
                 EXISTS (SELECT 1 FROM driftless.gw_registry WHERE tenant = $1),
-                (SELECT since_ms FROM driftless.gw_epochs WHERE tenant = $1
-                    AND (SELECT count(*) FROM driftless.gw_epochs WHERE tenant = $1) > 1 ORDER BY id DESC LIMIT 1)",
+                (SELECT since_ms FROM current WHERE (SELECT count(*) FROM driftless.gw_epochs WHERE tenant = $1) > 1),
+                (SELECT d.since_ms FROM driftless.gw_epoch_devices d, current c
+                    WHERE d.tenant = $1 AND d.device = $2 AND d.epoch = c.epoch)",
     )?;
     let row = client.query_one(&stmt, &[&tenant, &device])?;
-    let registration = match (row.get::<_, Option<String>>(0), row.get::<_, bool>(1)) {
-        (Some(role), _) => Registration::Registered { role },
-        (None, true) => Registration::Unknown,
-        (None, false) => Registration::Open,
-    };
-    Ok(Standing { registration, renewed_ms: row.get(2) })
+    Ok(Standing {
+        registration: registration(row.get(0), row.get(1)),
+        recovery_from_ms: recovery_from(row.get(2), row.get(3)),
+    })
 }
 
 /// The node book over a merge's transaction.
@@ -90,7 +91,8 @@ impl NodeBook for Book<'_, '_> {
             "INSERT INTO driftless.gw_nodes(tenant, node, device, role) VALUES ($1, $2, $3, $4)
              ON CONFLICT (tenant, node) DO UPDATE
                  SET device = coalesce(driftless.gw_nodes.device, excluded.device),
-                     role = coalesce(driftless.gw_nodes.role, excluded.role)",
+                     role = CASE WHEN coalesce(driftless.gw_nodes.role, '') = '' THEN excluded.role
+                                 ELSE driftless.gw_nodes.role END",
         )?;
         self.tx.execute(&stmt, &[&tenant, &&node.0[..], &device, &role])?;
         Ok(())

@@ -22,6 +22,7 @@ fn incoming<'a>(device: &'a str, seq: i64) -> Incoming<'a> {
         max_drift_ms: 300_000,
         role: None,
         recovering: false,
+        legacy: false,
     }
 }
 

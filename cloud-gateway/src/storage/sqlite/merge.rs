@@ -163,10 +163,7 @@ pub(super) fn merge(
             cloud_logged = true;
         }
     }
-    let vouched = match vouch(&mut Book(&tx), at, batch)? {
-        Ok(v) => v,
-        Err(reason) => return Err(MergeError::Refused(reason)),
-    };
+    let vouched = vouch(&mut Book(&tx), at, batch)?;
     let mut rows = Rows { tx: &tx, limits, tenant, schema, new_tables: HashMap::new() };
     let rules = IntakeRules {
         limits,

@@ -6,8 +6,9 @@ use driftless_core::NodeId;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::storage::common::{recovery_from, registration};
 use crate::storage::vouching::{NodeBook, NodeFact};
-use crate::storage::{Registered, Registration, Standing};
+use crate::storage::{Registered, Standing};
 
 pub(super) fn register(conn: &Connection, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
     conn.prepare_cached(
@@ -45,20 +46,17 @@ pub(super) fn list(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Regist
 }
 
 pub(super) fn standing(conn: &Connection, tenant: &str, device: &str) -> Result<Standing> {
-    let (role, closed, renewed_ms): (Option<String>, bool, Option<i64>) = conn
+    let (role, closed, renewed_ms, heard_ms): (Option<String>, bool, Option<i64>, Option<i64>) = conn
         .prepare_cached(
-            "SELECT (SELECT role FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL),
+            "WITH current AS (SELECT epoch, since_ms FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1)
+             SELECT (SELECT role FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL),
                     EXISTS (SELECT 1 FROM gw_registry WHERE tenant = ?1),
-                    (SELECT since_ms FROM gw_epochs WHERE tenant = ?1
-                        AND (SELECT count(*) FROM gw_epochs WHERE tenant = ?1) > 1 ORDER BY id DESC LIMIT 1)",
+                    (SELECT since_ms FROM current WHERE (SELECT count(*) FROM gw_epochs WHERE tenant = ?1) > 1),
+                    (SELECT d.since_ms FROM gw_epoch_devices d, current c
+                        WHERE d.tenant = ?1 AND d.device = ?2 AND d.epoch = c.epoch)",
         )?
-        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    let registration = match (role, closed) {
-        (Some(role), _) => Registration::Registered { role },
-        (None, true) => Registration::Unknown,
-        (None, false) => Registration::Open,
-    };
-    Ok(Standing { registration, renewed_ms })
+        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    Ok(Standing { registration: registration(role, closed), recovery_from_ms: recovery_from(renewed_ms, heard_ms) })
 }
 
 /// The node book over a merge's transaction.
@@ -87,7 +85,8 @@ impl NodeBook for Book<'_> {
             .prepare_cached(
                 "INSERT INTO gw_nodes(tenant, node, device, role) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(tenant, node) DO UPDATE
-                     SET device = coalesce(device, excluded.device), role = coalesce(role, excluded.role)",
+                     SET device = coalesce(device, excluded.device),
+                         role = CASE WHEN role IS NULL OR role = '' THEN excluded.role ELSE role END",
             )?
             .execute(rusqlite::params![tenant, &node.0[..], device, role])?;
         Ok(())

@@ -220,6 +220,18 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 removed_ms INTEGER,
                 PRIMARY KEY (tenant, device)
             ) WITHOUT ROWID;
+            -- When each device was first heard from in each epoch: after a restore, the
+            -- window in which its batches may carry writes the store cannot check starts
+            -- then (see storage/vouching.rs).
+            CREATE TABLE gw_epoch_devices (
+                tenant   TEXT NOT NULL,
+                device   TEXT NOT NULL,
+                epoch    BLOB NOT NULL,
+                since_ms INTEGER NOT NULL,
+                PRIMARY KEY (tenant, device, epoch)
+            ) WITHOUT ROWID;
+            -- Dead letters are capped per device.
+            CREATE INDEX gw_dead_letters_by_device ON gw_dead_letters (tenant, device, id);
             ",
         )?;
     }
