@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
 use driftless_gateway::dynsec::{self, Dynsec};
+use driftless_gateway::quota::{QuotaConfig, Rate};
 use driftless_gateway::{GatewayConfig, PgStore, SqliteStore, broker, report, run};
 
 #[derive(Parser, Debug)]
@@ -141,6 +142,43 @@ struct RunArgs {
     /// Same as the `report` command with its defaults (kept for scripts).
     #[arg(long)]
     report: bool,
+    /// Serve only registered devices (`device add`), in every tenant. Without it a tenant
+    /// with no registered device is open to any (for development).
+    #[arg(long)]
+    require_registration: bool,
+    /// After this store lost changes (a restored backup), how long each device may send
+    /// back other devices' writes the store cannot check, from its first handshake.
+    #[arg(long, default_value_t = 24)]
+    recovery_window_hours: u64,
+    /// Messages a second each device may send (0: no limit); over it, messages are dropped
+    /// unanswered and the device is told to slow down.
+    #[arg(long, default_value_t = 20.0)]
+    device_messages_per_s: f64,
+    /// Messages a device may send at once above its rate.
+    #[arg(long, default_value_t = 200.0)]
+    device_burst: f64,
+    /// MiB a second each device may send (0: no limit); its burst is 16 times this, and
+    /// never less than the largest message.
+    #[arg(long, default_value_t = 8.0)]
+    device_mib_per_s: f64,
+    /// Messages a second all devices of one tenant may send (0: no limit); burst twice this.
+    #[arg(long, default_value_t = 20_000.0)]
+    tenant_messages_per_s: f64,
+}
+
+/// The quotas the flags ask for (0: no limit).
+fn quotas(args: &RunArgs, max_message: usize) -> QuotaConfig {
+    let rate = |per_second: f64, burst: f64| {
+        if per_second > 0.0 { Rate { per_second, burst: burst.max(1.0) } } else { Rate::UNLIMITED }
+    };
+    let mib = 1024.0 * 1024.0;
+    let bytes = args.device_mib_per_s * mib;
+    QuotaConfig {
+        device_messages: rate(args.device_messages_per_s, args.device_burst),
+        device_bytes: rate(bytes, (16.0 * bytes).max(2.0 * max_message as f64)),
+        tenant_messages: rate(args.tenant_messages_per_s, 2.0 * args.tenant_messages_per_s),
+        ..QuotaConfig::default()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -288,6 +326,7 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
         args.broker.parse().map_err(|e| anyhow::anyhow!("--broker {}: {e}", args.broker))?
     };
     let mut config = GatewayConfig::new(broker_addr);
+    config.quotas = quotas(&args, config.handler.max_uplink_bytes);
     config.watch = watch;
     if let Some(id) = args.client_id {
         config.client_id = id;
@@ -295,6 +334,9 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
     config.share_group = args.share_group;
     config.tenant = args.tenant;
     config.handler.max_clock_drift_ms = args.max_clock_drift_ms;
+    config.handler.require_registration = args.require_registration;
+    config.handler.recovery_window_ms = args.recovery_window_hours.saturating_mul(3_600_000);
+
     config.dead_letter_retention =
         (args.dead_letter_retention_days > 0).then(|| Duration::from_secs(args.dead_letter_retention_days * 86_400));
     tracing::info!(store = %args.store.as_deref().map_or_else(|| args.db.display().to_string(), redact), "gateway starting");

@@ -115,12 +115,12 @@ pub async fn run<S: GatewayStore + 'static>(
     let (client, eventloop) = AsyncClient::new(mqtt_options(&base, false), 1_000);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
-    let poller = tokio::spawn(poll_events(eventloop, client.clone(), base, filter, tx, config.ready.clone()));
+    let quotas = Quotas::new(config.quotas.clone());
+    let poller = tokio::spawn(poll_events(eventloop, client.clone(), base, filter, tx, quotas, config.ready.clone()));
     let store = Arc::new(Mutex::new(store));
     announce_schema(&client, &store, &config).await?;
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
-    let mut quotas = Quotas::new(config.quotas.clone());
     // Writes to the real tables by other programs wake the gateway (inotify; no polling).
     let (wake, mut cloud_writes) = mpsc::channel::<()>(1);
     let _watcher = match &config.watch {
@@ -171,12 +171,7 @@ pub async fn run<S: GatewayStore + 'static>(
             }
             publish = rx.recv() => {
                 let Some(publish) = publish else { break Ok(()) };
-                let handled = match over_quota(&client, &mut quotas, &publish).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => handle(&client, &store, &handler, &mut pokes, publish).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = handled {
+                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
                     break Err(e);
                 }
             }
@@ -448,24 +443,29 @@ async fn handle<S: GatewayStore + 'static>(
     Ok(())
 }
 
-/// Drops a message over its device's or tenant's quota (acknowledged to the broker, not
-/// answered: the device sends it again later) and tells the device to slow down; whether it
-/// was dropped. Costs no store access, so a flood costs little.
-async fn over_quota(client: &AsyncClient, quotas: &mut Quotas, publish: &Publish) -> Result<bool> {
+/// Drops a message over its device's or tenant's quota, at once and without a store access
+/// or a place in the queue of messages to merge (so a flood is drained as fast as it comes):
+/// acknowledged to the broker, not answered (the device sends it again later), and the
+/// device told to slow down. Whether it was dropped. Called from the task that drives the
+/// connection, so nothing here may wait for the connection.
+fn over_quota(client: &AsyncClient, quotas: &mut Quotas, publish: &Publish) -> bool {
     let Some((tenant, device)) = driftless_core::protocol::parse_uplink_topic(&publish.topic) else {
-        return Ok(false);
+        return false;
     };
     let Admission::Drop { retry_after, tell } = quotas.admit(tenant, device, publish.payload.len(), Instant::now())
     else {
-        return Ok(false);
+        return false;
     };
+    // A full request queue: the message goes the usual way (the quota was charged anyway).
+    if client.try_ack(publish).is_err() {
+        return false;
+    }
     if tell {
         tracing::warn!(tenant, device, ?retry_after, "a device is over its quota; its messages are dropped for now");
         let slow = Downlink::SlowDown { retry_after_ms: retry_after.as_millis() as u64 };
-        client.publish(downlink_topic(tenant, device), QoS::AtLeastOnce, false, slow.encode()).await?;
+        let _ = client.try_publish(downlink_topic(tenant, device), QoS::AtLeastOnce, false, slow.encode());
     }
-    client.ack(publish).await?;
-    Ok(true)
+    true
 }
 
 async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, keep: Duration) {
@@ -537,6 +537,7 @@ async fn poll_events(
     base: MqttOptions,
     filter: String,
     tx: mpsc::UnboundedSender<Publish>,
+    mut quotas: Quotas,
     ready: Arc<Notify>,
 ) {
     let mut net = rumqttc::NetworkOptions::new();
@@ -569,6 +570,9 @@ async fn poll_events(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 failures_since_delivery = 0;
+                if over_quota(&client, &mut quotas, &p) {
+                    continue;
+                }
                 if tx.send(p).is_err() {
                     return;
                 }

@@ -101,6 +101,7 @@ fn first_merge(gw: &mut dyn GatewayStore, dir: &std::path::Path, text: &str) -> 
         max_drift_ms: 300_000,
         role: None,
         recovering: false,
+        legacy: false,
     };
     gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
     Ok(now_ms)

@@ -74,6 +74,7 @@ fn direct(db: &TestDb) -> anyhow::Result<()> {
                 max_drift_ms: 300_000,
                 role: None,
                 recovering: false,
+                legacy: false,
             };
             let t = Instant::now();
             gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;

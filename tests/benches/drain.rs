@@ -103,6 +103,7 @@ fn merge_directly(device: &std::path::Path, gateway: &std::path::Path, schema: O
             max_drift_ms: 300_000,
             role: None,
             recovering: false,
+            legacy: false,
         };
         gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
     }

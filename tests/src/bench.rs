@@ -51,8 +51,15 @@ impl GatewayProcess {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         // Keep draining the gateway's log so it never blocks on a full pipe.
+        // DRIFTLESS_BENCH_GATEWAY_LOG names a file to keep the gateway's log in.
+        let mut keep = std::env::var_os("DRIFTLESS_BENCH_GATEWAY_LOG")
+            .and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = keep.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
                 if line.contains("subscribed to device uplinks") {
                     let _ = tx.send(());
                 }

@@ -1,0 +1,253 @@
+//! Flood: one device sends valid batches as fast as it can while 50 honest devices write one
+//! row a second each; every honest batch is timed from its publish until its ack. Three
+//! phases in one run, through Mosquitto with the gateway in its own process: no flood; the
+//! flood against the default quotas; the flood against a gateway without quotas (for
+//! comparison). Keys `honest_p99_ms`, `honest_p99_ms_without_flood`, `flood_accepted_per_s`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use driftless_core::codec::{EncodeOptions, encode_batch};
+use driftless_core::protocol::{BrokerAddr, Downlink, Uplink, downlink_topic, uplink_topic};
+use driftless_core::{Batch, Dot, FieldWrite, Hlc, LocalWrite, NodeId, RowChange, RowState, Value, write_local_upsert};
+use driftless_tests::bench::{GatewayProcess, bench_broker_url, percentile, report};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+
+const HONEST: usize = 50;
+const PHASE: Duration = Duration::from_secs(20);
+
+/// A device's next batch: one new row, written as its node.
+struct Writer {
+    device: String,
+    node: NodeId,
+    counter: u64,
+}
+
+impl Writer {
+    fn new(device: String, n: u32) -> Writer {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&n.to_le_bytes());
+        id[4..8].copy_from_slice(&std::process::id().to_le_bytes());
+        Writer { device, node: NodeId(id), counter: 0 }
+    }
+
+    fn next(&mut self) -> (u64, Vec<u8>) {
+        self.counter += 1;
+        let now = Hlc::new(std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64), 0);
+        let write = LocalWrite {
+            fields: vec![FieldWrite { column: "v".into(), value: Value::Integer(self.counter as i64), hlc: now }],
+            ..LocalWrite::default()
+        };
+        let state =
+            write_local_upsert(&mut RowState::default(), Dot { node: self.node, counter: self.counter }, now, write);
+        let key = Value::Text(format!("{}-{}", self.device, self.counter));
+        let batch = Batch { rows: vec![RowChange { table: "t".into(), pk: vec![key], state }], ..Batch::default() };
+        let seq = self.counter as i64;
+        let msg = Uplink::Batch {
+            device: self.device.clone(),
+            id: self.counter,
+            first_seq: seq,
+            last_seq: seq,
+            epoch: None,
+            receipts: vec![],
+            batch: encode_batch(&batch, EncodeOptions::default()),
+        };
+        (self.counter, msg.encode())
+    }
+}
+
+/// A device's connection: its client, what arrives on its downlink, and the task driving it
+/// (ended when this is dropped, so a later connection with the same client id is not
+/// fought over).
+struct Connection {
+    client: AsyncClient,
+    downlinks: tokio::sync::mpsc::UnboundedReceiver<Downlink>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Connects a device and subscribes it to its downlink.
+async fn connect(broker: &BrokerAddr, tenant: &str, device: &str) -> anyhow::Result<Connection> {
+    let mut opts = driftless_core::transport::mqtt_options(format!("flood-{tenant}-{device}"), broker)?;
+    opts.set_max_packet_size(64 << 20, 64 << 20);
+    opts.set_inflight(100);
+    let (client, mut events) = AsyncClient::new(opts, 1_000);
+    client.subscribe(downlink_topic(tenant, device), QoS::AtLeastOnce).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(msg) = Downlink::decode(&p.payload, &driftless_core::codec::Limits::default())
+                        && tx.send(msg).is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    Ok(Connection { client, downlinks: rx, task })
+}
+
+/// One honest device: a row a second until `stop`, each timed until its ack.
+async fn honest(broker: BrokerAddr, tenant: String, n: usize, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<f64>> {
+    let device = format!("honest-{n}");
+    let mut conn = connect(&broker, &tenant, &device).await?;
+    let mut writer = Writer::new(device.clone(), n as u32 + 1);
+    // Spread over the second, as independent devices would be.
+    tokio::time::sleep(Duration::from_millis((n as u64 * 1_000) / HONEST as u64)).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut samples = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let (id, payload) = writer.next();
+        let t0 = Instant::now();
+        conn.client.publish(uplink_topic(&tenant, &device), QoS::AtLeastOnce, false, payload).await?;
+        // Waited for at most 30 s: a write not acked by then counts as 30 s.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, conn.downlinks.recv()).await {
+                Ok(Some(Downlink::Ack { id: got, .. })) if got == id => break,
+                Ok(Some(_)) => {}
+                Ok(None) => anyhow::bail!("{device}: the connection task ended"),
+                Err(_) => break,
+            }
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(samples)
+}
+
+/// The flooder: batches as fast as the connection takes them; counts acks and slow-downs.
+async fn flood(broker: BrokerAddr, tenant: String, stop: Arc<AtomicBool>) -> anyhow::Result<(u64, u64, u64)> {
+    let device = "flooder".to_owned();
+    let mut conn = connect(&broker, &tenant, &device).await?;
+    let mut answers = std::mem::replace(&mut conn.downlinks, tokio::sync::mpsc::unbounded_channel().1);
+    let client = conn.client.clone();
+    let (acked, slowed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (a, s) = (acked.clone(), slowed.clone());
+    let counter = tokio::spawn(async move {
+        while let Some(msg) = answers.recv().await {
+            match msg {
+                Downlink::Ack { .. } => a.fetch_add(1, Ordering::Relaxed),
+                Downlink::SlowDown { .. } => s.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
+    });
+    let mut writer = Writer::new(device.clone(), 0);
+    let mut sent = 0u64;
+    // FLOOD_RATE caps the flood (batches a second), to find what the gateway drains.
+    let cap: Option<f64> = std::env::var("FLOOD_RATE").ok().and_then(|r| r.parse().ok());
+    let start = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(rate) = cap
+            && sent as f64 > start.elapsed().as_secs_f64() * rate
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let (_, payload) = writer.next();
+        client.publish(uplink_topic(&tenant, &device), QoS::AtLeastOnce, false, payload).await?;
+        sent += 1;
+        // The client's queue rarely makes it wait: let its connection task run.
+        if sent.is_multiple_of(64) {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Answers to what was sent last may still be on their way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    counter.abort();
+    Ok((sent, acked.load(Ordering::Relaxed), slowed.load(Ordering::Relaxed)))
+}
+
+/// A phase: the honest devices for [`PHASE`], with or without the flooder.
+async fn phase(broker: &BrokerAddr, tenant: &str, with_flood: bool) -> anyhow::Result<(Vec<f64>, (u64, u64, u64))> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let honest: Vec<_> =
+        (0..HONEST).map(|n| tokio::spawn(honest(broker.clone(), tenant.to_owned(), n, stop.clone()))).collect();
+    // The flooder runs on a thread and runtime of its own, as a device elsewhere would: its
+    // loop must not take the honest devices' threads.
+    let flooder = with_flood.then(|| {
+        let (broker, tenant, stop) = (broker.clone(), tenant.to_owned(), stop.clone());
+        std::thread::spawn(move || -> anyhow::Result<(u64, u64, u64)> {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(flood(broker, tenant, stop))
+        })
+    });
+    tokio::time::sleep(PHASE).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = Vec::new();
+    for h in honest {
+        samples.extend(h.await??);
+    }
+    samples.sort_by(f64::total_cmp);
+    let flooded = match flooder {
+        Some(f) => f.join().map_err(|_| anyhow::anyhow!("the flooder panicked"))??,
+        None => (0, 0, 0),
+    };
+    Ok((samples, flooded))
+}
+
+fn line(what: &str, samples: &[f64]) {
+    println!(
+        "{what}: {} honest writes, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        samples.len(),
+        percentile(samples, 50.0),
+        percentile(samples, 99.0),
+        samples.last().copied().unwrap_or(0.0)
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = bench_broker_url();
+    let broker: BrokerAddr = url.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let secs = PHASE.as_secs_f64();
+
+    let tenant = format!("flood-{}", std::process::id());
+    let gateway = GatewayProcess::start(&dir.path().join("gw.db"), &url, &tenant);
+    let (quiet, _) = phase(&broker, &tenant, false).await?;
+    line("without the flood", &quiet);
+    let (loud, (sent, acked, slowed)) = phase(&broker, &tenant, true).await?;
+    line("with the flood (default quotas)", &loud);
+    println!(
+        "flooder: {:.0} batches/s sent, {:.1}/s accepted, {slowed} slow-downs",
+        sent as f64 / secs,
+        acked as f64 / secs
+    );
+    drop(gateway);
+
+    // The same flood against a gateway without quotas, for comparison.
+    let open = format!("flood-open-{}", std::process::id());
+    let unlimited = ["--device-messages-per-s", "0", "--tenant-messages-per-s", "0"];
+    let _gateway = GatewayProcess::start_with(&dir.path().join("gw-open.db"), &url, &open, &unlimited);
+    let (unguarded, (sent_open, acked_open, _)) = phase(&broker, &open, true).await?;
+    line("with the flood, no quotas", &unguarded);
+    println!(
+        "flooder without quotas: {:.0}/s sent, {:.1}/s accepted",
+        sent_open as f64 / secs,
+        acked_open as f64 / secs
+    );
+
+    let (p99, p99_quiet) = (percentile(&loud, 99.0), percentile(&quiet, 99.0));
+    report(&[
+        ("honest_p99_ms", p99),
+        ("honest_p99_ms_without_flood", p99_quiet),
+        ("flood_accepted_per_s", acked as f64 / secs),
+        ("flood_sent_per_s", sent as f64 / secs),
+        ("p99_ratio", p99 / p99_quiet.max(f64::EPSILON)),
+        ("honest_p50_ms", percentile(&loud, 50.0)),
+        ("honest_p99_ms_without_quotas", percentile(&unguarded, 99.0)),
+    ]);
+    Ok(())
+}
