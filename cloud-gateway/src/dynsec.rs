@@ -71,21 +71,30 @@ impl Dynsec {
         Ok(admin)
     }
 
-    /// Sends `commands` and returns each one's error (`None`: done), in order.
-    async fn run(&mut self, commands: Vec<Value>) -> Result<Vec<Option<String>>> {
+    /// Sends `commands` and returns each one's error (`None`: done), in order. Every admin
+    /// client gets every answer: ours carry a token of our own.
+    async fn run(&mut self, mut commands: Vec<Value>) -> Result<Vec<Option<String>>> {
         let n = commands.len();
-        let payload = serde_json::to_vec(&json!({ "commands": commands })).map_err(|e| Error::Broker(e.to_string()))?;
+        let token = new_password()?;
+        for c in &mut commands {
+            c["correlationData"] = json!(token);
+        }
+        let payload =
+            serde_json::to_vec(&json!({ "commands": commands })).map_err(|e| Error::BrokerAdmin(e.to_string()))?;
         self.client.publish(COMMANDS, QoS::AtLeastOnce, false, payload).await?;
-        let Packet::Publish(answer) =
-            self.wait_for(|p| matches!(p, Packet::Publish(p) if p.topic == RESPONSES)).await?
-        else {
-            return Err(Error::Broker("no answer from the dynamic-security plugin".into()));
+        let ours = |p: &Packet| match p {
+            Packet::Publish(p) if p.topic == RESPONSES => serde_json::from_slice::<Value>(&p.payload)
+                .is_ok_and(|v| v["responses"][0]["correlationData"] == json!(token)),
+            _ => false,
+        };
+        let Packet::Publish(answer) = self.wait_for(ours).await? else {
+            return Err(Error::BrokerAdmin("no answer from the dynamic-security plugin".into()));
         };
         let answer: Value = serde_json::from_slice(&answer.payload)
-            .map_err(|e| Error::Broker(format!("dynamic-security answer: {e}")))?;
+            .map_err(|e| Error::BrokerAdmin(format!("dynamic-security answer: {e}")))?;
         let responses = answer["responses"].as_array().cloned().unwrap_or_default();
         if responses.len() != n {
-            return Err(Error::Broker(format!(
+            return Err(Error::BrokerAdmin(format!(
                 "dynamic-security answered {} of {n} commands: {answer}",
                 responses.len()
             )));
@@ -98,7 +107,7 @@ impl Dynsec {
         let names: Vec<String> = commands.iter().map(|c| c["command"].as_str().unwrap_or("?").to_owned()).collect();
         for (name, error) in names.iter().zip(self.run(commands).await?) {
             if let Some(e) = error.filter(|e| !tolerated(e)) {
-                return Err(Error::Broker(format!("dynamic-security {name}: {e}")));
+                return Err(Error::BrokerAdmin(format!("dynamic-security {name}: {e}")));
             }
         }
         Ok(())
@@ -139,6 +148,18 @@ impl Dynsec {
         self.run_all(commands, |e| e.contains("not found")).await
     }
 
+    /// Disconnects a device and keeps it out until [`Dynsec::enable_device`].
+    pub async fn disable_device(&mut self, tenant: &str, device: &str) -> Result<()> {
+        let username = device_username(tenant, device);
+        self.run_all(vec![json!({ "command": "disableClient", "username": username })], |_| false).await
+    }
+
+    /// Lets a disabled device connect again.
+    pub async fn enable_device(&mut self, tenant: &str, device: &str) -> Result<()> {
+        let username = device_username(tenant, device);
+        self.run_all(vec![json!({ "command": "enableClient", "username": username })], |_| false).await
+    }
+
     /// Gives a gateway instance a broker client `name` with `password`: it reads every
     /// uplink (through a shared subscription) and writes every downlink, poke and schema.
     pub async fn add_gateway(&mut self, name: &str, password: &str) -> Result<()> {
@@ -167,8 +188,8 @@ impl Dynsec {
         loop {
             let event = tokio::time::timeout_at(deadline, self.events.poll())
                 .await
-                .map_err(|_| Error::Broker("the broker did not answer the admin in 10 s".into()))?
-                .map_err(|e| Error::Broker(format!("admin connection: {e}")))?;
+                .map_err(|_| Error::BrokerAdmin("the broker did not answer the admin in 10 s".into()))?
+                .map_err(|e| Error::BrokerAdmin(format!("admin connection: {e}")))?;
             if let Event::Incoming(packet) = event
                 && wanted(&packet)
             {

@@ -27,6 +27,9 @@ pub enum Error {
     Mqtt(#[from] rumqttc::ClientError),
     #[error("embedded broker: {0}")]
     Broker(String),
+    /// Setting credentials or access in the broker (its dynamic-security plugin) failed.
+    #[error("broker admin: {0}")]
+    BrokerAdmin(String),
     #[error("the storage worker stopped unexpectedly: {0}")]
     WorkerGone(String),
     #[error("the system random generator failed: {0}")]

@@ -164,6 +164,13 @@ struct RunArgs {
     /// Messages a second all devices of one tenant may send (0: no limit); burst twice this.
     #[arg(long, default_value_t = 20_000.0)]
     tenant_messages_per_s: f64,
+    /// Mosquitto's dynamic-security admin (mqtts://ADMIN:PASSWORD@HOST:PORT): a device that
+    /// goes on flooding after being told to slow down is cut off at the broker for a while.
+    #[arg(long, env = "DRIFTLESS_BROKER_ADMIN")]
+    broker_admin: Option<String>,
+    /// How long a flooding device is kept off the broker.
+    #[arg(long, default_value_t = 60)]
+    cut_off_seconds: u64,
 }
 
 /// The quotas the flags ask for (0: no limit).
@@ -335,6 +342,10 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
     config.tenant = args.tenant;
     config.handler.max_clock_drift_ms = args.max_clock_drift_ms;
     config.handler.require_registration = args.require_registration;
+    if let Some(url) = &args.broker_admin {
+        config.broker_admin = Some(url.parse().map_err(|e| anyhow::anyhow!("--broker-admin: {e}"))?);
+    }
+    config.cut_off = Duration::from_secs(args.cut_off_seconds);
     config.handler.recovery_window_ms = args.recovery_window_hours.saturating_mul(3_600_000);
 
     config.dead_letter_retention =

@@ -100,15 +100,30 @@ impl Pair {
 pub enum Admission {
     /// Handle it.
     Take,
-    /// Drop it; `tell` says whether to send the device a `SlowDown` now.
-    Drop { retry_after: Duration, tell: bool },
+    /// Drop it; `tell` says whether to send the device a `SlowDown` now, and `cut_off`
+    /// that the device goes on sending as if it had not been told (and should be cut off at
+    /// the broker for a while, where the gateway can).
+    Drop { retry_after: Duration, tell: bool, cut_off: bool },
+}
+
+/// Messages dropped in a row, after which a device is taken to ignore being told: an agent
+/// stops within its few messages in flight.
+const IGNORED_AFTER: u64 = 1_000;
+
+/// What is kept of one device.
+#[derive(Debug)]
+struct DeviceState {
+    pair: Pair,
+    told: Option<Instant>,
+    /// Messages dropped since the last one taken.
+    dropped: u64,
 }
 
 /// The buckets of every device and tenant heard from recently.
 #[derive(Debug)]
 pub struct Quotas {
     cfg: QuotaConfig,
-    devices: HashMap<(String, String), (Pair, Option<Instant>)>,
+    devices: HashMap<(String, String), DeviceState>,
     tenants: HashMap<String, Pair>,
     admitted: u64,
 }
@@ -125,10 +140,12 @@ impl Quotas {
     pub fn admit(&mut self, tenant: &str, device: &str, size: usize, now: Instant) -> Admission {
         let c = &self.cfg;
         let size = size as f64;
-        let (pair, told) = self
-            .devices
-            .entry((tenant.to_owned(), device.to_owned()))
-            .or_insert_with(|| (Pair::full(c.device_messages, c.device_bytes, now), None));
+        let state = self.devices.entry((tenant.to_owned(), device.to_owned())).or_insert_with(|| DeviceState {
+            pair: Pair::full(c.device_messages, c.device_bytes, now),
+            told: None,
+            dropped: 0,
+        });
+        let (pair, told) = (&mut state.pair, &mut state.told);
         let tenant_pair =
             self.tenants.entry(tenant.to_owned()).or_insert_with(|| Pair::full(c.tenant_messages, c.tenant_bytes, now));
         let wait = pair.wait(c.device_messages, c.device_bytes, size, now).max(tenant_pair.wait(
@@ -142,8 +159,11 @@ impl Quotas {
             if tell {
                 *told = Some(now);
             }
-            return Admission::Drop { retry_after: wait, tell };
+            state.dropped += 1;
+            let cut_off = state.dropped == IGNORED_AFTER;
+            return Admission::Drop { retry_after: wait, tell, cut_off };
         }
+        state.dropped = 0;
         pair.take(c.device_bytes, size);
         tenant_pair.take(c.tenant_bytes, size);
         self.admitted += 1;
@@ -160,7 +180,7 @@ impl Quotas {
             now.saturating_duration_since(b.at).as_secs_f64() * rate.per_second + b.tokens >= rate.burst
         };
         self.devices
-            .retain(|_, (p, _)| !(refilled(c.device_messages, &p.messages) && refilled(c.device_bytes, &p.bytes)));
+            .retain(|_, d| !(refilled(c.device_messages, &d.pair.messages) && refilled(c.device_bytes, &d.pair.bytes)));
         self.tenants.retain(|_, p| !(refilled(c.tenant_messages, &p.messages) && refilled(c.tenant_bytes, &p.bytes)));
     }
 }
@@ -185,7 +205,9 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(q.admit("t", "flood", 10, t0), Admission::Take);
         }
-        let Admission::Drop { retry_after, tell: true } = q.admit("t", "flood", 10, t0) else { panic!("over") };
+        let Admission::Drop { retry_after, tell: true, cut_off: false } = q.admit("t", "flood", 10, t0) else {
+            panic!("over")
+        };
         assert_eq!(retry_after, Duration::from_millis(100));
         assert!(matches!(q.admit("t", "flood", 10, t0), Admission::Drop { tell: false, .. }));
         // Another device of the tenant is not held back by the flood.
@@ -195,6 +217,16 @@ mod tests {
         assert_eq!(q.admit("t", "flood", 10, later), Admission::Take);
         assert!(matches!(q.admit("t", "flood", 10, later), Admission::Drop { tell: false, .. }));
         assert!(matches!(q.admit("t", "flood", 10, t0 + Duration::from_millis(1_050)), Admission::Take));
+    }
+
+    #[test]
+    fn a_device_that_goes_on_flooding_after_being_told_is_marked_once() {
+        let mut q = Quotas::new(small());
+        let t0 = Instant::now();
+        let cut: Vec<bool> =
+            (0..3_000).map(|_| matches!(q.admit("t", "flood", 1, t0), Admission::Drop { cut_off: true, .. })).collect();
+        assert_eq!(cut.iter().filter(|c| **c).count(), 1);
+        assert!(cut[5 + IGNORED_AFTER as usize - 1], "the thousandth dropped message marks it");
     }
 
     #[test]

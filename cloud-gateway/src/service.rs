@@ -51,6 +51,11 @@ pub struct GatewayConfig {
     pub watch: Option<std::path::PathBuf>,
     /// Messages and bytes each device and each tenant may send.
     pub quotas: QuotaConfig,
+    /// Mosquitto's dynamic-security admin: a device that goes on flooding after being told to
+    /// slow down is disconnected and kept out for [`GatewayConfig::cut_off`]. `None`: the
+    /// gateway only drops its messages.
+    pub broker_admin: Option<BrokerAddr>,
+    pub cut_off: Duration,
 }
 
 impl GatewayConfig {
@@ -67,6 +72,8 @@ impl GatewayConfig {
             dead_letter_retention: Some(Duration::from_secs(30 * 86_400)),
             watch: None,
             quotas: QuotaConfig::default(),
+            broker_admin: None,
+            cut_off: Duration::from_secs(60),
         }
     }
 }
@@ -115,8 +122,12 @@ pub async fn run<S: GatewayStore + 'static>(
     let (client, eventloop) = AsyncClient::new(mqtt_options(&base, false), 1_000);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
-    let quotas = Quotas::new(config.quotas.clone());
-    let poller = tokio::spawn(poll_events(eventloop, client.clone(), base, filter, tx, quotas, config.ready.clone()));
+    let guard = Guard {
+        quotas: Quotas::new(config.quotas.clone()),
+        admin: config.broker_admin.clone(),
+        cut_off: config.cut_off,
+    };
+    let poller = tokio::spawn(poll_events(eventloop, client.clone(), base, filter, tx, guard, config.ready.clone()));
     let store = Arc::new(Mutex::new(store));
     announce_schema(&client, &store, &config).await?;
     let handler = Arc::new(config.handler.clone());
@@ -443,29 +454,63 @@ async fn handle<S: GatewayStore + 'static>(
     Ok(())
 }
 
-/// Drops a message over its device's or tenant's quota, at once and without a store access
-/// or a place in the queue of messages to merge (so a flood is drained as fast as it comes):
-/// acknowledged to the broker, not answered (the device sends it again later), and the
-/// device told to slow down. Whether it was dropped. Called from the task that drives the
-/// connection, so nothing here may wait for the connection.
-fn over_quota(client: &AsyncClient, quotas: &mut Quotas, publish: &Publish) -> bool {
-    let Some((tenant, device)) = driftless_core::protocol::parse_uplink_topic(&publish.topic) else {
-        return false;
-    };
-    let Admission::Drop { retry_after, tell } = quotas.admit(tenant, device, publish.payload.len(), Instant::now())
-    else {
-        return false;
-    };
-    // A full request queue: the message goes the usual way (the quota was charged anyway).
-    if client.try_ack(publish).is_err() {
-        return false;
+/// The quotas, and the broker admin that cuts off a device that ignores them.
+struct Guard {
+    quotas: Quotas,
+    admin: Option<BrokerAddr>,
+    cut_off: Duration,
+}
+
+impl Guard {
+    /// Drops a message over its device's or tenant's quota, at once and without a store
+    /// access or a place in the queue of messages to merge (so a flood is drained as fast as
+    /// it comes): acknowledged to the broker, not answered (the device sends it again later),
+    /// and the device told to slow down. Whether it was dropped. Called from the task that
+    /// drives the connection, so nothing here may wait for the connection.
+    fn over_quota(&mut self, client: &AsyncClient, publish: &Publish) -> bool {
+        let Some((tenant, device)) = driftless_core::protocol::parse_uplink_topic(&publish.topic) else {
+            return false;
+        };
+        let size = publish.payload.len();
+        let Admission::Drop { retry_after, tell, cut_off } = self.quotas.admit(tenant, device, size, Instant::now())
+        else {
+            return false;
+        };
+        // A full request queue: the message goes the usual way (the quota was charged anyway).
+        if client.try_ack(publish).is_err() {
+            return false;
+        }
+        if tell {
+            tracing::warn!(
+                tenant,
+                device,
+                ?retry_after,
+                "a device is over its quota; its messages are dropped for now"
+            );
+            let slow = Downlink::SlowDown { retry_after_ms: retry_after.as_millis() as u64 };
+            let _ = client.try_publish(downlink_topic(tenant, device), QoS::AtLeastOnce, false, slow.encode());
+        }
+        if cut_off && let Some(admin) = self.admin.clone() {
+            tokio::spawn(cut_off_for(admin, tenant.to_owned(), device.to_owned(), self.cut_off));
+        }
+        true
     }
-    if tell {
-        tracing::warn!(tenant, device, ?retry_after, "a device is over its quota; its messages are dropped for now");
-        let slow = Downlink::SlowDown { retry_after_ms: retry_after.as_millis() as u64 };
-        let _ = client.try_publish(downlink_topic(tenant, device), QoS::AtLeastOnce, false, slow.encode());
+}
+
+/// Keeps a device that floods after being told to slow down off the broker for `cool_off`:
+/// the flood then costs the broker nothing either. What it had not sent stays in its outbox.
+async fn cut_off_for(admin: BrokerAddr, tenant: String, device: String, cool_off: Duration) {
+    let run = async {
+        crate::dynsec::Dynsec::connect(&admin).await?.disable_device(&tenant, &device).await?;
+        tracing::warn!(%tenant, %device, ?cool_off, "a device floods after being told to slow down: cut off at the broker");
+        tokio::time::sleep(cool_off).await;
+        crate::dynsec::Dynsec::connect(&admin).await?.enable_device(&tenant, &device).await?;
+        tracing::info!(%tenant, %device, "a device cut off for flooding may connect again");
+        Ok::<(), Error>(())
+    };
+    if let Err(e) = run.await {
+        tracing::error!(%tenant, %device, "cutting off a flooding device at the broker: {e}");
     }
-    true
 }
 
 async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, keep: Duration) {
@@ -537,7 +582,7 @@ async fn poll_events(
     base: MqttOptions,
     filter: String,
     tx: mpsc::UnboundedSender<Publish>,
-    mut quotas: Quotas,
+    mut guard: Guard,
     ready: Arc<Notify>,
 ) {
     let mut net = rumqttc::NetworkOptions::new();
@@ -570,7 +615,7 @@ async fn poll_events(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 failures_since_delivery = 0;
-                if over_quota(&client, &mut quotas, &p) {
+                if guard.over_quota(&client, &p) {
                     continue;
                 }
                 if tx.send(p).is_err() {
