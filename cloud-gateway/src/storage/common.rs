@@ -11,6 +11,9 @@ use crate::storage::Registration;
 /// Dead letters larger than this keep only their first [`DEAD_LETTER_PREFIX`] bytes.
 pub(crate) const DEAD_LETTER_INLINE: usize = 64 << 10;
 pub(crate) const DEAD_LETTER_PREFIX: usize = 4 << 10;
+/// Dead letters kept per device (the oldest go): a device sending only what is refused
+/// cannot fill the store. What they held stays with the device, set aside there too.
+pub(crate) const DEAD_LETTERS_PER_DEVICE: i64 = 1_000;
 
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

@@ -28,7 +28,7 @@ use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
 use postgres::{Client, Config, Transaction};
 
 use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
-use super::common::{Tags, dead_letter_kept, now_ms, parse_resume, resume_token, unfit_rows};
+use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, dead_letter_kept, now_ms, parse_resume, resume_token, unfit_rows};
 use super::{
     ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
     Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
@@ -653,6 +653,12 @@ fn keep_dead_letter(
         "INSERT INTO driftless.gw_dead_letters(tenant, device, received_ms, reason, payload, size, sha256)
          VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
         &[&tenant, &device, &now_ms(), &reason, &kept, &(payload.len() as i64), &sha256],
+    )?;
+    client.execute(
+        "DELETE FROM driftless.gw_dead_letters WHERE tenant = $1 AND device = $2 AND id <= (
+             SELECT id FROM driftless.gw_dead_letters WHERE tenant = $1 AND device = $2
+             ORDER BY id DESC OFFSET $3 LIMIT 1)",
+        &[&tenant, &device, &DEAD_LETTERS_PER_DEVICE],
     )?;
     Ok(row.get(0))
 }

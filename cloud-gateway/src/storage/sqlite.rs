@@ -15,7 +15,7 @@ use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::common::{Tags, dead_letter_kept, now_ms, parse_resume, resume_token};
+use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, dead_letter_kept, now_ms, parse_resume, resume_token};
 use super::{
     ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
     Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
@@ -135,7 +135,13 @@ pub(super) fn keep_dead_letter(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(rusqlite::params![tenant, device, now_ms(), reason, kept, payload.len() as i64, sha256])?;
-    Ok(conn.last_insert_rowid())
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "DELETE FROM gw_dead_letters WHERE tenant = ?1 AND device = ?2 AND id <= (
+             SELECT id FROM gw_dead_letters WHERE tenant = ?1 AND device = ?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+    )?
+    .execute(rusqlite::params![tenant, device, DEAD_LETTERS_PER_DEVICE])?;
+    Ok(id)
 }
 
 impl GatewayStore for SqliteStore {

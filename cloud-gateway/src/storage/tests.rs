@@ -199,6 +199,17 @@ fn large_dead_letters_are_kept_by_reference_and_can_be_filtered_and_purged(b: &B
     assert_eq!(gw.dead_letters(&DeadLetterFilter { limit: 1, ..Default::default() }).expect("letters").len(), 1);
     assert_eq!(gw.tenants().expect("tenants"), vec!["acme".to_owned()]);
     assert_eq!(gw.purge_dead_letters(i64::MAX).expect("purge"), 2);
+    // A device sending only what is refused keeps its newest letters, and others keep theirs.
+    gw.dead_letter("acme", "tab-2", "kept", b"other").expect("letter");
+    let cap = super::common::DEAD_LETTERS_PER_DEVICE;
+    for i in 0..cap + 50 {
+        gw.dead_letter("acme", "noisy", &format!("refused {i}"), b"x").expect("letter");
+    }
+    let noisy = DeadLetterFilter { device: Some("noisy".into()), ..Default::default() };
+    let kept = gw.dead_letters(&noisy).expect("letters");
+    assert_eq!(kept.len() as i64, cap);
+    assert_eq!(kept[0].reason, format!("refused {}", cap + 49), "the newest first");
+    assert_eq!(gw.dead_letters(&DeadLetterFilter::default()).expect("letters").len() as i64, cap + 1);
 }
 
 fn attempts_are_counted_taken_back_and_cleared(b: &Backend) {
