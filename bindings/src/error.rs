@@ -23,6 +23,10 @@ pub enum ApiError {
     /// The database file could not be used (permissions, disk full, corruption).
     #[error("storage error: {reason}")]
     Storage { reason: String },
+    /// The database is encrypted with another key (or with one and none was given), or a key
+    /// was given to a library built without encryption.
+    #[error("encryption: {reason}")]
+    Encryption { reason: String },
 }
 
 /// Errors from SQL the app itself wrote: SQLite's message describes the app's statement.
@@ -44,6 +48,7 @@ impl From<CoreError> for ApiError {
             | CoreError::SchemaChanged { .. }
             | CoreError::SchemaMismatch { .. }
             | CoreError::Schema(_) => ApiError::InvalidArgument { reason: e.to_string() },
+            CoreError::WrongKey(_) | CoreError::EncryptionUnavailable => ApiError::Encryption { reason: e.to_string() },
             // Engine-internal statements: report the kind, not the statement.
             CoreError::Sqlite(inner) => ApiError::Storage { reason: sqlite_kind(&inner) },
             other => ApiError::Storage { reason: other.to_string() },

@@ -46,6 +46,15 @@ fn params(values: Vec<SqlValue>) -> Vec<Value> {
 }
 
 impl SyncStore {
+    fn open_with(path: String, opts: StoreOptions) -> Result<Arc<SyncStore>, ApiError> {
+        let store = StoreHandle::create(path.into(), opts)?;
+        // A phone's database may have been restored from a backup: nothing is sealed under its
+        // node id until the gateway has confirmed the id is still this store's own (the sync
+        // agent releases the hold). Writes meanwhile are captured and counted as pending.
+        runtime().block_on(store.call(|s| s.hold_seal())).map_err(ApiError::from)?;
+        Ok(Arc::new(SyncStore { state: Mutex::new(Some(Open { store, agent: None })) }))
+    }
+
     /// The store handle, cloned out of the lock.
     fn handle(&self) -> Result<StoreHandle, ApiError> {
         let state = self.state.lock().map_err(|_| ApiError::Closed)?;
@@ -67,12 +76,15 @@ impl SyncStore {
     /// role for authority policies (empty if unused).
     #[uniffi::constructor]
     pub fn open(path: String, role: String) -> Result<Arc<SyncStore>, ApiError> {
-        let store = StoreHandle::create(path.into(), StoreOptions { role, ..StoreOptions::default() })?;
-        // A phone's database may have been restored from a backup: nothing is sealed under its
-        // node id until the gateway has confirmed the id is still this store's own (the sync
-        // agent releases the hold). Writes meanwhile are captured and counted as pending.
-        runtime().block_on(store.call(|s| s.hold_seal())).map_err(ApiError::from)?;
-        Ok(Arc::new(SyncStore { state: Mutex::new(Some(Open { store, agent: None })) }))
+        Self::open_with(path, StoreOptions { role, ..StoreOptions::default() })
+    }
+
+    /// Opens a database encrypted with `key` (SQLCipher; a library built with the
+    /// `sqlcipher` feature). A new database is encrypted from the start; a wrong key is an
+    /// `Encryption` error. Keep the key in the platform's keystore (Keychain, Android Keystore).
+    #[uniffi::constructor]
+    pub fn open_encrypted(path: String, role: String, key: String) -> Result<Arc<SyncStore>, ApiError> {
+        Self::open_with(path, StoreOptions { role, key: Some(key), ..StoreOptions::default() })
     }
 
     /// Runs one statement (with `?` parameters) and returns the number of rows changed.

@@ -38,6 +38,13 @@ pub enum Error {
     NoSuchConflict { table: String, column: String },
     #[error("the system random generator failed: {0}")]
     Random(String),
+    /// The database is encrypted with another key, or is encrypted and no key was given (or
+    /// is not a database at all).
+    #[error("{0} cannot be read: wrong or missing encryption key, or not a database")]
+    WrongKey(String),
+    /// A key was given to a build without encryption (build with the `sqlcipher` feature).
+    #[error("an encryption key was given, but this build has no encryption (the sqlcipher feature)")]
+    EncryptionUnavailable,
     #[error("stored metadata is corrupt: {0}")]
     Corrupt(String),
     #[error("database schema version {found} is newer than this build supports ({supported})")]

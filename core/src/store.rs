@@ -63,6 +63,9 @@ pub struct StoreOptions {
     pub clock: WallClock,
     /// Bounds applied to stored metadata when decoding it.
     pub limits: Limits,
+    /// The key the database is encrypted with (SQLCipher; the `sqlcipher` feature). `None`:
+    /// not encrypted. Every connection the store opens uses it; so must the app's own.
+    pub key: Option<String>,
 }
 
 impl Default for StoreOptions {
@@ -72,6 +75,7 @@ impl Default for StoreOptions {
             max_clock_drift_ms: 5 * 60_000,
             clock: Arc::new(system_clock),
             limits: Limits::default(),
+            key: None,
         }
     }
 }
@@ -193,13 +197,36 @@ impl fmt::Debug for Store {
     }
 }
 
+/// `conn` unlocked with `key` (SQLCipher), and checked to be readable: a wrong or missing key
+/// is [`Error::WrongKey`], a key without encryption in this build
+/// [`Error::EncryptionUnavailable`].
+fn keyed(conn: Connection, path: &Path, key: Option<&str>) -> Result<Connection> {
+    if let Some(key) = key {
+        // Plain SQLite ignores `PRAGMA key`: a build without SQLCipher must not pretend.
+        let cipher: Option<String> = conn.query_row("PRAGMA cipher_version", [], |r| r.get(0)).optional()?;
+        if cipher.is_none() {
+            return Err(Error::EncryptionUnavailable);
+        }
+        conn.pragma_update(None, "key", key)?;
+    }
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
+        Ok(_) => Ok(conn),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::NotADatabase => {
+            Err(Error::WrongKey(path.display().to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` in WAL mode and brings the engine's
     /// tables up to date. A new database gets a fresh random node id.
     pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
         let path = path.as_ref().to_path_buf();
-        let mut conn = Connection::open(&path)?;
+        let mut conn = keyed(Connection::open(&path)?, &path, opts.key.as_deref())?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // Deleted rows' bytes are overwritten, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.set_prepared_statement_cache_capacity(256);
@@ -273,6 +300,7 @@ impl Store {
                     &self.path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
+                let c = keyed(c, &self.path, self.inner.opts.key.as_deref())?;
                 c.busy_timeout(Duration::from_secs(10))?;
                 c
             }
