@@ -2,7 +2,7 @@
 //! without it, and a wrong key is a clear error. A build without the feature refuses a key
 //! rather than writing in the clear.
 
-use driftless_core::{Error, Store, StoreOptions, TableSpec};
+use driftless_core::{Error, Store, StoreOptions};
 
 fn keyed(key: Option<&str>) -> StoreOptions {
     StoreOptions { key: key.map(str::to_owned), ..StoreOptions::default() }
@@ -19,6 +19,7 @@ fn a_key_given_to_a_build_without_encryption_is_refused() {
 #[cfg(feature = "sqlcipher")]
 #[test]
 fn an_encrypted_store_is_unreadable_without_its_key_and_a_wrong_key_is_a_clear_error() {
+    use driftless_core::TableSpec;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("d.db");
     let marker = "recognisable-plaintext-7f3a9c";
