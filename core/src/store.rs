@@ -225,8 +225,6 @@ impl Store {
         let path = path.as_ref().to_path_buf();
         let mut conn = keyed(Connection::open(&path)?, &path, opts.key.as_deref())?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        // Deleted rows' bytes are overwritten, not left in free pages.
-        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.set_prepared_statement_cache_capacity(256);
