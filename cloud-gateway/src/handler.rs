@@ -154,21 +154,13 @@ fn process(
     let msg = Uplink::decode(payload, &cfg.decode)
         .map_err(|e| Fault::Message { reason: format!("undecodable message: {e}"), nack: None })?;
     let mut epoch = store.epoch(tenant)?;
-    if let Some(claimed) = claimed_epoch(&msg).filter(|claimed| *claimed != epoch) {
+    let claimed = claimed_epoch(&msg).filter(|claimed| *claimed != epoch);
+    if claimed.is_some() {
         // A device speaking for an epoch this instance does not know: another instance
         // sharing the store may have renewed it. Answering from a stale cache would send the
         // device back and forth between the two.
         epoch = store.epoch_now(tenant)?;
-        if claimed != epoch && !store.issued_epoch(tenant, claimed)? {
-            // An epoch this store never issued: it replaced the one that did (an empty or
-            // older store). What devices send back now may hold writes it cannot check.
-            let reason = format!("device {device:?} speaks for epoch {claimed}, which this store never issued");
-            tracing::error!(tenant, %reason, "this store replaced another; starting a new epoch");
-            epoch = store.new_epoch(tenant, epoch, &reason)?;
-            recovery_from = Some(now_ms as i64);
-        }
     }
-    let recovering = recovery_from.is_some_and(|at| now_ms < (at as u64).saturating_add(cfg.recovery_window_ms));
     if msg.device() != device {
         let reason = format!("message claims device {:?} but arrived on the topic of {device:?}", msg.device());
         return Err(Fault::Message { nack: nack(&msg, epoch, &reason), reason });
@@ -177,6 +169,23 @@ fn process(
         let reason = format!("message of {} bytes exceeds the limit of {}", payload.len(), cfg.max_uplink_bytes);
         return Err(Fault::Message { nack: nack(&msg, epoch, &reason), reason });
     }
+    if let Some(claimed) = claimed.filter(|c| *c != epoch)
+        && !store.issued_epoch(tenant, claimed)?
+    {
+        // An epoch this store never issued: it replaced the one that did (an empty or older
+        // store). What devices send back now may hold writes it cannot check. Noted, so the
+        // same epoch shown by every other device of the tenant starts nothing more.
+        let reason = format!("device {device:?} speaks for epoch {claimed}, which this store never issued");
+        tracing::error!(tenant, %reason, "this store replaced another; starting a new epoch");
+        epoch = store.new_epoch(tenant, epoch, &reason)?;
+        store.note_foreign_epoch(tenant, claimed)?;
+        recovery_from = Some(now_ms as i64);
+    }
+    if !standing.heard && standing.recovery_from_ms.is_some() {
+        // The device's recovery window starts with its first message in the new epoch.
+        store.heard_in_epoch(tenant, device)?;
+    }
+    let recovering = recovery_from.is_some_and(|at| now_ms < (at as u64).saturating_add(cfg.recovery_window_ms));
     let rows = |asked: u32| (asked as usize).clamp(1, cfg.max_rows_per_message);
     let bytes = |asked: u32| (asked as usize).clamp(1, cfg.max_message_bytes);
     let reply = |msg: Downlink| vec![to(tenant, device, msg)];

@@ -75,6 +75,8 @@ pub struct Standing {
     /// device's window for sending back what it holds starts (when it was first heard from
     /// in the new epoch).
     pub recovery_from_ms: Option<i64>,
+    /// Whether the device was heard from in the tenant's current epoch already.
+    pub heard: bool,
 }
 
 /// A sync schema version as the gateway serves it.
@@ -229,8 +231,16 @@ pub trait GatewayStore: Send {
     /// one restore is one new epoch. Returns the current epoch either way.
     fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch>;
 
-    /// Whether this store ever issued `epoch` to `tenant` (current or earlier).
+    /// Whether this store ever issued `epoch` to `tenant` (current or earlier), or noted it
+    /// as issued by a store it replaced.
     fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool>;
+
+    /// Notes an epoch a store this one replaced issued to `tenant` (a device spoke for it).
+    fn note_foreign_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<()>;
+
+    /// Notes that `device` was heard from in the tenant's current epoch (its recovery window
+    /// starts then, if the epoch replaced another), unless it was already.
+    fn heard_in_epoch(&mut self, tenant: &str, device: &str) -> Result<()>;
 
     /// Notes that `device` of `tenant` says it writes as `node`, binding the node to it if the
     /// node is new, and returns what has been merged from both.

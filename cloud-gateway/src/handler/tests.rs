@@ -263,6 +263,12 @@ impl GatewayStore for FailingMerges {
     fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool> {
         self.0.issued_epoch(tenant, epoch)
     }
+    fn note_foreign_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<()> {
+        self.0.note_foreign_epoch(tenant, epoch)
+    }
+    fn heard_in_epoch(&mut self, tenant: &str, device: &str) -> Result<()> {
+        self.0.heard_in_epoch(tenant, device)
+    }
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<crate::storage::DeviceView> {
         self.0.hello(tenant, device, node)
     }

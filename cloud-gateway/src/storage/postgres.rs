@@ -213,10 +213,29 @@ impl GatewayStore for PgStore {
 
     fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool> {
         let row = self.client()?.query_one(
-            "SELECT EXISTS (SELECT 1 FROM driftless.gw_epochs WHERE tenant = $1 AND epoch = $2)",
+            "SELECT EXISTS (SELECT 1 FROM driftless.gw_epochs WHERE tenant = $1 AND epoch = $2)
+                 OR EXISTS (SELECT 1 FROM driftless.gw_foreign_epochs WHERE tenant = $1 AND epoch = $2)",
             &[&tenant, &&epoch.0[..]],
         )?;
         Ok(row.get(0))
+    }
+
+    fn note_foreign_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<()> {
+        self.client()?.execute(
+            "INSERT INTO driftless.gw_foreign_epochs(tenant, epoch, seen_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&tenant, &&epoch.0[..], &now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn heard_in_epoch(&mut self, tenant: &str, device: &str) -> Result<()> {
+        self.client()?.execute(
+            "INSERT INTO driftless.gw_epoch_devices(tenant, device, epoch, since_ms)
+             SELECT $1, $2, epoch, $3 FROM driftless.gw_epochs WHERE tenant = $1 ORDER BY id DESC LIMIT 1
+             ON CONFLICT DO NOTHING",
+            &[&tenant, &device, &now_ms()],
+        )?;
+        Ok(())
     }
 
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {

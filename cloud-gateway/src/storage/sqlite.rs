@@ -184,8 +184,28 @@ impl GatewayStore for SqliteStore {
     fn issued_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<bool> {
         Ok(self
             .conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM gw_epochs WHERE tenant = ?1 AND epoch = ?2)")?
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM gw_epochs WHERE tenant = ?1 AND epoch = ?2)
+                     OR EXISTS (SELECT 1 FROM gw_foreign_epochs WHERE tenant = ?1 AND epoch = ?2)",
+            )?
             .query_row(rusqlite::params![tenant, &epoch.0[..]], |r| r.get(0))?)
+    }
+
+    fn note_foreign_epoch(&mut self, tenant: &str, epoch: Epoch) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO gw_foreign_epochs(tenant, epoch, seen_ms) VALUES (?1, ?2, ?3)")?
+            .execute(rusqlite::params![tenant, &epoch.0[..], now_ms()])?;
+        Ok(())
+    }
+
+    fn heard_in_epoch(&mut self, tenant: &str, device: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO gw_epoch_devices(tenant, device, epoch, since_ms)
+                 SELECT ?1, ?2, epoch, ?3 FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1",
+            )?
+            .execute(rusqlite::params![tenant, device, now_ms()])?;
+        Ok(())
     }
 
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {

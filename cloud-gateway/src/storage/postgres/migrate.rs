@@ -133,14 +133,24 @@ const MIGRATIONS: &[&str] = &[
         removed_ms bigint,
         PRIMARY KEY (tenant, device)
     );
-    CREATE TABLE driftless.gw_epoch_devices (
+    ",
+    // 3: when devices were first heard from in each epoch, epochs a replaced store issued,
+    // dead letters capped per device.
+    "
+    CREATE TABLE IF NOT EXISTS driftless.gw_epoch_devices (
         tenant   text NOT NULL,
         device   text NOT NULL,
         epoch    bytea NOT NULL,
         since_ms bigint NOT NULL,
         PRIMARY KEY (tenant, device, epoch)
     );
-    CREATE INDEX gw_dead_letters_by_device ON driftless.gw_dead_letters (tenant, device, id);
+    CREATE INDEX IF NOT EXISTS gw_dead_letters_by_device ON driftless.gw_dead_letters (tenant, device, id);
+    CREATE TABLE driftless.gw_foreign_epochs (
+        tenant  text NOT NULL,
+        epoch   bytea NOT NULL,
+        seen_ms bigint NOT NULL,
+        PRIMARY KEY (tenant, epoch)
+    );
     ",
 ];
 

@@ -58,9 +58,11 @@ pub(super) fn standing(client: &mut Client, stmts: &mut Stmts, tenant: &str, dev
                     WHERE d.tenant = $1 AND d.device = $2 AND d.epoch = c.epoch)",
     )?;
     let row = client.query_one(&stmt, &[&tenant, &device])?;
+    let heard_ms: Option<i64> = row.get(3);
     Ok(Standing {
         registration: registration(row.get(0), row.get(1)),
-        recovery_from_ms: recovery_from(row.get(2), row.get(3)),
+        recovery_from_ms: recovery_from(row.get(2), heard_ms),
+        heard: heard_ms.is_some(),
     })
 }
 

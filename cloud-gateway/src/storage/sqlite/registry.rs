@@ -56,7 +56,11 @@ pub(super) fn standing(conn: &Connection, tenant: &str, device: &str) -> Result<
                         WHERE d.tenant = ?1 AND d.device = ?2 AND d.epoch = c.epoch)",
         )?
         .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    Ok(Standing { registration: registration(role, closed), recovery_from_ms: recovery_from(renewed_ms, heard_ms) })
+    Ok(Standing {
+        registration: registration(role, closed),
+        recovery_from_ms: recovery_from(renewed_ms, heard_ms),
+        heard: heard_ms.is_some(),
+    })
 }
 
 /// The node book over a merge's transaction.

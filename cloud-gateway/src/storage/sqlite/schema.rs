@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 9;
+const VERSION: i64 = 10;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -220,10 +220,16 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 removed_ms INTEGER,
                 PRIMARY KEY (tenant, device)
             ) WITHOUT ROWID;
+            ",
+        )?;
+    }
+    if version == 9 {
+        conn.execute_batch(
+            "
             -- When each device was first heard from in each epoch: after a restore, the
             -- window in which its batches may carry writes the store cannot check starts
             -- then (see storage/vouching.rs).
-            CREATE TABLE gw_epoch_devices (
+            CREATE TABLE IF NOT EXISTS gw_epoch_devices (
                 tenant   TEXT NOT NULL,
                 device   TEXT NOT NULL,
                 epoch    BLOB NOT NULL,
@@ -231,7 +237,15 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 PRIMARY KEY (tenant, device, epoch)
             ) WITHOUT ROWID;
             -- Dead letters are capped per device.
-            CREATE INDEX gw_dead_letters_by_device ON gw_dead_letters (tenant, device, id);
+            CREATE INDEX IF NOT EXISTS gw_dead_letters_by_device ON gw_dead_letters (tenant, device, id);
+            -- Epochs devices spoke for that this store never issued (a store it replaced did):
+            -- one such epoch starts one new epoch, however many devices show it.
+            CREATE TABLE gw_foreign_epochs (
+                tenant  TEXT NOT NULL,
+                epoch   BLOB NOT NULL,
+                seen_ms INTEGER NOT NULL,
+                PRIMARY KEY (tenant, epoch)
+            ) WITHOUT ROWID;
             ",
         )?;
     }
