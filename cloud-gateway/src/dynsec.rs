@@ -28,7 +28,7 @@ pub fn device_username(tenant: &str, device: &str) -> String {
 
 /// The MQTT client id a device's agent connects with (pinned in the broker).
 pub fn device_client_id(tenant: &str, device: &str) -> String {
-    format!("driftless-{tenant}-{device}")
+    driftless_core::protocol::client_id(tenant, device)
 }
 
 fn device_role(tenant: &str, device: &str) -> String {
@@ -123,6 +123,10 @@ impl Dynsec {
             acl("subscribeLiteral", &downlink_topic(tenant, device)),
             acl("subscribeLiteral", &poke_topic(tenant)),
             acl("subscribeLiteral", &schema_topic(tenant)),
+            // Explicit, so a broker whose default denies delivery still delivers these.
+            acl("publishClientReceive", &downlink_topic(tenant, device)),
+            acl("publishClientReceive", &poke_topic(tenant)),
+            acl("publishClientReceive", &schema_topic(tenant)),
         ];
         let commands = vec![
             json!({ "command": "createRole", "rolename": role, "acls": acls }),

@@ -82,6 +82,15 @@ enum DeviceCommand {
         #[command(flatten)]
         at: RegistryArgs,
     },
+    /// Lets a device the gateway cut off at the broker for flooding connect again now.
+    Enable {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long, env = "DRIFTLESS_BROKER_ADMIN")]
+        broker_admin: String,
+    },
     /// Lists registered devices (removed ones too).
     List {
         #[arg(long)]
@@ -152,10 +161,10 @@ struct RunArgs {
     recovery_window_hours: u64,
     /// Messages a second each device may send (0: no limit); over it, messages are dropped
     /// unanswered and the device is told to slow down.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 100.0)]
     device_messages_per_s: f64,
     /// Messages a device may send at once above its rate.
-    #[arg(long, default_value_t = 200.0)]
+    #[arg(long, default_value_t = 1_000.0)]
     device_burst: f64,
     /// MiB a second each device may send (0: no limit); its burst is 16 times this, and
     /// never less than the largest message.
@@ -436,6 +445,10 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                 let removed = d.removed_ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
                 println!("{:<20} {:<24} {:<12} {:<14} {removed}", d.tenant, d.device, d.role, d.added_ms);
             }
+        }
+        DeviceCommand::Enable { tenant, device, broker_admin } => {
+            dynsec(&broker_admin).await?.enable_device(&tenant, &device).await?;
+            println!("device {device:?} of tenant {tenant:?} may connect again");
         }
         DeviceCommand::AddGateway { name, broker_admin } => {
             let password = dynsec::new_password()?;

@@ -32,9 +32,10 @@ pub struct QuotaConfig {
 impl Default for QuotaConfig {
     fn default() -> Self {
         QuotaConfig {
-            // A device catching up pulls page after page; 20 a second, 200 at once, leaves
-            // it room while a flood costs a small share of one core.
-            device_messages: Rate { per_second: 20.0, burst: 200.0 },
+            // A device catching up pulls page after page (a snapshot page is applied in
+            // about 25 ms): 100 a second, 1,000 at once, leaves it room, while a flood merges
+            // at that rate at most.
+            device_messages: Rate { per_second: 100.0, burst: 1_000.0 },
             device_bytes: Rate { per_second: 8.0 * MIB, burst: 128.0 * MIB },
             tenant_messages: Rate { per_second: 20_000.0, burst: 40_000.0 },
             tenant_bytes: Rate { per_second: 256.0 * MIB, burst: 1024.0 * MIB },
@@ -117,6 +118,8 @@ struct DeviceState {
     told: Option<Instant>,
     /// Messages dropped since the last one taken.
     dropped: u64,
+    /// Whether this run of drops was marked for a cut-off already.
+    marked: bool,
 }
 
 /// The buckets of every device and tenant heard from recently.
@@ -144,6 +147,7 @@ impl Quotas {
             pair: Pair::full(c.device_messages, c.device_bytes, now),
             told: None,
             dropped: 0,
+            marked: false,
         });
         let (pair, told) = (&mut state.pair, &mut state.told);
         let tenant_pair =
@@ -160,10 +164,12 @@ impl Quotas {
                 *told = Some(now);
             }
             state.dropped += 1;
-            let cut_off = state.dropped == IGNORED_AFTER;
+            let cut_off = state.dropped >= IGNORED_AFTER && !state.marked;
+            state.marked |= cut_off;
             return Admission::Drop { retry_after: wait, tell, cut_off };
         }
         state.dropped = 0;
+        state.marked = false;
         pair.take(c.device_bytes, size);
         tenant_pair.take(c.tenant_bytes, size);
         self.admitted += 1;

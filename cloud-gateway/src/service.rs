@@ -122,10 +122,12 @@ pub async fn run<S: GatewayStore + 'static>(
     let (client, eventloop) = AsyncClient::new(mqtt_options(&base, false), 1_000);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let guard = Guard {
         quotas: Quotas::new(config.quotas.clone()),
         admin: config.broker_admin.clone(),
         cut_off: config.cut_off,
+        queued: queued.clone(),
     };
     let poller = tokio::spawn(poll_events(eventloop, client.clone(), base, filter, tx, guard, config.ready.clone()));
     let store = Arc::new(Mutex::new(store));
@@ -182,6 +184,7 @@ pub async fn run<S: GatewayStore + 'static>(
             }
             publish = rx.recv() => {
                 let Some(publish) = publish else { break Ok(()) };
+                queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
                     break Err(e);
                 }
@@ -454,12 +457,19 @@ async fn handle<S: GatewayStore + 'static>(
     Ok(())
 }
 
-/// The quotas, and the broker admin that cuts off a device that ignores them.
+/// The quotas, the broker admin that cuts off a device that ignores them, and how many
+/// messages wait to be handled.
 struct Guard {
     quotas: Quotas,
     admin: Option<BrokerAddr>,
     cut_off: Duration,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Messages waiting to be handled beyond which more are dropped unanswered (their devices
+/// send them again): the broker bounds what it has in flight to the gateway, but not QoS 0
+/// publishes, nor a flood from many device ids where no ACL stops it.
+const MAX_QUEUED: usize = 20_000;
 
 impl Guard {
     /// Drops a message over its device's or tenant's quota, at once and without a store
@@ -469,7 +479,9 @@ impl Guard {
     /// drives the connection, so nothing here may wait for the connection.
     fn over_quota(&mut self, client: &AsyncClient, publish: &Publish) -> bool {
         let Some((tenant, device)) = driftless_core::protocol::parse_uplink_topic(&publish.topic) else {
-            return false;
+            // Not a topic any device has (an id no device may have): the handler would only
+            // ignore it, so it costs nothing more here either.
+            return client.try_ack(publish).is_ok();
         };
         let size = publish.payload.len();
         let Admission::Drop { retry_after, tell, cut_off } = self.quotas.admit(tenant, device, size, Instant::now())
@@ -500,17 +512,29 @@ impl Guard {
 /// Keeps a device that floods after being told to slow down off the broker for `cool_off`:
 /// the flood then costs the broker nothing either. What it had not sent stays in its outbox.
 async fn cut_off_for(admin: BrokerAddr, tenant: String, device: String, cool_off: Duration) {
-    let run = async {
-        crate::dynsec::Dynsec::connect(&admin).await?.disable_device(&tenant, &device).await?;
-        tracing::warn!(%tenant, %device, ?cool_off, "a device floods after being told to slow down: cut off at the broker");
-        tokio::time::sleep(cool_off).await;
-        crate::dynsec::Dynsec::connect(&admin).await?.enable_device(&tenant, &device).await?;
-        tracing::info!(%tenant, %device, "a device cut off for flooding may connect again");
-        Ok::<(), Error>(())
-    };
-    if let Err(e) = run.await {
+    let disabled = async { crate::dynsec::Dynsec::connect(&admin).await?.disable_device(&tenant, &device).await };
+    if let Err(e) = disabled.await {
         tracing::error!(%tenant, %device, "cutting off a flooding device at the broker: {e}");
+        return;
     }
+    tracing::warn!(%tenant, %device, ?cool_off, "a device floods after being told to slow down: cut off at the broker");
+    tokio::time::sleep(cool_off).await;
+    // Let in again whatever it takes (the broker restarting, an admin connection failing):
+    // a device left disabled would be cut off for good. (A gateway stopped meanwhile leaves
+    // that to `driftless-gateway device enable`.)
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let enabled = async { crate::dynsec::Dynsec::connect(&admin).await?.enable_device(&tenant, &device).await };
+        match enabled.await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::error!(%tenant, %device, "letting a cut-off device connect again failed, retrying in {wait:?}: {e}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+    tracing::info!(%tenant, %device, "a device cut off for flooding may connect again");
 }
 
 async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, keep: Duration) {
@@ -618,6 +642,11 @@ async fn poll_events(
                 if guard.over_quota(&client, &p) {
                     continue;
                 }
+                if guard.queued.load(std::sync::atomic::Ordering::Relaxed) >= MAX_QUEUED && client.try_ack(&p).is_ok() {
+                    tracing::debug!(topic = %p.topic, "too many messages waiting; dropped unanswered");
+                    continue;
+                }
+                guard.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if tx.send(p).is_err() {
                     return;
                 }

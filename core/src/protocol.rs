@@ -55,6 +55,13 @@ pub fn parse_uplink_topic(topic: &str) -> Option<(&str, &str)> {
     }
 }
 
+/// The MQTT client id a device connects with: the tenant's length first, so no two devices
+/// of any tenants share one ("acme-eu"/"tab" and "acme"/"eu-tab" differ), in characters
+/// every broker takes.
+pub fn client_id(tenant: &str, device: &str) -> String {
+    format!("driftless-{}-{tenant}-{device}", tenant.len())
+}
+
 /// Whether `id` can name a tenant or device: non-empty, at most 128 bytes, and free of
 /// characters with a meaning in MQTT topics.
 pub fn valid_id(id: &str) -> bool {
@@ -123,5 +130,11 @@ mod tests {
         assert_eq!(parse_uplink_topic("driftless/acme/tab-1/down"), None);
         assert_eq!(parse_uplink_topic("driftless/acme/tab-1/up/x"), None);
         assert!(!valid_id("a/b") && !valid_id("") && !valid_id("$SYS"));
+    }
+
+    #[test]
+    fn client_ids_of_devices_of_different_tenants_differ() {
+        assert_ne!(client_id("acme-eu", "tab"), client_id("acme", "eu-tab"));
+        assert_eq!(client_id("acme", "tab-1"), "driftless-4-acme-tab-1");
     }
 }

@@ -46,7 +46,7 @@ pub struct Agent {
 }
 
 fn mqtt_options(config: &AgentConfig) -> Result<MqttOptions> {
-    let id = format!("driftless-{}-{}", config.tenant, config.device_id);
+    let id = driftless_core::protocol::client_id(&config.tenant, &config.device_id);
     let mut opts = driftless_core::transport::mqtt_options(id, &config.broker)
         .map_err(|e| Error::Transport(format!("broker {}: {e}", config.broker)))?;
     opts.set_keep_alive(Duration::from_secs(15));

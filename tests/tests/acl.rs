@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use driftless_core::protocol::{BrokerAddr, Uplink, downlink_topic, uplink_topic};
+use driftless_gateway::dynsec;
 use driftless_tests::procs::{agent, cli_device, gateway_as, gateway_ok};
 use driftless_tests::*;
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeReasonCode};
@@ -41,7 +42,8 @@ fn sqlite_count(db: &Path, sql: &str) -> i64 {
 /// A raw client with a device's credentials and pinned client id.
 async fn raw_client(port: u16, tenant: &str, device: &str, password: &str) -> (AsyncClient, rumqttc::EventLoop) {
     let broker = BrokerAddr::plain("127.0.0.1", port).with_login(format!("{tenant}/{device}"), password);
-    let opts = driftless_core::transport::mqtt_options(format!("driftless-{tenant}-{device}"), &broker).expect("opts");
+    let opts =
+        driftless_core::transport::mqtt_options(dynsec::device_client_id(tenant, device), &broker).expect("opts");
     AsyncClient::new(opts, 32)
 }
 
@@ -161,7 +163,7 @@ async fn the_broker_pins_each_device_to_its_own_topics_and_a_removed_device_is_c
     })
     .await;
     assert!(dropped.is_ok(), "the removed device is still connected");
-    let again = try_connect(&format!("driftless-{fleet}-m"), &login("m", &pw_m)).await;
+    let again = try_connect(&dynsec::device_client_id(&fleet, "m"), &login("m", &pw_m)).await;
     assert!(again.is_err(), "the removed device connected again");
     // The others go on.
     exec(&b, "INSERT INTO inspections(id, site, stock) VALUES ('after', 'y', 2)");

@@ -401,7 +401,16 @@ impl GatewayStore for PgStore {
     }
 
     fn dead_letter(&mut self, tenant: &str, device: &str, reason: &str, payload: &[u8]) -> Result<i64> {
-        keep_dead_letter(self.client()?, tenant, device, reason, payload)
+        let id = keep_dead_letter(self.client()?, tenant, device, reason, payload)?;
+        // A device's letters are capped (what they held stays with it, set aside there too);
+        // refused plain-SQL writes, kept by keep_dead_letter alone, are not.
+        self.client()?.execute(
+            "DELETE FROM driftless.gw_dead_letters WHERE tenant = $1 AND device = $2 AND id <= (
+                 SELECT id FROM driftless.gw_dead_letters WHERE tenant = $1 AND device = $2
+                 ORDER BY id DESC OFFSET $3 LIMIT 1)",
+            &[&tenant, &device, &DEAD_LETTERS_PER_DEVICE],
+        )?;
+        Ok(id)
     }
 
     fn dead_letters(&mut self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>> {
@@ -672,12 +681,6 @@ fn keep_dead_letter(
         "INSERT INTO driftless.gw_dead_letters(tenant, device, received_ms, reason, payload, size, sha256)
          VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
         &[&tenant, &device, &now_ms(), &reason, &kept, &(payload.len() as i64), &sha256],
-    )?;
-    client.execute(
-        "DELETE FROM driftless.gw_dead_letters WHERE tenant = $1 AND device = $2 AND id <= (
-             SELECT id FROM driftless.gw_dead_letters WHERE tenant = $1 AND device = $2
-             ORDER BY id DESC OFFSET $3 LIMIT 1)",
-        &[&tenant, &device, &DEAD_LETTERS_PER_DEVICE],
     )?;
     Ok(row.get(0))
 }

@@ -135,13 +135,7 @@ pub(super) fn keep_dead_letter(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(rusqlite::params![tenant, device, now_ms(), reason, kept, payload.len() as i64, sha256])?;
-    let id = conn.last_insert_rowid();
-    conn.prepare_cached(
-        "DELETE FROM gw_dead_letters WHERE tenant = ?1 AND device = ?2 AND id <= (
-             SELECT id FROM gw_dead_letters WHERE tenant = ?1 AND device = ?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
-    )?
-    .execute(rusqlite::params![tenant, device, DEAD_LETTERS_PER_DEVICE])?;
-    Ok(id)
+    Ok(conn.last_insert_rowid())
 }
 
 impl GatewayStore for SqliteStore {
@@ -362,7 +356,17 @@ impl GatewayStore for SqliteStore {
     }
 
     fn dead_letter(&mut self, tenant: &str, device: &str, reason: &str, payload: &[u8]) -> Result<i64> {
-        keep_dead_letter(&self.conn, tenant, device, reason, payload)
+        let id = keep_dead_letter(&self.conn, tenant, device, reason, payload)?;
+        // A device's letters are capped (what they held stays with it, set aside there too);
+        // refused plain-SQL writes, kept by keep_dead_letter alone, are not.
+        self.conn
+            .prepare_cached(
+                "DELETE FROM gw_dead_letters WHERE tenant = ?1 AND device = ?2 AND id <= (
+                     SELECT id FROM gw_dead_letters WHERE tenant = ?1 AND device = ?2
+                     ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+            )?
+            .execute(rusqlite::params![tenant, device, DEAD_LETTERS_PER_DEVICE])?;
+        Ok(id)
     }
 
     fn dead_letters(&mut self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>> {
