@@ -15,6 +15,7 @@
 pub mod broker;
 pub mod dynsec;
 mod error;
+mod fair;
 pub mod handler;
 pub mod quota;
 pub mod report;

@@ -107,8 +107,8 @@ pub enum Admission {
     Drop { retry_after: Duration, tell: bool, cut_off: bool },
 }
 
-/// Messages dropped in a row, after which a device is taken to ignore being told: an agent
-/// stops within its few messages in flight.
+/// Messages dropped within a second of telling a device to slow down, after which it is
+/// taken to ignore being told: an agent stops within its few messages in flight.
 const IGNORED_AFTER: u64 = 1_000;
 
 /// What is kept of one device.
@@ -116,9 +116,9 @@ const IGNORED_AFTER: u64 = 1_000;
 struct DeviceState {
     pair: Pair,
     told: Option<Instant>,
-    /// Messages dropped since the last one taken.
+    /// Messages dropped since the device was last told to slow down.
     dropped: u64,
-    /// Whether this run of drops was marked for a cut-off already.
+    /// Whether it was marked for a cut-off since it was last told.
     marked: bool,
 }
 
@@ -162,14 +162,16 @@ impl Quotas {
             let tell = told.is_none_or(|at| now.saturating_duration_since(at) >= TELL_EVERY);
             if tell {
                 *told = Some(now);
+                state.dropped = 0;
+                state.marked = false;
             }
+            // Counted from the telling, whatever is taken meanwhile as tokens come back: a
+            // device that heard sends a few more at most.
             state.dropped += 1;
             let cut_off = state.dropped >= IGNORED_AFTER && !state.marked;
             state.marked |= cut_off;
             return Admission::Drop { retry_after: wait, tell, cut_off };
         }
-        state.dropped = 0;
-        state.marked = false;
         pair.take(c.device_bytes, size);
         tenant_pair.take(c.tenant_bytes, size);
         self.admitted += 1;
@@ -223,6 +225,24 @@ mod tests {
         assert_eq!(q.admit("t", "flood", 10, later), Admission::Take);
         assert!(matches!(q.admit("t", "flood", 10, later), Admission::Drop { tell: false, .. }));
         assert!(matches!(q.admit("t", "flood", 10, t0 + Duration::from_millis(1_050)), Admission::Take));
+    }
+
+    #[test]
+    fn a_device_flooding_faster_than_its_tokens_come_back_is_marked_all_the_same() {
+        let mut q = Quotas::new(small());
+        let t0 = Instant::now();
+        let mut marked = 0;
+        // 10 a second come back; it sends 2,000 a second for half a second.
+        for i in 0..1_000u64 {
+            let at = t0 + Duration::from_micros(i * 500);
+            marked += usize::from(matches!(q.admit("t", "flood", 1, at), Admission::Drop { cut_off: true, .. }));
+        }
+        assert_eq!(marked, 0, "not yet a thousand drops");
+        for i in 1_000..2_100u64 {
+            let at = t0 + Duration::from_micros(i * 500);
+            marked += usize::from(matches!(q.admit("t", "flood", 1, at), Admission::Drop { cut_off: true, .. }));
+        }
+        assert_eq!(marked, 1);
     }
 
     #[test]

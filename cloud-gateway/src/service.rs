@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::{Error, Result};
+use crate::fair::FairQueue;
 use crate::handler::{HandlerConfig, Outgoing, handle_uplink};
 use crate::quota::{Admission, QuotaConfig, Quotas};
 use crate::storage::GatewayStore;
@@ -134,6 +135,8 @@ pub async fn run<S: GatewayStore + 'static>(
     announce_schema(&client, &store, &config).await?;
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
+    // Uplinks taken one device at a time in turn (by topic: one per device).
+    let mut waiting: FairQueue<Publish> = FairQueue::default();
     // Writes to the real tables by other programs wake the gateway (inotify; no polling).
     let (wake, mut cloud_writes) = mpsc::channel::<()>(1);
     let _watcher = match &config.watch {
@@ -182,12 +185,9 @@ pub async fn run<S: GatewayStore + 'static>(
                     break Err(e);
                 }
             }
-            publish = rx.recv() => {
+            publish = rx.recv(), if waiting.is_empty() => {
                 let Some(publish) = publish else { break Ok(()) };
-                queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
-                    break Err(e);
-                }
+                waiting.push(&publish.topic.clone(), publish);
             }
             _ = poke_tick.tick(), if !pokes.pending.is_empty() => {
                 if let Err(e) = pokes.flush(&client).await {
@@ -197,6 +197,17 @@ pub async fn run<S: GatewayStore + 'static>(
             _ = housekeeping.tick() => {
                 if let Some(keep) = config.dead_letter_retention {
                     purge_dead_letters(&store, keep).await;
+                }
+            }
+            // Last, so nothing above waits behind a steady stream of uplinks.
+            () = std::future::ready(()), if !waiting.is_empty() => {
+                while let Ok(publish) = rx.try_recv() {
+                    waiting.push(&publish.topic.clone(), publish);
+                }
+                let Some(publish) = waiting.pop() else { continue };
+                queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
+                    break Err(e);
                 }
             }
         }
