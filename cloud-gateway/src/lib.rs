@@ -12,6 +12,7 @@
 //! - [`report`]: the operator's report.
 //! - [`broker`]: the embedded broker for demos and single-machine setups.
 
+mod acks;
 pub mod broker;
 pub mod dynsec;
 mod error;

@@ -18,6 +18,7 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packe
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 
+use crate::acks::Acks;
 use crate::error::{Error, Result};
 use crate::fair::FairQueue;
 use crate::handler::{HandlerConfig, Outgoing, handle_uplink};
@@ -124,7 +125,9 @@ pub async fn run<S: GatewayStore + 'static>(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let filter = uplink_filter(&config.share_group, &config.tenant);
     let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acks = Acks::default();
     let guard = Guard {
+        acks: acks.clone(),
         quotas: Quotas::new(config.quotas.clone()),
         admin: config.broker_admin.clone(),
         cut_off: config.cut_off,
@@ -206,7 +209,7 @@ pub async fn run<S: GatewayStore + 'static>(
                 }
                 let Some(publish) = waiting.pop() else { continue };
                 queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = handle(&client, &store, &handler, &mut pokes, publish).await {
+                if let Err(e) = handle(&client, &store, &handler, &mut pokes, &acks, publish).await {
                     break Err(e);
                 }
             }
@@ -432,6 +435,7 @@ async fn handle<S: GatewayStore + 'static>(
     store: &Arc<Mutex<S>>,
     cfg: &Arc<HandlerConfig>,
     pokes: &mut Pokes,
+    acks: &Acks,
     publish: Publish,
 ) -> Result<()> {
     let (store2, cfg2, delivery) = (store.clone(), cfg.clone(), publish.clone());
@@ -464,7 +468,7 @@ async fn handle<S: GatewayStore + 'static>(
     }
     // Acknowledged to the broker in every case: the message was merged, refused, or is the
     // device's to send again. Holding it would only stall this session.
-    client.ack(&publish).await?;
+    acks.done(client, &publish);
     Ok(())
 }
 
@@ -475,6 +479,8 @@ struct Guard {
     admin: Option<BrokerAddr>,
     cut_off: Duration,
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// Acknowledgements to the broker, sent in arrival order.
+    acks: Acks,
 }
 
 /// Messages waiting to be handled beyond which more are dropped unanswered (their devices
@@ -492,17 +498,15 @@ impl Guard {
         let Some((tenant, device)) = driftless_core::protocol::parse_uplink_topic(&publish.topic) else {
             // Not a topic any device has (an id no device may have): the handler would only
             // ignore it, so it costs nothing more here either.
-            return client.try_ack(publish).is_ok();
+            self.acks.done(client, publish);
+            return true;
         };
         let size = publish.payload.len();
         let Admission::Drop { retry_after, tell, cut_off } = self.quotas.admit(tenant, device, size, Instant::now())
         else {
             return false;
         };
-        // A full request queue: the message goes the usual way (the quota was charged anyway).
-        if client.try_ack(publish).is_err() {
-            return false;
-        }
+        self.acks.done(client, publish);
         if tell {
             tracing::warn!(
                 tenant,
@@ -627,8 +631,13 @@ async fn poll_events(
     let mut backoff = Duration::from_millis(100);
     let mut failures_since_delivery = 0u32;
     loop {
-        match eventloop.poll().await {
+        let event = eventloop.poll().await;
+        // Acknowledgements that could not be queued earlier go now.
+        guard.acks.flush(&client);
+        match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                // What was pending belongs to the old connection: the broker delivers it again.
+                guard.acks.reset();
                 backoff = Duration::from_millis(100);
                 tracing::info!("gateway connected to the broker");
                 if eventloop.mqtt_options.clean_session() {
@@ -650,10 +659,12 @@ async fn poll_events(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 failures_since_delivery = 0;
+                guard.acks.arrived(&p);
                 if guard.over_quota(&client, &p) {
                     continue;
                 }
-                if guard.queued.load(std::sync::atomic::Ordering::Relaxed) >= MAX_QUEUED && client.try_ack(&p).is_ok() {
+                if guard.queued.load(std::sync::atomic::Ordering::Relaxed) >= MAX_QUEUED {
+                    guard.acks.done(&client, &p);
                     tracing::debug!(topic = %p.topic, "too many messages waiting; dropped unanswered");
                     continue;
                 }
