@@ -13,17 +13,20 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use driftless_core::protocol::{BrokerAddr, Downlink, Uplink, downlink_topic, poke_topic, schema_topic, uplink_filter};
+use driftless_core::protocol::{BrokerAddr, Uplink, poke_topic, schema_topic, uplink_filter};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 
-use crate::acks::Acks;
+use crate::acks::{Acks, Ticket};
 use crate::error::{Error, Result};
 use crate::fair::FairQueue;
 use crate::handler::{HandlerConfig, Outgoing, handle_uplink};
-use crate::quota::{Admission, QuotaConfig, Quotas};
+use crate::quota::{QuotaConfig, Quotas};
+
+mod guard;
 use crate::storage::GatewayStore;
+use guard::{Guard, MAX_QUEUED};
 
 /// Attempts at a message that fails every time before it is set aside.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -113,8 +116,10 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs the gateway until `shutdown` completes. Every uplink handled before that is merged
-/// and acknowledged; one in progress finishes first.
+/// Runs the gateway until `shutdown` completes; one uplink in progress finishes first. An
+/// uplink is acknowledged to the broker only after it was merged (or refused), in arrival
+/// order; what is not acknowledged by then (behind one still waiting) the broker delivers
+/// again, and merging it again changes nothing.
 pub async fn run<S: GatewayStore + 'static>(
     config: GatewayConfig,
     store: S,
@@ -139,7 +144,7 @@ pub async fn run<S: GatewayStore + 'static>(
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
     // Uplinks taken one device at a time in turn (by topic: one per device).
-    let mut waiting: FairQueue<Publish> = FairQueue::default();
+    let mut waiting: FairQueue<(Ticket, Publish)> = FairQueue::default();
     // Writes to the real tables by other programs wake the gateway (inotify; no polling).
     let (wake, mut cloud_writes) = mpsc::channel::<()>(1);
     let _watcher = match &config.watch {
@@ -190,7 +195,7 @@ pub async fn run<S: GatewayStore + 'static>(
             }
             publish = rx.recv(), if waiting.is_empty() => {
                 let Some(publish) = publish else { break Ok(()) };
-                waiting.push(&publish.topic.clone(), publish);
+                waiting.push(&publish.1.topic.clone(), publish);
             }
             _ = poke_tick.tick(), if !pokes.pending.is_empty() => {
                 if let Err(e) = pokes.flush(&client).await {
@@ -205,7 +210,7 @@ pub async fn run<S: GatewayStore + 'static>(
             // Last, so nothing above waits behind a steady stream of uplinks.
             () = std::future::ready(()), if !waiting.is_empty() => {
                 while let Ok(publish) = rx.try_recv() {
-                    waiting.push(&publish.topic.clone(), publish);
+                    waiting.push(&publish.1.topic.clone(), publish);
                 }
                 let Some(publish) = waiting.pop() else { continue };
                 queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -436,7 +441,7 @@ async fn handle<S: GatewayStore + 'static>(
     cfg: &Arc<HandlerConfig>,
     pokes: &mut Pokes,
     acks: &Acks,
-    publish: Publish,
+    (ticket, publish): (Ticket, Publish),
 ) -> Result<()> {
     let (store2, cfg2, delivery) = (store.clone(), cfg.clone(), publish.clone());
     // SQLite work is blocking; no lock is held across an await.
@@ -468,88 +473,8 @@ async fn handle<S: GatewayStore + 'static>(
     }
     // Acknowledged to the broker in every case: the message was merged, refused, or is the
     // device's to send again. Holding it would only stall this session.
-    acks.done(client, &publish);
+    acks.done(client, ticket);
     Ok(())
-}
-
-/// The quotas, the broker admin that cuts off a device that ignores them, and how many
-/// messages wait to be handled.
-struct Guard {
-    quotas: Quotas,
-    admin: Option<BrokerAddr>,
-    cut_off: Duration,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
-    /// Acknowledgements to the broker, sent in arrival order.
-    acks: Acks,
-}
-
-/// Messages waiting to be handled beyond which more are dropped unanswered (their devices
-/// send them again): the broker bounds what it has in flight to the gateway, but not QoS 0
-/// publishes, nor a flood from many device ids where no ACL stops it.
-const MAX_QUEUED: usize = 20_000;
-
-impl Guard {
-    /// Drops a message over its device's or tenant's quota, at once and without a store
-    /// access or a place in the queue of messages to merge (so a flood is drained as fast as
-    /// it comes): acknowledged to the broker, not answered (the device sends it again later),
-    /// and the device told to slow down. Whether it was dropped. Called from the task that
-    /// drives the connection, so nothing here may wait for the connection.
-    fn over_quota(&mut self, client: &AsyncClient, publish: &Publish) -> bool {
-        let Some((tenant, device)) = driftless_core::protocol::parse_uplink_topic(&publish.topic) else {
-            // Not a topic any device has (an id no device may have): the handler would only
-            // ignore it, so it costs nothing more here either.
-            self.acks.done(client, publish);
-            return true;
-        };
-        let size = publish.payload.len();
-        let Admission::Drop { retry_after, tell, cut_off } = self.quotas.admit(tenant, device, size, Instant::now())
-        else {
-            return false;
-        };
-        self.acks.done(client, publish);
-        if tell {
-            tracing::warn!(
-                tenant,
-                device,
-                ?retry_after,
-                "a device is over its quota; its messages are dropped for now"
-            );
-            let slow = Downlink::SlowDown { retry_after_ms: retry_after.as_millis() as u64 };
-            let _ = client.try_publish(downlink_topic(tenant, device), QoS::AtLeastOnce, false, slow.encode());
-        }
-        if cut_off && let Some(admin) = self.admin.clone() {
-            tokio::spawn(cut_off_for(admin, tenant.to_owned(), device.to_owned(), self.cut_off));
-        }
-        true
-    }
-}
-
-/// Keeps a device that floods after being told to slow down off the broker for `cool_off`:
-/// the flood then costs the broker nothing either. What it had not sent stays in its outbox.
-async fn cut_off_for(admin: BrokerAddr, tenant: String, device: String, cool_off: Duration) {
-    let disabled = async { crate::dynsec::Dynsec::connect(&admin).await?.disable_device(&tenant, &device).await };
-    if let Err(e) = disabled.await {
-        tracing::error!(%tenant, %device, "cutting off a flooding device at the broker: {e}");
-        return;
-    }
-    tracing::warn!(%tenant, %device, ?cool_off, "a device floods after being told to slow down: cut off at the broker");
-    tokio::time::sleep(cool_off).await;
-    // Let in again whatever it takes (the broker restarting, an admin connection failing):
-    // a device left disabled would be cut off for good. (A gateway stopped meanwhile leaves
-    // that to `driftless-gateway device enable`.)
-    let mut wait = Duration::from_secs(1);
-    loop {
-        let enabled = async { crate::dynsec::Dynsec::connect(&admin).await?.enable_device(&tenant, &device).await };
-        match enabled.await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::error!(%tenant, %device, "letting a cut-off device connect again failed, retrying in {wait:?}: {e}");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(60));
-            }
-        }
-    }
-    tracing::info!(%tenant, %device, "a device cut off for flooding may connect again");
 }
 
 async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, keep: Duration) {
@@ -620,7 +545,7 @@ async fn poll_events(
     client: AsyncClient,
     base: MqttOptions,
     filter: String,
-    tx: mpsc::UnboundedSender<Publish>,
+    tx: mpsc::UnboundedSender<(Ticket, Publish)>,
     mut guard: Guard,
     ready: Arc<Notify>,
 ) {
@@ -632,12 +557,16 @@ async fn poll_events(
     let mut failures_since_delivery = 0u32;
     loop {
         let event = eventloop.poll().await;
+        match &event {
+            // What was pending belongs to the old connection: the broker delivers it again.
+            Ok(Event::Incoming(Packet::ConnAck(_))) => guard.acks.connected(),
+            Err(_) => guard.acks.disconnected(),
+            Ok(_) => {}
+        }
         // Acknowledgements that could not be queued earlier go now.
         guard.acks.flush(&client);
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                // What was pending belongs to the old connection: the broker delivers it again.
-                guard.acks.reset();
                 backoff = Duration::from_millis(100);
                 tracing::info!("gateway connected to the broker");
                 if eventloop.mqtt_options.clean_session() {
@@ -659,17 +588,17 @@ async fn poll_events(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 failures_since_delivery = 0;
-                guard.acks.arrived(&p);
-                if guard.over_quota(&client, &p) {
+                let ticket = guard.acks.arrived(&p);
+                if guard.over_quota(&client, &p, ticket) {
                     continue;
                 }
                 if guard.queued.load(std::sync::atomic::Ordering::Relaxed) >= MAX_QUEUED {
-                    guard.acks.done(&client, &p);
+                    guard.acks.done(&client, ticket);
                     tracing::debug!(topic = %p.topic, "too many messages waiting; dropped unanswered");
                     continue;
                 }
                 guard.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if tx.send(p).is_err() {
+                if tx.send((ticket, p)).is_err() {
                     return;
                 }
             }
