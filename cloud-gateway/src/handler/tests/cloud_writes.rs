@@ -79,6 +79,14 @@ fn writes_made_with_plain_sql_on_the_cloud_tables_reach_devices_merged_by_policy
 
 const PROSPECTS: &str = include_str!("../../../../examples/schemas/crm-erp-marketing.toml");
 
+/// The CRM, a device of role `crm` following the prospects schema.
+fn crm_device(dir: &tempfile::TempDir) -> Store {
+    let opts = StoreOptions { role: "crm".into(), ..StoreOptions::default() };
+    let mut crm = Store::open(dir.path().join("crm.db"), opts).expect("open");
+    crm.follow_schema(1, PROSPECTS).expect("follow");
+    crm
+}
+
 #[test]
 fn a_plain_sql_writer_names_its_role_through_the_role_view_and_authority_decides() {
     use driftless_core::Value::Text;
@@ -86,10 +94,7 @@ fn a_plain_sql_writer_names_its_role_through_the_role_view_and_authority_decides
     let mut store = open(&dir);
     store.install_schema(PROSPECTS).expect("install");
     let cfg = HandlerConfig::default();
-    let mut crm =
-        Store::open(dir.path().join("crm.db"), StoreOptions { role: "crm".into(), ..StoreOptions::default() })
-            .expect("open");
-    crm.follow_schema(1, PROSPECTS).expect("follow");
+    let mut crm = crm_device(&dir);
     crm.write(|tx| Ok(tx.execute_batch("INSERT INTO prospects VALUES ('p1', 'Dana', 'Engineer', 0, '1 Old St')")?))
         .expect("write");
     ship(&mut store, &cfg, &mut crm, "crm");
@@ -199,10 +204,7 @@ fn any_sql_statement_form_is_captured_and_a_failed_one_hides_nothing() {
     let mut store = open(&dir);
     store.install_schema(PROSPECTS).expect("install");
     let cfg = HandlerConfig::default();
-    let mut crm =
-        Store::open(dir.path().join("crm.db"), StoreOptions { role: "crm".into(), ..StoreOptions::default() })
-            .expect("open");
-    crm.follow_schema(1, PROSPECTS).expect("follow");
+    let mut crm = crm_device(&dir);
     crm.write(|tx| Ok(tx.execute_batch("INSERT INTO prospects(id, name) VALUES ('p1', 'Dana')")?)).expect("write");
     ship(&mut store, &cfg, &mut crm, "crm");
     // Upserts and explicit conflict clauses, twice before any intake.

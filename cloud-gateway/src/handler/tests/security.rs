@@ -146,14 +146,7 @@ fn a_closed_tenant_ignores_devices_it_does_not_know(b: &Backend) {
     gw.register_device("t", "known", "field", 1).expect("register");
     let mut s = device(b, "s", "");
     let batch = pending(&mut s, "INSERT INTO t VALUES ('x', 1)");
-    let hello = Uplink::Hello {
-        device: "stranger".into(),
-        node: NodeId([9; 16]),
-        counter: 0,
-        outbox_seq: 0,
-        receipts: vec![],
-        epoch: None,
-    };
+    let hello = handshake("stranger", NodeId([9; 16]), 0, None);
     let pull = Uplink::Pull {
         device: "stranger".into(),
         epoch: None,
@@ -207,26 +200,12 @@ fn a_store_that_replaced_another_takes_back_what_devices_hold(b: &Backend) {
     let mine = pending(&mut c, "UPDATE t SET n = n + 5 WHERE id = 'a1'");
     // c speaks for an epoch of the store this one replaced (empty): a new epoch starts.
     let old_epoch = driftless_core::Epoch([7; 16]);
-    let hello = Uplink::Hello {
-        device: "c".into(),
-        node: NodeId([3; 16]),
-        counter: 0,
-        outbox_seq: 0,
-        receipts: vec![],
-        epoch: Some(old_epoch),
-    };
+    let hello = handshake("c", NodeId([3; 16]), 0, Some(old_epoch));
     let Downlink::Welcome { epoch, .. } = reply(&handle(&mut *gw, &hello).expect("handled")) else { panic!("welcome") };
     assert_eq!(gw.epoch_now("t").expect("epoch"), epoch);
     assert!(gw.issued_epoch("t", epoch).expect("issued"));
     // Every other device showing the same old epoch starts nothing more.
-    let hello_d = Uplink::Hello {
-        device: "d".into(),
-        node: NodeId([4; 16]),
-        counter: 0,
-        outbox_seq: 0,
-        receipts: vec![],
-        epoch: Some(old_epoch),
-    };
+    let hello_d = handshake("d", NodeId([4; 16]), 0, Some(old_epoch));
     let Downlink::Welcome { epoch: told, .. } = reply(&handle(&mut *gw, &hello_d).expect("handled")) else { panic!() };
     assert_eq!(told, epoch, "one replaced store, one new epoch");
     // c sends back the row with a's write and its own: taken, a's node not bound to c.
@@ -239,8 +218,7 @@ fn a_store_that_replaced_another_takes_back_what_devices_hold(b: &Backend) {
     let long = HandlerConfig { recovery_window_ms: u64::MAX / 2, ..HandlerConfig::default() };
     assert!(refused(&ship_with(&mut *gw, &long, "c", &both)).is_empty());
     // Once the window closed, a's own handshake binds its node, and its writes apply.
-    let hello_a =
-        Uplink::Hello { device: "a".into(), node: node_a, counter: 1, outbox_seq: 1, receipts: vec![], epoch: None };
+    let hello_a = handshake("a", node_a, 1, None);
     let Downlink::Welcome { node_elsewhere, .. } = reply(&handle(&mut *gw, &hello_a).expect("handled")) else {
         panic!()
     };
@@ -248,6 +226,11 @@ fn a_store_that_replaced_another_takes_back_what_devices_hold(b: &Backend) {
     let closed = HandlerConfig { recovery_window_ms: 0, ..HandlerConfig::default() };
     let next = pending(&mut a, "UPDATE t SET n = n + 1 WHERE id = 'a1'");
     assert!(refused(&ship_with(&mut *gw, &closed, "a", &next)).is_empty());
+}
+
+/// A handshake of `device` writing as `node`, which issued `counter` dots.
+fn handshake(device: &str, node: NodeId, counter: u64, epoch: Option<driftless_core::Epoch>) -> Uplink {
+    Uplink::Hello { device: device.into(), node, counter, outbox_seq: counter as i64, receipts: vec![], epoch }
 }
 
 fn text(s: &str) -> driftless_core::Value {
