@@ -53,7 +53,7 @@ impl Guard {
                 ?retry_after,
                 "a device is over its quota; its messages are dropped for now"
             );
-            let slow = Downlink::SlowDown { retry_after_ms: retry_after.as_millis() as u64 };
+            let slow = Downlink::SlowDown { retry_after_ms: (retry_after.as_millis() as u64).max(1) };
             let _ = client.try_publish(downlink_topic(tenant, device), QoS::AtLeastOnce, false, slow.encode());
         }
         if cut_off && let Some(admin) = self.admin.clone() {
