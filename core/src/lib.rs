@@ -49,6 +49,7 @@
 mod batch;
 mod clock;
 pub mod codec;
+pub mod erase;
 mod error;
 pub mod intake;
 mod merge;

@@ -22,6 +22,7 @@
 use std::cmp::Ordering;
 
 use crate::clock::{Dot, Hlc, NodeId};
+use crate::policy::DeletePolicy;
 use crate::state::{Counter, CounterPart, Entry, Life, Register, RowState};
 use crate::value::Value;
 
@@ -180,10 +181,29 @@ pub fn write_local_upsert(state: &mut RowState, dot: Dot, hlc: Hlc, write: Local
 }
 
 /// Applies a local delete to `state` under `dot` and returns the change to ship.
-pub fn write_local_delete(state: &mut RowState, dot: Dot, hlc: Hlc, counter_deltas: Vec<(String, i64)>) -> RowState {
+///
+/// Under delete-wins the delete also erases: every column's values are overwritten by
+/// nothing, keeping only the column's context, so each replica the change reaches drops the
+/// values it saw (and any copy of them that arrives later, which that context covers) while
+/// still telling later writes from earlier ones. Writes the deleter had not seen stay, as the
+/// losing side of the delete/update conflict. Under update-wins a concurrent update brings the
+/// row back whole, so what the delete saw must stay until then: nothing is erased.
+pub fn write_local_delete(
+    state: &mut RowState,
+    dot: Dot,
+    hlc: Hlc,
+    counter_deltas: Vec<(String, i64)>,
+    policy: DeletePolicy,
+) -> RowState {
     let seen = state.fields.iter().map(|(c, r)| (c.clone(), r.ctx.clone())).collect();
     state.life.overwrite(Life::Dead { seen }, dot, hlc);
     let mut change = RowState { life: state.life.clone(), ..RowState::default() };
+    if policy == DeletePolicy::DeleteWins {
+        for (column, reg) in &mut state.fields {
+            reg.entries.clear();
+            change.fields.insert(column.clone(), Register { ctx: reg.ctx.clone(), entries: Vec::new() });
+        }
+    }
     add_counter_deltas(state, &mut change, dot, counter_deltas);
     change
 }

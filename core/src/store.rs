@@ -66,6 +66,11 @@ pub struct StoreOptions {
     /// The key the database is encrypted with (SQLCipher; the `sqlcipher` feature). `None`:
     /// not encrypted. Every connection the store opens uses it; so must the app's own.
     pub key: Option<String>,
+    /// Whether the store's connection overwrites deleted content with zeros (SQLite's
+    /// `secure_delete`), so that what an erasing delete removes leaves no bytes in the
+    /// database file. On by default; its cost is in BENCHMARKS.md. An app writing through a
+    /// connection of its own sets the pragma on it too.
+    pub secure_delete: bool,
 }
 
 impl Default for StoreOptions {
@@ -76,6 +81,7 @@ impl Default for StoreOptions {
             clock: Arc::new(system_clock),
             limits: Limits::default(),
             key: None,
+            secure_delete: true,
         }
     }
 }
@@ -227,6 +233,11 @@ impl Store {
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "secure_delete", opts.secure_delete)?;
+        if opts.secure_delete {
+            // Stale page images in the log are cut off when it restarts after a checkpoint.
+            conn.pragma_update(None, "journal_size_limit", 0)?;
+        }
         conn.set_prepared_statement_cache_capacity(256);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         schema::upgrade(&tx)?;
@@ -285,6 +296,16 @@ impl Store {
     /// it are captured like any other. Rolls back if `f` fails.
     pub fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         self.transact(|tx, _| f(tx))
+    }
+
+    /// Copies the write-ahead log into the database file and truncates the log. Until then
+    /// the log holds the pages as they were before recent writes, erased values included;
+    /// SQLite checkpoints on its own as the log grows, but leaves the file's old frames in
+    /// place. Waits for readers of older snapshots (up to the busy timeout); returns whether
+    /// the whole log was copied.
+    pub fn checkpoint(&mut self) -> Result<bool> {
+        let busy: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        Ok(busy == 0)
     }
 
     /// Runs `f` on a separate read-only connection (a consistent WAL snapshot).

@@ -383,4 +383,5 @@ fn an_oversized_batch_is_refused_by_reference() {
 /// The declared schema, the cloud tables and writes made to them with plain SQL.
 mod cloud;
 mod cloud_writes;
+mod erasure;
 mod security;

@@ -262,7 +262,7 @@ fn cloud_change(
         shown.as_ref()?;
         let deltas: Vec<(String, i64)> =
             counters.filter(|c| total(&c.name) != 0).map(|c| (c.name.clone(), total(&c.name).wrapping_neg())).collect();
-        return Some(write_local_delete(&mut current.state, dot, hlc, deltas));
+        return Some(write_local_delete(&mut current.state, dot, hlc, deltas, table.delete_policy));
     };
     let mut write = LocalWrite::default();
     let plain: Vec<_> = table.columns.iter().filter(|c| !table.is_key(&c.name)).collect();

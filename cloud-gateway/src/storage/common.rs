@@ -1,8 +1,10 @@
 //! What every gateway store does the same way: log entry tags, timestamps, snapshot resume
-//! tokens, and how much of a dead letter is kept.
+//! tokens, how much of a dead letter is kept, and what an erasing delete scrubs from the log.
 
-use driftless_core::SyncSchema;
+use driftless_core::codec::encode_key;
 use driftless_core::codec::{Limits, decode_payload};
+use driftless_core::erase::drop_superseded;
+use driftless_core::{Batch, RowState, SyncSchema};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -137,4 +139,19 @@ pub(crate) fn registration(role: Option<String>, closed: bool) -> Registration {
 /// device was first heard from in it (now, if it was not yet), and never before the renewal.
 pub(crate) fn recovery_from(renewed_ms: Option<i64>, heard_ms: Option<i64>) -> Option<i64> {
     renewed_ms.map(|renewed| heard_ms.unwrap_or_else(now_ms).max(renewed))
+}
+
+/// A row of a tenant: its table and encoded key.
+pub(crate) type RowKey = (String, Vec<u8>);
+
+/// Drops from each row of `batch` what its merged state (as `merged` gives it, if it is one
+/// being erased) superseded; returns whether anything was dropped.
+pub(crate) fn scrub_batch<'m>(batch: &mut Batch, merged: impl Fn(&RowKey) -> Option<&'m RowState>) -> bool {
+    let mut dropped = false;
+    for row in &mut batch.rows {
+        if let Some(state) = merged(&(row.table.clone(), encode_key(&row.pk))) {
+            dropped |= drop_superseded(&mut row.state, state);
+        }
+    }
+    dropped
 }

@@ -8,6 +8,7 @@
 //! Tenants do not wait for each other.
 
 mod connection;
+mod erasure;
 mod merge;
 mod migrate;
 mod registry;

@@ -1,6 +1,7 @@
 //! The single-file SQLite gateway store.
 
 mod cloud_writes;
+mod erasure;
 mod merge;
 mod registry;
 mod schema;
@@ -62,6 +63,10 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: an ack tells the device to delete its copy, so a merge must survive power loss.
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // What an erasing delete removes must leave the disk: deleted content is zeroed, and
+        // the log's stale page images are cut off when it restarts after a checkpoint.
+        conn.pragma_update(None, "secure_delete", true)?;
+        conn.pragma_update(None, "journal_size_limit", 0)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         schema::upgrade(&tx)?;
         tx.commit()?;
@@ -467,7 +472,7 @@ impl GatewayStore for SqliteStore {
         for tenant in tenants {
             tables::materialize(&tx, &self.limits, &tenant, &served)?;
             if let Some(change) = cloud_writes::ingest(&tx, &self.limits, &tenant, &served, now_ms)? {
-                merge::log_change(&tx, &tenant, "", &change, self.tags.next())?;
+                merge::log_change(&tx, &self.limits, &tenant, "", &change, self.tags.next())?;
                 logged.push(tenant);
             }
         }

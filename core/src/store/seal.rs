@@ -155,7 +155,7 @@ pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
             if !visible {
                 continue;
             }
-            write_local_delete(&mut state, dot, row_hlc, deltas)
+            write_local_delete(&mut state, dot, row_hlc, deltas, info.spec.delete_policy)
         };
         if let Err(reason) = state.check_limits(&inner.opts.limits) {
             // A value this large could never be loaded again by any replica: keep the app's

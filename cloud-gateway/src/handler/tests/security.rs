@@ -34,7 +34,7 @@ fn pending(store: &mut Store, sql: &str) -> Batch {
     out.batch
 }
 
-fn ship(gw: &mut dyn GatewayStore, id: &str, batch: &Batch) -> Vec<Outgoing> {
+pub(super) fn ship(gw: &mut dyn GatewayStore, id: &str, batch: &Batch) -> Vec<Outgoing> {
     ship_with(gw, &HandlerConfig::default(), id, batch)
 }
 
@@ -52,7 +52,7 @@ fn ship_with(gw: &mut dyn GatewayStore, cfg: &HandlerConfig, id: &str, batch: &B
 }
 
 /// The reasons of the rows an ack refused.
-fn refused(out: &[Outgoing]) -> Vec<String> {
+pub(super) fn refused(out: &[Outgoing]) -> Vec<String> {
     match reply(out) {
         Downlink::Ack { refused, .. } => refused.into_iter().map(|r| r.reason).collect(),
         other => panic!("expected an ack, got {other:?}"),

@@ -10,7 +10,7 @@ use postgres::{Client, Transaction};
 
 use super::registry::Book;
 use super::tables::key_hash;
-use super::{Stmts, tables};
+use super::{Stmts, erasure, tables};
 use crate::error::{Error, MergeError, Result};
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
 use crate::storage::vouching::{CLOUD_OWNER, vouch};
@@ -100,7 +100,7 @@ pub(super) fn merge(
     if !changed.rows.is_empty() {
         // A change whose timestamps were bounded goes back to its writer too.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        outcome.logged = Some(log_change(&mut tx, stmts, tenant, origin, &changed, tags.0)?);
+        outcome.logged = Some(log_change(&mut tx, stmts, limits, tenant, origin, &changed, tags.0)?);
     }
     let stmt = stmts
         .get(&mut tx, "SELECT receipt_pos, receipt_tag FROM driftless.gw_devices WHERE tenant = $1 AND device = $2")?;
@@ -145,11 +145,14 @@ pub(super) fn merge(
 pub(super) fn log_change(
     tx: &mut Transaction<'_>,
     stmts: &mut Stmts,
+    limits: &Limits,
     tenant: &str,
     origin: &str,
     change: &Batch,
     tag: u64,
 ) -> Result<LogCursor> {
+    let scrubbed = erasure::scrub(tx, stmts, limits, tenant, change)?;
+    let change = scrubbed.as_ref().unwrap_or(change);
     let stmt = stmts.get(
         tx,
         "INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag)
@@ -159,6 +162,7 @@ pub(super) fn log_change(
     let seq: i64 = tx
         .query_one(&stmt, &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(change), &(tag as i64)])?
         .get(0);
+    erasure::index(tx, stmts, tenant, seq, change)?;
     Ok(LogCursor { position: seq as u64, tag })
 }
 
@@ -257,7 +261,7 @@ fn save_states(
 
 /// The stored states of rows, by (table, key hash), in one statement; rows not stored are
 /// absent.
-fn fetch_states(
+pub(super) fn fetch_states(
     tx: &mut Transaction<'_>,
     stmts: &mut Stmts,
     limits: &Limits,
@@ -435,7 +439,7 @@ pub(super) fn ingest_pending(
     if intake.changes.rows.is_empty() {
         return Ok(None);
     }
-    Ok(Some(log_change(tx, stmts, tenant, "", &intake.changes, tag)?))
+    Ok(Some(log_change(tx, stmts, limits, tenant, "", &intake.changes, tag)?))
 }
 
 /// A tenant's real tables and causal state, as an intake of one table uses them: the

@@ -152,7 +152,22 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, epoch)
     );
     ",
+    // 4: which log entries hold which row (by key hash), for erasing deletes to scrub; the
+    // entries already logged are indexed as the migration runs (erasure.rs).
+    "
+    CREATE TABLE driftless.gw_log_keys (
+        tenant text NOT NULL,
+        tbl    text NOT NULL,
+        pkh    bytea NOT NULL,
+        seq    bigint NOT NULL,
+        PRIMARY KEY (tenant, tbl, pkh, seq)
+    );
+    ",
 ];
+
+/// The migration that adds the log's row index, after which entries already logged are
+/// indexed.
+const LOG_KEYS: i32 = 4;
 
 /// Brings the `driftless` schema up to the newest version.
 pub(super) fn upgrade(client: &mut Client) -> Result<()> {
@@ -172,6 +187,9 @@ pub(super) fn upgrade(client: &mut Client) -> Result<()> {
         let done = tx.query_opt("SELECT 1 FROM driftless.gw_migrations WHERE version = $1", &[&version])?.is_some();
         if !done {
             tx.batch_execute(sql)?;
+            if version == LOG_KEYS {
+                super::erasure::index_existing(&mut tx)?;
+            }
             tx.execute(
                 "INSERT INTO driftless.gw_migrations(version, applied_ms) VALUES ($1, $2)",
                 &[&version, &super::now_ms()],

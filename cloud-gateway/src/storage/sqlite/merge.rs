@@ -16,7 +16,7 @@ use driftless_core::{Batch, NodeId, RowChange, RowState, Value};
 use rusqlite::{Connection, OptionalExtension, Transaction};
 
 use super::registry::Book;
-use super::{cloud_writes, tables};
+use super::{cloud_writes, erasure, tables};
 use crate::error::{Error, MergeError};
 use crate::storage::vouching::vouch;
 use crate::storage::{Incoming, MergeOutcome, ServedSchema};
@@ -159,7 +159,7 @@ pub(super) fn merge(
         if cloud_writes::pending(&tx, tenant, served)?
             && let Some(cloud) = cloud_writes::ingest(&tx, limits, tenant, served, at.now_ms)?
         {
-            log_change(&tx, tenant, "", &cloud, tags.next())?;
+            log_change(&tx, limits, tenant, "", &cloud, tags.next())?;
             cloud_logged = true;
         }
     }
@@ -208,7 +208,7 @@ pub(super) fn merge(
         // A change whose timestamps were bounded goes back to its writer too, which then holds
         // the bounded timestamps like everyone else.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        outcome.logged = Some(log_change(&tx, tenant, origin, &changed, tags.next())?);
+        outcome.logged = Some(log_change(&tx, limits, tenant, origin, &changed, tags.next())?);
     }
     outcome.cloud_logged = cloud_logged;
     let previous: Option<(Option<i64>, Option<i64>)> = tx
@@ -251,15 +251,20 @@ pub(super) fn merge(
 }
 
 /// Appends `change` to the tenant's log; `origin` is the device not to send it to (empty:
-/// every device).
+/// every device). An erasing delete in it first scrubs the row's older entries.
 pub(super) fn log_change(
     conn: &Connection,
+    limits: &Limits,
     tenant: &str,
     origin: &str,
     change: &Batch,
     tag: u64,
 ) -> Result<driftless_core::LogCursor, Error> {
+    let scrubbed = erasure::scrub(conn, limits, tenant, change)?;
+    let change = scrubbed.as_ref().unwrap_or(change);
     conn.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change, tag) VALUES (?1, ?2, ?3, ?4, ?5)")?
         .execute(rusqlite::params![tenant, origin, change.rows.len() as i64, encode_payload(change), tag as i64])?;
-    Ok(driftless_core::LogCursor { position: conn.last_insert_rowid() as u64, tag })
+    let seq = conn.last_insert_rowid();
+    erasure::index(conn, tenant, seq, change)?;
+    Ok(driftless_core::LogCursor { position: seq as u64, tag })
 }

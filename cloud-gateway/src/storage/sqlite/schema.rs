@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 10;
+const VERSION: i64 = 11;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -248,6 +248,21 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ) WITHOUT ROWID;
             ",
         )?;
+    }
+    if version == 10 {
+        conn.execute_batch(
+            "
+            -- Which log entries hold which row: an erasing delete scrubs them (erasure.rs).
+            CREATE TABLE gw_log_keys (
+                tenant TEXT NOT NULL,
+                tbl    TEXT NOT NULL,
+                pk     BLOB NOT NULL,
+                seq    INTEGER NOT NULL,
+                PRIMARY KEY (tenant, tbl, pk, seq)
+            ) WITHOUT ROWID;
+            ",
+        )?;
+        super::erasure::index_existing(conn)?;
     }
     Ok(())
 }
