@@ -9,6 +9,7 @@
 //! that later reads the scrubbed change and then the changes after it ends up where it would
 //! have with the originals.
 
+use crate::merge::join_register;
 use crate::state::{Life, RowState};
 
 /// Whether `change` is a delete that erases (it empties the columns it saw).
@@ -19,7 +20,9 @@ pub fn erases(change: &RowState) -> bool {
 
 /// Drops from `copy`, an older change to a row, what `merged` (the row's state now) has
 /// superseded; returns whether anything was dropped. Contexts stay: they hold no values, and
-/// a replica needs them to tell that the dropped writes happened.
+/// a replica needs them to tell that the dropped writes happened. A copy that lost values
+/// also takes the row's life as it is now, so a replica that reads it before the changes
+/// after it sees the row as it ends up (deleted), never alive with its values gone.
 pub fn drop_superseded(copy: &mut RowState, merged: &RowState) -> bool {
     let mut dropped = false;
     for (column, reg) in &mut copy.fields {
@@ -33,6 +36,9 @@ pub fn drop_superseded(copy: &mut RowState, merged: &RowState) -> bool {
         let before = counter.0.len();
         counter.0.retain(|node, part| now.0.get(node).is_none_or(|p| p.seq <= part.seq));
         dropped |= counter.0.len() != before;
+    }
+    if dropped {
+        join_register(&mut copy.life, &merged.life);
     }
     dropped
 }
@@ -86,6 +92,7 @@ mod tests {
         assert!(old_insert.fields["name"].entries.is_empty());
         assert_eq!(old_insert.fields["name"].ctx, insert.fields["name"].ctx);
         assert!(!old_insert.counters["n"].0.contains_key(&NodeId([1; 16])));
+        assert_eq!(old_insert.life, x.life, "the scrubbed copy says the row is deleted");
         assert!(!drop_superseded(&mut old_concurrent, &x));
         // Read in order by a replica that never saw the originals: the same state.
         let mut z = RowState::default();

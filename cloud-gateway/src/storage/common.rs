@@ -155,3 +155,11 @@ pub(crate) fn scrub_batch<'m>(batch: &mut Batch, merged: impl Fn(&RowKey) -> Opt
     }
     dropped
 }
+
+/// A log entry being scrubbed, decoded; `None` (logged) if it cannot be: one unreadable entry
+/// must not stop a delete, nor every later merge of the tenant.
+pub(crate) fn readable(bytes: &[u8], limits: &Limits, tenant: &str, seq: i64) -> Option<Batch> {
+    decode_payload(bytes, limits)
+        .map_err(|e| tracing::error!(seq, tenant, error = %e, "a log entry could not be scrubbed"))
+        .ok()
+}

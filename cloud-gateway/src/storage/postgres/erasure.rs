@@ -12,8 +12,8 @@ use postgres::Transaction;
 use super::connection::Stmts;
 use super::merge::fetch_states;
 use super::tables::key_hash;
-use crate::error::{Error, Result};
-use crate::storage::common::{RowKey, scrub_batch};
+use crate::error::Result;
+use crate::storage::common::{RowKey, readable, scrub_batch};
 
 /// Scrubs what the erasing deletes in `change` (about to be logged; the merged states already
 /// saved) superseded, from the tenant's earlier log entries and from `change` itself; returns
@@ -50,8 +50,7 @@ pub(super) fn scrub(
     let mut rewritten: Vec<(i64, Vec<u8>)> = Vec::new();
     for r in tx.query(&stmt, &[&tenant, &seqs])? {
         let seq: i64 = r.get(0);
-        let mut logged = decode_payload(r.get(1), limits)
-            .map_err(|e| Error::Corrupt(format!("log entry {seq} of {tenant:?}: {e}")))?;
+        let Some(mut logged) = readable(r.get(1), limits, tenant, seq) else { continue };
         if scrub_batch(&mut logged, |key| merged.get(key)) {
             rewritten.push((seq, encode_payload(&logged)));
         }

@@ -9,11 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
 use driftless_core::erase::erases;
 use driftless_core::{Batch, RowState};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::merge::load_row;
 use crate::error::Error;
-use crate::storage::common::{RowKey, scrub_batch};
+use crate::storage::common::{RowKey, readable, scrub_batch};
 
 /// Scrubs what the erasing deletes in `change` (about to be logged) superseded, from the log
 /// entries before it and from `change` itself; returns the scrubbed change if it differs.
@@ -37,10 +37,11 @@ pub(super) fn scrub(conn: &Connection, limits: &Limits, tenant: &str, change: &B
         }
     }
     for (seq, keys) in entries {
-        let bytes: Vec<u8> =
-            conn.prepare_cached("SELECT change FROM gw_log WHERE seq = ?1")?.query_row([seq], |r| r.get(0))?;
-        let mut logged = decode_payload(&bytes, limits)
-            .map_err(|e| Error::Corrupt(format!("log entry {seq} of {tenant:?}: {e}")))?;
+        let bytes: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT change FROM gw_log WHERE tenant = ?1 AND seq = ?2")?
+            .query_row(rusqlite::params![tenant, seq], |r| r.get(0))
+            .optional()?;
+        let Some(mut logged) = bytes.and_then(|b| readable(&b, limits, tenant, seq)) else { continue };
         if scrub_batch(&mut logged, |key| keys.contains(key).then(|| &merged[key])) {
             conn.prepare_cached("UPDATE gw_log SET change = ?1 WHERE seq = ?2")?
                 .execute(rusqlite::params![encode_payload(&logged), seq])?;
