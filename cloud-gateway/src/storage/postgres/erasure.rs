@@ -69,10 +69,14 @@ pub(super) fn scrub(
     Ok(changed.then_some(scrubbed))
 }
 
+/// The rows `change` holds, as the index names them: tables and key hashes.
+pub(super) fn keys(change: &Batch) -> (Vec<&str>, Vec<Vec<u8>>) {
+    change.rows.iter().map(|r| (r.table.as_str(), key_hash(&encode_key(&r.pk)))).unzip()
+}
+
 /// Notes which rows the log entry `seq` holds.
 pub(super) fn index(tx: &mut Transaction<'_>, stmts: &mut Stmts, tenant: &str, seq: i64, change: &Batch) -> Result<()> {
-    let tables: Vec<&str> = change.rows.iter().map(|r| r.table.as_str()).collect();
-    let hashes: Vec<Vec<u8>> = change.rows.iter().map(|r| key_hash(&encode_key(&r.pk))).collect();
+    let (tables, hashes) = keys(change);
     let stmt = stmts.get(
         tx,
         "INSERT INTO driftless.gw_log_keys(tenant, tbl, pkh, seq)

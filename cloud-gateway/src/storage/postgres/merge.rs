@@ -153,16 +153,26 @@ pub(super) fn log_change(
 ) -> Result<LogCursor> {
     let scrubbed = erasure::scrub(tx, stmts, limits, tenant, change)?;
     let change = scrubbed.as_ref().unwrap_or(change);
+    // The entry and its row index in one round trip.
     let stmt = stmts.get(
         tx,
-        "INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag)
-         SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, $4, $5 FROM driftless.gw_log WHERE tenant = $1
-         RETURNING seq",
+        "WITH l AS (
+             INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag)
+             SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, $4, $5 FROM driftless.gw_log WHERE tenant = $1
+             RETURNING seq),
+         k AS (
+             INSERT INTO driftless.gw_log_keys(tenant, tbl, pkh, seq)
+             SELECT $1, u.t, u.h, l.seq FROM l, unnest($6::text[], $7::bytea[]) AS u(t, h)
+             ON CONFLICT DO NOTHING)
+         SELECT seq FROM l",
     )?;
+    let (tables, hashes) = erasure::keys(change);
     let seq: i64 = tx
-        .query_one(&stmt, &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(change), &(tag as i64)])?
+        .query_one(
+            &stmt,
+            &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(change), &(tag as i64), &tables, &hashes],
+        )?
         .get(0);
-    erasure::index(tx, stmts, tenant, seq, change)?;
     Ok(LogCursor { position: seq as u64, tag })
 }
 
