@@ -88,7 +88,13 @@ fn devices_follow_the_gateways_schema_and_its_new_versions_while_running() {
     assert_eq!(rows(&gw_db, &format!("SELECT id, site, parts FROM {cloud} ORDER BY id")), want);
     if have_tool("sqlite3") {
         let update = format!("UPDATE {cloud} SET title = 'from the office', parts = parts + 10 WHERE id = 'w2'");
-        let out = std::process::Command::new("sqlite3").arg(&gw_db).arg(&update).output().expect("sqlite3");
+        // A well-behaved writer waits for the gateway's write lock instead of failing at once.
+        let out = std::process::Command::new("sqlite3")
+            .args(["-cmd", ".timeout 10000"])
+            .arg(&gw_db)
+            .arg(&update)
+            .output()
+            .expect("sqlite3");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let q = "SELECT title, parts FROM work_orders WHERE id = 'w2'";
         wait_until("the office's write on every device", || {
