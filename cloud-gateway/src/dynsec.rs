@@ -10,21 +10,19 @@
 
 use std::time::Duration;
 
-use driftless_core::protocol::{BrokerAddr, downlink_topic, poke_topic, schema_topic, uplink_topic};
+use driftless_core::protocol::BrokerAddr;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
+use crate::broker::access::DeviceTopics;
+pub use crate::broker::access::device_username;
+pub use crate::broker::credentials::new_password;
 use crate::error::{Error, Result};
 
 const COMMANDS: &str = "$CONTROL/dynamic-security/v1";
 const RESPONSES: &str = "$CONTROL/dynamic-security/v1/response";
 /// The role every gateway instance's broker client has.
 pub const GATEWAY_ROLE: &str = "driftless-gateway";
-
-/// The broker user name of a device.
-pub fn device_username(tenant: &str, device: &str) -> String {
-    format!("{tenant}/{device}")
-}
 
 /// The MQTT client id a device's agent connects with (pinned in the broker).
 pub fn device_client_id(tenant: &str, device: &str) -> String {
@@ -33,13 +31,6 @@ pub fn device_client_id(tenant: &str, device: &str) -> String {
 
 fn device_role(tenant: &str, device: &str) -> String {
     format!("driftless-device-{tenant}/{device}")
-}
-
-/// A fresh password: 24 random bytes, hex.
-pub fn new_password() -> Result<String> {
-    let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn acl(kind: &str, topic: &str) -> Value {
@@ -118,16 +109,11 @@ impl Dynsec {
     pub async fn add_device(&mut self, tenant: &str, device: &str, password: &str) -> Result<()> {
         self.remove_device(tenant, device).await?;
         let role = device_role(tenant, device);
-        let acls = vec![
-            acl("publishClientSend", &uplink_topic(tenant, device)),
-            acl("subscribeLiteral", &downlink_topic(tenant, device)),
-            acl("subscribeLiteral", &poke_topic(tenant)),
-            acl("subscribeLiteral", &schema_topic(tenant)),
-            // Explicit, so a broker whose default denies delivery still delivers these.
-            acl("publishClientReceive", &downlink_topic(tenant, device)),
-            acl("publishClientReceive", &poke_topic(tenant)),
-            acl("publishClientReceive", &schema_topic(tenant)),
-        ];
+        let topics = DeviceTopics::new(tenant, device);
+        let mut acls = vec![acl("publishClientSend", &topics.publish)];
+        acls.extend(topics.subscribe.iter().map(|t| acl("subscribeLiteral", t)));
+        // Explicit, so a broker whose default denies delivery still delivers these.
+        acls.extend(topics.subscribe.iter().map(|t| acl("publishClientReceive", t)));
         let commands = vec![
             json!({ "command": "createRole", "rolename": role, "acls": acls }),
             json!({

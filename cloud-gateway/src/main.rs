@@ -127,6 +127,19 @@ struct RunArgs {
     /// Where the embedded broker listens.
     #[arg(long, default_value = "127.0.0.1:1883")]
     listen: SocketAddr,
+    /// The embedded broker lets in only registered devices, with the password `device add`
+    /// printed, and holds each to its own topics (as --broker-admin has Mosquitto do).
+    #[arg(long, requires = "embedded_broker")]
+    embedded_broker_auth: bool,
+    /// The embedded broker serves TLS with this certificate chain (PEM).
+    #[arg(long, requires_all = ["embedded_broker", "embedded_broker_key"])]
+    embedded_broker_cert: Option<PathBuf>,
+    /// The private key (PEM) of --embedded-broker-cert.
+    #[arg(long, requires = "embedded_broker_cert")]
+    embedded_broker_key: Option<PathBuf>,
+    /// Clients of the embedded broker must present a certificate of this CA (mutual TLS).
+    #[arg(long, requires = "embedded_broker_cert")]
+    embedded_broker_client_ca: Option<PathBuf>,
     /// MQTT client id: distinct per instance and stable across its restarts, so the broker
     /// keeps its session (and the uplinks that arrive while it restarts).
     #[arg(long)]
@@ -336,8 +349,7 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
         tracing::info!(version, schema = %path.display(), "sync schema loaded");
     }
     let broker_addr: BrokerAddr = if args.embedded_broker {
-        broker::start_embedded_broker(args.listen)?;
-        BrokerAddr::plain(args.listen.ip().to_string(), args.listen.port())
+        embedded_broker(&args).await?
     } else {
         args.broker.parse().map_err(|e| anyhow::anyhow!("--broker {}: {e}", args.broker))?
     };
@@ -363,6 +375,28 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
     run(config, store, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Starts the embedded broker: open, or behind its guard with TLS or device credentials.
+/// Returns where this process's gateway reaches it.
+async fn embedded_broker(args: &RunArgs) -> anyhow::Result<BrokerAddr> {
+    let tls = match (&args.embedded_broker_cert, &args.embedded_broker_key) {
+        (Some(cert), Some(key)) => Some(broker::server_tls(cert, key, args.embedded_broker_client_ca.as_deref())?),
+        _ => None,
+    };
+    if tls.is_none() && !args.embedded_broker_auth {
+        broker::start_embedded_broker(args.listen)?;
+        return Ok(BrokerAddr::plain(args.listen.ip().to_string(), args.listen.port()));
+    }
+    let registry = match args.embedded_broker_auth {
+        true => {
+            let at = RegistryArgs { db: Some(args.db.clone()), store: args.store.clone(), broker_admin: None };
+            let store = tokio::task::spawn_blocking(move || registry_store(&at)).await??;
+            Some(std::sync::Arc::new(broker::StoreRegistry::new(store)) as std::sync::Arc<dyn broker::Registry>)
+        }
+        false => None,
+    };
+    Ok(broker::start_guarded_broker(args.listen, broker::Front { tls, registry })?)
 }
 
 fn now_ms() -> anyhow::Result<i64> {
@@ -406,24 +440,28 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                 );
             }
             // The broker first: a registered device the broker would not let in helps no one.
-            let password = match &at.broker_admin {
-                Some(url) => {
-                    let password = dynsec::new_password()?;
-                    dynsec(url).await?.add_device(&tenant, &device, &password).await?;
-                    Some(password)
-                }
-                None => None,
-            };
+            let password = dynsec::new_password()?;
+            if let Some(url) = &at.broker_admin {
+                dynsec(url).await?.add_device(&tenant, &device, &password).await?;
+            }
+            // The registry keeps a hash for the embedded broker (--embedded-broker-auth).
+            let secret = broker::credentials::hash(&password)?;
             let (t, d, r) = (tenant.clone(), device.clone(), role.clone());
-            on_store(&at, move |s| Ok(s.register_device(&t, &d, &r, now_ms()?)?)).await?;
+            on_store(&at, move |s| {
+                s.register_device(&t, &d, &r, now_ms()?)?;
+                s.set_device_secret(&t, &d, &secret)?;
+                Ok(())
+            })
+            .await?;
             println!("registered device {device:?} in tenant {tenant:?} with role {role:?}");
-            match password {
-                Some(password) => {
-                    println!("broker username: {}", dynsec::device_username(&tenant, &device));
-                    println!("broker password: {password}");
-                    println!("(shown once: the broker keeps only a hash; add the device again for a new one)");
-                }
-                None => println!("no --broker-admin: set the device's broker credentials and topic access yourself"),
+            println!("broker username: {}", dynsec::device_username(&tenant, &device));
+            println!("broker password: {password}");
+            println!("(shown once: only a hash is kept; add the device again for a new one)");
+            if at.broker_admin.is_none() {
+                println!(
+                    "no --broker-admin: the embedded broker (--embedded-broker-auth) checks this password; \
+                     an external broker needs the credentials and topic access set yourself"
+                );
             }
         }
         DeviceCommand::Remove { tenant, device, at } => {

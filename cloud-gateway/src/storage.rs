@@ -328,6 +328,13 @@ pub trait GatewayStore: Send {
     /// Removes a registered device; whether it was registered.
     fn remove_device(&mut self, tenant: &str, device: &str, now_ms: i64) -> Result<bool>;
 
+    /// Keeps `secret` (a hash of its broker password, see `broker::credentials`) for a
+    /// registered device; whether the device is registered. Registering it again clears it.
+    fn set_device_secret(&mut self, tenant: &str, device: &str, secret: &str) -> Result<bool>;
+
+    /// The secret kept for a registered, not removed device.
+    fn device_secret(&mut self, tenant: &str, device: &str) -> Result<Option<String>>;
+
     /// Registered devices (removed ones too), of one tenant or all.
     fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>>;
 

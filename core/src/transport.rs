@@ -64,15 +64,18 @@ fn client_config(tls: &Tls) -> Result<ClientConfig, TransportError> {
     }
     let builder = builder.with_root_certificates(roots);
     Ok(match &tls.client {
-        Some((cert, key)) => {
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
-            builder.with_client_auth_cert(certificates(cert)?, key)?
-        }
+        Some((cert, key)) => builder.with_client_auth_cert(certificates(cert)?, private_key(key)?)?,
         None => builder.with_no_client_auth(),
     })
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+/// The private key in a PEM file.
+pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
+}
+
+/// The certificates in a PEM file (at least one).
+pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(path, e))?
         .collect::<Result<Vec<_>, _>>()

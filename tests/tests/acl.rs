@@ -104,29 +104,76 @@ async fn the_broker_pins_each_device_to_its_own_topics_and_a_removed_device_is_c
     let gw_pw = password(&gateway_ok(&["device", "add-gateway", "--name", "gw-1", "--broker-admin", &admin]));
     let gw_broker = BrokerAddr::plain("127.0.0.1", port).with_login("gw-1", gw_pw);
     let _gw = gateway_as("gw-1", &gw_broker, "+", &gw_db, &[]);
+    let remove = || {
+        gateway_ok(&["device", "remove", "--tenant", &fleet, "--device", "m", "--db", db, "--broker-admin", &admin]);
+    };
+    held_to_their_topics(port, dir.path(), &gw_db, (&fleet, &other), [&pw_a, &pw_b, &pw_m], remove).await;
+}
 
+/// The embedded broker, behind its guard, holds devices to the same rules with the
+/// passwords `device add` issued, checked against the gateway's registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_pins_each_device_to_its_own_topics_and_a_removed_device_is_cut_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw_db = dir.path().join("gw.db");
+    let db = gw_db.to_str().expect("utf-8 path");
+    let (fleet, other) = (tenant("acl-emb"), tenant("acl-emb-other"));
+    let add = |tenant: &str, device: &str| {
+        password(&gateway_ok(&["device", "add", "--tenant", tenant, "--device", device, "--role", "field", "--db", db]))
+    };
+    let (pw_a, pw_b, pw_m, _pw_c) = (add(&fleet, "a"), add(&fleet, "b"), add(&fleet, "m"), add(&other, "c"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let extra = ["--embedded-broker", "--embedded-broker-auth", "--listen", &listen];
+    let _gw = gateway_as("gw-emb", &BrokerAddr::plain("127.0.0.1", port), "+", &gw_db, &extra);
+
+    // Without credentials, with a wrong password, or with another device's client id: refused.
+    let anonymous = try_connect(&dynsec::device_client_id(&fleet, "a"), &BrokerAddr::plain("127.0.0.1", port)).await;
+    assert!(anonymous.is_err(), "a client without credentials connected");
+    let as_a = BrokerAddr::plain("127.0.0.1", port).with_login(format!("{fleet}/a"), &pw_a);
+    let wrong = BrokerAddr::plain("127.0.0.1", port).with_login(format!("{fleet}/a"), &pw_b);
+    assert!(try_connect(&dynsec::device_client_id(&fleet, "a"), &wrong).await.is_err(), "a wrong password");
+    assert!(try_connect(&dynsec::device_client_id(&fleet, "b"), &as_a).await.is_err(), "b's client id as a");
+    try_connect(&dynsec::device_client_id(&fleet, "a"), &as_a).await.expect("a's own login");
+
+    let remove = || {
+        gateway_ok(&["device", "remove", "--tenant", &fleet, "--device", "m", "--db", db]);
+    };
+    held_to_their_topics(port, dir.path(), &gw_db, (&fleet, &other), [&pw_a, &pw_b, &pw_m], remove).await;
+}
+
+/// Devices a and b of `fleet` sync with their passwords; m tries what its credentials do not
+/// allow, gets none of it, then is removed (`remove`) and cut off; a and b go on.
+async fn held_to_their_topics(
+    port: u16,
+    dir: &Path,
+    gw_db: &Path,
+    (fleet, other): (&str, &str),
+    [pw_a, pw_b, pw_m]: [&str; 3],
+    remove: impl FnOnce(),
+) {
     // Honest devices sync with their credentials.
     let login =
         |device: &str, pw: &str| BrokerAddr::plain("127.0.0.1", port).with_login(format!("{fleet}/{device}"), pw);
-    let (a, b) = (cli_device(dir.path(), "a"), cli_device(dir.path(), "b"));
-    let _agent_a = agent(&a, &login("a", &pw_a), &fleet, "a");
-    let _agent_b = agent(&b, &login("b", &pw_b), &fleet, "b");
+    let (a, b) = (cli_device(dir, "a"), cli_device(dir, "b"));
+    let _agent_a = agent(&a, &login("a", pw_a), fleet, "a");
+    let _agent_b = agent(&b, &login("b", pw_b), fleet, "b");
     exec(&a, "INSERT INTO inspections(id, site, stock) VALUES ('honest', 'x', 1)");
     eventually("b has a's row", WAIT, || rows(&b, "SELECT id FROM inspections").len() == 1).await;
 
     // m, a registered device, tries what its credentials do not allow.
-    let (m, mut events) = raw_client(port, &fleet, "m", &pw_m).await;
+    let (m, mut events) = raw_client(port, fleet, "m", pw_m).await;
     assert_eq!(
-        subscribe(&m, &mut events, &downlink_topic(&fleet, "m")).await,
+        subscribe(&m, &mut events, &downlink_topic(fleet, "m")).await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
     for topic in
-        [downlink_topic(&fleet, "b"), downlink_topic(&other, "c"), format!("driftless/{other}/#"), "driftless/#".into()]
+        [downlink_topic(fleet, "b"), downlink_topic(other, "c"), format!("driftless/{other}/#"), "driftless/#".into()]
     {
         assert_eq!(subscribe(&m, &mut events, &topic).await, SubscribeReasonCode::Failure, "{topic}");
     }
     // Garbage as b would be a dead letter of b's; a pull as c would make c's snapshot.
-    m.publish(uplink_topic(&fleet, "b"), QoS::AtLeastOnce, false, &b"forged"[..]).await.expect("publish");
+    m.publish(uplink_topic(fleet, "b"), QoS::AtLeastOnce, false, &b"forged"[..]).await.expect("publish");
     let pull = Uplink::Pull {
         device: "c".into(),
         epoch: None,
@@ -135,7 +182,7 @@ async fn the_broker_pins_each_device_to_its_own_topics_and_a_removed_device_is_c
         max_rows: 100,
         max_bytes: 1 << 20,
     };
-    m.publish(uplink_topic(&other, "c"), QoS::AtLeastOnce, false, pull.encode()).await.expect("publish");
+    m.publish(uplink_topic(other, "c"), QoS::AtLeastOnce, false, pull.encode()).await.expect("publish");
     // Its own message goes through: once answered, the forged ones would have been handled.
     let hello = Uplink::Hello {
         device: "m".into(),
@@ -145,15 +192,15 @@ async fn the_broker_pins_each_device_to_its_own_topics_and_a_removed_device_is_c
         receipts: vec![],
         epoch: None,
     };
-    m.publish(uplink_topic(&fleet, "m"), QoS::AtLeastOnce, false, hello.encode()).await.expect("publish");
-    let down = downlink_topic(&fleet, "m");
+    m.publish(uplink_topic(fleet, "m"), QoS::AtLeastOnce, false, hello.encode()).await.expect("publish");
+    let down = downlink_topic(fleet, "m");
     next(&mut events, |p| matches!(p, Packet::Publish(p) if p.topic == down).then_some(())).await;
-    assert_eq!(sqlite_count(&gw_db, "SELECT count(*) FROM gw_dead_letters"), 0, "nothing arrived as b");
+    assert_eq!(sqlite_count(gw_db, "SELECT count(*) FROM gw_dead_letters"), 0, "nothing arrived as b");
     let q = format!("SELECT count(*) FROM gw_devices WHERE tenant = '{other}'");
-    assert_eq!(sqlite_count(&gw_db, &q), 0, "nothing arrived as c");
+    assert_eq!(sqlite_count(gw_db, &q), 0, "nothing arrived as c");
 
     // m is removed: the broker drops its connection and refuses it from then on.
-    gateway_ok(&["device", "remove", "--tenant", &fleet, "--device", "m", "--db", db, "--broker-admin", &admin]);
+    remove();
     let dropped = tokio::time::timeout(WAIT, async {
         loop {
             if events.poll().await.is_err() {
@@ -163,7 +210,7 @@ async fn the_broker_pins_each_device_to_its_own_topics_and_a_removed_device_is_c
     })
     .await;
     assert!(dropped.is_ok(), "the removed device is still connected");
-    let again = try_connect(&dynsec::device_client_id(&fleet, "m"), &login("m", &pw_m)).await;
+    let again = try_connect(&dynsec::device_client_id(fleet, "m"), &login("m", pw_m)).await;
     assert!(again.is_err(), "the removed device connected again");
     // The others go on.
     exec(&b, "INSERT INTO inspections(id, site, stock) VALUES ('after', 'y', 2)");

@@ -341,6 +341,12 @@ impl GatewayStore for FailingMerges {
     fn remove_device(&mut self, t: &str, d: &str, now: i64) -> Result<bool> {
         self.0.remove_device(t, d, now)
     }
+    fn set_device_secret(&mut self, t: &str, d: &str, s: &str) -> Result<bool> {
+        self.0.set_device_secret(t, d, s)
+    }
+    fn device_secret(&mut self, t: &str, d: &str) -> Result<Option<String>> {
+        self.0.device_secret(t, d)
+    }
     fn registry(&mut self, t: Option<&str>) -> Result<Vec<crate::storage::Registered>> {
         self.0.registry(t)
     }

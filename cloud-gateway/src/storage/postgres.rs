@@ -480,6 +480,14 @@ impl GatewayStore for PgStore {
         registry::remove(self.client()?, tenant, device, now_ms)
     }
 
+    fn set_device_secret(&mut self, tenant: &str, device: &str, secret: &str) -> Result<bool> {
+        registry::set_secret(self.client()?, tenant, device, secret)
+    }
+
+    fn device_secret(&mut self, tenant: &str, device: &str) -> Result<Option<String>> {
+        registry::secret(self.client()?, tenant, device)
+    }
+
     fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>> {
         registry::list(self.client()?, tenant)
     }

@@ -528,6 +528,14 @@ impl GatewayStore for SqliteStore {
         registry::remove(&self.conn, tenant, device, now_ms)
     }
 
+    fn set_device_secret(&mut self, tenant: &str, device: &str, secret: &str) -> Result<bool> {
+        registry::set_secret(&self.conn, tenant, device, secret)
+    }
+
+    fn device_secret(&mut self, tenant: &str, device: &str) -> Result<Option<String>> {
+        registry::secret(&self.conn, tenant, device)
+    }
+
     fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>> {
         registry::list(&self.conn, tenant)
     }

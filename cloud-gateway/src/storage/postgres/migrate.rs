@@ -163,6 +163,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, tbl, pkh, seq)
     );
     ",
+    // 5: a hash of each registered device's broker password, for the embedded broker.
+    "
+    ALTER TABLE driftless.gw_registry ADD COLUMN secret text;
+    ",
 ];
 
 /// The migration that adds the log's row index, after which entries already logged are

@@ -15,7 +15,7 @@ pub(super) fn register(client: &mut Client, tenant: &str, device: &str, role: &s
     client.execute(
         "INSERT INTO driftless.gw_registry(tenant, device, role, added_ms) VALUES ($1, $2, $3, $4)
          ON CONFLICT (tenant, device) DO UPDATE
-             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL",
+             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL, secret = NULL",
         &[&tenant, &device, &role, &now_ms],
     )?;
     Ok(())
@@ -27,6 +27,22 @@ pub(super) fn remove(client: &mut Client, tenant: &str, device: &str, now_ms: i6
         &[&tenant, &device, &now_ms],
     )?;
     Ok(n > 0)
+}
+
+pub(super) fn set_secret(client: &mut Client, tenant: &str, device: &str, secret: &str) -> Result<bool> {
+    let n = client.execute(
+        "UPDATE driftless.gw_registry SET secret = $3 WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL",
+        &[&tenant, &device, &secret],
+    )?;
+    Ok(n > 0)
+}
+
+pub(super) fn secret(client: &mut Client, tenant: &str, device: &str) -> Result<Option<String>> {
+    let row = client.query_opt(
+        "SELECT secret FROM driftless.gw_registry WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL",
+        &[&tenant, &device],
+    )?;
+    Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
 }
 
 pub(super) fn list(client: &mut Client, tenant: Option<&str>) -> Result<Vec<Registered>> {

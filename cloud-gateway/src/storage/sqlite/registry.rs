@@ -13,7 +13,8 @@ use crate::storage::{Registered, Standing};
 pub(super) fn register(conn: &Connection, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO gw_registry(tenant, device, role, added_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(tenant, device) DO UPDATE SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL",
+         ON CONFLICT(tenant, device) DO UPDATE
+             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL, secret = NULL",
     )?
     .execute(rusqlite::params![tenant, device, role, now_ms])?;
     Ok(())
@@ -26,6 +27,21 @@ pub(super) fn remove(conn: &Connection, tenant: &str, device: &str, now_ms: i64)
         )?
         .execute(rusqlite::params![tenant, device, now_ms])?;
     Ok(n > 0)
+}
+
+pub(super) fn set_secret(conn: &Connection, tenant: &str, device: &str, secret: &str) -> Result<bool> {
+    let n = conn
+        .prepare_cached("UPDATE gw_registry SET secret = ?3 WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL")?
+        .execute(rusqlite::params![tenant, device, secret])?;
+    Ok(n > 0)
+}
+
+pub(super) fn secret(conn: &Connection, tenant: &str, device: &str) -> Result<Option<String>> {
+    let found = conn
+        .prepare_cached("SELECT secret FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL")?
+        .query_row([tenant, device], |r| r.get::<_, Option<String>>(0))
+        .optional()?;
+    Ok(found.flatten())
 }
 
 pub(super) fn list(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Registered>> {

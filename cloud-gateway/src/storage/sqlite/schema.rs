@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 11;
+const VERSION: i64 = 12;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -263,6 +263,11 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ",
         )?;
         super::erasure::index_existing(conn)?;
+    }
+    if version == 11 {
+        // A hash of each registered device's broker password, for the embedded broker to
+        // check (see broker/credentials.rs); NULL when none was issued.
+        conn.execute_batch("ALTER TABLE gw_registry ADD COLUMN secret TEXT;")?;
     }
     Ok(())
 }
