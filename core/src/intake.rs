@@ -154,7 +154,7 @@ pub fn merge_batch<S: RowStore>(
             report.bounded += bound_future_timestamps(&mut incoming.state, bound.limit, bound.to).len();
         }
         let (mut state, mut roles) = store.load(&incoming)?;
-        if let Some(reason) = rules.vouch.and_then(|v| v.check(&incoming.state, &state)) {
+        if let Some(reason) = rules.vouch.and_then(|v| v.check(&row.table, &incoming.state, &state)) {
             report.refused.push((index, format!("a change to {:?} claims too much: {reason}", row.table)));
             continue;
         }

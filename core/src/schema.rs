@@ -11,6 +11,7 @@
 //! name = "work_orders"
 //! key = ["id"]
 //! direction = "both"            # both | up-only | down-only, as seen from devices
+//! writers = ["field", "hq"]      # optional: only devices of these roles write it
 //! delete_policy = "delete-wins" # or update-wins
 //!
 //! [[table.column]]
@@ -137,6 +138,8 @@ pub struct SchemaTable {
     pub columns: Vec<SchemaColumn>,
     pub direction: Direction,
     pub delete_policy: DeletePolicy,
+    /// The roles whose devices may write this table; empty: every role.
+    pub writers: Vec<String>,
 }
 
 impl SchemaTable {
@@ -287,6 +290,7 @@ struct RawTable {
     direction: Direction,
     #[serde(default)]
     delete_policy: DeletePolicy,
+    writers: Option<Vec<String>>,
     #[serde(default)]
     column: Vec<RawColumn>,
 }
@@ -346,7 +350,11 @@ impl SyncSchema {
                 columns,
                 direction: t.direction,
                 delete_policy: t.delete_policy,
+                writers: t.writers.clone().unwrap_or_default(),
             };
+            if t.writers.as_ref().is_some_and(Vec::is_empty) {
+                return Err(bad("writers = [] lets no device write it: say direction = \"down-only\"".into()));
+            }
             check_table(&table, &raw.roles).map_err(bad)?;
             tables.push(table);
         }
@@ -358,6 +366,11 @@ impl SyncSchema {
 
     pub fn table(&self, name: &str) -> Option<&SchemaTable> {
         self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// The tables only some roles may write, with those roles.
+    pub fn writers(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.tables.iter().filter(|t| !t.writers.is_empty()).map(|t| (t.name.clone(), t.writers.clone())).collect()
     }
 
     /// Why a device may not send `row`, if it may not (see [`SchemaTable::check_device_row`]).
@@ -421,6 +434,12 @@ fn check_table(t: &SchemaTable, roles: &[String]) -> Result<(), String> {
     }
     if t.key.is_empty() {
         return Err("a key is required: rows are told apart by it on every replica".into());
+    }
+    if let Some(r) = t.writers.iter().find(|r| !roles.contains(r)) {
+        return Err(format!("writers name role {r:?}, which the schema's roles do not declare"));
+    }
+    if !t.writers.is_empty() && t.direction == Direction::DownOnly {
+        return Err("a down-only table has no device writers".into());
     }
     let limits = Limits::default();
     if t.key.len() > limits.max_key_values {

@@ -1,8 +1,9 @@
 //! Crafted batches from a real MQTT client, through the real `driftless-gateway` and
 //! `driftless-agent` binaries over a real broker: a registered device ("tab-m") that claims a
 //! role it was not given, writes as another device's node, claims another node's counters up
-//! to u64::MAX, and writes a table only the cloud writes. Each is refused (or its claim
-//! replaced), and each time the honest devices' next write still arrives.
+//! to u64::MAX, writes a table only the cloud writes, and one only hq devices write. Each is
+//! refused (or its claim replaced), and each time the honest devices' next write still
+//! arrives.
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,6 +35,17 @@ policy = "authority:hq>field"
 name = "prices"
 key = ["id"]
 direction = "down-only"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "status"
+type = "text"
+
+[[table]]
+name = "rates"
+key = ["id"]
+writers = ["hq"]
 [[table.column]]
 name = "id"
 type = "text"
@@ -183,5 +195,14 @@ async fn crafted_batches_are_refused_and_honest_writes_go_on() {
         assert!(refused.len() == 1 && refused[0].contains("written only by the cloud"), "{refused:?}");
         honest_write_arrives(&a, &b, "j7").await;
         assert!(rows(&b, "SELECT id FROM prices").is_empty());
+
+        // 5. A table only hq devices write, from a device registered as field (its claim of
+        // hq is replaced by the registry's role, so its write is a field write).
+        let rate = written(&mut m, "INSERT INTO rates(id, status) VALUES ('r1', 'cheap')");
+        let refused = forger.send(&rate).await;
+        assert!(refused.len() == 1 && refused[0].contains("written only by roles [\"hq\"]"), "{refused:?}");
+        honest_write_arrives(&a, &b, "j8").await;
+        assert!(rows(&b, "SELECT id FROM rates").is_empty());
+        assert!(rows(&gw_db, &format!("SELECT id FROM \"{tenant}.rates\"")).is_empty());
     }
 }

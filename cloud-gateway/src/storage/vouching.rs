@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use driftless_core::intake::Vouch;
-use driftless_core::{Batch, NodeId};
+use driftless_core::{Batch, NodeId, SyncSchema};
 
 use crate::error::Result;
 use crate::storage::Incoming;
@@ -54,7 +54,12 @@ pub(crate) struct Vouched {
 
 /// Binds the batch's new nodes to its device and decides what it may claim. Nothing here
 /// refuses a batch as a whole: a role it declares is replaced, never a reason to refuse.
-pub(crate) fn vouch(book: &mut dyn NodeBook, from: &Incoming<'_>, batch: &Batch) -> Result<Vouched> {
+pub(crate) fn vouch(
+    book: &mut dyn NodeBook,
+    from: &Incoming<'_>,
+    batch: &Batch,
+    schema: Option<&SyncSchema>,
+) -> Result<Vouched> {
     let mut written: BTreeMap<NodeId, u64> = BTreeMap::new();
     let mut named = BTreeSet::new();
     for row in &batch.rows {
@@ -101,9 +106,13 @@ pub(crate) fn vouch(book: &mut dyn NodeBook, from: &Incoming<'_>, batch: &Batch)
         }
         if own {
             vouch.own.insert(node);
+            if let Some(role) = out.roles.get(&node) {
+                vouch.roles.insert(node, role.clone());
+            }
         }
         vouch.known.insert(node, counter);
     }
+    vouch.writers = schema.map(SyncSchema::writers).unwrap_or_default();
     out.vouch = (!from.recovering).then_some(vouch);
     Ok(out)
 }

@@ -136,7 +136,7 @@ fn a_row_grown_past_the_limits_is_refused_and_nothing_of_it_kept() {
 
 /// What a sender writing as node 1, after node 2's writes up to 3 were merged, may claim.
 fn sender_one() -> Vouch {
-    Vouch { own: [node(1)].into(), known: BTreeMap::from([(node(1), 1), (node(2), 3)]) }
+    Vouch { own: [node(1)].into(), known: BTreeMap::from([(node(1), 1), (node(2), 3)]), ..Vouch::default() }
 }
 
 fn vouched<'a>(limits: &'a Limits, vouch: &'a Vouch) -> IntakeRules<'a> {
@@ -181,6 +181,53 @@ fn a_sender_writes_only_as_its_own_nodes_and_claims_only_what_was_merged() {
     let report =
         merge_batch(&mut store, &Batch { roles: BTreeMap::new(), rows: vec![honest] }, vouched(&limits, &vouch))
             .unwrap();
+    assert_eq!((report.applied, report.refused.len()), (1, 0), "{:?}", report.refused);
+}
+
+#[test]
+fn a_table_only_some_roles_write_refuses_any_new_action_of_another_roles_node() {
+    let limits = Limits::default();
+    let mut store = Rows::default();
+    // Node 2 (role hq) writes row 1; node 1 (role field) may not write table t.
+    let hq = Batch { roles: BTreeMap::new(), rows: vec![row("t", 1, 2, 3, 10, 7)] };
+    merge_batch(&mut store, &hq, rules(&limits, None)).unwrap();
+    let field = Vouch {
+        own: [node(1)].into(),
+        known: BTreeMap::from([(node(1), 1), (node(2), 3)]),
+        roles: BTreeMap::from([(node(1), "field".to_owned())]),
+        writers: BTreeMap::from([("t".to_owned(), vec!["hq".to_owned()])]),
+    };
+    let one = |row: RowChange| Batch { roles: BTreeMap::new(), rows: vec![row] };
+
+    // Its write, new or to hq's row: refused with the reason.
+    for write in [row("t", 2, 1, 1, 20, 1), row("t", 1, 1, 1, 20, 1)] {
+        let report = merge_batch(&mut store, &one(write), vouched(&limits, &field)).unwrap();
+        assert_eq!(report.applied, 0);
+        assert!(report.refused[0].1.contains("written only by roles [\"hq\"]"), "{:?}", report.refused);
+    }
+    // Its delete of hq's row (a dot with no value): refused too.
+    let mut held = store.held[&key(1)].0.clone();
+    let delete = crate::merge::write_local_delete(
+        &mut held,
+        Dot { node: node(1), counter: 1 },
+        Hlc::new(30, 0),
+        vec![],
+        crate::policy::DeletePolicy::DeleteWins,
+    );
+    let delete = RowChange { table: "t".into(), pk: vec![Value::Integer(1)], state: delete };
+    let report = merge_batch(&mut store, &one(delete), vouched(&limits, &field)).unwrap();
+    assert_eq!((report.applied, report.refused.len()), (0, 1), "{:?}", report.refused);
+    assert_eq!(store.held[&key(1)].0.fields["v"].entries[0].value, Value::Integer(7));
+
+    // hq's row sent back whole by the field device: harmless, a duplicate.
+    let echoed = merge_batch(&mut store, &hq, vouched(&limits, &field)).unwrap();
+    assert_eq!((echoed.duplicates, echoed.refused.len()), (1, 0));
+    // Other tables stay open to it.
+    let report = merge_batch(&mut store, &one(row("u", 1, 1, 1, 40, 1)), vouched(&limits, &field)).unwrap();
+    assert_eq!((report.applied, report.refused.len()), (1, 0));
+    // A node of role hq writes t.
+    let hq_sender = Vouch { roles: BTreeMap::from([(node(1), "hq".to_owned())]), ..field };
+    let report = merge_batch(&mut store, &one(row("t", 3, 1, 2, 50, 1)), vouched(&limits, &hq_sender)).unwrap();
     assert_eq!((report.applied, report.refused.len()), (1, 0), "{:?}", report.refused);
 }
 

@@ -9,6 +9,9 @@
 //! nodes bound to it, and claim of any node only what has been merged from it (or what this
 //! batch itself writes as its own nodes). A foreign write the gateway already holds is
 //! harmless (the join ignores it) and is let through: a device sends rows back whole.
+//!
+//! A table may also name the roles that write it (`writers` in the sync schema): a new write
+//! of the sender's own node to it is refused unless the node's role is one of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,14 +26,32 @@ pub struct Vouch {
     /// The highest counter of each node merged so far, or written as an own node in this
     /// batch: what a context may claim.
     pub known: BTreeMap<NodeId, u64>,
+    /// The role each own node writes as.
+    pub roles: BTreeMap<NodeId, String>,
+    /// Tables only some roles may write, with those roles.
+    pub writers: BTreeMap<String, Vec<String>>,
 }
 
 impl Vouch {
-    /// Why `incoming` claims more than its sender may, given `stored`, the state held for
-    /// the row before the join; `None` if it claims nothing it may not.
-    pub fn check(&self, incoming: &RowState, stored: &RowState) -> Option<String> {
-        if let Some((node, counter)) = foreign_write(incoming, stored, &self.own) {
+    /// Why `incoming`, a change to `table`, claims more than its sender may, given `stored`,
+    /// the state held for the row before the join; `None` if it claims nothing it may not.
+    pub fn check(&self, table: &str, incoming: &RowState, stored: &RowState) -> Option<String> {
+        let foreign = |node: &NodeId| !self.own.contains(node);
+        if let Some((node, counter)) = new_write(incoming, stored, foreign) {
             return Some(format!("it carries a write of node {node} (counter {counter}) that is not the sender's own"));
+        }
+        if let Some(writers) = self.writers.get(table) {
+            // Any action of a barred node this row did not hold: a write, a delete (a dot
+            // with no value), a counter increment.
+            let barred = self.own.iter().filter(|n| self.roles.get(n).is_none_or(|r| !writers.contains(r)));
+            for &node in barred {
+                if incoming.max_counter_of(node) > stored.max_counter_of(node) {
+                    let role = self.roles.get(&node).map_or("none", String::as_str);
+                    return Some(format!(
+                        "table {table:?} is written only by roles {writers:?}; node {node} writes as {role:?}"
+                    ));
+                }
+            }
         }
         // Claims of the sender's own nodes are not checked: they could only silence its own
         // writes, and after a node change they name writes still on their way.
@@ -47,9 +68,9 @@ impl Vouch {
     }
 }
 
-/// A write of a node not in `own` that `stored` does not already hold.
-fn foreign_write(incoming: &RowState, stored: &RowState, own: &BTreeSet<NodeId>) -> Option<(NodeId, u64)> {
-    let foreign = |node: &NodeId| !own.contains(node);
+/// A write of a node `foreign` picks that `stored` does not already hold.
+fn new_write(incoming: &RowState, stored: &RowState, foreign: impl Fn(&NodeId) -> bool) -> Option<(NodeId, u64)> {
+    let foreign = &foreign;
     let life = incoming
         .life
         .entries

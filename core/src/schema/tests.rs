@@ -9,6 +9,7 @@ roles = ["hq", "field"]
 name = "work_orders"
 key = ["id"]
 delete_policy = "update-wins"
+writers = ["hq", "field"]
 
 [[table.column]]
 name = "id"
@@ -72,6 +73,9 @@ fn a_schema_file_declares_tables_columns_keys_policies_and_directions() {
     assert_eq!((parts.nullable, parts.default.clone()), (false, Some(Value::Integer(0))));
     assert!(orders.column("weight").expect("weight").nullable);
     assert_eq!(s.table("price_list").expect("declared").direction, Direction::DownOnly);
+    assert_eq!(orders.writers, vec!["hq".to_owned(), "field".to_owned()]);
+    assert!(s.table("price_list").expect("declared").writers.is_empty(), "every role, when not said");
+    assert_eq!(s.writers().keys().collect::<Vec<_>>(), vec!["work_orders"]);
 }
 
 #[test]
@@ -115,6 +119,20 @@ fn mistakes_in_a_schema_file_are_named() {
             "[[table]]\nname = \"t\"\nkey = [\"id\", \"at\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"\n\
              [[table.column]]\nname = \"at\"\ntype = \"real\"",
             "cannot be real",
+        ),
+        (
+            "[[table]]\nname = \"t\"\nkey = [\"id\"]\nwriters = [\"crm\"]\n[[table.column]]\nname = \"id\"\ntype = \"text\"",
+            "writers name role \"crm\"",
+        ),
+        (
+            "roles = [\"hq\"]\n[[table]]\nname = \"t\"\nkey = [\"id\"]\nwriters = []\n\
+             [[table.column]]\nname = \"id\"\ntype = \"text\"",
+            "lets no device write it",
+        ),
+        (
+            "roles = [\"hq\"]\n[[table]]\nname = \"t\"\nkey = [\"id\"]\nwriters = [\"hq\"]\n\
+             direction = \"down-only\"\n[[table.column]]\nname = \"id\"\ntype = \"text\"",
+            "no device writers",
         ),
     ];
     for (text, want) in cases {

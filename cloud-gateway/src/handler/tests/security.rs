@@ -15,6 +15,7 @@ on_every_store!(
     a_store_that_replaced_another_takes_back_what_devices_hold,
     a_closed_tenant_ignores_devices_it_does_not_know,
     after_a_restore_writes_sent_back_for_others_are_taken,
+    a_table_only_some_roles_write_takes_only_their_devices_writes,
 );
 
 fn device(b: &Backend, name: &str, role: &str) -> Store {
@@ -139,6 +140,35 @@ fn roles_come_from_the_registry_and_a_forged_one_is_ignored(b: &Backend) {
     assert!(refused(&ship(&mut *gw, "field-2", &batch)).is_empty());
     let node = batch.rows[0].state.life.entries[0].dot.node;
     assert_eq!(roles(&mut *gw).get(&node).map(String::as_str), Some("hq"));
+}
+
+/// Table `t` (as [`device`] makes it) written only by `writers`.
+fn schema_with_writers(writers: &str) -> String {
+    format!(
+        "roles = [\"hq\", \"field\"]\n[[table]]\nname = \"t\"\nkey = [\"id\"]\nwriters = {writers}\n\
+         [[table.column]]\nname = \"id\"\ntype = \"text\"\n\
+         [[table.column]]\nname = \"n\"\ntype = \"integer\"\npolicy = \"counter\"\n"
+    )
+}
+
+fn a_table_only_some_roles_write_takes_only_their_devices_writes(b: &Backend) {
+    let mut gw = b.open();
+    gw.install_schema(&schema_with_writers("[\"hq\"]")).expect("schema");
+    gw.register_device("t", "hq-1", "hq", 1).expect("register");
+    gw.register_device("t", "field-1", "field", 1).expect("register");
+    let (mut hq, mut field) = (device(b, "hq", "hq"), device(b, "field", "field"));
+    assert!(refused(&ship(&mut *gw, "hq-1", &pending(&mut hq, "INSERT INTO t VALUES ('h', 1)"))).is_empty());
+    let why = refused(&ship(&mut *gw, "field-1", &pending(&mut field, "INSERT INTO t VALUES ('f', 1)")));
+    assert!(why.len() == 1 && why[0].contains("written only by roles [\"hq\"]"), "{why:?}");
+    // A device claiming hq is ranked, and so checked, as its registered role.
+    let mut claims = device(b, "claims", "hq");
+    let why = refused(&ship(&mut *gw, "field-1", &pending(&mut claims, "INSERT INTO t VALUES ('c', 1)")));
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert_eq!(logged_ids(&mut *gw), vec![text("h")]);
+    // A later schema version lets field devices write it: their next writes are taken.
+    gw.install_schema(&schema_with_writers("[\"hq\", \"field\"]")).expect("schema v2");
+    assert!(refused(&ship(&mut *gw, "field-1", &pending(&mut field, "INSERT INTO t VALUES ('f2', 1)"))).is_empty());
+    assert_eq!(logged_ids(&mut *gw), vec![text("h"), text("f2")]);
 }
 
 fn a_closed_tenant_ignores_devices_it_does_not_know(b: &Backend) {

@@ -40,7 +40,7 @@ pub(super) fn merge(
         // Writes made to the real tables first: this merge must not overwrite one unseen.
         cloud_logged = ingest_pending(&mut tx, stmts, limits, tenant, served, at.now_ms, tags.1)?.is_some();
     }
-    let vouched = vouch(&mut Book { tx: &mut tx, stmts }, at, batch)?;
+    let vouched = vouch(&mut Book { tx: &mut tx, stmts }, at, batch, schema.map(|s| &s.schema))?;
     let mut rows = Rows {
         tx: &mut tx,
         stmts: &mut *stmts,

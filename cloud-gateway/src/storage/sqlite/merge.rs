@@ -163,7 +163,7 @@ pub(super) fn merge(
             cloud_logged = true;
         }
     }
-    let vouched = vouch(&mut Book(&tx), at, batch)?;
+    let vouched = vouch(&mut Book(&tx), at, batch, schema.map(|s| &s.schema))?;
     let mut rows = Rows { tx: &tx, limits, tenant, schema, new_tables: HashMap::new() };
     let rules = IntakeRules {
         limits,
