@@ -8,13 +8,17 @@ pub mod guard;
 mod mqtt;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
 
 use driftless_core::protocol::BrokerAddr;
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use rustls::pki_types::PrivateKeyDer;
 
-pub use self::guard::{Front, Registry, StoreRegistry};
+pub use self::guard::{Front, Registry};
 use crate::error::{Error, Result};
 
 /// The largest packet the embedded broker takes.
@@ -26,7 +30,8 @@ pub fn start_embedded_broker(listen: SocketAddr) -> Result<()> {
 }
 
 /// Starts a broker behind the guard on `listen`, which serves `front`'s TLS and checks
-/// devices against its registry; must be called within a tokio runtime, which runs the guard.
+/// devices against its registry; must be called within a tokio runtime, which runs the guard,
+/// from a thread that may block (it waits for rumqttd to answer).
 /// Returns where the gateway of this process reaches the broker itself: a loopback port
 /// behind no guard, with a password made now that only this process knows.
 pub fn start_guarded_broker(listen: SocketAddr, front: Front) -> Result<BrokerAddr> {
@@ -39,7 +44,9 @@ pub fn start_guarded_broker(listen: SocketAddr, front: Front) -> Result<BrokerAd
         .and_then(|l| l.local_addr())
         .map_err(|e| Error::Broker(format!("no loopback port for the broker: {e}")))?;
     let login = ("driftless-gateway".to_owned(), credentials::new_password()?);
-    start_rumqttd(inside, Some(login.clone()))?;
+    let probe = Arc::new(Probe { token: credentials::new_password()?, seen: AtomicBool::new(false) });
+    start_rumqttd(inside, Some((login.clone(), probe.clone())))?;
+    probe.wait(inside)?;
     let _guard = runtime.enter();
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| Error::Broker(e.to_string()))?;
     runtime.spawn(guard::serve(listener, front, inside, login.clone(), MAX_PACKET));
@@ -52,10 +59,10 @@ pub fn server_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
     client_ca: Option<&std::path::Path>,
-) -> Result<std::sync::Arc<rustls::ServerConfig>> {
+) -> Result<Arc<rustls::ServerConfig>> {
     use driftless_core::transport::{certificates, private_key};
     let tls = |e: &dyn std::fmt::Display| Error::Config(format!("embedded broker TLS: {e}"));
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls(&e))?;
@@ -74,11 +81,42 @@ pub fn server_tls(
     };
     let key: PrivateKeyDer<'static> = private_key(key).map_err(|e| tls(&e))?;
     let chain = certificates(cert).map_err(|e| tls(&e))?;
-    Ok(std::sync::Arc::new(builder.with_single_cert(chain, key).map_err(|e| tls(&e))?))
+    Ok(Arc::new(builder.with_single_cert(chain, key).map_err(|e| tls(&e))?))
 }
 
-/// Runs rumqttd on `listen`; with `login`, it lets in only that user name and password.
-fn start_rumqttd(listen: SocketAddr, login: Option<(String, String)>) -> Result<()> {
+/// Tells our rumqttd from another process that took its loopback port between our check and
+/// its bind (rumqttd only logs a failed bind): only ours notes the probe's token.
+struct Probe {
+    token: String,
+    seen: AtomicBool,
+}
+
+impl Probe {
+    const USER: &'static str = "driftless-probe";
+
+    /// Waits until our rumqttd answered a login with the probe's token.
+    fn wait(&self, inside: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = std::net::TcpStream::connect_timeout(&inside, Duration::from_millis(500)) {
+                let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+                let connect = mqtt::Connect::new("driftless-probe", 10).with_login(Self::USER, &self.token);
+                if conn.write_all(&connect.bytes).is_ok() {
+                    let _ = conn.read(&mut [0u8; 8]);
+                }
+            }
+            if self.seen.load(AtomicOrdering::SeqCst) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(Error::Broker(format!("the embedded broker did not start on {inside} (is the port taken?)")))
+    }
+}
+
+/// Runs rumqttd on `listen`; with `login`, it lets in only that user name and password (and
+/// notes the probe's).
+fn start_rumqttd(listen: SocketAddr, login: Option<((String, String), Arc<Probe>)>) -> Result<()> {
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_PACKET,
@@ -87,8 +125,11 @@ fn start_rumqttd(listen: SocketAddr, login: Option<(String, String)>) -> Result<
         external_auth: None,
         dynamic_filters: true,
     };
-    if let Some((user, password)) = login {
+    if let Some(((user, password), probe)) = login {
         connections.set_auth_handler(move |_client, u: String, p: String| {
+            if u == Probe::USER && p == probe.token {
+                probe.seen.store(true, AtomicOrdering::SeqCst);
+            }
             let ok = u == user && p == password;
             async move { ok }
         });
@@ -126,3 +167,6 @@ fn start_rumqttd(listen: SocketAddr, login: Option<(String, String)>) -> Result<
         .map_err(|e| Error::Broker(e.to_string()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

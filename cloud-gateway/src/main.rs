@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
 use driftless_gateway::dynsec::{self, Dynsec};
 use driftless_gateway::quota::{QuotaConfig, Rate};
+use driftless_gateway::storage::{PgRegistry, SqliteRegistry};
 use driftless_gateway::{GatewayConfig, PgStore, SqliteStore, broker, report, run};
 
 #[derive(Parser, Debug)]
@@ -348,17 +349,17 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
         let version = version.with_context(|| format!("loading {}", path.display()))?;
         tracing::info!(version, schema = %path.display(), "sync schema loaded");
     }
-    let broker_addr: BrokerAddr = if args.embedded_broker {
-        embedded_broker(&args).await?
+    let mut config = GatewayConfig::new(BrokerAddr::plain("127.0.0.1", 1883));
+    if let Some(id) = args.client_id.clone() {
+        config.client_id = id;
+    }
+    config.broker = if args.embedded_broker {
+        embedded_broker(&args, &config.client_id).await?
     } else {
         args.broker.parse().map_err(|e| anyhow::anyhow!("--broker {}: {e}", args.broker))?
     };
-    let mut config = GatewayConfig::new(broker_addr);
     config.quotas = quotas(&args, config.handler.max_uplink_bytes);
     config.watch = watch;
-    if let Some(id) = args.client_id {
-        config.client_id = id;
-    }
     config.share_group = args.share_group;
     config.tenant = args.tenant;
     config.handler.max_clock_drift_ms = args.max_clock_drift_ms;
@@ -379,7 +380,7 @@ async fn serve<S: driftless_gateway::GatewayStore + 'static>(
 
 /// Starts the embedded broker: open, or behind its guard with TLS or device credentials.
 /// Returns where this process's gateway reaches it.
-async fn embedded_broker(args: &RunArgs) -> anyhow::Result<BrokerAddr> {
+async fn embedded_broker(args: &RunArgs, gateway_client_id: &str) -> anyhow::Result<BrokerAddr> {
     let tls = match (&args.embedded_broker_cert, &args.embedded_broker_key) {
         (Some(cert), Some(key)) => Some(broker::server_tls(cert, key, args.embedded_broker_client_ca.as_deref())?),
         _ => None,
@@ -388,15 +389,18 @@ async fn embedded_broker(args: &RunArgs) -> anyhow::Result<BrokerAddr> {
         broker::start_embedded_broker(args.listen)?;
         return Ok(BrokerAddr::plain(args.listen.ip().to_string(), args.listen.port()));
     }
-    let registry = match args.embedded_broker_auth {
-        true => {
-            let at = RegistryArgs { db: Some(args.db.clone()), store: args.store.clone(), broker_admin: None };
-            let store = tokio::task::spawn_blocking(move || registry_store(&at)).await??;
-            Some(std::sync::Arc::new(broker::StoreRegistry::new(store)) as std::sync::Arc<dyn broker::Registry>)
+    let registry: Option<std::sync::Arc<dyn broker::Registry>> = match (args.embedded_broker_auth, &args.store) {
+        (false, _) => None,
+        (true, Some(url)) => {
+            let url = url.clone();
+            let reader = tokio::task::spawn_blocking(move || PgRegistry::open(&url)).await?;
+            Some(std::sync::Arc::new(reader.context("the registry for the embedded broker")?))
         }
-        false => None,
+        (true, None) => Some(std::sync::Arc::new(SqliteRegistry::open(&args.db)?)),
     };
-    Ok(broker::start_guarded_broker(args.listen, broker::Front { tls, registry })?)
+    let front = broker::Front { tls, registry, reserved: vec![gateway_client_id.to_owned()] };
+    let listen = args.listen;
+    Ok(tokio::task::spawn_blocking(move || broker::start_guarded_broker(listen, front)).await??)
 }
 
 fn now_ms() -> anyhow::Result<i64> {
@@ -447,12 +451,7 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
             // The registry keeps a hash for the embedded broker (--embedded-broker-auth).
             let secret = broker::credentials::hash(&password)?;
             let (t, d, r) = (tenant.clone(), device.clone(), role.clone());
-            on_store(&at, move |s| {
-                s.register_device(&t, &d, &r, now_ms()?)?;
-                s.set_device_secret(&t, &d, &secret)?;
-                Ok(())
-            })
-            .await?;
+            on_store(&at, move |s| Ok(s.register_device(&t, &d, &r, Some(&secret), now_ms()?)?)).await?;
             println!("registered device {device:?} in tenant {tenant:?} with role {role:?}");
             println!("broker username: {}", dynsec::device_username(&tenant, &device));
             println!("broker password: {password}");

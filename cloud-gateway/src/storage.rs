@@ -15,8 +15,8 @@ pub(crate) mod test_backends;
 mod tests;
 mod vouching;
 
-pub use self::postgres::{PgStore, testing};
-pub use self::sqlite::SqliteStore;
+pub use self::postgres::{PgRegistry, PgStore, testing};
+pub use self::sqlite::{SqliteRegistry, SqliteStore};
 
 use driftless_core::protocol::Downlink;
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
@@ -322,18 +322,19 @@ pub trait GatewayStore: Send {
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>>;
 
     /// Registers `device` in `tenant` with `role` (again, if it was removed: with the new
-    /// role). The first registration closes the tenant to unregistered devices.
-    fn register_device(&mut self, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()>;
+    /// role) and `secret`, a hash of its broker password (see `broker::credentials`), in
+    /// place of any it had. The first registration closes the tenant to unregistered devices.
+    fn register_device(
+        &mut self,
+        tenant: &str,
+        device: &str,
+        role: &str,
+        secret: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()>;
 
     /// Removes a registered device; whether it was registered.
     fn remove_device(&mut self, tenant: &str, device: &str, now_ms: i64) -> Result<bool>;
-
-    /// Keeps `secret` (a hash of its broker password, see `broker::credentials`) for a
-    /// registered device; whether the device is registered. Registering it again clears it.
-    fn set_device_secret(&mut self, tenant: &str, device: &str, secret: &str) -> Result<bool>;
-
-    /// The secret kept for a registered, not removed device.
-    fn device_secret(&mut self, tenant: &str, device: &str) -> Result<Option<String>>;
 
     /// Registered devices (removed ones too), of one tenant or all.
     fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>>;

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -27,42 +27,28 @@ use crate::error::Result;
 
 /// How often live connections are checked against the registry.
 pub const SWEEP: Duration = Duration::from_secs(2);
-/// How long a client has to send its CONNECT.
+/// How long a client has, from its TCP connection, to finish TLS and send its CONNECT.
 const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+/// Connections not logged in yet, at most: more are closed at once, so idle sockets cannot
+/// take every descriptor the gateway needs.
+const NOT_LOGGED_IN: usize = 256;
+/// Of those, from one address at most: one host cannot hold every slot.
+const NOT_LOGGED_IN_PER_ADDRESS: usize = 16;
+/// Registry lookups at once: logins must not take the blocking threads merges run on.
+const LOOKUPS: usize = 4;
+/// How long a login waits for the registry.
+const LOOKUP_WITHIN: Duration = Duration::from_secs(10);
+/// The largest CONNECT, and the largest packet but a PUBLISH: before a device is known, or
+/// for a SUBSCRIBE, nothing legitimate comes near it.
+const CONTROL_MAX: usize = 64 << 10;
+/// How long what the broker sent is still delivered after the broker's side closed.
+const DRAIN_WITHIN: Duration = Duration::from_secs(5);
 
 /// Where the guard looks devices up. Called off the async threads.
 pub trait Registry: Send + Sync + 'static {
-    /// The secret kept for a registered, not removed device (see `credentials.rs`).
-    fn secret(&self, tenant: &str, device: &str) -> Result<Option<String>>;
-}
-
-/// A registry read from a store of its own (a second connection to the gateway's database).
-#[allow(missing_debug_implementations)] // holds a store, which has no Debug
-pub struct StoreRegistry(Mutex<Option<Box<dyn crate::GatewayStore>>>);
-
-impl StoreRegistry {
-    pub fn new(store: Box<dyn crate::GatewayStore>) -> StoreRegistry {
-        StoreRegistry(Mutex::new(Some(store)))
-    }
-}
-
-impl Registry for StoreRegistry {
-    fn secret(&self, tenant: &str, device: &str) -> Result<Option<String>> {
-        let mut store = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match store.as_mut() {
-            Some(store) => store.device_secret(tenant, device),
-            None => Ok(None),
-        }
-    }
-}
-
-impl Drop for StoreRegistry {
-    /// A blocking database client must not be dropped on an async thread.
-    fn drop(&mut self) {
-        if let Some(store) = self.0.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = std::thread::Builder::new().name("registry-close".into()).spawn(move || drop(store));
-        }
-    }
+    /// The secret kept for each registered, not removed device of `devices` (tenant,
+    /// device), in order (see `credentials.rs`).
+    fn secrets(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>>;
 }
 
 /// What the guard does in front of rumqttd.
@@ -72,11 +58,18 @@ pub struct Front {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Devices must log in as registered; `None`: any client is let in (TLS only).
     pub registry: Option<Arc<dyn Registry>>,
+    /// Client ids no client may take (the gateway's own: a client connecting with it would
+    /// take over the gateway's session).
+    pub reserved: Vec<String>,
 }
 
 impl std::fmt::Debug for Front {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Front").field("tls", &self.tls.is_some()).field("registry", &self.registry.is_some()).finish()
+        f.debug_struct("Front")
+            .field("tls", &self.tls.is_some())
+            .field("registry", &self.registry.is_some())
+            .field("reserved", &self.reserved)
+            .finish()
     }
 }
 
@@ -86,6 +79,9 @@ struct Ctx {
     login: (String, String),
     max_packet: usize,
     live: Mutex<HashMap<u64, Live>>,
+    not_logged_in: Arc<Semaphore>,
+    logging_in_from: Mutex<HashMap<std::net::IpAddr, usize>>,
+    lookups: Arc<Semaphore>,
 }
 
 /// A connected device, as it logged in.
@@ -98,7 +94,16 @@ struct Live {
 
 /// Serves `listener`, relaying to the broker at `upstream` as `login`.
 pub async fn serve(listener: TcpListener, front: Front, upstream: SocketAddr, login: (String, String), max: usize) {
-    let ctx = Arc::new(Ctx { front, upstream, login, max_packet: max, live: Mutex::new(HashMap::new()) });
+    let ctx = Arc::new(Ctx {
+        front,
+        upstream,
+        login,
+        max_packet: max,
+        live: Mutex::new(HashMap::new()),
+        not_logged_in: Arc::new(Semaphore::new(NOT_LOGGED_IN)),
+        logging_in_from: Mutex::new(HashMap::new()),
+        lookups: Arc::new(Semaphore::new(LOOKUPS)),
+    });
     if ctx.front.registry.is_some() {
         tokio::spawn(sweep(Arc::downgrade(&ctx)));
     }
@@ -113,13 +118,49 @@ pub async fn serve(listener: TcpListener, front: Front, upstream: SocketAddr, lo
                 continue;
             }
         };
+        let Some(slot) = Slot::take(&ctx, peer.ip()) else {
+            tracing::warn!(%peer, "embedded broker: too many connections logging in; closed");
+            continue;
+        };
         let (ctx, id) = (ctx.clone(), ids.fetch_add(1, Ordering::Relaxed));
         tokio::spawn(async move {
-            if let Err(why) = accept(stream, &ctx, id).await {
+            if let Err(why) = accept(stream, &ctx, id, slot).await {
                 tracing::info!(%peer, "embedded broker: connection closed: {why}");
             }
             ctx.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         });
+    }
+}
+
+/// A connection's place among those logging in, given back when dropped.
+struct Slot {
+    ctx: Arc<Ctx>,
+    from: std::net::IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    fn take(ctx: &Arc<Ctx>, from: std::net::IpAddr) -> Option<Slot> {
+        let permit = ctx.not_logged_in.clone().try_acquire_owned().ok()?;
+        let mut by = ctx.logging_in_from.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by.entry(from).or_default();
+        if *n >= NOT_LOGGED_IN_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { ctx: ctx.clone(), from, _permit: permit })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by = self.ctx.logging_in_from.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&self.from);
+            }
+        }
     }
 }
 
@@ -132,7 +173,7 @@ enum Closed {
     Malformed(#[from] Malformed),
     #[error("refused: {0}")]
     Refused(String),
-    #[error("no CONNECT within {0:?}")]
+    #[error("no TLS handshake and CONNECT within {0:?}")]
     Slow(Duration),
     #[error("the device was removed or given a new password")]
     Revoked,
@@ -140,15 +181,28 @@ enum Closed {
     Gone,
 }
 
-async fn accept(stream: TcpStream, ctx: &Ctx, id: u64) -> std::result::Result<(), Closed> {
+type Halves<S> = (ReadHalf<S>, WriteHalf<S>, Frame);
+
+async fn accept(stream: TcpStream, ctx: &Ctx, id: u64, slot: Slot) -> std::result::Result<(), Closed> {
     stream.set_nodelay(true)?;
+    let slow = |_| Closed::Slow(CONNECT_WITHIN);
     match &ctx.front.tls {
         Some(tls) => {
-            let stream = TlsAcceptor::from(tls.clone()).accept(stream).await?;
-            relay(stream, ctx, id).await
+            let opened = async { first_frame(TlsAcceptor::from(tls.clone()).accept(stream).await?).await };
+            let (r, w, first) = tokio::time::timeout(CONNECT_WITHIN, opened).await.map_err(slow)??;
+            relay(r, w, first, ctx, id, slot).await
         }
-        None => relay(stream, ctx, id).await,
+        None => {
+            let (r, w, first) = tokio::time::timeout(CONNECT_WITHIN, first_frame(stream)).await.map_err(slow)??;
+            relay(r, w, first, ctx, id, slot).await
+        }
     }
+}
+
+async fn first_frame<S: AsyncRead + AsyncWrite>(stream: S) -> std::result::Result<Halves<S>, Closed> {
+    let (mut r, w) = tokio::io::split(stream);
+    let first = read_frame(&mut r, CONTROL_MAX).await?;
+    Ok((r, w, first))
 }
 
 async fn read_frame(from: &mut (impl AsyncRead + Unpin), max: usize) -> std::result::Result<Frame, Closed> {
@@ -176,11 +230,14 @@ fn eof(e: std::io::Error) -> Closed {
     }
 }
 
-async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &Ctx, id: u64) -> std::result::Result<(), Closed> {
-    let (mut from_client, mut to_client) = tokio::io::split(client);
-    let first = tokio::time::timeout(CONNECT_WITHIN, read_frame(&mut from_client, ctx.max_packet))
-        .await
-        .map_err(|_| Closed::Slow(CONNECT_WITHIN))??;
+async fn relay<S: AsyncRead + AsyncWrite>(
+    mut from_client: ReadHalf<S>,
+    mut to_client: WriteHalf<S>,
+    first: Frame,
+    ctx: &Ctx,
+    id: u64,
+    slot: Slot,
+) -> std::result::Result<(), Closed> {
     let connect = match Connect::parse(&first) {
         Ok(connect) => connect,
         Err(e) => {
@@ -190,8 +247,12 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &Ctx, id: u64)
             return Err(e.into());
         }
     };
+    if ctx.front.reserved.contains(&connect.client_id) {
+        let _ = send(&mut to_client, &mqtt::connack(mqtt::REFUSED_NOT_AUTHORIZED)).await;
+        return Err(Closed::Refused(format!("client id {} is the gateway's", connect.client_id)));
+    }
     let (topics, cancel) = match &ctx.front.registry {
-        Some(registry) => match authenticate(registry, &connect).await {
+        Some(registry) => match authenticate(ctx, registry, &connect).await {
             Ok((topics, live)) => {
                 let cancel = live.cancel.clone();
                 ctx.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
@@ -204,6 +265,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &Ctx, id: u64)
         },
         None => (None, CancellationToken::new()),
     };
+    drop(slot);
     let broker = TcpStream::connect(ctx.upstream).await?;
     broker.set_nodelay(true)?;
     let (mut from_broker, mut to_broker) = broker.into_split();
@@ -211,7 +273,6 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &Ctx, id: u64)
 
     // One writer to the client: the broker's packets and the guard's own answers.
     let (answers, mut outgoing) = mpsc::channel::<Frame>(64);
-    let downward = answers.clone();
     let writer = async {
         while let Some(frame) = outgoing.recv().await {
             to_client.write_all(&frame.bytes).await?;
@@ -221,28 +282,39 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &Ctx, id: u64)
         }
         Ok::<_, Closed>(())
     };
-    let down = async {
-        loop {
-            let frame = read_frame(&mut from_broker, usize::MAX).await?;
-            downward.send(frame).await.map_err(|_| Closed::Gone)?;
-        }
-    };
-    let up = async {
-        loop {
-            let frame = read_frame(&mut from_client, ctx.max_packet).await?;
-            match check(topics.as_ref(), &frame)? {
-                Verdict::Forward => to_broker.write_all(&frame.bytes).await?,
-                Verdict::Answer(answer) => answers.send(answer).await.map_err(|_| Closed::Gone)?,
-                Verdict::Drop => {}
+    let pump = async {
+        // Both senders live in here: once this ends, the writer sends what is queued and ends.
+        let (answers, downward) = (answers.clone(), answers);
+        let down = async {
+            loop {
+                let frame = read_frame(&mut from_broker, usize::MAX).await?;
+                downward.send(frame).await.map_err(|_| Closed::Gone)?;
             }
+        };
+        let up = async {
+            loop {
+                let frame = read_frame(&mut from_client, ctx.max_packet).await?;
+                match check(topics.as_ref(), &frame)? {
+                    Verdict::Forward => to_broker.write_all(&frame.bytes).await?,
+                    Verdict::Answer(answer) => answers.send(answer).await.map_err(|_| Closed::Gone)?,
+                    Verdict::Drop => {}
+                }
+            }
+        };
+        tokio::select! {
+            r = down => r,
+            r = up => r,
+            () = cancel.cancelled() => Err(Closed::Revoked),
         }
     };
-    tokio::select! {
-        r = writer => r,
-        r = down => r,
-        r = up => r,
-        () = cancel.cancelled() => Err(Closed::Revoked),
-    }
+    tokio::pin!(writer);
+    let ended = tokio::select! {
+        r = pump => r,
+        w = &mut writer => return w.and(Err(Closed::Gone)),
+    };
+    // What the broker sent last (a refusal, the last downlinks) still reaches the client.
+    let _ = tokio::time::timeout(DRAIN_WITHIN, writer).await;
+    ended
 }
 
 async fn send(to: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Result<()> {
@@ -253,6 +325,7 @@ async fn send(to: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Res
 /// Checks a CONNECT's login against the registry: the device's topics, or a CONNACK code
 /// and why.
 async fn authenticate(
+    ctx: &Ctx,
     registry: &Arc<dyn Registry>,
     connect: &Connect,
 ) -> std::result::Result<(DeviceTopics, Live), (u8, String)> {
@@ -270,16 +343,27 @@ async fn authenticate(
     {
         return Err((mqtt::REFUSED_NOT_AUTHORIZED, format!("{username} may not leave a will on {topic}")));
     }
-    let (registry, t, d) = (registry.clone(), tenant.clone(), device.clone());
-    let found = tokio::task::spawn_blocking(move || registry.secret(&t, &d)).await;
-    let secret = match found {
-        Ok(Ok(Some(secret))) => secret,
-        Ok(Ok(None)) => {
-            return Err((mqtt::REFUSED_LOGIN, format!("{username} is not registered (or has no password)")));
-        }
-        // Our fault, not the device's: it is told the server is unavailable and retries.
-        Ok(Err(e)) => return Err((mqtt::REFUSED_UNAVAILABLE, format!("the registry could not be read: {e}"))),
-        Err(e) => return Err((mqtt::REFUSED_UNAVAILABLE, format!("the registry lookup failed: {e}"))),
+    // Our faults below, not the device's: it is told the server is unavailable and retries.
+    let unavailable = |why: String| (mqtt::REFUSED_UNAVAILABLE, why);
+    let (registry, key) = (registry.clone(), vec![(tenant.clone(), device.clone())]);
+    let lookup = async {
+        // The slot goes with the lookup: one the registry never answers keeps it.
+        let slot = ctx.lookups.clone().acquire_owned().await.map_err(|e| unavailable(e.to_string()))?;
+        let found = tokio::task::spawn_blocking(move || {
+            let found = registry.secrets(&key);
+            drop(slot);
+            found
+        });
+        found
+            .await
+            .map_err(|e| unavailable(format!("the registry lookup failed: {e}")))?
+            .map_err(|e| unavailable(format!("the registry could not be read: {e}")))
+    };
+    let found = tokio::time::timeout(LOOKUP_WITHIN, lookup)
+        .await
+        .map_err(|_| unavailable(format!("the registry did not answer within {LOOKUP_WITHIN:?}")))??;
+    let Some(secret) = found.into_iter().next().flatten() else {
+        return Err((mqtt::REFUSED_LOGIN, format!("{username} is not registered (or has no password)")));
     };
     if !verify(&secret, connect.password.as_deref().unwrap_or_default()) {
         return Err((mqtt::REFUSED_LOGIN, format!("wrong password for {username}")));
@@ -298,6 +382,9 @@ enum Verdict {
 fn check(topics: Option<&DeviceTopics>, frame: &Frame) -> std::result::Result<Verdict, Closed> {
     if frame.kind() == mqtt::CONNECT {
         return Err(Closed::Refused("a second CONNECT".into()));
+    }
+    if frame.kind() != mqtt::PUBLISH && frame.body().len() > CONTROL_MAX {
+        return Err(Closed::Refused(format!("a packet of kind {} and {} bytes", frame.kind(), frame.body().len())));
     }
     let Some(topics) = topics else { return Ok(Verdict::Forward) };
     match frame.kind() {
@@ -319,11 +406,12 @@ fn check(topics: Option<&DeviceTopics>, frame: &Frame) -> std::result::Result<Ve
             if allowed == filters.len() {
                 return Ok(Verdict::Forward);
             }
-            tracing::warn!(client = %topics.client_id, ?filters, "embedded broker: subscription not allowed, refused");
+            let refused = filters.len() - allowed;
+            tracing::warn!(client = %topics.client_id, refused, "embedded broker: subscription not allowed, refused");
             match allowed {
                 0 => Ok(Verdict::Answer(mqtt::suback_refused(id, filters.len()))),
                 // rumqttd answers for the whole packet: one the guard would have to split.
-                _ => Err(Closed::Refused(format!("a subscription mixing allowed and refused filters: {filters:?}"))),
+                _ => Err(Closed::Refused(format!("a subscription mixing allowed and {refused} refused filters"))),
             }
         }
         _ => Ok(Verdict::Forward),
@@ -340,17 +428,25 @@ async fn sweep(ctx: std::sync::Weak<Ctx>) {
             let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
             live.iter().map(|(id, l)| (*id, l.tenant.clone(), l.device.clone(), l.secret.clone())).collect()
         };
+        if live.is_empty() {
+            continue;
+        }
         let revoked = tokio::task::spawn_blocking(move || {
-            let mut revoked = Vec::new();
-            for (id, tenant, device, secret) in live {
-                match registry.secret(&tenant, &device) {
-                    Ok(now) if now.as_deref() != Some(secret.as_str()) => revoked.push(id),
-                    Ok(_) => {}
-                    // Our fault: the device keeps its connection until the registry answers.
-                    Err(e) => tracing::warn!(%tenant, %device, "embedded broker: registry check failed: {e}"),
+            let keys: Vec<(String, String)> = live.iter().map(|(_, t, d, _)| (t.clone(), d.clone())).collect();
+            match registry.secrets(&keys) {
+                Ok(now) => live
+                    .iter()
+                    .zip(now)
+                    .filter(|((_, _, _, then), now)| now.as_deref() != Some(then.as_str()))
+                    .map(|((id, ..), _)| *id)
+                    .collect(),
+                // Our fault: devices keep their connections until the registry answers (the
+                // gateway itself ignores a removed device whatever the broker does).
+                Err(e) => {
+                    tracing::warn!("embedded broker: registry check failed: {e}");
+                    Vec::new()
                 }
             }
-            revoked
         })
         .await
         .unwrap_or_default();

@@ -145,6 +145,11 @@ pub(super) struct Connect {
 }
 
 impl Connect {
+    /// A clean-session CONNECT without will or login.
+    pub(super) fn new(client_id: &str, keep_alive: u16) -> Connect {
+        Connect { flags: 0x02, keep_alive, client_id: client_id.to_owned(), will: None, username: None, password: None }
+    }
+
     pub(super) fn parse(frame: &Frame) -> Result<Connect, Malformed> {
         if frame.kind() != CONNECT {
             return Err(Malformed::NotConnect);
@@ -166,18 +171,38 @@ impl Connect {
 
     /// The same CONNECT with these credentials instead of the client's.
     pub(super) fn with_login(&self, username: &str, password: &str) -> Frame {
+        let login = Connect {
+            username: Some(username.to_owned()),
+            password: Some(password.as_bytes().to_vec()),
+            ..self.clone()
+        };
+        login.encode()
+    }
+
+    pub(super) fn encode(&self) -> Frame {
+        let mut flags = self.flags;
         let mut body = Vec::new();
         put_bytes(&mut body, b"MQTT");
         body.push(4);
-        body.push(self.flags | 0xc0);
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        if self.password.is_some() {
+            flags |= 0x40;
+        }
+        body.push(flags);
         body.extend_from_slice(&self.keep_alive.to_be_bytes());
         put_bytes(&mut body, self.client_id.as_bytes());
         if let Some((topic, message)) = &self.will {
             put_bytes(&mut body, topic.as_bytes());
             put_bytes(&mut body, message);
         }
-        put_bytes(&mut body, username.as_bytes());
-        put_bytes(&mut body, password.as_bytes());
+        if let Some(username) = &self.username {
+            put_bytes(&mut body, username.as_bytes());
+        }
+        if let Some(password) = &self.password {
+            put_bytes(&mut body, password);
+        }
         Frame::new(CONNECT << 4, &body)
     }
 }

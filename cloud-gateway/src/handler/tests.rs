@@ -335,17 +335,11 @@ impl GatewayStore for FailingMerges {
     fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
         self.0.ingest_cloud_writes(now_ms)
     }
-    fn register_device(&mut self, t: &str, d: &str, r: &str, now: i64) -> Result<()> {
-        self.0.register_device(t, d, r, now)
+    fn register_device(&mut self, t: &str, d: &str, r: &str, s: Option<&str>, now: i64) -> Result<()> {
+        self.0.register_device(t, d, r, s, now)
     }
     fn remove_device(&mut self, t: &str, d: &str, now: i64) -> Result<bool> {
         self.0.remove_device(t, d, now)
-    }
-    fn set_device_secret(&mut self, t: &str, d: &str, s: &str) -> Result<bool> {
-        self.0.set_device_secret(t, d, s)
-    }
-    fn device_secret(&mut self, t: &str, d: &str) -> Result<Option<String>> {
-        self.0.device_secret(t, d)
     }
     fn registry(&mut self, t: Option<&str>) -> Result<Vec<crate::storage::Registered>> {
         self.0.registry(t)

@@ -472,20 +472,19 @@ impl GatewayStore for PgStore {
         Ok(())
     }
 
-    fn register_device(&mut self, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
-        registry::register(self.client()?, tenant, device, role, now_ms)
+    fn register_device(
+        &mut self,
+        tenant: &str,
+        device: &str,
+        role: &str,
+        secret: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        registry::register(self.client()?, tenant, device, role, secret, now_ms)
     }
 
     fn remove_device(&mut self, tenant: &str, device: &str, now_ms: i64) -> Result<bool> {
         registry::remove(self.client()?, tenant, device, now_ms)
-    }
-
-    fn set_device_secret(&mut self, tenant: &str, device: &str, secret: &str) -> Result<bool> {
-        registry::set_secret(self.client()?, tenant, device, secret)
-    }
-
-    fn device_secret(&mut self, tenant: &str, device: &str) -> Result<Option<String>> {
-        registry::secret(self.client()?, tenant, device)
     }
 
     fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>> {
@@ -692,6 +691,44 @@ fn keep_dead_letter(
         &[&tenant, &device, &now_ms(), &reason, &kept, &(payload.len() as i64), &sha256],
     )?;
     Ok(row.get(0))
+}
+
+/// The device registry read through a connection of its own, for the embedded broker's
+/// guard: opening a whole store would migrate it and take an instance's place. Connects
+/// again after an error.
+pub struct PgRegistry {
+    config: Config,
+    client: std::sync::Mutex<Option<Blocking>>,
+}
+
+impl std::fmt::Debug for PgRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgRegistry")
+    }
+}
+
+impl PgRegistry {
+    /// Connects to the store at `url` (made by [`PgStore::open`]). Blocks.
+    pub fn open(url: &str) -> Result<PgRegistry> {
+        let config: Config = url.parse().map_err(|e: postgres::Error| Error::Config(format!("{url}: {e}")))?;
+        let client = Blocking(Some(connect(&config)?));
+        Ok(PgRegistry { config, client: std::sync::Mutex::new(Some(client)) })
+    }
+}
+
+impl crate::broker::Registry for PgRegistry {
+    fn secrets(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        let mut held = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if held.is_none() {
+            *held = Some(Blocking(Some(connect(&self.config)?)));
+        }
+        let client = held.as_mut().expect("connected above");
+        let found: Result<Vec<Option<String>>> = devices.iter().map(|(t, d)| registry::secret(client, t, d)).collect();
+        if found.is_err() {
+            *held = None;
+        }
+        found
+    }
 }
 
 #[cfg(test)]

@@ -520,20 +520,19 @@ impl GatewayStore for SqliteStore {
         Ok(())
     }
 
-    fn register_device(&mut self, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
-        registry::register(&self.conn, tenant, device, role, now_ms)
+    fn register_device(
+        &mut self,
+        tenant: &str,
+        device: &str,
+        role: &str,
+        secret: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        registry::register(&self.conn, tenant, device, role, secret, now_ms)
     }
 
     fn remove_device(&mut self, tenant: &str, device: &str, now_ms: i64) -> Result<bool> {
         registry::remove(&self.conn, tenant, device, now_ms)
-    }
-
-    fn set_device_secret(&mut self, tenant: &str, device: &str, secret: &str) -> Result<bool> {
-        registry::set_secret(&self.conn, tenant, device, secret)
-    }
-
-    fn device_secret(&mut self, tenant: &str, device: &str) -> Result<Option<String>> {
-        registry::secret(&self.conn, tenant, device)
     }
 
     fn registry(&mut self, tenant: Option<&str>) -> Result<Vec<Registered>> {
@@ -563,6 +562,27 @@ impl GatewayStore for SqliteStore {
                 })
             })
             .collect()
+    }
+}
+
+/// The device registry read through a connection of its own, for the embedded broker's
+/// guard: opening a whole store would migrate it and take an instance's place.
+#[derive(Debug)]
+pub struct SqliteRegistry(std::sync::Mutex<Connection>);
+
+impl SqliteRegistry {
+    /// Opens the gateway database `path` (made by [`SqliteStore::open`]) to read only.
+    pub fn open(path: &Path) -> Result<SqliteRegistry> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(SqliteRegistry(std::sync::Mutex::new(conn)))
+    }
+}
+
+impl crate::broker::Registry for SqliteRegistry {
+    fn secrets(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        let conn = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        devices.iter().map(|(t, d)| registry::secret(&conn, t, d)).collect()
     }
 }
 

@@ -112,7 +112,7 @@ fn a_context_claiming_more_than_was_merged_is_refused(b: &Backend) {
 
 fn roles_come_from_the_registry_and_a_forged_one_is_ignored(b: &Backend) {
     let mut gw = b.open();
-    gw.register_device("t", "field-1", "field", 1).expect("register");
+    gw.register_device("t", "field-1", "field", None, 1).expect("register");
     // A field device configured to claim `hq`: merged as `field`, its registered role.
     let mut forger = device(b, "forger", "hq");
     let batch = pending(&mut forger, "INSERT INTO t VALUES ('x', 1)");
@@ -122,7 +122,7 @@ fn roles_come_from_the_registry_and_a_forged_one_is_ignored(b: &Backend) {
     assert_eq!(page.batch.roles.get(&node).map(String::as_str), Some("field"));
 
     // A role left undeclared is filled in from the registry.
-    gw.register_device("t", "field-2", "field", 1).expect("register");
+    gw.register_device("t", "field-2", "field", None, 1).expect("register");
     let mut quiet = device(b, "quiet", "");
     let batch = pending(&mut quiet, "INSERT INTO t VALUES ('z', 1)");
     assert!(refused(&ship(&mut *gw, "field-2", &batch)).is_empty());
@@ -131,7 +131,7 @@ fn roles_come_from_the_registry_and_a_forged_one_is_ignored(b: &Backend) {
     assert_eq!(roles(&mut *gw).get(&node).map(String::as_str), Some("field"));
     // A node's role never changes (every replica must rank its writes the same way for
     // good): promoted in the registry, the device's next writes on that node stay `field`.
-    gw.register_device("t", "field-2", "hq", 2).expect("promote");
+    gw.register_device("t", "field-2", "hq", None, 2).expect("promote");
     assert!(refused(&ship(&mut *gw, "field-2", &pending(&mut quiet, "INSERT INTO t VALUES ('z2', 1)"))).is_empty());
     assert_eq!(roles(&mut *gw).get(&node).map(String::as_str), Some("field"));
     // A node the promoted device takes from now on writes as `hq`.
@@ -154,8 +154,8 @@ fn schema_with_writers(writers: &str) -> String {
 fn a_table_only_some_roles_write_takes_only_their_devices_writes(b: &Backend) {
     let mut gw = b.open();
     gw.install_schema(&schema_with_writers("[\"hq\"]")).expect("schema");
-    gw.register_device("t", "hq-1", "hq", 1).expect("register");
-    gw.register_device("t", "field-1", "field", 1).expect("register");
+    gw.register_device("t", "hq-1", "hq", None, 1).expect("register");
+    gw.register_device("t", "field-1", "field", None, 1).expect("register");
     let (mut hq, mut field) = (device(b, "hq", "hq"), device(b, "field", "field"));
     assert!(refused(&ship(&mut *gw, "hq-1", &pending(&mut hq, "INSERT INTO t VALUES ('h', 1)"))).is_empty());
     let why = refused(&ship(&mut *gw, "field-1", &pending(&mut field, "INSERT INTO t VALUES ('f', 1)")));
@@ -173,7 +173,7 @@ fn a_table_only_some_roles_write_takes_only_their_devices_writes(b: &Backend) {
 
 fn a_closed_tenant_ignores_devices_it_does_not_know(b: &Backend) {
     let mut gw = b.open();
-    gw.register_device("t", "known", "field", 1).expect("register");
+    gw.register_device("t", "known", "field", None, 1).expect("register");
     let mut s = device(b, "s", "");
     let batch = pending(&mut s, "INSERT INTO t VALUES ('x', 1)");
     let hello = handshake("stranger", NodeId([9; 16]), 0, None);

@@ -11,12 +11,19 @@ use crate::storage::common::{recovery_from, registration};
 use crate::storage::vouching::{NodeBook, NodeFact};
 use crate::storage::{Registered, Standing};
 
-pub(super) fn register(client: &mut Client, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
+pub(super) fn register(
+    client: &mut Client,
+    tenant: &str,
+    device: &str,
+    role: &str,
+    secret: Option<&str>,
+    now_ms: i64,
+) -> Result<()> {
     client.execute(
-        "INSERT INTO driftless.gw_registry(tenant, device, role, added_ms) VALUES ($1, $2, $3, $4)
+        "INSERT INTO driftless.gw_registry(tenant, device, role, added_ms, secret) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (tenant, device) DO UPDATE
-             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL, secret = NULL",
-        &[&tenant, &device, &role, &now_ms],
+             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL, secret = excluded.secret",
+        &[&tenant, &device, &role, &now_ms, &secret],
     )?;
     Ok(())
 }
@@ -25,14 +32,6 @@ pub(super) fn remove(client: &mut Client, tenant: &str, device: &str, now_ms: i6
     let n = client.execute(
         "UPDATE driftless.gw_registry SET removed_ms = $3 WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL",
         &[&tenant, &device, &now_ms],
-    )?;
-    Ok(n > 0)
-}
-
-pub(super) fn set_secret(client: &mut Client, tenant: &str, device: &str, secret: &str) -> Result<bool> {
-    let n = client.execute(
-        "UPDATE driftless.gw_registry SET secret = $3 WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL",
-        &[&tenant, &device, &secret],
     )?;
     Ok(n > 0)
 }

@@ -10,13 +10,20 @@ use crate::storage::common::{recovery_from, registration};
 use crate::storage::vouching::{NodeBook, NodeFact};
 use crate::storage::{Registered, Standing};
 
-pub(super) fn register(conn: &Connection, tenant: &str, device: &str, role: &str, now_ms: i64) -> Result<()> {
+pub(super) fn register(
+    conn: &Connection,
+    tenant: &str,
+    device: &str,
+    role: &str,
+    secret: Option<&str>,
+    now_ms: i64,
+) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO gw_registry(tenant, device, role, added_ms) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO gw_registry(tenant, device, role, added_ms, secret) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(tenant, device) DO UPDATE
-             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL, secret = NULL",
+             SET role = excluded.role, added_ms = excluded.added_ms, removed_ms = NULL, secret = excluded.secret",
     )?
-    .execute(rusqlite::params![tenant, device, role, now_ms])?;
+    .execute(rusqlite::params![tenant, device, role, now_ms, secret])?;
     Ok(())
 }
 
@@ -26,13 +33,6 @@ pub(super) fn remove(conn: &Connection, tenant: &str, device: &str, now_ms: i64)
             "UPDATE gw_registry SET removed_ms = ?3 WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL",
         )?
         .execute(rusqlite::params![tenant, device, now_ms])?;
-    Ok(n > 0)
-}
-
-pub(super) fn set_secret(conn: &Connection, tenant: &str, device: &str, secret: &str) -> Result<bool> {
-    let n = conn
-        .prepare_cached("UPDATE gw_registry SET secret = ?3 WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL")?
-        .execute(rusqlite::params![tenant, device, secret])?;
     Ok(n > 0)
 }
 
