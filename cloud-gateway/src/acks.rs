@@ -46,7 +46,13 @@ impl Acks {
     pub(crate) fn done(&self, client: &AsyncClient, ticket: Ticket) {
         let Some(ticket) = ticket else { return };
         let mut state = self.lock();
-        if let Some(entry) = state.pending.iter_mut().find(|(t, _, _)| *t == ticket) {
+        // Tickets in `pending` are consecutive (issued in order, removed from the front or
+        // all at once): a ticket's place is its distance from the first, found at once
+        // however many wait.
+        let first = state.pending.front().map_or(0, |(t, _, _)| *t);
+        if let Some(entry) = ticket.checked_sub(first).and_then(|i| state.pending.get_mut(i as usize))
+            && entry.0 == ticket
+        {
             entry.2 = true;
         }
         Self::flush_locked(client, &mut state);
