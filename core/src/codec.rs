@@ -197,7 +197,7 @@ pub fn encode_batch(batch: &Batch, opts: EncodeOptions<'_>) -> Vec<u8> {
                 Some(d) => {
                     zstd::bulk::Compressor::with_dictionary(level, &d.bytes).and_then(|mut c| c.compress(&payload))
                 }
-                None => zstd::bulk::compress(&payload, level),
+                None => compress(&payload, level),
             };
             match compressed {
                 Ok(c) if opts.dictionary.is_some() => (FLAG_ZSTD | FLAG_DICTIONARY, c),
@@ -270,10 +270,48 @@ pub fn decode_batch(bytes: &[u8], limits: &Limits, dictionaries: &Dictionaries) 
     decode_payload(&payload, limits)
 }
 
+thread_local! {
+    /// A compression context per thread, kept: making one allocates about a megabyte, more
+    /// than compressing a small batch costs.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    /// A decompression context per thread, kept for the same reason.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(payload: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+            *cell = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        let (_, compressor) = cell.as_mut().expect("set above");
+        compressor.compress(payload)
+    })
+}
+
 /// Decompresses at most `expected` bytes, refusing streams that produce more or fewer: a
 /// few bytes that expand to gigabytes stop at the limit instead of filling memory.
 fn decompress(body: &[u8], expected: usize, dictionary: Option<&Dictionary>) -> Result<Vec<u8>, DecodeError> {
     let err = |e: std::io::Error| DecodeError::Decompress(e.to_string());
+    if dictionary.is_none() && expected <= 1 << 20 {
+        // In one pass into a buffer of the expected size (small: the size is the sender's
+        // claim): the output is the window, so a frame cannot make it allocate more, and one
+        // that holds more fails.
+        let out = DECOMPRESSOR.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = Some(zstd::bulk::Decompressor::new()?);
+            }
+            cell.as_mut().expect("set above").decompress(body, expected)
+        });
+        let out = out.map_err(err)?;
+        if out.len() != expected {
+            return Err(DecodeError::Decompress(format!("expected {expected} bytes, stream holds {}", out.len())));
+        }
+        return Ok(out);
+    }
     let mut out = Vec::with_capacity(expected.min(1 << 20));
     let dict: &[u8] = dictionary.map_or(&[], |d| &d.bytes);
     let mut decoder = zstd::stream::read::Decoder::with_dictionary(body, dict).map_err(err)?;
