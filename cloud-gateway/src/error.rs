@@ -38,6 +38,9 @@ pub enum Error {
     MissingDatabase(String),
     #[error("watching the database for writes: {0}")]
     Watch(String),
+    /// Commits could not be made durable, or it cannot be known that they were.
+    #[error("making commits durable: {0}")]
+    Durability(String),
     /// The schema file an operator loads is invalid, or cannot replace the current one.
     #[error(transparent)]
     Schema(#[from] driftless_core::SchemaError),

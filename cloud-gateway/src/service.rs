@@ -143,6 +143,7 @@ pub async fn run<S: GatewayStore + 'static>(
     announce_schema(&client, &store, &config).await?;
     let handler = Arc::new(config.handler.clone());
     let mut pokes = Pokes::default();
+    let mut pace = Pace::default();
     // Uplinks taken one device at a time in turn (by topic: one per device).
     let mut waiting: FairQueue<(Ticket, Publish)> = FairQueue::default();
     // Writes to the real tables by other programs wake the gateway (inotify; no polling).
@@ -212,11 +213,15 @@ pub async fn run<S: GatewayStore + 'static>(
                 while let Ok(publish) = rx.try_recv() {
                     waiting.push(&publish.1.topic.clone(), publish);
                 }
-                let Some(publish) = waiting.pop() else { continue };
-                queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = handle(&client, &store, &handler, &mut pokes, &acks, publish).await {
+                // What waits now is one group, as much as fits the time budget: merged, synced
+                // once, then answered.
+                let group = waiting.take_group(pace.group_size(), GROUP_PER_DEVICE);
+                queued.fetch_sub(group.len(), std::sync::atomic::Ordering::Relaxed);
+                let (n, began) = (group.len(), std::time::Instant::now());
+                if let Err(e) = handle_group(&client, &store, &handler, &mut pokes, &acks, group).await {
                     break Err(e);
                 }
+                pace.took(n, began.elapsed());
             }
         }
     };
@@ -362,11 +367,7 @@ enum Handled {
 
 /// Handles one delivery on a blocking thread: attempt bookkeeping, retries of transient
 /// storage errors, and panics caught.
-fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publish: &Publish) -> Result<Handled> {
-    // A panic while the lock was held leaves a poisoned lock; the store rolled back whatever
-    // transaction was open as it unwound, so it is safe to go on using.
-    let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
-    let store = &mut *guard;
+fn handle_blocking<S: GatewayStore>(store: &mut S, cfg: &HandlerConfig, publish: &Publish) -> Result<Handled> {
     let key = content_key(&publish.topic, &publish.payload);
     let previous = store.attempts(&key)?;
     let guarded = publish.dup || previous.is_some();
@@ -435,19 +436,115 @@ fn handle_blocking<S: GatewayStore>(store: &Mutex<S>, cfg: &HandlerConfig, publi
     Ok(Handled::Failed("unreachable".into()))
 }
 
-async fn handle<S: GatewayStore + 'static>(
+/// How long one group of uplinks should take: each waits for its whole group, so this
+/// bounds what grouping adds to a message's latency, while its one sync is shared by all.
+const GROUP_BUDGET: Duration = Duration::from_millis(20);
+/// The most uplinks in one group.
+const GROUP_MAX: usize = 1_000;
+/// The most uplinks of one device in one group: every message of a group waits for all of
+/// it, so a device's backlog (a burst, a catch-up) must not make everyone's group long.
+const GROUP_PER_DEVICE: usize = 2;
+
+/// How many uplinks fit the group budget, from what recent groups took.
+#[derive(Debug)]
+struct Pace {
+    /// Moving average of the time one uplink takes, in microseconds.
+    per_message_us: f64,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace { per_message_us: 200.0 }
+    }
+}
+
+impl Pace {
+    fn group_size(&self) -> usize {
+        ((GROUP_BUDGET.as_micros() as f64 / self.per_message_us) as usize).clamp(1, GROUP_MAX)
+    }
+
+    fn took(&mut self, n: usize, elapsed: Duration) {
+        if n > 0 {
+            let each = elapsed.as_micros() as f64 / n as f64;
+            self.per_message_us = 0.8 * self.per_message_us + 0.2 * each.max(1.0);
+        }
+    }
+}
+
+/// Handles a group of deliveries: each merged in its own transaction, then one sync makes
+/// them all durable, and only then is any answered (group commit: one disk flush for the
+/// group, nothing acknowledged before it is durable).
+async fn handle_group<S: GatewayStore + 'static>(
     client: &AsyncClient,
     store: &Arc<Mutex<S>>,
     cfg: &Arc<HandlerConfig>,
     pokes: &mut Pokes,
     acks: &Acks,
-    (ticket, publish): (Ticket, Publish),
+    group: Vec<(Ticket, Publish)>,
 ) -> Result<()> {
-    let (store2, cfg2, delivery) = (store.clone(), cfg.clone(), publish.clone());
+    let (store2, cfg2) = (store.clone(), cfg.clone());
+    let deliveries: Vec<Publish> = group.iter().map(|(_, p)| p.clone()).collect();
     // SQLite work is blocking; no lock is held across an await.
-    let handled = tokio::task::spawn_blocking(move || handle_blocking(&store2, &cfg2, &delivery))
+    let handled = tokio::task::spawn_blocking(move || handle_group_blocking(&store2, &cfg2, &deliveries))
         .await
         .map_err(|e| Error::WorkerGone(e.to_string()))?;
+    for ((ticket, publish), handled) in group.into_iter().zip(handled) {
+        answer(client, pokes, &publish, handled).await?;
+        // Acknowledged to the broker in every case: the message was merged, refused, or is
+        // the device's to send again. Holding it would only stall this session.
+        acks.done(client, ticket);
+    }
+    Ok(())
+}
+
+/// Handles a group's deliveries in the store's group transactions and commits them: what
+/// could not be made durable is failed, not answered. A redelivery (the broker's DUP flag)
+/// is handled alone, outside any group, as before groups: its attempt is noted durably
+/// before it is tried, so a message that crashes the gateway is counted and set aside even
+/// though the crash takes its whole group with it.
+fn handle_group_blocking<S: GatewayStore>(
+    store: &Mutex<S>,
+    cfg: &HandlerConfig,
+    deliveries: &[Publish],
+) -> Vec<Result<Handled>> {
+    // A panic while the lock was held leaves a poisoned lock; the store rolled back whatever
+    // was open as it unwound, so it is safe to go on using.
+    let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
+    let store = &mut *guard;
+    let mut handled: Vec<Result<Handled>> = Vec::with_capacity(deliveries.len());
+    // Where the open group starts in `handled`.
+    let mut open: Option<usize> = None;
+    for delivery in deliveries {
+        if delivery.dup {
+            close_group(store, &mut handled, open.take());
+        } else if open.is_none() {
+            match store.begin_group() {
+                Ok(()) => open = Some(handled.len()),
+                Err(e) => tracing::warn!("no group could be started; handling alone: {e}"),
+            }
+        }
+        handled.push(handle_blocking(store, cfg, delivery));
+    }
+    close_group(store, &mut handled, open);
+    handled
+}
+
+/// Commits the group that starts at `from` in `handled`; if that fails, none of it is
+/// answered: the devices send it again, and what did merge is then acknowledged as a
+/// duplicate.
+fn close_group<S: GatewayStore>(store: &mut S, handled: &mut [Result<Handled>], from: Option<usize>) {
+    let Some(from) = from else { return };
+    if let Err(e) = store.commit_group() {
+        tracing::error!("a group of merges could not be committed; none of it is answered: {e}");
+        for h in &mut handled[from..] {
+            if matches!(h, Ok(Handled::Done(_))) {
+                *h = Ok(Handled::Failed(format!("the group's commit failed: {e}")));
+            }
+        }
+    }
+}
+
+async fn answer(client: &AsyncClient, pokes: &mut Pokes, publish: &Publish, handled: Result<Handled>) -> Result<()> {
     match handled {
         Ok(Handled::Done(out)) => {
             for msg in out {
@@ -471,9 +568,6 @@ async fn handle<S: GatewayStore + 'static>(
             tracing::error!(topic = %publish.topic, "the gateway failed on a message; the device will resend it: {e}");
         }
     }
-    // Acknowledged to the broker in every case: the message was merged, refused, or is the
-    // device's to send again. Holding it would only stall this session.
-    acks.done(client, ticket);
     Ok(())
 }
 
@@ -628,7 +722,7 @@ mod tests {
     use driftless_core::protocol::Uplink;
 
     use super::*;
-    use crate::handler::tests::{FailingMerges, device_batch, open};
+    use crate::handler::tests::{Fault, Faulty, device_batch, open};
 
     #[test]
     fn storage_that_keeps_failing_does_not_set_the_message_aside() {
@@ -644,17 +738,72 @@ mod tests {
             batch,
         };
         let mut publish = Publish::new("driftless/t/a/up", QoS::AtLeastOnce, msg.encode());
-        let store = Mutex::new(FailingMerges(open(&dir)));
+        let mut store = Faulty(open(&dir), Fault::Merges);
         let cfg = HandlerConfig::default();
         // Redeliveries well past the limit for a message the gateway fails on.
         for delivery in 0..MAX_ATTEMPTS + 1 {
             publish.dup = delivery > 0;
-            let handled = handle_blocking(&store, &cfg, &publish).expect("handled");
+            let handled = handle_blocking(&mut store, &cfg, &publish).expect("handled");
             assert!(matches!(handled, Handled::Failed(_)), "delivery {delivery} was set aside");
         }
         let key = content_key(&publish.topic, &publish.payload);
-        let mut guard = store.lock().expect("lock");
-        assert_eq!(guard.attempts(&key).expect("attempts"), None, "the gateway's fault is not counted");
-        assert!(guard.0.dead_letters(&Default::default()).expect("letters").is_empty());
+        assert_eq!(store.attempts(&key).expect("attempts"), None, "the gateway's fault is not counted");
+        assert!(store.0.dead_letters(&Default::default()).expect("letters").is_empty());
+    }
+
+    /// Device a's next batch (its outbox entry `seq`).
+    fn batch_publish(dir: &tempfile::TempDir, seq: i64, sql: &str) -> Publish {
+        let batch = device_batch(dir, sql);
+        let (device, id) = ("a".to_owned(), seq as u64);
+        let msg = Uplink::Batch { device, id, first_seq: seq, last_seq: seq, epoch: None, receipts: vec![], batch };
+        Publish::new("driftless/t/a/up", QoS::AtLeastOnce, msg.encode())
+    }
+
+    fn acked(handled: &Result<Handled>) -> bool {
+        let Ok(Handled::Done(out)) = handled else { return false };
+        out.iter().any(|o| match o {
+            Outgoing::Reply { payload, .. } => matches!(
+                driftless_core::protocol::Downlink::decode(payload, &Default::default()),
+                Ok(driftless_core::protocol::Downlink::Ack { ref refused, .. }) if refused.is_empty()
+            ),
+            Outgoing::Poke { .. } => false,
+        })
+    }
+
+    #[test]
+    fn a_group_whose_commit_fails_is_not_answered_and_is_acked_when_sent_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let group = [
+            batch_publish(&dir, 1, "INSERT INTO t VALUES ('a', 1)"),
+            batch_publish(&dir, 2, "INSERT INTO t VALUES ('b', 1)"),
+        ];
+        let cfg = HandlerConfig::default();
+        let store = Mutex::new(Faulty(open(&dir), Fault::Commits));
+        let handled = handle_group_blocking(&store, &cfg, &group);
+        assert!(handled.iter().all(|h| matches!(h, Ok(Handled::Failed(_)))), "answered before it was durable");
+        // Commits work again: the same batches, redelivered, are acknowledged.
+        store.lock().expect("lock").1 = Fault::Nothing;
+        let again: Vec<Publish> = group.iter().cloned().map(|p| Publish { dup: true, ..p }).collect();
+        let handled = handle_group_blocking(&store, &cfg, &again);
+        assert!(handled.iter().all(acked), "not acknowledged once durable");
+    }
+
+    #[test]
+    fn a_group_commits_its_merges_together_and_a_redelivery_is_handled_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut group = vec![
+            batch_publish(&dir, 1, "INSERT INTO t VALUES ('a', 1)"),
+            batch_publish(&dir, 2, "INSERT INTO t VALUES ('b', 1)"),
+            batch_publish(&dir, 3, "INSERT INTO t VALUES ('c', 1)"),
+        ];
+        group[1].dup = true;
+        let cfg = HandlerConfig::default();
+        let store = Mutex::new(Faulty(open(&dir), Fault::Nothing));
+        let handled = handle_group_blocking(&store, &cfg, &group);
+        assert!(handled.iter().all(acked), "every one acknowledged, none refused");
+        // All of it is in the database, seen from another connection.
+        let seen = rusqlite::Connection::open(dir.path().join("gw.db")).expect("open");
+        let n: i64 = seen.query_row("SELECT count(*) FROM gw_rows", [], |r| r.get(0)).expect("count");
+        assert_eq!(n, 3);
     }
 }

@@ -348,6 +348,21 @@ pub trait GatewayStore: Send {
         Ok(())
     }
 
+    /// Starts a group (group commit): what this store does from now until
+    /// [`GatewayStore::commit_group`] becomes durable together, at that commit, while each
+    /// method's work still succeeds or fails alone. The service merges a group of uplinks
+    /// and answers none before the group commits. A store without groups keeps every
+    /// method's work durable on its own.
+    fn begin_group(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes everything since [`GatewayStore::begin_group`] durable; an error if it is
+    /// not, or cannot be known to be (then none of it may be answered).
+    fn commit_group(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Starts watching for writes other clients make to the real tables, calling `wake` when
     /// one commits, if this store can be told (a database that notifies); `None` otherwise.
     fn watch_cloud_writes(&mut self, _wake: Box<dyn Fn() + Send>) -> Result<Option<Watch>> {

@@ -246,10 +246,24 @@ fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
     assert_eq!(told, next);
 }
 
-/// The real store, with a storage failure injected into every merge.
-pub(crate) struct FailingMerges(pub(crate) SqliteStore);
+/// The real store, with a storage failure injected into every merge, or every sync.
+pub(crate) struct Faulty(pub(crate) SqliteStore, pub(crate) Fault);
 
-impl GatewayStore for FailingMerges {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    Merges,
+    Commits,
+    Nothing,
+}
+
+fn disk_full() -> Error {
+    Error::Sqlite(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+        Some("database or disk is full".into()),
+    ))
+}
+
+impl GatewayStore for Faulty {
     fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
         self.0.epoch(tenant)
     }
@@ -272,11 +286,11 @@ impl GatewayStore for FailingMerges {
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<crate::storage::DeviceView> {
         self.0.hello(tenant, device, node)
     }
-    fn merge(&mut self, _: &crate::storage::Incoming<'_>, _: &Batch) -> Result<MergeOutcome, MergeError> {
-        Err(MergeError::Store(Error::Sqlite(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
-            Some("database or disk is full".into()),
-        ))))
+    fn merge(&mut self, from: &crate::storage::Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
+        match self.1 {
+            Fault::Merges => Err(MergeError::Store(disk_full())),
+            _ => self.0.merge(from, batch),
+        }
     }
     fn changes_after(&mut self, t: &str, d: &str, c: u64, m: usize) -> Result<crate::storage::ChangesPage> {
         self.0.changes_after(t, d, c, m)
@@ -341,6 +355,19 @@ impl GatewayStore for FailingMerges {
     fn remove_device(&mut self, t: &str, d: &str, now: i64) -> Result<bool> {
         self.0.remove_device(t, d, now)
     }
+    fn begin_group(&mut self) -> Result<()> {
+        self.0.begin_group()
+    }
+    fn commit_group(&mut self) -> Result<()> {
+        match self.1 {
+            Fault::Commits => {
+                // The commit reports a failure: whether the group stayed is not known.
+                let _ = self.0.commit_group();
+                Err(disk_full())
+            }
+            _ => self.0.commit_group(),
+        }
+    }
     fn registry(&mut self, t: Option<&str>) -> Result<Vec<crate::storage::Registered>> {
         self.0.registry(t)
     }
@@ -352,7 +379,7 @@ impl GatewayStore for FailingMerges {
 #[test]
 fn a_storage_failure_is_ours_answered_with_nothing_never_a_nack() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = FailingMerges(open(&dir));
+    let mut store = Faulty(open(&dir), Fault::Merges);
     let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
     let msg =
         Uplink::Batch { device: "a".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, receipts: vec![], batch };

@@ -48,6 +48,13 @@ pub struct PgStore {
     limits: Limits,
     epochs: HashMap<String, (Epoch, i64)>,
     tags: Tags,
+    /// Commits do not wait for the disk; `commit_group` does (group commit).
+    grouped: bool,
+    /// The connection may have made commits not yet synced.
+    unsynced: bool,
+    /// A connection with commits not yet synced was lost: whether they reached disk cannot
+    /// be known, so the next sync fails.
+    lost_unsynced: bool,
     /// Pulls seen since the last write of them: (tenant, device) -> (when, cursor).
     touched: HashMap<(String, String), (i64, Option<u64>)>,
     touched_at: Instant,
@@ -81,6 +88,9 @@ impl PgStore {
             limits: Limits::default(),
             epochs: HashMap::new(),
             tags: Tags::new()?,
+            grouped: false,
+            unsynced: false,
+            lost_unsynced: false,
             touched: HashMap::new(),
             touched_at: Instant::now(),
         })
@@ -94,17 +104,32 @@ impl PgStore {
     /// The client, connected again if the server closed the connection.
     fn client(&mut self) -> Result<&mut Client> {
         if self.client.is_closed() {
+            self.lost_unsynced |= self.unsynced;
             self.client = Blocking(Some(connect(&self.config)?));
             self.stmts = Stmts::default();
+            if self.grouped {
+                self.client.batch_execute("SET synchronous_commit = off")?;
+            }
             // The database may have failed over to a copy behind the one this instance wrote
             // to: cloud nodes start afresh, so no dot they issued is issued again.
             self.client.execute("DELETE FROM driftless.gw_cloud_writers", &[])?;
         }
+        self.unsynced |= self.grouped;
         Ok(&mut self.client)
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Batch> {
         decode_payload(bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))
+    }
+
+    /// Flushes the server's log past every commit so far: a transaction that takes a
+    /// transaction id commits with a record in the log and, committed synchronously, waits
+    /// for the log to be flushed up to it.
+    fn flush_log(&mut self) -> Result<()> {
+        let mut tx = self.client()?.transaction()?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current()")?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Writes the pulls noted since the last flush, in one transaction that does not wait
@@ -469,6 +494,33 @@ impl GatewayStore for PgStore {
 
     fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {
         self.client()?.execute("DELETE FROM driftless.gw_attempts WHERE key = $1", &[&&key[..]])?;
+        Ok(())
+    }
+
+    fn begin_group(&mut self) -> Result<()> {
+        // Each method still commits its own transaction (the server's locks stay short), but
+        // the commits return once written to the server's log, not flushed: `commit_group`
+        // flushes once for all of them.
+        if !self.grouped {
+            self.client()?.batch_execute("SET synchronous_commit = off")?;
+            self.grouped = true;
+        }
+        Ok(())
+    }
+
+    fn commit_group(&mut self) -> Result<()> {
+        if !self.grouped {
+            return Ok(());
+        }
+        let flushed = self.flush_log();
+        // Either way the caller now knows about every commit so far: a failure fails the
+        // whole group, so the next group starts with nothing unsynced.
+        let lost = std::mem::take(&mut self.lost_unsynced);
+        self.unsynced = false;
+        flushed?;
+        if lost {
+            return Err(Error::Durability("the connection was lost with commits not yet synced".into()));
+        }
         Ok(())
     }
 

@@ -28,6 +28,8 @@ use crate::error::{Error, MergeError, Result};
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// A group's transaction is open (group commit): each method's work is a savepoint in it.
+    in_group: bool,
     /// The sync schema version last read, parsed.
     schema: Option<Arc<ServedSchema>>,
     limits: Limits,
@@ -60,6 +62,9 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let mut conn = Connection::open_with_flags(&path, flags)?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // A merge runs dozens of distinct statements: the default cache (16) would prepare
+        // most of them again every time.
+        conn.set_prepared_statement_cache_capacity(256);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: an ack tells the device to delete its copy, so a merge must survive power loss.
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -73,6 +78,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path,
+            in_group: false,
             schema: None,
             limits: Limits::default(),
             epochs: HashMap::new(),
@@ -143,12 +149,46 @@ pub(super) fn keep_dead_letter(
     Ok(conn.last_insert_rowid())
 }
 
+/// One method's work: its own transaction (immediate: it will write, so it takes the write
+/// lock at once rather than fail to upgrade later), or inside a group's transaction a
+/// savepoint, rolled back alone if it fails.
+pub(super) enum Unit<'c> {
+    Own(rusqlite::Transaction<'c>),
+    InGroup(rusqlite::Savepoint<'c>),
+}
+
+fn unit(conn: &mut Connection, in_group: bool) -> rusqlite::Result<Unit<'_>> {
+    Ok(match in_group {
+        true => Unit::InGroup(conn.savepoint()?),
+        false => Unit::Own(conn.transaction_with_behavior(TransactionBehavior::Immediate)?),
+    })
+}
+
+impl Unit<'_> {
+    pub(super) fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Unit::Own(tx) => tx.commit(),
+            Unit::InGroup(sp) => sp.commit(),
+        }
+    }
+}
+
+impl std::ops::Deref for Unit<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Unit::Own(tx) => tx,
+            Unit::InGroup(sp) => sp,
+        }
+    }
+}
+
 impl GatewayStore for SqliteStore {
     fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
         if let Some((epoch, _)) = self.epochs.get(tenant) {
             return Ok(*epoch);
         }
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = unit(&mut self.conn, self.in_group)?;
         let current = match current_epoch(&tx, tenant)? {
             Some(current) => current,
             None => start_epoch(&tx, tenant, "the tenant's first device")?,
@@ -164,7 +204,7 @@ impl GatewayStore for SqliteStore {
     }
 
     fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = unit(&mut self.conn, self.in_group)?;
         // One restore is one new epoch, however many devices (or gateway instances, each
         // with its own cached epoch) notice it.
         if let Some(current) = current_epoch(&tx, tenant)?
@@ -208,7 +248,7 @@ impl GatewayStore for SqliteStore {
     }
 
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = unit(&mut self.conn, self.in_group)?;
         tx.prepare_cached(
             "INSERT INTO gw_nodes(tenant, node, device) VALUES (?1, ?2, ?3)
              ON CONFLICT(tenant, node) DO UPDATE SET device = coalesce(device, excluded.device)",
@@ -233,7 +273,8 @@ impl GatewayStore for SqliteStore {
 
     fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
         let schema = self.served_schema()?;
-        merge::merge(&mut self.conn, &self.limits, from, schema.as_deref(), &mut self.tags, batch)
+        let tx = unit(&mut self.conn, self.in_group)?;
+        merge::merge(tx, &self.limits, from, schema.as_deref(), &mut self.tags, batch)
     }
 
     fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
@@ -450,7 +491,7 @@ impl GatewayStore for SqliteStore {
 
     fn prepare_tenant(&mut self, tenant: &str) -> Result<()> {
         let Some(served) = self.served_schema()? else { return Ok(()) };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = unit(&mut self.conn, self.in_group)?;
         cloud_writes::begin_own_writes(&tx)?;
         tables::materialize(&tx, &self.limits, tenant, &served)?;
         cloud_writes::end_own_writes(&tx)?;
@@ -462,7 +503,7 @@ impl GatewayStore for SqliteStore {
         let Some(served) = self.served_schema()? else { return Ok(Vec::new()) };
         // Taking the write lock first also waits for a writer still committing: its file
         // writes (what woke the gateway) come a moment before its commit is visible.
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = unit(&mut self.conn, self.in_group)?;
         let mut logged = Vec::new();
         let tenants = cloud_writes::pending_tenants(&tx, &served)?;
         if tenants.is_empty() {
@@ -483,7 +524,7 @@ impl GatewayStore for SqliteStore {
 
     fn install_schema(&mut self, text: &str) -> Result<u64> {
         let new = SyncSchema::parse(text)?;
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = unit(&mut self.conn, self.in_group)?;
         let current: Option<(i64, String)> = tx
             .query_row("SELECT version, text FROM gw_sync_schema ORDER BY version DESC LIMIT 1", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -518,6 +559,35 @@ impl GatewayStore for SqliteStore {
     fn clear_attempts(&mut self, key: &[u8; 32]) -> Result<()> {
         self.conn.prepare_cached("DELETE FROM gw_attempts WHERE key = ?1")?.execute([&key[..]])?;
         Ok(())
+    }
+
+    fn begin_group(&mut self) -> Result<()> {
+        if !self.in_group {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_group = true;
+        }
+        Ok(())
+    }
+
+    fn commit_group(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.in_group) {
+            return Ok(());
+        }
+        // No transaction open: an error rolled it back (SQLite does for some, such as a
+        // full disk), and what ran after it committed on its own. Which is which is not
+        // known, so the group is not called durable.
+        let committed = if self.conn.is_autocommit() {
+            Err(Error::Durability("the group's transaction ended before its commit".into()))
+        } else {
+            self.conn.execute_batch("COMMIT").map_err(Error::from)
+        };
+        if committed.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            // What was read or made in the group may be gone with it.
+            self.epochs.clear();
+            self.schema = None;
+        }
+        committed
     }
 
     fn register_device(

@@ -346,3 +346,34 @@ fn after_the_connection_is_lost_plain_sql_writes_take_a_new_cloud_node() {
     assert_eq!(after.len(), 1);
     assert_ne!(after, before, "a new cloud node after the connection was made again");
 }
+
+#[test]
+fn a_group_whose_connection_was_lost_before_it_synced_is_not_called_durable() {
+    let Some(db) = TestDb::new() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut gw = db.store();
+    gw.begin_group().expect("group");
+    let mut a = Counter::new(dir.path(), "a.db");
+    let (seq, batch) = a.next();
+    gw.merge(&incoming("a", seq), &batch).expect("merge");
+    gw.commit_group().expect("synced on the same connection");
+    let (seq, batch) = a.next();
+    gw.merge(&incoming("a", seq), &batch).expect("merge");
+    // The server ends the connection before the group syncs: the commit may be lost with it.
+    db.client()
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .expect("terminate");
+    // Noticed either now (the connection is gone) or on the new connection: never durable.
+    assert!(gw.commit_group().is_err(), "a group whose connection was lost was called durable");
+    // The client may take a moment to see its connection closed; then a new one is made.
+    let recovered = (0..5).any(|_| gw.commit_group().is_ok());
+    assert!(recovered, "a later group on a new connection commits");
+    // Merges on the new connection go on, and sync.
+    let (seq, batch) = a.next();
+    gw.merge(&incoming("a", seq), &batch).expect("merge after reconnecting");
+    gw.commit_group().expect("sync");
+    assert_eq!(counted(&mut gw), 3);
+}

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
 use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, merge_batch};
 use driftless_core::{Batch, NodeId, RowChange, RowState, Value};
-use rusqlite::{Connection, OptionalExtension, Transaction};
+use rusqlite::{Connection, OptionalExtension};
 
 use super::registry::Book;
 use super::{cloud_writes, erasure, tables};
@@ -24,7 +24,7 @@ use crate::storage::{Incoming, MergeOutcome, ServedSchema};
 /// Why this store cannot take a row's key, if it cannot. `arity` holds the key arity of
 /// tables learned so far in this batch (new tables are recorded once their first row merges).
 fn check_key(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     tenant: &str,
     row: &RowChange,
     arity: &mut HashMap<String, usize>,
@@ -56,7 +56,7 @@ fn check_key(
 
 /// The gateway's causal state and real tables as the row store the shared merge runs against.
 struct Rows<'a> {
-    tx: &'a Transaction<'a>,
+    tx: &'a Connection,
     limits: &'a Limits,
     tenant: &'a str,
     schema: Option<&'a ServedSchema>,
@@ -136,7 +136,7 @@ pub(super) fn one_row_payload(roles: &BTreeMap<NodeId, String>, row: RowChange) 
 
 /// Merges `batch`; `tag` is the tag its log entry gets, if one is written.
 pub(super) fn merge(
-    conn: &mut Connection,
+    tx: super::Unit<'_>,
     limits: &Limits,
     at: &Incoming<'_>,
     schema: Option<&ServedSchema>,
@@ -149,7 +149,6 @@ pub(super) fn merge(
     if at.first_seq < 1 || at.last_seq < at.first_seq || at.last_seq - at.first_seq > (1 << 40) {
         return Err(MergeError::Refused(format!("outbox range {}..={} is impossible", at.first_seq, at.last_seq)));
     }
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let tenant = at.tenant;
     let mut cloud_logged = false;
     if let Some(served) = schema {
