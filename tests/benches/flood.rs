@@ -12,55 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use driftless_core::codec::{EncodeOptions, encode_batch};
-use driftless_core::protocol::{BrokerAddr, Downlink, Uplink, downlink_topic, uplink_topic};
-use driftless_core::{Batch, Dot, FieldWrite, Hlc, LocalWrite, NodeId, RowChange, RowState, Value, write_local_upsert};
+use driftless_core::protocol::{BrokerAddr, Downlink, downlink_topic, uplink_topic};
 use driftless_gateway::dynsec::{self, Dynsec};
-use driftless_tests::bench::{GatewayProcess, bench_broker_url, percentile, report};
+use driftless_tests::bench::{GatewayProcess, Writer, bench_broker_url, percentile, report};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 const HONEST: usize = 50;
 const PHASE: Duration = Duration::from_secs(20);
-
-/// A device's next batch: one new row, written as its node.
-struct Writer {
-    device: String,
-    node: NodeId,
-    counter: u64,
-}
-
-impl Writer {
-    fn new(device: String, n: u32) -> Writer {
-        let mut id = [0u8; 16];
-        id[..4].copy_from_slice(&n.to_le_bytes());
-        id[4..8].copy_from_slice(&std::process::id().to_le_bytes());
-        Writer { device, node: NodeId(id), counter: 0 }
-    }
-
-    fn next(&mut self) -> (u64, Vec<u8>) {
-        self.counter += 1;
-        let now = Hlc::new(std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64), 0);
-        let write = LocalWrite {
-            fields: vec![FieldWrite { column: "v".into(), value: Value::Integer(self.counter as i64), hlc: now }],
-            ..LocalWrite::default()
-        };
-        let state =
-            write_local_upsert(&mut RowState::default(), Dot { node: self.node, counter: self.counter }, now, write);
-        let key = Value::Text(format!("{}-{}", self.device, self.counter));
-        let batch = Batch { rows: vec![RowChange { table: "t".into(), pk: vec![key], state }], ..Batch::default() };
-        let seq = self.counter as i64;
-        let msg = Uplink::Batch {
-            device: self.device.clone(),
-            id: self.counter,
-            first_seq: seq,
-            last_seq: seq,
-            epoch: None,
-            receipts: vec![],
-            batch: encode_batch(&batch, EncodeOptions::default()),
-        };
-        (self.counter, msg.encode())
-    }
-}
 
 /// A device's connection: its client, what arrives on its downlink, and the task driving it
 /// (ended when this is dropped, so a later connection with the same client id is not
@@ -148,7 +106,7 @@ async fn honest(fleet: Fleet, tenant: String, n: usize, stop: Arc<AtomicBool>) -
     let mut samples = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        let (id, payload) = writer.next();
+        let (id, payload) = writer.next_batch();
         let t0 = Instant::now();
         conn.client.publish(uplink_topic(&tenant, &device), QoS::AtLeastOnce, false, payload).await?;
         // Waited for at most 30 s: a write not acked by then counts as 30 s.
@@ -195,7 +153,7 @@ async fn flood(fleet: Fleet, tenant: String, stop: Arc<AtomicBool>) -> anyhow::R
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
-        let (_, payload) = writer.next();
+        let (_, payload) = writer.next_batch();
         // Cut off at the broker, the client's queue fills and stays full.
         let publish = client.publish(uplink_topic(&tenant, &device), QoS::AtLeastOnce, false, payload);
         match tokio::time::timeout(Duration::from_millis(100), publish).await {

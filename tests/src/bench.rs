@@ -7,6 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use driftless_core::codec::{EncodeOptions, encode_batch};
+use driftless_core::protocol::Uplink;
+use driftless_core::{Batch, Dot, FieldWrite, Hlc, LocalWrite, NodeId, RowChange, RowState, Value, write_local_upsert};
+
 /// The broker benchmarks run through (Mosquitto on this machine by default).
 pub fn bench_broker_url() -> String {
     std::env::var("DRIFTLESS_BENCH_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into())
@@ -69,6 +73,11 @@ impl GatewayProcess {
         GatewayProcess { child }
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Peak resident memory of the gateway process, in MiB.
     pub fn peak_rss_mb(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
@@ -124,4 +133,46 @@ pub fn offline_device(db: &Path, rows: usize, fields: usize) -> anyhow::Result<(
         Ok(())
     })?;
     Ok(())
+}
+
+/// A device's batches, each one new row of table `t`, written as its node: what a device
+/// sends, built without a store (cheap, so a load generator measures the gateway).
+#[derive(Debug)]
+pub struct Writer {
+    device: String,
+    node: NodeId,
+    counter: u64,
+}
+
+impl Writer {
+    pub fn new(device: String, n: u32) -> Writer {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&n.to_le_bytes());
+        id[4..8].copy_from_slice(&std::process::id().to_le_bytes());
+        Writer { device, node: NodeId(id), counter: 0 }
+    }
+
+    pub fn next_batch(&mut self) -> (u64, Vec<u8>) {
+        self.counter += 1;
+        let now = Hlc::new(std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_millis() as u64), 0);
+        let write = LocalWrite {
+            fields: vec![FieldWrite { column: "v".into(), value: Value::Integer(self.counter as i64), hlc: now }],
+            ..LocalWrite::default()
+        };
+        let state =
+            write_local_upsert(&mut RowState::default(), Dot { node: self.node, counter: self.counter }, now, write);
+        let key = Value::Text(format!("{}-{}", self.device, self.counter));
+        let batch = Batch { rows: vec![RowChange { table: "t".into(), pk: vec![key], state }], ..Batch::default() };
+        let seq = self.counter as i64;
+        let msg = Uplink::Batch {
+            device: self.device.clone(),
+            id: self.counter,
+            first_seq: seq,
+            last_seq: seq,
+            epoch: None,
+            receipts: vec![],
+            batch: encode_batch(&batch, EncodeOptions::default()),
+        };
+        (self.counter, msg.encode())
+    }
 }
