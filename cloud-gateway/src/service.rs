@@ -367,7 +367,12 @@ enum Handled {
 
 /// Handles one delivery on a blocking thread: attempt bookkeeping, retries of transient
 /// storage errors, and panics caught.
-fn handle_blocking<S: GatewayStore>(store: &mut S, cfg: &HandlerConfig, publish: &Publish) -> Result<Handled> {
+fn handle_blocking<S: GatewayStore>(
+    store: &mut S,
+    cfg: &HandlerConfig,
+    publish: &Publish,
+    in_group: bool,
+) -> Result<Handled> {
     let key = content_key(&publish.topic, &publish.payload);
     let previous = store.attempts(&key)?;
     let guarded = publish.dup || previous.is_some();
@@ -399,7 +404,8 @@ fn handle_blocking<S: GatewayStore>(store: &mut S, cfg: &HandlerConfig, publish:
                 }
                 return Ok(Handled::Done(out));
             }
-            Ok(Err(e)) if attempt < 4 && e.is_transient() => {
+            // Not inside a group: it holds the store's write lock, and the device resends.
+            Ok(Err(e)) if attempt < 4 && e.is_transient() && !in_group => {
                 tracing::warn!(attempt, "storage error, retrying in {delay:?}: {e}");
                 std::thread::sleep(delay);
                 delay *= 4;
@@ -498,10 +504,10 @@ async fn handle_group<S: GatewayStore + 'static>(
 }
 
 /// Handles a group's deliveries in the store's group transactions and commits them: what
-/// could not be made durable is failed, not answered. A redelivery (the broker's DUP flag)
-/// is handled alone, outside any group, as before groups: its attempt is noted durably
-/// before it is tried, so a message that crashes the gateway is counted and set aside even
-/// though the crash takes its whole group with it.
+/// could not be made durable is failed, not answered. A delivery tried before (the broker's
+/// DUP flag, or an attempt on record) is handled alone, outside any group, as before groups:
+/// its attempt is noted durably before it is tried, so a message that crashes the gateway is
+/// counted and set aside even though a crash takes a whole group with it.
 fn handle_group_blocking<S: GatewayStore>(
     store: &Mutex<S>,
     cfg: &HandlerConfig,
@@ -515,7 +521,10 @@ fn handle_group_blocking<S: GatewayStore>(
     // Where the open group starts in `handled`.
     let mut open: Option<usize> = None;
     for delivery in deliveries {
-        if delivery.dup {
+        // Not knowing counts as tried before: handled alone.
+        let tried = delivery.dup
+            || store.attempts(&content_key(&delivery.topic, &delivery.payload)).map_or(true, |a| a.is_some());
+        if tried {
             close_group(store, &mut handled, open.take());
         } else if open.is_none() {
             match store.begin_group() {
@@ -523,7 +532,7 @@ fn handle_group_blocking<S: GatewayStore>(
                 Err(e) => tracing::warn!("no group could be started; handling alone: {e}"),
             }
         }
-        handled.push(handle_blocking(store, cfg, delivery));
+        handled.push(handle_blocking(store, cfg, delivery, open.is_some()));
     }
     close_group(store, &mut handled, open);
     handled
@@ -743,7 +752,7 @@ mod tests {
         // Redeliveries well past the limit for a message the gateway fails on.
         for delivery in 0..MAX_ATTEMPTS + 1 {
             publish.dup = delivery > 0;
-            let handled = handle_blocking(&mut store, &cfg, &publish).expect("handled");
+            let handled = handle_blocking(&mut store, &cfg, &publish, false).expect("handled");
             assert!(matches!(handled, Handled::Failed(_)), "delivery {delivery} was set aside");
         }
         let key = content_key(&publish.topic, &publish.payload);
@@ -786,6 +795,28 @@ mod tests {
         let again: Vec<Publish> = group.iter().cloned().map(|p| Publish { dup: true, ..p }).collect();
         let handled = handle_group_blocking(&store, &cfg, &again);
         assert!(handled.iter().all(acked), "not acknowledged once durable");
+    }
+
+    #[test]
+    fn a_delivery_tried_before_is_handled_alone_outside_any_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut group = vec![
+            batch_publish(&dir, 1, "INSERT INTO t VALUES ('a', 1)"),
+            batch_publish(&dir, 2, "INSERT INTO t VALUES ('b', 1)"),
+            batch_publish(&dir, 3, "INSERT INTO t VALUES ('c', 1)"),
+            batch_publish(&dir, 4, "INSERT INTO t VALUES ('d', 1)"),
+        ];
+        group[1].dup = true;
+        let cfg = HandlerConfig::default();
+        let mut store = Faulty(open(&dir), Fault::Commits);
+        // The third was tried before (an attempt on record), though not redelivered.
+        store.note_attempt(&content_key(&group[2].topic, &group[2].payload)).expect("attempt");
+        let store = Mutex::new(store);
+        // Group commits fail: what was grouped is not answered; what was handled alone, in
+        // transactions of its own, is.
+        let handled = handle_group_blocking(&store, &cfg, &group);
+        let answered: Vec<bool> = handled.iter().map(acked).collect();
+        assert_eq!(answered, [false, true, true, false]);
     }
 
     #[test]

@@ -127,7 +127,8 @@ impl PgStore {
     /// for the log to be flushed up to it.
     fn flush_log(&mut self) -> Result<()> {
         let mut tx = self.client()?.transaction()?;
-        tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current()")?;
+        // The operator's level (on, remote_write, remote_apply) for this one commit.
+        tx.batch_execute("SET LOCAL synchronous_commit TO DEFAULT; SELECT txid_current()")?;
         tx.commit()?;
         Ok(())
     }
@@ -509,19 +510,31 @@ impl GatewayStore for PgStore {
     }
 
     fn commit_group(&mut self) -> Result<()> {
-        if !self.grouped {
+        if !std::mem::take(&mut self.grouped) {
             return Ok(());
         }
         let flushed = self.flush_log();
+        // Out of the group, commits wait for the disk again (a delivery handled alone, cloud
+        // writes taken in, a schema loaded are answered or announced right after them). A
+        // connection that cannot be told is gone, and a new one starts with the default.
+        if !self.client.is_closed() {
+            let _ = self.client.batch_execute("SET synchronous_commit TO DEFAULT");
+        }
         // Either way the caller now knows about every commit so far: a failure fails the
         // whole group, so the next group starts with nothing unsynced.
         let lost = std::mem::take(&mut self.lost_unsynced);
         self.unsynced = false;
-        flushed?;
-        if lost {
-            return Err(Error::Durability("the connection was lost with commits not yet synced".into()));
+        let result = match (flushed, lost) {
+            (Err(e), _) => Err(e),
+            (Ok(()), true) => Err(Error::Durability("the connection was lost with commits not yet synced".into())),
+            (Ok(()), false) => Ok(()),
+        };
+        if result.is_err() {
+            // An epoch or schema read or made in the group may be gone with it.
+            self.epochs.clear();
+            self.schema = None;
         }
-        Ok(())
+        result
     }
 
     fn register_device(
