@@ -449,7 +449,7 @@ const GROUP_BUDGET: Duration = Duration::from_millis(20);
 const GROUP_MAX: usize = 1_000;
 /// The most uplinks of one device in one group: every message of a group waits for all of
 /// it, so a device's backlog (a burst, a catch-up) must not make everyone's group long.
-const GROUP_PER_DEVICE: usize = 2;
+const GROUP_PER_DEVICE: usize = 8;
 
 /// How many uplinks fit the group budget, from what recent groups took.
 #[derive(Debug)]
