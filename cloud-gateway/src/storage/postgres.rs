@@ -8,10 +8,13 @@
 //! Tenants do not wait for each other.
 
 mod connection;
+mod epochs;
 mod erasure;
+mod group;
 mod merge;
 mod migrate;
 mod registry;
+pub use registry::PgRegistry;
 mod tables;
 #[doc(hidden)]
 pub mod testing;
@@ -26,10 +29,11 @@ use std::time::{Duration, Instant};
 
 use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
-use postgres::{Client, Config, Transaction};
+use postgres::{Client, Config};
 
 use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
-use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, dead_letter_kept, now_ms, parse_resume, resume_token, unfit_rows};
+use self::epochs::{current_epoch, keep_dead_letter, start_epoch};
+use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, now_ms, parse_resume, resume_token, unfit_rows};
 use super::{
     ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
     Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
@@ -48,13 +52,8 @@ pub struct PgStore {
     limits: Limits,
     epochs: HashMap<String, (Epoch, i64)>,
     tags: Tags,
-    /// Commits do not wait for the disk; `commit_group` does (group commit).
-    grouped: bool,
-    /// The connection may have made commits not yet synced.
-    unsynced: bool,
-    /// A connection with commits not yet synced was lost: whether they reached disk cannot
-    /// be known, so the next sync fails.
-    lost_unsynced: bool,
+    /// Group commit (see `group.rs`).
+    group: group::Group,
     /// Pulls seen since the last write of them: (tenant, device) -> (when, cursor).
     touched: HashMap<(String, String), (i64, Option<u64>)>,
     touched_at: Instant,
@@ -88,9 +87,7 @@ impl PgStore {
             limits: Limits::default(),
             epochs: HashMap::new(),
             tags: Tags::new()?,
-            grouped: false,
-            unsynced: false,
-            lost_unsynced: false,
+            group: group::Group::default(),
             touched: HashMap::new(),
             touched_at: Instant::now(),
         })
@@ -104,33 +101,19 @@ impl PgStore {
     /// The client, connected again if the server closed the connection.
     fn client(&mut self) -> Result<&mut Client> {
         if self.client.is_closed() {
-            self.lost_unsynced |= self.unsynced;
             self.client = Blocking(Some(connect(&self.config)?));
             self.stmts = Stmts::default();
-            if self.grouped {
-                self.client.batch_execute("SET synchronous_commit = off")?;
-            }
+            self.group.reconnected(&mut self.client)?;
             // The database may have failed over to a copy behind the one this instance wrote
             // to: cloud nodes start afresh, so no dot they issued is issued again.
             self.client.execute("DELETE FROM driftless.gw_cloud_writers", &[])?;
         }
-        self.unsynced |= self.grouped;
+        self.group.used();
         Ok(&mut self.client)
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Batch> {
         decode_payload(bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))
-    }
-
-    /// Flushes the server's log past every commit so far: a transaction that takes a
-    /// transaction id commits with a record in the log and, committed synchronously, waits
-    /// for the log to be flushed up to it.
-    fn flush_log(&mut self) -> Result<()> {
-        let mut tx = self.client()?.transaction()?;
-        // The operator's level (on, remote_write, remote_apply) for this one commit.
-        tx.batch_execute("SET LOCAL synchronous_commit TO DEFAULT; SELECT txid_current()")?;
-        tx.commit()?;
-        Ok(())
     }
 
     /// Writes the pulls noted since the last flush, in one transaction that does not wait
@@ -163,29 +146,6 @@ impl PgStore {
         tx.commit()?;
         Ok(())
     }
-}
-
-/// Starts a new epoch for `tenant`; returns it and since when.
-fn start_epoch(tx: &mut Transaction<'_>, tenant: &str, reason: &str) -> Result<(Epoch, i64)> {
-    let epoch = Epoch::random().map_err(|e| Error::Random(e.to_string()))?;
-    let since = now_ms();
-    tx.execute(
-        "INSERT INTO driftless.gw_epochs(tenant, epoch, since_ms, reason) VALUES ($1, $2, $3, $4)",
-        &[&tenant, &&epoch.0[..], &since, &reason],
-    )?;
-    Ok((epoch, since))
-}
-
-fn current_epoch(tx: &mut Transaction<'_>, tenant: &str) -> Result<Option<(Epoch, i64)>> {
-    let row = tx.query_opt(
-        "SELECT epoch, since_ms FROM driftless.gw_epochs WHERE tenant = $1 ORDER BY id DESC LIMIT 1",
-        &[&tenant],
-    )?;
-    row.map(|r| {
-        let bytes: Vec<u8> = r.get(0);
-        Ok((Epoch(bytes.try_into().map_err(|_| Error::Corrupt("stored epoch".into()))?), r.get(1)))
-    })
-    .transpose()
 }
 
 fn log_head_of(client: &mut impl postgres::GenericClient, stmts: &mut Stmts, tenant: &str) -> Result<LogCursor> {
@@ -499,36 +459,25 @@ impl GatewayStore for PgStore {
     }
 
     fn begin_group(&mut self) -> Result<()> {
-        // Each method still commits its own transaction (the server's locks stay short), but
-        // the commits return once written to the server's log, not flushed: `commit_group`
-        // flushes once for all of them.
-        if !self.grouped {
-            self.client()?.batch_execute("SET synchronous_commit = off")?;
-            self.grouped = true;
+        if !self.group.is_open() {
+            self.client()?;
+            self.group.open(&mut self.client)?;
         }
         Ok(())
     }
 
     fn commit_group(&mut self) -> Result<()> {
-        if !std::mem::take(&mut self.grouped) {
+        if !self.group.close() {
             return Ok(());
         }
-        let flushed = self.flush_log();
+        let flushed = self.client().and_then(group::flush_log);
         // Out of the group, commits wait for the disk again (a delivery handled alone, cloud
         // writes taken in, a schema loaded are answered or announced right after them). A
         // connection that cannot be told is gone, and a new one starts with the default.
         if !self.client.is_closed() {
             let _ = self.client.batch_execute("SET synchronous_commit TO DEFAULT");
         }
-        // Either way the caller now knows about every commit so far: a failure fails the
-        // whole group, so the next group starts with nothing unsynced.
-        let lost = std::mem::take(&mut self.lost_unsynced);
-        self.unsynced = false;
-        let result = match (flushed, lost) {
-            (Err(e), _) => Err(e),
-            (Ok(()), true) => Err(Error::Durability("the connection was lost with commits not yet synced".into())),
-            (Ok(()), false) => Ok(()),
-        };
+        let result = self.group.outcome(flushed);
         if result.is_err() {
             // An epoch or schema read or made in the group may be gone with it.
             self.epochs.clear();
@@ -738,61 +687,6 @@ impl PgStore {
         let logged = merge::ingest_pending(&mut tx, &mut self.stmts, &limits, tenant, served, now_ms, tag)?.is_some();
         tx.commit()?;
         Ok(logged)
-    }
-}
-
-/// Keeps a refused message (or row) with its reason; large payloads by reference.
-fn keep_dead_letter(
-    client: &mut impl postgres::GenericClient,
-    tenant: &str,
-    device: &str,
-    reason: &str,
-    payload: &[u8],
-) -> Result<i64> {
-    let (kept, sha256) = dead_letter_kept(payload);
-    let row = client.query_one(
-        "INSERT INTO driftless.gw_dead_letters(tenant, device, received_ms, reason, payload, size, sha256)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-        &[&tenant, &device, &now_ms(), &reason, &kept, &(payload.len() as i64), &sha256],
-    )?;
-    Ok(row.get(0))
-}
-
-/// The device registry read through a connection of its own, for the embedded broker's
-/// guard: opening a whole store would migrate it and take an instance's place. Connects
-/// again after an error.
-pub struct PgRegistry {
-    config: Config,
-    client: std::sync::Mutex<Option<Blocking>>,
-}
-
-impl std::fmt::Debug for PgRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PgRegistry")
-    }
-}
-
-impl PgRegistry {
-    /// Connects to the store at `url` (made by [`PgStore::open`]). Blocks.
-    pub fn open(url: &str) -> Result<PgRegistry> {
-        let config: Config = url.parse().map_err(|e: postgres::Error| Error::Config(format!("{url}: {e}")))?;
-        let client = Blocking(Some(connect(&config)?));
-        Ok(PgRegistry { config, client: std::sync::Mutex::new(Some(client)) })
-    }
-}
-
-impl crate::broker::Registry for PgRegistry {
-    fn secrets(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
-        let mut held = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if held.is_none() {
-            *held = Some(Blocking(Some(connect(&self.config)?)));
-        }
-        let client = held.as_mut().expect("connected above");
-        let found: Result<Vec<Option<String>>> = devices.iter().map(|(t, d)| registry::secret(client, t, d)).collect();
-        if found.is_err() {
-            *held = None;
-        }
-        found
     }
 }
 

@@ -5,8 +5,11 @@ use std::collections::HashMap;
 use driftless_core::NodeId;
 use postgres::{Client, Transaction};
 
+use postgres::Config;
+
 use super::Stmts;
-use crate::error::Result;
+use super::connection::{Blocking, connect};
+use crate::error::{Error, Result};
 use crate::storage::common::{recovery_from, registration};
 use crate::storage::vouching::{NodeBook, NodeFact};
 use crate::storage::{Registered, Standing};
@@ -113,5 +116,43 @@ impl NodeBook for Book<'_, '_> {
         )?;
         self.tx.execute(&stmt, &[&tenant, &&node.0[..], &device, &role])?;
         Ok(())
+    }
+}
+
+/// The device registry read through a connection of its own, for the embedded broker's
+/// guard: opening a whole store would migrate it and take an instance's place. Connects
+/// again after an error.
+pub struct PgRegistry {
+    config: Config,
+    client: std::sync::Mutex<Option<Blocking>>,
+}
+
+impl std::fmt::Debug for PgRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgRegistry")
+    }
+}
+
+impl PgRegistry {
+    /// Connects to the store at `url` (made by [`PgStore::open`]). Blocks.
+    pub fn open(url: &str) -> Result<PgRegistry> {
+        let config: Config = url.parse().map_err(|e: postgres::Error| Error::Config(format!("{url}: {e}")))?;
+        let client = Blocking(Some(connect(&config)?));
+        Ok(PgRegistry { config, client: std::sync::Mutex::new(Some(client)) })
+    }
+}
+
+impl crate::broker::Registry for PgRegistry {
+    fn secrets(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        let mut held = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if held.is_none() {
+            *held = Some(Blocking(Some(connect(&self.config)?)));
+        }
+        let client = held.as_mut().expect("connected above");
+        let found: Result<Vec<Option<String>>> = devices.iter().map(|(t, d)| secret(client, t, d)).collect();
+        if found.is_err() {
+            *held = None;
+        }
+        found
     }
 }
