@@ -3,7 +3,7 @@
 //!
 //! Each device gets a broker client `TENANT/DEVICE` (its MQTT client id pinned to the one the
 //! agent uses) and a role of its own that may publish only on its uplink and subscribe only to
-//! its downlink and its tenant's poke and schema topics. The gateway gets a role that may read
+//! its downlink, its scopes' topics and its tenant's poke and schema topics. The gateway gets a role that may read
 //! every uplink and write every downlink. What the broker enforces, the gateway checks again
 //! (see `handler.rs` and `storage::vouching`): a broker misconfigured or bypassed cannot make
 //! one device write as another.

@@ -10,19 +10,56 @@
 use driftless_core::codec::{
     DecodeError, Dictionaries, EncodeOptions, Limits, declared_payload_len, decode_batch, encode_batch,
 };
-use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic};
+use driftless_core::protocol::{
+    DEFAULT_SCOPE, Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic, scope_topic,
+};
 use driftless_core::{Batch, Epoch, LogCursor};
 
 use crate::error::{Error, MergeError, Result};
-use crate::storage::{GatewayStore, Incoming, MergeOutcome, Registration};
+use crate::storage::{GatewayStore, Incoming, LogEntry, MergeOutcome, Registration};
 
 /// What to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing {
     /// A message for one device.
     Reply { topic: String, payload: Vec<u8> },
-    /// Tell a tenant's devices that new changes were logged (the service coalesces these).
+    /// A logged change, published once on its scope's topic for the broker to fan out.
+    Feed { topic: String, payload: Vec<u8> },
+    /// Tell a tenant's devices of older versions, which pull when told, that new changes were
+    /// logged (the service coalesces these).
     Poke { tenant: String },
+}
+
+/// The largest change broadcast with its rows: a larger one is announced without them, and
+/// the devices pull it in pages of the size they ask for.
+pub const FEED_MAX_BYTES: usize = 128 << 10;
+pub const FEED_MAX_ROWS: usize = 1_000;
+
+/// The publishes announcing `entries` (in log order) to the devices holding them. The
+/// service publishes them only once the entries are durable.
+pub fn feed(epoch: Epoch, tenant: &str, entries: &[LogEntry]) -> Vec<Outgoing> {
+    let topic = scope_topic(tenant, DEFAULT_SCOPE);
+    entries
+        .iter()
+        .map(|e| {
+            let mut batch = Vec::new();
+            if e.change.rows.len() <= FEED_MAX_ROWS {
+                batch = encode_batch(&e.change, EncodeOptions::default());
+                if !fits(&batch, FEED_MAX_BYTES) {
+                    batch.clear();
+                }
+            }
+            let msg = Downlink::Feed {
+                epoch,
+                scope: DEFAULT_SCOPE.to_owned(),
+                previous: e.previous,
+                cursor: e.cursor,
+                origin: e.origin.clone(),
+                batch,
+            };
+            Outgoing::Feed { topic: topic.clone(), payload: msg.encode() }
+        })
+        .collect()
 }
 
 /// Bounds and rules the gateway applies to what devices send and ask for.
@@ -234,7 +271,8 @@ fn process(
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let (receipt, previous) = (outcome.receipt, outcome.previous);
             let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous });
-            if outcome.logged.is_some() || outcome.cloud_logged {
+            if !outcome.entries.is_empty() {
+                out.extend(feed(epoch, tenant, &outcome.entries));
                 out.push(Outgoing::Poke { tenant: tenant.to_owned() });
             }
             Ok(out)
@@ -279,7 +317,6 @@ fn process(
             let from = incoming(first_seq, last_seq, true);
             let nack = |reason: String| Downlink::LegacyNack { first_seq, last_seq, reason };
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
-            let logged = outcome.logged.is_some() || outcome.cloud_logged;
             if !refused.is_empty() {
                 // Version 1 cannot say which rows: the whole batch is refused.
                 let reason = refused.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join("; ");
@@ -289,7 +326,8 @@ fn process(
                 });
             }
             let mut out = reply(Downlink::LegacyAck { first_seq, last_seq });
-            if logged {
+            if !outcome.entries.is_empty() {
+                out.extend(feed(epoch, tenant, &outcome.entries));
                 out.push(Outgoing::Poke { tenant: tenant.to_owned() });
             }
             Ok(out)

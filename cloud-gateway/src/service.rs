@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::acks::{Acks, Ticket};
 use crate::error::{Error, Result};
 use crate::fair::FairQueue;
-use crate::handler::HandlerConfig;
+use crate::handler::{HandlerConfig, Outgoing};
 use crate::quota::{QuotaConfig, Quotas};
 
 mod guard;
@@ -256,8 +256,9 @@ async fn blocking<S: GatewayStore + 'static, T: Send + 'static>(
 /// When the gateway looks for cloud writes again after a write to the database file.
 const COMMIT_RECHECK: Duration = Duration::from_millis(25);
 
-/// Takes in writes other programs made to the real tables, and pokes their tenants' devices.
-/// A failure of the store leaves them in the journal, for the next wake-up or merge.
+/// Takes in writes other programs made to the real tables, and publishes them to their
+/// tenants' devices. A failure of the store leaves them in the journal, for the next wake-up
+/// or merge.
 async fn take_in_cloud_writes<S: GatewayStore + 'static>(
     store: &Arc<Mutex<S>>,
     client: &AsyncClient,
@@ -266,15 +267,30 @@ async fn take_in_cloud_writes<S: GatewayStore + 'static>(
     let store = store.clone();
     let ingested = tokio::task::spawn_blocking(move || {
         let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
-        guard.ingest_cloud_writes(now_ms())
+        let mut out = Vec::new();
+        for (tenant, entry) in guard.ingest_cloud_writes(now_ms())? {
+            tracing::debug!(%tenant, "took in writes made to the cloud tables");
+            // The entry is logged: without the epoch to publish it under, its devices find it
+            // by the gap it leaves (or the poke, for devices of earlier versions).
+            match guard.epoch(&tenant) {
+                Ok(epoch) => out.extend(crate::handler::feed(epoch, &tenant, std::slice::from_ref(&entry))),
+                Err(e) => tracing::warn!(%tenant, "not published (devices will pull it): {e}"),
+            }
+            out.push(Outgoing::Poke { tenant });
+        }
+        Ok::<_, Error>(out)
     })
     .await
     .map_err(|e| Error::WorkerGone(e.to_string()))?;
     match ingested {
-        Ok(tenants) => {
-            for tenant in tenants {
-                tracing::debug!(%tenant, "took in writes made to the cloud tables");
-                pokes.request(client, tenant).await?;
+        Ok(out) => {
+            for msg in out {
+                match msg {
+                    Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
+                    Outgoing::Reply { topic, payload } | Outgoing::Feed { topic, payload } => {
+                        client.publish(topic, QoS::AtLeastOnce, false, payload).await?
+                    }
+                }
             }
         }
         Err(e) => tracing::error!("taking in writes made to the cloud tables failed: {e}"),
@@ -355,16 +371,16 @@ async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, ke
     }
 }
 
-/// Coalesces pokes: at most one per tenant per [`POKE_INTERVAL`], with a trailing one so the
-/// last change is always announced. Under light load every poke goes out at once; under heavy
-/// load devices are told a few dozen times a second instead of once per batch.
+/// Coalesces pokes, which only devices of versions before the scope feeds pull on: at most
+/// one per tenant per [`POKE_INTERVAL`], with a trailing one so the last change is always
+/// announced.
 #[derive(Debug, Default)]
 struct Pokes {
     last: HashMap<String, Instant>,
     pending: HashSet<String>,
 }
 
-const POKE_INTERVAL: Duration = Duration::from_millis(5);
+const POKE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Pokes {
     async fn request(&mut self, client: &AsyncClient, tenant: String) -> Result<()> {

@@ -124,6 +124,33 @@ pub struct MergeOutcome {
     pub previous: Option<LogCursor>,
     /// Writes made directly to the real tables were taken in first and logged.
     pub cloud_logged: bool,
+    /// The entries logged, oldest first (the cloud's writes taken in first, then the
+    /// batch's), to be published once they are durable.
+    pub entries: Vec<LogEntry>,
+}
+
+/// The tenants of entries, in order, each once.
+pub fn tenants_of(entries: &[(String, LogEntry)]) -> Vec<String> {
+    let mut tenants: Vec<String> = Vec::new();
+    for (tenant, _) in entries {
+        if !tenants.contains(tenant) {
+            tenants.push(tenant.clone());
+        }
+    }
+    tenants
+}
+
+/// An entry appended to a tenant's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub cursor: LogCursor,
+    /// The tenant's entry before it (0/0: none): a device holds this one in order only if
+    /// its cursor was there.
+    pub previous: LogCursor,
+    /// The device the change came from, which holds it already ("": none, every device
+    /// takes it).
+    pub origin: String,
+    pub change: Batch,
 }
 
 /// Changes for one device, oldest first.
@@ -319,7 +346,7 @@ pub trait GatewayStore: Send {
     /// Takes in writes made directly to the real tables (by any SQL client) as writes of
     /// each tenant's cloud node, logging them for every device; returns the tenants whose
     /// log grew.
-    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>>;
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<(String, LogEntry)>>;
 
     /// Registers `device` in `tenant` with `role` (again, if it was removed: with the new
     /// role) and `secret`, a hash of its broker password (see `broker::credentials`), in

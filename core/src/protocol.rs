@@ -33,6 +33,17 @@ pub fn poke_topic(tenant: &str) -> String {
     format!("{TOPIC_ROOT}/{tenant}/poke")
 }
 
+/// The scope every device of a tenant holds when its sync schema declares no scopes: all of
+/// the tenant's rows.
+pub const DEFAULT_SCOPE: &str = "all";
+
+/// The topic on which the gateway publishes each change logged in a scope ([`Downlink::Feed`]),
+/// once, for the broker to fan out to the devices holding it. Five levels, so no device's
+/// own topics (four levels) can ever name it.
+pub fn scope_topic(tenant: &str, scope: &str) -> String {
+    format!("{TOPIC_ROOT}/{tenant}/scopes/{scope}/changes")
+}
+
 /// The tenant-wide topic on which the gateway keeps the current sync schema (retained).
 pub fn schema_topic(tenant: &str) -> String {
     format!("{TOPIC_ROOT}/{tenant}/schema")

@@ -538,11 +538,14 @@ impl Store {
     /// moves only together with the changes it covers), but only if the cursor is as the pull
     /// found it: at position `from` (`None`: no cursor) with `resets` resets so far. An answer
     /// to an older pull, or one that crossed a reset (`track` asking for a fresh snapshot),
-    /// changes nothing (an empty report).
+    /// changes nothing (an empty report). With `from_tag`, the cursor's tag must match too: a
+    /// change published for every device names the entry it follows, and a cursor at that
+    /// position with another tag was read from a log since rolled back.
     pub fn apply_with_cursor(
         &mut self,
         batch: &Batch,
         from: Option<u64>,
+        from_tag: Option<u64>,
         resets: u64,
         to: LogCursor,
     ) -> Result<ApplyReport> {
@@ -550,17 +553,25 @@ impl Store {
         // all: what it holds is pulled again from where the cursor is, and state taken in
         // without a cursor to show for it could never be checked against a restored store.
         let as_pulled = |conn: &Connection| -> Result<bool> {
-            Ok(cursor::get(conn)?.map(|c| c.position) == from && cursor::resets(conn)? == resets)
+            let at = cursor::get(conn)?;
+            Ok(at.map(|c| c.position) == from
+                && from_tag.is_none_or(|tag| at.is_some_and(|c| c.tag == tag))
+                && cursor::resets(conn)? == resets)
         };
         if !as_pulled(&self.conn)? {
-            return Ok(ApplyReport::default());
+            return Ok(ApplyReport { cursor: cursor::get(&self.conn)?, ..ApplyReport::default() });
         }
-        self.apply_holding_back(batch, |tx| {
-            if as_pulled(tx)? {
+        let moved = std::cell::Cell::new(false);
+        let mut report = self.apply_holding_back(batch, |tx| {
+            moved.set(as_pulled(tx)?);
+            if moved.get() {
                 cursor::set(tx, to)?;
             }
             Ok(())
-        })
+        })?;
+        report.moved = moved.get();
+        report.cursor = cursor::get(&self.conn)?;
+        Ok(report)
     }
 
     /// Applies `batch` and runs `also` in the same transaction. If an app constraint rolls the

@@ -394,3 +394,33 @@ fn an_increment_that_overtook_its_rows_insert_is_not_cancelled_by_a_local_insert
     assert_eq!(rows(&a, stock), vec![vec![Value::Integer(5)]]);
     assert_eq!(rows(&b, stock), vec![vec![Value::Integer(5)]]);
 }
+
+/// A change published for every device moves the cursor only from the exact entry it
+/// follows: a cursor at that position with another tag was read from a log since rolled back
+/// (a gateway restored from a backup reissued the position), and must be pulled, not built on.
+#[test]
+fn a_cursor_moves_from_the_named_entry_only_tag_included() {
+    use driftless_core::{Batch, LogCursor};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO inspections(id, status) VALUES ('i1', 'open')")?)).expect("write");
+    let change = a.outbox_batch(10).expect("outbox").expect("a change").batch;
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    let (at, resets) = b.cursor().expect("cursor");
+    assert_eq!(at, None);
+    let first = LogCursor { position: 7, tag: 70 };
+    b.apply_with_cursor(&Batch::default(), None, None, resets, first).expect("snapshot's last page");
+    let next = LogCursor { position: 9, tag: 90 };
+    // Position right, tag wrong: nothing applied, nothing moved.
+    let report = b.apply_with_cursor(&change, Some(7), Some(71), resets, next).expect("apply");
+    assert!(!report.moved && report.applied == 0, "{report:?}");
+    assert_eq!(report.cursor, Some(first));
+    let count = |s: &Store| -> i64 {
+        s.read(|c| Ok(c.query_row("SELECT count(*) FROM inspections", [], |r| r.get(0))?)).expect("count")
+    };
+    assert_eq!(count(&b), 0);
+    // The exact entry: applied, and the cursor moved with it.
+    let report = b.apply_with_cursor(&change, Some(7), Some(70), resets, next).expect("apply");
+    assert!(report.moved && report.applied == 1, "{report:?}");
+    assert_eq!((report.cursor, count(&b)), (Some(next), 1));
+}

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use driftless_core::codec::Limits;
-use driftless_core::protocol::{Downlink, downlink_topic, poke_topic, schema_topic};
+use driftless_core::protocol::{DEFAULT_SCOPE, Downlink, downlink_topic, poke_topic, schema_topic, scope_topic};
 use driftless_core::{ChangedRow, StoreOptions};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -87,7 +87,7 @@ impl Agent {
         let (change_tx, mut change_rx) = mpsc::channel(1);
         let watcher = match config.mode {
             crate::config::SyncMode::RealTime => Some(watch_database(&config.db, change_tx)?),
-            crate::config::SyncMode::Interval(_) => None,
+            crate::config::SyncMode::Interval(_) | crate::config::SyncMode::Notified => None,
         };
         let mut tasks = Vec::new();
         let forward = events_tx.clone();
@@ -137,6 +137,15 @@ impl Agent {
     /// Never blocks: if the loop's queue is full, a wake-up is already pending.
     pub fn sync_now(&self) -> Result<()> {
         match self.events.try_send(Input::SyncNow) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Stopped),
+        }
+    }
+
+    /// Tells the agent the app wrote to the database (what the file watcher does in
+    /// [`SyncMode::RealTime`]): the changes are shipped at once. Never blocks.
+    pub fn local_change(&self) -> Result<()> {
+        match self.events.try_send(Input::LocalChange) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Stopped),
         }
@@ -203,7 +212,7 @@ fn machine_config(config: &AgentConfig, receives: bool) -> Result<MachineConfig>
         ack_timeout_ms: config.ack_timeout.as_millis() as u64,
         receives,
         interval_ms: match config.mode {
-            SyncMode::RealTime => None,
+            SyncMode::RealTime | SyncMode::Notified => None,
             SyncMode::Interval(d) => Some(d.as_millis() as u64),
         },
         id_seed: u64::from_le_bytes(seed),
@@ -234,6 +243,9 @@ pub async fn run(config: AgentConfig, store_opts: StoreOptions, shutdown: impl F
     Ok(())
 }
 
+/// Room in the sync loop's queue scope changes leave for everything else.
+const FEED_RESERVE: usize = 128;
+
 /// Drives the MQTT connection and turns packets into sync inputs. Reconnects with capped
 /// exponential backoff and jitter. Never publishes: a publish awaited here would wait on the
 /// very loop it blocks.
@@ -248,9 +260,16 @@ async fn poll_events(
     let limits = Limits::default();
     let down = downlink_topic(&config.tenant, &config.device_id);
     let poke = poke_topic(&config.tenant);
+    let feed = scope_topic(&config.tenant, DEFAULT_SCOPE);
     let schema = schema_topic(&config.tenant);
     let mut backoff = Duration::from_millis(100);
+    // A scope change dropped (no room, or undecodable): the machine is told to pull at the
+    // next chance (a poke could be ignored while changes are heard).
+    let mut dropped_feed = false;
     loop {
+        if dropped_feed {
+            dropped_feed = matches!(events.try_send(Input::SyncNow), Err(mpsc::error::TrySendError::Full(_)));
+        }
         let polled = tokio::select! {
             biased;
             () = cancel.cancelled() => return,
@@ -259,14 +278,20 @@ async fn poll_events(
         let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
-                let (client, down, poke, events) = (client.clone(), down.clone(), poke.clone(), events.clone());
-                let schema = schema.clone();
+                let (client, down, feed, events) = (client.clone(), down.clone(), feed.clone(), events.clone());
+                let (schema, poke) = (schema.clone(), poke.clone());
                 tokio::spawn(async move {
                     let subscribed = async {
                         client.subscribe(&down, QoS::AtLeastOnce).await?;
                         // The gateway keeps the current schema there, retained.
                         client.subscribe(&schema, QoS::AtLeastOnce).await?;
                         if receives {
+                            // Every change of the device's scope, published once by the
+                            // gateway and fanned out by the broker.
+                            client.subscribe(&feed, QoS::AtLeastOnce).await?;
+                            // Pulled on only while no scope change is heard: a broker whose
+                            // rules predate scope topics withholds them (refusing the
+                            // subscription, or silently).
                             client.subscribe(&poke, QoS::AtMostOnce).await?;
                         }
                         Ok::<(), rumqttc::ClientError>(())
@@ -282,6 +307,24 @@ async fn poll_events(
             }
             Ok(Event::Outgoing(Outgoing::Publish(_))) => Input::Flushed,
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => Input::Poke,
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == feed => match Downlink::decode(&p.payload, &limits) {
+                Ok(msg) => {
+                    // Feeds are not answers to the machine's requests, so they come at the
+                    // fleet's pace: they may take the queue only down to a reserve kept for
+                    // the answers and connection events this loop must never wait to hand
+                    // over (it would stop reading the socket, or deadlock with a sync loop
+                    // publishing). One that finds no room is dropped, and a pull fetches it.
+                    if events.capacity() <= FEED_RESERVE || events.try_send(Input::Downlink(msg)).is_err() {
+                        dropped_feed = true;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("an undecodable scope message; pulling instead: {e}");
+                    dropped_feed = true;
+                    continue;
+                }
+            },
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == down || p.topic == schema => {
                 match Downlink::decode(&p.payload, &limits) {
                     Ok(msg) => Input::Downlink(msg),

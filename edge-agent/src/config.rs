@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 pub enum SyncMode {
     /// As soon as they are written (the database file is watched).
     RealTime,
+    /// As soon as the app says it wrote ([`crate::Agent::local_change`]), without watching
+    /// the file: for an app that writes through the agent's store handle, and for many
+    /// agents in one process (each file watcher takes one of the system's inotify instances).
+    Notified,
     /// Every interval (fewer, larger batches: metered links).
     Interval(Duration),
 }

@@ -67,7 +67,7 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
             }
             StoreOp::Apply { batch, cursor } => {
                 let report = match cursor {
-                    Some(m) => store.apply_with_cursor(&batch, m.from, m.resets, m.to)?,
+                    Some(m) => store.apply_with_cursor(&batch, m.from, m.from_tag, m.resets, m.to)?,
                     None => store.apply(&batch)?,
                 };
                 if !batch.rows.is_empty() {

@@ -31,6 +31,7 @@ use driftless_core::protocol::{Receipts, Uplink};
 use driftless_core::{Epoch, LogCursor, OutboxBatch};
 
 mod answers;
+mod feed;
 mod interface;
 
 pub use self::interface::{Action, CursorMove, Input, LiveStatus, MachineConfig, Progress, StoreOp, StoreResult};
@@ -93,6 +94,10 @@ enum Awaiting {
     Changes {
         more: bool,
     },
+    /// A scope's change applied if the cursor was at its predecessor; `to` is its position.
+    Feed {
+        to: u64,
+    },
     SnapshotPage {
         resume: Vec<u8>,
         log_cursor: LogCursor,
@@ -153,6 +158,18 @@ pub struct Machine {
     pull_resets: u64,
     /// When a device that never pulls last showed the gateway its receipt.
     last_check: u64,
+    /// Scope changes that arrived while a pull was out, applied in order after it.
+    held: VecDeque<feed::Feed>,
+    /// The cursor as the store last reported it (held changes at or before it are dropped).
+    known_cursor: Option<LogCursor>,
+    /// When a scope change last arrived (pokes are ignored meanwhile).
+    last_feed: Option<u64>,
+    /// When a pull was last sent: one goes out at least every few timeouts whatever arrives,
+    /// showing the receipts (a restored gateway learns from them what it lost).
+    last_pull: u64,
+    /// When the cursor last moved (a pull's page or a scope's change in order): the backstop
+    /// pull is only for a device that heard nothing for a while.
+    last_fresh: u64,
     live: LiveStatus,
 }
 
@@ -188,6 +205,11 @@ impl Machine {
             receipts: Receipts::default(),
             pull_resets: 0,
             last_check: 0,
+            held: VecDeque::new(),
+            known_cursor: None,
+            last_feed: None,
+            last_pull: 0,
+            last_fresh: 0,
             live: LiveStatus::default(),
         }
     }
@@ -210,12 +232,20 @@ impl Machine {
 
     /// Handles one input at time `now_ms`.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Action> {
+        self.handle_all(std::iter::once(input), now_ms)
+    }
+
+    /// Handles inputs that arrived together, then decides what to do next once: scope
+    /// changes among them are applied together, in one transaction.
+    pub fn handle_all(&mut self, inputs: impl IntoIterator<Item = Input>, now_ms: u64) -> Vec<Action> {
         self.now = now_ms;
         let mut out = Vec::new();
-        match input {
-            Input::Store(result) => self.on_store(result, &mut out),
-            other if self.awaiting.is_some() => self.deferred.push_back(other),
-            other => self.on_input(other, &mut out),
+        for input in inputs {
+            match input {
+                Input::Store(result) => self.on_store(result, &mut out),
+                other if self.awaiting.is_some() => self.deferred.push_back(other),
+                other => self.on_input(other, &mut out),
+            }
         }
         // Inputs that waited for the store go next, in order, while nothing is outstanding.
         while self.awaiting.is_none()
@@ -261,13 +291,7 @@ impl Machine {
                 }
             }
             Input::Downlink(msg) => self.on_downlink(msg, out),
-            Input::Poke => {
-                if self.pulling.is_some() {
-                    self.pull_again = true;
-                } else {
-                    self.want_pull = true;
-                }
-            }
+            Input::Poke => self.on_poke(),
             Input::LocalChange => {
                 if self.cfg.interval_ms.is_none() {
                     self.want_ship = true;
@@ -311,6 +335,8 @@ impl Machine {
         self.resend.clear();
         self.sent_upto = 0;
         self.pulling = None;
+        self.held.clear();
+        self.known_cursor = None;
         self.want_pull = true;
         self.want_ship = true;
     }
@@ -346,6 +372,9 @@ impl Machine {
         if self.want_pull && self.pulling.is_none() && self.cfg.receives {
             self.want_pull = false;
             self.store(out, StoreOp::ReadCursor, Awaiting::Cursor);
+            return;
+        }
+        if self.pulling.is_none() && self.apply_held(out) {
             return;
         }
         if let Some((first, last, resends)) = self.resend.pop_front() {
@@ -427,7 +456,12 @@ impl Machine {
         let every = self.cfg.interval_ms.unwrap_or(timeout);
         if self.now.saturating_sub(self.last_ship) >= every {
             self.want_ship = true;
-            if self.pulling.is_none() {
+            // A device whose scopes' changes keep arriving in order is current already, but it
+            // still pulls every few timeouts: the pull shows its receipts and cursor, which is
+            // how a gateway restored from a backup learns what it lost.
+            let stale = self.now.saturating_sub(self.last_fresh) >= every;
+            let unchecked = self.now.saturating_sub(self.last_pull) >= every.max(timeout).saturating_mul(6);
+            if self.pulling.is_none() && (stale || unchecked) {
                 self.want_pull = true;
             }
         }

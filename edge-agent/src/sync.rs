@@ -17,6 +17,9 @@ use crate::machine::{Action, Input, LiveStatus, Machine, StoreOp, StoreResult};
 use crate::progress::ProgressBar;
 use crate::worker::StoreHandle;
 
+/// Inputs handed to the machine together, at most.
+const MAX_INPUTS_AT_ONCE: usize = 256;
+
 fn wall_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -66,19 +69,27 @@ impl Shell {
             let input = tokio::select! {
                 biased;
                 () = cancel.cancelled() => {
-                    self.step(&mut machine, Input::Disconnected { flush_timeout: false }, &now).await?;
+                    self.step(&mut machine, vec![Input::Disconnected { flush_timeout: false }], &now).await?;
                     return Ok(());
                 }
                 e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
                 _ = tick.tick() => Input::Tick,
             };
-            self.step(&mut machine, input, &now).await?;
+            // What else arrived meanwhile goes in with it: changes of the device's scopes
+            // that queued up while the store was busy are applied together.
+            let mut inputs = vec![input];
+            while inputs.len() < MAX_INPUTS_AT_ONCE
+                && let Ok(more) = events.try_recv()
+            {
+                inputs.push(more);
+            }
+            self.step(&mut machine, inputs, &now).await?;
         }
     }
 
-    /// Feeds one input and carries out every action it leads to, store results included.
-    async fn step(&mut self, machine: &mut Machine, input: Input, now: &impl Fn() -> u64) -> Result<()> {
-        let mut queue: VecDeque<Action> = machine.handle(input, now()).into();
+    /// Feeds inputs and carries out every action they lead to, store results included.
+    async fn step(&mut self, machine: &mut Machine, inputs: Vec<Input>, now: &impl Fn() -> u64) -> Result<()> {
+        let mut queue: VecDeque<Action> = machine.handle_all(inputs, now()).into();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Publish(msg) => {

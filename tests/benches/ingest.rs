@@ -59,16 +59,6 @@ async fn receive(mut events: rumqttc::EventLoop, timings: Arc<Mutex<Timings>>) {
     }
 }
 
-/// `/proc/PID/stat` user + system time of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn main() -> anyhow::Result<()> {
     // The PostgreSQL test database is made and dropped outside the runtime (its client blocks).
     let postgres = std::env::var("INGEST_STORE").is_ok_and(|s| s == "postgres");
@@ -131,7 +121,7 @@ async fn run(store_url: Option<String>) -> anyhow::Result<()> {
 
     // Batch n (round n / devices, device n % devices) is due at n / rate seconds.
     let total = rate * seconds;
-    let cpu_before = cpu_seconds(gateway.pid());
+    let cpu_before = gateway.cpu_seconds();
     let start = Instant::now() + Duration::from_millis(200);
     let batches = Arc::new(batches);
     let mut senders = Vec::new();
@@ -159,7 +149,7 @@ async fn run(store_url: Option<String>) -> anyhow::Result<()> {
     while Instant::now() < deadline && timings.lock().expect("lock").acked_ms.len() < total {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let cpu = cpu_seconds(gateway.pid()) - cpu_before;
+    let cpu = gateway.cpu_seconds() - cpu_before;
     let t = timings.lock().expect("lock");
     let mut ms = t.acked_ms.clone();
     ms.sort_by(f64::total_cmp);

@@ -169,6 +169,28 @@ pub fn gateway_as(client_id: &str, broker: &BrokerAddr, tenant: &str, db: &Path,
 }
 
 /// Starts `driftless-agent run` for a device (a short ack timeout, for tests).
+/// Ends the broker session of a gateway instance retired for good, as docs/operations.md
+/// tells an operator to: connects once with its client id and a clean session. Until then the
+/// broker keeps handing the dead instance its share of the uplinks.
+pub fn end_session(broker: &BrokerAddr, client_id: &str) {
+    let mut opts = rumqttc::MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    opts.set_clean_session(true);
+    if let Some((user, password)) = &broker.login {
+        opts.set_credentials(user, password);
+    }
+    let (client, mut connection) = rumqttc::Client::new(opts, 10);
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                let _ = client.disconnect();
+            }
+            Ok(_) => {}
+            // Disconnected (as asked), or the broker could not be reached: nothing more to do.
+            Err(_) => return,
+        }
+    }
+}
+
 pub fn agent(db: &Path, broker: &BrokerAddr, tenant: &str, device: &str) -> Proc {
     let mut cmd = Command::new(bin("driftless-agent"));
     cmd.args(["run", "--db"]).arg(db).args(["--broker", &url(broker), "--tenant", tenant, "--device-id", device]);

@@ -168,6 +168,9 @@ fn two_gateways_share_one_database_and_one_killed_mid_drain_loses_and_doubles_no
     let _agent_a = agent(&a, &broker, &tenant, "tab-a");
     wait_until("the drain under way", || cloud(&db, &count).first().is_some_and(|r| r[0] != "0"));
     gw1.kill();
+    // Retired for good: its session ends, so the broker hands the other instance every uplink
+    // (those it had queued for the dead one are lost with it, and the device sends them again).
+    end_session(&broker, "gw-one");
     wait_until("every row in PostgreSQL through the other gateway", || cloud(&db, &count) == [[ROWS.to_string()]]);
     wait_until("device a's outbox acknowledged", || pending(&a) == 0);
     wait_until("every row on device b", || {

@@ -1,9 +1,11 @@
 //! What a device may do at the broker, the same rules whichever broker enforces them
 //! (Mosquitto's dynamic-security roles in `dynsec.rs`, the embedded broker's guard in
-//! `guard.rs`): publish only on its own uplink, subscribe only to its own downlink and its
-//! tenant's poke and schema topics, connect only with its own client id.
+//! `guard.rs`): publish only on its own uplink, subscribe only to its own downlink, its
+//! scopes' topics and its tenant's poke and schema topics, connect only with its own client id.
 
-use driftless_core::protocol::{client_id, downlink_topic, poke_topic, schema_topic, uplink_topic, valid_id};
+use driftless_core::protocol::{
+    DEFAULT_SCOPE, client_id, downlink_topic, poke_topic, schema_topic, scope_topic, uplink_topic, valid_id,
+};
 
 /// The broker user name of a device.
 pub fn device_username(tenant: &str, device: &str) -> String {
@@ -23,7 +25,7 @@ pub struct DeviceTopics {
     /// The one topic it may publish on.
     pub publish: String,
     /// The topics it may subscribe to (exactly these, no wildcards).
-    pub subscribe: [String; 3],
+    pub subscribe: Vec<String>,
 }
 
 impl DeviceTopics {
@@ -31,7 +33,12 @@ impl DeviceTopics {
         DeviceTopics {
             client_id: client_id(tenant, device),
             publish: uplink_topic(tenant, device),
-            subscribe: [downlink_topic(tenant, device), poke_topic(tenant), schema_topic(tenant)],
+            subscribe: vec![
+                downlink_topic(tenant, device),
+                scope_topic(tenant, DEFAULT_SCOPE),
+                poke_topic(tenant),
+                schema_topic(tenant),
+            ],
         }
     }
 
@@ -55,11 +62,23 @@ mod tests {
         for topic in ["driftless/acme/tab-b/up", "driftless/acme/tab-a/down", "driftless/acme/+/up", "driftless/#"] {
             assert!(!a.may_publish(topic), "{topic}");
         }
-        for filter in ["driftless/acme/tab-a/down", "driftless/acme/poke", "driftless/acme/schema"] {
+        for filter in [
+            "driftless/acme/tab-a/down",
+            "driftless/acme/scopes/all/changes",
+            "driftless/acme/poke",
+            "driftless/acme/schema",
+        ] {
             assert!(a.may_subscribe(filter), "{filter}");
         }
-        for filter in ["driftless/acme/tab-b/down", "driftless/acme/+/down", "driftless/other/poke", "#", "$share/g/#"]
-        {
+        for filter in [
+            "driftless/acme/tab-b/down",
+            "driftless/acme/+/down",
+            "driftless/other/poke",
+            "driftless/other/scopes/all/changes",
+            "driftless/acme/scopes/+/changes",
+            "#",
+            "$share/g/#",
+        ] {
             assert!(!a.may_subscribe(filter), "{filter}");
         }
         assert_eq!(parse_username("acme/tab-a"), Some(("acme", "tab-a")));

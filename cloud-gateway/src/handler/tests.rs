@@ -2,7 +2,7 @@ use driftless_core::codec::{EncodeOptions, encode_batch};
 use driftless_core::{ColumnPolicy, NodeId, Store, StoreOptions, TableSpec};
 
 use super::*;
-use crate::storage::{DeadLetterFilter, MergeOutcome, ServedSchema, SqliteStore};
+use crate::storage::{DeadLetterFilter, MergeOutcome, ServedSchema, SqliteStore, tenants_of};
 
 const NOW: u64 = 1_800_000_000_000;
 
@@ -346,7 +346,7 @@ impl GatewayStore for Faulty {
     fn prepare_tenant(&mut self, tenant: &str) -> Result<()> {
         self.0.prepare_tenant(tenant)
     }
-    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<(String, crate::storage::LogEntry)>> {
         self.0.ingest_cloud_writes(now_ms)
     }
     fn register_device(&mut self, t: &str, d: &str, r: &str, s: Option<&str>, now: i64) -> Result<()> {

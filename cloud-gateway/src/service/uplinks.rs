@@ -233,7 +233,7 @@ async fn answer(client: &AsyncClient, pokes: &mut Pokes, publish: &Publish, hand
         Ok(Handled::Done(out)) => {
             for msg in out {
                 match msg {
-                    Outgoing::Reply { topic, payload } => {
+                    Outgoing::Reply { topic, payload } | Outgoing::Feed { topic, payload } => {
                         client.publish(topic, QoS::AtLeastOnce, false, payload).await?
                     }
                     Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
@@ -304,7 +304,7 @@ mod tests {
                 driftless_core::protocol::Downlink::decode(payload, &Default::default()),
                 Ok(driftless_core::protocol::Downlink::Ack { ref refused, .. }) if refused.is_empty()
             ),
-            Outgoing::Poke { .. } => false,
+            Outgoing::Feed { .. } | Outgoing::Poke { .. } => false,
         })
     }
 

@@ -35,7 +35,7 @@ use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use self::epochs::{current_epoch, keep_dead_letter, start_epoch};
 use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, now_ms, parse_resume, resume_token, unfit_rows};
 use super::{
-    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
+    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, MergeOutcome,
     Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
 };
 use crate::error::{Error, MergeError, Result};
@@ -607,7 +607,7 @@ impl GatewayStore for PgStore {
         Ok(())
     }
 
-    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<(String, LogEntry)>> {
         let Some(served) = self.served_schema()? else { return Ok(Vec::new()) };
         let tenants: Vec<String> = self
             .client()?
@@ -620,8 +620,8 @@ impl GatewayStore for PgStore {
         // commit notifies again); a tenant that fails does not hold the others back.
         for tenant in tenants {
             match self.ingest_tenant(&tenant, &served, now_ms) {
-                Ok(true) => logged.push(tenant),
-                Ok(false) => {}
+                Ok(Some(entry)) => logged.push((tenant, entry)),
+                Ok(None) => {}
                 Err(e) if e.is_transient() => tracing::debug!(%tenant, "SQL writes left for the next look: {e}"),
                 Err(e) => tracing::warn!(%tenant, "taking in SQL writes failed: {e}"),
             }
@@ -667,7 +667,7 @@ impl GatewayStore for PgStore {
 
 impl PgStore {
     /// Takes in one tenant's waiting SQL writes; whether any were logged.
-    fn ingest_tenant(&mut self, tenant: &str, served: &ServedSchema, now_ms: u64) -> Result<bool> {
+    fn ingest_tenant(&mut self, tenant: &str, served: &ServedSchema, now_ms: u64) -> Result<Option<LogEntry>> {
         let limits = self.limits.clone();
         let tag = self.tags.next();
         self.client()?;
@@ -675,16 +675,16 @@ impl PgStore {
         let mut look = self.client.transaction()?;
         let journals = tables::journals(&mut look, tenant)?;
         if !tables::pending(&mut look, tenant, &journals)? {
-            return Ok(false);
+            return Ok(None);
         }
         look.commit()?;
         let mut tx = self.client.transaction()?;
         if !tables::try_begin_gateway_tx(&mut tx, tenant)? {
-            return Ok(false);
+            return Ok(None);
         }
         tables::check_schema_current(&mut tx, Some(served))?;
         tables::materialize(&mut tx, &limits, tenant, served)?;
-        let logged = merge::ingest_pending(&mut tx, &mut self.stmts, &limits, tenant, served, now_ms, tag)?.is_some();
+        let logged = merge::ingest_pending(&mut tx, &mut self.stmts, &limits, tenant, served, now_ms, tag)?;
         tx.commit()?;
         Ok(logged)
     }

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, dead_letter_kept, now_ms, parse_resume, resume_token};
 use super::{
-    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, MergeOutcome,
+    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, MergeOutcome,
     Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
 };
 use crate::error::{Error, MergeError, Result};
@@ -499,7 +499,7 @@ impl GatewayStore for SqliteStore {
         Ok(())
     }
 
-    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<String>> {
+    fn ingest_cloud_writes(&mut self, now_ms: u64) -> Result<Vec<(String, LogEntry)>> {
         let Some(served) = self.served_schema()? else { return Ok(Vec::new()) };
         // Taking the write lock first also waits for a writer still committing: its file
         // writes (what woke the gateway) come a moment before its commit is visible.
@@ -513,8 +513,8 @@ impl GatewayStore for SqliteStore {
         for tenant in tenants {
             tables::materialize(&tx, &self.limits, &tenant, &served)?;
             if let Some(change) = cloud_writes::ingest(&tx, &self.limits, &tenant, &served, now_ms)? {
-                merge::log_change(&tx, &self.limits, &tenant, "", &change, self.tags.next())?;
-                logged.push(tenant);
+                let entry = merge::log_change(&tx, &self.limits, &tenant, "", &change, self.tags.next())?;
+                logged.push((tenant, entry));
             }
         }
         cloud_writes::end_own_writes(&tx)?;

@@ -5,7 +5,7 @@ use std::path::Path;
 use driftless_core::{Batch, ColumnPolicy, Store, StoreOptions, TableSpec, Value};
 
 use super::test_backends::{Backend, on_every_store};
-use super::{DeadLetterFilter, GatewayStore, Incoming, MergeOutcome};
+use super::{DeadLetterFilter, GatewayStore, Incoming, MergeOutcome, tenants_of};
 use crate::error::MergeError;
 
 const NOW: u64 = 1_800_000_000_000;
@@ -27,6 +27,7 @@ on_every_store!(
     a_plain_sql_value_the_schema_refuses_is_dead_lettered_and_the_row_put_back,
     a_key_longer_than_an_index_entry_is_merged_and_snapshotted,
     a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten,
+    each_logged_entry_names_the_tenants_entry_before_it,
 );
 
 pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch {
@@ -39,8 +40,12 @@ pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch 
 }
 
 pub(super) fn merge(gw: &mut dyn GatewayStore, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
+    merge_as(gw, "acme", device, batch)
+}
+
+fn merge_as(gw: &mut dyn GatewayStore, tenant: &str, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
     let from = Incoming {
-        tenant: "acme",
+        tenant,
         device,
         first_seq: 1,
         last_seq: 2,
@@ -331,7 +336,7 @@ fn a_plain_sql_write_is_merged_as_the_role_it_names_and_logged_for_devices(b: &B
     }
     // And a plain write without a role adds a row.
     b.exec(&format!("INSERT INTO {t}(id, i) VALUES ('w2', 7)"), None);
-    assert_eq!(gw.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    assert_eq!(tenants_of(&gw.ingest_cloud_writes(NOW).expect("ingest")), vec!["acme".to_owned()]);
     assert!(gw.ingest_cloud_writes(NOW).expect("ingest again").is_empty(), "taken in once");
     let page = gw.changes_after("acme", "tab-1", logged.position, 100).expect("page");
     assert_eq!(page.batch.rows.len(), 2);
@@ -428,4 +433,30 @@ fn a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten(
     let page = gw.changes_after("acme", "tab-9", head.position, 100).expect("pull");
     let w1 = page.batch.rows.iter().find(|r| r.pk == [Value::Text("w1".into())]).expect("w1 sent to devices");
     assert_eq!(w1.state.fields["notes"].entries[0].value, Value::Text("kept".into()));
+}
+
+/// What a device needs to apply a published entry in order: its predecessor in the tenant's
+/// log, whatever other tenants logged in between, and the change as pulls serve it.
+fn each_logged_entry_names_the_tenants_entry_before_it(b: &Backend) {
+    let mut gw = b.open();
+    let first = merge(&mut *gw, "tab-1", &device_batch(b.scratch(), "a.db", StoreOptions::default())).expect("merge");
+    let [e1] = &first.entries[..] else { panic!("one entry: {:?}", first.entries) };
+    assert_eq!((e1.previous.position, e1.cursor, e1.origin.as_str()), (0, first.logged.expect("logged"), "tab-1"));
+    let page = gw.changes_after("acme", "tab-9", 0, 100).expect("page");
+    assert_eq!(e1.change.rows, page.batch.rows, "the entry holds what a pull serves");
+    let theirs = merge_as(&mut *gw, "other", "tab-x", &device_batch(b.scratch(), "x.db", StoreOptions::default()))
+        .expect("merge");
+    assert_eq!(
+        theirs.entries.iter().map(|e| e.previous.position).collect::<Vec<_>>(),
+        vec![0],
+        "tenants' logs are separate"
+    );
+    let b_batch = device_batch(b.scratch(), "b.db", StoreOptions::default());
+    let second = merge(&mut *gw, "tab-2", &b_batch).expect("merge");
+    let [e2] = &second.entries[..] else { panic!("one entry: {:?}", second.entries) };
+    assert_eq!(e2.previous, e1.cursor, "position and tag");
+    assert!(e2.cursor.position > e1.cursor.position);
+    // A copy merged again logs nothing, so nothing is published.
+    let again = merge(&mut *gw, "tab-2", &b_batch).expect("merge");
+    assert!(again.entries.is_empty());
 }

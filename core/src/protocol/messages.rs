@@ -133,6 +133,23 @@ pub enum Downlink {
     SlowDown {
         retry_after_ms: u64,
     },
+    /// A change logged in a scope, published once on the scope's topic
+    /// ([`crate::protocol::scope_topic`]) for every device holding it. A device whose cursor
+    /// is exactly at `previous` (the scope's entry before this one, position and tag; 0/0 for
+    /// none) applies it and moves its cursor to `cursor`; any other device pulls from its
+    /// cursor (it missed an entry, or its cursor names an entry the log no longer holds),
+    /// unless it is at or past `cursor` already.
+    Feed {
+        epoch: Epoch,
+        scope: String,
+        previous: LogCursor,
+        cursor: LogCursor,
+        /// The device whose write this is: it holds the change already ("" for none).
+        origin: String,
+        /// The change as a batch envelope; empty when it was too large to broadcast (the
+        /// device pulls it instead).
+        batch: Vec<u8>,
+    },
     /// Version 1 answers.
     LegacyAck {
         first_seq: i64,
@@ -184,7 +201,11 @@ mod tag {
     pub(super) const SNAPSHOT: u8 = 9;
     pub(super) const SCHEMA: u8 = 10;
     pub(super) const SLOW_DOWN: u8 = 11;
+    pub(super) const FEED: u8 = 12;
 }
+
+/// Longest tenant, device or scope name accepted (as `protocol::valid_id`).
+const MAX_ID: usize = 128;
 
 /// Longest resume token and refusal reason accepted.
 const MAX_TOKEN: usize = 4096;
@@ -354,7 +375,7 @@ impl Uplink {
     pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Uplink, DecodeError> {
         let mut r = Reader::new(bytes, limits);
         let kind = r.u8()?;
-        let device = r.string(128, "device id bytes")?;
+        let device = r.string(MAX_ID, "device id bytes")?;
         let msg = match kind {
             tag::HELLO => Uplink::Hello {
                 device,
@@ -419,7 +440,8 @@ impl Downlink {
             | Downlink::Ack { epoch, .. }
             | Downlink::Nack { epoch, .. }
             | Downlink::Changes { epoch, .. }
-            | Downlink::Snapshot { epoch, .. } => Some(*epoch),
+            | Downlink::Snapshot { epoch, .. }
+            | Downlink::Feed { epoch, .. } => Some(*epoch),
             Downlink::Schema { .. }
             | Downlink::SlowDown { .. }
             | Downlink::LegacyAck { .. }
@@ -485,6 +507,15 @@ impl Downlink {
             Downlink::SlowDown { retry_after_ms } => {
                 w.u8(tag::SLOW_DOWN);
                 w.varint(*retry_after_ms);
+            }
+            Downlink::Feed { epoch, scope, previous, cursor, origin, batch } => {
+                w.u8(tag::FEED);
+                w.epoch(epoch);
+                w.bytes(scope.as_bytes());
+                w.cursor(previous);
+                w.cursor(cursor);
+                w.bytes(origin.as_bytes());
+                w.raw(batch);
             }
             Downlink::LegacyAck { first_seq, last_seq } => {
                 w.u8(tag::LEGACY_ACK);
@@ -565,6 +596,15 @@ impl Downlink {
                 Downlink::Schema { version: r.varint()?, text: r.string(MAX_SCHEMA_BYTES, "schema text bytes")? }
             }
             tag::SLOW_DOWN => Downlink::SlowDown { retry_after_ms: r.varint()? },
+            tag::FEED => {
+                let epoch = r.epoch()?;
+                let scope = r.string(MAX_ID, "scope name bytes")?;
+                let previous = r.cursor()?;
+                let cursor = r.cursor()?;
+                let origin = r.string(MAX_ID, "origin device bytes")?;
+                let batch = r.take(r.remaining())?.to_vec();
+                return Ok(Downlink::Feed { epoch, scope, previous, cursor, origin, batch });
+            }
             tag::LEGACY_ACK => Downlink::LegacyAck { first_seq: r.zigzag()?, last_seq: r.zigzag()? },
             tag::LEGACY_NACK => Downlink::LegacyNack {
                 first_seq: r.zigzag()?,

@@ -47,6 +47,11 @@ pub struct ApplyReport {
     /// Rows queued to be sent back because this store held an earlier time for one of their
     /// writes than the sender (see [`crate::holds_earlier_times`]).
     pub sent_back: usize,
+    /// Applied with a cursor move (`Store::apply_with_cursor`): whether the cursor was where
+    /// the move started, so the batch was applied and the cursor moved, and where the cursor
+    /// is now.
+    pub moved: bool,
+    pub cursor: Option<crate::LogCursor>,
 }
 
 /// Why a remote row cannot be merged here, if it cannot: this table's key has another shape.

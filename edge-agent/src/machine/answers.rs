@@ -85,6 +85,8 @@ impl Machine {
             (Awaiting::Cursor, StoreResult::Cursor { cursor, resets }) => {
                 let Some(epoch) = self.confirmed() else { return };
                 self.pull_resets = resets;
+                self.known_cursor = cursor;
+                self.last_pull = self.now;
                 self.pull_again = false;
                 self.pulling = Some(Pulling { since: self.now });
                 let msg = Uplink::Pull {
@@ -133,9 +135,14 @@ impl Machine {
             }
             (Awaiting::Reject, _) => self.want_ship = true,
             (Awaiting::Receipts, _) => {}
+            (Awaiting::Feed { to }, StoreResult::Applied(report)) => self.fed(to, report, out),
             (Awaiting::Changes { more }, StoreResult::Applied(report)) => {
                 self.pulling = None;
                 self.pull_tries = 0;
+                self.known_cursor = report.cursor;
+                if report.moved {
+                    self.last_fresh = self.now;
+                }
                 if !report.changed.is_empty() {
                     out.push(Action::Changed(report.changed));
                 }
@@ -208,6 +215,10 @@ impl Machine {
             }
             return;
         }
+        let msg = match feed::Feed::from_downlink(msg) {
+            Ok(feed) => return self.on_feed(feed),
+            Err(other) => other,
+        };
         let Some(epoch) = self.confirmed() else { return };
         match msg.epoch() {
             Some(e) if e == epoch => {}
@@ -252,7 +263,8 @@ impl Machine {
             }
             Downlink::Changes { from, cursor, more, batch, .. } => {
                 let Some(batch) = self.decode(&batch) else { return };
-                let cursor = Some(CursorMove { from: Some(from), resets: self.pull_resets, to: cursor });
+                let cursor =
+                    Some(CursorMove { from: Some(from), from_tag: None, resets: self.pull_resets, to: cursor });
                 self.store(out, StoreOp::Apply { batch, cursor }, Awaiting::Changes { more });
             }
             Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
@@ -261,7 +273,8 @@ impl Machine {
                 // The cursor moves only with the last page (a restart mid-snapshot starts the
                 // snapshot again, which merges harmlessly), and only if no cursor was set
                 // meanwhile.
-                let cursor = done.then_some(CursorMove { from: None, resets: self.pull_resets, to: log_cursor });
+                let cursor =
+                    done.then_some(CursorMove { from: None, from_tag: None, resets: self.pull_resets, to: log_cursor });
                 self.store(
                     out,
                     StoreOp::Apply { batch, cursor },
@@ -285,7 +298,7 @@ impl Machine {
         self.inflight.iter().position(|b| b.id == id && b.first == first && b.last == last)
     }
 
-    fn decode(&mut self, bytes: &[u8]) -> Option<Batch> {
+    pub(super) fn decode(&mut self, bytes: &[u8]) -> Option<Batch> {
         match decode_batch(bytes, &Limits::default(), &Dictionaries::default()) {
             Ok(b) => Some(b),
             Err(e) => {

@@ -133,6 +133,10 @@ pub enum StoreOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CursorMove {
     pub from: Option<u64>,
+    /// The tag the cursor must have at `from` too (a scope's change names the entry it
+    /// follows; a pull's page was checked by the gateway against the cursor it was asked
+    /// from).
+    pub from_tag: Option<u64>,
     /// The cursor's reset count when the pull was made.
     pub resets: u64,
     pub to: LogCursor,

@@ -288,7 +288,7 @@ fn a_snapshot_moves_the_cursor_only_with_its_last_page() {
     assert!(matches!(store_op(&out), Some(StoreOp::KeepReceipts(r)) if r.shown().contains(&head)), "{out:?}");
     m.handle(Input::Store(StoreResult::Done), 1);
     let out = m.handle(page(true), 2);
-    let only_if_unset = CursorMove { from: None, resets: 0, to: head };
+    let only_if_unset = CursorMove { from: None, from_tag: None, resets: 0, to: head };
     assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if *c == only_if_unset));
     // The changes logged meanwhile come next, from the cursor as the store has it then.
     let out = m.handle(Input::Store(applied()), 2);
@@ -307,7 +307,7 @@ fn a_page_moves_the_cursor_only_from_where_it_was_pulled() {
         batch: encode_batch(&Batch::default(), EncodeOptions::default()),
     };
     let out = m.handle(Input::Downlink(changes), 1);
-    let expected = CursorMove { from: Some(3), resets: 0, to };
+    let expected = CursorMove { from: Some(3), from_tag: None, resets: 0, to };
     assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if *c == expected));
 }
 
@@ -429,4 +429,186 @@ fn a_device_asked_to_slow_down_sends_nothing_until_the_time_is_up() {
     // A request for hours is followed for a minute at most.
     m.handle(Input::Downlink(Downlink::SlowDown { retry_after_ms: u64::MAX }), 600);
     assert!(store_op(&m.handle(Input::Tick, 59_000)).is_none());
+}
+
+/// A change of the tenant's scope, as the gateway publishes it for every device.
+fn feed(epoch: Epoch, previous: u64, to: u64, origin: &str, batch: &Batch) -> Input {
+    Input::Downlink(Downlink::Feed {
+        epoch,
+        scope: "all".into(),
+        previous: LogCursor { position: previous, tag: previous * 10 },
+        cursor: LogCursor { position: to, tag: to * 10 },
+        origin: origin.into(),
+        batch: encode_batch(batch, EncodeOptions::default()),
+    })
+}
+
+fn applied_at(moved: bool, position: u64) -> Input {
+    let cursor = Some(LogCursor { position, tag: position * 10 });
+    Input::Store(StoreResult::Applied(ApplyReport { moved, cursor, ..ApplyReport::default() }))
+}
+
+/// A confirmed machine whose first pull was answered: its cursor is at 3, nothing is out.
+fn current_machine() -> Machine {
+    let mut m = confirmed_machine();
+    let empty = encode_batch(&Batch::default(), EncodeOptions::default());
+    let at3 = LogCursor { position: 3, tag: 30 };
+    m.handle(Input::Downlink(Downlink::Changes { epoch: E1, from: 3, cursor: at3, more: false, batch: empty }), 2);
+    let out = m.handle(applied_at(true, 3), 2);
+    assert!(out.is_empty(), "{out:?}");
+    m
+}
+
+/// A batch of one row.
+fn one_row() -> Batch {
+    let mut b = Batch::default();
+    b.rows.push(driftless_core::RowChange {
+        table: "t".into(),
+        pk: vec![driftless_core::Value::Integer(1)],
+        state: Default::default(),
+    });
+    b
+}
+
+fn is_pull_start(out: &[Action]) -> bool {
+    matches!(store_op(out), Some(StoreOp::ReadCursor))
+}
+
+#[test]
+fn scope_changes_in_order_are_applied_without_asking_the_gateway() {
+    let mut m = current_machine();
+    let theirs = one_row();
+    let out = m.handle(feed(E1, 3, 5, "other", &theirs), 3);
+    let expected = CursorMove { from: Some(3), from_tag: Some(30), resets: 0, to: LogCursor { position: 5, tag: 50 } };
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c) }) if *c == expected && batch.rows.len() == 1),
+        "{out:?}"
+    );
+    assert!(publishes(&out).is_empty());
+    let out = m.handle(applied_at(true, 5), 3);
+    assert!(out.is_empty(), "{out:?}");
+    // Its own write comes back too: only the cursor moves past it.
+    let out = m.handle(feed(E1, 5, 8, "tab", &theirs), 4);
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c) }) if batch.rows.is_empty() && c.from == Some(5)),
+        "{out:?}"
+    );
+    m.handle(applied_at(true, 8), 4);
+    // One already applied (a copy the broker sent again) is not even looked at.
+    let out = m.handle(feed(E1, 5, 8, "other", &theirs), 5);
+    assert!(out.is_empty(), "{out:?}");
+    // A device current through its scope's changes does not pull on the backstop timer.
+    let out = m.handle(Input::Tick, 2 + TIMEOUT);
+    assert!(!is_pull_start(&out), "{out:?}");
+    m.handle(Input::Store(StoreResult::Outbox(None)), 2 + TIMEOUT);
+    let out = m.handle(Input::Tick, 5 + 2 * TIMEOUT);
+    assert!(is_pull_start(&out), "nothing heard for a whole period: the backstop pull: {out:?}");
+}
+
+#[test]
+fn a_scope_change_after_a_gap_makes_the_device_pull_from_its_cursor() {
+    let mut m = current_machine();
+    let out = m.handle(feed(E1, 6, 8, "other", &Batch::default()), 3);
+    assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if c.from == Some(6)));
+    // The store's cursor is at 3, not 6: nothing applied, and the gap is pulled.
+    let out = m.handle(applied_at(false, 3), 3);
+    assert!(is_pull_start(&out), "{out:?}");
+    let out =
+        m.handle(Input::Store(StoreResult::Cursor { cursor: Some(LogCursor { position: 3, tag: 30 }), resets: 0 }), 3);
+    assert!(matches!(publishes(&out)[..], [Uplink::Pull { cursor: Some(c), .. }] if c.position == 3), "{out:?}");
+}
+
+#[test]
+fn scope_changes_during_a_pull_wait_for_its_answer() {
+    let mut m = confirmed_machine();
+    // The pull from 3 is out: a change arriving now is held, not applied.
+    let out = m.handle(feed(E1, 3, 5, "other", &Batch::default()), 2);
+    assert!(out.is_empty(), "{out:?}");
+    let empty = encode_batch(&Batch::default(), EncodeOptions::default());
+    let at3 = LogCursor { position: 3, tag: 30 };
+    m.handle(Input::Downlink(Downlink::Changes { epoch: E1, from: 3, cursor: at3, more: false, batch: empty }), 3);
+    // The answer moved nothing; the held change follows it.
+    let out = m.handle(applied_at(true, 3), 3);
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if c.from == Some(3) && c.to.position == 5)
+    );
+}
+
+#[test]
+fn a_scope_change_of_another_epoch_or_without_rows_is_pulled() {
+    let mut m = current_machine();
+    let out = m.handle(feed(E2, 3, 5, "other", &Batch::default()), 3);
+    assert!(is_pull_start(&out), "the pull's answer says whether the epoch changed: {out:?}");
+    let mut m = current_machine();
+    let too_large = Downlink::Feed {
+        epoch: E1,
+        scope: "all".into(),
+        previous: LogCursor { position: 3, tag: 30 },
+        cursor: LogCursor { position: 5, tag: 50 },
+        origin: "other".into(),
+        batch: Vec::new(),
+    };
+    let out = m.handle(Input::Downlink(too_large), 3);
+    assert!(is_pull_start(&out), "{out:?}");
+}
+
+#[test]
+fn scope_changes_that_arrive_together_are_applied_in_one_transaction() {
+    let mut m = current_machine();
+    let one = one_row();
+    let inputs = [
+        feed(E1, 3, 5, "other", &one),
+        feed(E1, 5, 6, "tab", &one),
+        feed(E1, 6, 8, "other", &one),
+        // Not chained to 8 (a gap): left for after.
+        feed(E1, 9, 10, "other", &one),
+    ];
+    let out = m.handle_all(inputs, 3);
+    let expected = CursorMove { from: Some(3), from_tag: Some(30), resets: 0, to: LogCursor { position: 8, tag: 80 } };
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c) }) if *c == expected && batch.rows.len() == 2),
+        "its own change adds no row: {out:?}"
+    );
+    let out = m.handle(applied_at(true, 8), 3);
+    assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if c.from == Some(9)), "{out:?}");
+    let out = m.handle(applied_at(false, 8), 3);
+    assert!(is_pull_start(&out), "{out:?}");
+}
+
+#[test]
+fn pokes_are_pulled_on_only_while_no_scope_change_is_heard() {
+    let mut m = current_machine();
+    // No change heard yet (a broker withholding the scope topic): a poke pulls.
+    let out = m.handle(Input::Poke, 3);
+    assert!(is_pull_start(&out), "{out:?}");
+    let mut m = current_machine();
+    m.handle(feed(E1, 3, 5, "other", &Batch::default()), 3);
+    m.handle(applied_at(true, 5), 3);
+    let out = m.handle(Input::Poke, 4);
+    assert!(out.is_empty(), "changes are heard: the poke is for older devices: {out:?}");
+    let out = m.handle(Input::Poke, 3 + 3_000);
+    assert!(is_pull_start(&out), "nothing heard for a while: {out:?}");
+}
+
+#[test]
+fn a_device_kept_current_by_its_scope_still_shows_its_receipts_every_few_timeouts() {
+    let mut m = current_machine();
+    let mut now = 2;
+    let mut position = 3;
+    let mut pulled_at = None;
+    // A change in order every half timeout, for ten timeouts.
+    while now < 10 * TIMEOUT && pulled_at.is_none() {
+        now += TIMEOUT / 2;
+        m.handle(feed(E1, position, position + 1, "other", &Batch::default()), now);
+        position += 1;
+        m.handle(applied_at(true, position), now);
+        let out = m.handle(Input::Tick, now);
+        if is_pull_start(&out) {
+            pulled_at = Some(now);
+        } else if matches!(store_op(&out), Some(StoreOp::ReadOutbox { .. })) {
+            m.handle(Input::Store(StoreResult::Outbox(None)), now);
+        }
+    }
+    let at = pulled_at.expect("a pull showing the receipts");
+    assert!(at >= 6 * TIMEOUT, "not before six timeouts: {at}");
 }

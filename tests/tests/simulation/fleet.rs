@@ -22,7 +22,6 @@ use super::{Act, KEYS, SCHEMA, TENANT, TIMEOUT_MS, YEAR_MS, spec};
 enum Msg {
     Up { dev: usize, payload: Vec<u8> },
     Down { dev: usize, payload: Vec<u8> },
-    Poke { dev: usize },
 }
 
 struct Device {
@@ -117,7 +116,6 @@ fn describe(m: &Msg) -> String {
         Msg::Down { dev, payload } => {
             format!("down {dev}: {}", short(format!("{:?}", Downlink::decode(payload, &Limits::default()))))
         }
-        Msg::Poke { dev } => format!("poke {dev}"),
     }
 }
 
@@ -241,11 +239,15 @@ impl Sim {
                         self.devices.iter().position(|x| downlink_topic(TENANT, &x.name) == topic).expect("device");
                     self.net.push(Msg::Down { dev, payload });
                 }
-                Outgoing::Poke { .. } => {
+                // The broker's fan-out: a copy for every device (each subscribes to the
+                // tenant's one scope), delivered, delayed, reordered or lost like any other.
+                Outgoing::Feed { payload, .. } => {
                     for dev in 0..self.devices.len() {
-                        self.net.push(Msg::Poke { dev });
+                        self.net.push(Msg::Down { dev, payload: payload.clone() });
                     }
                 }
+                // Devices of this version do not listen for pokes.
+                Outgoing::Poke { .. } => {}
             }
         }
     }
@@ -258,7 +260,6 @@ impl Sim {
             match &self.net[at] {
                 Msg::Up { dev, payload } => Msg::Up { dev: *dev, payload: payload.clone() },
                 Msg::Down { dev, payload } => Msg::Down { dev: *dev, payload: payload.clone() },
-                Msg::Poke { dev } => Msg::Poke { dev: *dev },
             }
         } else {
             self.net.swap_remove(at)
@@ -269,7 +270,6 @@ impl Sim {
                 let msg = Downlink::decode(&payload, &Limits::default()).expect("downlink");
                 self.input(dev, Input::Downlink(msg));
             }
-            Msg::Poke { dev } if self.devices[dev].online => self.input(dev, Input::Poke),
             _ => {}
         }
     }
@@ -324,7 +324,7 @@ impl Sim {
     fn disconnect(&mut self, d: usize) {
         if self.devices[d].online {
             self.devices[d].online = false;
-            self.net.retain(|m| !matches!(m, Msg::Down { dev, .. } | Msg::Poke { dev } if *dev == d));
+            self.net.retain(|m| !matches!(m, Msg::Down { dev, .. } if *dev == d));
             self.input(d, Input::Disconnected { flush_timeout: false });
         }
     }
@@ -506,9 +506,9 @@ impl Sim {
             if uploaded && round > 3 {
                 return;
             }
+            // Time passes: only the devices' own timers act (resends, the backstop pull).
             self.now += TIMEOUT_MS * 20;
             for d in 0..self.devices.len() {
-                self.input(d, Input::SyncNow);
                 self.input(d, Input::Tick);
             }
         }

@@ -39,7 +39,7 @@ fn writes_made_with_plain_sql_on_the_cloud_tables_reach_devices_merged_by_policy
     a.write(|tx| Ok(tx.execute_batch("INSERT INTO orders VALUES ('o1', 'first', 10, 1.5)")?)).expect("write");
     ship(&mut store, &cfg, &mut a, "a");
     assert_eq!(
-        store.ingest_cloud_writes(NOW).expect("ingest"),
+        tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")),
         Vec::<String>::new(),
         "the gateway's writes are its own"
     );
@@ -54,7 +54,7 @@ fn writes_made_with_plain_sql_on_the_cloud_tables_reach_devices_merged_by_policy
         .expect("write");
     // The device's batch arrives before the gateway noticed the cloud write: taken in first.
     ship(&mut store, &cfg, &mut a, "a");
-    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), Vec::<String>::new(), "already taken in");
+    assert_eq!(tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")), Vec::<String>::new(), "already taken in");
     for (device, id) in [(&mut a, "a"), (&mut b, "b")] {
         catch_up(&mut store, device, id);
     }
@@ -70,11 +70,11 @@ fn writes_made_with_plain_sql_on_the_cloud_tables_reach_devices_merged_by_policy
 
     // A delete with plain SQL, noticed without any device writing.
     cloud_sql(&store, "DELETE FROM \"acme.orders\" WHERE id = 'o2'");
-    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    assert_eq!(tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")), vec!["acme".to_owned()]);
     catch_up(&mut store, &mut b, "b");
     assert_eq!(device_rows(&b, "SELECT id FROM orders"), vec![vec![Text("o1".into())]]);
     // Nothing is taken in twice.
-    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), Vec::<String>::new());
+    assert_eq!(tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")), Vec::<String>::new());
 }
 
 const PROSPECTS: &str = include_str!("../../../../examples/schemas/crm-erp-marketing.toml");
@@ -109,7 +109,7 @@ fn a_plain_sql_writer_names_its_role_through_the_role_view_and_authority_decides
         "UPDATE \"acme.prospects@erp\" SET job_title = 'erp says', billing_address = '42 Invoice Lane' WHERE id = 'p1';
          UPDATE \"acme.prospects\" SET name = 'Dana W.' WHERE id = 'p1';",
     );
-    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    assert_eq!(tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")), vec!["acme".to_owned()]);
     ship(&mut store, &cfg, &mut crm, "crm");
     catch_up(&mut store, &mut crm, "crm");
     let q = "SELECT name, job_title, billing_address FROM prospects";
@@ -122,7 +122,7 @@ fn a_plain_sql_writer_names_its_role_through_the_role_view_and_authority_decides
         &store,
         "INSERT INTO \"acme.prospects@erp\"(id, name) VALUES ('p2', 'Lee'); DELETE FROM \"acme.prospects@erp\" WHERE id = 'p1';",
     );
-    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    assert_eq!(tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")), vec!["acme".to_owned()]);
     catch_up(&mut store, &mut crm, "crm");
     assert_eq!(device_rows(&crm, "SELECT id, name FROM prospects"), vec![vec![Text("p2".into()), Text("Lee".into())]]);
 }
@@ -183,7 +183,7 @@ fn a_plain_sql_value_no_replica_could_take_is_refused_and_the_row_put_back() {
         "UPDATE \"acme.orders\" SET note = CAST(X'610062' AS TEXT) WHERE id = 'o1';
          INSERT INTO \"acme.orders\"(id, qty) VALUES ('o2', 5);",
     );
-    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    assert_eq!(tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")), vec!["acme".to_owned()]);
     let q = "SELECT id, note, qty FROM \"acme.orders\" ORDER BY id";
     assert_eq!(
         cloud_rows(&store, q),
@@ -385,7 +385,7 @@ fn a_served_tenant_has_its_cloud_tables_before_any_device_syncs() {
     store.install_schema(ORDERS).expect("install");
     store.prepare_tenant("acme").expect("prepare");
     cloud_sql(&store, "INSERT INTO \"acme.orders\"(id, qty) VALUES ('o1', 3)");
-    assert_eq!(store.ingest_cloud_writes(NOW).expect("ingest"), vec!["acme".to_owned()]);
+    assert_eq!(tenants_of(&store.ingest_cloud_writes(NOW).expect("ingest")), vec!["acme".to_owned()]);
     let mut a = orders_device(&dir, "a.db");
     catch_up(&mut store, &mut a, "a");
     assert_eq!(device_rows(&a, "SELECT id, qty FROM orders"), vec![vec![Text("o1".into()), Integer(3)]]);

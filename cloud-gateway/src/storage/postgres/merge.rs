@@ -14,7 +14,7 @@ use super::{Stmts, erasure, tables};
 use crate::error::{Error, MergeError, Result};
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
 use crate::storage::vouching::{CLOUD_OWNER, vouch};
-use crate::storage::{Incoming, MergeOutcome, ServedSchema};
+use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema};
 
 /// Merges `batch`; `tags` are the tags of the entries it may log (its own, and one for the
 /// plain-SQL writes taken in first).
@@ -34,12 +34,13 @@ pub(super) fn merge(
     let mut tx = client.transaction()?;
     tables::begin_gateway_tx(&mut tx, tenant)?;
     tables::check_schema_current(&mut tx, schema)?;
-    let mut cloud_logged = false;
+    let mut entries = Vec::new();
     if let Some(served) = schema {
         tables::materialize(&mut tx, limits, tenant, served)?;
         // Writes made to the real tables first: this merge must not overwrite one unseen.
-        cloud_logged = ingest_pending(&mut tx, stmts, limits, tenant, served, at.now_ms, tags.1)?.is_some();
+        entries.extend(ingest_pending(&mut tx, stmts, limits, tenant, served, at.now_ms, tags.1)?);
     }
+    let cloud_logged = !entries.is_empty();
     let vouched = vouch(&mut Book { tx: &mut tx, stmts }, at, batch, schema.map(|s| &s.schema))?;
     let mut rows = Rows {
         tx: &mut tx,
@@ -100,8 +101,11 @@ pub(super) fn merge(
     if !changed.rows.is_empty() {
         // A change whose timestamps were bounded goes back to its writer too.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        outcome.logged = Some(log_change(&mut tx, stmts, limits, tenant, origin, &changed, tags.0)?);
+        let entry = log_change(&mut tx, stmts, limits, tenant, origin, &changed, tags.0)?;
+        outcome.logged = Some(entry.cursor);
+        entries.push(entry);
     }
+    outcome.entries = entries;
     let stmt = stmts
         .get(&mut tx, "SELECT receipt_pos, receipt_tag FROM driftless.gw_devices WHERE tenant = $1 AND device = $2")?;
     let previous = tx.query_opt(&stmt, &[&tenant, &at.device])?;
@@ -140,8 +144,8 @@ pub(super) fn merge(
     Ok(outcome)
 }
 
-/// Appends `change` to the tenant's log at the next position. The caller holds the tenant's
-/// lock until it commits, so positions commit in order.
+/// Appends `change` to the tenant's log at the next position (its previous entry is the one
+/// before). The caller holds the tenant's lock until it commits, so positions commit in order.
 pub(super) fn log_change(
     tx: &mut Transaction<'_>,
     stmts: &mut Stmts,
@@ -150,30 +154,33 @@ pub(super) fn log_change(
     origin: &str,
     change: &Batch,
     tag: u64,
-) -> Result<LogCursor> {
+) -> Result<LogEntry> {
     let scrubbed = erasure::scrub(tx, stmts, limits, tenant, change)?;
-    let change = scrubbed.as_ref().unwrap_or(change);
+    let change = scrubbed.unwrap_or_else(|| change.clone());
     // The entry and its row index in one round trip.
     let stmt = stmts.get(
         tx,
-        "WITH l AS (
+        "WITH p AS (
+             SELECT seq, tag FROM driftless.gw_log WHERE tenant = $1 ORDER BY seq DESC LIMIT 1),
+         l AS (
              INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag)
-             SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, $4, $5 FROM driftless.gw_log WHERE tenant = $1
+             SELECT $1, coalesce((SELECT seq FROM p), 0) + 1, $2, $3, $4, $5
              RETURNING seq),
          k AS (
              INSERT INTO driftless.gw_log_keys(tenant, tbl, pkh, seq)
              SELECT $1, u.t, u.h, l.seq FROM l, unnest($6::text[], $7::bytea[]) AS u(t, h)
              ON CONFLICT DO NOTHING)
-         SELECT seq FROM l",
+         SELECT l.seq, coalesce((SELECT seq FROM p), 0), coalesce((SELECT tag FROM p), 0) FROM l",
     )?;
-    let (tables, hashes) = erasure::keys(change);
-    let seq: i64 = tx
-        .query_one(
-            &stmt,
-            &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(change), &(tag as i64), &tables, &hashes],
-        )?
-        .get(0);
-    Ok(LogCursor { position: seq as u64, tag })
+    let (tables, hashes) = erasure::keys(&change);
+    let row = tx.query_one(
+        &stmt,
+        &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(&change), &(tag as i64), &tables, &hashes],
+    )?;
+    let (seq, previous, previous_tag): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let cursor = LogCursor { position: seq as u64, tag };
+    let previous = LogCursor { position: previous as u64, tag: previous_tag as u64 };
+    Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change })
 }
 
 /// A stored row's state and the roles of the nodes in it.
@@ -403,7 +410,7 @@ pub(super) fn ingest_pending(
     served: &ServedSchema,
     now_ms: u64,
     tag: u64,
-) -> Result<Option<LogCursor>> {
+) -> Result<Option<LogEntry>> {
     let journals = tables::journals(tx, tenant)?;
     if !tables::pending(tx, tenant, &journals)? {
         return Ok(None);

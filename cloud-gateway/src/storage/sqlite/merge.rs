@@ -19,7 +19,7 @@ use super::registry::Book;
 use super::{cloud_writes, erasure, tables};
 use crate::error::{Error, MergeError};
 use crate::storage::vouching::vouch;
-use crate::storage::{Incoming, MergeOutcome, ServedSchema};
+use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema};
 
 /// Why this store cannot take a row's key, if it cannot. `arity` holds the key arity of
 /// tables learned so far in this batch (new tables are recorded once their first row merges).
@@ -151,6 +151,7 @@ pub(super) fn merge(
     }
     let tenant = at.tenant;
     let mut cloud_logged = false;
+    let mut entries = Vec::new();
     if let Some(served) = schema {
         cloud_writes::begin_own_writes(&tx)?;
         tables::materialize(&tx, limits, tenant, served)?;
@@ -158,7 +159,7 @@ pub(super) fn merge(
         if cloud_writes::pending(&tx, tenant, served)?
             && let Some(cloud) = cloud_writes::ingest(&tx, limits, tenant, served, at.now_ms)?
         {
-            log_change(&tx, limits, tenant, "", &cloud, tags.next())?;
+            entries.push(log_change(&tx, limits, tenant, "", &cloud, tags.next())?);
             cloud_logged = true;
         }
     }
@@ -207,9 +208,12 @@ pub(super) fn merge(
         // A change whose timestamps were bounded goes back to its writer too, which then holds
         // the bounded timestamps like everyone else.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        outcome.logged = Some(log_change(&tx, limits, tenant, origin, &changed, tags.next())?);
+        let entry = log_change(&tx, limits, tenant, origin, &changed, tags.next())?;
+        outcome.logged = Some(entry.cursor);
+        entries.push(entry);
     }
     outcome.cloud_logged = cloud_logged;
+    outcome.entries = entries;
     let previous: Option<(Option<i64>, Option<i64>)> = tx
         .prepare_cached("SELECT receipt_pos, receipt_tag FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
         .query_row(rusqlite::params![tenant, at.device], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -258,12 +262,26 @@ pub(super) fn log_change(
     origin: &str,
     change: &Batch,
     tag: u64,
-) -> Result<driftless_core::LogCursor, Error> {
+) -> Result<LogEntry, Error> {
     let scrubbed = erasure::scrub(conn, limits, tenant, change)?;
-    let change = scrubbed.as_ref().unwrap_or(change);
+    let change = scrubbed.unwrap_or_else(|| change.clone());
+    // Positions are shared by every tenant of the file, so the tenant's previous entry is
+    // looked up (the single writer holds the file's lock until it commits).
+    let previous: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT seq, tag FROM gw_log WHERE tenant = ?1 ORDER BY seq DESC LIMIT 1")?
+        .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
     conn.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change, tag) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(rusqlite::params![tenant, origin, change.rows.len() as i64, encode_payload(change), tag as i64])?;
+        .execute(rusqlite::params![tenant, origin, change.rows.len() as i64, encode_payload(&change), tag as i64])?;
     let seq = conn.last_insert_rowid();
-    erasure::index(conn, tenant, seq, change)?;
-    Ok(driftless_core::LogCursor { position: seq as u64, tag })
+    erasure::index(conn, tenant, seq, &change)?;
+    Ok(LogEntry {
+        cursor: driftless_core::LogCursor { position: seq as u64, tag },
+        previous: previous.map_or_else(Default::default, |(seq, tag)| driftless_core::LogCursor {
+            position: seq as u64,
+            tag: tag as u64,
+        }),
+        origin: origin.to_owned(),
+        change,
+    })
 }

@@ -1,0 +1,146 @@
+//! Changes of the device's scopes, as the gateway publishes them once for every device on
+//! the scope's topic. Each names its predecessor in the scope: a device whose cursor is there
+//! applies it and moves on without asking for anything; one that finds its cursor behind
+//! missed one and pulls from its cursor, which fetches the gap and whatever followed. A
+//! change that cannot be applied in order is never applied out of order: pulls stay the one
+//! way to catch up, so a feed only ever saves work.
+
+use driftless_core::protocol::Downlink;
+use driftless_core::{Batch, Epoch, LogCursor};
+
+use super::*;
+
+/// Changes waiting to be applied, at most; past that the device pulls instead.
+const MAX_HELD: usize = 256;
+
+/// How long after a scope's change arrived pokes are ignored: the gateway pokes (for devices
+/// of earlier versions) at most once a second after changes it also published, so a device
+/// hearing its scope needs no poke; one whose broker withholds the scope topic (rules from
+/// before it existed) pulls on pokes instead.
+const POKES_IGNORED_FOR_MS: u64 = 3_000;
+
+/// A scope change waiting to be applied.
+#[derive(Debug)]
+pub(super) struct Feed {
+    epoch: Epoch,
+    previous: LogCursor,
+    cursor: LogCursor,
+    origin: String,
+    batch: Vec<u8>,
+}
+
+impl Feed {
+    /// The message as a scope change, or back as it was.
+    pub(super) fn from_downlink(msg: Downlink) -> Result<Feed, Downlink> {
+        match msg {
+            Downlink::Feed { epoch, previous, cursor, origin, batch, .. } => {
+                Ok(Feed { epoch, previous, cursor, origin, batch })
+            }
+            other => Err(other),
+        }
+    }
+}
+
+impl Machine {
+    /// Told that changes were logged: pull, now or after the pull that is out.
+    pub(super) fn poked(&mut self) {
+        if self.pulling.is_some() {
+            self.pull_again = true;
+        } else {
+            self.want_pull = true;
+        }
+    }
+
+    /// A poke: pulled on only while no scope change is heard.
+    pub(super) fn on_poke(&mut self) {
+        if self.last_feed.is_none_or(|at| self.now.saturating_sub(at) >= POKES_IGNORED_FOR_MS) {
+            self.poked();
+        }
+    }
+
+    pub(super) fn on_feed(&mut self, feed: Feed) {
+        if !self.cfg.receives {
+            return;
+        }
+        self.last_feed = Some(self.now);
+        // Before the handshake is confirmed nothing is applied; the pull that follows it
+        // fetches this change too.
+        let Some(epoch) = self.confirmed() else { return };
+        if feed.epoch == epoch && feed.cursor.position <= self.known_position() {
+            return;
+        }
+        // Another epoch's change, or one too large to publish whole (unless it is this
+        // device's own): the pull's answer is authoritative (it starts a new handshake if the
+        // epoch changed).
+        if feed.epoch != epoch || (feed.batch.is_empty() && feed.origin != self.cfg.device_id) {
+            return self.poked();
+        }
+        // Applied by `drive` once nothing else is outstanding, after the pull that is out (its
+        // answer moves the cursor; this change may follow it), together with the changes
+        // that follow it.
+        if self.held.len() < MAX_HELD {
+            self.held.push_back(feed);
+        } else {
+            self.poked();
+        }
+    }
+
+    fn known_position(&self) -> u64 {
+        self.known_cursor.map_or(0, |c| c.position)
+    }
+
+    /// Applies a held change (the one that follows the cursor if it is held, else the oldest,
+    /// whose apply finds the gap), with the held changes that follow it in the chain, in one
+    /// transaction; false if none is held.
+    pub(super) fn apply_held(&mut self, out: &mut Vec<Action>) -> bool {
+        let Some(epoch) = self.confirmed() else { return false };
+        let known = self.known_position();
+        self.held.retain(|f| f.cursor.position > known && f.epoch == epoch);
+        let at = self.held.iter().position(|f| Some(f.previous) == self.known_cursor).unwrap_or(0);
+        let Some(first) = self.held.remove(at) else { return false };
+        let from = first.previous;
+        let mut to = None;
+        let mut batch = Batch::default();
+        let mut next = Some(first);
+        while let Some(feed) = next.take() {
+            // The device's own write comes back too: only the cursor moves past it.
+            if feed.origin != self.cfg.device_id {
+                let Some(b) = self.decode(&feed.batch) else {
+                    // The cursor stops before it; a pull fetches it.
+                    self.poked();
+                    break;
+                };
+                batch.roles.extend(b.roles);
+                batch.rows.extend(b.rows);
+            }
+            to = Some(feed.cursor);
+            if batch.rows.len() < self.cfg.pull_rows as usize
+                && let Some(i) = self.held.iter().position(|n| n.previous == feed.cursor)
+            {
+                next = self.held.remove(i);
+            }
+        }
+        let Some(to) = to else { return false };
+        let cursor =
+            Some(CursorMove { from: Some(from.position), from_tag: Some(from.tag), resets: self.pull_resets, to });
+        self.store(out, StoreOp::Apply { batch, cursor }, Awaiting::Feed { to: to.position });
+        true
+    }
+
+    /// The store's answer to a change applied in order (or not: the cursor was elsewhere).
+    pub(super) fn fed(&mut self, to: u64, report: driftless_core::ApplyReport, out: &mut Vec<Action>) {
+        self.known_cursor = report.cursor;
+        if !report.changed.is_empty() {
+            out.push(Action::Changed(report.changed));
+        }
+        if report.moved {
+            self.last_fresh = self.now;
+        } else if report.cursor.is_none_or(|c| c.position < to) {
+            // The cursor is not where the change follows: one was missed (or the cursor names
+            // an entry the gateway's log no longer holds, which the pull's check finds). What
+            // is held stays; the pull's answer makes most of it old news.
+            tracing::debug!(to, cursor = ?report.cursor, "a scope change out of order; pulling the gap");
+            self.poked();
+        }
+    }
+}
