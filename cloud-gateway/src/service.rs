@@ -285,15 +285,23 @@ async fn take_in_cloud_writes<S: GatewayStore + 'static>(
     match ingested {
         Ok(out) => {
             for msg in out {
-                match msg {
-                    Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
-                    Outgoing::Reply { topic, payload } | Outgoing::Feed { topic, payload } => {
-                        client.publish(topic, QoS::AtLeastOnce, false, payload).await?
-                    }
-                }
+                send(client, pokes, msg).await?;
             }
         }
         Err(e) => tracing::error!("taking in writes made to the cloud tables failed: {e}"),
+    }
+    Ok(())
+}
+
+/// Publishes one of the handler's messages: a reply at least once; a scope's change at most
+/// once (devices keep no broker session to hold it, a device that misses one finds the gap
+/// and pulls, and acknowledging every copy would double the broker's work per device); a
+/// poke coalesced.
+async fn send(client: &AsyncClient, pokes: &mut Pokes, msg: Outgoing) -> Result<()> {
+    match msg {
+        Outgoing::Reply { topic, payload } => client.publish(topic, QoS::AtLeastOnce, false, payload).await?,
+        Outgoing::Feed { topic, payload } => client.publish(topic, QoS::AtMostOnce, false, payload).await?,
+        Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
     }
     Ok(())
 }

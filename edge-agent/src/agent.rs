@@ -288,7 +288,7 @@ async fn poll_events(
                         if receives {
                             // Every change of the device's scope, published once by the
                             // gateway and fanned out by the broker.
-                            client.subscribe(&feed, QoS::AtLeastOnce).await?;
+                            client.subscribe(&feed, QoS::AtMostOnce).await?;
                             // Pulled on only while no scope change is heard: a broker whose
                             // rules predate scope topics withholds them (refusing the
                             // subscription, or silently).

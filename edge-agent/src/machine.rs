@@ -356,7 +356,7 @@ impl Machine {
     }
 
     /// Starts the next piece of work, if nothing is outstanding: first a pull that is due,
-    /// then a batch to send again, then a new batch.
+    /// then a batch to send again, then a new batch, then the scope's changes held.
     fn drive(&mut self, out: &mut Vec<Action>) {
         if self.awaiting.is_some() {
             return;
@@ -374,9 +374,6 @@ impl Machine {
             self.store(out, StoreOp::ReadCursor, Awaiting::Cursor);
             return;
         }
-        if self.pulling.is_none() && self.apply_held(out) {
-            return;
-        }
         if let Some((first, last, resends)) = self.resend.pop_front() {
             self.inflight.retain(|b| b.first != first);
             self.store(out, StoreOp::ReadRange { first, last }, Awaiting::Range { resends });
@@ -387,6 +384,12 @@ impl Machine {
             self.last_ship = self.now;
             let rows = self.cfg.batch_rows.max(1);
             self.store(out, StoreOp::ReadOutbox { after: self.sent_upto, max_rows: rows }, Awaiting::Outbox { rows });
+            return;
+        }
+        // Others' changes after this device's own are on their way: a write made here reaches
+        // everyone sooner, and the changes held meanwhile go in together.
+        if self.pulling.is_none() {
+            self.apply_held(out);
         }
     }
 

@@ -3,7 +3,10 @@
 //! until it is in their table. Every device holds every row, so each write reaches N + 4
 //! other devices. Through Mosquitto, gateway in its own process (its CPU time is reported).
 //!
-//! FANOUT_DEVICES (default 200) and FANOUT_SECONDS (default 30) size the run.
+//! FANOUT_DEVICES (default 200), FANOUT_SECONDS (default 30) and FANOUT_EVERY_S (default 2,
+//! the period of each device's writes) size the run. `fleet_cpu_s` is the CPU the simulated
+//! devices used (this process): on a machine of few cores they compete with the gateway and
+//! the broker, which real devices, each on its own hardware, do not.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use driftless_agent::{Agent, AgentConfig, SyncMode};
 use driftless_core::{Store, StoreOptions, TableSpec};
-use driftless_tests::bench::{GatewayProcess, bench_broker_url, percentile, report};
+use driftless_tests::bench::{GatewayProcess, bench_broker_url, cpu_seconds, percentile, report};
 
 const OBSERVERS: usize = 5;
-const EVERY: Duration = Duration::from_secs(2);
 /// How long after the last write observers keep looking for the stragglers.
 const DRAIN: Duration = Duration::from_secs(20);
 
@@ -67,7 +69,8 @@ fn observe(db: PathBuf, written: Written, expected: usize, until: Instant) -> an
 async fn main() -> anyhow::Result<()> {
     let devices = env_usize("FANOUT_DEVICES", 200);
     let seconds = env_usize("FANOUT_SECONDS", 30);
-    let rounds = (seconds as u64 / EVERY.as_secs()).max(1) as usize;
+    let every = Duration::from_secs(env_usize("FANOUT_EVERY_S", 2) as u64);
+    let rounds = (seconds as u64 / every.as_secs().max(1)).max(1) as usize;
     let dir = tempfile::tempdir()?;
     let url = bench_broker_url();
     let tenant = format!("fanout-{}", std::process::id());
@@ -94,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
     let written: Written = Arc::new(Mutex::new(HashMap::new()));
     let expected = devices * rounds;
     let start = Instant::now() + Duration::from_millis(500);
-    let until = start + EVERY * rounds as u32 + DRAIN;
+    let until = start + every * rounds as u32 + DRAIN;
     let watching: Vec<_> = observers
         .iter()
         .map(|(_, db)| {
@@ -103,14 +106,15 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     let cpu_before = gateway.cpu_seconds();
+    let fleet_before = cpu_seconds("self");
     let mut tasks = Vec::with_capacity(devices);
     for (d, agent) in writers.into_iter().enumerate() {
         let written = written.clone();
         tasks.push(tokio::spawn(async move {
             // Writers spread evenly over each period, as independent clocks would be.
-            let offset = EVERY.mul_f64(d as f64 / devices as f64);
+            let offset = every.mul_f64(d as f64 / devices as f64);
             for round in 0..rounds {
-                tokio::time::sleep_until((start + EVERY * round as u32 + offset).into()).await;
+                tokio::time::sleep_until((start + every * round as u32 + offset).into()).await;
                 let id = format!("w{d}-{round}");
                 written.lock().expect("lock").insert(id.clone(), Instant::now());
                 let who = format!("w{d}");
@@ -141,13 +145,14 @@ async fn main() -> anyhow::Result<()> {
         delays.extend(w.join().map_err(|_| anyhow::anyhow!("an observer panicked"))??);
     }
     let cpu = gateway.cpu_seconds() - cpu_before;
+    let fleet_cpu = cpu_seconds("self") - fleet_before;
     for agent in agents.into_iter().chain(observers.into_iter().map(|(a, _)| a)) {
         agent.stop().await;
     }
     delays.sort_by(f64::total_cmp);
     let seen_fraction = delays.len() as f64 / (expected * OBSERVERS) as f64;
     println!(
-        "{devices} writers x {rounds} writes, {OBSERVERS} observers: seen {:.4} of them; p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; gateway CPU {cpu:.1} s",
+        "{devices} writers x {rounds} writes, {OBSERVERS} observers: seen {:.4} of them; p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; gateway CPU {cpu:.1} s, devices' CPU {fleet_cpu:.1} s",
         seen_fraction,
         percentile(&delays, 50.0),
         percentile(&delays, 90.0),
@@ -160,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         ("p50_ms", percentile(&delays, 50.0)),
         ("p99_ms", percentile(&delays, 99.0)),
         ("gateway_cpu_s", cpu),
+        ("fleet_cpu_s", fleet_cpu),
         ("seen_fraction", seen_fraction),
     ]);
     Ok(())

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use driftless_core::protocol::Uplink;
-use rumqttc::{AsyncClient, Publish, QoS};
+use rumqttc::{AsyncClient, Publish};
 use sha2::{Digest, Sha256};
 
 use super::{MAX_ATTEMPTS, Pokes, QUARANTINE, now_ms};
@@ -232,12 +232,7 @@ async fn answer(client: &AsyncClient, pokes: &mut Pokes, publish: &Publish, hand
     match handled {
         Ok(Handled::Done(out)) => {
             for msg in out {
-                match msg {
-                    Outgoing::Reply { topic, payload } | Outgoing::Feed { topic, payload } => {
-                        client.publish(topic, QoS::AtLeastOnce, false, payload).await?
-                    }
-                    Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
-                }
+                super::send(client, pokes, msg).await?;
             }
         }
         Ok(Handled::SetAside) => {
@@ -258,6 +253,7 @@ async fn answer(client: &AsyncClient, pokes: &mut Pokes, publish: &Publish, hand
 #[cfg(test)]
 mod tests {
     use driftless_core::protocol::Uplink;
+    use rumqttc::QoS;
 
     use super::*;
     use crate::handler::tests::{Fault, Faulty, device_batch, open};
