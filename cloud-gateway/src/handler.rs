@@ -25,9 +25,15 @@ pub enum Outgoing {
     Reply { topic: String, payload: Vec<u8> },
     /// A logged change, published once on its scope's topic for the broker to fan out.
     Feed { topic: String, payload: Vec<u8> },
-    /// Tell a tenant's devices of older versions, which pull when told, that new changes were
-    /// logged (the service coalesces these).
-    Poke { tenant: String },
+    /// Tell a tenant's devices that new changes were logged, up to `head` (the service
+    /// coalesces these): devices of older versions pull when told, devices that heard the
+    /// scope's changes up to `head` do nothing.
+    Poke { tenant: String, head: LogCursor },
+}
+
+/// A poke announcing the newest of `entries`, if any.
+pub fn announce(tenant: &str, entries: &[LogEntry]) -> Option<Outgoing> {
+    entries.last().map(|e| Outgoing::Poke { tenant: tenant.to_owned(), head: e.cursor })
 }
 
 /// The largest change broadcast with its rows: a larger one is announced without them, and
@@ -273,7 +279,7 @@ fn process(
             let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous });
             if !outcome.entries.is_empty() {
                 out.extend(feed(epoch, tenant, &outcome.entries));
-                out.push(Outgoing::Poke { tenant: tenant.to_owned() });
+                out.extend(announce(tenant, &outcome.entries));
             }
             Ok(out)
         }
@@ -328,7 +334,7 @@ fn process(
             let mut out = reply(Downlink::LegacyAck { first_seq, last_seq });
             if !outcome.entries.is_empty() {
                 out.extend(feed(epoch, tenant, &outcome.entries));
-                out.push(Outgoing::Poke { tenant: tenant.to_owned() });
+                out.extend(announce(tenant, &outcome.entries));
             }
             Ok(out)
         }

@@ -13,7 +13,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use driftless_core::protocol::{BrokerAddr, poke_topic, schema_topic, uplink_filter};
+use driftless_core::LogCursor;
+use driftless_core::protocol::{BrokerAddr, encode_announcement, poke_topic, schema_topic, uplink_filter};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{Notify, mpsc};
 
@@ -276,7 +277,7 @@ async fn take_in_cloud_writes<S: GatewayStore + 'static>(
                 Ok(epoch) => out.extend(crate::handler::feed(epoch, &tenant, std::slice::from_ref(&entry))),
                 Err(e) => tracing::warn!(%tenant, "not published (devices will pull it): {e}"),
             }
-            out.push(Outgoing::Poke { tenant });
+            out.push(Outgoing::Poke { tenant, head: entry.cursor });
         }
         Ok::<_, Error>(out)
     })
@@ -301,7 +302,7 @@ async fn send(client: &AsyncClient, pokes: &mut Pokes, msg: Outgoing) -> Result<
     match msg {
         Outgoing::Reply { topic, payload } => client.publish(topic, QoS::AtLeastOnce, false, payload).await?,
         Outgoing::Feed { topic, payload } => client.publish(topic, QoS::AtMostOnce, false, payload).await?,
-        Outgoing::Poke { tenant } => pokes.request(client, tenant).await?,
+        Outgoing::Poke { tenant, head } => pokes.request(client, tenant, head).await?,
     }
     Ok(())
 }
@@ -386,12 +387,18 @@ async fn purge_dead_letters<S: GatewayStore + 'static>(store: &Arc<Mutex<S>>, ke
 struct Pokes {
     last: HashMap<String, Instant>,
     pending: HashSet<String>,
+    /// The newest entry announced or to announce, per tenant.
+    heads: HashMap<String, LogCursor>,
 }
 
 const POKE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Pokes {
-    async fn request(&mut self, client: &AsyncClient, tenant: String) -> Result<()> {
+    async fn request(&mut self, client: &AsyncClient, tenant: String, head: LogCursor) -> Result<()> {
+        let known = self.heads.entry(tenant.clone()).or_default();
+        if head.position > known.position {
+            *known = head;
+        }
         if self.last.get(&tenant).is_some_and(|t| t.elapsed() < POKE_INTERVAL) {
             self.pending.insert(tenant);
             return Ok(());
@@ -400,7 +407,8 @@ impl Pokes {
     }
 
     async fn send(&mut self, client: &AsyncClient, tenant: String) -> Result<()> {
-        client.publish(poke_topic(&tenant), QoS::AtMostOnce, false, Vec::new()).await?;
+        let head = self.heads.get(&tenant).copied().unwrap_or_default();
+        client.publish(poke_topic(&tenant), QoS::AtMostOnce, false, encode_announcement(head)).await?;
         self.last.insert(tenant, Instant::now());
         Ok(())
     }

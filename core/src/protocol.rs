@@ -44,6 +44,45 @@ pub fn scope_topic(tenant: &str, scope: &str) -> String {
     format!("{TOPIC_ROOT}/{tenant}/scopes/{scope}/changes")
 }
 
+/// The payload of a poke: the cursor of the newest entry the gateway logged (position as a
+/// varint, tag as 8 bytes little-endian). Devices of earlier versions ignore it; a device
+/// that heard the scope's changes up to there has nothing to pull.
+pub fn encode_announcement(head: LogCursor) -> Vec<u8> {
+    let mut out = Vec::with_capacity(18);
+    let mut v = head.position;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(&head.tag.to_le_bytes());
+    out
+}
+
+/// The newest entry a poke announces; `None` for an empty or malformed payload (a gateway of
+/// an earlier version), which says only that something was logged.
+pub fn decode_announcement(payload: &[u8]) -> Option<LogCursor> {
+    let (mut position, mut shift, mut at) = (0u64, 0u32, 0usize);
+    loop {
+        let byte = *payload.get(at)?;
+        at += 1;
+        if shift > 63 || (shift == 63 && byte > 1) {
+            return None;
+        }
+        position |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let tag: [u8; 8] = payload.get(at..)?.try_into().ok()?;
+    Some(LogCursor { position, tag: u64::from_le_bytes(tag) })
+}
+
 /// The tenant-wide topic on which the gateway keeps the current sync schema (retained).
 pub fn schema_topic(tenant: &str) -> String {
     format!("{TOPIC_ROOT}/{tenant}/schema")
@@ -141,6 +180,18 @@ mod tests {
         assert_eq!(parse_uplink_topic("driftless/acme/tab-1/down"), None);
         assert_eq!(parse_uplink_topic("driftless/acme/tab-1/up/x"), None);
         assert!(!valid_id("a/b") && !valid_id("") && !valid_id("$SYS"));
+    }
+
+    #[test]
+    fn announcements_round_trip_and_anything_else_says_nothing() {
+        for head in
+            [LogCursor::default(), LogCursor { position: 300, tag: 9 }, LogCursor { position: u64::MAX, tag: u64::MAX }]
+        {
+            assert_eq!(decode_announcement(&encode_announcement(head)), Some(head));
+        }
+        for bad in [&[][..], &[0x80][..], &[5, 1, 2][..], &[0xff; 11][..]] {
+            assert_eq!(decode_announcement(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use driftless_core::codec::Limits;
-use driftless_core::protocol::{DEFAULT_SCOPE, Downlink, downlink_topic, poke_topic, schema_topic, scope_topic};
+use driftless_core::protocol::{
+    DEFAULT_SCOPE, Downlink, decode_announcement, downlink_topic, poke_topic, schema_topic, scope_topic,
+};
 use driftless_core::{ChangedRow, StoreOptions};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -267,7 +269,8 @@ async fn poll_events(
     // next chance (a poke could be ignored while changes are heard).
     let mut dropped_feed = false;
     loop {
-        if dropped_feed {
+        // One request, in room the changes did not take.
+        if dropped_feed && events.capacity() > FEED_RESERVE / 2 {
             dropped_feed = matches!(events.try_send(Input::SyncNow), Err(mpsc::error::TrySendError::Full(_)));
         }
         let polled = tokio::select! {
@@ -306,9 +309,11 @@ async fn poll_events(
                 continue;
             }
             Ok(Event::Outgoing(Outgoing::Publish(_))) => Input::Flushed,
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => Input::Poke,
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => {
+                Input::Poke { head: decode_announcement(&p.payload) }
+            }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == feed => match Downlink::decode(&p.payload, &limits) {
-                Ok(msg) => {
+                Ok(msg @ Downlink::Feed { .. }) => {
                     // Feeds are not answers to the machine's requests, so they come at the
                     // fleet's pace: they may take the queue only down to a reserve kept for
                     // the answers and connection events this loop must never wait to hand
@@ -317,6 +322,10 @@ async fn poll_events(
                     if events.capacity() <= FEED_RESERVE || events.try_send(Input::Downlink(msg)).is_err() {
                         dropped_feed = true;
                     }
+                    continue;
+                }
+                Ok(_) => {
+                    tracing::warn!("ignoring a message on the scope's topic that is no scope change");
                     continue;
                 }
                 Err(e) => {
@@ -353,7 +362,7 @@ async fn poll_events(
         // Pokes are hints: drop one rather than wait. Everything else answers the machine's
         // own requests (a handful at a time), so waiting for room is bounded.
         let sent = match event {
-            Input::Poke => !matches!(events.try_send(event), Err(mpsc::error::TrySendError::Closed(_))),
+            Input::Poke { .. } => !matches!(events.try_send(event), Err(mpsc::error::TrySendError::Closed(_))),
             other => events.send(other).await.is_ok(),
         };
         if !sent {

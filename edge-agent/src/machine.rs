@@ -162,8 +162,9 @@ pub struct Machine {
     held: VecDeque<feed::Feed>,
     /// The cursor as the store last reported it (held changes at or before it are dropped).
     known_cursor: Option<LogCursor>,
-    /// When a scope change last arrived (pokes are ignored meanwhile).
+    /// When a scope change last arrived, and the newest position heard in one.
     last_feed: Option<u64>,
+    heard: u64,
     /// When a pull was last sent: one goes out at least every few timeouts whatever arrives,
     /// showing the receipts (a restored gateway learns from them what it lost).
     last_pull: u64,
@@ -208,6 +209,7 @@ impl Machine {
             held: VecDeque::new(),
             known_cursor: None,
             last_feed: None,
+            heard: 0,
             last_pull: 0,
             last_fresh: 0,
             live: LiveStatus::default(),
@@ -291,7 +293,7 @@ impl Machine {
                 }
             }
             Input::Downlink(msg) => self.on_downlink(msg, out),
-            Input::Poke => self.on_poke(),
+            Input::Poke { head } => self.on_poke(head),
             Input::LocalChange => {
                 if self.cfg.interval_ms.is_none() {
                     self.want_ship = true;
@@ -337,6 +339,7 @@ impl Machine {
         self.pulling = None;
         self.held.clear();
         self.known_cursor = None;
+        self.heard = 0;
         self.want_pull = true;
         self.want_ship = true;
     }
@@ -459,14 +462,15 @@ impl Machine {
         let every = self.cfg.interval_ms.unwrap_or(timeout);
         if self.now.saturating_sub(self.last_ship) >= every {
             self.want_ship = true;
-            // A device whose scopes' changes keep arriving in order is current already, but it
-            // still pulls every few timeouts: the pull shows its receipts and cursor, which is
-            // how a gateway restored from a backup learns what it lost.
-            let stale = self.now.saturating_sub(self.last_fresh) >= every;
-            let unchecked = self.now.saturating_sub(self.last_pull) >= every.max(timeout).saturating_mul(6);
-            if self.pulling.is_none() && (stale || unchecked) {
-                self.want_pull = true;
-            }
+        }
+        // A device whose scopes' changes keep arriving in order is current already, but it
+        // still pulls every few timeouts: the pull shows its receipts and cursor, which is how
+        // a gateway restored from a backup learns what it lost. (Not tied to shipping: writes
+        // to tables it does not track must not hold its pulls back.)
+        let stale = self.now.saturating_sub(self.last_fresh.max(self.last_pull)) >= every;
+        let unchecked = self.now.saturating_sub(self.last_pull) >= every.max(timeout).saturating_mul(6);
+        if self.pulling.is_none() && (stale || unchecked) {
+            self.want_pull = true;
         }
     }
 

@@ -24,6 +24,10 @@ impl Machine {
             if matches!(awaiting, Awaiting::Changes { .. } | Awaiting::SnapshotPage { .. }) {
                 self.pulling = None;
             }
+            // The changes taken from the held ones are not held any more: a pull fetches them.
+            if matches!(awaiting, Awaiting::Feed { .. }) {
+                self.poked();
+            }
             return;
         }
         match (awaiting, result) {

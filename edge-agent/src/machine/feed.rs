@@ -13,10 +13,8 @@ use super::*;
 /// Changes waiting to be applied, at most; past that the device pulls instead.
 const MAX_HELD: usize = 256;
 
-/// How long after a scope's change arrived pokes are ignored: the gateway pokes (for devices
-/// of earlier versions) at most once a second after changes it also published, so a device
-/// hearing its scope needs no poke; one whose broker withholds the scope topic (rules from
-/// before it existed) pulls on pokes instead.
+/// How long after a scope's change arrived pokes that do not say how far the log reaches (from
+/// gateways of earlier versions) are ignored.
 const POKES_IGNORED_FOR_MS: u64 = 3_000;
 
 /// A scope change waiting to be applied.
@@ -51,9 +49,15 @@ impl Machine {
         }
     }
 
-    /// A poke: pulled on only while no scope change is heard.
-    pub(super) fn on_poke(&mut self) {
-        if self.last_feed.is_none_or(|at| self.now.saturating_sub(at) >= POKES_IGNORED_FOR_MS) {
+    /// A poke: pulled on if it announces an entry past every change heard (one was lost on
+    /// the way, or the broker withholds the scope's topic), or, from a gateway that does not
+    /// say how far, while no scope change is heard.
+    pub(super) fn on_poke(&mut self, head: Option<LogCursor>) {
+        let behind = match head {
+            Some(head) => head.position > self.known_position().max(self.heard),
+            None => self.last_feed.is_none_or(|at| self.now.saturating_sub(at) >= POKES_IGNORED_FOR_MS),
+        };
+        if behind {
             self.poked();
         }
     }
@@ -66,6 +70,9 @@ impl Machine {
         // Before the handshake is confirmed nothing is applied; the pull that follows it
         // fetches this change too.
         let Some(epoch) = self.confirmed() else { return };
+        if feed.epoch == epoch {
+            self.heard = self.heard.max(feed.cursor.position);
+        }
         if feed.epoch == epoch && feed.cursor.position <= self.known_position() {
             return;
         }

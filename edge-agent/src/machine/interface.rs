@@ -40,8 +40,11 @@ pub enum Input {
     /// One published message was written out to the network.
     Flushed,
     Downlink(Downlink),
-    /// The gateway announced new changes.
-    Poke,
+    /// The gateway announced new changes, up to `head` if it said (a gateway of an earlier
+    /// version does not).
+    Poke {
+        head: Option<LogCursor>,
+    },
     /// The database was written.
     LocalChange,
     SyncNow,

@@ -111,7 +111,7 @@ fn nothing_is_sealed_shipped_or_pulled_before_the_gateway_confirms_the_identity(
         publishes(&out)[..],
         [Uplink::Hello { counter: 5, outbox_seq: 9, receipts, .. }] if receipts[..] == [LogCursor { position: 2, tag: 22 }]
     ));
-    for input in [Input::LocalChange, Input::Poke, Input::SyncNow, Input::Tick] {
+    for input in [Input::LocalChange, Input::Poke { head: None }, Input::SyncNow, Input::Tick] {
         let out = m.handle(input, 10);
         assert!(out.is_empty(), "acted before the handshake: {out:?}");
     }
@@ -576,18 +576,36 @@ fn scope_changes_that_arrive_together_are_applied_in_one_transaction() {
 }
 
 #[test]
-fn pokes_are_pulled_on_only_while_no_scope_change_is_heard() {
+fn pokes_are_pulled_on_only_when_they_announce_more_than_was_heard() {
+    let poke = |position: Option<u64>| Input::Poke { head: position.map(|p| LogCursor { position: p, tag: p * 10 }) };
     let mut m = current_machine();
-    // No change heard yet (a broker withholding the scope topic): a poke pulls.
-    let out = m.handle(Input::Poke, 3);
+    // No change heard (a broker withholding the scope's topic): the poke pulls.
+    let out = m.handle(poke(Some(5)), 3);
     assert!(is_pull_start(&out), "{out:?}");
     let mut m = current_machine();
     m.handle(feed(E1, 3, 5, "other", &Batch::default()), 3);
     m.handle(applied_at(true, 5), 3);
-    let out = m.handle(Input::Poke, 4);
-    assert!(out.is_empty(), "changes are heard: the poke is for older devices: {out:?}");
-    let out = m.handle(Input::Poke, 3 + 3_000);
-    assert!(is_pull_start(&out), "nothing heard for a while: {out:?}");
+    for head in [Some(5), Some(4), None] {
+        let out = m.handle(poke(head), 4);
+        assert!(out.is_empty(), "heard up to there: {head:?}: {out:?}");
+    }
+    // The change at 7 was lost on the way: the poke says so.
+    let out = m.handle(poke(Some(7)), 5);
+    assert!(is_pull_start(&out), "{out:?}");
+    // A gateway of an earlier version says nothing: pulled on once nothing is heard for a while.
+    let mut m = current_machine();
+    m.handle(feed(E1, 3, 5, "other", &Batch::default()), 3);
+    m.handle(applied_at(true, 5), 3);
+    let out = m.handle(poke(None), 3 + 3_000);
+    assert!(is_pull_start(&out), "{out:?}");
+}
+
+#[test]
+fn a_scope_change_the_store_failed_to_apply_is_pulled() {
+    let mut m = current_machine();
+    m.handle(feed(E1, 3, 5, "other", &Batch::default()), 3);
+    let out = m.handle(Input::Store(StoreResult::Failed("database is locked".into())), 3);
+    assert!(is_pull_start(&out), "{out:?}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ use super::{Act, KEYS, SCHEMA, TENANT, TIMEOUT_MS, YEAR_MS, spec};
 enum Msg {
     Up { dev: usize, payload: Vec<u8> },
     Down { dev: usize, payload: Vec<u8> },
+    Poke { dev: usize, head: driftless_core::LogCursor },
 }
 
 struct Device {
@@ -116,6 +117,7 @@ fn describe(m: &Msg) -> String {
         Msg::Down { dev, payload } => {
             format!("down {dev}: {}", short(format!("{:?}", Downlink::decode(payload, &Limits::default()))))
         }
+        Msg::Poke { dev, head } => format!("poke {dev}: {head:?}"),
     }
 }
 
@@ -246,8 +248,12 @@ impl Sim {
                         self.net.push(Msg::Down { dev, payload: payload.clone() });
                     }
                 }
-                // Devices of this version do not listen for pokes.
-                Outgoing::Poke { .. } => {}
+                // Pokes name the newest entry: a device that heard less pulls.
+                Outgoing::Poke { head, .. } => {
+                    for dev in 0..self.devices.len() {
+                        self.net.push(Msg::Poke { dev, head });
+                    }
+                }
             }
         }
     }
@@ -260,6 +266,7 @@ impl Sim {
             match &self.net[at] {
                 Msg::Up { dev, payload } => Msg::Up { dev: *dev, payload: payload.clone() },
                 Msg::Down { dev, payload } => Msg::Down { dev: *dev, payload: payload.clone() },
+                Msg::Poke { dev, head } => Msg::Poke { dev: *dev, head: *head },
             }
         } else {
             self.net.swap_remove(at)
@@ -270,6 +277,7 @@ impl Sim {
                 let msg = Downlink::decode(&payload, &Limits::default()).expect("downlink");
                 self.input(dev, Input::Downlink(msg));
             }
+            Msg::Poke { dev, head } if self.devices[dev].online => self.input(dev, Input::Poke { head: Some(head) }),
             _ => {}
         }
     }
@@ -324,7 +332,7 @@ impl Sim {
     fn disconnect(&mut self, d: usize) {
         if self.devices[d].online {
             self.devices[d].online = false;
-            self.net.retain(|m| !matches!(m, Msg::Down { dev, .. } if *dev == d));
+            self.net.retain(|m| !matches!(m, Msg::Down { dev, .. } | Msg::Poke { dev, .. } if *dev == d));
             self.input(d, Input::Disconnected { flush_timeout: false });
         }
     }
