@@ -261,17 +261,7 @@ mod tests {
     #[test]
     fn storage_that_keeps_failing_does_not_set_the_message_aside() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let batch = device_batch(&dir, "INSERT INTO t VALUES ('a', 1)");
-        let msg = Uplink::Batch {
-            device: "a".into(),
-            id: 1,
-            first_seq: 1,
-            last_seq: 1,
-            epoch: None,
-            receipts: vec![],
-            batch,
-        };
-        let mut publish = Publish::new("driftless/t/a/up", QoS::AtLeastOnce, msg.encode());
+        let mut publish = batch_publish(&dir, 1, "INSERT INTO t VALUES ('a', 1)");
         let mut store = Faulty(open(&dir), Fault::Merges);
         let cfg = HandlerConfig::default();
         // Redeliveries well past the limit for a message the gateway fails on.
