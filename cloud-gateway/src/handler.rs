@@ -13,10 +13,12 @@ use driftless_core::codec::{
 use driftless_core::protocol::{
     DEFAULT_SCOPE, Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic, scope_topic,
 };
-use driftless_core::{Batch, Epoch, LogCursor};
+use driftless_core::scope::DeviceScope;
+use driftless_core::{Batch, Epoch, LogCursor, SyncSchema};
 
 use crate::error::{Error, MergeError, Result};
-use crate::storage::{GatewayStore, Incoming, LogEntry, MergeOutcome, Registration};
+use crate::storage::scoped::snapshot_in_scope;
+use crate::storage::{GatewayStore, Incoming, LogEntry, MergeOutcome, Registration, ScopeStanding, ServedSchema};
 
 /// What to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +51,8 @@ pub fn feed(epoch: Epoch, tenant: &str, entries: &[LogEntry]) -> Vec<Outgoing> {
         .iter()
         .map(|e| {
             let mut batch = Vec::new();
-            if e.change.rows.len() <= FEED_MAX_ROWS {
+            // Rows of scoped tables are each device's own business: devices pull their part.
+            if !e.scoped && e.change.rows.len() <= FEED_MAX_ROWS {
                 batch = encode_batch(&e.change, EncodeOptions::default());
                 if !fits(&batch, FEED_MAX_BYTES) {
                     batch.clear();
@@ -229,6 +232,11 @@ fn process(
         store.heard_in_epoch(tenant, device)?;
     }
     let recovering = recovery_from.is_some_and(|at| now_ms < (at as u64).saturating_add(cfg.recovery_window_ms));
+    let scoped = Scoped::of(store, device, &standing.scope)?;
+    let mine = scoped.as_ref().map(|s| &s.mine);
+    let unscoped = DeviceScope::default();
+    let scope = mine.unwrap_or(&unscoped);
+    let at = At { tenant, device, scope, schema: scoped.as_ref().map(|s| &s.schema.schema) };
     let rows = |asked: u32| (asked as usize).clamp(1, cfg.max_rows_per_message);
     let bytes = |asked: u32| (asked as usize).clamp(1, cfg.max_message_bytes);
     let reply = |msg: Downlink| vec![to(tenant, device, msg)];
@@ -242,6 +250,7 @@ fn process(
         role: role.as_deref(),
         recovering,
         legacy,
+        scope: mine,
     };
     match msg {
         Uplink::Hello { node, ref receipts, epoch: claimed, .. } => {
@@ -263,6 +272,9 @@ fn process(
             // follows it before it syncs.
             if let Some(served) = store.served_schema()? {
                 out.push(to(tenant, device, served.message()));
+            }
+            if let Some(s) = &scoped {
+                out.push(to(tenant, device, s.tell(store, tenant, device, epoch)?));
             }
             Ok(out)
         }
@@ -295,16 +307,23 @@ fn process(
                 // A device with no cursor starts from a snapshot of current state.
                 let head = store.log_head(tenant)?;
                 store.touch_device(tenant, device, None)?;
-                return snapshot(store, tenant, device, epoch, &[], head, rows(max_rows), bytes(max_bytes));
+                return snapshot(store, &at, epoch, &[], head, rows(max_rows), bytes(max_bytes));
             };
+            // A scope that changed since the device was told: it starts over in its new one.
+            if let Some(s) = scoped.as_ref().filter(|s| s.standing.told != Some(s.standing.version)) {
+                return Ok(reply(s.tell(store, tenant, device, epoch)?));
+            }
             let renewed = check_cursor(store, tenant, device, epoch, cursor)?;
             if renewed != epoch {
                 return Ok(reply(stale(renewed, Some(cursor))));
             }
             store.touch_device(tenant, device, Some(cursor.position))?;
-            let (page, more, batch) =
-                changes(store, tenant, device, cursor.position, rows(max_rows), bytes(max_bytes))?;
-            Ok(reply(Downlink::Changes { epoch, from: cursor.position, cursor: page, more, batch }))
+            let page = changes(store, &at, cursor.position, rows(max_rows), bytes(max_bytes))?;
+            let (from, cursor, more, batch) = (cursor.position, page.cursor, page.more, page.batch);
+            Ok(reply(match page.evict {
+                None => Downlink::Changes { epoch, from, cursor, more, batch },
+                Some(evict) => Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch },
+            }))
         }
         Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, .. } => {
             if claimed != epoch {
@@ -317,7 +336,7 @@ fn process(
                 return Ok(reply(stale(renewed, Some(log_cursor))));
             }
             store.touch_device(tenant, device, None)?;
-            snapshot(store, tenant, device, epoch, &resume, log_cursor, rows(max_rows), bytes(max_bytes))
+            snapshot(store, &at, epoch, &resume, log_cursor, rows(max_rows), bytes(max_bytes))
         }
         Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
             let from = incoming(first_seq, last_seq, true);
@@ -342,7 +361,7 @@ fn process(
             let head = store.log_head(tenant)?;
             if cursor == 0 || cursor > head.position {
                 store.touch_device(tenant, device, None)?;
-                let (page, batch) = snapshot_page(store, tenant, &[], rows(max_rows), cfg.max_message_bytes)?;
+                let (page, batch) = snapshot_page(store, &at, &[], rows(max_rows), cfg.max_message_bytes)?;
                 return Ok(reply(Downlink::LegacySnapshot {
                     resume: page.resume,
                     log_cursor: head.position,
@@ -351,12 +370,13 @@ fn process(
                 }));
             }
             store.touch_device(tenant, device, Some(cursor))?;
-            let (page, more, batch) = changes(store, tenant, device, cursor, rows(max_rows), cfg.max_message_bytes)?;
-            Ok(reply(Downlink::LegacyChanges { cursor: page.position, more, batch }))
+            // Version 1 has no evictions: such a device is shown only rows of its scopes.
+            let page = changes(store, &at, cursor, rows(max_rows), cfg.max_message_bytes)?;
+            Ok(reply(Downlink::LegacyChanges { cursor: page.cursor.position, more: page.more, batch: page.batch }))
         }
         Uplink::LegacyPullSnapshot { resume, log_cursor, max_rows, .. } => {
             store.touch_device(tenant, device, None)?;
-            let (page, batch) = snapshot_page(store, tenant, &resume, rows(max_rows), cfg.max_message_bytes)?;
+            let (page, batch) = snapshot_page(store, &at, &resume, rows(max_rows), cfg.max_message_bytes)?;
             Ok(reply(Downlink::LegacySnapshot { resume: page.resume, log_cursor, done: page.done, batch }))
         }
         _ => Err(Fault::Message { reason: "a message this gateway does not handle".into(), nack: None }),
@@ -479,37 +499,52 @@ fn fits(envelope: &[u8], max_bytes: usize) -> bool {
     envelope.len() <= max_bytes && raw <= (Limits::default().max_decompressed / 2) as u64
 }
 
-/// Logged changes after `cursor`, halved until the message fits `max_bytes`.
-fn changes(
-    store: &mut dyn GatewayStore,
-    tenant: &str,
-    device: &str,
-    cursor: u64,
-    mut rows: usize,
-    max_bytes: usize,
-) -> Result<(LogCursor, bool, Vec<u8>)> {
+/// A page of changes as sent: the batch encoded, and the evicted keys for a device holding
+/// scopes.
+struct Page {
+    cursor: LogCursor,
+    more: bool,
+    batch: Vec<u8>,
+    evict: Option<Vec<u8>>,
+}
+
+/// Logged changes after `cursor` for the device `at` names, halved until the message fits
+/// `max_bytes`.
+fn changes(store: &mut dyn GatewayStore, at: &At<'_>, cursor: u64, mut rows: usize, max_bytes: usize) -> Result<Page> {
     loop {
-        let page = store.changes_after(tenant, device, cursor, rows)?;
+        let page = store.changes_in_scope(at.tenant, at.device, cursor, rows, at.scope)?;
         let batch = encode_batch(&page.batch, EncodeOptions::default());
-        if fits(&batch, max_bytes) || rows == 1 {
-            return Ok((page.cursor, page.more, batch));
+        let evict = at.scope.any().then(|| encode_batch(&page.evict, EncodeOptions::default()));
+        if fits(&batch, max_bytes.saturating_sub(evict.as_ref().map_or(0, Vec::len))) || rows == 1 {
+            return Ok(Page { cursor: page.cursor, more: page.more, batch, evict });
         }
         rows /= 2;
     }
 }
 
+/// Who a page is for.
+struct At<'a> {
+    tenant: &'a str,
+    device: &'a str,
+    scope: &'a DeviceScope,
+    schema: Option<&'a SyncSchema>,
+}
+
 fn snapshot_page(
     store: &mut dyn GatewayStore,
-    tenant: &str,
+    at: &At<'_>,
     resume: &[u8],
     mut rows: usize,
     max_bytes: usize,
 ) -> Result<(crate::storage::SnapshotPage, Vec<u8>), Fault> {
     loop {
-        let page = store.snapshot_page(tenant, resume, rows)?.ok_or_else(|| Fault::Message {
+        let mut page = store.snapshot_page(at.tenant, resume, rows)?.ok_or_else(|| Fault::Message {
             reason: "the snapshot resume token does not name a position in this store".into(),
             nack: None,
         })?;
+        if let Some(schema) = at.schema {
+            snapshot_in_scope(&mut page.batch, schema, at.scope);
+        }
         let batch = encode_batch(&page.batch, EncodeOptions::default());
         if fits(&batch, max_bytes) || rows == 1 {
             return Ok((page, batch));
@@ -518,19 +553,44 @@ fn snapshot_page(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn snapshot(
     store: &mut dyn GatewayStore,
-    tenant: &str,
-    device: &str,
+    at: &At<'_>,
     epoch: Epoch,
     resume: &[u8],
     log_cursor: LogCursor,
     rows: usize,
     max_bytes: usize,
 ) -> Result<Vec<Outgoing>, Fault> {
-    let (page, batch) = snapshot_page(store, tenant, resume, rows, max_bytes)?;
-    Ok(vec![to(tenant, device, Downlink::Snapshot { epoch, resume: page.resume, log_cursor, done: page.done, batch })])
+    let (page, batch) = snapshot_page(store, at, resume, rows, max_bytes)?;
+    let msg = Downlink::Snapshot { epoch, resume: page.resume, log_cursor, done: page.done, batch };
+    Ok(vec![to(at.tenant, at.device, msg)])
+}
+
+/// A device in a schema with scopes.
+struct Scoped {
+    schema: std::sync::Arc<ServedSchema>,
+    mine: DeviceScope,
+    standing: ScopeStanding,
+}
+
+impl Scoped {
+    /// `None` when the served schema has no scope.
+    fn of(store: &mut dyn GatewayStore, device: &str, standing: &ScopeStanding) -> Result<Option<Scoped>> {
+        let Some(schema) = store.served_schema()? else { return Ok(None) };
+        if !schema.schema.tables.iter().any(|t| t.scope.is_some()) {
+            return Ok(None);
+        }
+        let mine = DeviceScope::of(&schema.schema, device, &standing.params);
+        Ok(Some(Scoped { schema, mine, standing: standing.clone() }))
+    }
+
+    /// Tells the device its scope version, and notes that it was told.
+    fn tell(&self, store: &mut dyn GatewayStore, tenant: &str, device: &str, epoch: Epoch) -> Result<Downlink> {
+        store.scope_told(tenant, device, self.standing.version)?;
+        let tables = self.mine.tables().map(str::to_owned).collect();
+        Ok(Downlink::Scope { epoch, version: self.standing.version, tables })
+    }
 }
 
 #[cfg(test)]

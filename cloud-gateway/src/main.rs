@@ -83,6 +83,20 @@ enum DeviceCommand {
         #[command(flatten)]
         at: RegistryArgs,
     },
+    /// Sets a registered device's scope parameters (`--param region=north`, repeated; none
+    /// clears them): the rows of scoped tables it holds follow. The device drops the rows of
+    /// its old scope and fetches its new one at its next pull.
+    Params {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: String,
+        /// NAME=VALUE, as the schema's scopes name them (`:region`).
+        #[arg(long = "param")]
+        params: Vec<String>,
+        #[command(flatten)]
+        at: RegistryArgs,
+    },
     /// Lets a device the gateway cut off at the broker for flooding connect again now.
     Enable {
         #[arg(long)]
@@ -475,12 +489,33 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                 false => println!("device {device:?} of tenant {tenant:?} was not registered"),
             }
         }
+        DeviceCommand::Params { tenant, device, params, at } => {
+            let mut set = driftless_gateway::storage::Params::new();
+            for p in &params {
+                let (name, value) =
+                    p.split_once('=').ok_or_else(|| anyhow::anyhow!("--param {p:?}: use NAME=VALUE"))?;
+                set.insert(name.trim().to_owned(), value.to_owned());
+            }
+            let (t, d, shown) = (tenant.clone(), device.clone(), format!("{set:?}"));
+            match on_store(&at, move |s| Ok(s.set_params(&t, &d, &set)?)).await? {
+                true => println!("device {device:?} of tenant {tenant:?} has scope parameters {shown}"),
+                false => anyhow::bail!("device {device:?} of tenant {tenant:?} is not registered (device add)"),
+            }
+        }
         DeviceCommand::List { tenant, at } => {
             let listed = on_store(&at, move |s| Ok(s.registry(tenant.as_deref())?)).await?;
-            println!("{:<20} {:<24} {:<12} {:<14} removed_ms", "tenant", "device", "role", "added_ms");
+            println!("{:<20} {:<24} {:<12} {:<14} {:<14} params", "tenant", "device", "role", "added_ms", "removed_ms");
             for d in listed {
                 let removed = d.removed_ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
-                println!("{:<20} {:<24} {:<12} {:<14} {removed}", d.tenant, d.device, d.role, d.added_ms);
+                let params: Vec<String> = d.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<20} {:<24} {:<12} {:<14} {removed:<14} {}",
+                    d.tenant,
+                    d.device,
+                    d.role,
+                    d.added_ms,
+                    params.join(" ")
+                );
             }
         }
         DeviceCommand::Enable { tenant, device, broker_admin } => {

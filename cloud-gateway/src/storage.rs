@@ -7,6 +7,7 @@
 mod cloud_intake;
 mod common;
 mod postgres;
+pub(crate) mod scoped;
 mod shown;
 mod sqlite;
 #[cfg(test)]
@@ -19,7 +20,8 @@ pub use self::postgres::{PgRegistry, PgStore, testing};
 pub use self::sqlite::{SqliteRegistry, SqliteStore};
 
 use driftless_core::protocol::Downlink;
-use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
+use driftless_core::scope::{DeviceScope, Move};
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 
 use crate::error::{MergeError, Result};
 
@@ -42,6 +44,9 @@ pub struct Incoming<'a> {
     pub recovering: bool,
     /// A version-1 batch: its device has no handshake that binds its node.
     pub legacy: bool,
+    /// The device's scope: its rows outside it are refused. `None` in a schema without
+    /// scopes.
+    pub scope: Option<&'a driftless_core::scope::DeviceScope>,
 }
 
 /// A device as an operator registered it.
@@ -53,6 +58,21 @@ pub struct Registered {
     pub added_ms: i64,
     /// When it was removed (its credentials revoked), if it was.
     pub removed_ms: Option<i64>,
+    /// Its scope parameters (see `driftless_core::scope`).
+    pub params: Params,
+}
+
+/// A device's scope parameters, by name.
+pub type Params = std::collections::BTreeMap<String, String>;
+
+/// What the registry says of a device's scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScopeStanding {
+    pub params: Params,
+    /// Grows with every change of `params`.
+    pub version: u64,
+    /// The version the gateway last told the device (`None`: never).
+    pub told: Option<u64>,
 }
 
 /// Whether a device is served, and as what.
@@ -77,6 +97,7 @@ pub struct Standing {
     pub recovery_from_ms: Option<i64>,
     /// Whether the device was heard from in the tenant's current epoch already.
     pub heard: bool,
+    pub scope: ScopeStanding,
 }
 
 /// A sync schema version as the gateway serves it.
@@ -151,6 +172,27 @@ pub struct LogEntry {
     /// takes it).
     pub origin: String,
     pub change: Batch,
+    /// Whether it holds rows of scoped tables: only a pull tells each device its part.
+    pub scoped: bool,
+}
+
+/// What a merge appends to a tenant's log: the rows whose state changed, where each row of
+/// a scoped table moved, and the device not to send it back to ("": every device).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ToLog<'a> {
+    pub origin: &'a str,
+    pub change: &'a Batch,
+    pub moves: &'a [Option<Move>],
+}
+
+/// A log entry as read back.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub cursor: LogCursor,
+    pub origin: String,
+    pub change: Batch,
+    /// Where each row of `change` moved, scope-wise (empty: no row of a scoped table).
+    pub moves: Vec<Option<Move>>,
 }
 
 /// Changes for one device, oldest first.
@@ -161,6 +203,8 @@ pub struct ChangesPage {
     pub cursor: LogCursor,
     /// Whether the log holds more after `cursor`.
     pub more: bool,
+    /// Rows that left the device's scope, to be removed from its tables (keys only).
+    pub evict: Batch,
 }
 
 /// One page of the current state of a tenant's rows.
@@ -282,7 +326,29 @@ pub trait GatewayStore: Send {
     fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError>;
 
     /// Logged changes after `cursor` not made by `device`, up to about `max_rows` rows.
-    fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage>;
+    fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
+        self.changes_in_scope(tenant, device, cursor, max_rows, &DeviceScope::default())
+    }
+
+    /// [`GatewayStore::changes_after`] for a device holding `scope`: rows of scoped tables
+    /// only while they are in it, whole when they enter it, and evicted when they leave.
+    fn changes_in_scope(
+        &mut self,
+        tenant: &str,
+        device: &str,
+        cursor: u64,
+        max_rows: usize,
+        scope: &DeviceScope,
+    ) -> Result<ChangesPage> {
+        scoped::changes_page(self, tenant, device, cursor, max_rows, scope)
+    }
+
+    /// Up to `limit` log entries after position `cursor`, oldest first, and whether more
+    /// follow.
+    fn log_after(&mut self, tenant: &str, cursor: u64, limit: usize) -> Result<(Vec<Logged>, bool)>;
+
+    /// A row's merged state as a one-row batch with its nodes' roles, if the row has one.
+    fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>>;
 
     /// The newest log position of a tenant and its tag (position 0 if nothing is logged).
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor>;
@@ -368,6 +434,12 @@ pub trait GatewayStore: Send {
 
     /// Whether `device` is served, and whether its tenant recovers from lost changes.
     fn standing(&mut self, tenant: &str, device: &str) -> Result<Standing>;
+
+    /// Sets a registered device's scope parameters; whether it is registered.
+    fn set_params(&mut self, tenant: &str, device: &str, params: &Params) -> Result<bool>;
+
+    /// Notes the scope version the gateway told a device.
+    fn scope_told(&mut self, tenant: &str, device: &str, version: u64) -> Result<()>;
 
     /// Writes what this instance kept in memory (last-seen times noted since the last write),
     /// before it goes away. Called from a thread that may block.

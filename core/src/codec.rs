@@ -7,7 +7,7 @@
 pub(crate) mod buf;
 mod intern;
 mod rows;
-mod values;
+pub(crate) mod values;
 
 use std::collections::HashMap;
 use std::io::Read;

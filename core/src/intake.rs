@@ -16,6 +16,8 @@ use crate::batch::{Batch, RowChange};
 use crate::clock::{Hlc, NodeId};
 use crate::codec::Limits;
 use crate::merge::{bound_future_timestamps, join_row};
+use crate::schema::SyncSchema;
+use crate::scope::{DeviceScope, Held, Move, may_write, scopes_of};
 use crate::state::RowState;
 
 mod vouch;
@@ -98,6 +100,17 @@ pub struct IntakeRules<'a> {
     /// The roles of the batch's nodes as the receiver knows them, in place of the ones the
     /// batch declares; `None` takes the batch's.
     pub roles: Option<&'a BTreeMap<NodeId, String>>,
+    /// The schema's scopes, to record where each changed row moved (at the gateway, which
+    /// logs it), and the writer's own scope, outside which its rows are refused.
+    pub scopes: Option<ScopeRules<'a>>,
+}
+
+/// Scopes in a merge.
+#[derive(Debug, Clone, Copy)]
+pub struct ScopeRules<'a> {
+    pub schema: &'a SyncSchema,
+    /// The sending device's scope; `None`: a writer every row is open to (the cloud).
+    pub writer: Option<&'a DeviceScope>,
 }
 
 /// What merging a batch did.
@@ -119,6 +132,9 @@ pub struct IntakeReport {
     pub counters: BTreeMap<NodeId, u64>,
     /// The rows as merged (timestamps bounded) whose state changed, in batch order.
     pub changed: Vec<RowChange>,
+    /// With [`IntakeRules::scopes`]: where each row of `changed` moved (`None`: a table
+    /// without a scope).
+    pub moves: Vec<Option<Move>>,
 }
 
 /// Merges `batch` into `store` row by row.
@@ -128,6 +144,7 @@ pub fn merge_batch<S: RowStore>(
     rules: IntakeRules<'_>,
 ) -> Result<IntakeReport, S::Error> {
     let mut report = IntakeReport::default();
+    let scoped = rules.scopes.map(|s| scopes_of(s.schema)).unwrap_or_default();
     store.prefetch(&batch.rows)?;
     for (index, row) in batch.rows.iter().enumerate() {
         match store.admit(row)? {
@@ -164,6 +181,9 @@ pub fn merge_batch<S: RowStore>(
             let e = report.counters.entry(node).or_default();
             *e = (*e).max(c);
         }
+        let scope = scoped.get(row.table.as_str());
+        // Where the row was, read before the join changes it.
+        let was = scope.map(|(scope, table)| Held::of(scope, table, &state, &roles));
         let changed = join_row(&mut state, &incoming.state);
         if let Err(e) = state.check_limits(rules.limits) {
             report.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
@@ -175,11 +195,21 @@ pub fn merge_batch<S: RowStore>(
             continue;
         }
         roles.extend(rules.roles.unwrap_or(&batch.roles).iter().map(|(n, r)| (*n, r.clone())));
+        let moved = scope.zip(was.as_ref()).map(|((scope, table), was)| was.moved_to(scope, table, &state, &roles));
+        if let (Some(moved), Some(was), Some(writer)) = (&moved, &was, rules.scopes.and_then(|s| s.writer))
+            && !may_write(writer, &row.table, moved, was.visible)
+        {
+            report.refused.push((index, format!("a change to {:?} is outside this device's scope", row.table)));
+            continue;
+        }
         let merged = RowChange { table: incoming.table.clone(), pk: incoming.pk.clone(), state };
         match store.write(&incoming, merged, &roles)? {
             Written::Done => {
                 report.applied += 1;
                 report.changed.push(incoming);
+                if rules.scopes.is_some() {
+                    report.moves.push(moved);
+                }
             }
             Written::Refused(reason) => report.refused.push((index, reason)),
         }

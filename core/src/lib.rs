@@ -56,6 +56,7 @@ mod merge;
 mod policy;
 pub mod protocol;
 pub mod schema;
+pub mod scope;
 mod state;
 pub mod store;
 #[cfg(feature = "mqtt")]

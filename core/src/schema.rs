@@ -13,6 +13,7 @@
 //! direction = "both"            # both | up-only | down-only, as seen from devices
 //! writers = ["field", "hq"]      # optional: only devices of these roles write it
 //! delete_policy = "delete-wins" # or update-wins
+//! scope = "region = :region"    # optional: each device holds only these rows (see scope.rs)
 //!
 //! [[table.column]]
 //! name = "id"
@@ -31,6 +32,7 @@ use serde::Deserialize;
 use crate::batch::RowChange;
 use crate::codec::Limits;
 use crate::policy::{ColumnPolicy, DeletePolicy, Direction, TableSpec};
+use crate::scope::Scope;
 use crate::value::Value;
 
 /// What a column holds. Each maps to one SQLite storage class and one PostgreSQL type, so a
@@ -140,6 +142,8 @@ pub struct SchemaTable {
     pub delete_policy: DeletePolicy,
     /// The roles whose devices may write this table; empty: every role.
     pub writers: Vec<String>,
+    /// Which rows each device holds; `None`: every device holds every row.
+    pub scope: Option<Scope>,
 }
 
 impl SchemaTable {
@@ -291,6 +295,7 @@ struct RawTable {
     #[serde(default)]
     delete_policy: DeletePolicy,
     writers: Option<Vec<String>>,
+    scope: Option<String>,
     #[serde(default)]
     column: Vec<RawColumn>,
 }
@@ -344,14 +349,16 @@ impl SyncSchema {
                 let default = if counter { Some(Value::Integer(0)) } else { default };
                 columns.push(SchemaColumn { name: c.name.clone(), ty: c.ty, nullable, default, policy });
             }
-            let table = SchemaTable {
+            let mut table = SchemaTable {
                 name: t.name.clone(),
                 key: t.key.clone(),
                 columns,
                 direction: t.direction,
                 delete_policy: t.delete_policy,
                 writers: t.writers.clone().unwrap_or_default(),
+                scope: None,
             };
+            table.scope = t.scope.as_deref().map(|s| Scope::parse(s, &table)).transpose().map_err(bad)?;
             if t.writers.as_ref().is_some_and(Vec::is_empty) {
                 return Err(bad("writers = [] lets no device write it: say direction = \"down-only\"".into()));
             }
@@ -394,6 +401,11 @@ impl SyncSchema {
             };
             if n.key != o.key {
                 changes.push(format!("the key of {:?} changed from {:?} to {:?}", o.name, o.key, n.key));
+            }
+            // Devices hold the rows of the scope they synced under; a new scope would leave
+            // them holding rows outside it, or missing rows inside it.
+            if n.scope.as_ref().map(|s| &s.terms) != o.scope.as_ref().map(|s| &s.terms) {
+                changes.push(format!("the scope of {:?} changed (a scope is declared with its table)", o.name));
             }
             for oc in &o.columns {
                 let Some(nc) = n.column(&oc.name) else {

@@ -10,6 +10,7 @@ mod catalog;
 mod conflicts;
 mod cursor;
 mod declared;
+mod evict;
 mod identity;
 mod meta;
 mod outbox;
@@ -523,6 +524,23 @@ impl Store {
         Ok(self.conn.query_row("SELECT count(*) FROM _driftless_rejected", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
+    /// The scope version this store holds its rows under (`None`: never told one).
+    pub fn scope_version(&self) -> Result<Option<u64>> {
+        evict::scope_version(&self.conn)
+    }
+
+    /// The device's scope changed to `version`: drops every row of the scoped `tables` (the
+    /// local changes waiting in the outbox still ship) and resets the pull cursor, so the
+    /// next pull fetches the new scope whole. Returns the rows dropped.
+    pub fn rescope(&mut self, version: u64, tables: &[String]) -> Result<usize> {
+        self.transact(|tx, inner| {
+            // Local writes first: sealed, they are the app's changes and ship; the journals
+            // then hold only what the drops capture.
+            seal::seal(tx, inner)?;
+            evict::rescope(tx, inner, version, tables)
+        })
+    }
+
     /// A value the sync layer keeps with the data (cursors, last sync time), so it commits
     /// and rolls back with it.
     pub fn sync_state(&self, key: &str) -> Result<Option<String>> {
@@ -541,9 +559,13 @@ impl Store {
     /// changes nothing (an empty report). With `from_tag`, the cursor's tag must match too: a
     /// change published for every device names the entry it follows, and a cursor at that
     /// position with another tag was read from a log since rolled back.
+    ///
+    /// `evict` names rows (keys only) that left this device's scope: they are dropped, in the
+    /// same transaction, without a delete being synced.
     pub fn apply_with_cursor(
         &mut self,
         batch: &Batch,
+        evict: &[crate::batch::RowChange],
         from: Option<u64>,
         from_tag: Option<u64>,
         resets: u64,
@@ -562,7 +584,7 @@ impl Store {
             return Ok(ApplyReport { cursor: cursor::get(&self.conn)?, ..ApplyReport::default() });
         }
         let moved = std::cell::Cell::new(false);
-        let mut report = self.apply_holding_back(batch, |tx| {
+        let mut report = self.apply_holding_back(batch, evict, |tx| {
             moved.set(as_pulled(tx)?);
             if moved.get() {
                 cursor::set(tx, to)?;
@@ -580,12 +602,13 @@ impl Store {
     fn apply_holding_back(
         &mut self,
         batch: &Batch,
+        evict: &[crate::batch::RowChange],
         also: impl Fn(&Transaction<'_>) -> Result<()>,
     ) -> Result<ApplyReport> {
         let mut hold_back = std::collections::HashSet::new();
         loop {
             let attempt = self.transact(|tx, inner| {
-                let report = apply::apply(tx, inner, batch, &hold_back)?;
+                let report = apply::apply(tx, inner, batch, &hold_back, evict)?;
                 also(tx)?;
                 Ok(report)
             });
@@ -616,7 +639,7 @@ impl Store {
     /// Merges a remote batch: seals local changes first, then joins every row, writes the
     /// resulting values into the app's tables without re-capturing them, all in one transaction.
     pub fn apply(&mut self, batch: &Batch) -> Result<ApplyReport> {
-        self.apply_holding_back(batch, |_| Ok(()))
+        self.apply_holding_back(batch, &[], |_| Ok(()))
     }
 
     /// A page of the full state of every tracked row, for bootstrapping another replica.

@@ -409,10 +409,10 @@ fn a_cursor_moves_from_the_named_entry_only_tag_included() {
     let (at, resets) = b.cursor().expect("cursor");
     assert_eq!(at, None);
     let first = LogCursor { position: 7, tag: 70 };
-    b.apply_with_cursor(&Batch::default(), None, None, resets, first).expect("snapshot's last page");
+    b.apply_with_cursor(&Batch::default(), &[], None, None, resets, first).expect("snapshot's last page");
     let next = LogCursor { position: 9, tag: 90 };
     // Position right, tag wrong: nothing applied, nothing moved.
-    let report = b.apply_with_cursor(&change, Some(7), Some(71), resets, next).expect("apply");
+    let report = b.apply_with_cursor(&change, &[], Some(7), Some(71), resets, next).expect("apply");
     assert!(!report.moved && report.applied == 0, "{report:?}");
     assert_eq!(report.cursor, Some(first));
     let count = |s: &Store| -> i64 {
@@ -420,7 +420,7 @@ fn a_cursor_moves_from_the_named_entry_only_tag_included() {
     };
     assert_eq!(count(&b), 0);
     // The exact entry: applied, and the cursor moved with it.
-    let report = b.apply_with_cursor(&change, Some(7), Some(70), resets, next).expect("apply");
+    let report = b.apply_with_cursor(&change, &[], Some(7), Some(70), resets, next).expect("apply");
     assert!(report.moved && report.applied == 1, "{report:?}");
     assert_eq!((report.cursor, count(&b)), (Some(next), 1));
 }

@@ -65,10 +65,15 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                     receives,
                 }
             }
-            StoreOp::Apply { batch, cursor } => {
+            StoreOp::Rescope { version, tables } => {
+                let changed = store.scope_version()? != Some(version);
+                StoreResult::Rescoped(if changed { Some(store.rescope(version, &tables)?) } else { None })
+            }
+            StoreOp::Apply { batch, cursor, evict } => {
                 let report = match cursor {
-                    Some(m) => store.apply_with_cursor(&batch, m.from, m.from_tag, m.resets, m.to)?,
+                    Some(m) => store.apply_with_cursor(&batch, &evict, m.from, m.from_tag, m.resets, m.to)?,
                     None => store.apply(&batch)?,
+                    // (Evictions come only with a pull's page, which always moves the cursor.)
                 };
                 if !batch.rows.is_empty() {
                     store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;

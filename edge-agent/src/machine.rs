@@ -91,6 +91,7 @@ enum Awaiting {
     Receipts,
     Cursor,
     Schema,
+    Rescope,
     Changes {
         more: bool,
     },

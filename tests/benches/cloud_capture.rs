@@ -102,6 +102,7 @@ fn first_merge(gw: &mut dyn GatewayStore, dir: &std::path::Path, text: &str) -> 
         role: None,
         recovering: false,
         legacy: false,
+        scope: None,
     };
     gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
     Ok(now_ms)

@@ -75,6 +75,7 @@ fn direct(db: &TestDb) -> anyhow::Result<()> {
                 role: None,
                 recovering: false,
                 legacy: false,
+                scope: None,
             };
             let t = Instant::now();
             gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;

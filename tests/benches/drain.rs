@@ -104,6 +104,7 @@ fn merge_directly(device: &std::path::Path, gateway: &std::path::Path, schema: O
             role: None,
             recovering: false,
             legacy: false,
+            scope: None,
         };
         gw.merge(&from, &batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
     }

@@ -81,6 +81,7 @@ fn gateway_rates(gw: &mut dyn GatewayStore, phases: &[Vec<Batch>; 3]) -> anyhow:
                 role: None,
                 recovering: false,
                 legacy: false,
+                scope: None,
             };
             gw.merge(&from, batch).map_err(|e| anyhow::anyhow!("merge: {e}"))?;
         }

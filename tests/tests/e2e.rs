@@ -217,6 +217,7 @@ async fn a_batch_resent_after_the_gateway_died_between_merge_and_ack_applies_onc
             role: None,
             recovering: false,
             legacy: false,
+            scope: None,
         };
         gw_store.merge(&from, &out.batch).expect("merge");
         drop(gw_store);

@@ -292,8 +292,11 @@ impl GatewayStore for Faulty {
             _ => self.0.merge(from, batch),
         }
     }
-    fn changes_after(&mut self, t: &str, d: &str, c: u64, m: usize) -> Result<crate::storage::ChangesPage> {
-        self.0.changes_after(t, d, c, m)
+    fn log_after(&mut self, t: &str, c: u64, l: usize) -> Result<(Vec<crate::storage::Logged>, bool)> {
+        self.0.log_after(t, c, l)
+    }
+    fn row_state(&mut self, t: &str, table: &str, pk: &[driftless_core::Value]) -> Result<Option<Batch>> {
+        self.0.row_state(t, table, pk)
     }
     fn log_head(&mut self, t: &str) -> Result<LogCursor> {
         self.0.log_head(t)
@@ -370,6 +373,12 @@ impl GatewayStore for Faulty {
     }
     fn registry(&mut self, t: Option<&str>) -> Result<Vec<crate::storage::Registered>> {
         self.0.registry(t)
+    }
+    fn set_params(&mut self, t: &str, d: &str, p: &crate::storage::Params) -> Result<bool> {
+        self.0.set_params(t, d, p)
+    }
+    fn scope_told(&mut self, t: &str, d: &str, v: u64) -> Result<()> {
+        self.0.scope_told(t, d, v)
     }
     fn standing(&mut self, t: &str, d: &str) -> Result<crate::storage::Standing> {
         self.0.standing(t, d)

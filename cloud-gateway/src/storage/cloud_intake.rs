@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use driftless_core::codec::{Limits, encode_payload};
+use driftless_core::scope::{Held, Move};
 use driftless_core::{
     Batch, ColumnPolicy, Dot, FieldWrite, Hlc, LocalWrite, NodeId, RowChange, RowState, SchemaTable, SyncSchema, Value,
     row_values, write_local_delete, write_local_upsert,
@@ -154,11 +155,13 @@ pub(crate) struct Intake<'a> {
     /// Each role's node and its next counter, as used in this intake.
     pub(crate) writers: BTreeMap<String, (NodeId, u64)>,
     pub(crate) changes: Batch,
+    /// Where each row of `changes` moved, scope-wise (`None`: a table without a scope).
+    pub(crate) moves: Vec<Option<Move>>,
 }
 
 impl<'a> Intake<'a> {
     pub(crate) fn new(schema: &'a SyncSchema, limits: &'a Limits, now_ms: u64) -> Intake<'a> {
-        Intake { schema, limits, now_ms, writers: BTreeMap::new(), changes: Batch::default() }
+        Intake { schema, limits, now_ms, writers: BTreeMap::new(), changes: Batch::default(), moves: Vec::new() }
     }
 
     /// Takes in what the journal says of one key of `table`; `names` are the columns its
@@ -175,6 +178,7 @@ impl<'a> Intake<'a> {
         let values = store.read_row(table, &current.pk)?;
         // A row that appears or goes is one write, the last writer's; an update is one write
         // per role, of the columns it changed last, stamped when it changed them.
+        let held = table.scope.as_ref().map(|s| Held::of(s, table, &current.state, &roles));
         let whole = written.whole && (values.is_none() || row_values(&current.state, &table.spec(), &roles).is_none());
         let parts: Vec<(String, Option<Vec<String>>, u64)> = if whole {
             vec![(written.role.clone().unwrap_or_else(|| CLOUD_ROLE.to_owned()), None, written.at_ms)]
@@ -221,9 +225,11 @@ impl<'a> Intake<'a> {
             return Ok(());
         }
         store.save(&current, &roles)?;
+        let moved = table.scope.as_ref().zip(held).map(|(s, h)| h.moved_to(s, table, &current.state, &roles));
         for (node, role, change) in made {
             self.changes.roles.insert(node, role);
             self.changes.rows.push(change);
+            self.moves.push(moved.clone());
         }
         Ok(())
     }

@@ -8,7 +8,9 @@ use driftless_core::{Batch, RowState, SyncSchema};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::storage::Registration;
+use crate::storage::{Incoming, Params, Registration, ScopeStanding, ServedSchema};
+use driftless_core::intake::ScopeRules;
+use driftless_core::scope::{Move, encode_moves};
 
 /// Dead letters larger than this keep only their first [`DEAD_LETTER_PREFIX`] bytes.
 pub(crate) const DEAD_LETTER_INLINE: usize = 64 << 10;
@@ -133,6 +135,38 @@ pub(crate) fn registration(role: Option<String>, closed: bool) -> Registration {
         (None, true) => Registration::Unknown,
         (None, false) => Registration::Open,
     }
+}
+
+/// The scope rules of a device's merge: the schema's scopes, and the device's own (what it
+/// may write). `None` when no table is scoped.
+pub(crate) fn scope_rules<'a>(schema: Option<&'a ServedSchema>, at: &Incoming<'a>) -> Option<ScopeRules<'a>> {
+    let schema = &schema?.schema;
+    schema.tables.iter().any(|t| t.scope.is_some()).then_some(ScopeRules { schema, writer: at.scope })
+}
+
+/// A logged change's moves as the log keeps them: `None` if it holds no row of a scoped
+/// table.
+pub(crate) fn logged_moves(moves: &[Option<Move>]) -> Option<Vec<u8>> {
+    moves.iter().any(Option::is_some).then(|| encode_moves(moves))
+}
+
+/// Scope parameters as the registry keeps them: a JSON object of strings.
+pub(crate) fn params_text(params: &Params) -> String {
+    serde_json::to_string(params).unwrap_or_else(|_| "{}".into())
+}
+
+pub(crate) fn parse_params(text: &str) -> Result<Params> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("a device's scope parameters: {e}")))
+}
+
+/// A registered device's scope (`params` and version, `None` if it is not registered) and
+/// the version it was told.
+pub(crate) fn scope_standing(registered: Option<(String, i64)>, told: Option<i64>) -> Result<ScopeStanding> {
+    let (params, version) = match registered {
+        Some((text, version)) => (parse_params(&text)?, version as u64),
+        None => (Params::new(), 0),
+    };
+    Ok(ScopeStanding { params, version, told: told.map(|t| t as u64) })
 }
 
 /// When a device's recovery window starts: if the tenant's epoch replaced another, when the

@@ -11,6 +11,7 @@ mod connection;
 mod epochs;
 mod erasure;
 mod group;
+mod log;
 mod merge;
 mod migrate;
 mod registry;
@@ -28,15 +29,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use driftless_core::codec::{Limits, decode_payload};
-use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use postgres::{Client, Config};
 
 use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use self::epochs::{current_epoch, keep_dead_letter, start_epoch};
 use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, now_ms, parse_resume, resume_token, unfit_rows};
 use super::{
-    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, MergeOutcome,
-    Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
+    DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
+    Params, Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
 };
 use crate::error::{Error, MergeError, Result};
 
@@ -148,16 +149,6 @@ impl PgStore {
     }
 }
 
-fn log_head_of(client: &mut impl postgres::GenericClient, stmts: &mut Stmts, tenant: &str) -> Result<LogCursor> {
-    let stmt =
-        stmts.get(client, "SELECT seq, tag FROM driftless.gw_log WHERE tenant = $1 ORDER BY seq DESC LIMIT 1")?;
-    let row = client.query_opt(&stmt, &[&tenant])?;
-    Ok(row.map_or(LogCursor::default(), |r| LogCursor {
-        position: r.get::<_, i64>(0) as u64,
-        tag: r.get::<_, i64>(1) as u64,
-    }))
-}
-
 impl GatewayStore for PgStore {
     fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
         if let Some((epoch, _)) = self.epochs.get(tenant) {
@@ -265,37 +256,19 @@ impl GatewayStore for PgStore {
         merge::merge(&mut self.client, &mut self.stmts, &limits, from, schema.as_deref(), (tag, cloud_tag), batch)
     }
 
-    fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
-        const ENTRIES: i64 = 256;
-        let tag = self.log_tag(tenant, cursor)?.unwrap_or(0);
-        let mut page = ChangesPage { cursor: LogCursor { position: cursor, tag }, ..ChangesPage::default() };
+    fn log_after(&mut self, tenant: &str, cursor: u64, limit: usize) -> Result<(Vec<Logged>, bool)> {
         self.client()?;
-        let stmt = self.stmts.get(
-            &mut *self.client,
-            "SELECT seq, origin, change, tag FROM driftless.gw_log WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )?;
-        let entries = self.client.query(&stmt, &[&tenant, &(cursor as i64), &(ENTRIES + 1)])?;
-        page.more = entries.len() as i64 > ENTRIES;
-        for r in entries.into_iter().take(ENTRIES as usize) {
-            if page.batch.rows.len() >= max_rows {
-                page.more = true;
-                break;
-            }
-            page.cursor = LogCursor { position: r.get::<_, i64>(0) as u64, tag: r.get::<_, i64>(3) as u64 };
-            // A device's own changes are not sent back to it; the cursor still moves past them.
-            if r.get::<_, &str>(1) == device {
-                continue;
-            }
-            let b = self.decode(r.get(2))?;
-            page.batch.roles.extend(b.roles);
-            page.batch.rows.extend(b.rows);
-        }
-        Ok(page)
+        log::after(&mut self.client, &mut self.stmts, &self.limits, tenant, cursor, limit)
+    }
+
+    fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {
+        self.client()?;
+        log::row_state(&mut self.client, &mut self.stmts, &self.limits, tenant, table, pk)
     }
 
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
         self.client()?;
-        log_head_of(&mut *self.client, &mut self.stmts, tenant)
+        log::head(&mut *self.client, &mut self.stmts, tenant)
     }
 
     fn log_tag(&mut self, tenant: &str, position: u64) -> Result<Option<u64>> {
@@ -508,6 +481,14 @@ impl GatewayStore for PgStore {
     fn standing(&mut self, tenant: &str, device: &str) -> Result<Standing> {
         self.client()?;
         registry::standing(&mut self.client, &mut self.stmts, tenant, device)
+    }
+
+    fn set_params(&mut self, tenant: &str, device: &str, params: &Params) -> Result<bool> {
+        registry::set_params(self.client()?, tenant, device, params)
+    }
+
+    fn scope_told(&mut self, tenant: &str, device: &str, version: u64) -> Result<()> {
+        registry::scope_told(self.client()?, tenant, device, version)
     }
 
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {

@@ -12,14 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use driftless_core::codec::{Limits, decode_payload};
-use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema};
+use driftless_core::codec::{Limits, decode_payload, encode_key};
+use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, dead_letter_kept, now_ms, parse_resume, resume_token};
+use super::scoped::read_moves;
 use super::{
-    ChangesPage, DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, MergeOutcome,
-    Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
+    DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
+    Params, Registered, ServedSchema, SkewedNode, SnapshotPage, Standing, ToLog,
 };
 use crate::error::{Error, MergeError, Result};
 
@@ -277,35 +278,45 @@ impl GatewayStore for SqliteStore {
         merge::merge(tx, &self.limits, from, schema.as_deref(), &mut self.tags, batch)
     }
 
-    fn changes_after(&mut self, tenant: &str, device: &str, cursor: u64, max_rows: usize) -> Result<ChangesPage> {
-        let tag = self.log_tag(tenant, cursor)?.unwrap_or(0);
-        let mut page = ChangesPage { cursor: LogCursor { position: cursor, tag }, ..ChangesPage::default() };
-        const ENTRIES: usize = 256;
+    fn log_after(&mut self, tenant: &str, cursor: u64, limit: usize) -> Result<(Vec<Logged>, bool)> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, origin, change, tag FROM gw_log WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq, origin, change, tag, moves FROM gw_log WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
         let entries = stmt
-            .query_map(rusqlite::params![tenant, cursor as i64, ENTRIES as i64 + 1], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?))
+            .query_map(rusqlite::params![tenant, cursor as i64, limit as i64 + 1], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         drop(stmt);
-        page.more = entries.len() > ENTRIES;
-        for (seq, origin, change, tag) in entries.into_iter().take(ENTRIES) {
-            if page.batch.rows.len() >= max_rows {
-                page.more = true;
-                break;
-            }
-            page.cursor = LogCursor { position: seq as u64, tag: tag as u64 };
-            // A device's own changes are not sent back to it; the cursor still moves past them.
-            if origin == device {
-                continue;
-            }
-            let b = self.decode(&change)?;
-            page.batch.roles.extend(b.roles);
-            page.batch.rows.extend(b.rows);
-        }
-        Ok(page)
+        let more = entries.len() > limit;
+        let logged = entries
+            .into_iter()
+            .take(limit)
+            .map(|(seq, origin, change, tag, moves)| {
+                Ok(Logged {
+                    cursor: LogCursor { position: seq as u64, tag: tag as u64 },
+                    origin,
+                    change: self.decode(&change)?,
+                    moves: read_moves(moves.as_deref(), &self.limits)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok((logged, more))
+    }
+
+    fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {
+        let state: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?
+            .query_row(rusqlite::params![tenant, table, encode_key(pk)], |r| r.get(0))
+            .optional()?;
+        state.map(|s| self.decode(&s)).transpose()
     }
 
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
@@ -512,8 +523,14 @@ impl GatewayStore for SqliteStore {
         cloud_writes::begin_own_writes(&tx)?;
         for tenant in tenants {
             tables::materialize(&tx, &self.limits, &tenant, &served)?;
-            if let Some(change) = cloud_writes::ingest(&tx, &self.limits, &tenant, &served, now_ms)? {
-                let entry = merge::log_change(&tx, &self.limits, &tenant, "", &change, self.tags.next())?;
+            if let Some((change, moves)) = cloud_writes::ingest(&tx, &self.limits, &tenant, &served, now_ms)? {
+                let entry = merge::log_change(
+                    &tx,
+                    &self.limits,
+                    &tenant,
+                    ToLog { origin: "", change: &change, moves: &moves },
+                    self.tags.next(),
+                )?;
                 logged.push((tenant, entry));
             }
         }
@@ -611,6 +628,14 @@ impl GatewayStore for SqliteStore {
 
     fn standing(&mut self, tenant: &str, device: &str) -> Result<Standing> {
         registry::standing(&self.conn, tenant, device)
+    }
+
+    fn set_params(&mut self, tenant: &str, device: &str, params: &Params) -> Result<bool> {
+        registry::set_params(&self.conn, tenant, device, params)
+    }
+
+    fn scope_told(&mut self, tenant: &str, device: &str, version: u64) -> Result<()> {
+        registry::scope_told(&self.conn, tenant, device, version)
     }
 
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {

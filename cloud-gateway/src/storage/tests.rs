@@ -28,6 +28,7 @@ on_every_store!(
     a_key_longer_than_an_index_entry_is_merged_and_snapshotted,
     a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten,
     each_logged_entry_names_the_tenants_entry_before_it,
+    a_pull_in_scope_shows_rows_held_sends_entering_rows_whole_and_evicts_rows_gone,
 );
 
 pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch {
@@ -44,18 +45,7 @@ pub(super) fn merge(gw: &mut dyn GatewayStore, device: &str, batch: &Batch) -> R
 }
 
 fn merge_as(gw: &mut dyn GatewayStore, tenant: &str, device: &str, batch: &Batch) -> Result<MergeOutcome, MergeError> {
-    let from = Incoming {
-        tenant,
-        device,
-        first_seq: 1,
-        last_seq: 2,
-        now_ms: NOW,
-        max_drift_ms: DRIFT,
-        role: None,
-        recovering: false,
-        legacy: false,
-    };
-    gw.merge(&from, batch)
+    gw.merge(&Incoming { tenant, device, ..incoming() }, batch)
 }
 
 fn merging_the_same_batch_again_changes_nothing(b: &Backend) {
@@ -182,6 +172,7 @@ fn one_bad_row_is_refused_and_the_rest_of_its_batch_merged(b: &Backend) {
         role: None,
         recovering: false,
         legacy: false,
+        scope: None,
     };
     assert!(matches!(gw.merge(&from, &batch), Err(MergeError::Refused(_))), "an impossible range");
 }
@@ -419,6 +410,7 @@ fn a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten(
         role: None,
         recovering: false,
         legacy: false,
+        scope: None,
     };
     assert!(gw.merge(&from, &more).expect("merge").cloud_logged, "the adopted values were taken in first");
     let rows = b.rows(&format!("SELECT id, notes FROM {t} ORDER BY id"));
@@ -459,4 +451,74 @@ fn each_logged_entry_names_the_tenants_entry_before_it(b: &Backend) {
     // A copy merged again logs nothing, so nothing is published.
     let again = merge(&mut *gw, "tab-2", &b_batch).expect("merge");
     assert!(again.entries.is_empty());
+}
+
+const SCOPED: &str = r#"
+[[table]]
+name = "w"
+key = ["id"]
+scope = "region = :region"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "region"
+type = "text"
+"#;
+
+fn a_pull_in_scope_shows_rows_held_sends_entering_rows_whole_and_evicts_rows_gone(b: &Backend) {
+    use driftless_core::scope::DeviceScope;
+    let mut gw = b.open();
+    gw.install_schema(SCOPED).expect("install");
+    let schema = driftless_core::SyncSchema::parse(SCOPED).expect("schema");
+    let of = |region: &str| DeviceScope::of(&schema, "d", &[("region".to_owned(), region.to_owned())].into());
+    let (north, south) = (of("north"), of("south"));
+    let mut dev = Store::open(b.scratch().join("n.db"), StoreOptions::default()).expect("open");
+    dev.follow_schema(1, SCOPED).expect("follow");
+    let ship = |dev: &mut Store, gw: &mut dyn GatewayStore, sql: &str| {
+        dev.write(|tx| Ok(tx.execute_batch(sql)?)).expect(sql);
+        let out = dev.outbox_batch(100).expect("outbox").expect("batch");
+        dev.ack(out.first_seq, out.last_seq).expect("ack");
+        let from = Incoming { tenant: "acme", device: "tab-n", scope: Some(&north), ..incoming() };
+        let merged = gw.merge(&from, &out.batch).expect("merge");
+        assert!(merged.refused.is_empty() && merged.entries.iter().all(|e| e.scoped), "{merged:?}");
+    };
+    ship(&mut dev, &mut *gw, "INSERT INTO w VALUES ('w1', 'north')");
+    // Its own new row comes back whole to its writer (which may have dropped it meanwhile,
+    // its scope having changed), and never to a device of another scope.
+    let page = gw.changes_in_scope("acme", "tab-n", 0, 100, &north).expect("pull");
+    assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (1, 0));
+    let page = gw.changes_in_scope("acme", "tab-s", 0, 100, &south).expect("pull");
+    assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (0, 0));
+    let at = page.cursor.position;
+    // Handed to the south: evicted from the north, whole to the south.
+    ship(&mut dev, &mut *gw, "UPDATE w SET region = 'south'");
+    let page = gw.changes_in_scope("acme", "tab-n", at, 100, &north).expect("pull");
+    assert_eq!(page.batch.rows.len(), 0);
+    assert_eq!(page.evict.rows.iter().map(|r| r.pk.clone()).collect::<Vec<_>>(), vec![vec![Value::Text("w1".into())]]);
+    assert!(page.evict.rows[0].state.fields.is_empty(), "keys only");
+    let page = gw.changes_in_scope("acme", "tab-s", at, 100, &south).expect("pull");
+    assert_eq!(page.batch.rows.len(), 1);
+    assert!(page.batch.rows[0].state.fields.contains_key("region"), "its whole state");
+    // Over the whole log, a device of neither end sees nothing, not even a key.
+    let none = of("east");
+    let page = gw.changes_in_scope("acme", "tab-e", 0, 100, &none).expect("pull");
+    assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (0, 0));
+    // Unscoped (a schema without scopes): every change, as logged.
+    assert_eq!(gw.changes_after("acme", "tab-e", 0, 100).expect("pull").batch.rows.len(), 2);
+}
+
+fn incoming() -> Incoming<'static> {
+    Incoming {
+        tenant: "acme",
+        device: "tab-1",
+        first_seq: 1,
+        last_seq: 2,
+        now_ms: NOW,
+        max_drift_ms: DRIFT,
+        role: None,
+        recovering: false,
+        legacy: false,
+        scope: None,
+    }
 }

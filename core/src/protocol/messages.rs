@@ -113,6 +113,27 @@ pub enum Downlink {
         more: bool,
         batch: Vec<u8>,
     },
+    /// [`Downlink::Changes`] for a device holding only its scopes, with the rows that left
+    /// them: `evict` is a batch of keys (empty states) to drop from its tables without
+    /// syncing a delete. Applied together with the changes and the cursor move.
+    ScopedChanges {
+        epoch: Epoch,
+        from: u64,
+        cursor: LogCursor,
+        more: bool,
+        evict: Vec<u8>,
+        batch: Vec<u8>,
+    },
+    /// The device's scope changed (an operator set its parameters) to `version`: it drops
+    /// every row of the scoped `tables` it holds and takes a snapshot of its new scope. Sent
+    /// after every `Welcome` in a schema with scopes, and instead of a pull's answer when the
+    /// version changed since the device was last told; a device that holds `version`
+    /// already does nothing.
+    Scope {
+        epoch: Epoch,
+        version: u64,
+        tables: Vec<String>,
+    },
     /// One page of the current state. When `done`, continue with a pull from `log_cursor`.
     Snapshot {
         epoch: Epoch,
@@ -202,6 +223,8 @@ mod tag {
     pub(super) const SCHEMA: u8 = 10;
     pub(super) const SLOW_DOWN: u8 = 11;
     pub(super) const FEED: u8 = 12;
+    pub(super) const SCOPED_CHANGES: u8 = 13;
+    pub(super) const SCOPE: u8 = 14;
 }
 
 /// Longest tenant, device or scope name accepted (as `protocol::valid_id`).
@@ -440,6 +463,8 @@ impl Downlink {
             | Downlink::Ack { epoch, .. }
             | Downlink::Nack { epoch, .. }
             | Downlink::Changes { epoch, .. }
+            | Downlink::ScopedChanges { epoch, .. }
+            | Downlink::Scope { epoch, .. }
             | Downlink::Snapshot { epoch, .. }
             | Downlink::Feed { epoch, .. } => Some(*epoch),
             Downlink::Schema { .. }
@@ -490,6 +515,24 @@ impl Downlink {
                 w.cursor(cursor);
                 w.u8(u8::from(*more));
                 w.raw(batch);
+            }
+            Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch } => {
+                w.u8(tag::SCOPED_CHANGES);
+                w.epoch(epoch);
+                w.varint(*from);
+                w.cursor(cursor);
+                w.u8(u8::from(*more));
+                w.bytes(evict);
+                w.raw(batch);
+            }
+            Downlink::Scope { epoch, version, tables } => {
+                w.u8(tag::SCOPE);
+                w.epoch(epoch);
+                w.varint(*version);
+                w.varint(tables.len() as u64);
+                for t in tables {
+                    w.bytes(t.as_bytes());
+                }
             }
             Downlink::Snapshot { epoch, resume, log_cursor, done, batch } => {
                 w.u8(tag::SNAPSHOT);
@@ -578,6 +621,24 @@ impl Downlink {
                 let cursor = r.cursor()?;
                 let more = r.flag()?;
                 return Ok(Downlink::Changes { epoch, from, cursor, more, batch: r.take(r.remaining())?.to_vec() });
+            }
+            tag::SCOPED_CHANGES => {
+                let epoch = r.epoch()?;
+                let from = r.varint()?;
+                let cursor = r.cursor()?;
+                let more = r.flag()?;
+                let evict = r.bytes(limits.max_decompressed, "evicted keys")?.to_vec();
+                let batch = r.take(r.remaining())?.to_vec();
+                return Ok(Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch });
+            }
+            tag::SCOPE => {
+                let (epoch, version) = (r.epoch()?, r.varint()?);
+                let n = r.count(limits.max_tables, "scoped tables")?;
+                let mut tables = Vec::with_capacity(n);
+                for _ in 0..n {
+                    tables.push(r.string(limits.max_name_bytes, "table name bytes")?);
+                }
+                Downlink::Scope { epoch, version, tables }
             }
             tag::SNAPSHOT => {
                 let epoch = r.epoch()?;

@@ -47,6 +47,8 @@ pub struct ApplyReport {
     /// Rows queued to be sent back because this store held an earlier time for one of their
     /// writes than the sender (see [`crate::holds_earlier_times`]).
     pub sent_back: usize,
+    /// Rows dropped because they left this device's scope.
+    pub evicted: usize,
     /// Applied with a cursor move (`Store::apply_with_cursor`): whether the cursor was where
     /// the move started, so the batch was applied and the cursor moved, and where the cursor
     /// is now.
@@ -73,6 +75,7 @@ pub(crate) fn apply(
     inner: &mut Inner,
     batch: &Batch,
     hold_back: &HashSet<(i64, Vec<u8>)>,
+    evict: &[RowChange],
 ) -> Result<ApplyReport> {
     if inner.seal_held {
         // Remote changes must not land before the local ones made earlier are sealed.
@@ -87,6 +90,9 @@ pub(crate) fn apply(
         identity::rotate_node(conn, inner)?;
     }
     seal::seal(conn, inner)?;
+    // After the seal (the journals are empty) and before the merge (whose app-row writes may
+    // set off the app's own triggers, which ship as local changes).
+    let evicted = if evict.is_empty() { 0 } else { super::evict::evict(conn, inner, evict)? };
     for (node, role) in &batch.roles {
         if *node != inner.node {
             inner.nodes.set_role(conn, *node, role)?;
@@ -94,7 +100,11 @@ pub(crate) fn apply(
     }
     let mut rows = DeviceRows { conn, inner, hold_back, table: 0, had_conflicts: false, extra: Extra::default() };
     let limits = rows.inner.opts.limits.clone();
-    let merged = merge_batch(&mut rows, batch, IntakeRules { limits: &limits, bound: None, vouch: None, roles: None })?;
+    let merged = merge_batch(
+        &mut rows,
+        batch,
+        IntakeRules { limits: &limits, bound: None, vouch: None, roles: None, scopes: None },
+    )?;
     let DeviceRows { inner, extra, .. } = rows;
     for (index, reason) in &merged.refused {
         let row = &batch.rows[*index];
@@ -108,6 +118,7 @@ pub(crate) fn apply(
         refused: merged.refused.len(),
         unapplied: extra.unapplied,
         sent_back: extra.sent_back,
+        evicted,
         ..ApplyReport::default()
     };
     let mut reported = HashSet::new();

@@ -28,6 +28,10 @@ impl Machine {
             if matches!(awaiting, Awaiting::Feed { .. }) {
                 self.poked();
             }
+            // The gateway tells a scope once per change and at every handshake: ask again.
+            if matches!(awaiting, Awaiting::Rescope) {
+                self.rehandshake(out);
+            }
             return;
         }
         match (awaiting, result) {
@@ -75,6 +79,12 @@ impl Machine {
                     self.want_pull = true;
                     self.want_ship = true;
                 }
+            }
+            (Awaiting::Rescope, StoreResult::Rescoped(dropped)) => {
+                if let Some(dropped) = dropped {
+                    tracing::info!(dropped, "the device's scope changed; fetching its rows");
+                }
+                self.want_pull = true;
             }
             (Awaiting::Schema, StoreResult::SchemaFollowed { version, changed, receives }) => {
                 self.live.schema_version = version;
@@ -269,7 +279,19 @@ impl Machine {
                 let Some(batch) = self.decode(&batch) else { return };
                 let cursor =
                     Some(CursorMove { from: Some(from), from_tag: None, resets: self.pull_resets, to: cursor });
-                self.store(out, StoreOp::Apply { batch, cursor }, Awaiting::Changes { more });
+                self.store(out, StoreOp::Apply { batch, cursor, evict: Vec::new() }, Awaiting::Changes { more });
+            }
+            Downlink::ScopedChanges { from, cursor, more, evict, batch, .. } => {
+                let (Some(batch), Some(evict)) = (self.decode(&batch), self.decode(&evict)) else { return };
+                let cursor =
+                    Some(CursorMove { from: Some(from), from_tag: None, resets: self.pull_resets, to: cursor });
+                let op = StoreOp::Apply { batch, cursor, evict: evict.rows };
+                self.store(out, op, Awaiting::Changes { more });
+            }
+            Downlink::Scope { version, tables, .. } => {
+                // In place of a pull's answer when the scope changed: the pull is over.
+                self.pulling = None;
+                self.store(out, StoreOp::Rescope { version, tables }, Awaiting::Rescope);
             }
             Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
                 let Some(batch) = self.decode(&batch) else { return };
@@ -281,7 +303,7 @@ impl Machine {
                     done.then_some(CursorMove { from: None, from_tag: None, resets: self.pull_resets, to: log_cursor });
                 self.store(
                     out,
-                    StoreOp::Apply { batch, cursor },
+                    StoreOp::Apply { batch, cursor, evict: Vec::new() },
                     Awaiting::SnapshotPage { resume, log_cursor, done, rows },
                 );
             }

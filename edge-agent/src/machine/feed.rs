@@ -76,10 +76,11 @@ impl Machine {
         if feed.epoch == epoch && feed.cursor.position <= self.known_position() {
             return;
         }
-        // Another epoch's change, or one too large to publish whole (unless it is this
-        // device's own): the pull's answer is authoritative (it starts a new handshake if the
-        // epoch changed).
-        if feed.epoch != epoch || (feed.batch.is_empty() && feed.origin != self.cfg.device_id) {
+        // Another epoch's change, or one published without its rows (too large, or rows of
+        // scoped tables, which each device pulls its part of: even of its own change, which
+        // may have taken a row out of its scope): the pull's answer is authoritative (it
+        // starts a new handshake if the epoch changed).
+        if feed.epoch != epoch || feed.batch.is_empty() {
             return self.poked();
         }
         // Applied by `drive` once nothing else is outstanding, after the pull that is out (its
@@ -130,7 +131,7 @@ impl Machine {
         let Some(to) = to else { return false };
         let cursor =
             Some(CursorMove { from: Some(from.position), from_tag: Some(from.tag), resets: self.pull_resets, to });
-        self.store(out, StoreOp::Apply { batch, cursor }, Awaiting::Feed { to: to.position });
+        self.store(out, StoreOp::Apply { batch, cursor, evict: Vec::new() }, Awaiting::Feed { to: to.position });
         true
     }
 

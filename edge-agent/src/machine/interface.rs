@@ -2,7 +2,9 @@
 //! requests and the results it expects back, and the status it shows.
 
 use driftless_core::protocol::{Downlink, Receipts, RefusedRow, Uplink};
-use driftless_core::{ApplyReport, Batch, ChangedRow, Confirmed, GatewayView, Identity, LogCursor, OutboxBatch};
+use driftless_core::{
+    ApplyReport, Batch, ChangedRow, Confirmed, GatewayView, Identity, LogCursor, OutboxBatch, RowChange,
+};
 
 /// How the machine behaves.
 #[derive(Debug, Clone)]
@@ -115,10 +117,18 @@ pub enum StoreOp {
     },
     /// Keep these receipts to show.
     KeepReceipts(Receipts),
-    /// Apply remote changes, moving the cursor with them if given.
+    /// Apply remote changes, moving the cursor with them if given, and drop the rows (keys
+    /// only) that left the device's scope.
     Apply {
         batch: Batch,
         cursor: Option<CursorMove>,
+        evict: Vec<RowChange>,
+    },
+    /// The device's scope is `version` now: if the store holds its rows under another, drop
+    /// every row of the scoped `tables` and reset the cursor (the next pull fetches the scope).
+    Rescope {
+        version: u64,
+        tables: Vec<String>,
     },
     /// Read the pull cursor (it lives in the store: `track` may reset it at any time).
     ReadCursor,
@@ -170,6 +180,8 @@ pub enum StoreResult {
         changed: bool,
         receives: bool,
     },
+    /// Answer to `Rescope`: how many rows were dropped, if the scope changed.
+    Rescoped(Option<usize>),
     /// The store failed; the work is tried again later.
     Failed(String),
 }

@@ -481,7 +481,7 @@ fn scope_changes_in_order_are_applied_without_asking_the_gateway() {
     let out = m.handle(feed(E1, 3, 5, "other", &theirs), 3);
     let expected = CursorMove { from: Some(3), from_tag: Some(30), resets: 0, to: LogCursor { position: 5, tag: 50 } };
     assert!(
-        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c) }) if *c == expected && batch.rows.len() == 1),
+        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c), .. }) if *c == expected && batch.rows.len() == 1),
         "{out:?}"
     );
     assert!(publishes(&out).is_empty());
@@ -490,7 +490,7 @@ fn scope_changes_in_order_are_applied_without_asking_the_gateway() {
     // Its own write comes back too: only the cursor moves past it.
     let out = m.handle(feed(E1, 5, 8, "tab", &theirs), 4);
     assert!(
-        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c) }) if batch.rows.is_empty() && c.from == Some(5)),
+        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c), .. }) if batch.rows.is_empty() && c.from == Some(5)),
         "{out:?}"
     );
     m.handle(applied_at(true, 8), 4);
@@ -566,7 +566,7 @@ fn scope_changes_that_arrive_together_are_applied_in_one_transaction() {
     let out = m.handle_all(inputs, 3);
     let expected = CursorMove { from: Some(3), from_tag: Some(30), resets: 0, to: LogCursor { position: 8, tag: 80 } };
     assert!(
-        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c) }) if *c == expected && batch.rows.len() == 2),
+        matches!(store_op(&out), Some(StoreOp::Apply { batch, cursor: Some(c), .. }) if *c == expected && batch.rows.len() == 2),
         "its own change adds no row: {out:?}"
     );
     let out = m.handle(applied_at(true, 8), 3);

@@ -190,11 +190,18 @@ fn entries_logged_before_the_upgrade_are_erased_too(b: &Backend) {
     drop(gw);
     // As a store of the version before the index would hold it.
     match b {
-        Backend::Sqlite(_) => {
-            b.exec("DROP TABLE gw_log_keys; ALTER TABLE gw_registry DROP COLUMN secret; PRAGMA user_version = 10", None)
-        }
+        Backend::Sqlite(_) => b.exec(
+            "DROP TABLE gw_log_keys; ALTER TABLE gw_registry DROP COLUMN secret;
+                 ALTER TABLE gw_log DROP COLUMN moves; ALTER TABLE gw_registry DROP COLUMN params;
+                 ALTER TABLE gw_registry DROP COLUMN scope_version; ALTER TABLE gw_devices DROP COLUMN scope_told;
+                 PRAGMA user_version = 10",
+            None,
+        ),
         Backend::Pg(_) => b.exec(
             "DROP TABLE driftless.gw_log_keys; ALTER TABLE driftless.gw_registry DROP COLUMN secret;
+             ALTER TABLE driftless.gw_log DROP COLUMN moves; ALTER TABLE driftless.gw_registry DROP COLUMN params;
+             ALTER TABLE driftless.gw_registry DROP COLUMN scope_version;
+             ALTER TABLE driftless.gw_devices DROP COLUMN scope_told;
              DELETE FROM driftless.gw_migrations WHERE version >= 4",
             None,
         ),

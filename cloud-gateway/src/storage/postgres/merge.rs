@@ -13,8 +13,9 @@ use super::tables::key_hash;
 use super::{Stmts, erasure, tables};
 use crate::error::{Error, MergeError, Result};
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
+use crate::storage::common::{logged_moves, scope_rules};
 use crate::storage::vouching::{CLOUD_OWNER, vouch};
-use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema};
+use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema, ToLog};
 
 /// Merges `batch`; `tags` are the tags of the entries it may log (its own, and one for the
 /// plain-SQL writes taken in first).
@@ -58,6 +59,7 @@ pub(super) fn merge(
         bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)),
         vouch: vouched.vouch.as_ref(),
         roles: Some(&vouched.roles),
+        scopes: scope_rules(schema, at),
     };
     let merged = merge_batch(&mut rows, batch, rules)?;
     rows.save_all()?;
@@ -101,7 +103,14 @@ pub(super) fn merge(
     if !changed.rows.is_empty() {
         // A change whose timestamps were bounded goes back to its writer too.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        let entry = log_change(&mut tx, stmts, limits, tenant, origin, &changed, tags.0)?;
+        let entry = log_change(
+            &mut tx,
+            stmts,
+            limits,
+            tenant,
+            ToLog { origin, change: &changed, moves: &merged.moves },
+            tags.0,
+        )?;
         outcome.logged = Some(entry.cursor);
         entries.push(entry);
     }
@@ -115,7 +124,7 @@ pub(super) fn merge(
     outcome.receipt = match outcome.logged {
         Some(entry) => Some(entry),
         None => {
-            let head = super::log_head_of(&mut tx, stmts, tenant)?;
+            let head = super::log::head(&mut tx, stmts, tenant)?;
             (head.position > 0).then_some(head)
         }
     };
@@ -151,10 +160,10 @@ pub(super) fn log_change(
     stmts: &mut Stmts,
     limits: &Limits,
     tenant: &str,
-    origin: &str,
-    change: &Batch,
+    logged: ToLog<'_>,
     tag: u64,
 ) -> Result<LogEntry> {
+    let ToLog { origin, change, moves } = logged;
     let scrubbed = erasure::scrub(tx, stmts, limits, tenant, change)?;
     let change = scrubbed.unwrap_or_else(|| change.clone());
     // The entry and its row index in one round trip.
@@ -163,8 +172,8 @@ pub(super) fn log_change(
         "WITH p AS (
              SELECT seq, tag FROM driftless.gw_log WHERE tenant = $1 ORDER BY seq DESC LIMIT 1),
          l AS (
-             INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag)
-             SELECT $1, coalesce((SELECT seq FROM p), 0) + 1, $2, $3, $4, $5
+             INSERT INTO driftless.gw_log(tenant, seq, origin, rows, change, tag, moves)
+             SELECT $1, coalesce((SELECT seq FROM p), 0) + 1, $2, $3, $4, $5, $8
              RETURNING seq),
          k AS (
              INSERT INTO driftless.gw_log_keys(tenant, tbl, pkh, seq)
@@ -173,14 +182,24 @@ pub(super) fn log_change(
          SELECT l.seq, coalesce((SELECT seq FROM p), 0), coalesce((SELECT tag FROM p), 0) FROM l",
     )?;
     let (tables, hashes) = erasure::keys(&change);
+    let moved = logged_moves(moves);
     let row = tx.query_one(
         &stmt,
-        &[&tenant, &origin, &(change.rows.len() as i32), &encode_payload(&change), &(tag as i64), &tables, &hashes],
+        &[
+            &tenant,
+            &origin,
+            &(change.rows.len() as i32),
+            &encode_payload(&change),
+            &(tag as i64),
+            &tables,
+            &hashes,
+            &moved,
+        ],
     )?;
     let (seq, previous, previous_tag): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     let cursor = LogCursor { position: seq as u64, tag };
     let previous = LogCursor { position: previous as u64, tag: previous_tag as u64 };
-    Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change })
+    Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change, scoped: moved.is_some() })
 }
 
 /// A stored row's state and the roles of the nodes in it.
@@ -456,7 +475,14 @@ pub(super) fn ingest_pending(
     if intake.changes.rows.is_empty() {
         return Ok(None);
     }
-    Ok(Some(log_change(tx, stmts, limits, tenant, "", &intake.changes, tag)?))
+    Ok(Some(log_change(
+        tx,
+        stmts,
+        limits,
+        tenant,
+        ToLog { origin: "", change: &intake.changes, moves: &intake.moves },
+        tag,
+    )?))
 }
 
 /// A tenant's real tables and causal state, as an intake of one table uses them: the

@@ -167,6 +167,15 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE driftless.gw_registry ADD COLUMN secret text;
     ",
+    // 6: scopes. Where each logged row of a scoped table moved (scope.rs: encode_moves);
+    // each device's scope parameters (a JSON object of strings) and their version; the
+    // version the gateway last told each device.
+    "
+    ALTER TABLE driftless.gw_log ADD COLUMN moves bytea;
+    ALTER TABLE driftless.gw_registry ADD COLUMN params text NOT NULL DEFAULT '{}';
+    ALTER TABLE driftless.gw_registry ADD COLUMN scope_version bigint NOT NULL DEFAULT 0;
+    ALTER TABLE driftless.gw_devices ADD COLUMN scope_told bigint;
+    ",
 ];
 
 /// The migration that adds the log's row index, after which entries already logged are

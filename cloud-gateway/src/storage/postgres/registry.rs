@@ -10,9 +10,9 @@ use postgres::Config;
 use super::Stmts;
 use super::connection::{Blocking, connect};
 use crate::error::{Error, Result};
-use crate::storage::common::{recovery_from, registration};
+use crate::storage::common::{params_text, parse_params, recovery_from, registration, scope_standing};
 use crate::storage::vouching::{NodeBook, NodeFact};
-use crate::storage::{Registered, Standing};
+use crate::storage::{Params, Registered, Standing};
 
 pub(super) fn register(
     client: &mut Client,
@@ -49,20 +49,22 @@ pub(super) fn secret(client: &mut Client, tenant: &str, device: &str) -> Result<
 
 pub(super) fn list(client: &mut Client, tenant: Option<&str>) -> Result<Vec<Registered>> {
     let rows = client.query(
-        "SELECT tenant, device, role, added_ms, removed_ms FROM driftless.gw_registry
+        "SELECT tenant, device, role, added_ms, removed_ms, params FROM driftless.gw_registry
          WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, device",
         &[&tenant],
     )?;
-    Ok(rows
-        .iter()
-        .map(|r| Registered {
-            tenant: r.get(0),
-            device: r.get(1),
-            role: r.get(2),
-            added_ms: r.get(3),
-            removed_ms: r.get(4),
+    rows.iter()
+        .map(|r| {
+            Ok(Registered {
+                tenant: r.get(0),
+                device: r.get(1),
+                role: r.get(2),
+                added_ms: r.get(3),
+                removed_ms: r.get(4),
+                params: parse_params(r.get(5))?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 pub(super) fn standing(client: &mut Client, stmts: &mut Stmts, tenant: &str, device: &str) -> Result<Standing> {
@@ -73,15 +75,43 @@ pub(super) fn standing(client: &mut Client, stmts: &mut Stmts, tenant: &str, dev
                 EXISTS (SELECT 1 FROM driftless.gw_registry WHERE tenant = $1),
                 (SELECT since_ms FROM current WHERE (SELECT count(*) FROM driftless.gw_epochs WHERE tenant = $1) > 1),
                 (SELECT d.since_ms FROM driftless.gw_epoch_devices d, current c
-                    WHERE d.tenant = $1 AND d.device = $2 AND d.epoch = c.epoch)",
+                    WHERE d.tenant = $1 AND d.device = $2 AND d.epoch = c.epoch),
+                (SELECT params FROM driftless.gw_registry WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL),
+                (SELECT scope_version FROM driftless.gw_registry
+                    WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL),
+                (SELECT scope_told FROM driftless.gw_devices WHERE tenant = $1 AND device = $2)",
     )?;
     let row = client.query_one(&stmt, &[&tenant, &device])?;
     let heard_ms: Option<i64> = row.get(3);
+    let params: Option<String> = row.get(4);
+    let version: Option<i64> = row.get(5);
     Ok(Standing {
         registration: registration(row.get(0), row.get(1)),
         recovery_from_ms: recovery_from(row.get(2), heard_ms),
         heard: heard_ms.is_some(),
+        scope: scope_standing(params.zip(version), row.get(6))?,
     })
+}
+
+pub(super) fn set_params(client: &mut Client, tenant: &str, device: &str, params: &Params) -> Result<bool> {
+    let n = client.execute(
+        "UPDATE driftless.gw_registry
+            SET params = $3, scope_version = scope_version + (params IS DISTINCT FROM $3)::int
+          WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL",
+        &[&tenant, &device, &params_text(params)],
+    )?;
+    Ok(n > 0)
+}
+
+pub(super) fn scope_told(client: &mut Client, tenant: &str, device: &str, version: u64) -> Result<()> {
+    // (The device's row may not be written yet: last-seen times are written in batches.)
+    client.execute(
+        "INSERT INTO driftless.gw_devices(tenant, device, first_seen_ms, last_seen_ms, scope_told)
+         VALUES ($1, $2, $4, $4, $3)
+         ON CONFLICT (tenant, device) DO UPDATE SET scope_told = excluded.scope_told",
+        &[&tenant, &device, &(version as i64), &crate::storage::common::now_ms()],
+    )?;
+    Ok(())
 }
 
 /// The node book over a merge's transaction.

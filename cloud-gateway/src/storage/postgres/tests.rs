@@ -23,6 +23,7 @@ fn incoming<'a>(device: &'a str, seq: i64) -> Incoming<'a> {
         role: None,
         recovering: false,
         legacy: false,
+        scope: None,
     }
 }
 

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 
 use driftless_core::codec::{Limits, encode_key};
 use driftless_core::schema::quote;
+use driftless_core::scope::Move;
 use driftless_core::{Batch, NodeId, RowChange, SchemaTable, Value};
 use rusqlite::{Connection, OptionalExtension};
 
@@ -236,7 +237,7 @@ pub(super) fn ingest(
     tenant: &str,
     served: &ServedSchema,
     now_ms: u64,
-) -> Result<Option<Batch>> {
+) -> Result<Option<(Batch, Vec<Option<Move>>)>> {
     let mut intake = Intake::new(&served.schema, limits, now_ms);
     let mut rows = Rows { conn, limits, tenant };
     for table in &served.schema.tables {
@@ -289,7 +290,7 @@ pub(super) fn ingest(
         )?
         .execute(rusqlite::params![tenant, &node.0[..], CLOUD_OWNER, role, *next as i64 - 1])?;
     }
-    Ok((!intake.changes.rows.is_empty()).then_some(intake.changes))
+    Ok((!intake.changes.rows.is_empty()).then_some((intake.changes, intake.moves)))
 }
 
 /// A tenant's real tables and causal state in this store, as an intake uses them.

@@ -18,8 +18,9 @@ use rusqlite::{Connection, OptionalExtension};
 use super::registry::Book;
 use super::{cloud_writes, erasure, tables};
 use crate::error::{Error, MergeError};
+use crate::storage::common::{logged_moves, scope_rules};
 use crate::storage::vouching::vouch;
-use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema};
+use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema, ToLog};
 
 /// Why this store cannot take a row's key, if it cannot. `arity` holds the key arity of
 /// tables learned so far in this batch (new tables are recorded once their first row merges).
@@ -157,9 +158,15 @@ pub(super) fn merge(
         tables::materialize(&tx, limits, tenant, served)?;
         // Writes made to the real tables first: this merge must not overwrite one unseen.
         if cloud_writes::pending(&tx, tenant, served)?
-            && let Some(cloud) = cloud_writes::ingest(&tx, limits, tenant, served, at.now_ms)?
+            && let Some((cloud, moves)) = cloud_writes::ingest(&tx, limits, tenant, served, at.now_ms)?
         {
-            entries.push(log_change(&tx, limits, tenant, "", &cloud, tags.next())?);
+            entries.push(log_change(
+                &tx,
+                limits,
+                tenant,
+                ToLog { origin: "", change: &cloud, moves: &moves },
+                tags.next(),
+            )?);
             cloud_logged = true;
         }
     }
@@ -170,6 +177,7 @@ pub(super) fn merge(
         bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)),
         vouch: vouched.vouch.as_ref(),
         roles: Some(&vouched.roles),
+        scopes: scope_rules(schema, at),
     };
     let merged = merge_batch(&mut rows, batch, rules)?;
     let mut new_tables = std::mem::take(&mut rows.new_tables);
@@ -208,7 +216,8 @@ pub(super) fn merge(
         // A change whose timestamps were bounded goes back to its writer too, which then holds
         // the bounded timestamps like everyone else.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        let entry = log_change(&tx, limits, tenant, origin, &changed, tags.next())?;
+        let entry =
+            log_change(&tx, limits, tenant, ToLog { origin, change: &changed, moves: &merged.moves }, tags.next())?;
         outcome.logged = Some(entry.cursor);
         entries.push(entry);
     }
@@ -259,10 +268,10 @@ pub(super) fn log_change(
     conn: &Connection,
     limits: &Limits,
     tenant: &str,
-    origin: &str,
-    change: &Batch,
+    logged: ToLog<'_>,
     tag: u64,
 ) -> Result<LogEntry, Error> {
+    let ToLog { origin, change, moves } = logged;
     let scrubbed = erasure::scrub(conn, limits, tenant, change)?;
     let change = scrubbed.unwrap_or_else(|| change.clone());
     // Positions are shared by every tenant of the file, so the tenant's previous entry is
@@ -271,8 +280,18 @@ pub(super) fn log_change(
         .prepare_cached("SELECT seq, tag FROM gw_log WHERE tenant = ?1 ORDER BY seq DESC LIMIT 1")?
         .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    conn.prepare_cached("INSERT INTO gw_log(tenant, origin, rows, change, tag) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(rusqlite::params![tenant, origin, change.rows.len() as i64, encode_payload(&change), tag as i64])?;
+    let moved = logged_moves(moves);
+    conn.prepare_cached(
+        "INSERT INTO gw_log(tenant, origin, rows, change, tag, moves) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(rusqlite::params![
+        tenant,
+        origin,
+        change.rows.len() as i64,
+        encode_payload(&change),
+        tag as i64,
+        moved
+    ])?;
     let seq = conn.last_insert_rowid();
     erasure::index(conn, tenant, seq, &change)?;
     Ok(LogEntry {
@@ -283,5 +302,6 @@ pub(super) fn log_change(
         }),
         origin: origin.to_owned(),
         change,
+        scoped: moved.is_some(),
     })
 }

@@ -6,9 +6,9 @@ use driftless_core::NodeId;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
-use crate::storage::common::{recovery_from, registration};
+use crate::storage::common::{params_text, parse_params, recovery_from, registration, scope_standing};
 use crate::storage::vouching::{NodeBook, NodeFact};
-use crate::storage::{Registered, Standing};
+use crate::storage::{Params, Registered, Standing};
 
 pub(super) fn register(
     conn: &Connection,
@@ -46,19 +46,26 @@ pub(super) fn secret(conn: &Connection, tenant: &str, device: &str) -> Result<Op
 
 pub(super) fn list(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Registered>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT tenant, device, role, added_ms, removed_ms FROM gw_registry
+        "SELECT tenant, device, role, added_ms, removed_ms, params FROM gw_registry
          WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant, device",
     )?;
     let rows = stmt.query_map([tenant], |r| {
-        Ok(Registered {
+        let registered = Registered {
             tenant: r.get(0)?,
             device: r.get(1)?,
             role: r.get(2)?,
             added_ms: r.get(3)?,
             removed_ms: r.get(4)?,
-        })
+            params: Params::new(),
+        };
+        Ok((registered, r.get::<_, String>(5)?))
     })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    rows.map(|r| {
+        let (mut registered, params) = r?;
+        registered.params = parse_params(&params)?;
+        Ok(registered)
+    })
+    .collect()
 }
 
 pub(super) fn standing(conn: &Connection, tenant: &str, device: &str) -> Result<Standing> {
@@ -72,11 +79,42 @@ pub(super) fn standing(conn: &Connection, tenant: &str, device: &str) -> Result<
                         WHERE d.tenant = ?1 AND d.device = ?2 AND d.epoch = c.epoch)",
         )?
         .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    let scope: Option<(String, i64)> = conn
+        .prepare_cached(
+            "SELECT params, scope_version FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL",
+        )?
+        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let told: Option<i64> = conn
+        .prepare_cached("SELECT scope_told FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
+        .query_row([tenant, device], |r| r.get(0))
+        .optional()?
+        .flatten();
     Ok(Standing {
         registration: registration(role, closed),
         recovery_from_ms: recovery_from(renewed_ms, heard_ms),
         heard: heard_ms.is_some(),
+        scope: scope_standing(scope, told)?,
     })
+}
+
+pub(super) fn set_params(conn: &Connection, tenant: &str, device: &str, params: &Params) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE gw_registry SET params = ?3, scope_version = scope_version + (params IS NOT ?3)
+             WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL",
+        )?
+        .execute(rusqlite::params![tenant, device, params_text(params)])?;
+    Ok(n > 0)
+}
+
+pub(super) fn scope_told(conn: &Connection, tenant: &str, device: &str, version: u64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, scope_told) VALUES (?1, ?2, ?4, ?4, ?3)
+         ON CONFLICT(tenant, device) DO UPDATE SET scope_told = excluded.scope_told",
+    )?
+    .execute(rusqlite::params![tenant, device, version as i64, crate::storage::common::now_ms()])?;
+    Ok(())
 }
 
 /// The node book over a merge's transaction.

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 12;
+const VERSION: i64 = 13;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -268,6 +268,21 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
         // A hash of each registered device's broker password, for the embedded broker to
         // check (see broker/credentials.rs); NULL when none was issued.
         conn.execute_batch("ALTER TABLE gw_registry ADD COLUMN secret TEXT;")?;
+    }
+    if version == 12 {
+        conn.execute_batch(
+            "
+            -- Where each logged row of a scoped table moved (scope.rs: encode_moves); NULL
+            -- when the entry holds none.
+            ALTER TABLE gw_log ADD COLUMN moves BLOB;
+            -- Each device's scope parameters (a JSON object of strings), set by an operator,
+            -- and a version that grows with every change of them.
+            ALTER TABLE gw_registry ADD COLUMN params TEXT NOT NULL DEFAULT '{}';
+            ALTER TABLE gw_registry ADD COLUMN scope_version INTEGER NOT NULL DEFAULT 0;
+            -- The scope version the gateway last told each device.
+            ALTER TABLE gw_devices ADD COLUMN scope_told INTEGER;
+            ",
+        )?;
     }
     Ok(())
 }

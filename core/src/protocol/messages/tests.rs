@@ -81,6 +81,10 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
         Downlink::Nack { epoch: e, id: 4, first_seq: 1, last_seq: 2, reason: "bad".into() },
         Downlink::Changes { epoch: e, from: 70, cursor: c, more: true, batch: vec![4] },
         Downlink::Snapshot { epoch: e, resume: vec![1], log_cursor: c, done: false, batch: vec![] },
+        Downlink::ScopedChanges { epoch: e, from: 70, cursor: c, more: false, evict: vec![7, 8], batch: vec![4] },
+        Downlink::ScopedChanges { epoch: e, from: 70, cursor: c, more: true, evict: vec![], batch: vec![] },
+        Downlink::Scope { epoch: e, version: 4, tables: vec!["work_orders".into(), "inspections".into()] },
+        Downlink::Scope { epoch: e, version: 0, tables: vec![] },
         Downlink::Feed {
             epoch: e,
             scope: "all".into(),

@@ -1,0 +1,191 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::clock::{Dot, Hlc, NodeId};
+use crate::merge::{FieldWrite, LocalWrite, write_local_delete, write_local_upsert};
+use crate::policy::DeletePolicy;
+
+const SCHEMA: &str = r#"
+[[table]]
+name = "work_orders"
+key = ["id"]
+scope = "region = :region AND kind = 'repair'"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "region"
+type = "text"
+[[table.column]]
+name = "kind"
+type = "text"
+[[table.column]]
+name = "floor"
+type = "integer"
+
+[[table]]
+name = "inspections"
+key = ["id"]
+scope = "assignee = :device"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "assignee"
+type = "text"
+
+[[table]]
+name = "parts"
+key = ["id"]
+[[table.column]]
+name = "id"
+type = "text"
+"#;
+
+fn schema() -> SyncSchema {
+    SyncSchema::parse(SCHEMA).expect("schema parses")
+}
+
+fn row(region: &str, kind: &str, counter: u64) -> RowState {
+    let mut state = RowState::default();
+    let fields = vec![
+        FieldWrite { column: "region".into(), value: Value::Text(region.into()), hlc: Hlc(counter) },
+        FieldWrite { column: "kind".into(), value: Value::Text(kind.into()), hlc: Hlc(counter) },
+    ];
+    write_local_upsert(
+        &mut state,
+        Dot { node: NodeId([1; 16]), counter },
+        Hlc(counter),
+        LocalWrite { fields, counter_deltas: vec![] },
+    );
+    state
+}
+
+fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn a_row_is_held_by_the_devices_whose_parameters_match_its_columns() {
+    let schema = schema();
+    let table = schema.table("work_orders").expect("present");
+    let scope = table.scope.as_ref().expect("present");
+    let roles = BTreeMap::new();
+    assert_eq!(scope.key_of(&row("north", "repair", 1), table, &roles), Some(vec![Value::Text("north".into())]));
+    // A literal term that fails puts the row in no device's scope.
+    assert_eq!(scope.key_of(&row("north", "survey", 1), table, &roles), None);
+    assert_eq!(scope.key_of(&RowState::default(), table, &roles), None);
+
+    let north = DeviceScope::of(&schema, "t-1", &params(&[("region", "north")]));
+    let south = DeviceScope::of(&schema, "t-2", &params(&[("region", "south")]));
+    let none = DeviceScope::of(&schema, "t-3", &params(&[]));
+    let key = scope.key_of(&row("north", "repair", 1), table, &roles);
+    assert!(north.holds("work_orders", key.as_ref()));
+    assert!(!south.holds("work_orders", key.as_ref()));
+    assert!(!none.holds("work_orders", key.as_ref()), "a device without the parameter holds no row");
+    assert!(!north.holds("work_orders", None));
+    assert!(north.holds("parts", None), "a table without a scope is held whole");
+    assert_eq!(north.tables().collect::<Vec<_>>(), ["inspections", "work_orders"]);
+}
+
+#[test]
+fn the_device_parameter_is_the_device_id() {
+    let schema = schema();
+    let t = schema.table("inspections").expect("present");
+    let mine = DeviceScope::of(&schema, "tablet-7", &params(&[("device", "someone-else")]));
+    assert_eq!(
+        t.scope.as_ref().expect("present").device_key("tablet-7", &BTreeMap::new(), t),
+        Some(vec![Value::Text("tablet-7".into())])
+    );
+    assert!(mine.holds("inspections", Some(&vec![Value::Text("tablet-7".into())])));
+    assert!(!mine.holds("inspections", Some(&vec![Value::Text("someone-else".into())])));
+}
+
+#[test]
+fn parameters_take_their_columns_type() {
+    let schema = SyncSchema::parse(
+        &SCHEMA.replace("scope = \"region = :region AND kind = 'repair'\"", "scope = \"floor = :floor\""),
+    )
+    .expect("present");
+    let t = schema.table("work_orders").expect("present");
+    let s = t.scope.as_ref().expect("present");
+    assert_eq!(s.device_key("d", &params(&[("floor", "3")]), t), Some(vec![Value::Integer(3)]));
+    assert_eq!(s.device_key("d", &params(&[("floor", "three")]), t), None);
+}
+
+#[test]
+fn scopes_that_cannot_work_are_refused_with_the_reason() {
+    for (scope, why) in [
+        ("id = :x", "key"),
+        ("missing = :x", "not declared"),
+        ("region = north", "literal"),
+        ("region = :", "plain name"),
+        ("region", "column = value"),
+        ("", "at least one term"),
+        ("floor = 'three'", "literal"),
+    ] {
+        let text = SCHEMA.replace("region = :region AND kind = 'repair'", scope);
+        let err = SyncSchema::parse(&text).expect_err(scope).to_string();
+        assert!(err.contains(why), "{scope:?}: {err}");
+    }
+    let ok = SCHEMA.replace("region = :region AND kind = 'repair'", "kind = 'it''s' and region = :r");
+    let schema = SyncSchema::parse(&ok).expect("quotes and lower-case and");
+    let s = schema.table("work_orders").expect("present").scope.as_ref().expect("present");
+    assert_eq!(s.terms[0].operand, Operand::Literal(Value::Text("it's".into())));
+    assert_eq!(s.params().collect::<Vec<_>>(), ["r"]);
+}
+
+#[test]
+fn a_scope_cannot_change_once_devices_hold_its_rows() {
+    let old = schema();
+    let new = SyncSchema::parse(&SCHEMA.replace("kind = 'repair'", "kind = 'survey'")).expect("present");
+    let err = new.check_replaces(&old, 1).expect_err("a changed scope").to_string();
+    assert!(err.contains("scope of \"work_orders\" changed"), "{err}");
+    let unscoped = SyncSchema::parse(&SCHEMA.replace("scope = \"assignee = :device\"\n", "")).expect("present");
+    assert!(schema().check_replaces(&unscoped, 1).is_err(), "a scope added to a table devices hold whole");
+    assert!(schema().check_replaces(&schema(), 1).is_ok());
+}
+
+#[test]
+fn a_deleted_row_stays_where_it_was_so_its_holders_see_the_delete() {
+    let schema = schema();
+    let table = schema.table("work_orders").expect("present");
+    let scope = table.scope.as_ref().expect("present");
+    let roles = BTreeMap::new();
+    let before = row("north", "repair", 1);
+    let moved = Move::of(scope, table, &before, &row("south", "repair", 2), &roles);
+    assert_eq!(moved.before, Some(vec![Value::Text("north".into())]));
+    assert_eq!(moved.after, Some(vec![Value::Text("south".into())]));
+    let mut dead = before.clone();
+    write_local_delete(&mut dead, Dot { node: NodeId([1; 16]), counter: 2 }, Hlc(2), vec![], DeletePolicy::DeleteWins);
+    let gone = Move::of(scope, table, &before, &dead, &roles);
+    assert_eq!(gone.after, gone.before);
+    let created = Move::of(scope, table, &RowState::default(), &before, &roles);
+    assert_eq!(created.before, None);
+
+    let north = DeviceScope::of(&schema, "t-1", &params(&[("region", "north")]));
+    assert!(may_write(&north, "work_orders", &moved, true), "a row it holds, handed to another region");
+    assert!(!may_write(
+        &north,
+        "work_orders",
+        &Move { before: moved.after.clone(), after: moved.before.clone() },
+        true
+    ));
+    assert!(may_write(&north, "work_orders", &created, false));
+    assert!(!may_write(&north, "work_orders", &Move { before: None, after: moved.after.clone() }, false));
+}
+
+#[test]
+fn moves_round_trip_and_bad_bytes_are_errors() {
+    let moves = vec![
+        None,
+        Some(Move { before: None, after: Some(vec![Value::Text("north".into()), Value::Integer(3)]) }),
+        Some(Move { before: Some(vec![]), after: None }),
+    ];
+    let bytes = encode_moves(&moves);
+    assert_eq!(decode_moves(&bytes, &Limits::default()).expect("present"), moves);
+    for cut in 0..bytes.len() {
+        assert!(decode_moves(&bytes[..cut], &Limits::default()).is_err(), "cut at {cut}");
+    }
+    assert!(decode_moves(&[0xff, 0xff, 0xff, 0xff, 0x0f], &Limits::default()).is_err());
+}

@@ -1,0 +1,221 @@
+//! Scopes as a field team lives them: each technician's tablet holds its region's work
+//! orders and no others, while orders move between regions by a technician's hand-off, by
+//! the back office's plain SQL, and by an operator moving a technician to another region,
+//! with tablets online and offline throughout. Run on the SQLite gateway store, and on
+//! PostgreSQL too when `DRIFTLESS_TEST_PG_URL` is set.
+
+#[path = "scopes/world.rs"]
+mod world;
+
+use driftless_core::Value;
+use world::World;
+
+const SCHEMA: &str = r#"
+roles = ["field"]
+
+[[table]]
+name = "work_orders"
+key = ["id"]
+scope = "region = :region"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "region"
+type = "text"
+[[table.column]]
+name = "title"
+type = "text"
+[[table.column]]
+name = "note"
+type = "text"
+policy = "manual"
+
+[[table]]
+name = "inspections"
+key = ["id"]
+scope = "assignee = :device"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "assignee"
+type = "text"
+
+[[table]]
+name = "parts"
+key = ["sku"]
+[[table.column]]
+name = "sku"
+type = "text"
+"#;
+
+fn both(test: impl Fn(World)) {
+    test(World::new(SCHEMA, false).expect("sqlite world"));
+    if let Some(world) = World::new(SCHEMA, true) {
+        test(world);
+    }
+}
+
+fn ids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn each_device_holds_the_rows_its_parameters_select_and_every_row_of_unscoped_tables() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        let south = w.device("tab-s", &[("region", "south")]);
+        let nobody = w.device("tab-x", &[]);
+        for d in [north, south, nobody] {
+            w.connect(d);
+        }
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'pump')");
+        w.write(south, "INSERT INTO work_orders(id, region, title) VALUES ('wo-2', 'south', 'valve')");
+        w.write(south, "INSERT INTO parts VALUES ('p-1')");
+        w.write(south, "INSERT INTO inspections VALUES ('in-1', 'tab-s')");
+        assert_eq!(w.held(north), ids(&["wo-1"]));
+        assert_eq!(w.held(south), ids(&["wo-2"]));
+        assert_eq!(w.held(nobody), Vec::<String>::new(), "no region parameter: no work order");
+        for d in [north, south, nobody] {
+            assert_eq!(w.rows(d, "SELECT sku FROM parts"), vec![vec![Value::Text("p-1".into())]]);
+        }
+        // By the device parameter: the inspection assigned to tab-s.
+        assert_eq!(w.rows(south, "SELECT id FROM inspections"), vec![vec![Value::Text("in-1".into())]]);
+        assert!(w.rows(north, "SELECT id FROM inspections").is_empty());
+        assert!(w.rows(nobody, "SELECT id FROM inspections").is_empty());
+    });
+}
+
+#[test]
+fn a_write_outside_the_devices_scope_is_refused_with_its_reason_and_reaches_no_one() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        let south = w.device("tab-s", &[("region", "south")]);
+        w.connect(north);
+        w.connect(south);
+        w.write(south, "INSERT INTO work_orders(id, region, title) VALUES ('wo-2', 'south', 'valve')");
+        // A new order for another region, and an edit of an order it does not hold.
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-9', 'south', 'sneaked in')");
+        let letters = w.gateway().dead_letters(&Default::default()).expect("dead letters");
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert!(letters[0].reason.contains("outside this device's scope"), "{}", letters[0].reason);
+        assert_eq!(letters[0].device, "tab-n");
+        assert_eq!(w.held(south), ids(&["wo-2"]), "the refused order reached no one");
+        // The device keeps its change, set aside with the reason.
+        assert_eq!(w.store(north).rejected_count().expect("rejected"), 1);
+    });
+}
+
+#[test]
+fn a_hand_off_by_a_device_moves_the_row_with_its_whole_state() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        let south = w.device("tab-s", &[("region", "south")]);
+        w.connect(north);
+        w.connect(south);
+        w.write(north, "INSERT INTO work_orders(id, region, title, note) VALUES ('wo-1', 'north', 'pump', 'rusty')");
+        w.write(north, "UPDATE work_orders SET title = 'big pump' WHERE id = 'wo-1'");
+        w.write(north, "UPDATE work_orders SET region = 'south' WHERE id = 'wo-1'");
+        assert_eq!(w.held(north), Vec::<String>::new(), "handed off, gone without a delete");
+        let row = w.rows(south, "SELECT id, region, title, note FROM work_orders");
+        let text = |s: &str| Value::Text(s.into());
+        assert_eq!(row, vec![vec![text("wo-1"), text("south"), text("big pump"), text("rusty")]]);
+        // The row lives on in the cloud: no delete was synced.
+        w.write(south, "UPDATE work_orders SET note = 'fixed' WHERE id = 'wo-1'");
+        assert_eq!(w.rows(south, "SELECT note FROM work_orders"), vec![vec![text("fixed")]]);
+    });
+}
+
+#[test]
+fn the_back_office_moves_orders_between_regions_and_offline_tablets_end_up_right() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        let late = w.device("tab-n2", &[("region", "north")]);
+        let south = w.device("tab-s", &[("region", "south")]);
+        for d in [north, late, south] {
+            w.connect(d);
+        }
+        for (id, region) in [("wo-1", "north"), ("wo-2", "north"), ("wo-3", "north"), ("wo-4", "south")] {
+            w.write(north.min(south), "SELECT 1");
+            let d = if region == "north" { north } else { south };
+            w.write(d, &format!("INSERT INTO work_orders(id, region, title) VALUES ('{id}', '{region}', 'job')"));
+        }
+        assert_eq!(w.held(late), ids(&["wo-1", "wo-2", "wo-3"]));
+        w.disconnect(late);
+        // While tab-n2 is offline: wo-1 goes south, wo-2 goes south and comes back edited,
+        // wo-4 comes north.
+        w.cloud_write("UPDATE TABLE SET region = 'south' WHERE id IN ('wo-1', 'wo-2')");
+        assert_eq!(w.held(north), ids(&["wo-3"]));
+        assert_eq!(w.held(south), ids(&["wo-1", "wo-2", "wo-4"]));
+        w.write(south, "UPDATE work_orders SET title = 'edited in the south' WHERE id = 'wo-2'");
+        w.cloud_write("UPDATE TABLE SET region = 'north' WHERE id IN ('wo-2', 'wo-4')");
+        assert_eq!(w.held(north), ids(&["wo-2", "wo-3", "wo-4"]));
+        assert_eq!(w.held(south), ids(&["wo-1"]));
+        w.connect(late);
+        assert_eq!(w.held(late), ids(&["wo-2", "wo-3", "wo-4"]), "the offline tablet holds exactly its region");
+        let title = w.rows(late, "SELECT title FROM work_orders WHERE id = 'wo-2'");
+        assert_eq!(title, vec![vec![Value::Text("edited in the south".into())]], "with the edits made elsewhere");
+    });
+}
+
+#[test]
+fn an_operator_moving_a_technician_moves_their_rows_conflicts_included() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        let s1 = w.device("tab-s1", &[("region", "south")]);
+        let s2 = w.device("tab-s2", &[("region", "south")]);
+        for d in [north, s1, s2] {
+            w.connect(d);
+        }
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'pump')");
+        w.write(s1, "INSERT INTO work_orders(id, region, title, note) VALUES ('wo-2', 'south', 'valve', 'x')");
+        // Two southern tablets edit the note at once, offline: a manual conflict.
+        w.disconnect(s1);
+        w.disconnect(s2);
+        w.write(s1, "UPDATE work_orders SET note = 'from s1' WHERE id = 'wo-2'");
+        w.write(s2, "UPDATE work_orders SET note = 'from s2' WHERE id = 'wo-2'");
+        w.connect(s1);
+        w.connect(s2);
+        assert_eq!(w.store(s1).conflicts().expect("conflicts").len(), 1);
+        // tab-n is moved south while offline: at its next connection it drops the north's
+        // orders and fetches the south's, with the pending conflict.
+        w.disconnect(north);
+        w.set_params("tab-n", &[("region", "south")]);
+        w.connect(north);
+        assert_eq!(w.held(north), ids(&["wo-2"]));
+        assert_eq!(w.store(north).conflicts().expect("conflicts").len(), 1, "the conflict came with the row");
+        // And back north while online: the next pull notices.
+        w.set_params("tab-n", &[("region", "north")]);
+        w.write(s1, "INSERT INTO parts VALUES ('p-1')");
+        assert_eq!(w.held(north), ids(&["wo-1"]));
+        assert_eq!(w.rows(north, "SELECT sku FROM parts"), vec![vec![Value::Text("p-1".into())]]);
+        // Its writes follow its new scope.
+        w.write(north, "UPDATE work_orders SET title = 'new pump' WHERE id = 'wo-1'");
+        assert!(w.gateway().dead_letters(&Default::default()).expect("letters").is_empty());
+    });
+}
+
+#[test]
+fn rows_written_before_the_first_sync_or_a_scope_change_stay_and_sync() {
+    both(|mut w| {
+        let south = w.device("tab-s", &[("region", "south")]);
+        let north = w.device("tab-n", &[("region", "north")]);
+        w.connect(south);
+        // A new tablet used offline before it ever synced.
+        w.provision(north, SCHEMA);
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'first day')");
+        w.connect(north);
+        assert_eq!(w.held(north), ids(&["wo-1"]), "its own rows stay");
+        assert_eq!(w.held(south), Vec::<String>::new());
+        // Offline again, it writes; meanwhile the operator changes its parameters (the same
+        // region, another crew): it starts over in its scope, and gets its unsent row back
+        // once merged.
+        w.disconnect(north);
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-2', 'north', 'second day')");
+        w.set_params("tab-n", &[("region", "north"), ("crew", "b")]);
+        w.connect(north);
+        assert_eq!(w.held(north), ids(&["wo-1", "wo-2"]));
+        assert!(w.gateway().dead_letters(&Default::default()).expect("letters").is_empty());
+    });
+}

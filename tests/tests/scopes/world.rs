@@ -1,0 +1,275 @@
+//! A small world for scope scenarios: devices with real stores and the real sync machine,
+//! the real gateway store (SQLite, or PostgreSQL when `DRIFTLESS_TEST_PG_URL` is set) behind
+//! the real handler, and a network that delivers everything in order. Devices go offline and
+//! come back; the operator changes their parameters; the back office writes the cloud tables
+//! with plain SQL.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use driftless_agent::machine::{Action, Input, StoreResult};
+use driftless_agent::{Machine, MachineConfig, execute};
+use driftless_core::codec::Limits;
+use driftless_core::protocol::{Downlink, downlink_topic, uplink_topic};
+use driftless_core::{Store, StoreOptions, Value};
+use driftless_gateway::handler::{self, HandlerConfig, Outgoing, handle_uplink};
+use driftless_gateway::storage::{Params, testing::TestDb};
+use driftless_gateway::{GatewayStore, SqliteStore};
+
+const TENANT: &str = "acme";
+const TIMEOUT_MS: u64 = 1_000;
+
+/// Where the gateway keeps its state.
+enum Cloud {
+    Sqlite(PathBuf),
+    Pg(Box<TestDb>),
+}
+
+struct Device {
+    name: String,
+    path: PathBuf,
+    store: Store,
+    machine: Machine,
+    online: bool,
+}
+
+pub(crate) struct World {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    now: Arc<AtomicU64>,
+    cloud: Cloud,
+    gateway: Box<dyn GatewayStore>,
+    devices: Vec<Device>,
+    net: VecDeque<(usize, Downlink)>,
+    up: VecDeque<(usize, Vec<u8>)>,
+}
+
+impl World {
+    /// A gateway serving `schema` (SQLite); `None` for PostgreSQL when no server is set up.
+    pub(crate) fn new(schema: &str, pg: bool) -> Option<World> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cloud, gateway): (Cloud, Box<dyn GatewayStore>) = if pg {
+            let db = TestDb::new()?;
+            let store = db.store();
+            (Cloud::Pg(Box::new(db)), Box::new(store))
+        } else {
+            let path = dir.path().join("gw.db");
+            (Cloud::Sqlite(path.clone()), Box::new(SqliteStore::open(&path).expect("gateway")))
+        };
+        let mut world = World {
+            dir: dir.path().to_owned(),
+            _dir: dir,
+            now: Arc::new(AtomicU64::new(1_800_000_000_000)),
+            cloud,
+            gateway,
+            devices: Vec::new(),
+            net: VecDeque::new(),
+            up: VecDeque::new(),
+        };
+        world.gateway.install_schema(schema).expect("install schema");
+        Some(world)
+    }
+
+    /// Registers a device with scope parameters and starts it (offline, with no tables
+    /// until the gateway serves it the schema).
+    pub(crate) fn device(&mut self, name: &str, params: &[(&str, &str)]) -> usize {
+        self.gateway.register_device(TENANT, name, "field", None, 1).expect("register");
+        self.set_params(name, params);
+        let path = self.dir.join(format!("{name}.db"));
+        let now = self.now.clone();
+        let opts = StoreOptions { clock: Arc::new(move || now.load(Ordering::SeqCst)), ..StoreOptions::default() };
+        let store = Store::open(&path, opts).expect("open device store");
+        let machine = Machine::new(MachineConfig {
+            device_id: name.to_owned(),
+            max_inflight: 2,
+            batch_rows: 50,
+            max_message_bytes: 1 << 20,
+            pull_rows: 3,
+            ack_timeout_ms: TIMEOUT_MS,
+            receives: true,
+            interval_ms: None,
+            id_seed: (self.devices.len() as u64 + 1) << 32,
+        });
+        self.devices.push(Device { name: name.to_owned(), path, store, machine, online: false });
+        self.devices.len() - 1
+    }
+
+    /// What an operator does with `driftless-gateway device params`.
+    pub(crate) fn set_params(&mut self, name: &str, params: &[(&str, &str)]) {
+        let params: Params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(self.gateway.set_params(TENANT, name, &params).expect("set params"), "{name} is registered");
+    }
+
+    fn now(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn input(&mut self, d: usize, input: Input) {
+        let now = self.now();
+        let dev = &mut self.devices[d];
+        let mut queue: VecDeque<Action> = dev.machine.handle(input, now).into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Publish(msg) => {
+                    if dev.online {
+                        self.up.push_back((d, msg.encode()));
+                    }
+                    queue.extend(dev.machine.handle(Input::Flushed, now));
+                }
+                Action::Store(op) => {
+                    let result = execute(&mut dev.store, op, now);
+                    if let StoreResult::Failed(e) = &result {
+                        panic!("store work failed on {}: {e}", dev.name);
+                    }
+                    queue.extend(dev.machine.handle(Input::Store(result), now));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn route(&mut self, out: Vec<Outgoing>) {
+        for o in out {
+            match o {
+                Outgoing::Reply { topic, payload } => {
+                    let d = self.devices.iter().position(|x| downlink_topic(TENANT, &x.name) == topic).expect("device");
+                    self.net.push_back((d, Downlink::decode(&payload, &Limits::default()).expect("downlink")));
+                }
+                // The broker's fan-out: every device of the tenant subscribes to its scope.
+                Outgoing::Feed { payload, .. } => {
+                    let msg = Downlink::decode(&payload, &Limits::default()).expect("feed");
+                    for d in 0..self.devices.len() {
+                        self.net.push_back((d, msg.clone()));
+                    }
+                }
+                Outgoing::Poke { .. } => {}
+            }
+        }
+    }
+
+    /// Delivers everything in flight, and everything it leads to.
+    fn deliver(&mut self) {
+        for _ in 0..100_000 {
+            if let Some((d, payload)) = self.up.pop_front() {
+                let topic = uplink_topic(TENANT, &self.devices[d].name);
+                let now = self.now();
+                let cfg = HandlerConfig::default();
+                let out = handle_uplink(&mut *self.gateway, &cfg, &topic, &payload, now).expect("gateway");
+                self.route(out);
+            } else if let Some((d, msg)) = self.net.pop_front() {
+                if self.devices[d].online {
+                    self.input(d, Input::Downlink(msg));
+                }
+            } else {
+                return;
+            }
+        }
+        panic!("messages keep flowing: the devices and the gateway never come to rest");
+    }
+
+    /// Brings every online device to rest: its writes shipped, what it misses pulled.
+    pub(crate) fn settle(&mut self) {
+        for _ in 0..40 {
+            self.deliver();
+            self.now.fetch_add(TIMEOUT_MS * 7, Ordering::SeqCst);
+            for d in 0..self.devices.len() {
+                if self.devices[d].online {
+                    self.input(d, Input::Tick);
+                }
+            }
+        }
+        self.deliver();
+        for d in &self.devices {
+            if d.online {
+                assert_eq!(d.store.pending_changes().expect("pending"), 0, "{} shipped everything", d.name);
+            }
+        }
+    }
+
+    pub(crate) fn connect(&mut self, d: usize) {
+        self.devices[d].online = true;
+        self.input(d, Input::Connected);
+        self.settle();
+    }
+
+    pub(crate) fn disconnect(&mut self, d: usize) {
+        self.devices[d].online = false;
+        self.net.retain(|(dev, _)| *dev != d);
+        self.input(d, Input::Disconnected { flush_timeout: false });
+    }
+
+    /// A write made by the device's app, shipped if it is online.
+    pub(crate) fn write(&mut self, d: usize, sql: &str) {
+        let conn = rusqlite::Connection::open(&self.devices[d].path).expect("open");
+        conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+        conn.execute_batch(sql).expect(sql);
+        drop(conn);
+        self.input(d, Input::LocalChange);
+        if self.devices[d].online {
+            self.settle();
+        }
+    }
+
+    /// A write made with plain SQL on the cloud's table (the ERP), taken in and published as
+    /// the gateway's service does.
+    pub(crate) fn cloud_write(&mut self, sql: &str) {
+        match &self.cloud {
+            Cloud::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).expect("open");
+                conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+                conn.execute_batch(&sql.replace("TABLE", &format!("\"{TENANT}.work_orders\""))).expect(sql);
+            }
+            Cloud::Pg(db) => {
+                db.client().batch_execute(&sql.replace("TABLE", &format!("\"{TENANT}\".work_orders"))).expect(sql)
+            }
+        }
+        let logged = self.gateway.ingest_cloud_writes(self.now()).expect("ingest");
+        assert!(!logged.is_empty(), "the cloud write was taken in");
+        let epoch = self.gateway.epoch(TENANT).expect("epoch");
+        let entries: Vec<_> = logged.into_iter().map(|(_, e)| e).collect();
+        let out = handler::feed(epoch, TENANT, &entries);
+        self.route(out);
+        self.settle();
+    }
+
+    /// Rows of the device's table, by a query.
+    pub(crate) fn rows(&self, d: usize, sql: &str) -> Vec<Vec<Value>> {
+        self.devices[d]
+            .store
+            .read(|c| {
+                let mut stmt = c.prepare(sql)?;
+                let n = stmt.column_count();
+                Ok(stmt
+                    .query_map([], |r| (0..n).map(|i| r.get(i)).collect::<rusqlite::Result<Vec<_>>>())?
+                    .collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .expect(sql)
+    }
+
+    /// The ids of the work orders a device holds, sorted.
+    pub(crate) fn held(&self, d: usize) -> Vec<String> {
+        self.rows(d, "SELECT id FROM work_orders ORDER BY id")
+            .into_iter()
+            .map(|r| match &r[0] {
+                Value::Text(t) => t.clone(),
+                other => panic!("id {other:?}"),
+            })
+            .collect()
+    }
+
+    pub(crate) fn store(&self, d: usize) -> &Store {
+        &self.devices[d].store
+    }
+
+    /// A device provisioned with the schema before its first connection (its app can write
+    /// before it ever syncs).
+    pub(crate) fn provision(&mut self, d: usize, schema: &str) {
+        self.devices[d].store.follow_schema(1, schema).expect("follow schema");
+    }
+
+    pub(crate) fn gateway(&mut self) -> &mut dyn GatewayStore {
+        &mut *self.gateway
+    }
+}
