@@ -17,7 +17,7 @@ use driftless_core::scope::DeviceScope;
 use driftless_core::{Batch, Epoch, LogCursor, SyncSchema};
 
 use crate::error::{Error, MergeError, Result};
-use crate::storage::scoped::snapshot_in_scope;
+use crate::storage::scoped;
 use crate::storage::{GatewayStore, Incoming, LogEntry, MergeOutcome, Registration, ScopeStanding, ServedSchema};
 
 /// What to publish.
@@ -538,13 +538,14 @@ fn snapshot_page(
     max_bytes: usize,
 ) -> Result<(crate::storage::SnapshotPage, Vec<u8>), Fault> {
     loop {
-        let mut page = store.snapshot_page(at.tenant, resume, rows)?.ok_or_else(|| Fault::Message {
+        let page = match at.schema {
+            Some(schema) => scoped::snapshot_page(store, at.tenant, resume, rows, schema, at.scope)?,
+            None => store.snapshot_page(at.tenant, resume, rows)?,
+        };
+        let page = page.ok_or_else(|| Fault::Message {
             reason: "the snapshot resume token does not name a position in this store".into(),
             nack: None,
         })?;
-        if let Some(schema) = at.schema {
-            snapshot_in_scope(&mut page.batch, schema, at.scope);
-        }
         let batch = encode_batch(&page.batch, EncodeOptions::default());
         if fits(&batch, max_bytes) || rows == 1 {
             return Ok((page, batch));

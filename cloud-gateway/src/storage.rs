@@ -350,6 +350,21 @@ pub trait GatewayStore: Send {
     /// A row's merged state as a one-row batch with its nodes' roles, if the row has one.
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>>;
 
+    /// Up to `limit` rows of `table` after the store's key `after` (empty: from the first),
+    /// in the store's key order: each key with the row's state as a one-row batch.
+    fn table_rows(&mut self, tenant: &str, table: &str, after: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Batch)>>;
+
+    /// [`GatewayStore::table_rows`] of the rows of a scoped table whose scope key (encoded)
+    /// is `skey`, found by the scope index, not by reading the others.
+    fn scope_rows(
+        &mut self,
+        tenant: &str,
+        table: &str,
+        skey: &[u8],
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Batch)>>;
+
     /// The newest log position of a tenant and its tag (position 0 if nothing is logged).
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor>;
 

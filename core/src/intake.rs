@@ -19,6 +19,7 @@ use crate::merge::{bound_future_timestamps, join_row};
 use crate::schema::SyncSchema;
 use crate::scope::{DeviceScope, Held, Move, may_write, scopes_of};
 use crate::state::RowState;
+use crate::view::is_visible;
 
 mod vouch;
 pub use vouch::Vouch;
@@ -196,8 +197,9 @@ pub fn merge_batch<S: RowStore>(
         }
         roles.extend(rules.roles.unwrap_or(&batch.roles).iter().map(|(n, r)| (*n, r.clone())));
         let moved = scope.zip(was.as_ref()).map(|((scope, table), was)| was.moved_to(scope, table, &state, &roles));
-        if let (Some(moved), Some(was), Some(writer)) = (&moved, &was, rules.scopes.and_then(|s| s.writer))
-            && !may_write(writer, &row.table, moved, was.visible)
+        if let (Some(moved), Some(was), Some(writer), Some((_, table))) =
+            (&moved, &was, rules.scopes.and_then(|s| s.writer), scope)
+            && !may_write(writer, &row.table, was, moved, is_visible(&state, &table.spec()))
         {
             report.refused.push((index, format!("a change to {:?} is outside this device's scope", row.table)));
             continue;

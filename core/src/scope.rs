@@ -181,6 +181,7 @@ fn typed(text: &str, ty: ColumnType) -> Option<Value> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeviceScope {
     keys: BTreeMap<String, Option<ScopeKey>>,
+    tables: BTreeMap<String, (Scope, SchemaTable)>,
 }
 
 impl DeviceScope {
@@ -191,12 +192,27 @@ impl DeviceScope {
             .iter()
             .filter_map(|t| t.scope.as_ref().map(|s| (t.name.clone(), s.device_key(device, params, t))))
             .collect();
-        DeviceScope { keys }
+        let tables =
+            schema.tables.iter().filter_map(|t| t.scope.clone().map(|s| (t.name.clone(), (s, t.clone())))).collect();
+        DeviceScope { keys, tables }
+    }
+
+    /// Whether the device holds a row of `table` in this state.
+    pub fn holds_state(&self, table: &str, state: &RowState, roles: &dyn Roles) -> bool {
+        match self.tables.get(table) {
+            None => !self.keys.contains_key(table),
+            Some((scope, t)) => self.holds(table, scope.key_of(state, t, roles).as_ref()),
+        }
     }
 
     /// Whether any table is scoped.
     pub fn any(&self) -> bool {
         !self.keys.is_empty()
+    }
+
+    /// The device's key for a scoped table (`None`: not scoped, or it holds none of it).
+    pub fn key(&self, table: &str) -> Option<&ScopeKey> {
+        self.keys.get(table).and_then(Option::as_ref)
     }
 
     pub fn is_scoped(&self, table: &str) -> bool {
@@ -234,17 +250,17 @@ impl Move {
     }
 }
 
-/// Where a row is before a change: whether it exists, and its key if it does.
+/// Where a row is before a change: whether any replica wrote it yet, and its key (a deleted
+/// row's too, from the values it kept; none once a delete erased them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
-    pub visible: bool,
+    pub exists: bool,
     pub key: Option<ScopeKey>,
 }
 
 impl Held {
     pub fn of(scope: &Scope, table: &SchemaTable, state: &RowState, roles: &dyn Roles) -> Held {
-        let visible = is_visible(state, &table.spec());
-        Held { visible, key: visible.then(|| scope.key_of(state, table, roles)).flatten() }
+        Held { exists: !state.life.entries.is_empty(), key: scope.key_of(state, table, roles) }
     }
 
     /// The move to `after`.
@@ -254,11 +270,16 @@ impl Held {
     }
 }
 
-/// Whether a device with scope `mine` may write a row of `table` going from `before` to
-/// `after`: the row was in its scope, or did not exist (or was deleted) and the write puts it
-/// there. Writing a row it does not hold, or making one outside its scope, is refused.
-pub fn may_write(mine: &DeviceScope, table: &str, moved: &Move, existed: bool) -> bool {
-    if existed { mine.holds(table, moved.before.as_ref()) } else { mine.holds(table, moved.after.as_ref()) }
+/// Whether a device with scope `mine` may write a row of `table` that was `was` and is
+/// `visible` after the write, having moved as `moved`: a row of its scope (it may also move
+/// it out), or a new row (or a deleted row whose values are gone) that the write leaves in
+/// its scope or leaves deleted (a write that lost to a delete shows nothing to anyone).
+/// Writing a row of another scope, deleted or not, or making one there, is refused.
+pub fn may_write(mine: &DeviceScope, table: &str, was: &Held, moved: &Move, visible: bool) -> bool {
+    match &was.key {
+        Some(_) if was.exists => mine.holds(table, was.key.as_ref()),
+        _ => !visible || mine.holds(table, moved.after.as_ref()),
+    }
 }
 
 /// The scopes of `schema`'s tables, by table, for the merge to compute moves with.

@@ -424,3 +424,31 @@ fn a_cursor_moves_from_the_named_entry_only_tag_included() {
     assert!(report.moved && report.applied == 1, "{report:?}");
     assert_eq!((report.cursor, count(&b)), (Some(next), 1));
 }
+
+/// A device whose scope changed drops the rows it holds, to fetch its new scope whole, but
+/// never one with changes of its app not yet acknowledged: those ship as they are, and the
+/// row's causal state (a counter's parts above all) stays with them.
+#[test]
+fn a_new_scope_drops_the_rows_held_but_not_those_with_unsent_changes() {
+    use driftless_core::{Batch, LogCursor};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = TableSpec::new().column("stock", ColumnPolicy::Counter);
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), spec);
+    a.write(|tx| {
+        Ok(tx.execute_batch("INSERT INTO inspections(id, status, stock) VALUES ('i1', 'open', 1), ('i2', 'open', 2)")?)
+    })
+    .expect("write");
+    drain(&mut a);
+    let (_, resets) = a.cursor().expect("cursor");
+    a.apply_with_cursor(&Batch::default(), &[], None, None, resets, LogCursor { position: 3, tag: 30 })
+        .expect("caught up");
+    a.write(|tx| Ok(tx.execute_batch("UPDATE inspections SET stock = stock + 5 WHERE id = 'i2'")?)).expect("write");
+    assert_eq!(a.rescope(1, &["inspections".to_owned()]).expect("rescope"), 1);
+    assert_eq!(rows(&a, "SELECT id, stock FROM inspections"), vec![vec![Value::Text("i2".into()), Value::Integer(7)]]);
+    assert_eq!(a.cursor().expect("cursor").0, None, "the next pull is a snapshot");
+    assert_eq!(a.scope_version().expect("version"), Some(1));
+    // The unsent increment still ships, on top of the parts it had.
+    let sent = drain(&mut a);
+    let counter = &sent[0].rows[0].state.counters["stock"];
+    assert_eq!(counter.value(), 7);
+}

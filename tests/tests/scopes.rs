@@ -30,6 +30,10 @@ type = "text"
 name = "note"
 type = "text"
 policy = "manual"
+[[table.column]]
+name = "hours"
+type = "integer"
+policy = "counter"
 
 [[table]]
 name = "inspections"
@@ -217,5 +221,52 @@ fn rows_written_before_the_first_sync_or_a_scope_change_stay_and_sync() {
         w.connect(north);
         assert_eq!(w.held(north), ids(&["wo-1", "wo-2"]));
         assert!(w.gateway().dead_letters(&Default::default()).expect("letters").is_empty());
+    });
+}
+
+#[test]
+fn a_scope_change_keeps_the_rows_with_unsent_changes_counters_included() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        let other = w.device("tab-o", &[("region", "north")]);
+        w.connect(north);
+        w.connect(other);
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'pump')");
+        w.write(north, "UPDATE work_orders SET hours = hours + 2 WHERE id = 'wo-1'");
+        // Offline: more hours and a new title, unsent when its parameters change.
+        w.disconnect(north);
+        w.write(north, "UPDATE work_orders SET hours = hours + 3, title = 'pump, checked' WHERE id = 'wo-1'");
+        w.set_params("tab-n", &[("region", "north"), ("crew", "b")]);
+        w.connect(north);
+        w.write(north, "UPDATE work_orders SET hours = hours + 4 WHERE id = 'wo-1'");
+        let want = vec![vec![Value::Text("pump, checked".into()), Value::Integer(9)]];
+        for d in [north, other] {
+            assert_eq!(w.rows(d, "SELECT title, hours FROM work_orders"), want, "no change and no hour lost");
+        }
+    });
+}
+
+#[test]
+fn a_row_the_apps_own_constraints_keep_stays_and_the_rest_syncs() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        w.connect(north);
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'pump')");
+        w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-2', 'north', 'valve')");
+        // The app keeps its own notes on work orders, and forbids removing one that has some.
+        w.write(
+            north,
+            "CREATE TABLE my_notes (wo TEXT REFERENCES work_orders(id) ON DELETE RESTRICT, body TEXT);
+             PRAGMA foreign_keys = ON;
+             INSERT INTO my_notes VALUES ('wo-1', 'bring the big wrench');",
+        );
+        w.cloud_write("UPDATE TABLE SET region = 'south' WHERE id IN ('wo-1', 'wo-2')");
+        // wo-2 left; wo-1 stays, with the reason, and the device is not stuck on it.
+        assert_eq!(w.held(north), ids(&["wo-1"]));
+        let unapplied = w.store(north).unapplied().expect("unapplied");
+        assert_eq!(unapplied.len(), 1, "{unapplied:?}");
+        assert!(unapplied[0].2.contains("left this device's scope"), "{}", unapplied[0].2);
+        w.cloud_write("INSERT INTO TABLE(id, region, title) VALUES ('wo-3', 'north', 'new')");
+        assert_eq!(w.held(north), ids(&["wo-1", "wo-3"]));
     });
 }

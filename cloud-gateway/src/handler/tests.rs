@@ -298,6 +298,12 @@ impl GatewayStore for Faulty {
     fn row_state(&mut self, t: &str, table: &str, pk: &[driftless_core::Value]) -> Result<Option<Batch>> {
         self.0.row_state(t, table, pk)
     }
+    fn table_rows(&mut self, t: &str, table: &str, a: &[u8], l: usize) -> Result<Vec<(Vec<u8>, Batch)>> {
+        self.0.table_rows(t, table, a, l)
+    }
+    fn scope_rows(&mut self, t: &str, table: &str, k: &[u8], a: &[u8], l: usize) -> Result<Vec<(Vec<u8>, Batch)>> {
+        self.0.scope_rows(t, table, k, a, l)
+    }
     fn log_head(&mut self, t: &str) -> Result<LogCursor> {
         self.0.log_head(t)
     }

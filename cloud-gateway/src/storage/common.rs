@@ -53,9 +53,13 @@ pub(crate) fn resume_token(table: &str, key: &[u8]) -> Vec<u8> {
 }
 
 pub(crate) fn parse_resume(token: &[u8]) -> Option<(String, Vec<u8>)> {
+    parse_resume_ref(token).map(|(table, key)| (table.to_owned(), key.to_vec()))
+}
+
+pub(crate) fn parse_resume_ref(token: &[u8]) -> Option<(&str, &[u8])> {
     let len = u32::from_le_bytes(token.get(..4)?.try_into().ok()?) as usize;
-    let table = std::str::from_utf8(token.get(4..4usize.checked_add(len)?)?).ok()?.to_owned();
-    Some((table, token[4 + len..].to_vec()))
+    let table = std::str::from_utf8(token.get(4..4usize.checked_add(len)?)?).ok()?;
+    Some((table, &token[4 + len..]))
 }
 
 /// What is kept of a refused payload (all of it, or its first bytes when it is large) and
@@ -82,6 +86,10 @@ pub(crate) fn unfit_rows(
         let (arities, states) = stored(&table.name)?;
         for n in arities.into_iter().filter(|n| *n as usize != table.key.len()) {
             note(format!("rows of {:?} have {n} key columns; the schema declares {}", table.name, table.key.len()));
+        }
+        // Their entries were logged without where they belong: no device could be told.
+        if table.scope.is_some() && !states.is_empty() {
+            note(format!("{:?} holds rows already; a scope is declared with a new table", table.name));
         }
         for bytes in states {
             let b = decode_payload(&bytes, limits).map_err(|e| Error::Corrupt(format!("stored row: {e}")))?;

@@ -266,6 +266,23 @@ impl GatewayStore for PgStore {
         log::row_state(&mut self.client, &mut self.stmts, &self.limits, tenant, table, pk)
     }
 
+    fn table_rows(&mut self, tenant: &str, table: &str, after: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Batch)>> {
+        self.client()?;
+        log::table_rows(&mut self.client, &mut self.stmts, &self.limits, tenant, table, None, after, limit)
+    }
+
+    fn scope_rows(
+        &mut self,
+        tenant: &str,
+        table: &str,
+        skey: &[u8],
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Batch)>> {
+        self.client()?;
+        log::table_rows(&mut self.client, &mut self.stmts, &self.limits, tenant, table, Some(skey), after, limit)
+    }
+
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
         self.client()?;
         log::head(&mut *self.client, &mut self.stmts, tenant)

@@ -13,10 +13,11 @@ use std::collections::HashMap;
 
 use driftless_core::codec::{Limits, encode_key};
 use driftless_core::scope::{DeviceScope, Move, ScopeKey, decode_moves};
-use driftless_core::{LogCursor, RowChange, RowState, SyncSchema, Value};
+use driftless_core::{LogCursor, RowChange, RowState, SchemaTable, SyncSchema, Value};
 
 use crate::error::{Error, Result};
-use crate::storage::{ChangesPage, GatewayStore};
+use crate::storage::common::{parse_resume, parse_resume_ref, resume_token};
+use crate::storage::{ChangesPage, GatewayStore, SnapshotPage};
 
 /// Log entries read for one page, at most.
 const ENTRIES: usize = 256;
@@ -72,11 +73,12 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
                 seen.push(Seen { table: row.table.clone(), pk: row.pk.clone(), before, after: None, changes: vec![] });
                 seen.len() - 1
             });
+            // Counted whether the device gets it as logged, whole or as an eviction.
+            rows += 1;
             let s = &mut seen[at];
             s.after = after;
             if !own {
                 s.changes.push(row);
-                rows += 1;
             }
         }
     }
@@ -85,10 +87,14 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
         let holds = scope.holds(&s.table, s.after.as_ref());
         match (held, holds) {
             (true, true) => page.batch.rows.extend(s.changes),
-            // Even a row it made itself: a device whose scope changed dropped its rows, those
-            // it had not sent yet included (they come back this way once merged).
-            (false, true) => {
-                if let Some(current) = store.row_state(tenant, &s.table, &s.pk)? {
+            // A row it made itself in its scope it holds already (a change of scope keeps the
+            // rows with changes not yet acknowledged).
+            (false, true) if !s.changes.is_empty() => {
+                // As it is now: sent only if it is still in the scope (one that left again
+                // after the page's end is not shown; the next page evicts nothing it holds).
+                if let Some(current) = store.row_state(tenant, &s.table, &s.pk)?
+                    && current.rows.iter().all(|r| scope.holds_state(&s.table, &r.state, &current.roles))
+                {
                     page.batch.roles.extend(current.roles);
                     page.batch.rows.extend(current.rows);
                 }
@@ -100,21 +106,68 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
     Ok(page)
 }
 
-/// Drops from a snapshot page the rows outside `scope`. A deleted row whose values are gone
-/// is kept: it reveals nothing but its key, and a device that held it must see the delete.
-pub(crate) fn snapshot_in_scope(batch: &mut driftless_core::Batch, schema: &SyncSchema, scope: &DeviceScope) {
-    if !scope.any() {
-        return;
+/// A page of the current state of the rows a device holding `scope` holds, table by table
+/// in name order: a scoped table's rows found by the scope index (a scope of ten thousand
+/// rows in a table of millions reads ten thousand), every row of the others. `None` if the
+/// resume token names no position.
+pub(crate) fn snapshot_page<S: GatewayStore + ?Sized>(
+    store: &mut S,
+    tenant: &str,
+    resume: &[u8],
+    max_rows: usize,
+    schema: &SyncSchema,
+    scope: &DeviceScope,
+) -> Result<Option<SnapshotPage>> {
+    let (from_table, from_key) = if resume.is_empty() {
+        (String::new(), Vec::new())
+    } else {
+        match parse_resume(resume) {
+            Some(position) => position,
+            None => return Ok(None),
+        }
+    };
+    let mut tables: Vec<&SchemaTable> = schema.tables.iter().filter(|t| t.name >= from_table).collect();
+    tables.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut page = SnapshotPage::default();
+    for table in tables {
+        let after: &[u8] = if table.name == from_table { &from_key } else { &[] };
+        loop {
+            let want = max_rows.saturating_sub(page.batch.rows.len());
+            if want == 0 {
+                return Ok(Some(page));
+            }
+            let rows = match (&table.scope, scope.key(&table.name)) {
+                (None, _) => store.table_rows(tenant, &table.name, after_or(&page, &table.name, after), want)?,
+                (Some(_), Some(key)) => {
+                    let skey = encode_key(key);
+                    store.scope_rows(tenant, &table.name, &skey, after_or(&page, &table.name, after), want)?
+                }
+                // The device holds none of it.
+                (Some(_), None) => Vec::new(),
+            };
+            let last = rows.len() < want;
+            for (pk, b) in rows {
+                page.batch.roles.extend(b.roles);
+                page.batch.rows.extend(b.rows);
+                page.resume = resume_token(&table.name, &pk);
+            }
+            if last {
+                break;
+            }
+        }
     }
-    let roles = batch.roles.clone();
-    batch.rows.retain(|row| {
-        let Some((s, table)) = schema.table(&row.table).and_then(|t| t.scope.as_ref().map(|s| (s, t))) else {
-            return true;
-        };
-        let key = s.key_of(&row.state, table, &roles);
-        let visible = driftless_core::is_visible(&row.state, &table.spec());
-        scope.holds(&row.table, key.as_ref()) || (!visible && key.is_none())
-    });
+    page.done = true;
+    page.resume.clear();
+    Ok(Some(page))
+}
+
+/// Where to read `table` from: after the page's last row if it is of that table, else after
+/// `after`.
+fn after_or<'a>(page: &'a SnapshotPage, table: &str, after: &'a [u8]) -> &'a [u8] {
+    match parse_resume_ref(&page.resume) {
+        Some((t, key)) if t == table => key,
+        _ => after,
+    }
 }
 
 /// A logged entry's moves as stored (`None`: it holds no row of a scoped table).

@@ -319,6 +319,37 @@ impl GatewayStore for SqliteStore {
         state.map(|s| self.decode(&s)).transpose()
     }
 
+    fn table_rows(&mut self, tenant: &str, table: &str, after: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Batch)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT pk, state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk > ?3 ORDER BY pk LIMIT ?4",
+        )?;
+        let rows = stmt
+            .query_map(rusqlite::params![tenant, table, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<(Vec<u8>, Vec<u8>)>>>()?;
+        drop(stmt);
+        rows.into_iter().map(|(pk, state)| Ok((pk, self.decode(&state)?))).collect()
+    }
+
+    fn scope_rows(
+        &mut self,
+        tenant: &str,
+        table: &str,
+        skey: &[u8],
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Batch)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.pk, r.state FROM gw_scope_rows s
+             JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
+             WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3 AND s.pk > ?4 ORDER BY s.pk LIMIT ?5",
+        )?;
+        let rows = stmt
+            .query_map(rusqlite::params![tenant, table, skey, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<(Vec<u8>, Vec<u8>)>>>()?;
+        drop(stmt);
+        rows.into_iter().map(|(pk, state)| Ok((pk, self.decode(&state)?))).collect()
+    }
+
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {
         let head: Option<(i64, i64)> = self
             .conn

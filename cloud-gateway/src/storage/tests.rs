@@ -484,10 +484,9 @@ fn a_pull_in_scope_shows_rows_held_sends_entering_rows_whole_and_evicts_rows_gon
         assert!(merged.refused.is_empty() && merged.entries.iter().all(|e| e.scoped), "{merged:?}");
     };
     ship(&mut dev, &mut *gw, "INSERT INTO w VALUES ('w1', 'north')");
-    // Its own new row comes back whole to its writer (which may have dropped it meanwhile,
-    // its scope having changed), and never to a device of another scope.
+    // Its own new row is not sent back to its writer, and never to a device of another scope.
     let page = gw.changes_in_scope("acme", "tab-n", 0, 100, &north).expect("pull");
-    assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (1, 0));
+    assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (0, 0));
     let page = gw.changes_in_scope("acme", "tab-s", 0, 100, &south).expect("pull");
     assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (0, 0));
     let at = page.cursor.position;

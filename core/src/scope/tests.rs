@@ -164,15 +164,30 @@ fn a_deleted_row_stays_where_it_was_so_its_holders_see_the_delete() {
     assert_eq!(created.before, None);
 
     let north = DeviceScope::of(&schema, "t-1", &params(&[("region", "north")]));
-    assert!(may_write(&north, "work_orders", &moved, true), "a row it holds, handed to another region");
-    assert!(!may_write(
-        &north,
-        "work_orders",
-        &Move { before: moved.after.clone(), after: moved.before.clone() },
-        true
-    ));
-    assert!(may_write(&north, "work_orders", &created, false));
-    assert!(!may_write(&north, "work_orders", &Move { before: None, after: moved.after.clone() }, false));
+    let held = |state: &RowState| Held::of(scope, table, state, &roles);
+    let (was_north, was_south, new) = (held(&before), held(&row("south", "repair", 1)), held(&RowState::default()));
+    assert!(may_write(&north, "work_orders", &was_north, &moved, true), "a row it holds, handed to another region");
+    let back = Move { before: moved.after.clone(), after: moved.before.clone() };
+    assert!(!may_write(&north, "work_orders", &was_south, &back, true), "taking another region's row");
+    assert!(may_write(&north, "work_orders", &new, &created, true));
+    let elsewhere = Move { before: None, after: moved.after.clone() };
+    assert!(!may_write(&north, "work_orders", &new, &elsewhere, true), "making a row for another region");
+    // Another region's deleted row keeps its values: not this device's either.
+    let mut south_dead = row("south", "repair", 1);
+    write_local_delete(
+        &mut south_dead,
+        Dot { node: NodeId([2; 16]), counter: 2 },
+        Hlc(2),
+        vec![],
+        DeletePolicy::UpdateWins,
+    );
+    assert!(!may_write(&north, "work_orders", &held(&south_dead), &back, true), "reviving another region's row");
+    // A write that lost to a delete whose values are gone shows nothing to anyone.
+    let erased = Held { exists: true, key: None };
+    assert!(may_write(&north, "work_orders", &erased, &Move::default(), false));
+    assert!(north.holds_state("work_orders", &before, &roles));
+    assert!(!north.holds_state("work_orders", &row("south", "repair", 1), &roles));
+    assert!(north.holds_state("parts", &RowState::default(), &roles));
 }
 
 #[test]

@@ -64,6 +64,41 @@ pub(super) fn row_state(
     row.map(|r| decode(r.get(0), limits)).transpose()
 }
 
+/// Rows of `table` after key hash `after`, in key hash order; only those of scope key
+/// `skey` if given (by the scope index).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn table_rows(
+    client: &mut Client,
+    stmts: &mut Stmts,
+    limits: &Limits,
+    tenant: &str,
+    table: &str,
+    skey: Option<&[u8]>,
+    after: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Batch)>> {
+    let rows = match skey {
+        None => {
+            let stmt = stmts.get(
+                client,
+                "SELECT pkh, state FROM driftless.gw_rows
+                 WHERE tenant = $1 AND tbl = $2 AND pkh > $3 ORDER BY pkh LIMIT $4",
+            )?;
+            client.query(&stmt, &[&tenant, &table, &after, &(limit as i64)])?
+        }
+        Some(skey) => {
+            let stmt = stmts.get(
+                client,
+                "SELECT s.pkh, r.state FROM driftless.gw_scope_rows s
+                 JOIN driftless.gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pkh = s.pkh
+                 WHERE s.tenant = $1 AND s.tbl = $2 AND s.skey = $3 AND s.pkh > $4 ORDER BY s.pkh LIMIT $5",
+            )?;
+            client.query(&stmt, &[&tenant, &table, &skey, &after, &(limit as i64)])?
+        }
+    };
+    rows.iter().map(|r| Ok((r.get::<_, Vec<u8>>(0), decode(r.get(1), limits)?))).collect()
+}
+
 fn decode(bytes: &[u8], limits: &Limits) -> Result<Batch> {
     decode_payload(bytes, limits).map_err(|e| Error::Corrupt(e.to_string()))
 }

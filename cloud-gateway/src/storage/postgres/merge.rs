@@ -16,6 +16,7 @@ use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
 use crate::storage::common::{logged_moves, scope_rules};
 use crate::storage::vouching::{CLOUD_OWNER, vouch};
 use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema, ToLog};
+use driftless_core::scope::Move;
 
 /// Merges `batch`; `tags` are the tags of the entries it may log (its own, and one for the
 /// plain-SQL writes taken in first).
@@ -197,9 +198,59 @@ pub(super) fn log_change(
         ],
     )?;
     let (seq, previous, previous_tag): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    if moved.is_some() {
+        index_scopes(tx, stmts, tenant, &change, moves)?;
+    }
     let cursor = LogCursor { position: seq as u64, tag };
     let previous = LogCursor { position: previous as u64, tag: previous_tag as u64 };
     Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change, scoped: moved.is_some() })
+}
+
+/// Files each scoped row of a logged change under its scope key (`gw_scope_rows`), or takes
+/// it out when no device holds it any more.
+fn index_scopes(
+    tx: &mut Transaction<'_>,
+    stmts: &mut Stmts,
+    tenant: &str,
+    change: &Batch,
+    moves: &[Option<Move>],
+) -> Result<()> {
+    // The last move of each row (a change may hold a row once per role that wrote it).
+    let mut last: BTreeMap<(&str, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
+    for (row, moved) in change.rows.iter().zip(moves) {
+        if let Some(moved) = moved {
+            last.insert((&row.table, key_hash(&encode_key(&row.pk))), moved.after.as_deref().map(encode_key));
+        }
+    }
+    let (mut put_tables, mut put_keys, mut put_skeys) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gone_tables, mut gone_keys) = (Vec::new(), Vec::new());
+    for ((table, pkh), key) in last {
+        match key {
+            Some(key) => {
+                put_tables.push(table);
+                put_keys.push(pkh);
+                put_skeys.push(key);
+            }
+            None => {
+                gone_tables.push(table);
+                gone_keys.push(pkh);
+            }
+        }
+    }
+    let stmt = stmts.get(
+        tx,
+        "INSERT INTO driftless.gw_scope_rows(tenant, tbl, pkh, skey)
+         SELECT $1, t, h, k FROM unnest($2::text[], $3::bytea[], $4::bytea[]) AS u(t, h, k)
+         ON CONFLICT (tenant, tbl, pkh) DO UPDATE SET skey = excluded.skey",
+    )?;
+    tx.execute(&stmt, &[&tenant, &put_tables, &put_keys, &put_skeys])?;
+    let stmt = stmts.get(
+        tx,
+        "DELETE FROM driftless.gw_scope_rows s USING unnest($2::text[], $3::bytea[]) AS u(t, h)
+         WHERE s.tenant = $1 AND s.tbl = u.t AND s.pkh = u.h",
+    )?;
+    tx.execute(&stmt, &[&tenant, &gone_tables, &gone_keys])?;
+    Ok(())
 }
 
 /// A stored row's state and the roles of the nodes in it.

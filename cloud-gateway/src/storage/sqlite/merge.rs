@@ -294,6 +294,21 @@ pub(super) fn log_change(
     ])?;
     let seq = conn.last_insert_rowid();
     erasure::index(conn, tenant, seq, &change)?;
+    for (row, moved) in change.rows.iter().zip(moves) {
+        let Some(moved) = moved else { continue };
+        let pk = encode_key(&row.pk);
+        match &moved.after {
+            Some(key) => conn
+                .prepare_cached(
+                    "INSERT INTO gw_scope_rows(tenant, tbl, pk, skey) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(tenant, tbl, pk) DO UPDATE SET skey = excluded.skey",
+                )?
+                .execute(rusqlite::params![tenant, row.table, pk, encode_key(key)])?,
+            None => conn
+                .prepare_cached("DELETE FROM gw_scope_rows WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?
+                .execute(rusqlite::params![tenant, row.table, pk])?,
+        };
+    }
     Ok(LogEntry {
         cursor: driftless_core::LogCursor { position: seq as u64, tag },
         previous: previous.map_or_else(Default::default, |(seq, tag)| driftless_core::LogCursor {

@@ -281,6 +281,15 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ALTER TABLE gw_registry ADD COLUMN scope_version INTEGER NOT NULL DEFAULT 0;
             -- The scope version the gateway last told each device.
             ALTER TABLE gw_devices ADD COLUMN scope_told INTEGER;
+            -- Each row of a scoped table by its scope key, for snapshots of one scope.
+            CREATE TABLE gw_scope_rows (
+                tenant TEXT NOT NULL,
+                tbl    TEXT NOT NULL,
+                pk     BLOB NOT NULL,
+                skey   BLOB NOT NULL,
+                PRIMARY KEY (tenant, tbl, pk)
+            ) WITHOUT ROWID;
+            CREATE INDEX gw_scope_rows_by_key ON gw_scope_rows (tenant, tbl, skey, pk);
             ",
         )?;
     }

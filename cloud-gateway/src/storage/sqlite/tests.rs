@@ -12,7 +12,7 @@ fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
         "ALTER TABLE gw_devices DROP COLUMN receipt_pos; ALTER TABLE gw_devices DROP COLUMN receipt_tag;
-         ALTER TABLE gw_devices DROP COLUMN scope_told; ALTER TABLE gw_log DROP COLUMN moves;
+         ALTER TABLE gw_devices DROP COLUMN scope_told; ALTER TABLE gw_log DROP COLUMN moves; DROP TABLE gw_scope_rows;
          DROP TABLE gw_sync_schema; DROP TABLE gw_tenant_tables;
          DROP TABLE gw_cloud_writers; DROP TABLE gw_writing; DROP TABLE gw_registry; DROP TABLE gw_epoch_devices; DROP TABLE gw_foreign_epochs; DROP TABLE gw_log_keys;
          DROP INDEX gw_dead_letters_by_device;
