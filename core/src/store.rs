@@ -596,6 +596,26 @@ impl Store {
         Ok(report)
     }
 
+    /// Applies a snapshot page that is not the last, noting in the same transaction where the
+    /// snapshot goes on (`resume`, from log position `log_cursor`), if the cursor is still
+    /// unset and was reset `resets` times, as when the snapshot started: a snapshot
+    /// interrupted goes on from there ([`Store::snapshot_position`]).
+    pub fn apply_snapshot_page(
+        &mut self,
+        batch: &Batch,
+        resume: &[u8],
+        log_cursor: LogCursor,
+        resets: u64,
+    ) -> Result<ApplyReport> {
+        self.apply_holding_back(batch, &[], |tx| cursor::set_snapshot_at(tx, resume, log_cursor, resets).map(|_| ()))
+    }
+
+    /// Where an interrupted snapshot goes on: the next page's resume token and the log
+    /// position it continues from (`None`: no snapshot under way, or a cursor is set).
+    pub fn snapshot_position(&self) -> Result<Option<(Vec<u8>, LogCursor)>> {
+        cursor::snapshot_at(&self.conn)
+    }
+
     /// Applies `batch` and runs `also` in the same transaction. If an app constraint rolls the
     /// whole transaction back on some row, starts over with that row held back from the app's
     /// table (merged, recorded as unapplied), so one row never blocks the batch.

@@ -44,7 +44,7 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
             }
             StoreOp::ReadCursor => {
                 let (cursor, resets) = store.cursor()?;
-                StoreResult::Cursor { cursor, resets }
+                StoreResult::Cursor { cursor, resets, snapshot: store.snapshot_position()? }
             }
             StoreOp::Ack { first, last, refused, receipts } => {
                 let refused: Vec<(u32, String)> = refused.into_iter().map(|r| (r.index, r.reason)).collect();
@@ -64,6 +64,11 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                     changed: !done.tracked.is_empty() || !done.untracked.is_empty(),
                     receives,
                 }
+            }
+            StoreOp::ApplyPage { batch, resume, log_cursor, resets } => {
+                let report = store.apply_snapshot_page(&batch, &resume, log_cursor, resets)?;
+                store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
+                StoreResult::Applied(report)
             }
             StoreOp::Rescope { version, tables } => {
                 let changed = store.scope_version()? != Some(version);

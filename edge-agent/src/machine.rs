@@ -91,7 +91,10 @@ enum Awaiting {
     Receipts,
     Cursor,
     Schema,
-    Rescope,
+    Rescope {
+        version: u64,
+        tables: Vec<String>,
+    },
     Changes {
         more: bool,
     },
@@ -134,6 +137,8 @@ pub struct Machine {
     pulling: Option<Pulling>,
     /// Unanswered pulls in a row, for backing off.
     pull_tries: u32,
+    /// A scope change the store failed to take, tried again at the next tick.
+    rescope: Option<(u64, Vec<String>)>,
     /// The gateway asked this device to send nothing before this time (ms): it is over its
     /// quota and would drop what it got.
     quiet_until: u64,
@@ -193,6 +198,7 @@ impl Machine {
             want_pull: false,
             pulling: None,
             pull_tries: 0,
+            rescope: None,
             quiet_until: 0,
             pull_again: false,
             msg_limit,
@@ -399,6 +405,14 @@ impl Machine {
 
     fn on_tick(&mut self, out: &mut Vec<Action>) {
         let timeout = self.cfg.ack_timeout_ms;
+        if let Some((version, tables)) = self.rescope.take() {
+            self.store(
+                out,
+                StoreOp::Rescope { version, tables: tables.clone() },
+                Awaiting::Rescope { version, tables },
+            );
+            return;
+        }
         match self.phase {
             Phase::Down => return,
             Phase::Handshake(None) => {

@@ -28,11 +28,42 @@ pub(crate) fn resets(conn: &Connection) -> Result<u64> {
 }
 
 pub(crate) fn set(conn: &Connection, cursor: LogCursor) -> Result<()> {
+    settings::delete(conn, &[SNAPSHOT_KEY])?;
     settings::set(conn, POSITION_KEY, &cursor.position.to_string())?;
     settings::set(conn, TAG_KEY, &cursor.tag.to_string())
 }
 
 pub(crate) fn reset(conn: &Connection) -> Result<()> {
-    settings::delete(conn, &[POSITION_KEY, TAG_KEY])?;
+    settings::delete(conn, &[POSITION_KEY, TAG_KEY, SNAPSHOT_KEY])?;
     settings::set(conn, RESETS_KEY, &(resets(conn)? + 1).to_string())
+}
+
+/// How far a snapshot got, while there is no cursor: the resume token of the next page and
+/// the log position the snapshot continues from, kept with the pages applied so that a
+/// snapshot interrupted (a disconnect, a restart) goes on where it stopped. Valid only for
+/// the reset count it was taken under; a cursor set or reset forgets it.
+const SNAPSHOT_KEY: &str = "sync.snapshot_at";
+
+pub(crate) fn snapshot_at(conn: &Connection) -> Result<Option<(Vec<u8>, LogCursor)>> {
+    let Some(saved) = settings::get(conn, SNAPSHOT_KEY)? else { return Ok(None) };
+    let parts: Vec<&str> = saved.split(' ').collect();
+    let [resets_at, position, tag, resume] = parts[..] else { return Ok(None) };
+    if resets_at.parse::<u64>().ok() != Some(resets(conn)?) || get(conn)?.is_some() {
+        return Ok(None);
+    }
+    let (Ok(position), Ok(tag)) = (position.parse(), tag.parse()) else { return Ok(None) };
+    let resume = (0..resume.len() / 2)
+        .map(|i| u8::from_str_radix(resume.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).ok())
+        .collect::<Option<Vec<u8>>>();
+    Ok(resume.map(|r| (r, LogCursor { position, tag })))
+}
+
+/// Notes how far a snapshot taken under `resets` got, if no cursor was set meanwhile.
+pub(crate) fn set_snapshot_at(conn: &Connection, resume: &[u8], log: LogCursor, at_resets: u64) -> Result<bool> {
+    if get(conn)?.is_some() || resets(conn)? != at_resets {
+        return Ok(false);
+    }
+    let hex: String = resume.iter().map(|b| format!("{b:02x}")).collect();
+    settings::set(conn, SNAPSHOT_KEY, &format!("{at_resets} {} {} {hex}", log.position, log.tag))?;
+    Ok(true)
 }

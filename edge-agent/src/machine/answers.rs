@@ -28,9 +28,10 @@ impl Machine {
             if matches!(awaiting, Awaiting::Feed { .. }) {
                 self.poked();
             }
-            // The gateway tells a scope once per change and at every handshake: ask again.
-            if matches!(awaiting, Awaiting::Rescope) {
-                self.rehandshake(out);
+            // The gateway tells a scope once per change (and at every handshake): kept, and
+            // tried again at the next tick.
+            if let Awaiting::Rescope { version, tables } = awaiting {
+                self.rescope = Some((version, tables));
             }
             return;
         }
@@ -80,7 +81,7 @@ impl Machine {
                     self.want_ship = true;
                 }
             }
-            (Awaiting::Rescope, StoreResult::Rescoped(dropped)) => {
+            (Awaiting::Rescope { .. }, StoreResult::Rescoped(dropped)) => {
                 if let Some(dropped) = dropped {
                     tracing::info!(dropped, "the device's scope changed; fetching its rows");
                 }
@@ -96,13 +97,27 @@ impl Machine {
                     self.want_pull = true;
                 }
             }
-            (Awaiting::Cursor, StoreResult::Cursor { cursor, resets }) => {
+            (Awaiting::Cursor, StoreResult::Cursor { cursor, resets, snapshot }) => {
                 let Some(epoch) = self.confirmed() else { return };
                 self.pull_resets = resets;
                 self.known_cursor = cursor;
                 self.last_pull = self.now;
                 self.pull_again = false;
                 self.pulling = Some(Pulling { since: self.now });
+                // A snapshot that was interrupted goes on where it stopped.
+                if let (None, Some((resume, log_cursor))) = (cursor, snapshot) {
+                    tracing::info!(log_cursor = log_cursor.position, "going on with the snapshot where it stopped");
+                    let msg = Uplink::PullSnapshot {
+                        device: self.cfg.device_id.clone(),
+                        epoch,
+                        resume,
+                        log_cursor,
+                        max_rows: self.cfg.pull_rows,
+                        max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+                    };
+                    self.publish(out, msg);
+                    return;
+                }
                 let msg = Uplink::Pull {
                     device: self.cfg.device_id.clone(),
                     epoch: Some(epoch),
@@ -291,21 +306,23 @@ impl Machine {
             Downlink::Scope { version, tables, .. } => {
                 // In place of a pull's answer when the scope changed: the pull is over.
                 self.pulling = None;
-                self.store(out, StoreOp::Rescope { version, tables }, Awaiting::Rescope);
+                let op = StoreOp::Rescope { version, tables: tables.clone() };
+                self.store(out, op, Awaiting::Rescope { version, tables });
             }
             Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
                 let Some(batch) = self.decode(&batch) else { return };
                 let rows = batch.rows.len() as u64;
-                // The cursor moves only with the last page (a restart mid-snapshot starts the
-                // snapshot again, which merges harmlessly), and only if no cursor was set
-                // meanwhile.
-                let cursor =
-                    done.then_some(CursorMove { from: None, from_tag: None, resets: self.pull_resets, to: log_cursor });
-                self.store(
-                    out,
-                    StoreOp::Apply { batch, cursor, evict: Vec::new() },
-                    Awaiting::SnapshotPage { resume, log_cursor, done, rows },
-                );
+                // The cursor moves only with the last page, and only if no cursor was set
+                // meanwhile; each page before it notes where the snapshot goes on, so that one
+                // interrupted (a disconnect, a restart) resumes there.
+                let resets = self.pull_resets;
+                let op = if done {
+                    let cursor = Some(CursorMove { from: None, from_tag: None, resets, to: log_cursor });
+                    StoreOp::Apply { batch, cursor, evict: Vec::new() }
+                } else {
+                    StoreOp::ApplyPage { batch, resume: resume.clone(), log_cursor, resets }
+                };
+                self.store(out, op, Awaiting::SnapshotPage { resume, log_cursor, done, rows });
             }
             _ => {}
         }

@@ -124,6 +124,14 @@ pub enum StoreOp {
         cursor: Option<CursorMove>,
         evict: Vec<RowChange>,
     },
+    /// Apply a snapshot page that is not the last, noting where the snapshot goes on (if the
+    /// cursor is still unset and was reset `resets` times).
+    ApplyPage {
+        batch: Batch,
+        resume: Vec<u8>,
+        log_cursor: LogCursor,
+        resets: u64,
+    },
     /// The device's scope is `version` now: if the store holds its rows under another, drop
     /// every row of the scoped `tables` and reset the cursor (the next pull fetches the scope).
     Rescope {
@@ -172,6 +180,8 @@ pub enum StoreResult {
     Cursor {
         cursor: Option<LogCursor>,
         resets: u64,
+        /// Where a snapshot that was interrupted goes on (no cursor yet).
+        snapshot: Option<(Vec<u8>, LogCursor)>,
     },
     /// Answer to `FollowSchema`: the version the store follows now, whether tracking
     /// changed, and whether any tracked table takes remote writes.

@@ -67,7 +67,7 @@ fn store_op(actions: &[Action]) -> Option<&StoreOp> {
 fn confirm(m: &mut Machine, result: Confirmed, cursor: Option<LogCursor>, now: u64) -> Vec<Uplink> {
     let out = m.handle(Input::Store(StoreResult::Confirmed(result)), now);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
-    let out = m.handle(Input::Store(StoreResult::Cursor { cursor, resets: 0 }), now);
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor, resets: 0, snapshot: None }), now);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadOutbox { after: 0, .. })), "{out:?}");
     publishes(&out).into_iter().cloned().collect()
 }
@@ -194,7 +194,7 @@ fn a_batch_is_sent_again_only_after_the_link_was_idle_for_a_whole_timeout() {
                 m.handle(Input::Flushed, now);
             }
             let next = match store_op(&out) {
-                Some(StoreOp::ReadCursor) => StoreResult::Cursor { cursor: None, resets: 0 },
+                Some(StoreOp::ReadCursor) => StoreResult::Cursor { cursor: None, resets: 0, snapshot: None },
                 Some(StoreOp::ReadOutbox { .. }) => StoreResult::Outbox(None),
                 _ => return out,
             };
@@ -281,7 +281,11 @@ fn a_snapshot_moves_the_cursor_only_with_its_last_page() {
         })
     };
     let out = m.handle(page(false), 1);
-    assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: None, .. })));
+    // Applied with where the snapshot goes on, for a snapshot interrupted to resume there.
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::ApplyPage { resume, log_cursor, resets: 0, .. }) if *resume == [1] && *log_cursor == head),
+        "{out:?}"
+    );
     let out = m.handle(Input::Store(applied()), 1);
     assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { log_cursor, .. }] if *log_cursor == head));
     // Until the cursor moves, a receipt says where the pages applied so far came from.
@@ -408,7 +412,7 @@ fn a_newer_schema_is_followed_once_and_a_device_that_received_nothing_starts_pul
     let out = m.handle(Input::Store(StoreResult::SchemaFollowed { version: 2, changed: true, receives: true }), 3);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "the declared tables are pulled: {out:?}");
     assert_eq!(m.live().schema_version, 2);
-    m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 0 }), 3);
+    m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 0, snapshot: None }), 3);
     // The same version again, or an older one, asks nothing of the store.
     for version in [2, 1] {
         let out = m.handle(Input::Downlink(Downlink::Schema { version, text: "t".into() }), 4);
@@ -513,8 +517,14 @@ fn a_scope_change_after_a_gap_makes_the_device_pull_from_its_cursor() {
     // The store's cursor is at 3, not 6: nothing applied, and the gap is pulled.
     let out = m.handle(applied_at(false, 3), 3);
     assert!(is_pull_start(&out), "{out:?}");
-    let out =
-        m.handle(Input::Store(StoreResult::Cursor { cursor: Some(LogCursor { position: 3, tag: 30 }), resets: 0 }), 3);
+    let out = m.handle(
+        Input::Store(StoreResult::Cursor {
+            cursor: Some(LogCursor { position: 3, tag: 30 }),
+            resets: 0,
+            snapshot: None,
+        }),
+        3,
+    );
     assert!(matches!(publishes(&out)[..], [Uplink::Pull { cursor: Some(c), .. }] if c.position == 3), "{out:?}");
 }
 
@@ -629,4 +639,37 @@ fn a_device_kept_current_by_its_scope_still_shows_its_receipts_every_few_timeout
     }
     let at = pulled_at.expect("a pull showing the receipts");
     assert!(at >= 6 * TIMEOUT, "not before six timeouts: {at}");
+}
+
+#[test]
+fn a_snapshot_interrupted_goes_on_where_it_stopped() {
+    let mut m = Machine::new(config());
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 0);
+    m.handle(welcome(E1), 1);
+    let out = m.handle(Input::Store(StoreResult::Confirmed(confirmed(None))), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
+    let at = LogCursor { position: 40, tag: 4 };
+    let out =
+        m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 2, snapshot: Some((vec![9, 9], at)) }), 2);
+    assert!(
+        matches!(publishes(&out)[..], [Uplink::PullSnapshot { resume, log_cursor, .. }] if *resume == [9, 9] && *log_cursor == at),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_scope_change_the_store_failed_to_take_is_tried_again_at_the_next_tick() {
+    let mut m = confirmed_machine();
+    let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()] };
+    let out = m.handle(Input::Downlink(scope), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
+    m.handle(Input::Store(StoreResult::Failed("disk full".into())), 2);
+    let out = m.handle(Input::Tick, 3);
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, tables }) if tables == &["work_orders"]),
+        "{out:?}"
+    );
+    let out = m.handle(Input::Store(StoreResult::Rescoped(Some(12))), 3);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "the new scope is fetched: {out:?}");
 }

@@ -1,0 +1,202 @@
+//! Scoped bootstrap: a tenant of 1,000,000 work orders in 100 regions (SQLite gateway store),
+//! and a new device whose scope (`region = :region`) holds 10,000 of them. Through Mosquitto,
+//! gateway in its own process, the real agent with its default page sizes: timed from the
+//! agent's start until its table holds all 10,000 rows and its cursor is set.
+//!
+//! `bytes` is what the gateway sends for that snapshot: the same pages replayed through the
+//! handler against the same store (what the gateway process ran), summed. `batch_bytes` is
+//! the same rows as one zstd batch, the floor; `bytes_ratio` compares the two.
+//! SCOPED_ROWS (default 1,000,000) and SCOPED_REGIONS (default 100) size the tenant.
+
+use std::time::{Duration, Instant};
+
+use driftless_agent::{Agent, AgentConfig, SyncMode};
+use driftless_core::codec::{EncodeOptions, Limits, encode_batch};
+use driftless_core::protocol::{Downlink, Uplink, uplink_topic};
+use driftless_core::write_local_upsert;
+use driftless_core::{
+    Batch, Dot, FieldWrite, Hlc, LocalWrite, NodeId, RowChange, RowState, Store, StoreOptions, Value,
+};
+use driftless_gateway::handler::{HandlerConfig, Outgoing, handle_uplink};
+use driftless_gateway::storage::{Incoming, Params};
+use driftless_gateway::{GatewayStore, SqliteStore};
+use driftless_tests::bench::{GatewayProcess, bench_broker_url, report};
+
+const TENANT: &str = "scoped";
+const SCHEMA: &str = r#"
+[[table]]
+name = "work_orders"
+key = ["id"]
+scope = "region = :region"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "region"
+type = "text"
+[[table.column]]
+name = "title"
+type = "text"
+[[table.column]]
+name = "site"
+type = "text"
+"#;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Row `i`: region `i % regions`, with a title and a site like a work order's.
+fn row(node: NodeId, i: usize, regions: usize) -> RowChange {
+    let text = |s: String| Value::Text(s);
+    let at = Hlc::new(1_800_000_000_000 + i as u64, 0);
+    let fields = vec![
+        FieldWrite { column: "region".into(), value: text(format!("r{:03}", i % regions)), hlc: at },
+        FieldWrite { column: "title".into(), value: text(format!("inspect pump {} at bay {}", i, i % 37)), hlc: at },
+        FieldWrite { column: "site".into(), value: text(format!("site-{:05}", i / 250)), hlc: at },
+    ];
+    let mut state = RowState::default();
+    write_local_upsert(
+        &mut state,
+        Dot { node, counter: i as u64 + 1 },
+        at,
+        LocalWrite { fields, counter_deltas: vec![] },
+    );
+    RowChange { table: "work_orders".into(), pk: vec![text(format!("wo-{i:08}"))], state }
+}
+
+/// Fills the gateway's store as the back office's loads would have, before it starts.
+fn fill(store: &mut SqliteStore, rows: usize, regions: usize) -> anyhow::Result<Batch> {
+    store.install_schema(SCHEMA)?;
+    let node = NodeId([7; 16]);
+    let mut scope = Batch::default();
+    let started = Instant::now();
+    for (n, chunk) in (0..rows).collect::<Vec<_>>().chunks(5_000).enumerate() {
+        let batch = Batch { roles: Default::default(), rows: chunk.iter().map(|&i| row(node, i, regions)).collect() };
+        scope.rows.extend(
+            batch
+                .rows
+                .iter()
+                .filter(|r| r.state.fields["region"].entries[0].value == Value::Text("r042".into()))
+                .cloned(),
+        );
+        let from = Incoming {
+            tenant: TENANT,
+            device: "loader",
+            first_seq: n as i64 + 1,
+            last_seq: n as i64 + 1,
+            now_ms: 1_800_000_000_000 + rows as u64,
+            max_drift_ms: u64::MAX / 4,
+            role: None,
+            recovering: false,
+            legacy: false,
+            scope: None,
+        };
+        let merged = store.merge(&from, &batch).map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(merged.applied == chunk.len(), "loaded {} of {}", merged.applied, chunk.len());
+    }
+    println!("loaded {rows} rows in {regions} regions in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(scope)
+}
+
+/// The snapshot pages the gateway serves the device, replayed through the handler: their
+/// bytes on the wire.
+fn replay(store: &mut SqliteStore, device: &str, agent: &AgentConfig) -> anyhow::Result<(usize, usize)> {
+    let cfg = HandlerConfig::default();
+    let (mut bytes, mut rows) = (0, 0);
+    let epoch = store.epoch(TENANT)?;
+    let head = store.log_head(TENANT)?;
+    let mut resume = Vec::new();
+    loop {
+        let msg = Uplink::PullSnapshot {
+            device: device.into(),
+            epoch,
+            resume: resume.clone(),
+            log_cursor: head,
+            max_rows: agent.pull_rows,
+            max_bytes: agent.max_message_bytes as u32,
+        };
+        let out = handle_uplink(store, &cfg, &uplink_topic(TENANT, device), &msg.encode(), 1_800_000_000_000)?;
+        let Some(Outgoing::Reply { payload, .. }) = out.into_iter().next() else { anyhow::bail!("no page") };
+        bytes += payload.len();
+        let Downlink::Snapshot { resume: next, done, batch, .. } = Downlink::decode(&payload, &Limits::default())?
+        else {
+            anyhow::bail!("not a snapshot page")
+        };
+        rows += driftless_core::codec::decode_batch(&batch, &Limits::default(), &Default::default())?.rows.len();
+        if done {
+            return Ok((bytes, rows));
+        }
+        resume = next;
+    }
+}
+
+fn held(db: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open");
+    conn.busy_timeout(Duration::from_secs(5)).expect("busy");
+    conn.query_row("SELECT count(*) FROM work_orders", [], |r| r.get(0)).unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (rows, regions) = (env_usize("SCOPED_ROWS", 1_000_000), env_usize("SCOPED_REGIONS", 100));
+    let dir = tempfile::tempdir()?;
+    let gw_db = dir.path().join("gw.db");
+    let schema_file = dir.path().join("schema.toml");
+    std::fs::write(&schema_file, SCHEMA)?;
+    let mut store = SqliteStore::open(&gw_db)?;
+    let scope = fill(&mut store, rows, regions)?;
+    store.register_device(TENANT, "tab-new", "", None, 1)?;
+    let params: Params = [("region".to_owned(), "r042".to_owned())].into();
+    store.set_params(TENANT, "tab-new", &params)?;
+    drop(store);
+    let want = scope.rows.len() as i64;
+
+    let url = bench_broker_url();
+    let gateway = GatewayProcess::start_with(&gw_db, &url, TENANT, &["--schema", schema_file.to_str().expect("utf-8")]);
+    let db = dir.path().join("tab-new.db");
+    drop(Store::open(&db, StoreOptions::default())?);
+    let mut config = AgentConfig::new(&db, &url, TENANT, "tab-new")?;
+    config.mode = SyncMode::Notified;
+    let started = Instant::now();
+    let cpu_before = gateway.cpu_seconds();
+    let agent = Agent::start(config.clone(), StoreOptions::default()).await?;
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let done = held(&db) >= want && {
+            let store = Store::open(&db, StoreOptions::default())?;
+            store.cursor()?.0.is_some()
+        };
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let got = held(&db);
+    let gateway_cpu = gateway.cpu_seconds() - cpu_before;
+    agent.stop().await;
+    drop(gateway);
+    anyhow::ensure!(got == want, "the device holds {got} rows of its {want}");
+
+    let mut store = SqliteStore::open(&gw_db)?;
+    let (bytes, served) = replay(&mut store, "tab-new", &config)?;
+    anyhow::ensure!(served as i64 == want, "the replay served {served} rows of {want}");
+    let batch_bytes = encode_batch(&scope, EncodeOptions::default()).len();
+    println!(
+        "{want} of {rows} rows reached the new device in {seconds:.2} s ({:.0} rows/s); {bytes} bytes on the wire, \
+         {batch_bytes} as one zstd batch; gateway CPU {gateway_cpu:.2} s",
+        want as f64 / seconds
+    );
+    report(&[
+        ("rows", want as f64),
+        ("tenant_rows", rows as f64),
+        ("rows_per_s", want as f64 / seconds),
+        ("seconds_to_complete", seconds),
+        ("bytes", bytes as f64),
+        ("batch_bytes", batch_bytes as f64),
+        ("bytes_ratio", bytes as f64 / batch_bytes as f64),
+        ("gateway_cpu_s", gateway_cpu),
+    ]);
+    Ok(())
+}
