@@ -107,16 +107,7 @@ impl Machine {
                 // A snapshot that was interrupted goes on where it stopped.
                 if let (None, Some((resume, log_cursor))) = (cursor, snapshot) {
                     tracing::info!(log_cursor = log_cursor.position, "going on with the snapshot where it stopped");
-                    let msg = Uplink::PullSnapshot {
-                        device: self.cfg.device_id.clone(),
-                        epoch,
-                        resume,
-                        log_cursor,
-                        max_rows: self.cfg.pull_rows,
-                        max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
-                    };
-                    self.publish(out, msg);
-                    return;
+                    return self.pull_snapshot(out, epoch, resume, log_cursor);
                 }
                 let msg = Uplink::Pull {
                     device: self.cfg.device_id.clone(),
@@ -193,15 +184,7 @@ impl Machine {
                 }
                 let Some(epoch) = self.confirmed() else { return };
                 self.pulling = Some(Pulling { since: self.now });
-                let msg = Uplink::PullSnapshot {
-                    device: self.cfg.device_id.clone(),
-                    epoch,
-                    resume,
-                    log_cursor,
-                    max_rows: self.cfg.pull_rows,
-                    max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
-                };
-                self.publish(out, msg);
+                self.pull_snapshot(out, epoch, resume, log_cursor);
                 // The pages applied so far came from the log up to `log_cursor`, and the
                 // cursor moves there only with the last page: until then the receipts vouch
                 // for them (a restart mid-snapshot would otherwise forget where they came
@@ -326,6 +309,19 @@ impl Machine {
             }
             _ => {}
         }
+    }
+
+    /// Asks for the snapshot page at `resume`.
+    fn pull_snapshot(&mut self, out: &mut Vec<Action>, epoch: Epoch, resume: Vec<u8>, log_cursor: LogCursor) {
+        let msg = Uplink::PullSnapshot {
+            device: self.cfg.device_id.clone(),
+            epoch,
+            resume,
+            log_cursor,
+            max_rows: self.cfg.pull_rows,
+            max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+        };
+        self.publish(out, msg);
     }
 
     /// The gateway answered, in `epoch`, a batch that showed receipts: it holds them all.
