@@ -255,12 +255,17 @@ impl Move {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     pub exists: bool,
+    pub visible: bool,
     pub key: Option<ScopeKey>,
 }
 
 impl Held {
     pub fn of(scope: &Scope, table: &SchemaTable, state: &RowState, roles: &dyn Roles) -> Held {
-        Held { exists: !state.life.entries.is_empty(), key: scope.key_of(state, table, roles) }
+        Held {
+            exists: !state.life.entries.is_empty(),
+            visible: is_visible(state, &table.spec()),
+            key: scope.key_of(state, table, roles),
+        }
     }
 
     /// The move to `after`.
@@ -276,10 +281,11 @@ impl Held {
 /// its scope or leaves deleted (a write that lost to a delete shows nothing to anyone).
 /// Writing a row of another scope, deleted or not, or making one there, is refused.
 pub fn may_write(mine: &DeviceScope, table: &str, was: &Held, moved: &Move, visible: bool) -> bool {
-    match &was.key {
-        Some(_) if was.exists => mine.holds(table, was.key.as_ref()),
-        _ => !visible || mine.holds(table, moved.after.as_ref()),
+    // A row that shows (even in no device's scope), or a deleted one that kept its values.
+    if was.visible || (was.exists && was.key.is_some()) {
+        return mine.holds(table, was.key.as_ref());
     }
+    !visible || mine.holds(table, moved.after.as_ref())
 }
 
 /// The scopes of `schema`'s tables, by table, for the merge to compute moves with.

@@ -533,6 +533,10 @@ impl Store {
     /// local changes waiting in the outbox still ship) and resets the pull cursor, so the
     /// next pull fetches the new scope whole. Returns the rows dropped.
     pub fn rescope(&mut self, version: u64, tables: &[String]) -> Result<usize> {
+        if self.inner.seal_held {
+            // Local writes must be sealed first, and sealing waits for the gateway.
+            return Err(Error::SealHeld);
+        }
         self.transact(|tx, inner| {
             // Local writes first: sealed, they are the app's changes and ship; the journals
             // then hold only what the drops capture.
@@ -633,7 +637,7 @@ impl Store {
                 Ok(report)
             });
             match attempt {
-                Err(Error::AppRolledBack { table, key }) if hold_back.len() < batch.rows.len() => {
+                Err(Error::AppRolledBack { table, key }) if hold_back.len() < batch.rows.len() + evict.len() => {
                     let id = self.inner.catalog.by_name(&table).map_or(-1, |t| self.inner.catalog.tables[t].id);
                     if !hold_back.insert((id, key)) {
                         return Err(Error::AppRolledBack { table, key: Vec::new() });

@@ -137,8 +137,9 @@ pub struct Machine {
     pulling: Option<Pulling>,
     /// Unanswered pulls in a row, for backing off.
     pull_tries: u32,
-    /// A scope change the store failed to take, tried again at the next tick.
-    rescope: Option<(u64, Vec<String>)>,
+    /// A scope change the store failed to take, and when to try it again (an ack timeout
+    /// later, once confirmed).
+    rescope: Option<(u64, Vec<String>, u64)>,
     /// The gateway asked this device to send nothing before this time (ms): it is over its
     /// quota and would drop what it got.
     quiet_until: u64,
@@ -405,13 +406,15 @@ impl Machine {
 
     fn on_tick(&mut self, out: &mut Vec<Action>) {
         let timeout = self.cfg.ack_timeout_ms;
-        if let Some((version, tables)) = self.rescope.take() {
-            self.store(
-                out,
-                StoreOp::Rescope { version, tables: tables.clone() },
-                Awaiting::Rescope { version, tables },
-            );
-            return;
+        if self.confirmed().is_some()
+            && let Some((version, tables, at)) = self.rescope.take()
+        {
+            if self.now >= at {
+                let op = StoreOp::Rescope { version, tables: tables.clone() };
+                self.store(out, op, Awaiting::Rescope { version, tables });
+                return;
+            }
+            self.rescope = Some((version, tables, at));
         }
         match self.phase {
             Phase::Down => return,

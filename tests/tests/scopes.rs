@@ -47,6 +47,18 @@ name = "assignee"
 type = "text"
 
 [[table]]
+name = "notices"
+key = ["id"]
+direction = "down-only"
+scope = "region = :region"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "region"
+type = "text"
+
+[[table]]
 name = "parts"
 key = ["sku"]
 [[table.column]]
@@ -268,5 +280,17 @@ fn a_row_the_apps_own_constraints_keep_stays_and_the_rest_syncs() {
         assert!(unapplied[0].2.contains("left this device's scope"), "{}", unapplied[0].2);
         w.cloud_write("INSERT INTO TABLE(id, region, title) VALUES ('wo-3', 'north', 'new')");
         assert_eq!(w.held(north), ids(&["wo-1", "wo-3"]));
+    });
+}
+
+#[test]
+fn rows_of_a_table_devices_only_receive_leave_with_their_scope_too() {
+    both(|mut w| {
+        let north = w.device("tab-n", &[("region", "north")]);
+        w.connect(north);
+        w.cloud_write("INSERT INTO NOTICES VALUES ('n-1', 'north'), ('n-2', 'north')");
+        assert_eq!(w.rows(north, "SELECT id FROM notices ORDER BY id").len(), 2);
+        w.cloud_write("UPDATE NOTICES SET region = 'south' WHERE id = 'n-1'");
+        assert_eq!(w.rows(north, "SELECT id FROM notices"), vec![vec![Value::Text("n-2".into())]]);
     });
 }

@@ -70,6 +70,12 @@ pub(crate) fn dead_letter_kept(payload: &[u8]) -> (&[u8], String) {
     (kept, sha256)
 }
 
+/// The tables `new` declares that `old` did not (with `new`'s roles).
+pub(crate) fn added_tables(old: &SyncSchema, new: &SyncSchema) -> SyncSchema {
+    let tables = new.tables.iter().filter(|t| old.table(&t.name).is_none()).cloned().collect();
+    SyncSchema { roles: new.roles.clone(), tables }
+}
+
 /// How the rows stored so far contradict `schema` (at most a few of each kind).
 pub(crate) fn unfit_rows(
     limits: &Limits,

@@ -34,7 +34,7 @@ use postgres::{Client, Config};
 
 use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use self::epochs::{current_epoch, keep_dead_letter, start_epoch};
-use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, now_ms, parse_resume, resume_token, unfit_rows};
+use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, added_tables, now_ms, parse_resume, resume_token, unfit_rows};
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
     Params, Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
@@ -551,7 +551,7 @@ impl GatewayStore for PgStore {
         tx.execute("SELECT pg_advisory_xact_lock($1, 1)", &[&migrate::LOCK_SPACE])?;
         let current =
             tx.query_opt("SELECT version, text FROM driftless.gw_sync_schema ORDER BY version DESC LIMIT 1", &[])?;
-        let version = match current {
+        let (version, added) = match current {
             Some(r) => {
                 let (version, old): (i64, String) = (r.get(0), r.get(1));
                 let old = SyncSchema::parse(&old).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?;
@@ -559,28 +559,29 @@ impl GatewayStore for PgStore {
                     return Ok(version as u64);
                 }
                 new.check_replaces(&old, version as u64)?;
-                version + 1
+                (version + 1, added_tables(&old, &new))
             }
-            None => {
-                let unfit = unfit_rows(&limits, &new, |table| {
-                    let arities = tx
-                        .query("SELECT DISTINCT key_len::bigint FROM driftless.gw_tables WHERE tbl = $1", &[&table])?
-                        .into_iter()
-                        .map(|r| r.get(0))
-                        .collect();
-                    let states = tx
-                        .query("SELECT state FROM driftless.gw_rows WHERE tbl = $1", &[&table])?
-                        .into_iter()
-                        .map(|r| r.get(0))
-                        .collect();
-                    Ok((arities, states))
-                })?;
-                if !unfit.is_empty() {
-                    return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
-                }
-                1
-            }
+            None => (1, new.clone()),
         };
+        // Rows synced before any schema must fit the version that first declares their table.
+        {
+            let unfit = unfit_rows(&limits, &added, |table| {
+                let arities = tx
+                    .query("SELECT DISTINCT key_len::bigint FROM driftless.gw_tables WHERE tbl = $1", &[&table])?
+                    .into_iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let states = tx
+                    .query("SELECT state FROM driftless.gw_rows WHERE tbl = $1", &[&table])?
+                    .into_iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                Ok((arities, states))
+            })?;
+            if !unfit.is_empty() {
+                return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
+            }
+        }
         tx.execute(
             "INSERT INTO driftless.gw_sync_schema(version, text, loaded_ms) VALUES ($1, $2, $3)",
             &[&version, &text, &now_ms()],

@@ -16,7 +16,9 @@ use driftless_core::codec::{Limits, decode_payload, encode_key};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, dead_letter_kept, now_ms, parse_resume, resume_token};
+use super::common::{
+    DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms, parse_resume, resume_token,
+};
 use super::scoped::read_moves;
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
@@ -578,24 +580,22 @@ impl GatewayStore for SqliteStore {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
-        let version = match current {
+        let (version, added) = match current {
             Some((version, old)) => {
                 let old = SyncSchema::parse(&old).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?;
                 if old == new {
                     return Ok(version as u64);
                 }
                 new.check_replaces(&old, version as u64)?;
-                version + 1
+                (version + 1, added_tables(&old, &new))
             }
-            None => {
-                // Rows synced before any schema must fit the first one.
-                let unfit = unfit_rows(&tx, &self.limits, &new)?;
-                if !unfit.is_empty() {
-                    return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
-                }
-                1
-            }
+            None => (1, new.clone()),
         };
+        // Rows synced before any schema must fit the version that first declares their table.
+        let unfit = unfit_rows(&tx, &self.limits, &added)?;
+        if !unfit.is_empty() {
+            return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
+        }
         tx.execute(
             "INSERT INTO gw_sync_schema(version, text, loaded_ms) VALUES (?1, ?2, ?3)",
             rusqlite::params![version, text, now_ms()],

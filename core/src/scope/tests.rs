@@ -183,8 +183,12 @@ fn a_deleted_row_stays_where_it_was_so_its_holders_see_the_delete() {
     );
     assert!(!may_write(&north, "work_orders", &held(&south_dead), &back, true), "reviving another region's row");
     // A write that lost to a delete whose values are gone shows nothing to anyone.
-    let erased = Held { exists: true, key: None };
+    let erased = Held { exists: true, visible: false, key: None };
     assert!(may_write(&north, "work_orders", &erased, &Move::default(), false));
+    // A row that shows but is in no device's scope (a literal term fails) is no one's to take.
+    let closed = held(&row("south", "survey", 1));
+    assert!(!may_write(&north, "work_orders", &closed, &Move { before: None, after: moved.before.clone() }, true));
+    assert!(!may_write(&north, "work_orders", &closed, &Move::default(), false), "nor to delete");
     assert!(north.holds_state("work_orders", &before, &roles));
     assert!(!north.holds_state("work_orders", &row("south", "repair", 1), &roles));
     assert!(north.holds_state("parts", &RowState::default(), &roles));

@@ -92,7 +92,7 @@ pub(crate) fn apply(
     seal::seal(conn, inner)?;
     // After the seal (the journals are empty) and before the merge (whose app-row writes may
     // set off the app's own triggers, which ship as local changes).
-    let evicted = if evict.is_empty() { 0 } else { super::evict::evict(conn, inner, evict)? };
+    let evicted = if evict.is_empty() { 0 } else { super::evict::evict(conn, inner, evict, hold_back)? };
     for (node, role) in &batch.roles {
         if *node != inner.node {
             inner.nodes.set_role(conn, *node, role)?;

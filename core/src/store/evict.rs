@@ -12,6 +12,8 @@
 //! A row with local changes not yet acknowledged is never dropped: they are the app's, and
 //! the row's causal state (a counter's parts above all) must stay with them.
 
+use std::collections::HashSet;
+
 use rusqlite::Connection;
 
 use super::Inner;
@@ -27,13 +29,29 @@ use crate::value::Value;
 /// Where the scope version the store holds its rows under is kept.
 const SCOPE_KEY: &str = "sync.scope_version";
 
-/// Drops each of `rows` (keys only) this store holds. Returns how many it dropped.
-pub(crate) fn evict(conn: &Connection, inner: &Inner, rows: &[RowChange]) -> Result<usize> {
+/// Drops each of `rows` (keys only) this store holds, but those in `hold_back` (an earlier
+/// attempt found that the app rolls the whole transaction back when they go). Returns how
+/// many it dropped.
+pub(crate) fn evict(
+    conn: &Connection,
+    inner: &Inner,
+    rows: &[RowChange],
+    hold_back: &HashSet<(i64, Vec<u8>)>,
+) -> Result<usize> {
     let mut dropped = 0;
     for row in rows {
         let Some(t) = inner.catalog.by_name(&row.table) else { continue };
         let info = &inner.catalog.tables[t];
-        if row.pk.len() == info.pk.len() && drop_row(conn, inner, info, &row.pk)? {
+        if row.pk.len() != info.pk.len() {
+            continue;
+        }
+        let key = encode_key(&row.pk);
+        if hold_back.contains(&(info.id, key.clone())) {
+            let reason = "it left this device's scope, but the app's table rolls back its removal";
+            refusals::record_unapplied(conn, info.id, &key, reason, inner.now(), &[])?;
+            continue;
+        }
+        if drop_row(conn, inner, info, &row.pk)? {
             dropped += 1;
         }
     }
@@ -90,7 +108,13 @@ fn drop_row(conn: &Connection, inner: &Inner, info: &TableInfo, pk: &[Value]) ->
     let key_match: Vec<String> =
         info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", ident(c), i + 1)).collect();
     let sql = format!("DELETE FROM {} WHERE {}", ident(&info.name), key_match.join(" AND "));
+    let before = conn.total_changes();
     let deleted = conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(pk.iter()));
+    if deleted.is_err() && conn.is_autocommit() {
+        // The app's RAISE(ROLLBACK) or ON CONFLICT ROLLBACK: the whole transaction is gone.
+        // The caller starts over, holding this row back.
+        return Err(crate::Error::AppRolledBack { table: info.name.clone(), key });
+    }
     let refused = match deleted {
         Err(rusqlite::Error::SqliteFailure(e, msg)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
             Some(format!(
@@ -102,8 +126,13 @@ fn drop_row(conn: &Connection, inner: &Inner, info: &TableInfo, pk: &[Value]) ->
             conn.execute_batch("ROLLBACK TO driftless_evict; RELEASE driftless_evict")?;
             return Err(e.into());
         }
-        Ok(_) if journaled(conn, inner)? > 1 => {
-            Some("it left this device's scope, but removing it would take other rows of the app's with it".into())
+        // Anything beyond the row and its own capture (a cascade, a trigger of the app's)
+        // would change rows the device still holds, or the app's own.
+        Ok(n)
+            if conn.total_changes() - before > n as u64 + own_capture(conn, info)?
+                || journaled(conn, inner, info)? > 0 =>
+        {
+            Some("it left this device's scope, but removing it would change other rows of the app's".into())
         }
         Ok(_) => None,
     };
@@ -113,7 +142,9 @@ fn drop_row(conn: &Connection, inner: &Inner, info: &TableInfo, pk: &[Value]) ->
         return Ok(false);
     }
     // The delete's own capture: not a change of the app's.
-    conn.execute(&format!("DELETE FROM {}", ident(&info.pending_table())), [])?;
+    if info.journal {
+        conn.execute(&format!("DELETE FROM {}", ident(&info.pending_table())), [])?;
+    }
     for sql in [
         "DELETE FROM _driftless_rows WHERE tbl = ?1 AND pk = ?2",
         "DELETE FROM _driftless_conflicted WHERE tbl = ?1 AND pk = ?2",
@@ -125,12 +156,20 @@ fn drop_row(conn: &Connection, inner: &Inner, info: &TableInfo, pk: &[Value]) ->
     Ok(true)
 }
 
-/// Capture journal entries across every table (empty right after a seal).
-fn journaled(conn: &Connection, inner: &Inner) -> Result<i64> {
+/// Rows the capture of `info`'s table wrote (its journal is empty right after a seal).
+fn own_capture(conn: &Connection, info: &TableInfo) -> Result<u64> {
+    if !info.journal {
+        return Ok(0);
+    }
+    let sql = format!("SELECT count(*) FROM {}", ident(&info.pending_table()));
+    Ok(conn.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
+}
+
+/// Capture journal entries of the other tables (empty right after a seal).
+fn journaled(conn: &Connection, inner: &Inner, except: &TableInfo) -> Result<u64> {
     let mut total = 0;
-    for info in inner.catalog.tables.iter().filter(|i| i.journal) {
-        total += conn
-            .query_row(&format!("SELECT count(*) FROM {}", ident(&info.pending_table())), [], |r| r.get::<_, i64>(0))?;
+    for info in inner.catalog.tables.iter().filter(|i| i.journal && i.id != except.id) {
+        total += own_capture(conn, info)?;
     }
     Ok(total)
 }

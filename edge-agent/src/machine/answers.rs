@@ -31,7 +31,7 @@ impl Machine {
             // The gateway tells a scope once per change (and at every handshake): kept, and
             // tried again at the next tick.
             if let Awaiting::Rescope { version, tables } = awaiting {
-                self.rescope = Some((version, tables));
+                self.rescope = Some((version, tables, self.now.saturating_add(self.cfg.ack_timeout_ms)));
             }
             return;
         }
@@ -287,8 +287,10 @@ impl Machine {
                 self.store(out, op, Awaiting::Changes { more });
             }
             Downlink::Scope { version, tables, .. } => {
-                // In place of a pull's answer when the scope changed: the pull is over.
+                // In place of a pull's answer when the scope changed: the pull is over. The
+                // newest scope told replaces one that failed to be taken.
                 self.pulling = None;
+                self.rescope = None;
                 let op = StoreOp::Rescope { version, tables: tables.clone() };
                 self.store(out, op, Awaiting::Rescope { version, tables });
             }

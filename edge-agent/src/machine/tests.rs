@@ -666,10 +666,12 @@ fn a_scope_change_the_store_failed_to_take_is_tried_again_at_the_next_tick() {
     assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
     m.handle(Input::Store(StoreResult::Failed("disk full".into())), 2);
     let out = m.handle(Input::Tick, 3);
+    assert!(!matches!(store_op(&out), Some(StoreOp::Rescope { .. })), "not before an ack timeout: {out:?}");
+    let out = m.handle(Input::Tick, 3 + config().ack_timeout_ms);
     assert!(
         matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, tables }) if tables == &["work_orders"]),
         "{out:?}"
     );
-    let out = m.handle(Input::Store(StoreResult::Rescoped(Some(12))), 3);
+    let out = m.handle(Input::Store(StoreResult::Rescoped(Some(12))), 3 + config().ack_timeout_ms);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "the new scope is fetched: {out:?}");
 }

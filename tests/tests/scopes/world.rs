@@ -69,6 +69,8 @@ impl World {
             up: VecDeque::new(),
         };
         world.gateway.install_schema(schema).expect("install schema");
+        // As a gateway serving the tenant does when it starts: its tables are made.
+        world.gateway.prepare_tenant(TENANT).expect("prepare tenant");
         Some(world)
     }
 
@@ -219,10 +221,16 @@ impl World {
             Cloud::Sqlite(path) => {
                 let conn = rusqlite::Connection::open(path).expect("open");
                 conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
-                conn.execute_batch(&sql.replace("TABLE", &format!("\"{TENANT}.work_orders\""))).expect(sql);
+                let sql = sql
+                    .replace("NOTICES", &format!("\"{TENANT}.notices\""))
+                    .replace("TABLE", &format!("\"{TENANT}.work_orders\""));
+                conn.execute_batch(&sql).expect(&sql);
             }
             Cloud::Pg(db) => {
-                db.client().batch_execute(&sql.replace("TABLE", &format!("\"{TENANT}\".work_orders"))).expect(sql)
+                let sql = sql
+                    .replace("NOTICES", &format!("\"{TENANT}\".notices"))
+                    .replace("TABLE", &format!("\"{TENANT}\".work_orders"));
+                db.client().batch_execute(&sql).expect(&sql)
             }
         }
         let logged = self.gateway.ingest_cloud_writes(self.now()).expect("ingest");

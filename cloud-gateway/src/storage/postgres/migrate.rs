@@ -169,20 +169,23 @@ const MIGRATIONS: &[&str] = &[
     ",
     // 6: scopes. Where each logged row of a scoped table moved (scope.rs: encode_moves);
     // each device's scope parameters (a JSON object of strings) and their version; the
-    // version the gateway last told each device; each scoped row by its scope key.
+    // version the gateway last told each device.
     "
     ALTER TABLE driftless.gw_log ADD COLUMN moves bytea;
     ALTER TABLE driftless.gw_registry ADD COLUMN params text NOT NULL DEFAULT '{}';
     ALTER TABLE driftless.gw_registry ADD COLUMN scope_version bigint NOT NULL DEFAULT 0;
     ALTER TABLE driftless.gw_devices ADD COLUMN scope_told bigint;
-    CREATE TABLE driftless.gw_scope_rows (
+    ",
+    // 7: each row of a scoped table by its scope key, for snapshots of one scope.
+    "
+    CREATE TABLE IF NOT EXISTS driftless.gw_scope_rows (
         tenant text NOT NULL,
         tbl    text NOT NULL,
         pkh    bytea NOT NULL,
         skey   bytea NOT NULL,
         PRIMARY KEY (tenant, tbl, pkh)
     );
-    CREATE INDEX gw_scope_rows_by_key ON driftless.gw_scope_rows (tenant, tbl, skey, pkh);
+    CREATE INDEX IF NOT EXISTS gw_scope_rows_by_key ON driftless.gw_scope_rows (tenant, tbl, skey, pkh);
     ",
 ];
 

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 13;
+const VERSION: i64 = 14;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -281,15 +281,21 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             ALTER TABLE gw_registry ADD COLUMN scope_version INTEGER NOT NULL DEFAULT 0;
             -- The scope version the gateway last told each device.
             ALTER TABLE gw_devices ADD COLUMN scope_told INTEGER;
+            ",
+        )?;
+    }
+    if version == 13 {
+        conn.execute_batch(
+            "
             -- Each row of a scoped table by its scope key, for snapshots of one scope.
-            CREATE TABLE gw_scope_rows (
+            CREATE TABLE IF NOT EXISTS gw_scope_rows (
                 tenant TEXT NOT NULL,
                 tbl    TEXT NOT NULL,
                 pk     BLOB NOT NULL,
                 skey   BLOB NOT NULL,
                 PRIMARY KEY (tenant, tbl, pk)
             ) WITHOUT ROWID;
-            CREATE INDEX gw_scope_rows_by_key ON gw_scope_rows (tenant, tbl, skey, pk);
+            CREATE INDEX IF NOT EXISTS gw_scope_rows_by_key ON gw_scope_rows (tenant, tbl, skey, pk);
             ",
         )?;
     }
