@@ -33,7 +33,7 @@ use self::catalog::Catalog;
 use self::meta::Nodes;
 use crate::batch::Batch;
 use crate::clock::{Hlc, HlcClock, NodeId};
-use crate::codec::{self, Limits};
+use crate::codec::Limits;
 use crate::error::{Error, Result};
 use crate::policy::TableSpec;
 use crate::protocol::{LogCursor, Receipts};
@@ -500,17 +500,7 @@ impl Store {
     /// Remote changes the app's own table constraints refused: `(table, key, reason)`. Their
     /// state is merged; the app row catches up with the next change to it.
     pub fn unapplied(&self) -> Result<Vec<(String, Vec<Value>, String)>> {
-        let mut stmt = self.conn.prepare("SELECT tbl, pk, reason FROM _driftless_unapplied ORDER BY tbl, pk")?;
-        let rows =
-            stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (tbl, key, reason) = row?;
-            let Some(t) = self.inner.catalog.by_id(tbl) else { continue };
-            let pk = codec::decode_key(&key, &self.inner.opts.limits).map_err(|e| Error::Corrupt(e.to_string()))?;
-            out.push((self.inner.catalog.tables[t].name.clone(), pk, reason));
-        }
-        Ok(out)
+        refusals::unapplied(&self.conn, &self.inner)
     }
 
     /// Changes that were not merged at all (a remote row this store cannot take, a local

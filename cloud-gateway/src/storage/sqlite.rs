@@ -4,6 +4,7 @@ mod cloud_writes;
 mod erasure;
 mod merge;
 mod registry;
+mod rows;
 mod schema;
 mod tables;
 
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use driftless_core::codec::{Limits, decode_payload, encode_key};
+use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
@@ -313,23 +314,11 @@ impl GatewayStore for SqliteStore {
     }
 
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {
-        let state: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?
-            .query_row(rusqlite::params![tenant, table, encode_key(pk)], |r| r.get(0))
-            .optional()?;
-        state.map(|s| self.decode(&s)).transpose()
+        rows::row_state(&self.conn, &self.limits, tenant, table, pk)
     }
 
     fn table_rows(&mut self, tenant: &str, table: &str, after: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Batch)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT pk, state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk > ?3 ORDER BY pk LIMIT ?4",
-        )?;
-        let rows = stmt
-            .query_map(rusqlite::params![tenant, table, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<Vec<(Vec<u8>, Vec<u8>)>>>()?;
-        drop(stmt);
-        rows.into_iter().map(|(pk, state)| Ok((pk, self.decode(&state)?))).collect()
+        rows::table_rows(&self.conn, &self.limits, tenant, table, None, after, limit)
     }
 
     fn scope_rows(
@@ -340,16 +329,7 @@ impl GatewayStore for SqliteStore {
         after: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Batch)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT s.pk, r.state FROM gw_scope_rows s
-             JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
-             WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3 AND s.pk > ?4 ORDER BY s.pk LIMIT ?5",
-        )?;
-        let rows = stmt
-            .query_map(rusqlite::params![tenant, table, skey, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<Vec<(Vec<u8>, Vec<u8>)>>>()?;
-        drop(stmt);
-        rows.into_iter().map(|(pk, state)| Ok((pk, self.decode(&state)?))).collect()
+        rows::table_rows(&self.conn, &self.limits, tenant, table, Some(skey), after, limit)
     }
 
     fn log_head(&mut self, tenant: &str) -> Result<LogCursor> {

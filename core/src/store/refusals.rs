@@ -114,3 +114,17 @@ pub(crate) fn list(conn: &Connection, limits: &crate::codec::Limits) -> Result<V
     }
     Ok(out)
 }
+
+/// Remote changes the app's own table refused: `(table, key, reason)`, by table and key.
+pub(crate) fn unapplied(conn: &Connection, inner: &super::Inner) -> Result<Vec<(String, Vec<crate::Value>, String)>> {
+    let mut stmt = conn.prepare("SELECT tbl, pk, reason FROM _driftless_unapplied ORDER BY tbl, pk")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (tbl, key, reason) = row?;
+        let Some(t) = inner.catalog.by_id(tbl) else { continue };
+        let pk = crate::codec::decode_key(&key, &inner.opts.limits).map_err(|e| Error::Corrupt(e.to_string()))?;
+        out.push((inner.catalog.tables[t].name.clone(), pk, reason));
+    }
+    Ok(out)
+}

@@ -1,0 +1,55 @@
+//! Reading rows back in the SQLite store: one row's merged state, and for snapshots a
+//! table's rows in key order, or only those of one scope key, found by the scope index.
+
+use driftless_core::codec::{Limits, decode_payload, encode_key};
+use driftless_core::{Batch, Value};
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+
+/// Up to `limit` rows of `table` after key `after`; only those of scope key `skey` if given.
+pub(super) fn table_rows(
+    conn: &Connection,
+    limits: &Limits,
+    tenant: &str,
+    table: &str,
+    skey: Option<&[u8]>,
+    after: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Batch)>> {
+    let read = |r: &rusqlite::Row<'_>| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?));
+    let rows = match skey {
+        None => conn
+            .prepare_cached(
+                "SELECT pk, state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk > ?3 ORDER BY pk LIMIT ?4",
+            )?
+            .query_map(rusqlite::params![tenant, table, after, limit as i64], read)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+        Some(skey) => conn
+            .prepare_cached(
+                "SELECT s.pk, r.state FROM gw_scope_rows s
+                 JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
+                 WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3 AND s.pk > ?4 ORDER BY s.pk LIMIT ?5",
+            )?
+            .query_map(rusqlite::params![tenant, table, skey, after, limit as i64], read)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+    };
+    rows.into_iter()
+        .map(|(pk, state)| Ok((pk, decode_payload(&state, limits).map_err(|e| Error::Corrupt(e.to_string()))?)))
+        .collect()
+}
+
+/// A row's merged state as a one-row batch, if it has one.
+pub(super) fn row_state(
+    conn: &Connection,
+    limits: &Limits,
+    tenant: &str,
+    table: &str,
+    pk: &[Value],
+) -> Result<Option<Batch>> {
+    let state: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT state FROM gw_rows WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?
+        .query_row(rusqlite::params![tenant, table, encode_key(pk)], |r| r.get(0))
+        .optional()?;
+    state.map(|s| decode_payload(&s, limits).map_err(|e| Error::Corrupt(e.to_string()))).transpose()
+}
