@@ -10,15 +10,14 @@
 use driftless_core::codec::{
     DecodeError, Dictionaries, EncodeOptions, Limits, declared_payload_len, decode_batch, encode_batch,
 };
-use driftless_core::protocol::{
-    DEFAULT_SCOPE, Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic, scope_topic,
-};
+use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic};
 use driftless_core::scope::DeviceScope;
 use driftless_core::{Batch, Epoch, LogCursor, SyncSchema};
 
 use crate::error::{Error, MergeError, Result};
+use crate::storage::chains::Chain;
 use crate::storage::scoped;
-use crate::storage::{GatewayStore, Incoming, LogEntry, MergeOutcome, Registration, ScopeStanding, ServedSchema};
+use crate::storage::{GatewayStore, Incoming, MergeOutcome, Registration, ScopeStanding, ServedSchema};
 
 /// What to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,43 +32,8 @@ pub enum Outgoing {
     Poke { tenant: String, head: LogCursor },
 }
 
-/// A poke announcing the newest of `entries`, if any.
-pub fn announce(tenant: &str, entries: &[LogEntry]) -> Option<Outgoing> {
-    entries.last().map(|e| Outgoing::Poke { tenant: tenant.to_owned(), head: e.cursor })
-}
-
-/// The largest change broadcast with its rows: a larger one is announced without them, and
-/// the devices pull it in pages of the size they ask for.
-pub const FEED_MAX_BYTES: usize = 128 << 10;
-pub const FEED_MAX_ROWS: usize = 1_000;
-
-/// The publishes announcing `entries` (in log order) to the devices holding them. The
-/// service publishes them only once the entries are durable.
-pub fn feed(epoch: Epoch, tenant: &str, entries: &[LogEntry]) -> Vec<Outgoing> {
-    let topic = scope_topic(tenant, DEFAULT_SCOPE);
-    entries
-        .iter()
-        .map(|e| {
-            let mut batch = Vec::new();
-            // Rows of scoped tables are each device's own business: devices pull their part.
-            if !e.scoped && e.change.rows.len() <= FEED_MAX_ROWS {
-                batch = encode_batch(&e.change, EncodeOptions::default());
-                if !fits(&batch, FEED_MAX_BYTES) {
-                    batch.clear();
-                }
-            }
-            let msg = Downlink::Feed {
-                epoch,
-                scope: DEFAULT_SCOPE.to_owned(),
-                previous: e.previous,
-                cursor: e.cursor,
-                origin: e.origin.clone(),
-                batch,
-            };
-            Outgoing::Feed { topic: topic.clone(), payload: msg.encode() }
-        })
-        .collect()
-}
+mod feeds;
+pub use feeds::{FEED_MAX_BYTES, FEED_MAX_ROWS, announce, feed};
 
 /// Bounds and rules the gateway applies to what devices send and ask for.
 #[derive(Debug, Clone)]
@@ -289,10 +253,7 @@ fn process(
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let (receipt, previous) = (outcome.receipt, outcome.previous);
             let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous });
-            if !outcome.entries.is_empty() {
-                out.extend(feed(epoch, tenant, &outcome.entries));
-                out.extend(announce(tenant, &outcome.entries));
-            }
+            out.extend(feed(store, epoch, tenant, &outcome.entries)?);
             Ok(out)
         }
         Uplink::Pull { epoch: claimed, cursor, ref receipts, max_rows, max_bytes, .. } => {
@@ -304,8 +265,16 @@ fn process(
                 return Ok(reply(stale(renewed, cursor)));
             }
             let Some(cursor) = cursor else {
-                // A device with no cursor starts from a snapshot of current state.
-                let head = store.log_head(tenant)?;
+                // A device with no cursor starts from a snapshot of current state, and goes
+                // on from the log's head: in a scope, from its chain's last entry (later
+                // entries are none of its business), where its scope's next change follows.
+                let mut head = store.log_head(tenant)?;
+                if let Some(s) = &scoped {
+                    let last = store.chain_before(tenant, &Chain::of(&s.mine), head.position.saturating_add(1))?;
+                    if last.position > 0 {
+                        head = last;
+                    }
+                }
                 store.touch_device(tenant, device, None)?;
                 return snapshot(store, &at, epoch, &[], head, rows(max_rows), bytes(max_bytes));
             };
@@ -351,10 +320,7 @@ fn process(
                 });
             }
             let mut out = reply(Downlink::LegacyAck { first_seq, last_seq });
-            if !outcome.entries.is_empty() {
-                out.extend(feed(epoch, tenant, &outcome.entries));
-                out.extend(announce(tenant, &outcome.entries));
-            }
+            out.extend(feed(store, epoch, tenant, &outcome.entries)?);
             Ok(out)
         }
         Uplink::LegacyPull { cursor, max_rows, .. } => {
@@ -590,7 +556,8 @@ impl Scoped {
     fn tell(&self, store: &mut dyn GatewayStore, tenant: &str, device: &str, epoch: Epoch) -> Result<Downlink> {
         store.scope_told(tenant, device, self.standing.version)?;
         let tables = self.mine.tables().map(str::to_owned).collect();
-        Ok(Downlink::Scope { epoch, version: self.standing.version, tables })
+        let feed = Chain::of(&self.mine).id();
+        Ok(Downlink::Scope { epoch, version: self.standing.version, tables, feed })
     }
 }
 

@@ -271,13 +271,16 @@ async fn take_in_cloud_writes<S: GatewayStore + 'static>(
         let mut out = Vec::new();
         for (tenant, entry) in guard.ingest_cloud_writes(now_ms())? {
             tracing::debug!(%tenant, "took in writes made to the cloud tables");
-            // The entry is logged: without the epoch to publish it under, its devices find it
-            // by the gap it leaves (or the poke, for devices of earlier versions).
-            match guard.epoch(&tenant) {
-                Ok(epoch) => out.extend(crate::handler::feed(epoch, &tenant, std::slice::from_ref(&entry))),
-                Err(e) => tracing::warn!(%tenant, "not published (devices will pull it): {e}"),
+            // The entry is logged: not published (no epoch to publish it under, a read that
+            // failed), its devices find it by the gap it leaves, the poke, or their next pull.
+            let entries = std::slice::from_ref(&entry);
+            match guard.epoch(&tenant).and_then(|epoch| crate::handler::feed(&mut *guard, epoch, &tenant, entries)) {
+                Ok(publishes) => out.extend(publishes),
+                Err(e) => {
+                    tracing::warn!(%tenant, "not published (devices will pull it): {e}");
+                    out.push(Outgoing::Poke { tenant, head: entry.cursor });
+                }
             }
-            out.push(Outgoing::Poke { tenant, head: entry.cursor });
         }
         Ok::<_, Error>(out)
     })

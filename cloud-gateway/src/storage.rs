@@ -4,6 +4,7 @@
 //! [`GatewayStore`] is the seam; [`SqliteStore`] (one file, the embedded default) and
 //! [`PgStore`] (PostgreSQL, shared by several instances) implement it and pass one test suite.
 
+pub mod chains;
 mod cloud_intake;
 mod common;
 mod postgres;
@@ -172,8 +173,15 @@ pub struct LogEntry {
     /// takes it).
     pub origin: String,
     pub change: Batch,
-    /// Whether it holds rows of scoped tables: only a pull tells each device its part.
-    pub scoped: bool,
+    /// Where each row of `change` moved, scope-wise (empty: no row of a scoped table).
+    pub moves: Vec<Option<Move>>,
+}
+
+impl LogEntry {
+    /// Whether it holds rows of scoped tables: each scope it concerns gets its own part.
+    pub fn scoped(&self) -> bool {
+        self.moves.iter().any(Option::is_some)
+    }
 }
 
 /// What a merge appends to a tenant's log: the rows whose state changed, where each row of
@@ -344,8 +352,17 @@ pub trait GatewayStore: Send {
     }
 
     /// Up to `limit` log entries after position `cursor`, oldest first, and whether more
-    /// follow.
-    fn log_after(&mut self, tenant: &str, cursor: u64, limit: usize) -> Result<(Vec<Logged>, bool)>;
+    /// follow; only those of `chain` if given (see [`chains`]).
+    fn log_after(
+        &mut self,
+        tenant: &str,
+        cursor: u64,
+        limit: usize,
+        chain: Option<&chains::Chain>,
+    ) -> Result<(Vec<Logged>, bool)>;
+
+    /// The last entry of `chain` before position `before` (0/0: none).
+    fn chain_before(&mut self, tenant: &str, chain: &chains::Chain, before: u64) -> Result<LogCursor>;
 
     /// A row's merged state as a one-row batch with its nodes' roles, if the row has one.
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>>;

@@ -44,6 +44,14 @@ pub fn scope_topic(tenant: &str, scope: &str) -> String {
     format!("{TOPIC_ROOT}/{tenant}/scopes/{scope}/changes")
 }
 
+/// The tenant and scope a scope's topic names.
+pub fn parse_scope_topic(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix(TOPIC_ROOT)?.strip_prefix('/')?;
+    let (tenant, rest) = rest.split_once('/')?;
+    let scope = rest.strip_prefix("scopes/")?.strip_suffix("/changes")?;
+    (!scope.contains('/')).then_some((tenant, scope))
+}
+
 /// The payload of a poke: the cursor of the newest entry the gateway logged (position as a
 /// varint, tag as 8 bytes little-endian). Devices of earlier versions ignore it; a device
 /// that heard the scope's changes up to there has nothing to pull.

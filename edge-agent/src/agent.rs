@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use driftless_core::codec::Limits;
 use driftless_core::protocol::{
-    DEFAULT_SCOPE, Downlink, decode_announcement, downlink_topic, poke_topic, schema_topic, scope_topic,
+    DEFAULT_SCOPE, Downlink, decode_announcement, downlink_topic, parse_scope_topic, poke_topic, schema_topic,
+    scope_topic,
 };
 use driftless_core::{ChangedRow, StoreOptions};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
@@ -312,28 +313,32 @@ async fn poll_events(
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == poke => {
                 Input::Poke { head: decode_announcement(&p.payload) }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == feed => match Downlink::decode(&p.payload, &limits) {
-                Ok(msg @ Downlink::Feed { .. }) => {
-                    // Feeds are not answers to the machine's requests, so they come at the
-                    // fleet's pace: they may take the queue only down to a reserve kept for
-                    // the answers and connection events this loop must never wait to hand
-                    // over (it would stop reading the socket, or deadlock with a sync loop
-                    // publishing). One that finds no room is dropped, and a pull fetches it.
-                    if events.capacity() <= FEED_RESERVE || events.try_send(Input::Downlink(msg)).is_err() {
-                        dropped_feed = true;
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if parse_scope_topic(&p.topic).is_some_and(|(t, _)| t == config.tenant) =>
+            {
+                match Downlink::decode(&p.payload, &limits) {
+                    Ok(msg @ Downlink::Feed { .. }) => {
+                        // Feeds are not answers to the machine's requests, so they come at the
+                        // fleet's pace: they may take the queue only down to a reserve kept for
+                        // the answers and connection events this loop must never wait to hand
+                        // over (it would stop reading the socket, or deadlock with a sync loop
+                        // publishing). One that finds no room is dropped, and a pull fetches it.
+                        if events.capacity() <= FEED_RESERVE || events.try_send(Input::Downlink(msg)).is_err() {
+                            dropped_feed = true;
+                        }
+                        continue;
                     }
-                    continue;
+                    Ok(_) => {
+                        tracing::warn!("ignoring a message on the scope's topic that is no scope change");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("an undecodable scope message; pulling instead: {e}");
+                        dropped_feed = true;
+                        continue;
+                    }
                 }
-                Ok(_) => {
-                    tracing::warn!("ignoring a message on the scope's topic that is no scope change");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!("an undecodable scope message; pulling instead: {e}");
-                    dropped_feed = true;
-                    continue;
-                }
-            },
+            }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == down || p.topic == schema => {
                 match Downlink::decode(&p.payload, &limits) {
                     Ok(msg) => Input::Downlink(msg),

@@ -169,6 +169,8 @@ pub struct Machine {
     held: VecDeque<feed::Feed>,
     /// The cursor as the store last reported it (held changes at or before it are dropped).
     known_cursor: Option<LogCursor>,
+    /// The scope whose changes the device follows (as the gateway last told it).
+    following: String,
     /// When a scope change last arrived, and the newest position heard in one.
     last_feed: Option<u64>,
     heard: u64,
@@ -216,6 +218,7 @@ impl Machine {
             last_check: 0,
             held: VecDeque::new(),
             known_cursor: None,
+            following: driftless_core::protocol::DEFAULT_SCOPE.to_owned(),
             last_feed: None,
             heard: 0,
             last_pull: 0,

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use driftless_core::ChangedRow;
-use driftless_core::protocol::uplink_topic;
+use driftless_core::protocol::{scope_topic, uplink_topic};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,9 @@ fn wall_ms() -> u64 {
 pub(crate) struct Shell {
     pub(crate) client: AsyncClient,
     pub(crate) topic: String,
+    tenant: String,
+    /// The topic of the scope the device follows, once the gateway named one.
+    following: Option<String>,
     pub(crate) store: StoreHandle,
     pub(crate) status: watch::Sender<LiveStatus>,
     pub(crate) changes: broadcast::Sender<Vec<ChangedRow>>,
@@ -47,6 +50,8 @@ impl Shell {
         Shell {
             client,
             topic: uplink_topic(tenant, device),
+            tenant: tenant.to_owned(),
+            following: None,
             store,
             status,
             changes,
@@ -106,6 +111,16 @@ impl Shell {
                     let _ = self.changes.send(rows);
                 }
                 Action::Progress(p) => self.progress.apply(p),
+                Action::Follow(scope) => {
+                    // Subscribed again after every handshake (a new connection holds no
+                    // subscription); the scope left behind is unsubscribed.
+                    let topic = scope_topic(&self.tenant, &scope);
+                    if let Some(left) = self.following.take().filter(|t| *t != topic) {
+                        self.client.unsubscribe(left).await?;
+                    }
+                    self.client.subscribe(topic.clone(), QoS::AtMostOnce).await?;
+                    self.following = Some(topic);
+                }
             }
         }
         let live = machine.live().clone();

@@ -8,7 +8,7 @@
 mod world;
 
 use driftless_core::Value;
-use world::World;
+use world::{both, ids};
 
 const SCHEMA: &str = r#"
 roles = ["field"]
@@ -66,20 +66,9 @@ name = "sku"
 type = "text"
 "#;
 
-fn both(test: impl Fn(World)) {
-    test(World::new(SCHEMA, false).expect("sqlite world"));
-    if let Some(world) = World::new(SCHEMA, true) {
-        test(world);
-    }
-}
-
-fn ids(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
 #[test]
 fn each_device_holds_the_rows_its_parameters_select_and_every_row_of_unscoped_tables() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         let south = w.device("tab-s", &[("region", "south")]);
         let nobody = w.device("tab-x", &[]);
@@ -105,7 +94,7 @@ fn each_device_holds_the_rows_its_parameters_select_and_every_row_of_unscoped_ta
 
 #[test]
 fn a_write_outside_the_devices_scope_is_refused_with_its_reason_and_reaches_no_one() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         let south = w.device("tab-s", &[("region", "south")]);
         w.connect(north);
@@ -125,7 +114,7 @@ fn a_write_outside_the_devices_scope_is_refused_with_its_reason_and_reaches_no_o
 
 #[test]
 fn a_hand_off_by_a_device_moves_the_row_with_its_whole_state() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         let south = w.device("tab-s", &[("region", "south")]);
         w.connect(north);
@@ -145,7 +134,7 @@ fn a_hand_off_by_a_device_moves_the_row_with_its_whole_state() {
 
 #[test]
 fn the_back_office_moves_orders_between_regions_and_offline_tablets_end_up_right() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         let late = w.device("tab-n2", &[("region", "north")]);
         let south = w.device("tab-s", &[("region", "south")]);
@@ -177,7 +166,7 @@ fn the_back_office_moves_orders_between_regions_and_offline_tablets_end_up_right
 
 #[test]
 fn an_operator_moving_a_technician_moves_their_rows_conflicts_included() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         let s1 = w.device("tab-s1", &[("region", "south")]);
         let s2 = w.device("tab-s2", &[("region", "south")]);
@@ -214,7 +203,7 @@ fn an_operator_moving_a_technician_moves_their_rows_conflicts_included() {
 
 #[test]
 fn rows_written_before_the_first_sync_or_a_scope_change_stay_and_sync() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let south = w.device("tab-s", &[("region", "south")]);
         let north = w.device("tab-n", &[("region", "north")]);
         w.connect(south);
@@ -238,7 +227,7 @@ fn rows_written_before_the_first_sync_or_a_scope_change_stay_and_sync() {
 
 #[test]
 fn a_scope_change_keeps_the_rows_with_unsent_changes_counters_included() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         let other = w.device("tab-o", &[("region", "north")]);
         w.connect(north);
@@ -260,7 +249,7 @@ fn a_scope_change_keeps_the_rows_with_unsent_changes_counters_included() {
 
 #[test]
 fn a_row_the_apps_own_constraints_keep_stays_and_the_rest_syncs() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         w.connect(north);
         w.write(north, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'pump')");
@@ -285,7 +274,7 @@ fn a_row_the_apps_own_constraints_keep_stays_and_the_rest_syncs() {
 
 #[test]
 fn rows_of_a_table_devices_only_receive_leave_with_their_scope_too() {
-    both(|mut w| {
+    both(SCHEMA, |mut w| {
         let north = w.device("tab-n", &[("region", "north")]);
         w.connect(north);
         w.cloud_write("INSERT INTO NOTICES VALUES ('n-1', 'north'), ('n-2', 'north')");

@@ -292,8 +292,17 @@ impl GatewayStore for Faulty {
             _ => self.0.merge(from, batch),
         }
     }
-    fn log_after(&mut self, t: &str, c: u64, l: usize) -> Result<(Vec<crate::storage::Logged>, bool)> {
-        self.0.log_after(t, c, l)
+    fn log_after(
+        &mut self,
+        t: &str,
+        c: u64,
+        l: usize,
+        chain: Option<&crate::storage::chains::Chain>,
+    ) -> Result<(Vec<crate::storage::Logged>, bool)> {
+        self.0.log_after(t, c, l, chain)
+    }
+    fn chain_before(&mut self, t: &str, chain: &crate::storage::chains::Chain, before: u64) -> Result<LogCursor> {
+        self.0.chain_before(t, chain, before)
     }
     fn row_state(&mut self, t: &str, table: &str, pk: &[driftless_core::Value]) -> Result<Option<Batch>> {
         self.0.row_state(t, table, pk)

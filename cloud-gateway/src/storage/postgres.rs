@@ -28,13 +28,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driftless_core::codec::{Limits, decode_payload};
+use driftless_core::codec::Limits;
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use postgres::{Client, Config};
 
 use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use self::epochs::{current_epoch, keep_dead_letter, start_epoch};
-use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, added_tables, now_ms, parse_resume, resume_token, unfit_rows};
+use super::chains::Chain;
+use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, added_tables, now_ms, unfit_rows};
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
     Params, Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,
@@ -111,10 +112,6 @@ impl PgStore {
         }
         self.group.used();
         Ok(&mut self.client)
-    }
-
-    fn decode(&self, bytes: &[u8]) -> Result<Batch> {
-        decode_payload(bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))
     }
 
     /// Writes the pulls noted since the last flush, in one transaction that does not wait
@@ -256,9 +253,20 @@ impl GatewayStore for PgStore {
         merge::merge(&mut self.client, &mut self.stmts, &limits, from, schema.as_deref(), (tag, cloud_tag), batch)
     }
 
-    fn log_after(&mut self, tenant: &str, cursor: u64, limit: usize) -> Result<(Vec<Logged>, bool)> {
+    fn log_after(
+        &mut self,
+        tenant: &str,
+        cursor: u64,
+        limit: usize,
+        chain: Option<&Chain>,
+    ) -> Result<(Vec<Logged>, bool)> {
         self.client()?;
-        log::after(&mut self.client, &mut self.stmts, &self.limits, tenant, cursor, limit)
+        log::after(&mut self.client, &mut self.stmts, &self.limits, tenant, (cursor, limit), chain)
+    }
+
+    fn chain_before(&mut self, tenant: &str, chain: &Chain, before: u64) -> Result<LogCursor> {
+        self.client()?;
+        log::chain_before(&mut self.client, &mut self.stmts, tenant, chain, before)
     }
 
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {
@@ -300,32 +308,8 @@ impl GatewayStore for PgStore {
     }
 
     fn snapshot_page(&mut self, tenant: &str, resume: &[u8], max_rows: usize) -> Result<Option<SnapshotPage>> {
-        let (table, key) = if resume.is_empty() {
-            (String::new(), Vec::new())
-        } else {
-            match parse_resume(resume) {
-                Some(position) => position,
-                None => return Ok(None),
-            }
-        };
-        // Table names compare bytewise (COLLATE "C"), as the SQLite store orders them.
-        let rows = self.client()?.query(
-            "SELECT tbl, pkh, state FROM driftless.gw_rows
-             WHERE tenant = $1 AND (tbl COLLATE \"C\", pkh) > ($2 COLLATE \"C\", $3)
-             ORDER BY tbl COLLATE \"C\", pkh LIMIT $4",
-            &[&tenant, &table, &key, &(max_rows as i64)],
-        )?;
-        let mut page = SnapshotPage { done: rows.len() < max_rows, ..SnapshotPage::default() };
-        for r in rows {
-            let b = self.decode(r.get(2))?;
-            page.batch.roles.extend(b.roles);
-            page.batch.rows.extend(b.rows);
-            page.resume = resume_token(r.get(0), r.get(1));
-        }
-        if page.done {
-            page.resume.clear();
-        }
-        Ok(Some(page))
+        self.client()?;
+        log::snapshot_page(&mut self.client, &self.limits, tenant, resume, max_rows)
     }
 
     fn touch_device(&mut self, tenant: &str, device: &str, cursor: Option<u64>) -> Result<()> {

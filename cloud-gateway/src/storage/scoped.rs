@@ -16,8 +16,9 @@ use driftless_core::scope::{DeviceScope, Move, ScopeKey, decode_moves};
 use driftless_core::{LogCursor, RowChange, RowState, SchemaTable, SyncSchema, Value};
 
 use crate::error::{Error, Result};
+use crate::storage::chains::Chain;
 use crate::storage::common::{parse_resume, parse_resume_ref, resume_token};
-use crate::storage::{ChangesPage, GatewayStore, SnapshotPage};
+use crate::storage::{ChangesPage, GatewayStore, Logged, SnapshotPage};
 
 /// Log entries read for one page, at most.
 const ENTRIES: usize = 256;
@@ -31,6 +32,9 @@ struct Seen {
     after: Option<ScopeKey>,
     /// Its changes from other writers than the device, in order.
     changes: Vec<RowChange>,
+    /// Whether a change in the page took it out of the scope: the chain does not hold what
+    /// happened to it elsewhere until it came back, so it goes whole.
+    away: bool,
 }
 
 pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
@@ -43,8 +47,41 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
 ) -> Result<ChangesPage> {
     let tag = store.log_tag(tenant, cursor)?.unwrap_or(0);
     let mut page = ChangesPage { cursor: LogCursor { position: cursor, tag }, ..ChangesPage::default() };
-    let (entries, more) = store.log_after(tenant, cursor, ENTRIES)?;
+    // A device holding a scope reads its scope's chain only: its cursor stays on the chain,
+    // where the entries published for its scope name their predecessors.
+    let chain = scope.any().then(|| Chain::of(scope));
+    let (entries, more) = store.log_after(tenant, cursor, ENTRIES, chain.as_ref())?;
     page.more = more;
+    show(store, tenant, Some(device), entries, max_rows, scope, &mut page)?;
+    Ok(page)
+}
+
+/// What the devices holding `scope` get of one entry, published on the scope's topic: as
+/// [`changes_page`] shows it, the writer's own rows included (the writer skips them, but
+/// not the evictions).
+pub(crate) fn part<S: GatewayStore + ?Sized>(
+    store: &mut S,
+    tenant: &str,
+    entry: Logged,
+    scope: &DeviceScope,
+) -> Result<ChangesPage> {
+    let mut page = ChangesPage::default();
+    show(store, tenant, None, vec![entry], usize::MAX, scope, &mut page)?;
+    Ok(page)
+}
+
+/// Adds to `page` what a device holding `scope` gets of `entries` (not the rows of its own,
+/// if it is `device`), up to about `max_rows` rows, moving the page's cursor past the
+/// entries shown.
+fn show<S: GatewayStore + ?Sized>(
+    store: &mut S,
+    tenant: &str,
+    device: Option<&str>,
+    entries: Vec<Logged>,
+    max_rows: usize,
+    scope: &DeviceScope,
+    page: &mut ChangesPage,
+) -> Result<()> {
     let mut seen: Vec<Seen> = Vec::new();
     let mut index: HashMap<(String, Vec<u8>), usize> = HashMap::new();
     let mut rows = 0;
@@ -56,7 +93,7 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
         page.cursor = entry.cursor;
         // A device's own changes are not sent back to it; the cursor still moves past them,
         // and a row its own change took out of its scope is still evicted.
-        let own = entry.origin == device;
+        let own = device == Some(entry.origin.as_str());
         if !own {
             page.batch.roles.extend(entry.change.roles);
         }
@@ -70,12 +107,20 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
                 continue;
             };
             let at = *index.entry((row.table.clone(), encode_key(&row.pk))).or_insert_with(|| {
-                seen.push(Seen { table: row.table.clone(), pk: row.pk.clone(), before, after: None, changes: vec![] });
+                seen.push(Seen {
+                    table: row.table.clone(),
+                    pk: row.pk.clone(),
+                    before,
+                    after: None,
+                    changes: vec![],
+                    away: false,
+                });
                 seen.len() - 1
             });
             // Counted whether the device gets it as logged, whole or as an eviction.
             rows += 1;
             let s = &mut seen[at];
+            s.away |= !scope.holds(&row.table, after.as_ref());
             s.after = after;
             if !own {
                 s.changes.push(row);
@@ -86,10 +131,11 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
         let held = scope.holds(&s.table, s.before.as_ref());
         let holds = scope.holds(&s.table, s.after.as_ref());
         match (held, holds) {
-            (true, true) => page.batch.rows.extend(s.changes),
+            (true, true) if !s.away => page.batch.rows.extend(s.changes),
             // A row it made itself in its scope it holds already (a change of scope keeps the
-            // rows with changes not yet acknowledged).
-            (false, true) if !s.changes.is_empty() => {
+            // rows with changes not yet acknowledged); one that was away may have changed
+            // meanwhile by anyone.
+            (_, true) if s.away || !s.changes.is_empty() => {
                 // As it is now: sent only if it is still in the scope (one that left again
                 // after the page's end is not shown; the next page evicts nothing it holds).
                 if let Some(current) = store.row_state(tenant, &s.table, &s.pk)?
@@ -103,7 +149,7 @@ pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
             _ => {}
         }
     }
-    Ok(page)
+    Ok(())
 }
 
 /// A page of the current state of the rows a device holding `scope` holds, table by table

@@ -2,6 +2,7 @@
 
 mod cloud_writes;
 mod erasure;
+mod log;
 mod merge;
 mod registry;
 mod rows;
@@ -17,10 +18,10 @@ use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use super::chains::Chain;
 use super::common::{
     DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms, parse_resume, resume_token,
 };
-use super::scoped::read_moves;
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
     Params, Registered, ServedSchema, SkewedNode, SnapshotPage, Standing, ToLog,
@@ -281,36 +282,18 @@ impl GatewayStore for SqliteStore {
         merge::merge(tx, &self.limits, from, schema.as_deref(), &mut self.tags, batch)
     }
 
-    fn log_after(&mut self, tenant: &str, cursor: u64, limit: usize) -> Result<(Vec<Logged>, bool)> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, origin, change, tag, moves FROM gw_log WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let entries = stmt
-            .query_map(rusqlite::params![tenant, cursor as i64, limit as i64 + 1], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<Vec<u8>>>(4)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        drop(stmt);
-        let more = entries.len() > limit;
-        let logged = entries
-            .into_iter()
-            .take(limit)
-            .map(|(seq, origin, change, tag, moves)| {
-                Ok(Logged {
-                    cursor: LogCursor { position: seq as u64, tag: tag as u64 },
-                    origin,
-                    change: self.decode(&change)?,
-                    moves: read_moves(moves.as_deref(), &self.limits)?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok((logged, more))
+    fn log_after(
+        &mut self,
+        tenant: &str,
+        cursor: u64,
+        limit: usize,
+        chain: Option<&Chain>,
+    ) -> Result<(Vec<Logged>, bool)> {
+        log::after(&self.conn, &self.limits, tenant, cursor, limit, chain)
+    }
+
+    fn chain_before(&mut self, tenant: &str, chain: &Chain, before: u64) -> Result<LogCursor> {
+        log::chain_before(&self.conn, tenant, chain, before)
     }
 
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {

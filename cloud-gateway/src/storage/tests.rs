@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use driftless_core::{Batch, ColumnPolicy, Store, StoreOptions, TableSpec, Value};
+use driftless_core::{Batch, ColumnPolicy, LogCursor, Store, StoreOptions, TableSpec, Value};
 
 use super::test_backends::{Backend, on_every_store};
 use super::{DeadLetterFilter, GatewayStore, Incoming, MergeOutcome, tenants_of};
@@ -29,6 +29,7 @@ on_every_store!(
     a_column_added_with_plain_sql_and_declared_later_is_taken_in_not_overwritten,
     each_logged_entry_names_the_tenants_entry_before_it,
     a_pull_in_scope_shows_rows_held_sends_entering_rows_whole_and_evicts_rows_gone,
+    entries_are_filed_under_the_scopes_they_concern_and_read_back_by_chain,
 );
 
 pub(super) fn device_batch(dir: &Path, name: &str, opts: StoreOptions) -> Batch {
@@ -481,7 +482,7 @@ fn a_pull_in_scope_shows_rows_held_sends_entering_rows_whole_and_evicts_rows_gon
         dev.ack(out.first_seq, out.last_seq).expect("ack");
         let from = Incoming { tenant: "acme", device: "tab-n", scope: Some(&north), ..incoming() };
         let merged = gw.merge(&from, &out.batch).expect("merge");
-        assert!(merged.refused.is_empty() && merged.entries.iter().all(|e| e.scoped), "{merged:?}");
+        assert!(merged.refused.is_empty() && merged.entries.iter().all(|e| e.scoped()), "{merged:?}");
     };
     ship(&mut dev, &mut *gw, "INSERT INTO w VALUES ('w1', 'north')");
     // Its own new row is not sent back to its writer, and never to a device of another scope.
@@ -489,7 +490,10 @@ fn a_pull_in_scope_shows_rows_held_sends_entering_rows_whole_and_evicts_rows_gon
     assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (0, 0));
     let page = gw.changes_in_scope("acme", "tab-s", 0, 100, &south).expect("pull");
     assert_eq!((page.batch.rows.len(), page.evict.rows.len()), (0, 0));
+    assert_eq!(page.cursor.position, 0, "a pull reads its scope's chain only: nothing yet");
+    let page = gw.changes_in_scope("acme", "tab-n", 0, 100, &north).expect("pull");
     let at = page.cursor.position;
+    assert_eq!(at, gw.log_head("acme").expect("head").position, "the north's chain holds its own row");
     // Handed to the south: evicted from the north, whole to the south.
     ship(&mut dev, &mut *gw, "UPDATE w SET region = 'south'");
     let page = gw.changes_in_scope("acme", "tab-n", at, 100, &north).expect("pull");
@@ -520,4 +524,77 @@ fn incoming() -> Incoming<'static> {
         legacy: false,
         scope: None,
     }
+}
+
+/// A scoped table and one without scope.
+pub(super) const SCOPED_AND_PARTS: &str = r#"
+[[table]]
+name = "w"
+key = ["id"]
+scope = "region = :region"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "region"
+type = "text"
+
+[[table]]
+name = "p"
+key = ["sku"]
+[[table.column]]
+name = "sku"
+type = "text"
+"#;
+
+/// Ships what `sql` writes on `dev` (a device holding `scope`) and returns its log entry.
+pub(super) fn ship_in_scope(
+    gw: &mut dyn GatewayStore,
+    dev: &mut Store,
+    device: &str,
+    scope: &driftless_core::scope::DeviceScope,
+    sql: &str,
+) -> LogCursor {
+    dev.write(|tx| Ok(tx.execute_batch(sql)?)).expect(sql);
+    let out = dev.outbox_batch(100).expect("outbox").expect("batch");
+    dev.ack(out.first_seq, out.last_seq).expect("ack");
+    let from = Incoming { tenant: "acme", device, scope: Some(scope), ..incoming() };
+    let merged = gw.merge(&from, &out.batch).expect("merge");
+    let [entry] = &merged.entries[..] else { panic!("one entry: {merged:?}") };
+    entry.cursor
+}
+
+fn entries_are_filed_under_the_scopes_they_concern_and_read_back_by_chain(b: &Backend) {
+    use driftless_core::scope::DeviceScope;
+
+    use crate::storage::chains::Chain;
+    let mut gw = b.open();
+    gw.install_schema(SCOPED_AND_PARTS).expect("install");
+    let schema = driftless_core::SyncSchema::parse(SCOPED_AND_PARTS).expect("schema");
+    let of = |region: &str| DeviceScope::of(&schema, "d", &[("region".to_owned(), region.to_owned())].into());
+    let (north, south, east) = (of("north"), of("south"), of("east"));
+    let mut n = Store::open(b.scratch().join("n.db"), StoreOptions::default()).expect("open");
+    let mut s = Store::open(b.scratch().join("s.db"), StoreOptions::default()).expect("open");
+    n.follow_schema(1, SCOPED_AND_PARTS).expect("follow");
+    s.follow_schema(1, SCOPED_AND_PARTS).expect("follow");
+    let e1 = ship_in_scope(&mut *gw, &mut n, "tab-n", &north, "INSERT INTO w VALUES ('w1', 'north')");
+    let e2 = ship_in_scope(&mut *gw, &mut s, "tab-s", &south, "INSERT INTO w VALUES ('w2', 'south')");
+    let e3 = ship_in_scope(&mut *gw, &mut s, "tab-s", &south, "INSERT INTO p VALUES ('p1')");
+    let e4 = ship_in_scope(&mut *gw, &mut n, "tab-n", &north, "UPDATE w SET region = 'south' WHERE id = 'w1'");
+    let (north, south, east) = (Chain::of(&north), Chain::of(&south), Chain::of(&east));
+    let before = |gw: &mut dyn GatewayStore, chain: &Chain, at: LogCursor| gw.chain_before("acme", chain, at.position);
+    assert_eq!(before(&mut *gw, &north, e4).expect("before"), e3, "a row of a table without scope concerns all");
+    assert_eq!(before(&mut *gw, &north, e3).expect("before"), e1, "the south's row is none of the north's");
+    assert_eq!(before(&mut *gw, &south, e3).expect("before"), e2);
+    assert_eq!(before(&mut *gw, &east, e3).expect("before"), LogCursor::default(), "nothing before");
+    let past = LogCursor { position: e4.position + 1, tag: 0 };
+    assert_eq!(before(&mut *gw, &east, past).expect("before"), e3);
+    let read = |gw: &mut dyn GatewayStore, chain: &Chain, after: LogCursor, limit: usize| {
+        let (entries, more) = gw.log_after("acme", after.position, limit, Some(chain)).expect("read");
+        (entries.iter().map(|e| e.cursor).collect::<Vec<_>>(), more)
+    };
+    assert_eq!(read(&mut *gw, &north, LogCursor::default(), 2), (vec![e1, e3], true));
+    assert_eq!(read(&mut *gw, &north, e3, 10), (vec![e4], false), "the move left the north");
+    assert_eq!(read(&mut *gw, &south, e1, 10), (vec![e2, e3, e4], false), "and entered the south");
+    assert_eq!(read(&mut *gw, &east, LogCursor::default(), 10), (vec![e3], false));
 }

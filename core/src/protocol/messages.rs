@@ -133,6 +133,10 @@ pub enum Downlink {
         epoch: Epoch,
         version: u64,
         tables: Vec<String>,
+        /// The scope whose changes the device follows ([`crate::protocol::scope_topic`]):
+        /// the devices holding exactly the same rows share it. Empty from gateways that
+        /// published scoped changes without their rows.
+        feed: String,
     },
     /// One page of the current state. When `done`, continue with a pull from `log_cursor`.
     Snapshot {
@@ -170,6 +174,9 @@ pub enum Downlink {
         /// The change as a batch envelope; empty when it was too large to broadcast (the
         /// device pulls it instead).
         batch: Vec<u8>,
+        /// Keys of rows the change took out of the scope (an encoded batch of keys, empty for
+        /// none): every device holding the scope drops them, the writer too.
+        evict: Vec<u8>,
     },
     /// Version 1 answers.
     LegacyAck {
@@ -202,7 +209,7 @@ pub struct RefusedRow {
     pub reason: String,
 }
 
-mod tag {
+pub(super) mod tag {
     pub(super) const LEGACY_BATCH: u8 = 1;
     pub(super) const LEGACY_PULL: u8 = 2;
     pub(super) const LEGACY_PULL_SNAPSHOT: u8 = 3;
@@ -225,13 +232,14 @@ mod tag {
     pub(super) const FEED: u8 = 12;
     pub(super) const SCOPED_CHANGES: u8 = 13;
     pub(super) const SCOPE: u8 = 14;
+    pub(super) const SCOPED_FEED: u8 = 15;
 }
 
 /// Longest tenant, device or scope name accepted (as `protocol::valid_id`).
-const MAX_ID: usize = 128;
+pub(super) const MAX_ID: usize = 128;
 
 /// Longest resume token and refusal reason accepted.
-const MAX_TOKEN: usize = 4096;
+pub(super) const MAX_TOKEN: usize = 4096;
 
 /// Longest schema text accepted.
 pub const MAX_SCHEMA_BYTES: usize = 1 << 20;
@@ -455,245 +463,7 @@ impl Uplink {
     }
 }
 
-impl Downlink {
-    /// The gateway epoch the message speaks for (`None` for version 1 answers).
-    pub fn epoch(&self) -> Option<Epoch> {
-        match self {
-            Downlink::Welcome { epoch, .. }
-            | Downlink::Ack { epoch, .. }
-            | Downlink::Nack { epoch, .. }
-            | Downlink::Changes { epoch, .. }
-            | Downlink::ScopedChanges { epoch, .. }
-            | Downlink::Scope { epoch, .. }
-            | Downlink::Snapshot { epoch, .. }
-            | Downlink::Feed { epoch, .. } => Some(*epoch),
-            Downlink::Schema { .. }
-            | Downlink::SlowDown { .. }
-            | Downlink::LegacyAck { .. }
-            | Downlink::LegacyNack { .. }
-            | Downlink::LegacyChanges { .. }
-            | Downlink::LegacySnapshot { .. } => None,
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        match self {
-            Downlink::Welcome { epoch, node_counter, device_seq, node_elsewhere } => {
-                w.u8(tag::WELCOME);
-                w.epoch(epoch);
-                w.varint(*node_counter);
-                w.zigzag(*device_seq);
-                w.u8(u8::from(*node_elsewhere));
-            }
-            Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous } => {
-                w.u8(tag::ACK);
-                w.epoch(epoch);
-                w.varint(*id);
-                w.zigzag(*first_seq);
-                w.zigzag(*last_seq);
-                w.varint(refused.len() as u64);
-                for row in refused {
-                    w.varint(u64::from(row.index));
-                    w.bytes(row.reason.as_bytes());
-                }
-                w.opt_cursor(receipt);
-                w.opt_cursor(previous);
-            }
-            Downlink::Nack { epoch, id, first_seq, last_seq, reason } => {
-                w.u8(tag::NACK);
-                w.epoch(epoch);
-                w.varint(*id);
-                w.zigzag(*first_seq);
-                w.zigzag(*last_seq);
-                w.bytes(reason.as_bytes());
-            }
-            Downlink::Changes { epoch, from, cursor, more, batch } => {
-                w.u8(tag::CHANGES);
-                w.epoch(epoch);
-                w.varint(*from);
-                w.cursor(cursor);
-                w.u8(u8::from(*more));
-                w.raw(batch);
-            }
-            Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch } => {
-                w.u8(tag::SCOPED_CHANGES);
-                w.epoch(epoch);
-                w.varint(*from);
-                w.cursor(cursor);
-                w.u8(u8::from(*more));
-                w.bytes(evict);
-                w.raw(batch);
-            }
-            Downlink::Scope { epoch, version, tables } => {
-                w.u8(tag::SCOPE);
-                w.epoch(epoch);
-                w.varint(*version);
-                w.varint(tables.len() as u64);
-                for t in tables {
-                    w.bytes(t.as_bytes());
-                }
-            }
-            Downlink::Snapshot { epoch, resume, log_cursor, done, batch } => {
-                w.u8(tag::SNAPSHOT);
-                w.epoch(epoch);
-                w.bytes(resume);
-                w.cursor(log_cursor);
-                w.u8(u8::from(*done));
-                w.raw(batch);
-            }
-            Downlink::Schema { version, text } => {
-                w.u8(tag::SCHEMA);
-                w.varint(*version);
-                w.bytes(text.as_bytes());
-            }
-            Downlink::SlowDown { retry_after_ms } => {
-                w.u8(tag::SLOW_DOWN);
-                w.varint(*retry_after_ms);
-            }
-            Downlink::Feed { epoch, scope, previous, cursor, origin, batch } => {
-                w.u8(tag::FEED);
-                w.epoch(epoch);
-                w.bytes(scope.as_bytes());
-                w.cursor(previous);
-                w.cursor(cursor);
-                w.bytes(origin.as_bytes());
-                w.raw(batch);
-            }
-            Downlink::LegacyAck { first_seq, last_seq } => {
-                w.u8(tag::LEGACY_ACK);
-                w.zigzag(*first_seq);
-                w.zigzag(*last_seq);
-            }
-            Downlink::LegacyNack { first_seq, last_seq, reason } => {
-                w.u8(tag::LEGACY_NACK);
-                w.zigzag(*first_seq);
-                w.zigzag(*last_seq);
-                w.bytes(reason.as_bytes());
-            }
-            Downlink::LegacyChanges { cursor, more, batch } => {
-                w.u8(tag::LEGACY_CHANGES);
-                w.varint(*cursor);
-                w.u8(u8::from(*more));
-                w.raw(batch);
-            }
-            Downlink::LegacySnapshot { resume, log_cursor, done, batch } => {
-                w.u8(tag::LEGACY_SNAPSHOT);
-                w.bytes(resume);
-                w.varint(*log_cursor);
-                w.u8(u8::from(*done));
-                w.raw(batch);
-            }
-        }
-        w.buf
-    }
-
-    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Downlink, DecodeError> {
-        let mut r = Reader::new(bytes, limits);
-        let msg = match r.u8()? {
-            tag::WELCOME => Downlink::Welcome {
-                epoch: r.epoch()?,
-                node_counter: r.varint()?,
-                device_seq: r.zigzag()?,
-                node_elsewhere: r.flag()?,
-            },
-            tag::ACK => {
-                let (epoch, id, first_seq, last_seq) = (r.epoch()?, r.varint()?, r.zigzag()?, r.zigzag()?);
-                let n = r.count(limits.max_rows, "refused rows")?;
-                let mut refused = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let index = r.u32("refused row index out of range")?;
-                    refused.push(RefusedRow { index, reason: r.string(MAX_TOKEN, "refusal reason bytes")? });
-                }
-                let (receipt, previous) = (r.opt_cursor()?, r.opt_cursor()?);
-                Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous }
-            }
-            tag::NACK => Downlink::Nack {
-                epoch: r.epoch()?,
-                id: r.varint()?,
-                first_seq: r.zigzag()?,
-                last_seq: r.zigzag()?,
-                reason: r.string(MAX_TOKEN, "nack reason bytes")?,
-            },
-            tag::CHANGES => {
-                let epoch = r.epoch()?;
-                let from = r.varint()?;
-                let cursor = r.cursor()?;
-                let more = r.flag()?;
-                return Ok(Downlink::Changes { epoch, from, cursor, more, batch: r.take(r.remaining())?.to_vec() });
-            }
-            tag::SCOPED_CHANGES => {
-                let epoch = r.epoch()?;
-                let from = r.varint()?;
-                let cursor = r.cursor()?;
-                let more = r.flag()?;
-                let evict = r.bytes(limits.max_decompressed, "evicted keys")?.to_vec();
-                let batch = r.take(r.remaining())?.to_vec();
-                return Ok(Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch });
-            }
-            tag::SCOPE => {
-                let (epoch, version) = (r.epoch()?, r.varint()?);
-                let n = r.count(limits.max_tables, "scoped tables")?;
-                let mut tables = Vec::with_capacity(n);
-                for _ in 0..n {
-                    tables.push(r.string(limits.max_name_bytes, "table name bytes")?);
-                }
-                Downlink::Scope { epoch, version, tables }
-            }
-            tag::SNAPSHOT => {
-                let epoch = r.epoch()?;
-                let resume = r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec();
-                let log_cursor = r.cursor()?;
-                let done = r.flag()?;
-                return Ok(Downlink::Snapshot {
-                    epoch,
-                    resume,
-                    log_cursor,
-                    done,
-                    batch: r.take(r.remaining())?.to_vec(),
-                });
-            }
-            tag::SCHEMA => {
-                Downlink::Schema { version: r.varint()?, text: r.string(MAX_SCHEMA_BYTES, "schema text bytes")? }
-            }
-            tag::SLOW_DOWN => Downlink::SlowDown { retry_after_ms: r.varint()? },
-            tag::FEED => {
-                let epoch = r.epoch()?;
-                let scope = r.string(MAX_ID, "scope name bytes")?;
-                let previous = r.cursor()?;
-                let cursor = r.cursor()?;
-                let origin = r.string(MAX_ID, "origin device bytes")?;
-                let batch = r.take(r.remaining())?.to_vec();
-                return Ok(Downlink::Feed { epoch, scope, previous, cursor, origin, batch });
-            }
-            tag::LEGACY_ACK => Downlink::LegacyAck { first_seq: r.zigzag()?, last_seq: r.zigzag()? },
-            tag::LEGACY_NACK => Downlink::LegacyNack {
-                first_seq: r.zigzag()?,
-                last_seq: r.zigzag()?,
-                reason: r.string(MAX_TOKEN, "nack reason bytes")?,
-            },
-            tag::LEGACY_CHANGES => {
-                let cursor = r.varint()?;
-                let more = r.flag()?;
-                return Ok(Downlink::LegacyChanges { cursor, more, batch: r.take(r.remaining())?.to_vec() });
-            }
-            tag::LEGACY_SNAPSHOT => {
-                let resume = r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec();
-                let log_cursor = r.varint()?;
-                let done = r.flag()?;
-                return Ok(Downlink::LegacySnapshot {
-                    resume,
-                    log_cursor,
-                    done,
-                    batch: r.take(r.remaining())?.to_vec(),
-                });
-            }
-            other => return Err(DecodeError::UnknownTag(other)),
-        };
-        r.finish()?;
-        Ok(msg)
-    }
-}
+mod downlink;
 
 #[cfg(test)]
 mod tests;

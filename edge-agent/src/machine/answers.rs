@@ -229,7 +229,7 @@ impl Machine {
         }
         let msg = match feed::Feed::from_downlink(msg) {
             Ok(feed) => return self.on_feed(feed),
-            Err(other) => other,
+            Err(other) => *other,
         };
         let Some(epoch) = self.confirmed() else { return };
         match msg.epoch() {
@@ -286,11 +286,20 @@ impl Machine {
                 let op = StoreOp::Apply { batch, cursor, evict: evict.rows };
                 self.store(out, op, Awaiting::Changes { more });
             }
-            Downlink::Scope { version, tables, .. } => {
+            Downlink::Scope { version, tables, feed, .. } => {
                 // In place of a pull's answer when the scope changed: the pull is over. The
                 // newest scope told replaces one that failed to be taken.
                 self.pulling = None;
                 self.rescope = None;
+                // Its changes come on its own topic now (told after every handshake: a new
+                // connection subscribes again). Changes of the scope it leaves are dropped.
+                if !feed.is_empty() {
+                    if feed != self.following {
+                        self.held.clear();
+                    }
+                    self.following.clone_from(&feed);
+                    out.push(Action::Follow(feed));
+                }
                 let op = StoreOp::Rescope { version, tables: tables.clone() };
                 self.store(out, op, Awaiting::Rescope { version, tables });
             }

@@ -5,7 +5,7 @@
 //! change that cannot be applied in order is never applied out of order: pulls stay the one
 //! way to catch up, so a feed only ever saves work.
 
-use driftless_core::protocol::Downlink;
+use driftless_core::protocol::{DEFAULT_SCOPE, Downlink};
 use driftless_core::{Batch, Epoch, LogCursor};
 
 use super::*;
@@ -21,20 +21,22 @@ const POKES_IGNORED_FOR_MS: u64 = 3_000;
 #[derive(Debug)]
 pub(super) struct Feed {
     epoch: Epoch,
+    scope: String,
     previous: LogCursor,
     cursor: LogCursor,
     origin: String,
     batch: Vec<u8>,
+    evict: Vec<u8>,
 }
 
 impl Feed {
     /// The message as a scope change, or back as it was.
-    pub(super) fn from_downlink(msg: Downlink) -> Result<Feed, Downlink> {
+    pub(super) fn from_downlink(msg: Downlink) -> Result<Feed, Box<Downlink>> {
         match msg {
-            Downlink::Feed { epoch, previous, cursor, origin, batch, .. } => {
-                Ok(Feed { epoch, previous, cursor, origin, batch })
+            Downlink::Feed { epoch, scope, previous, cursor, origin, batch, evict } => {
+                Ok(Feed { epoch, scope, previous, cursor, origin, batch, evict })
             }
-            other => Err(other),
+            other => Err(Box::new(other)),
         }
     }
 }
@@ -53,6 +55,11 @@ impl Machine {
     /// the way, or the broker withholds the scope's topic), or, from a gateway that does not
     /// say how far, while no scope change is heard.
     pub(super) fn on_poke(&mut self, head: Option<LogCursor>) {
+        // The head of the tenant's log says nothing of a scope's own chain: a device following
+        // one finds what it missed by the gap the next change shows, or its backstop pull.
+        if self.following != DEFAULT_SCOPE {
+            return;
+        }
         let behind = match head {
             Some(head) => head.position > self.known_position().max(self.heard),
             None => self.last_feed.is_none_or(|at| self.now.saturating_sub(at) >= POKES_IGNORED_FOR_MS),
@@ -63,7 +70,9 @@ impl Machine {
     }
 
     pub(super) fn on_feed(&mut self, feed: Feed) {
-        if !self.cfg.receives {
+        // A change of a scope the device no longer follows (its subscription outlived its
+        // scope by a moment) is none of its business.
+        if !self.cfg.receives || feed.scope != self.following {
             return;
         }
         self.last_feed = Some(self.now);
@@ -109,8 +118,18 @@ impl Machine {
         let from = first.previous;
         let mut to = None;
         let mut batch = Batch::default();
+        let mut evict = Vec::new();
         let mut next = Some(first);
         while let Some(feed) = next.take() {
+            // Rows the change took out of the scope leave every device holding it, the
+            // writer's too.
+            if !feed.evict.is_empty() {
+                let Some(keys) = self.decode(&feed.evict) else {
+                    self.poked();
+                    break;
+                };
+                evict.extend(keys.rows);
+            }
             // The device's own write comes back too: only the cursor moves past it.
             if feed.origin != self.cfg.device_id {
                 let Some(b) = self.decode(&feed.batch) else {
@@ -131,7 +150,7 @@ impl Machine {
         let Some(to) = to else { return false };
         let cursor =
             Some(CursorMove { from: Some(from.position), from_tag: Some(from.tag), resets: self.pull_resets, to });
-        self.store(out, StoreOp::Apply { batch, cursor, evict: Vec::new() }, Awaiting::Feed { to: to.position });
+        self.store(out, StoreOp::Apply { batch, cursor, evict }, Awaiting::Feed { to: to.position });
         true
     }
 

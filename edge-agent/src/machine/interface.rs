@@ -65,6 +65,9 @@ pub enum Action {
     /// Rows remote writes changed, for listeners.
     Changed(Vec<ChangedRow>),
     Progress(Progress),
+    /// Subscribe to the changes of this scope ([`driftless_core::protocol::scope_topic`]),
+    /// in place of any other scope's: the device's scope is this one now.
+    Follow(String),
 }
 
 /// Progress of long work, for a progress bar.

@@ -444,6 +444,7 @@ fn feed(epoch: Epoch, previous: u64, to: u64, origin: &str, batch: &Batch) -> In
         cursor: LogCursor { position: to, tag: to * 10 },
         origin: origin.into(),
         batch: encode_batch(batch, EncodeOptions::default()),
+        evict: Vec::new(),
     })
 }
 
@@ -557,6 +558,7 @@ fn a_scope_change_of_another_epoch_or_without_rows_is_pulled() {
         cursor: LogCursor { position: 5, tag: 50 },
         origin: "other".into(),
         batch: Vec::new(),
+        evict: Vec::new(),
     };
     let out = m.handle(Input::Downlink(too_large), 3);
     assert!(is_pull_start(&out), "{out:?}");
@@ -661,7 +663,7 @@ fn a_snapshot_interrupted_goes_on_where_it_stopped() {
 #[test]
 fn a_scope_change_the_store_failed_to_take_is_tried_again_at_the_next_tick() {
     let mut m = confirmed_machine();
-    let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()] };
+    let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()], feed: String::new() };
     let out = m.handle(Input::Downlink(scope), 2);
     assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
     m.handle(Input::Store(StoreResult::Failed("disk full".into())), 2);

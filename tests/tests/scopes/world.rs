@@ -4,6 +4,9 @@
 //! come back; the operator changes their parameters; the back office writes the cloud tables
 //! with plain SQL.
 
+// Shared by the scope suites, each of which uses part of it.
+#![allow(dead_code)]
+
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use driftless_agent::machine::{Action, Input, StoreResult};
 use driftless_agent::{Machine, MachineConfig, execute};
 use driftless_core::codec::Limits;
-use driftless_core::protocol::{Downlink, downlink_topic, uplink_topic};
+use driftless_core::protocol::{DEFAULT_SCOPE, Downlink, Uplink, downlink_topic, scope_topic, uplink_topic};
 use driftless_core::{Store, StoreOptions, Value};
 use driftless_gateway::handler::{self, HandlerConfig, Outgoing, handle_uplink};
 use driftless_gateway::storage::{Params, testing::TestDb};
@@ -33,6 +36,13 @@ struct Device {
     store: Store,
     machine: Machine,
     online: bool,
+    /// The scope topic it subscribed to (besides the default scope's), as its agent does.
+    follows: Option<String>,
+    /// Scope changes the broker handed it, and how many of the next ones it loses.
+    feeds: usize,
+    lose: usize,
+    /// Pulls it sent.
+    pulls: usize,
 }
 
 pub(crate) struct World {
@@ -44,6 +54,19 @@ pub(crate) struct World {
     devices: Vec<Device>,
     net: VecDeque<(usize, Downlink)>,
     up: VecDeque<(usize, Vec<u8>)>,
+}
+
+/// Runs `test` on a world serving `schema` with the SQLite gateway store, and again with
+/// PostgreSQL's when a server is set up.
+pub(crate) fn both(schema: &str, test: impl Fn(World)) {
+    test(World::new(schema, false).expect("sqlite world"));
+    if let Some(world) = World::new(schema, true) {
+        test(world);
+    }
+}
+
+pub(crate) fn ids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
 }
 
 impl World {
@@ -94,7 +117,17 @@ impl World {
             interval_ms: None,
             id_seed: (self.devices.len() as u64 + 1) << 32,
         });
-        self.devices.push(Device { name: name.to_owned(), path, store, machine, online: false });
+        self.devices.push(Device {
+            name: name.to_owned(),
+            path,
+            store,
+            machine,
+            online: false,
+            follows: None,
+            feeds: 0,
+            lose: 0,
+            pulls: 0,
+        });
         self.devices.len() - 1
     }
 
@@ -115,6 +148,9 @@ impl World {
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Publish(msg) => {
+                    if matches!(msg, Uplink::Pull { .. } | Uplink::PullSnapshot { .. }) {
+                        dev.pulls += 1;
+                    }
                     if dev.online {
                         self.up.push_back((d, msg.encode()));
                     }
@@ -127,6 +163,7 @@ impl World {
                     }
                     queue.extend(dev.machine.handle(Input::Store(result), now));
                 }
+                Action::Follow(scope) => dev.follows = Some(scope_topic(TENANT, &scope)),
                 _ => {}
             }
         }
@@ -139,11 +176,23 @@ impl World {
                     let d = self.devices.iter().position(|x| downlink_topic(TENANT, &x.name) == topic).expect("device");
                     self.net.push_back((d, Downlink::decode(&payload, &Limits::default()).expect("downlink")));
                 }
-                // The broker's fan-out: every device of the tenant subscribes to its scope.
-                Outgoing::Feed { payload, .. } => {
+                // The broker's fan-out: to every device subscribed to the topic (every device
+                // subscribes to the default scope's, and to the one its gateway names).
+                Outgoing::Feed { topic, payload } => {
                     let msg = Downlink::decode(&payload, &Limits::default()).expect("feed");
                     for d in 0..self.devices.len() {
-                        self.net.push_back((d, msg.clone()));
+                        let dev = &mut self.devices[d];
+                        let subscribed =
+                            topic == scope_topic(TENANT, DEFAULT_SCOPE) || dev.follows == Some(topic.clone());
+                        if !subscribed || !dev.online {
+                            continue;
+                        }
+                        dev.feeds += 1;
+                        if dev.lose > 0 {
+                            dev.lose -= 1;
+                        } else {
+                            self.net.push_back((d, msg.clone()));
+                        }
                     }
                 }
                 Outgoing::Poke { .. } => {}
@@ -204,14 +253,26 @@ impl World {
 
     /// A write made by the device's app, shipped if it is online.
     pub(crate) fn write(&mut self, d: usize, sql: &str) {
+        self.write_now(d, sql);
+        if self.devices[d].online {
+            self.settle();
+        }
+    }
+
+    /// A write made by the device's app, and everything it leads to at once, without time
+    /// passing (no backstop pull).
+    pub(crate) fn write_now(&mut self, d: usize, sql: &str) {
         let conn = rusqlite::Connection::open(&self.devices[d].path).expect("open");
         conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
         conn.execute_batch(sql).expect(sql);
         drop(conn);
         self.input(d, Input::LocalChange);
-        if self.devices[d].online {
-            self.settle();
-        }
+        self.deliver();
+    }
+
+    /// Pulls the device sent so far (snapshot pages included).
+    pub(crate) fn pulls(&self, d: usize) -> usize {
+        self.devices[d].pulls
     }
 
     /// A write made with plain SQL on the cloud's table (the ERP), taken in and published as
@@ -237,7 +298,7 @@ impl World {
         assert!(!logged.is_empty(), "the cloud write was taken in");
         let epoch = self.gateway.epoch(TENANT).expect("epoch");
         let entries: Vec<_> = logged.into_iter().map(|(_, e)| e).collect();
-        let out = handler::feed(epoch, TENANT, &entries);
+        let out = handler::feed(&mut *self.gateway, epoch, TENANT, &entries).expect("published");
         self.route(out);
         self.settle();
     }
@@ -265,6 +326,16 @@ impl World {
                 other => panic!("id {other:?}"),
             })
             .collect()
+    }
+
+    /// How many scope changes the broker handed the device so far.
+    pub(crate) fn feeds(&self, d: usize) -> usize {
+        self.devices[d].feeds
+    }
+
+    /// The device loses the next `n` scope changes the broker hands it (QoS 0).
+    pub(crate) fn lose_feeds(&mut self, d: usize, n: usize) {
+        self.devices[d].lose = n;
     }
 
     pub(crate) fn store(&self, d: usize) -> &Store {

@@ -8,8 +8,10 @@ use postgres::{Client, GenericClient};
 use super::Stmts;
 use super::tables::key_hash;
 use crate::error::{Error, Result};
-use crate::storage::Logged;
+use crate::storage::chains::Chain;
+use crate::storage::common::{parse_resume, resume_token};
 use crate::storage::scoped::read_moves;
+use crate::storage::{Logged, SnapshotPage};
 
 pub(super) fn head(client: &mut impl GenericClient, stmts: &mut Stmts, tenant: &str) -> Result<LogCursor> {
     let stmt =
@@ -21,20 +23,46 @@ pub(super) fn head(client: &mut impl GenericClient, stmts: &mut Stmts, tenant: &
     }))
 }
 
+/// Up to `limit` entries after `cursor`, all of them or those of `chain`, and whether more
+/// follow.
 pub(super) fn after(
     client: &mut Client,
     stmts: &mut Stmts,
     limits: &Limits,
     tenant: &str,
-    cursor: u64,
-    limit: usize,
+    (cursor, limit): (u64, usize),
+    chain: Option<&Chain>,
 ) -> Result<(Vec<Logged>, bool)> {
-    let stmt = stmts.get(
-        client,
-        "SELECT seq, origin, change, tag, moves FROM driftless.gw_log
-         WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-    )?;
-    let entries = client.query(&stmt, &[&tenant, &(cursor as i64), &(limit as i64 + 1)])?;
+    let (cursor, n) = (cursor as i64, limit as i64 + 1);
+    let entries = match chain {
+        None => {
+            let stmt = stmts.get(
+                client,
+                "SELECT seq, origin, change, tag, moves FROM driftless.gw_log
+                 WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            )?;
+            client.query(&stmt, &[&tenant, &cursor, &n])?
+        }
+        Some(chain) => {
+            // The entries without scoped rows, and those filed under each of the chain's
+            // keys, each part bounded before they are merged.
+            let stmt = stmts.get(
+                client,
+                "SELECT seq, origin, change, tag, moves FROM driftless.gw_log WHERE tenant = $1 AND seq IN (
+                     SELECT seq FROM (
+                         SELECT seq FROM (SELECT seq FROM driftless.gw_log
+                             WHERE tenant = $1 AND seq > $2 AND moves IS NULL ORDER BY seq LIMIT $3) a
+                         UNION
+                         SELECT s.seq FROM unnest($4::text[], $5::bytea[]) AS k(t, h) CROSS JOIN LATERAL (
+                             SELECT seq FROM driftless.gw_log_scopes
+                             WHERE tenant = $1 AND tbl = k.t AND skey = k.h AND seq > $2 ORDER BY seq LIMIT $3) s
+                     ) u ORDER BY seq LIMIT $3)
+                 ORDER BY seq",
+            )?;
+            let (tables, keys) = chain_keys(chain);
+            client.query(&stmt, &[&tenant, &cursor, &n, &tables, &keys])?
+        }
+    };
     let more = entries.len() > limit;
     let logged = entries
         .iter()
@@ -49,6 +77,35 @@ pub(super) fn after(
         })
         .collect::<Result<_>>()?;
     Ok((logged, more))
+}
+
+/// The last entry of `chain` before position `before` (0/0: none).
+pub(super) fn chain_before(
+    client: &mut Client,
+    stmts: &mut Stmts,
+    tenant: &str,
+    chain: &Chain,
+    before: u64,
+) -> Result<LogCursor> {
+    let stmt = stmts.get(
+        client,
+        "SELECT seq, tag FROM driftless.gw_log WHERE tenant = $1 AND seq = (SELECT max(s) FROM (
+             SELECT max(seq) AS s FROM driftless.gw_log WHERE tenant = $1 AND seq < $2 AND moves IS NULL
+             UNION ALL
+             SELECT (SELECT max(seq) FROM driftless.gw_log_scopes
+                     WHERE tenant = $1 AND tbl = k.t AND skey = k.h AND seq < $2)
+             FROM unnest($3::text[], $4::bytea[]) AS k(t, h)) m)",
+    )?;
+    let (tables, keys) = chain_keys(chain);
+    let row = client.query_opt(&stmt, &[&tenant, &(before as i64), &tables, &keys])?;
+    Ok(row.map_or_else(LogCursor::default, |r| LogCursor {
+        position: r.get::<_, i64>(0) as u64,
+        tag: r.get::<_, i64>(1) as u64,
+    }))
+}
+
+fn chain_keys(chain: &Chain) -> (Vec<&str>, Vec<&[u8]>) {
+    chain.keys.iter().map(|(t, k)| (t.as_str(), k.as_slice())).unzip()
 }
 
 pub(super) fn row_state(
@@ -101,4 +158,41 @@ pub(super) fn table_rows(
 
 fn decode(bytes: &[u8], limits: &Limits) -> Result<Batch> {
     decode_payload(bytes, limits).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+/// A page of every row of the tenant, by table and key hash, after `resume`; `None` if
+/// `resume` is not a token this store made.
+pub(super) fn snapshot_page(
+    client: &mut Client,
+    limits: &Limits,
+    tenant: &str,
+    resume: &[u8],
+    max_rows: usize,
+) -> Result<Option<SnapshotPage>> {
+    let (table, key) = if resume.is_empty() {
+        (String::new(), Vec::new())
+    } else {
+        match parse_resume(resume) {
+            Some(position) => position,
+            None => return Ok(None),
+        }
+    };
+    // Table names compare bytewise (COLLATE "C"), as the SQLite store orders them.
+    let rows = client.query(
+        "SELECT tbl, pkh, state FROM driftless.gw_rows
+         WHERE tenant = $1 AND (tbl COLLATE \"C\", pkh) > ($2 COLLATE \"C\", $3)
+         ORDER BY tbl COLLATE \"C\", pkh LIMIT $4",
+        &[&tenant, &table, &key, &(max_rows as i64)],
+    )?;
+    let mut page = SnapshotPage { done: rows.len() < max_rows, ..SnapshotPage::default() };
+    for r in rows {
+        let b = decode(r.get(2), limits)?;
+        page.batch.roles.extend(b.roles);
+        page.batch.rows.extend(b.rows);
+        page.resume = resume_token(r.get(0), r.get(1));
+    }
+    if page.done {
+        page.resume.clear();
+    }
+    Ok(Some(page))
 }

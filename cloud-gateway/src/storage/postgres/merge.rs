@@ -12,6 +12,7 @@ use super::registry::Book;
 use super::tables::key_hash;
 use super::{Stmts, erasure, tables};
 use crate::error::{Error, MergeError, Result};
+use crate::storage::chains::marks;
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
 use crate::storage::common::{logged_moves, scope_rules};
 use crate::storage::vouching::{CLOUD_OWNER, vouch};
@@ -199,19 +200,21 @@ pub(super) fn log_change(
     )?;
     let (seq, previous, previous_tag): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     if moved.is_some() {
-        index_scopes(tx, stmts, tenant, &change, moves)?;
+        index_scopes(tx, stmts, tenant, seq, &change, moves)?;
     }
     let cursor = LogCursor { position: seq as u64, tag };
     let previous = LogCursor { position: previous as u64, tag: previous_tag as u64 };
-    Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change, scoped: moved.is_some() })
+    let moves = if moved.is_some() { moves.to_vec() } else { Vec::new() };
+    Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change, moves })
 }
 
 /// Files each scoped row of a logged change under its scope key (`gw_scope_rows`), or takes
-/// it out when no device holds it any more.
+/// it out when no device holds it any more; and the entry under the scopes it concerns.
 fn index_scopes(
     tx: &mut Transaction<'_>,
     stmts: &mut Stmts,
     tenant: &str,
+    seq: i64,
     change: &Batch,
     moves: &[Option<Move>],
 ) -> Result<()> {
@@ -250,6 +253,14 @@ fn index_scopes(
          WHERE s.tenant = $1 AND s.tbl = u.t AND s.pkh = u.h",
     )?;
     tx.execute(&stmt, &[&tenant, &gone_tables, &gone_keys])?;
+    // And the entry under the scopes it concerns (see `storage::chains`).
+    let (tables, skeys): (Vec<String>, Vec<Vec<u8>>) = marks(change, moves).into_iter().unzip();
+    let stmt = stmts.get(
+        tx,
+        "INSERT INTO driftless.gw_log_scopes(tenant, tbl, skey, seq)
+         SELECT $1, t, k, $4 FROM unnest($2::text[], $3::bytea[]) AS u(t, k) ON CONFLICT DO NOTHING",
+    )?;
+    tx.execute(&stmt, &[&tenant, &tables, &skeys, &seq])?;
     Ok(())
 }
 

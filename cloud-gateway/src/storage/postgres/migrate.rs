@@ -187,6 +187,23 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX IF NOT EXISTS gw_scope_rows_by_key ON driftless.gw_scope_rows (tenant, tbl, skey, pkh);
     ",
+    // 8: the scopes each entry holding rows of scoped tables concerns (storage/chains.rs):
+    // ('', '') for its rows of tables without scope, and each scope key its scoped rows had
+    // before or after it. Entries without moves concern every scope, found by their own
+    // index. Entries logged before this version concern every scope.
+    "
+    CREATE TABLE IF NOT EXISTS driftless.gw_log_scopes (
+        tenant text NOT NULL,
+        tbl    text NOT NULL,
+        skey   bytea NOT NULL,
+        seq    bigint NOT NULL,
+        PRIMARY KEY (tenant, tbl, skey, seq)
+    );
+    INSERT INTO driftless.gw_log_scopes(tenant, tbl, skey, seq)
+        SELECT tenant, '', '\\x'::bytea, seq FROM driftless.gw_log WHERE moves IS NOT NULL
+        ON CONFLICT DO NOTHING;
+    CREATE INDEX IF NOT EXISTS gw_log_unscoped ON driftless.gw_log (tenant, seq) WHERE moves IS NULL;
+    ",
 ];
 
 /// The migration that adds the log's row index, after which entries already logged are

@@ -294,6 +294,9 @@ pub(super) fn log_change(
     ])?;
     let seq = conn.last_insert_rowid();
     erasure::index(conn, tenant, seq, &change)?;
+    if moved.is_some() {
+        super::log::index_chains(conn, tenant, seq, &change, moves)?;
+    }
     for (row, moved) in change.rows.iter().zip(moves) {
         let Some(moved) = moved else { continue };
         let pk = encode_key(&row.pk);
@@ -317,6 +320,6 @@ pub(super) fn log_change(
         }),
         origin: origin.to_owned(),
         change,
-        scoped: moved.is_some(),
+        moves: if moved.is_some() { moves.to_vec() } else { Vec::new() },
     })
 }

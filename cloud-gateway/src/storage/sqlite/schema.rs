@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 14;
+const VERSION: i64 = 15;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -296,6 +296,26 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
                 PRIMARY KEY (tenant, tbl, pk)
             ) WITHOUT ROWID;
             CREATE INDEX IF NOT EXISTS gw_scope_rows_by_key ON gw_scope_rows (tenant, tbl, skey, pk);
+            ",
+        )?;
+    }
+    if version == 14 {
+        conn.execute_batch(
+            "
+            -- The scopes each entry holding rows of scoped tables concerns (storage/chains.rs):
+            -- ('', x'') for its rows of tables without scope, and each scope key its scoped
+            -- rows had before or after it. Entries without moves concern every scope, found by
+            -- their own index. Entries logged before this version concern every scope.
+            CREATE TABLE IF NOT EXISTS gw_log_scopes (
+                tenant TEXT NOT NULL,
+                tbl    TEXT NOT NULL,
+                skey   BLOB NOT NULL,
+                seq    INTEGER NOT NULL,
+                PRIMARY KEY (tenant, tbl, skey, seq)
+            ) WITHOUT ROWID;
+            INSERT OR IGNORE INTO gw_log_scopes(tenant, tbl, skey, seq)
+                SELECT tenant, '', x'', seq FROM gw_log WHERE moves IS NOT NULL;
+            CREATE INDEX IF NOT EXISTS gw_log_unscoped ON gw_log (tenant, seq) WHERE moves IS NULL;
             ",
         )?;
     }

@@ -12,7 +12,7 @@ fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
     let conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch(
         "ALTER TABLE gw_devices DROP COLUMN receipt_pos; ALTER TABLE gw_devices DROP COLUMN receipt_tag;
-         ALTER TABLE gw_devices DROP COLUMN scope_told; ALTER TABLE gw_log DROP COLUMN moves; DROP TABLE gw_scope_rows;
+         ALTER TABLE gw_devices DROP COLUMN scope_told; DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; ALTER TABLE gw_log DROP COLUMN moves; DROP TABLE gw_scope_rows;
          DROP TABLE gw_sync_schema; DROP TABLE gw_tenant_tables;
          DROP TABLE gw_cloud_writers; DROP TABLE gw_writing; DROP TABLE gw_registry; DROP TABLE gw_epoch_devices; DROP TABLE gw_foreign_epochs; DROP TABLE gw_log_keys;
          DROP INDEX gw_dead_letters_by_device;
@@ -33,4 +33,34 @@ fn opening_a_missing_store_to_look_at_it_creates_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     assert!(matches!(SqliteStore::open_existing(dir.path().join("typo.db")), Err(Error::MissingDatabase(_))));
     assert!(!dir.path().join("typo.db").exists());
+}
+
+#[test]
+fn entries_logged_before_the_scope_index_concern_every_scope() {
+    use driftless_core::LogCursor;
+    use driftless_core::scope::DeviceScope;
+
+    use crate::storage::chains::Chain;
+    use crate::storage::tests::{SCOPED_AND_PARTS, ship_in_scope};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.db");
+    let mut gw = SqliteStore::open(&path).expect("open");
+    gw.install_schema(SCOPED_AND_PARTS).expect("install");
+    let schema = driftless_core::SyncSchema::parse(SCOPED_AND_PARTS).expect("schema");
+    let of = |region: &str| DeviceScope::of(&schema, "d", &[("region".to_owned(), region.to_owned())].into());
+    let mut dev = driftless_core::Store::open(dir.path().join("n.db"), StoreOptions::default()).expect("open");
+    dev.follow_schema(1, SCOPED_AND_PARTS).expect("follow");
+    let old = ship_in_scope(&mut gw, &mut dev, "tab-n", &of("north"), "INSERT INTO w VALUES ('w1', 'north')");
+    drop(gw);
+    // As version 14 left it: scoped entries, no index of the scopes they concern.
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.execute_batch("DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; PRAGMA user_version = 14;")
+        .expect("downgrade");
+    drop(conn);
+    let mut gw = SqliteStore::open(&path).expect("reopen");
+    let east = Chain::of(&of("east"));
+    assert_eq!(gw.chain_before("acme", &east, old.position + 1).expect("before"), old, "of every chain");
+    let new = ship_in_scope(&mut gw, &mut dev, "tab-n", &of("north"), "INSERT INTO w VALUES ('w2', 'north')");
+    assert_eq!(gw.chain_before("acme", &east, new.position + 1).expect("before"), old, "new ones by their scopes");
+    assert_ne!(new, LogCursor::default());
 }
