@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use driftless_core::protocol::BrokerAddr;
+use driftless_core::protocol::{BrokerAddr, scope_topic};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
@@ -125,6 +125,36 @@ impl Dynsec {
             }),
         ];
         self.run_all(commands, |_| false).await
+    }
+
+    /// Lets a device subscribe to the topic of its scope `now` in place of `was` (`None`:
+    /// none besides the default scope's). Mosquitto applies a role's new rules to the
+    /// subscriptions that follow, and the device subscribes anew when its gateway tells it.
+    pub async fn follow_scope(
+        &mut self,
+        tenant: &str,
+        device: &str,
+        was: Option<&str>,
+        now: Option<&str>,
+    ) -> Result<()> {
+        let role = device_role(tenant, device);
+        let mut commands = Vec::new();
+        if let Some(was) = was.filter(|w| Some(*w) != now) {
+            let topic = scope_topic(tenant, was);
+            for kind in ["subscribeLiteral", "publishClientReceive"] {
+                commands.push(json!({ "command": "removeRoleACL", "rolename": role, "acltype": kind, "topic": topic }));
+            }
+        }
+        if let Some(now) = now {
+            let topic = scope_topic(tenant, now);
+            for kind in ["subscribeLiteral", "publishClientReceive"] {
+                commands.push(json!({
+                    "command": "addRoleACL", "rolename": role, "acltype": kind, "topic": topic, "allow": true
+                }));
+            }
+        }
+        // Removing a rule already gone, or adding one already there, is what was asked.
+        self.run_all(commands, |e| e.contains("not found") || e.contains("already")).await
     }
 
     /// Revokes a device's broker client (disconnecting it) and its role.

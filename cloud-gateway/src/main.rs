@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use driftless_core::protocol::BrokerAddr;
 use driftless_gateway::dynsec::{self, Dynsec};
 use driftless_gateway::quota::{QuotaConfig, Rate};
+use driftless_gateway::storage::chains::scope_of;
 use driftless_gateway::storage::{PgRegistry, SqliteRegistry};
 use driftless_gateway::{GatewayConfig, PgStore, SqliteStore, broker, report, run};
 
@@ -465,7 +466,15 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
             // The registry keeps a hash for the embedded broker (--embedded-broker-auth).
             let secret = broker::credentials::hash(&password)?;
             let (t, d, r) = (tenant.clone(), device.clone(), role.clone());
-            on_store(&at, move |s| Ok(s.register_device(&t, &d, &r, Some(&secret), now_ms()?)?)).await?;
+            let scope = on_store(&at, move |s| {
+                s.register_device(&t, &d, &r, Some(&secret), now_ms()?)?;
+                Ok(scope_of(s, &t, &d)?)
+            })
+            .await?;
+            // Added again, its role was made anew: its scope's topic too, if it has one.
+            if let (Some(url), Some(scope)) = (&at.broker_admin, scope) {
+                dynsec(url).await?.follow_scope(&tenant, &device, None, Some(&scope)).await?;
+            }
             println!("registered device {device:?} in tenant {tenant:?} with role {role:?}");
             println!("broker username: {}", dynsec::device_username(&tenant, &device));
             println!("broker password: {password}");
@@ -497,10 +506,19 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                 set.insert(name.trim().to_owned(), value.to_owned());
             }
             let (t, d, shown) = (tenant.clone(), device.clone(), format!("{set:?}"));
-            match on_store(&at, move |s| Ok(s.set_params(&t, &d, &set)?)).await? {
-                true => println!("device {device:?} of tenant {tenant:?} has scope parameters {shown}"),
-                false => anyhow::bail!("device {device:?} of tenant {tenant:?} is not registered (device add)"),
+            let (set, was, now) = on_store(&at, move |s| {
+                let was = scope_of(s, &t, &d)?;
+                let set = s.set_params(&t, &d, &set)?;
+                Ok((set, was, scope_of(s, &t, &d)?))
+            })
+            .await?;
+            anyhow::ensure!(set, "device {device:?} of tenant {tenant:?} is not registered (device add)");
+            // The broker after the registry: the device is told its new scope by the
+            // gateway, and subscribes to its topic once the broker lets it.
+            if let Some(url) = &at.broker_admin {
+                dynsec(url).await?.follow_scope(&tenant, &device, was.as_deref(), now.as_deref()).await?;
             }
+            println!("device {device:?} of tenant {tenant:?} has scope parameters {shown}");
         }
         DeviceCommand::List { tenant, at } => {
             let listed = on_store(&at, move |s| Ok(s.registry(tenant.as_deref())?)).await?;

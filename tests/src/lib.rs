@@ -260,3 +260,57 @@ pub async fn try_connect(client_id: &str, broker: &BrokerAddr) -> Result<(), Str
         }
     }
 }
+
+/// Where this system's Mosquitto keeps the dynamic-security plugin.
+fn dynsec_plugin() -> Option<PathBuf> {
+    let found = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib"]
+        .iter()
+        .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(std::env::var_os("DRIFTLESS_REQUIRE_TOOLS").is_none(), "the dynamic-security plugin is missing");
+        eprintln!("skipped: Mosquitto's dynamic-security plugin is not installed");
+    }
+    found
+}
+
+/// A Mosquitto of the test's own with the dynamic-security plugin, in `dir`: the broker, its
+/// port and its admin's URL; `None` (skipped) where the plugin is not installed.
+pub fn dynsec_broker(dir: &Path) -> Option<(OwnMosquitto, u16, String)> {
+    if !have_tool("mosquitto_ctrl") {
+        return None;
+    }
+    let plugin = dynsec_plugin()?;
+    let dynsec = dir.join("dynsec.json");
+    let init = std::process::Command::new("mosquitto_ctrl")
+        .args(["dynsec", "init"])
+        .arg(&dynsec)
+        .args(["admin", "admin-secret"])
+        .output()
+        .expect("mosquitto_ctrl");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let settings =
+        format!("allow_anonymous false\nplugin {}\nplugin_opt_config_file {}", plugin.display(), dynsec.display());
+    let port = free_port();
+    let broker = OwnMosquitto::start_configured(port, dir, &settings)?;
+    Some((broker, port, format!("mqtt://admin:admin-secret@127.0.0.1:{port}")))
+}
+
+/// The next packet the client receives for which `pick` gives something.
+pub async fn next_packet<T>(events: &mut rumqttc::EventLoop, pick: impl Fn(&rumqttc::Packet) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll()).await.expect("in time").expect("connected");
+        if let rumqttc::Event::Incoming(p) = event
+            && let Some(found) = pick(&p)
+        {
+            return found;
+        }
+    }
+}
+
+/// The password a `device add` or `add-gateway` printed.
+pub fn printed_password(out: &str) -> String {
+    let line = out.lines().find_map(|l| l.strip_prefix("broker password: ")).expect("a password");
+    line.trim().to_owned()
+}

@@ -3,35 +3,16 @@
 //! device cannot publish on another's topic, subscribe to another tenant, or pull another
 //! tenant's snapshot, and a removed device is cut off.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use driftless_core::protocol::{BrokerAddr, Uplink, downlink_topic, uplink_topic};
 use driftless_gateway::dynsec;
 use driftless_tests::procs::{agent, cli_device, gateway_as, gateway_ok};
 use driftless_tests::*;
-use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{AsyncClient, Packet, QoS, SubscribeReasonCode};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Where this system's Mosquitto keeps the dynamic-security plugin.
-fn dynsec_plugin() -> Option<PathBuf> {
-    let found = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib"]
-        .iter()
-        .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
-        .find(|p| p.exists());
-    if found.is_none() {
-        assert!(std::env::var_os("DRIFTLESS_REQUIRE_TOOLS").is_none(), "the dynamic-security plugin is missing");
-        eprintln!("skipped: Mosquitto's dynamic-security plugin is not installed");
-    }
-    found
-}
-
-/// The password a `device add` or `add-gateway` printed.
-fn password(out: &str) -> String {
-    let line = out.lines().find_map(|l| l.strip_prefix("broker password: ")).expect("a password");
-    line.trim().to_owned()
-}
 
 fn sqlite_count(db: &Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).expect("open");
@@ -47,22 +28,9 @@ async fn raw_client(port: u16, tenant: &str, device: &str, password: &str) -> (A
     AsyncClient::new(opts, 32)
 }
 
-/// The next packet the client receives for which `pick` gives something.
-async fn next<T>(events: &mut rumqttc::EventLoop, pick: impl Fn(&Packet) -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.poll()).await.expect("in time").expect("connected");
-        if let Event::Incoming(p) = event
-            && let Some(found) = pick(&p)
-        {
-            return found;
-        }
-    }
-}
-
 async fn subscribe(client: &AsyncClient, events: &mut rumqttc::EventLoop, topic: &str) -> SubscribeReasonCode {
     client.subscribe(topic, QoS::AtLeastOnce).await.expect("subscribe");
-    next(events, |p| match p {
+    next_packet(events, |p| match p {
         Packet::SubAck(ack) => ack.return_codes.first().copied(),
         _ => None,
     })
@@ -71,37 +39,21 @@ async fn subscribe(client: &AsyncClient, events: &mut rumqttc::EventLoop, topic:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_pins_each_device_to_its_own_topics_and_a_removed_device_is_cut_off() {
-    if !have_tool("mosquitto_ctrl") {
-        return;
-    }
-    let Some(plugin) = dynsec_plugin() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let dynsec = dir.path().join("dynsec.json");
-    let init = std::process::Command::new("mosquitto_ctrl")
-        .args(["dynsec", "init"])
-        .arg(&dynsec)
-        .args(["admin", "admin-secret"])
-        .output()
-        .expect("mosquitto_ctrl");
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let settings =
-        format!("allow_anonymous false\nplugin {}\nplugin_opt_config_file {}", plugin.display(), dynsec.display());
-    let port = free_port();
-    let Some(_broker) = OwnMosquitto::start_configured(port, dir.path(), &settings) else { return };
-    let admin = format!("mqtt://admin:admin-secret@127.0.0.1:{port}");
+    let Some((_broker, port, admin)) = dynsec_broker(dir.path()) else { return };
     let gw_db = dir.path().join("gw.db");
     let db = gw_db.to_str().expect("utf-8 path");
     let (fleet, other) = (tenant("acl"), tenant("acl-other"));
     let add = |tenant: &str, device: &str| {
         let args = ["device", "add", "--tenant", tenant, "--device", device, "--role", "field", "--db", db];
-        password(&gateway_ok(&[&args[..], &["--broker-admin", &admin]].concat()))
+        printed_password(&gateway_ok(&[&args[..], &["--broker-admin", &admin]].concat()))
     };
     let (pw_a, pw_b, pw_m, _pw_c) = (add(&fleet, "a"), add(&fleet, "b"), add(&fleet, "m"), add(&other, "c"));
     let listed = gateway_ok(&["device", "list", "--db", db]);
     assert_eq!(listed.lines().count(), 5, "{listed}");
 
     // The gateway with its own broker login, serving every tenant.
-    let gw_pw = password(&gateway_ok(&["device", "add-gateway", "--name", "gw-1", "--broker-admin", &admin]));
+    let gw_pw = printed_password(&gateway_ok(&["device", "add-gateway", "--name", "gw-1", "--broker-admin", &admin]));
     let gw_broker = BrokerAddr::plain("127.0.0.1", port).with_login("gw-1", gw_pw);
     let _gw = gateway_as("gw-1", &gw_broker, "+", &gw_db, &[]);
     let remove = || {
@@ -119,7 +71,9 @@ async fn the_embedded_broker_pins_each_device_to_its_own_topics_and_a_removed_de
     let db = gw_db.to_str().expect("utf-8 path");
     let (fleet, other) = (tenant("acl-emb"), tenant("acl-emb-other"));
     let add = |tenant: &str, device: &str| {
-        password(&gateway_ok(&["device", "add", "--tenant", tenant, "--device", device, "--role", "field", "--db", db]))
+        printed_password(&gateway_ok(&[
+            "device", "add", "--tenant", tenant, "--device", device, "--role", "field", "--db", db,
+        ]))
     };
     let (pw_a, pw_b, pw_m, _pw_c) = (add(&fleet, "a"), add(&fleet, "b"), add(&fleet, "m"), add(&other, "c"));
     let port = free_port();
@@ -194,7 +148,7 @@ async fn held_to_their_topics(
     };
     m.publish(uplink_topic(fleet, "m"), QoS::AtLeastOnce, false, hello.encode()).await.expect("publish");
     let down = downlink_topic(fleet, "m");
-    next(&mut events, |p| matches!(p, Packet::Publish(p) if p.topic == down).then_some(())).await;
+    next_packet(&mut events, |p| matches!(p, Packet::Publish(p) if p.topic == down).then_some(())).await;
     assert_eq!(sqlite_count(gw_db, "SELECT count(*) FROM gw_dead_letters"), 0, "nothing arrived as b");
     let q = format!("SELECT count(*) FROM gw_devices WHERE tenant = '{other}'");
     assert_eq!(sqlite_count(gw_db, &q), 0, "nothing arrived as c");

@@ -1,7 +1,7 @@
 //! What a device may do at the broker, the same rules whichever broker enforces them
 //! (Mosquitto's dynamic-security roles in `dynsec.rs`, the embedded broker's guard in
 //! `guard.rs`): publish only on its own uplink, subscribe only to its own downlink, its
-//! scopes' topics and its tenant's poke and schema topics, connect only with its own client id.
+//! scope's topic (the default scope's, and the one its parameters give it) and its tenant's poke and schema topics, connect only with its own client id.
 
 use driftless_core::protocol::{
     DEFAULT_SCOPE, client_id, downlink_topic, poke_topic, schema_topic, scope_topic, uplink_topic, valid_id,
@@ -40,6 +40,15 @@ impl DeviceTopics {
                 schema_topic(tenant),
             ],
         }
+    }
+
+    /// And the topic of `scope`, the one its gateway tells it to follow.
+    pub fn with_scope(mut self, tenant: &str, scope: &str) -> DeviceTopics {
+        let topic = scope_topic(tenant, scope);
+        if !self.subscribe.contains(&topic) {
+            self.subscribe.push(topic);
+        }
+        self
     }
 
     pub fn may_publish(&self, topic: &str) -> bool {
@@ -81,6 +90,9 @@ mod tests {
         ] {
             assert!(!a.may_subscribe(filter), "{filter}");
         }
+        let scoped = DeviceTopics::new("acme", "tab-a").with_scope("acme", "s00ff");
+        assert!(scoped.may_subscribe("driftless/acme/scopes/s00ff/changes"));
+        assert!(!scoped.may_subscribe("driftless/acme/scopes/s11ee/changes"), "only its own scope");
         assert_eq!(parse_username("acme/tab-a"), Some(("acme", "tab-a")));
         for bad in ["acme", "acme/", "/tab", "acme/tab/x", "acme/+", "$SYS/x"] {
             assert_eq!(parse_username(bad), None, "{bad}");

@@ -49,6 +49,12 @@ pub trait Registry: Send + Sync + 'static {
     /// The secret kept for each registered, not removed device of `devices` (tenant,
     /// device), in order (see `credentials.rs`).
     fn secrets(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>>;
+
+    /// The scope each device of `devices` follows, in order (`None`: the tenant's default
+    /// scope only): the one scope topic it may subscribe to besides the default's.
+    fn scopes(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        Ok(vec![None; devices.len()])
+    }
 }
 
 /// What the guard does in front of rumqttd.
@@ -89,6 +95,9 @@ struct Live {
     tenant: String,
     device: String,
     secret: String,
+    /// The scope its topics were granted for: a device whose scope changed is cut off, and
+    /// logs in again with its new one.
+    scope: Option<String>,
     cancel: CancellationToken,
 }
 
@@ -350,7 +359,7 @@ async fn authenticate(
         // The slot goes with the lookup: one the registry never answers keeps it.
         let slot = ctx.lookups.clone().acquire_owned().await.map_err(|e| unavailable(e.to_string()))?;
         let found = tokio::task::spawn_blocking(move || {
-            let found = registry.secrets(&key);
+            let found = registry.secrets(&key).and_then(|secrets| Ok((secrets, registry.scopes(&key)?)));
             drop(slot);
             found
         });
@@ -362,13 +371,19 @@ async fn authenticate(
     let found = tokio::time::timeout(LOOKUP_WITHIN, lookup)
         .await
         .map_err(|_| unavailable(format!("the registry did not answer within {LOOKUP_WITHIN:?}")))??;
-    let Some(secret) = found.into_iter().next().flatten() else {
+    let (secrets, scopes) = found;
+    let Some(secret) = secrets.into_iter().next().flatten() else {
         return Err((mqtt::REFUSED_LOGIN, format!("{username} is not registered (or has no password)")));
     };
     if !verify(&secret, connect.password.as_deref().unwrap_or_default()) {
         return Err((mqtt::REFUSED_LOGIN, format!("wrong password for {username}")));
     }
-    Ok((topics, Live { tenant, device, secret, cancel: CancellationToken::new() }))
+    let scope = scopes.into_iter().next().flatten();
+    let topics = match &scope {
+        Some(scope) => topics.with_scope(&tenant, scope),
+        None => topics,
+    };
+    Ok((topics, Live { tenant, device, secret, scope, cancel: CancellationToken::new() }))
 }
 
 enum Verdict {
@@ -418,26 +433,34 @@ fn check(topics: Option<&DeviceTopics>, frame: &Frame) -> std::result::Result<Ve
     }
 }
 
-/// Disconnects devices removed, or given a new password, since they logged in.
+/// What a connected device logged in with: its secret and its scope.
+type Granted = (String, Option<String>);
+
+/// Disconnects devices removed, given a new password or another scope, since they logged in.
 async fn sweep(ctx: std::sync::Weak<Ctx>) {
     loop {
         tokio::time::sleep(SWEEP).await;
         let Some(ctx) = ctx.upgrade() else { return };
         let Some(registry) = ctx.front.registry.clone() else { return };
-        let live: Vec<(u64, String, String, String)> = {
+        let live: Vec<(u64, (String, String), Granted)> = {
             let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
-            live.iter().map(|(id, l)| (*id, l.tenant.clone(), l.device.clone(), l.secret.clone())).collect()
+            live.iter()
+                .map(|(id, l)| (*id, (l.tenant.clone(), l.device.clone()), (l.secret.clone(), l.scope.clone())))
+                .collect()
         };
         if live.is_empty() {
             continue;
         }
         let revoked = tokio::task::spawn_blocking(move || {
-            let keys: Vec<(String, String)> = live.iter().map(|(_, t, d, _)| (t.clone(), d.clone())).collect();
-            match registry.secrets(&keys) {
-                Ok(now) => live
+            let keys: Vec<(String, String)> = live.iter().map(|(_, key, _)| key.clone()).collect();
+            match registry.secrets(&keys).and_then(|secrets| Ok((secrets, registry.scopes(&keys)?))) {
+                // A new password, or a new scope (its topics were granted for the old one).
+                Ok((secrets, scopes)) => live
                     .iter()
-                    .zip(now)
-                    .filter(|((_, _, _, then), now)| now.as_deref() != Some(then.as_str()))
+                    .zip(secrets.into_iter().zip(scopes))
+                    .filter(|((_, _, (secret, scope)), (now, now_scope))| {
+                        now.as_deref() != Some(secret.as_str()) || now_scope != scope
+                    })
                     .map(|((id, ..), _)| *id)
                     .collect(),
                 // Our fault: devices keep their connections until the registry answers (the
@@ -453,7 +476,7 @@ async fn sweep(ctx: std::sync::Weak<Ctx>) {
         let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
         for id in revoked {
             if let Some(l) = live.get(&id) {
-                tracing::info!(tenant = %l.tenant, device = %l.device, "embedded broker: cutting off a revoked device");
+                tracing::info!(tenant = %l.tenant, device = %l.device, "embedded broker: cutting off a device revoked or given another scope");
                 l.cancel.cancel();
             }
         }

@@ -111,3 +111,60 @@ async fn a_registry_that_cannot_be_read_makes_the_broker_unavailable_not_the_log
     *registry.0.lock().expect("lock") = None;
     assert_eq!(answer(&mut raw(guard, local).await, &login(&password).bytes).await, Some(3));
 }
+
+/// A device's password hash and scope.
+type Login = (String, Option<String>);
+
+/// A registry in memory whose devices follow scopes.
+struct Scoped(Mutex<HashMap<(String, String), Login>>);
+
+impl Registry for Scoped {
+    fn secrets(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        let held = self.0.lock().expect("lock");
+        Ok(devices.iter().map(|k| held.get(k).map(|(s, _)| s.clone())).collect())
+    }
+
+    fn scopes(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        let held = self.0.lock().expect("lock");
+        Ok(devices.iter().map(|k| held.get(k).and_then(|(_, scope)| scope.clone())).collect())
+    }
+}
+
+/// The code the guard or the broker grants a one-filter subscription with, or `None` if the
+/// connection was closed instead.
+async fn subscribe(conn: &mut TcpStream, filter: &str) -> Option<u8> {
+    let mut body = vec![0, 7];
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(0);
+    conn.write_all(&mqtt::Frame::new(0x82, &body).bytes).await.expect("write");
+    let mut buf = [0u8; 5];
+    match tokio::time::timeout(Duration::from_secs(30), conn.read_exact(&mut buf)).await.expect("an answer in time") {
+        Ok(_) if buf[0] == 0x90 => Some(buf[4]),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_may_follow_its_own_scope_only_and_is_cut_off_when_it_gets_another() {
+    let password = new_password().expect("password");
+    let key = ("acme".to_owned(), "tab".to_owned());
+    let held = HashMap::from([(key.clone(), (hash(&password).expect("hash"), Some("s01".to_owned())))]);
+    let registry = Arc::new(Scoped(Mutex::new(held)));
+    let guard = guarded(Front { tls: None, registry: Some(registry.clone()), reserved: vec![] }).await;
+    let login = Connect::new(&driftless_core::protocol::client_id("acme", "tab"), 30).with_login("acme/tab", &password);
+    let mut conn = raw(guard, Ipv4Addr::LOCALHOST).await;
+    assert_eq!(answer(&mut conn, &login.bytes).await, Some(0));
+    assert_eq!(subscribe(&mut conn, "driftless/acme/scopes/s01/changes").await, Some(0), "its own scope");
+    assert_eq!(subscribe(&mut conn, "driftless/acme/scopes/all/changes").await, Some(0), "and the default");
+    assert_eq!(subscribe(&mut conn, "driftless/acme/scopes/s02/changes").await, Some(0x80), "not another's");
+    // Given another scope, it is cut off, and logs in again with the new one.
+    registry.0.lock().expect("lock").get_mut(&key).expect("held").1 = Some("s02".to_owned());
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(guard::SWEEP * 5, conn.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "cut off within a few sweeps");
+    let mut conn = raw(guard, Ipv4Addr::LOCALHOST).await;
+    assert_eq!(answer(&mut conn, &login.bytes).await, Some(0));
+    assert_eq!(subscribe(&mut conn, "driftless/acme/scopes/s02/changes").await, Some(0));
+    assert_eq!(subscribe(&mut conn, "driftless/acme/scopes/s01/changes").await, Some(0x80));
+}

@@ -21,10 +21,12 @@
 
 use std::collections::BTreeSet;
 
-use driftless_core::Batch;
 use driftless_core::codec::encode_key;
 use driftless_core::scope::{DeviceScope, Move};
+use driftless_core::{Batch, SyncSchema};
 use sha2::{Digest, Sha256};
+
+use crate::storage::{GatewayStore, Params};
 
 /// The index key of rows of tables without scope.
 const UNSCOPED: (&str, &[u8]) = ("", &[]);
@@ -72,6 +74,29 @@ impl Chain {
     }
 }
 
+/// `text` as a schema, if it declares scopes.
+pub(crate) fn scoped_schema(text: &str) -> crate::error::Result<Option<SyncSchema>> {
+    let schema = SyncSchema::parse(text)
+        .map_err(|e| crate::error::Error::Corrupt(format!("the stored sync schema does not parse: {e}")))?;
+    Ok(schema.tables.iter().any(|t| t.scope.is_some()).then_some(schema))
+}
+
+/// The name of the scope a device with `params` holds under `schema`.
+pub(crate) fn scope_name(schema: &SyncSchema, device: &str, params: &Params) -> String {
+    Chain::of(&DeviceScope::of(schema, device, params)).id()
+}
+
+/// The name of the scope `device` of `tenant` holds, as its store now says (`None`: the
+/// served schema declares no scope, or the device is not registered).
+pub fn scope_of(store: &mut dyn GatewayStore, tenant: &str, device: &str) -> crate::error::Result<Option<String>> {
+    let Some(served) = store.served_schema()? else { return Ok(None) };
+    if !served.schema.tables.iter().any(|t| t.scope.is_some()) {
+        return Ok(None);
+    }
+    let registered = store.registry(Some(tenant))?.into_iter().find(|r| r.device == device && r.removed_ms.is_none());
+    Ok(registered.map(|r| scope_name(&served.schema, device, &r.params)))
+}
+
 /// The index keys an entry holding `change` is filed under, given where its rows moved (only
 /// for entries with rows of scoped tables; the others concern every chain).
 pub(crate) fn marks(change: &Batch, moves: &[Option<Move>]) -> BTreeSet<(String, Vec<u8>)> {
@@ -93,7 +118,7 @@ pub(crate) fn marks(change: &Batch, moves: &[Option<Move>]) -> BTreeSet<(String,
 
 #[cfg(test)]
 mod tests {
-    use driftless_core::{RowChange, SyncSchema, Value};
+    use driftless_core::{RowChange, Value};
 
     use super::*;
 

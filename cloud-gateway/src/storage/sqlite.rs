@@ -673,6 +673,10 @@ impl crate::broker::Registry for SqliteRegistry {
         let conn = self.0.lock().unwrap_or_else(|p| p.into_inner());
         devices.iter().map(|(t, d)| registry::secret(&conn, t, d)).collect()
     }
+
+    fn scopes(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        registry::scopes(&self.0.lock().unwrap_or_else(|p| p.into_inner()), devices)
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use postgres::Config;
 use super::Stmts;
 use super::connection::{Blocking, connect};
 use crate::error::{Error, Result};
+use crate::storage::chains::{scope_name, scoped_schema};
 use crate::storage::common::{params_text, parse_params, recovery_from, registration, scope_standing};
 use crate::storage::vouching::{NodeBook, NodeFact};
 use crate::storage::{Params, Registered, Standing};
@@ -45,6 +46,25 @@ pub(super) fn secret(client: &mut Client, tenant: &str, device: &str) -> Result<
         &[&tenant, &device],
     )?;
     Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+}
+
+/// The scope each device of `devices` follows under the newest schema (`None`: the
+/// schema declares none, or the device is not registered).
+pub(super) fn scopes(client: &mut Client, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+    let text = client.query_opt("SELECT text FROM driftless.gw_sync_schema ORDER BY version DESC LIMIT 1", &[])?;
+    let Some(schema) = text.map(|r| scoped_schema(r.get(0))).transpose()?.flatten() else {
+        return Ok(vec![None; devices.len()]);
+    };
+    devices
+        .iter()
+        .map(|(t, d)| {
+            let params = client.query_opt(
+                "SELECT params FROM driftless.gw_registry WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL",
+                &[t, d],
+            )?;
+            params.map(|r| Ok(scope_name(&schema, d, &parse_params(r.get(0))?))).transpose()
+        })
+        .collect()
 }
 
 pub(super) fn list(client: &mut Client, tenant: Option<&str>) -> Result<Vec<Registered>> {
@@ -180,6 +200,18 @@ impl crate::broker::Registry for PgRegistry {
         }
         let client = held.as_mut().expect("connected above");
         let found: Result<Vec<Option<String>>> = devices.iter().map(|(t, d)| secret(client, t, d)).collect();
+        if found.is_err() {
+            *held = None;
+        }
+        found
+    }
+
+    fn scopes(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        let mut held = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if held.is_none() {
+            *held = Some(Blocking(Some(connect(&self.config)?)));
+        }
+        let found = scopes(held.as_mut().expect("connected above"), devices);
         if found.is_err() {
             *held = None;
         }

@@ -6,6 +6,7 @@ use driftless_core::NodeId;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::storage::chains::{scope_name, scoped_schema};
 use crate::storage::common::{params_text, parse_params, recovery_from, registration, scope_standing};
 use crate::storage::vouching::{NodeBook, NodeFact};
 use crate::storage::{Params, Registered, Standing};
@@ -42,6 +43,25 @@ pub(super) fn secret(conn: &Connection, tenant: &str, device: &str) -> Result<Op
         .query_row([tenant, device], |r| r.get::<_, Option<String>>(0))
         .optional()?;
     Ok(found.flatten())
+}
+
+/// The scope each device of `devices` follows under the newest schema (`None`: the
+/// schema declares none, or the device is not registered).
+pub(super) fn scopes(conn: &Connection, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
+    let text: Option<String> =
+        conn.query_row("SELECT text FROM gw_sync_schema ORDER BY version DESC LIMIT 1", [], |r| r.get(0)).optional()?;
+    let Some(schema) = text.as_deref().map(scoped_schema).transpose()?.flatten() else {
+        return Ok(vec![None; devices.len()]);
+    };
+    let mut stmt =
+        conn.prepare_cached("SELECT params FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL")?;
+    devices
+        .iter()
+        .map(|(t, d)| {
+            let params: Option<String> = stmt.query_row([t, d], |r| r.get(0)).optional()?;
+            params.map(|p| Ok(scope_name(&schema, d, &parse_params(&p)?))).transpose()
+        })
+        .collect()
 }
 
 pub(super) fn list(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Registered>> {
