@@ -238,7 +238,7 @@ fn process(
                 out.push(to(tenant, device, served.message()));
             }
             if let Some(s) = &scoped {
-                out.push(to(tenant, device, s.tell(store, tenant, device, epoch)?));
+                out.extend(s.tell(store, tenant, device, epoch)?);
             }
             Ok(out)
         }
@@ -253,7 +253,7 @@ fn process(
             let (outcome, refused) = merge(store, cfg, &from, batch, nack)?;
             let (receipt, previous) = (outcome.receipt, outcome.previous);
             let mut out = reply(Downlink::Ack { epoch, id, first_seq, last_seq, refused, receipt, previous });
-            out.extend(feed(store, epoch, tenant, &outcome.entries)?);
+            out.extend(feed(store, epoch, tenant, &outcome.entries));
             Ok(out)
         }
         Uplink::Pull { epoch: claimed, cursor, ref receipts, max_rows, max_bytes, .. } => {
@@ -280,7 +280,7 @@ fn process(
             };
             // A scope that changed since the device was told: it starts over in its new one.
             if let Some(s) = scoped.as_ref().filter(|s| s.standing.told != Some(s.standing.version)) {
-                return Ok(reply(s.tell(store, tenant, device, epoch)?));
+                return Ok(s.tell(store, tenant, device, epoch)?);
             }
             let renewed = check_cursor(store, tenant, device, epoch, cursor)?;
             if renewed != epoch {
@@ -289,10 +289,17 @@ fn process(
             store.touch_device(tenant, device, Some(cursor.position))?;
             let page = changes(store, &at, cursor.position, rows(max_rows), bytes(max_bytes))?;
             let (from, cursor, more, batch) = (cursor.position, page.cursor, page.more, page.batch);
-            Ok(reply(match page.evict {
+            let mut out = reply(match page.evict {
                 None => Downlink::Changes { epoch, from, cursor, more, batch },
                 Some(evict) => Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch },
-            }))
+            });
+            // The scope's name changed under it (a schema that scopes another table), or a
+            // gateway of an earlier version told it none: it follows the right topic now.
+            if let Some(s) = scoped.as_ref().filter(|s| s.standing.told_feed.as_deref() != Some(s.feed.as_str())) {
+                store.scope_told(tenant, device, s.standing.version, &s.feed)?;
+                out.push(to(tenant, device, Downlink::Follow { epoch, scope: s.feed.clone() }));
+            }
+            Ok(out)
         }
         Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, .. } => {
             if claimed != epoch {
@@ -320,7 +327,7 @@ fn process(
                 });
             }
             let mut out = reply(Downlink::LegacyAck { first_seq, last_seq });
-            out.extend(feed(store, epoch, tenant, &outcome.entries)?);
+            out.extend(feed(store, epoch, tenant, &outcome.entries));
             Ok(out)
         }
         Uplink::LegacyPull { cursor, max_rows, .. } => {
@@ -539,6 +546,8 @@ struct Scoped {
     schema: std::sync::Arc<ServedSchema>,
     mine: DeviceScope,
     standing: ScopeStanding,
+    /// The name of its scope, whose topic it follows.
+    feed: String,
 }
 
 impl Scoped {
@@ -549,15 +558,19 @@ impl Scoped {
             return Ok(None);
         }
         let mine = DeviceScope::of(&schema.schema, device, &standing.params);
-        Ok(Some(Scoped { schema, mine, standing: standing.clone() }))
+        let feed = Chain::of(&mine).id();
+        Ok(Some(Scoped { schema, mine, standing: standing.clone(), feed }))
     }
 
-    /// Tells the device its scope version, and notes that it was told.
-    fn tell(&self, store: &mut dyn GatewayStore, tenant: &str, device: &str, epoch: Epoch) -> Result<Downlink> {
-        store.scope_told(tenant, device, self.standing.version)?;
+    /// Tells the device its scope version and the scope to follow, and notes that it was
+    /// told. (Two messages: `Scope` reads as it did for devices of earlier versions.)
+    fn tell(&self, store: &mut dyn GatewayStore, tenant: &str, device: &str, epoch: Epoch) -> Result<Vec<Outgoing>> {
+        store.scope_told(tenant, device, self.standing.version, &self.feed)?;
         let tables = self.mine.tables().map(str::to_owned).collect();
-        let feed = Chain::of(&self.mine).id();
-        Ok(Downlink::Scope { epoch, version: self.standing.version, tables, feed })
+        Ok(vec![
+            to(tenant, device, Downlink::Scope { epoch, version: self.standing.version, tables }),
+            to(tenant, device, Downlink::Follow { epoch, scope: self.feed.clone() }),
+        ])
     }
 }
 

@@ -274,7 +274,7 @@ async fn take_in_cloud_writes<S: GatewayStore + 'static>(
             // The entry is logged: not published (no epoch to publish it under, a read that
             // failed), its devices find it by the gap it leaves, the poke, or their next pull.
             let entries = std::slice::from_ref(&entry);
-            match guard.epoch(&tenant).and_then(|epoch| crate::handler::feed(&mut *guard, epoch, &tenant, entries)) {
+            match guard.epoch(&tenant).map(|epoch| crate::handler::feed(&mut *guard, epoch, &tenant, entries)) {
                 Ok(publishes) => out.extend(publishes),
                 Err(e) => {
                     tracing::warn!(%tenant, "not published (devices will pull it): {e}");

@@ -74,6 +74,8 @@ pub struct ScopeStanding {
     pub version: u64,
     /// The version the gateway last told the device (`None`: never).
     pub told: Option<u64>,
+    /// The scope the gateway last told it to follow (`None`: never).
+    pub told_feed: Option<String>,
 }
 
 /// Whether a device is served, and as what.
@@ -470,8 +472,8 @@ pub trait GatewayStore: Send {
     /// Sets a registered device's scope parameters; whether it is registered.
     fn set_params(&mut self, tenant: &str, device: &str, params: &Params) -> Result<bool>;
 
-    /// Notes the scope version the gateway told a device.
-    fn scope_told(&mut self, tenant: &str, device: &str, version: u64) -> Result<()>;
+    /// Notes the scope version the gateway told a device, and the scope it follows.
+    fn scope_told(&mut self, tenant: &str, device: &str, version: u64, feed: &str) -> Result<()>;
 
     /// Writes what this instance kept in memory (last-seen times noted since the last write),
     /// before it goes away. Called from a thread that may block.

@@ -169,8 +169,10 @@ pub struct Machine {
     held: VecDeque<feed::Feed>,
     /// The cursor as the store last reported it (held changes at or before it are dropped).
     known_cursor: Option<LogCursor>,
-    /// The scope whose changes the device follows (as the gateway last told it).
+    /// The scope whose changes the device follows (as the gateway last told it), and one it
+    /// was told to follow once its store takes the scope's rows.
     following: String,
+    follow_next: Option<String>,
     /// When a scope change last arrived, and the newest position heard in one.
     last_feed: Option<u64>,
     heard: u64,
@@ -219,6 +221,7 @@ impl Machine {
             held: VecDeque::new(),
             known_cursor: None,
             following: driftless_core::protocol::DEFAULT_SCOPE.to_owned(),
+            follow_next: None,
             last_feed: None,
             heard: 0,
             last_pull: 0,

@@ -4,7 +4,11 @@
 //! other devices. Through Mosquitto, gateway in its own process (its CPU time is reported).
 //!
 //! FANOUT_DEVICES (default 200), FANOUT_SECONDS (default 30) and FANOUT_EVERY_S (default 2,
-//! the period of each device's writes) size the run. `fleet_cpu_s` is the CPU the simulated
+//! the period of each device's writes) size the run. With FANOUT_REGIONS = R (default 0: no
+//! scope), the gateway serves a schema scoping `orders` by `region = :region`, the writers
+//! are registered in R regions in turn and the observers in region 0: each write reaches the
+//! devices of its region only, and the observers time the writes of their region (they must
+//! see no other: `foreign_rows`). `fleet_cpu_s` is the CPU the simulated
 //! devices used (this process): on a machine of few cores they compete with the gateway and
 //! the broker, which real devices, each on its own hardware, do not.
 
@@ -15,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use driftless_agent::{Agent, AgentConfig, SyncMode};
 use driftless_core::{Store, StoreOptions, TableSpec};
+use driftless_gateway::{GatewayStore as _, SqliteStore};
 use driftless_tests::bench::{GatewayProcess, bench_broker_url, cpu_seconds, percentile, report};
 
 const OBSERVERS: usize = 5;
@@ -28,17 +33,54 @@ fn env_usize(name: &str, default: usize) -> usize {
 /// When each write was made, by row id.
 type Written = Arc<Mutex<HashMap<String, Instant>>>;
 
-async fn device(dir: &std::path::Path, url: &str, tenant: &str, name: &str) -> anyhow::Result<(Agent, PathBuf)> {
+/// The schema of a scoped run: orders by region.
+const SCOPED: &str = r#"
+[[table]]
+name = "orders"
+key = ["id"]
+scope = "region = :region"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "writer"
+type = "text"
+[[table.column]]
+name = "n"
+type = "integer"
+[[table.column]]
+name = "region"
+type = "text"
+"#;
+
+/// A device's agent; its table made and tracked by hand, or, in a scoped run, made when the
+/// gateway's schema arrives.
+async fn device(
+    dir: &std::path::Path,
+    url: &str,
+    tenant: &str,
+    name: &str,
+    scoped: bool,
+) -> anyhow::Result<(Agent, PathBuf)> {
     let db = dir.join(format!("{name}.db"));
     let mut store = Store::open(&db, StoreOptions::default())?;
-    store.write(|tx| Ok(tx.execute_batch("CREATE TABLE orders (id TEXT PRIMARY KEY, writer TEXT, n INTEGER)")?))?;
-    store.track("orders", TableSpec::new())?;
+    if !scoped {
+        store.write(|tx| {
+            Ok(tx.execute_batch("CREATE TABLE orders (id TEXT PRIMARY KEY, writer TEXT, n INTEGER, region TEXT)")?)
+        })?;
+        store.track("orders", TableSpec::new())?;
+    }
     drop(store);
     let mut config = AgentConfig::new(&db, url, tenant, name)?;
     // The app says when it wrote (a file watcher each would take more inotify instances than
     // one process may have).
     config.mode = SyncMode::Notified;
     Ok((Agent::start(config, StoreOptions::default()).await?, db))
+}
+
+/// Whether the device's table exists yet.
+fn has_orders(db: &std::path::Path) -> bool {
+    rusqlite::Connection::open(db).is_ok_and(|c| c.prepare("SELECT 1 FROM orders").is_ok())
 }
 
 /// Polls an observer's table for rows it has not seen yet; returns the delay of each write
@@ -73,17 +115,40 @@ async fn main() -> anyhow::Result<()> {
     let rounds = (seconds as u64 / every.as_secs().max(1)).max(1) as usize;
     let dir = tempfile::tempdir()?;
     let url = bench_broker_url();
+    let regions = env_usize("FANOUT_REGIONS", 0);
+    let scoped = regions > 0;
+    let region = move |d: usize| if scoped { format!("r{}", d % regions) } else { String::new() };
     let tenant = format!("fanout-{}", std::process::id());
-    let gateway = GatewayProcess::start(&dir.path().join("gw.db"), &url, &tenant);
+    let gw_db = dir.path().join("gw.db");
+    let gateway = if scoped {
+        // Every device registered with its region before the gateway starts.
+        let mut store = SqliteStore::open(&gw_db)?;
+        let names = (0..devices).map(|d| (format!("w{d:04}"), region(d)));
+        for (name, region) in names.chain((0..OBSERVERS).map(|o| (format!("observer{o}"), "r0".to_owned()))) {
+            store.register_device(&tenant, &name, "", None, 1)?;
+            store.set_params(&tenant, &name, &[("region".to_owned(), region)].into())?;
+        }
+        drop(store);
+        let schema = dir.path().join("schema.toml");
+        std::fs::write(&schema, SCOPED)?;
+        GatewayProcess::start_with(&gw_db, &url, &tenant, &["--schema", schema.to_str().unwrap_or_default()])
+    } else {
+        GatewayProcess::start(&gw_db, &url, &tenant)
+    };
 
     let setup = Instant::now();
     let mut writers = Vec::with_capacity(devices);
+    let mut dbs = Vec::new();
     for d in 0..devices {
-        writers.push(device(dir.path(), &url, &tenant, &format!("w{d:04}")).await?.0);
+        let (agent, db) = device(dir.path(), &url, &tenant, &format!("w{d:04}"), scoped).await?;
+        writers.push(agent);
+        dbs.push(db);
     }
     let mut observers = Vec::with_capacity(OBSERVERS);
     for o in 0..OBSERVERS {
-        observers.push(device(dir.path(), &url, &tenant, &format!("observer{o}")).await?);
+        let observer = device(dir.path(), &url, &tenant, &format!("observer{o}"), scoped).await?;
+        dbs.push(observer.1.clone());
+        observers.push(observer);
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while writers.iter().chain(observers.iter().map(|(a, _)| a)).filter(|a| a.live().confirmed).count()
@@ -92,10 +157,16 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "not every device connected");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // In a scoped run the tables come with the schema, just after the handshake.
+    while !dbs.iter().all(|db| has_orders(db)) {
+        anyhow::ensure!(Instant::now() < deadline, "not every device took the schema");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     println!("{} devices created and connected in {:.1}s", devices + OBSERVERS, setup.elapsed().as_secs_f64());
 
     let written: Written = Arc::new(Mutex::new(HashMap::new()));
-    let expected = devices * rounds;
+    // What the observers (region 0) are to see.
+    let expected = (0..devices).filter(|&d| region(d) == region(0)).count() * rounds;
     let start = Instant::now() + Duration::from_millis(500);
     let until = start + every * rounds as u32 + DRAIN;
     let watching: Vec<_> = observers
@@ -116,15 +187,17 @@ async fn main() -> anyhow::Result<()> {
             for round in 0..rounds {
                 tokio::time::sleep_until((start + every * round as u32 + offset).into()).await;
                 let id = format!("w{d}-{round}");
-                written.lock().expect("lock").insert(id.clone(), Instant::now());
-                let who = format!("w{d}");
+                if region(d) == region(0) {
+                    written.lock().expect("lock").insert(id.clone(), Instant::now());
+                }
+                let (who, region) = (format!("w{d}"), region(d));
                 let wrote = agent
                     .store()
                     .call(move |st| {
                         st.write(|tx| {
                             tx.execute(
-                                "INSERT INTO orders VALUES (?1, ?2, ?3)",
-                                rusqlite::params![id, who, round as i64],
+                                "INSERT INTO orders(id, writer, n, region) VALUES (?1, ?2, ?3, ?4)",
+                                rusqlite::params![id, who, round as i64, region],
                             )?;
                             Ok(())
                         })
@@ -146,13 +219,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let cpu = gateway.cpu_seconds() - cpu_before;
     let fleet_cpu = cpu_seconds("self") - fleet_before;
+    // Rows of other regions on the observers (none may reach them).
+    let mut foreign_rows = 0;
+    for (_, db) in &observers {
+        let conn = rusqlite::Connection::open(db)?;
+        let sql = "SELECT count(*) FROM orders WHERE coalesce(region, '') <> ?1";
+        foreign_rows += conn.query_row(sql, [region(0)], |r| r.get::<_, i64>(0))?;
+    }
     for agent in agents.into_iter().chain(observers.into_iter().map(|(a, _)| a)) {
         agent.stop().await;
     }
     delays.sort_by(f64::total_cmp);
     let seen_fraction = delays.len() as f64 / (expected * OBSERVERS) as f64;
     println!(
-        "{devices} writers x {rounds} writes, {OBSERVERS} observers: seen {:.4} of them; p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; gateway CPU {cpu:.1} s, devices' CPU {fleet_cpu:.1} s",
+        "{devices} writers in {} region(s) x {rounds} writes, {OBSERVERS} observers: seen {:.4} of them; p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; gateway CPU {cpu:.1} s, devices' CPU {fleet_cpu:.1} s",
+        regions.max(1),
         seen_fraction,
         percentile(&delays, 50.0),
         percentile(&delays, 90.0),
@@ -161,12 +242,14 @@ async fn main() -> anyhow::Result<()> {
     );
     report(&[
         ("devices", devices as f64),
+        ("regions", regions as f64),
         ("writes", expected as f64),
         ("p50_ms", percentile(&delays, 50.0)),
         ("p99_ms", percentile(&delays, 99.0)),
         ("gateway_cpu_s", cpu),
         ("fleet_cpu_s", fleet_cpu),
         ("seen_fraction", seen_fraction),
+        ("foreign_rows", foreign_rows as f64),
     ]);
     Ok(())
 }

@@ -157,3 +157,20 @@ fn a_device_moved_to_another_scope_follows_the_new_one_only() {
         assert_eq!(w.pulls(mover), pulls, "applied from the south's topic");
     });
 }
+
+#[test]
+fn a_schema_that_scopes_another_table_moves_devices_to_their_new_scopes_topic() {
+    both(SCHEMA, |mut w| {
+        let (n1, n2, _) = two_north_one_south(&mut w);
+        let visits = "\n[[table]]\nname = \"visits\"\nkey = [\"id\"]\nscope = \"region = :region\"\n\
+                      [[table.column]]\nname = \"id\"\ntype = \"text\"\n\
+                      [[table.column]]\nname = \"region\"\ntype = \"text\"\n";
+        w.gateway().install_schema(&format!("{SCHEMA}{visits}")).expect("a new version");
+        // Their next pull (the backstop's) tells them the scope's new name.
+        w.settle();
+        let pulls = w.pulls(n2);
+        w.write_now(n1, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'pump')");
+        assert_eq!(w.held(n2), ids(&["wo-1"]));
+        assert_eq!(w.pulls(n2), pulls, "applied from the new scope's topic");
+    });
+}

@@ -7,7 +7,8 @@
 //! of keys its devices hold (see `storage::chains`): each entry goes out once on the topic of
 //! every scope it concerns, with that scope's part of it (rows that stayed, rows that
 //! entered whole, keys of rows that left), naming the scope's entry before it. A scope's
-//! devices never see another scope's rows, nor how busy another scope is.
+//! devices never see another scope's rows. (Positions are the tenant's log's: the gaps
+//! between a scope's say how much was logged elsewhere, not what.)
 
 use std::collections::BTreeMap;
 
@@ -32,20 +33,30 @@ pub fn announce(tenant: &str, entries: &[LogEntry]) -> Option<Outgoing> {
 }
 
 /// The publishes announcing `entries` (in log order) to the devices holding them, and the
-/// poke for devices of earlier versions (none in a tenant with scopes: they cannot hold a
-/// scope). The service publishes them only once the entries are durable.
-pub fn feed(store: &mut dyn GatewayStore, epoch: Epoch, tenant: &str, entries: &[LogEntry]) -> Result<Vec<Outgoing>> {
+/// poke for devices of earlier versions (coalesced by the service; devices following a scope
+/// ignore it). The service publishes them only once the entries are durable. The entries
+/// are logged whatever happens here: a publish that could not be made (a read of ours that
+/// failed) is left to the gap the next one shows, or to the devices' backstop pulls.
+pub fn feed(store: &mut dyn GatewayStore, epoch: Epoch, tenant: &str, entries: &[LogEntry]) -> Vec<Outgoing> {
+    let mut out = match publishes(store, epoch, tenant, entries) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::warn!(%tenant, "changes logged but not published (devices will pull them): {e}");
+            Vec::new()
+        }
+    };
+    out.extend(announce(tenant, entries));
+    out
+}
+
+fn publishes(store: &mut dyn GatewayStore, epoch: Epoch, tenant: &str, entries: &[LogEntry]) -> Result<Vec<Outgoing>> {
     if entries.is_empty() {
         return Ok(Vec::new());
     }
     let served = store.served_schema()?.filter(|s| s.schema.tables.iter().any(|t| t.scope.is_some()));
     match served {
         Some(served) => scoped_feed(store, epoch, tenant, &served.schema, entries),
-        None => {
-            let mut out = whole(epoch, tenant, entries);
-            out.extend(announce(tenant, entries));
-            Ok(out)
-        }
+        None => Ok(whole(epoch, tenant, entries)),
     }
 }
 

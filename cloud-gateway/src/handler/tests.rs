@@ -392,8 +392,8 @@ impl GatewayStore for Faulty {
     fn set_params(&mut self, t: &str, d: &str, p: &crate::storage::Params) -> Result<bool> {
         self.0.set_params(t, d, p)
     }
-    fn scope_told(&mut self, t: &str, d: &str, v: u64) -> Result<()> {
-        self.0.scope_told(t, d, v)
+    fn scope_told(&mut self, t: &str, d: &str, v: u64, feed: &str) -> Result<()> {
+        self.0.scope_told(t, d, v, feed)
     }
     fn standing(&mut self, t: &str, d: &str) -> Result<crate::storage::Standing> {
         self.0.standing(t, d)

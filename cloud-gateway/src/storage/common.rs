@@ -175,12 +175,15 @@ pub(crate) fn parse_params(text: &str) -> Result<Params> {
 
 /// A registered device's scope (`params` and version, `None` if it is not registered) and
 /// the version it was told.
-pub(crate) fn scope_standing(registered: Option<(String, i64)>, told: Option<i64>) -> Result<ScopeStanding> {
+pub(crate) fn scope_standing(
+    registered: Option<(String, i64)>,
+    (told, told_feed): (Option<i64>, Option<String>),
+) -> Result<ScopeStanding> {
     let (params, version) = match registered {
         Some((text, version)) => (parse_params(&text)?, version as u64),
         None => (Params::new(), 0),
     };
-    Ok(ScopeStanding { params, version, told: told.map(|t| t as u64) })
+    Ok(ScopeStanding { params, version, told: told.map(|t| t as u64), told_feed })
 }
 
 /// When a device's recovery window starts: if the tenant's epoch replaced another, when the

@@ -488,8 +488,8 @@ impl GatewayStore for PgStore {
         registry::set_params(self.client()?, tenant, device, params)
     }
 
-    fn scope_told(&mut self, tenant: &str, device: &str, version: u64) -> Result<()> {
-        registry::scope_told(self.client()?, tenant, device, version)
+    fn scope_told(&mut self, tenant: &str, device: &str, version: u64, feed: &str) -> Result<()> {
+        registry::scope_told(self.client()?, tenant, device, version, feed)
     }
 
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {

@@ -628,8 +628,8 @@ impl GatewayStore for SqliteStore {
         registry::set_params(&self.conn, tenant, device, params)
     }
 
-    fn scope_told(&mut self, tenant: &str, device: &str, version: u64) -> Result<()> {
-        registry::scope_told(&self.conn, tenant, device, version)
+    fn scope_told(&mut self, tenant: &str, device: &str, version: u64, feed: &str) -> Result<()> {
+        registry::scope_told(&self.conn, tenant, device, version, feed)
     }
 
     fn clock_skew(&mut self, tenant: &str) -> Result<Vec<SkewedNode>> {

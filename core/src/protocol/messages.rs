@@ -133,10 +133,14 @@ pub enum Downlink {
         epoch: Epoch,
         version: u64,
         tables: Vec<String>,
-        /// The scope whose changes the device follows ([`crate::protocol::scope_topic`]):
-        /// the devices holding exactly the same rows share it. Empty from gateways that
-        /// published scoped changes without their rows.
-        feed: String,
+    },
+    /// The scope whose changes the device follows ([`crate::protocol::scope_topic`]): the
+    /// devices holding exactly the same rows share it. Sent after `Scope` (which devices of
+    /// earlier versions read as before), and with a pull's answer when the scope's name
+    /// changed since the device was told (a schema that scopes another table).
+    Follow {
+        epoch: Epoch,
+        scope: String,
     },
     /// One page of the current state. When `done`, continue with a pull from `log_cursor`.
     Snapshot {
@@ -233,6 +237,7 @@ pub(super) mod tag {
     pub(super) const SCOPED_CHANGES: u8 = 13;
     pub(super) const SCOPE: u8 = 14;
     pub(super) const SCOPED_FEED: u8 = 15;
+    pub(super) const FOLLOW: u8 = 16;
 }
 
 /// Longest tenant, device or scope name accepted (as `protocol::valid_id`).

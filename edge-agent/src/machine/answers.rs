@@ -85,6 +85,9 @@ impl Machine {
                 if let Some(dropped) = dropped {
                     tracing::info!(dropped, "the device's scope changed; fetching its rows");
                 }
+                if let Some(scope) = self.follow_next.take() {
+                    self.follow(scope, out);
+                }
                 self.want_pull = true;
             }
             (Awaiting::Schema, StoreResult::SchemaFollowed { version, changed, receives }) => {
@@ -286,22 +289,22 @@ impl Machine {
                 let op = StoreOp::Apply { batch, cursor, evict: evict.rows };
                 self.store(out, op, Awaiting::Changes { more });
             }
-            Downlink::Scope { version, tables, feed, .. } => {
+            Downlink::Scope { version, tables, .. } => {
                 // In place of a pull's answer when the scope changed: the pull is over. The
                 // newest scope told replaces one that failed to be taken.
                 self.pulling = None;
                 self.rescope = None;
-                // Its changes come on its own topic now (told after every handshake: a new
-                // connection subscribes again). Changes of the scope it leaves are dropped.
-                if !feed.is_empty() {
-                    if feed != self.following {
-                        self.held.clear();
-                    }
-                    self.following.clone_from(&feed);
-                    out.push(Action::Follow(feed));
-                }
                 let op = StoreOp::Rescope { version, tables: tables.clone() };
                 self.store(out, op, Awaiting::Rescope { version, tables });
+            }
+            Downlink::Follow { scope, .. } => {
+                // After the `Scope` it comes with, once the store holds that scope's rows:
+                // till then, the new scope's changes would land on the old one's rows.
+                if self.rescope.is_some() {
+                    self.follow_next = Some(scope);
+                } else {
+                    self.follow(scope, out);
+                }
             }
             Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
                 let Some(batch) = self.decode(&batch) else { return };

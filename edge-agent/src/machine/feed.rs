@@ -69,6 +69,16 @@ impl Machine {
         }
     }
 
+    /// Follows `scope`'s changes (subscribed again after every handshake: a new connection
+    /// holds no subscription); changes held of the scope it leaves are dropped.
+    pub(super) fn follow(&mut self, scope: String, out: &mut Vec<Action>) {
+        if scope != self.following {
+            self.held.clear();
+        }
+        self.following.clone_from(&scope);
+        out.push(Action::Follow(scope));
+    }
+
     pub(super) fn on_feed(&mut self, feed: Feed) {
         // A change of a scope the device no longer follows (its subscription outlived its
         // scope by a moment) is none of its business.
@@ -141,8 +151,11 @@ impl Machine {
                 batch.rows.extend(b.rows);
             }
             to = Some(feed.cursor);
+            // The store evicts before it merges: a change that evicts goes first in its
+            // transaction or not at all, or it would evict a row before the changes that came
+            // ahead of it were merged, and they would bring the row back.
             if batch.rows.len() < self.cfg.pull_rows as usize
-                && let Some(i) = self.held.iter().position(|n| n.previous == feed.cursor)
+                && let Some(i) = self.held.iter().position(|n| n.previous == feed.cursor && n.evict.is_empty())
             {
                 next = self.held.remove(i);
             }

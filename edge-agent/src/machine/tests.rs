@@ -663,7 +663,7 @@ fn a_snapshot_interrupted_goes_on_where_it_stopped() {
 #[test]
 fn a_scope_change_the_store_failed_to_take_is_tried_again_at_the_next_tick() {
     let mut m = confirmed_machine();
-    let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()], feed: String::new() };
+    let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()] };
     let out = m.handle(Input::Downlink(scope), 2);
     assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
     m.handle(Input::Store(StoreResult::Failed("disk full".into())), 2);
@@ -677,3 +677,5 @@ fn a_scope_change_the_store_failed_to_take_is_tried_again_at_the_next_tick() {
     let out = m.handle(Input::Store(StoreResult::Rescoped(Some(12))), 3 + config().ack_timeout_ms);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "the new scope is fetched: {out:?}");
 }
+
+mod follow;

@@ -298,7 +298,7 @@ impl World {
         assert!(!logged.is_empty(), "the cloud write was taken in");
         let epoch = self.gateway.epoch(TENANT).expect("epoch");
         let entries: Vec<_> = logged.into_iter().map(|(_, e)| e).collect();
-        let out = handler::feed(&mut *self.gateway, epoch, TENANT, &entries).expect("published");
+        let out = handler::feed(&mut *self.gateway, epoch, TENANT, &entries);
         self.route(out);
         self.settle();
     }

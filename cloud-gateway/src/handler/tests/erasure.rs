@@ -192,7 +192,7 @@ fn entries_logged_before_the_upgrade_are_erased_too(b: &Backend) {
     match b {
         Backend::Sqlite(_) => b.exec(
             "DROP TABLE gw_log_keys; ALTER TABLE gw_registry DROP COLUMN secret;
-                 DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; ALTER TABLE gw_log DROP COLUMN moves; ALTER TABLE gw_registry DROP COLUMN params;
+                 DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; ALTER TABLE gw_devices DROP COLUMN feed_told; ALTER TABLE gw_log DROP COLUMN moves; ALTER TABLE gw_registry DROP COLUMN params;
                  ALTER TABLE gw_registry DROP COLUMN scope_version; ALTER TABLE gw_devices DROP COLUMN scope_told;
                  DROP TABLE gw_scope_rows;
                  PRAGMA user_version = 10",
@@ -203,7 +203,7 @@ fn entries_logged_before_the_upgrade_are_erased_too(b: &Backend) {
              ALTER TABLE driftless.gw_log DROP COLUMN moves; ALTER TABLE driftless.gw_registry DROP COLUMN params;
              ALTER TABLE driftless.gw_registry DROP COLUMN scope_version;
              ALTER TABLE driftless.gw_devices DROP COLUMN scope_told; DROP TABLE driftless.gw_scope_rows;
-             DROP TABLE driftless.gw_log_scopes;
+             DROP TABLE driftless.gw_log_scopes; ALTER TABLE driftless.gw_devices DROP COLUMN feed_told;
              DELETE FROM driftless.gw_migrations WHERE version >= 4",
             None,
         ),

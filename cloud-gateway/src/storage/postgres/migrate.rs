@@ -190,7 +190,8 @@ const MIGRATIONS: &[&str] = &[
     // 8: the scopes each entry holding rows of scoped tables concerns (storage/chains.rs):
     // ('', '') for its rows of tables without scope, and each scope key its scoped rows had
     // before or after it. Entries without moves concern every scope, found by their own
-    // index. Entries logged before this version concern every scope.
+    // index. Entries logged before this version concern every scope. And the scope the
+    // gateway last told each device to follow.
     "
     CREATE TABLE IF NOT EXISTS driftless.gw_log_scopes (
         tenant text NOT NULL,
@@ -203,6 +204,7 @@ const MIGRATIONS: &[&str] = &[
         SELECT tenant, '', '\\x'::bytea, seq FROM driftless.gw_log WHERE moves IS NOT NULL
         ON CONFLICT DO NOTHING;
     CREATE INDEX IF NOT EXISTS gw_log_unscoped ON driftless.gw_log (tenant, seq) WHERE moves IS NULL;
+    ALTER TABLE driftless.gw_devices ADD COLUMN feed_told text;
     ",
 ];
 

@@ -99,7 +99,8 @@ pub(super) fn standing(client: &mut Client, stmts: &mut Stmts, tenant: &str, dev
                 (SELECT params FROM driftless.gw_registry WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL),
                 (SELECT scope_version FROM driftless.gw_registry
                     WHERE tenant = $1 AND device = $2 AND removed_ms IS NULL),
-                (SELECT scope_told FROM driftless.gw_devices WHERE tenant = $1 AND device = $2)",
+                (SELECT scope_told FROM driftless.gw_devices WHERE tenant = $1 AND device = $2),
+                (SELECT feed_told FROM driftless.gw_devices WHERE tenant = $1 AND device = $2)",
     )?;
     let row = client.query_one(&stmt, &[&tenant, &device])?;
     let heard_ms: Option<i64> = row.get(3);
@@ -109,7 +110,7 @@ pub(super) fn standing(client: &mut Client, stmts: &mut Stmts, tenant: &str, dev
         registration: registration(row.get(0), row.get(1)),
         recovery_from_ms: recovery_from(row.get(2), heard_ms),
         heard: heard_ms.is_some(),
-        scope: scope_standing(params.zip(version), row.get(6))?,
+        scope: scope_standing(params.zip(version), (row.get(6), row.get(7)))?,
     })
 }
 
@@ -123,13 +124,13 @@ pub(super) fn set_params(client: &mut Client, tenant: &str, device: &str, params
     Ok(n > 0)
 }
 
-pub(super) fn scope_told(client: &mut Client, tenant: &str, device: &str, version: u64) -> Result<()> {
+pub(super) fn scope_told(client: &mut Client, tenant: &str, device: &str, version: u64, feed: &str) -> Result<()> {
     // (The device's row may not be written yet: last-seen times are written in batches.)
     client.execute(
-        "INSERT INTO driftless.gw_devices(tenant, device, first_seen_ms, last_seen_ms, scope_told)
-         VALUES ($1, $2, $4, $4, $3)
-         ON CONFLICT (tenant, device) DO UPDATE SET scope_told = excluded.scope_told",
-        &[&tenant, &device, &(version as i64), &crate::storage::common::now_ms()],
+        "INSERT INTO driftless.gw_devices(tenant, device, first_seen_ms, last_seen_ms, scope_told, feed_told)
+         VALUES ($1, $2, $4, $4, $3, $5)
+         ON CONFLICT (tenant, device) DO UPDATE SET scope_told = excluded.scope_told, feed_told = excluded.feed_told",
+        &[&tenant, &device, &(version as i64), &crate::storage::common::now_ms(), &feed],
     )?;
     Ok(())
 }

@@ -105,11 +105,11 @@ pub(super) fn standing(conn: &Connection, tenant: &str, device: &str) -> Result<
         )?
         .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let told: Option<i64> = conn
-        .prepare_cached("SELECT scope_told FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
-        .query_row([tenant, device], |r| r.get(0))
+    let told: (Option<i64>, Option<String>) = conn
+        .prepare_cached("SELECT scope_told, feed_told FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
+        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
-        .flatten();
+        .unwrap_or_default();
     Ok(Standing {
         registration: registration(role, closed),
         recovery_from_ms: recovery_from(renewed_ms, heard_ms),
@@ -128,12 +128,13 @@ pub(super) fn set_params(conn: &Connection, tenant: &str, device: &str, params: 
     Ok(n > 0)
 }
 
-pub(super) fn scope_told(conn: &Connection, tenant: &str, device: &str, version: u64) -> Result<()> {
+pub(super) fn scope_told(conn: &Connection, tenant: &str, device: &str, version: u64, feed: &str) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, scope_told) VALUES (?1, ?2, ?4, ?4, ?3)
-         ON CONFLICT(tenant, device) DO UPDATE SET scope_told = excluded.scope_told",
+        "INSERT INTO gw_devices(tenant, device, first_seen_ms, last_seen_ms, scope_told, feed_told)
+         VALUES (?1, ?2, ?4, ?4, ?3, ?5)
+         ON CONFLICT(tenant, device) DO UPDATE SET scope_told = excluded.scope_told, feed_told = excluded.feed_told",
     )?
-    .execute(rusqlite::params![tenant, device, version as i64, crate::storage::common::now_ms()])?;
+    .execute(rusqlite::params![tenant, device, version as i64, crate::storage::common::now_ms(), feed])?;
     Ok(())
 }
 

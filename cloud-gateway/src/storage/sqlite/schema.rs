@@ -316,6 +316,8 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             INSERT OR IGNORE INTO gw_log_scopes(tenant, tbl, skey, seq)
                 SELECT tenant, '', x'', seq FROM gw_log WHERE moves IS NOT NULL;
             CREATE INDEX IF NOT EXISTS gw_log_unscoped ON gw_log (tenant, seq) WHERE moves IS NULL;
+            -- The scope the gateway last told each device to follow.
+            ALTER TABLE gw_devices ADD COLUMN feed_told TEXT;
             ",
         )?;
     }

@@ -14,6 +14,7 @@ impl Downlink {
             | Downlink::Changes { epoch, .. }
             | Downlink::ScopedChanges { epoch, .. }
             | Downlink::Scope { epoch, .. }
+            | Downlink::Follow { epoch, .. }
             | Downlink::Snapshot { epoch, .. }
             | Downlink::Feed { epoch, .. } => Some(*epoch),
             Downlink::Schema { .. }
@@ -74,7 +75,7 @@ impl Downlink {
                 w.bytes(evict);
                 w.raw(batch);
             }
-            Downlink::Scope { epoch, version, tables, feed } => {
+            Downlink::Scope { epoch, version, tables } => {
                 w.u8(tag::SCOPE);
                 w.epoch(epoch);
                 w.varint(*version);
@@ -82,7 +83,11 @@ impl Downlink {
                 for t in tables {
                     w.bytes(t.as_bytes());
                 }
-                w.bytes(feed.as_bytes());
+            }
+            Downlink::Follow { epoch, scope } => {
+                w.u8(tag::FOLLOW);
+                w.epoch(epoch);
+                w.bytes(scope.as_bytes());
             }
             Downlink::Snapshot { epoch, resume, log_cursor, done, batch } => {
                 w.u8(tag::SNAPSHOT);
@@ -193,9 +198,9 @@ impl Downlink {
                 for _ in 0..n {
                     tables.push(r.string(limits.max_name_bytes, "table name bytes")?);
                 }
-                let feed = if r.remaining() > 0 { r.string(MAX_ID, "scope name bytes")? } else { String::new() };
-                Downlink::Scope { epoch, version, tables, feed }
+                Downlink::Scope { epoch, version, tables }
             }
+            tag::FOLLOW => Downlink::Follow { epoch: r.epoch()?, scope: r.string(MAX_ID, "scope name bytes")? },
             tag::SNAPSHOT => {
                 let epoch = r.epoch()?;
                 let resume = r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec();

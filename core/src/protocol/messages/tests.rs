@@ -83,13 +83,9 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
         Downlink::Snapshot { epoch: e, resume: vec![1], log_cursor: c, done: false, batch: vec![] },
         Downlink::ScopedChanges { epoch: e, from: 70, cursor: c, more: false, evict: vec![7, 8], batch: vec![4] },
         Downlink::ScopedChanges { epoch: e, from: 70, cursor: c, more: true, evict: vec![], batch: vec![] },
-        Downlink::Scope {
-            epoch: e,
-            version: 4,
-            tables: vec!["work_orders".into(), "inspections".into()],
-            feed: "s0123abcd".into(),
-        },
-        Downlink::Scope { epoch: e, version: 0, tables: vec![], feed: String::new() },
+        Downlink::Scope { epoch: e, version: 4, tables: vec!["work_orders".into(), "inspections".into()] },
+        Downlink::Scope { epoch: e, version: 0, tables: vec![] },
+        Downlink::Follow { epoch: e, scope: "s0123abcd".into() },
         Downlink::Feed {
             epoch: e,
             scope: "all".into(),
