@@ -10,11 +10,11 @@
 //! devices never see another scope's rows. (Positions are the tenant's log's: the gaps
 //! between a scope's say how much was logged elsewhere, not what.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use driftless_core::codec::{EncodeOptions, encode_batch};
 use driftless_core::protocol::{DEFAULT_SCOPE, Downlink, scope_topic};
-use driftless_core::scope::DeviceScope;
+use driftless_core::scope::{DeviceScope, Operand};
 use driftless_core::{Epoch, SyncSchema};
 
 use super::{Outgoing, fits};
@@ -152,8 +152,17 @@ fn scopes_held(
             params.remove(&r.device);
         }
     }
+    // Unless a scope names the device itself, devices with the same parameters hold the
+    // same scope: worked out once.
+    let by_device = schema
+        .tables
+        .iter()
+        .filter_map(|t| t.scope.as_ref())
+        .any(|s| s.terms.iter().any(|t| t.operand == Operand::Device));
+    let distinct: BTreeSet<(String, Params)> =
+        params.into_iter().map(|(device, p)| (if by_device { device } else { String::new() }, p)).collect();
     let mut scopes = BTreeMap::new();
-    for (device, params) in params {
+    for (device, params) in distinct {
         let scope = DeviceScope::of(schema, &device, &params);
         let chain = Chain::of(&scope);
         scopes.entry(chain.id()).or_insert((chain, scope));
