@@ -9,7 +9,9 @@ use driftless_core::{StoreOptions, TableSpec, Value};
 use tokio::runtime::Runtime;
 
 use crate::error::{ApiError, app_sql};
-use crate::types::{ChangeListener, ConflictInfo, QueryResult, SqlValue, SyncConfig, SyncStatus, TrackOptions};
+use crate::types::{
+    ChangeListener, ConflictInfo, QueryResult, SnapshotProgress, SqlValue, SyncConfig, SyncStatus, TrackOptions,
+};
 
 /// The library's own runtime: a mobile app has none to lend.
 fn runtime() -> &'static Runtime {
@@ -200,11 +202,18 @@ impl SyncStore {
             let open = state.as_ref().ok_or(ApiError::Closed)?;
             (open.store.clone(), open.agent.as_ref().map(Agent::live))
         };
-        let (pending, last, conflicts, schema) = runtime()
+        let (pending, last, conflicts, schema, noted) = runtime()
             .block_on(store.call(|s| -> driftless_core::Result<_> {
-                Ok((s.pending_changes()?, s.sync_state("last_sync_ms")?, s.conflicts()?.len(), s.schema()?))
+                let noted = s.snapshot_position()?.map(|at| at.progress);
+                Ok((s.pending_changes()?, s.sync_state("last_sync_ms")?, s.conflicts()?.len(), s.schema()?, noted))
             }))
             .map_err(ApiError::from)??;
+        // The running agent's count is the freshest (it includes the page being applied);
+        // without one, the store's note of the last page applied.
+        let snapshot = match &live {
+            Some(l) => l.snapshot,
+            None => noted,
+        };
         Ok(SyncStatus {
             syncing: live.is_some(),
             connected: live.as_ref().is_some_and(|l| l.connected),
@@ -213,6 +222,7 @@ impl SyncStore {
             last_error: live.and_then(|l| l.last_error),
             conflicts: conflicts as u32,
             schema_version: schema.map_or(0, |(v, _)| v),
+            snapshot: snapshot.map(SnapshotProgress::from),
         })
     }
 

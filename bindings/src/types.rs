@@ -114,6 +114,30 @@ pub struct SyncStatus {
     pub conflicts: u32,
     /// The version of the gateway's sync schema this store follows (0: none).
     pub schema_version: u64,
+    /// The snapshot under way (a new device, or one whose scope changed), if one is.
+    pub snapshot: Option<SnapshotProgress>,
+}
+
+/// How far a snapshot got: rows and bytes (as the gateway stores them, before compression)
+/// taken in so far, and in all as the gateway counted them when it started (0: not known).
+/// The app can read what has arrived already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Record)]
+pub struct SnapshotProgress {
+    pub rows_done: u64,
+    pub rows_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+impl From<driftless_core::SnapshotProgress> for SnapshotProgress {
+    fn from(p: driftless_core::SnapshotProgress) -> SnapshotProgress {
+        SnapshotProgress {
+            rows_done: p.rows_done,
+            rows_total: p.rows_total,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+        }
+    }
 }
 
 /// One version in a conflict: `value` is absent for a delete.

@@ -536,9 +536,19 @@ fn snapshot(
     rows: usize,
     max_bytes: usize,
 ) -> Result<Vec<Outgoing>, Fault> {
+    let mut out = Vec::new();
+    // What the whole snapshot holds, before its first page, for the device's progress.
+    if resume.is_empty() {
+        let (rows, bytes) = match at.schema {
+            Some(schema) => scoped::snapshot_size(store, at.tenant, schema, at.scope)?,
+            None => store.rows_size(at.tenant, None, None)?,
+        };
+        out.push(to(at.tenant, at.device, Downlink::SnapshotSize { epoch, rows, bytes }));
+    }
     let (page, batch) = snapshot_page(store, at, resume, rows, max_bytes)?;
     let msg = Downlink::Snapshot { epoch, resume: page.resume, log_cursor, done: page.done, batch };
-    Ok(vec![to(at.tenant, at.device, msg)])
+    out.push(to(at.tenant, at.device, msg));
+    Ok(out)
 }
 
 /// A device in a schema with scopes.

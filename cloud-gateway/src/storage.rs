@@ -363,6 +363,10 @@ pub trait GatewayStore: Send {
         chain: Option<&chains::Chain>,
     ) -> Result<(Vec<Logged>, bool)>;
 
+    /// How many rows the tenant holds, and their stored bytes: of `table` if given, and only
+    /// those of scope key `skey` (by the scope index) if given.
+    fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)>;
+
     /// The last entry of `chain` before position `before` (0/0: none).
     fn chain_before(&mut self, tenant: &str, chain: &chains::Chain, before: u64) -> Result<LogCursor>;
 

@@ -77,7 +77,7 @@ pub use schema::{ColumnType, SchemaColumn, SchemaError, SchemaTable, SyncSchema}
 pub use state::{Counter, CounterPart, Entry, Life, Register, RowState};
 pub use store::{
     ApplyReport, ChangedRow, Confirmed, Conflict, GatewayView, Identity, OutboxBatch, Refused, SchemaApplied,
-    SealReport, SnapshotCursor, Store, StoreOptions,
+    SealReport, SnapshotAt, SnapshotCursor, SnapshotProgress, Store, StoreOptions,
 };
 pub use value::Value;
 pub use view::{ConflictKind, ConflictRecord, Roles, Version, conflicts, is_visible, resolve, row_values};

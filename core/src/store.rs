@@ -41,6 +41,7 @@ use crate::value::Value;
 
 pub use self::apply::{ApplyReport, ChangedRow};
 pub use self::conflicts::Conflict;
+pub use self::cursor::{SnapshotAt, SnapshotProgress};
 pub use self::declared::SchemaApplied;
 pub use self::identity::{Confirmed, GatewayView, Identity};
 pub use self::outbox::{OutboxBatch, SnapshotCursor};
@@ -591,22 +592,17 @@ impl Store {
     }
 
     /// Applies a snapshot page that is not the last, noting in the same transaction where the
-    /// snapshot goes on (`resume`, from log position `log_cursor`), if the cursor is still
-    /// unset and was reset `resets` times, as when the snapshot started: a snapshot
-    /// interrupted goes on from there ([`Store::snapshot_position`]).
-    pub fn apply_snapshot_page(
-        &mut self,
-        batch: &Batch,
-        resume: &[u8],
-        log_cursor: LogCursor,
-        resets: u64,
-    ) -> Result<ApplyReport> {
-        self.apply_holding_back(batch, &[], |tx| cursor::set_snapshot_at(tx, resume, log_cursor, resets).map(|_| ()))
+    /// snapshot goes on and how far it got (`at`), if the cursor is still unset and was reset
+    /// `resets` times, as when the snapshot started: a snapshot interrupted goes on from there
+    /// ([`Store::snapshot_position`]).
+    pub fn apply_snapshot_page(&mut self, batch: &Batch, at: &SnapshotAt, resets: u64) -> Result<ApplyReport> {
+        self.apply_holding_back(batch, &[], |tx| cursor::set_snapshot_at(tx, at, resets).map(|_| ()))
     }
 
-    /// Where an interrupted snapshot goes on: the next page's resume token and the log
-    /// position it continues from (`None`: no snapshot under way, or a cursor is set).
-    pub fn snapshot_position(&self) -> Result<Option<(Vec<u8>, LogCursor)>> {
+    /// Where an interrupted snapshot goes on (the next page's resume token and the log
+    /// position it continues from) and how far it got; `None`: no snapshot under way, or a
+    /// cursor is set.
+    pub fn snapshot_position(&self) -> Result<Option<SnapshotAt>> {
         cursor::snapshot_at(&self.conn)
     }
 

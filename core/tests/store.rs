@@ -457,7 +457,7 @@ fn a_new_scope_drops_the_rows_held_but_not_those_with_unsent_changes() {
 /// rows it applied, where the next starts; a cursor set or reset forgets it.
 #[test]
 fn a_snapshot_notes_where_it_goes_on_until_a_cursor_is_set_or_reset() {
-    use driftless_core::{Batch, LogCursor};
+    use driftless_core::{Batch, LogCursor, SnapshotAt, SnapshotProgress};
     let dir = tempfile::tempdir().expect("tempdir");
     let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
     let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
@@ -465,12 +465,16 @@ fn a_snapshot_notes_where_it_goes_on_until_a_cursor_is_set_or_reset() {
     let page = drain(&mut a).remove(0);
     let (_, resets) = b.cursor().expect("cursor");
     let log = LogCursor { position: 12, tag: 5 };
-    b.apply_snapshot_page(&page, &[0, 1, 0xfe], log, resets).expect("page");
+    // With how far it got of what the gateway counted.
+    let progress = SnapshotProgress { rows_done: 1, rows_total: 40, bytes_done: 70, bytes_total: 2_800 };
+    let at = SnapshotAt { resume: vec![0, 1, 0xfe], log_cursor: log, progress };
+    b.apply_snapshot_page(&page, &at, resets).expect("page");
     assert_eq!(rows(&b, "SELECT id FROM inspections"), vec![vec![Value::Text("i1".into())]]);
-    assert_eq!(b.snapshot_position().expect("position"), Some((vec![0, 1, 0xfe], log)));
+    assert_eq!(b.snapshot_position().expect("position"), Some(at.clone()));
     // A page of a snapshot started before a reset notes nothing.
-    b.apply_snapshot_page(&Batch::default(), &[7], log, resets + 1).expect("page");
-    assert_eq!(b.snapshot_position().expect("position"), Some((vec![0, 1, 0xfe], log)));
+    let other = SnapshotAt { resume: vec![7], ..at.clone() };
+    b.apply_snapshot_page(&Batch::default(), &other, resets + 1).expect("page");
+    assert_eq!(b.snapshot_position().expect("position"), Some(at));
     // The last page sets the cursor: nothing to go on with any more.
     b.apply_with_cursor(&Batch::default(), &[], None, None, resets, log).expect("last page");
     assert_eq!(b.snapshot_position().expect("position"), None);

@@ -65,8 +65,8 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                     receives,
                 }
             }
-            StoreOp::ApplyPage { batch, resume, log_cursor, resets } => {
-                let report = store.apply_snapshot_page(&batch, &resume, log_cursor, resets)?;
+            StoreOp::ApplyPage { batch, at, resets } => {
+                let report = store.apply_snapshot_page(&batch, &at, resets)?;
                 store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
                 StoreResult::Applied(report)
             }

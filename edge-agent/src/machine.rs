@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 
 use driftless_core::codec::{EncodeOptions, Limits, declared_payload_len, encode_batch};
 use driftless_core::protocol::{Receipts, Uplink};
-use driftless_core::{Epoch, LogCursor, OutboxBatch};
+use driftless_core::{Epoch, LogCursor, OutboxBatch, SnapshotAt, SnapshotProgress};
 
 mod answers;
 mod feed;
@@ -103,8 +103,7 @@ enum Awaiting {
         to: u64,
     },
     SnapshotPage {
-        resume: Vec<u8>,
-        log_cursor: LogCursor,
+        at: SnapshotAt,
         done: bool,
         rows: u64,
     },

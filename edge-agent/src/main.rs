@@ -180,7 +180,28 @@ async fn main() -> anyhow::Result<()> {
             say!("connected:       {}", if connected { "yes" } else { "no" });
             say!("conflicts:       {}", store.conflicts()?.len());
             say!("rejected:        {}", store.rejected_count()?);
+            if let Some(at) = store.snapshot_position()? {
+                say!("snapshot:        {}", snapshot_line(&at.progress));
+            }
         }
     }
     Ok(())
+}
+
+/// A snapshot's progress as the status shows it: rows and bytes taken in, of how many, and
+/// what remains (the totals as the gateway counted them when the snapshot started).
+fn snapshot_line(p: &driftless_core::SnapshotProgress) -> String {
+    if p.rows_total == 0 {
+        return format!("under way: {} rows ({} bytes) so far", p.rows_done, p.bytes_done);
+    }
+    let left = |done: u64, total: u64| total.saturating_sub(done);
+    format!(
+        "under way: {} of {} rows ({} left), {} of {} bytes ({} left)",
+        p.rows_done,
+        p.rows_total,
+        left(p.rows_done, p.rows_total),
+        p.bytes_done,
+        p.bytes_total,
+        left(p.bytes_done, p.bytes_total)
+    )
 }

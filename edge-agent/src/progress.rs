@@ -56,7 +56,8 @@ impl ProgressBar {
         const WIDTH: u64 = 30;
         let filled = (self.done.min(self.total) * WIDTH).checked_div(self.total).unwrap_or(WIDTH);
         let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '-' }).collect();
-        eprint!("\r{} [{bar}] {}/{} changes", self.label, self.done, self.total);
+        let unit = if self.label == "snapshot" { "rows" } else { "changes" };
+        eprint!("\r{} [{bar}] {}/{} {unit}", self.label, self.done, self.total);
         let _ = std::io::stderr().flush();
     }
 }

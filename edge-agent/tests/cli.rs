@@ -53,4 +53,17 @@ fn setup_commands_work_and_mistakes_are_explained() {
     assert!(status.status.success());
     let out = String::from_utf8_lossy(&status.stdout);
     assert!(out.contains("tracked tables:  jobs") && out.contains("pending changes: 0"), "{out}");
+    assert!(!out.contains("snapshot:"), "none under way: {out}");
+
+    // A snapshot under way shows how far it got, and what is left.
+    let mut store = driftless_core::Store::open(db, driftless_core::StoreOptions::default()).expect("open");
+    let (_, resets) = store.cursor().expect("cursor");
+    let progress =
+        driftless_core::SnapshotProgress { rows_done: 2_000, rows_total: 10_000, bytes_done: 1, bytes_total: 5 };
+    let log_cursor = driftless_core::LogCursor { position: 7, tag: 1 };
+    let at = driftless_core::SnapshotAt { resume: vec![1], log_cursor, progress };
+    store.apply_snapshot_page(&driftless_core::Batch::default(), &at, resets).expect("page");
+    drop(store);
+    let out = String::from_utf8_lossy(&agent(&["status", "--db", db]).stdout).into_owned();
+    assert!(out.contains("snapshot:        under way: 2000 of 10000 rows (8000 left), 1 of 5 bytes (4 left)"), "{out}");
 }

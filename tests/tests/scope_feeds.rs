@@ -174,3 +174,25 @@ fn a_schema_that_scopes_another_table_moves_devices_to_their_new_scopes_topic() 
         assert_eq!(w.pulls(n2), pulls, "applied from the new scope's topic");
     });
 }
+
+#[test]
+fn an_interrupted_snapshot_shows_how_far_it_got_and_goes_on_from_there() {
+    both(SCHEMA, |mut w| {
+        let (n1, _, s1) = two_north_one_south(&mut w);
+        for i in 0..8 {
+            w.write(n1, &format!("INSERT INTO work_orders(id, region, title) VALUES ('wo-{i}', 'north', 'job')"));
+        }
+        w.write(s1, "INSERT INTO work_orders(id, region, title) VALUES ('s-1', 'south', 'x')");
+        // A new tablet of the north, cut off after its snapshot's first page.
+        let n3 = w.device("tab-n3", &[("region", "north")]);
+        w.connect_until(n3, |s| s.snapshot_position().expect("read").is_some());
+        let progress = w.store(n3).snapshot_position().expect("read").expect("under way").progress;
+        assert_eq!(progress.rows_total, 8, "its scope's rows, as the gateway counted them: {progress:?}");
+        assert!(progress.rows_done > 0 && progress.rows_done < 8, "{progress:?}");
+        assert!(progress.bytes_done > 0 && progress.bytes_done < progress.bytes_total, "{progress:?}");
+        assert_eq!(w.held(n3).len() as u64, progress.rows_done, "what arrived is readable already");
+        w.connect(n3);
+        assert_eq!(w.held(n3).len(), 8);
+        assert_eq!(w.store(n3).snapshot_position().expect("read"), None, "done");
+    });
+}

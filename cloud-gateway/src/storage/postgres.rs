@@ -269,6 +269,11 @@ impl GatewayStore for PgStore {
         log::chain_before(&mut self.client, &mut self.stmts, tenant, chain, before)
     }
 
+    fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
+        self.client()?;
+        log::size(&mut self.client, &mut self.stmts, tenant, table, skey)
+    }
+
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {
         self.client()?;
         log::row_state(&mut self.client, &mut self.stmts, &self.limits, tenant, table, pk)

@@ -207,6 +207,25 @@ pub(crate) fn snapshot_page<S: GatewayStore + ?Sized>(
     Ok(Some(page))
 }
 
+/// How many rows a snapshot for a device holding `scope` holds, and their stored bytes.
+pub(crate) fn snapshot_size<S: GatewayStore + ?Sized>(
+    store: &mut S,
+    tenant: &str,
+    schema: &SyncSchema,
+    scope: &DeviceScope,
+) -> Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for table in &schema.tables {
+        let (rows, bytes) = match (&table.scope, scope.key(&table.name)) {
+            (None, _) => store.rows_size(tenant, Some(&table.name), None)?,
+            (Some(_), Some(key)) => store.rows_size(tenant, Some(&table.name), Some(&encode_key(key)))?,
+            (Some(_), None) => (0, 0),
+        };
+        total = (total.0 + rows, total.1 + bytes);
+    }
+    Ok(total)
+}
+
 /// Where to read `table` from: after the page's last row if it is of that table, else after
 /// `after`.
 fn after_or<'a>(page: &'a SnapshotPage, table: &str, after: &'a [u8]) -> &'a [u8] {

@@ -296,6 +296,10 @@ impl GatewayStore for SqliteStore {
         log::chain_before(&self.conn, tenant, chain, before)
     }
 
+    fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
+        rows::size(&self.conn, tenant, table, skey)
+    }
+
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {
         rows::row_state(&self.conn, &self.limits, tenant, table, pk)
     }

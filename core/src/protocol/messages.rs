@@ -150,6 +150,13 @@ pub enum Downlink {
         done: bool,
         batch: Vec<u8>,
     },
+    /// What the snapshot whose first page follows holds: `rows` rows of `bytes` bytes (as the
+    /// gateway stores them, before compression). For progress only.
+    SnapshotSize {
+        epoch: Epoch,
+        rows: u64,
+        bytes: u64,
+    },
     /// The declared sync schema (its TOML text) at `version`: sent after every `Welcome` and,
     /// retained, on the tenant's schema topic whenever a gateway loads a new version. Not
     /// tied to an epoch: versions only grow, and a device follows a version newer than its own.
@@ -238,6 +245,7 @@ pub(super) mod tag {
     pub(super) const SCOPE: u8 = 14;
     pub(super) const SCOPED_FEED: u8 = 15;
     pub(super) const FOLLOW: u8 = 16;
+    pub(super) const SNAPSHOT_SIZE: u8 = 17;
 }
 
 /// Longest tenant, device or scope name accepted (as `protocol::valid_id`).

@@ -44,10 +44,13 @@ pub(crate) fn reset(conn: &Connection) -> Result<()> {
 /// the reset count it was taken under; a cursor set or reset forgets it.
 const SNAPSHOT_KEY: &str = "sync.snapshot_at";
 
-pub(crate) fn snapshot_at(conn: &Connection) -> Result<Option<(Vec<u8>, LogCursor)>> {
+pub(crate) fn snapshot_at(conn: &Connection) -> Result<Option<SnapshotAt>> {
     let Some(saved) = settings::get(conn, SNAPSHOT_KEY)? else { return Ok(None) };
     let parts: Vec<&str> = saved.split(' ').collect();
-    let [resets_at, position, tag, resume] = parts[..] else { return Ok(None) };
+    // Notes of earlier versions hold no progress.
+    let (&[resets_at, position, tag, resume], counts) = parts.split_at_checked(4).unwrap_or((&[], &[])) else {
+        return Ok(None);
+    };
     if resets_at.parse::<u64>().ok() != Some(resets(conn)?) || get(conn)?.is_some() {
         return Ok(None);
     }
@@ -55,15 +58,47 @@ pub(crate) fn snapshot_at(conn: &Connection) -> Result<Option<(Vec<u8>, LogCurso
     let resume = (0..resume.len() / 2)
         .map(|i| u8::from_str_radix(resume.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).ok())
         .collect::<Option<Vec<u8>>>();
-    Ok(resume.map(|r| (r, LogCursor { position, tag })))
+    let counts: Vec<u64> = counts.iter().filter_map(|c| c.parse().ok()).collect();
+    let progress = match counts[..] {
+        [rows_done, rows_total, bytes_done, bytes_total] => {
+            SnapshotProgress { rows_done, rows_total, bytes_done, bytes_total }
+        }
+        _ => SnapshotProgress::default(),
+    };
+    Ok(resume.map(|resume| SnapshotAt { resume, log_cursor: LogCursor { position, tag }, progress }))
 }
 
 /// Notes how far a snapshot taken under `resets` got, if no cursor was set meanwhile.
-pub(crate) fn set_snapshot_at(conn: &Connection, resume: &[u8], log: LogCursor, at_resets: u64) -> Result<bool> {
+pub(crate) fn set_snapshot_at(conn: &Connection, at: &SnapshotAt, at_resets: u64) -> Result<bool> {
     if get(conn)?.is_some() || resets(conn)? != at_resets {
         return Ok(false);
     }
-    let hex: String = resume.iter().map(|b| format!("{b:02x}")).collect();
-    settings::set(conn, SNAPSHOT_KEY, &format!("{at_resets} {} {} {hex}", log.position, log.tag))?;
+    let hex: String = at.resume.iter().map(|b| format!("{b:02x}")).collect();
+    let p = at.progress;
+    let note = format!(
+        "{at_resets} {} {} {hex} {} {} {} {}",
+        at.log_cursor.position, at.log_cursor.tag, p.rows_done, p.rows_total, p.bytes_done, p.bytes_total
+    );
+    settings::set(conn, SNAPSHOT_KEY, &note)?;
     Ok(true)
+}
+
+/// Where a snapshot under way goes on, and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotAt {
+    /// The next page's resume token.
+    pub resume: Vec<u8>,
+    /// The log position the snapshot continues from once done.
+    pub log_cursor: LogCursor,
+    pub progress: SnapshotProgress,
+}
+
+/// How far a snapshot got: rows and bytes (as the gateway stores them, before compression)
+/// taken in so far, and in all as the gateway counted them when it started (0: not told).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    pub rows_done: u64,
+    pub rows_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
 }

@@ -108,9 +108,13 @@ impl Machine {
                 self.pull_again = false;
                 self.pulling = Some(Pulling { since: self.now });
                 // A snapshot that was interrupted goes on where it stopped.
-                if let (None, Some((resume, log_cursor))) = (cursor, snapshot) {
-                    tracing::info!(log_cursor = log_cursor.position, "going on with the snapshot where it stopped");
-                    return self.pull_snapshot(out, epoch, resume, log_cursor);
+                if let (None, Some(at)) = (cursor, snapshot) {
+                    tracing::info!(log_cursor = at.log_cursor.position, "going on with the snapshot where it stopped");
+                    let p = at.progress;
+                    out.push(Action::Progress(Progress::Start { label: "snapshot", total: p.rows_total }));
+                    out.push(Action::Progress(Progress::Advance(p.rows_done)));
+                    self.live.snapshot = Some(p);
+                    return self.pull_snapshot(out, epoch, at.resume, at.log_cursor);
                 }
                 let msg = Uplink::Pull {
                     device: self.cfg.device_id.clone(),
@@ -173,11 +177,13 @@ impl Machine {
                     self.want_pull = true;
                 }
             }
-            (Awaiting::SnapshotPage { resume, log_cursor, done, rows }, StoreResult::Applied(report)) => {
+            (Awaiting::SnapshotPage { at, done, rows }, StoreResult::Applied(report)) => {
                 if !report.changed.is_empty() {
                     out.push(Action::Changed(report.changed));
                 }
                 out.push(Action::Progress(if done { Progress::Finish } else { Progress::Advance(rows) }));
+                self.live.snapshot = (!done).then_some(at.progress);
+                let SnapshotAt { resume, log_cursor, .. } = at;
                 if done {
                     self.pulling = None;
                     self.pull_tries = 0;
@@ -306,9 +312,20 @@ impl Machine {
                     self.follow(scope, out);
                 }
             }
+            Downlink::SnapshotSize { rows, bytes, .. } => {
+                let p = SnapshotProgress { rows_total: rows, bytes_total: bytes, ..SnapshotProgress::default() };
+                self.live.snapshot = Some(p);
+                out.push(Action::Progress(Progress::Start { label: "snapshot", total: rows }));
+            }
             Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
+                // Counted as the gateway counts what it stores: payload bytes, before
+                // compression.
+                let bytes = declared_payload_len(&batch).unwrap_or(batch.len() as u64);
                 let Some(batch) = self.decode(&batch) else { return };
                 let rows = batch.rows.len() as u64;
+                let mut progress = self.live.snapshot.unwrap_or_default();
+                progress.rows_done += rows;
+                progress.bytes_done += bytes;
                 // The cursor moves only with the last page, and only if no cursor was set
                 // meanwhile; each page before it notes where the snapshot goes on, so that one
                 // interrupted (a disconnect, a restart) resumes there.
@@ -317,9 +334,14 @@ impl Machine {
                     let cursor = Some(CursorMove { from: None, from_tag: None, resets, to: log_cursor });
                     StoreOp::Apply { batch, cursor, evict: Vec::new() }
                 } else {
-                    StoreOp::ApplyPage { batch, resume: resume.clone(), log_cursor, resets }
+                    StoreOp::ApplyPage {
+                        batch,
+                        at: SnapshotAt { resume: resume.clone(), log_cursor, progress },
+                        resets,
+                    }
                 };
-                self.store(out, op, Awaiting::SnapshotPage { resume, log_cursor, done, rows });
+                let at = SnapshotAt { resume, log_cursor, progress };
+                self.store(out, op, Awaiting::SnapshotPage { at, done, rows });
             }
             _ => {}
         }

@@ -3,7 +3,8 @@
 
 use driftless_core::protocol::{Downlink, Receipts, RefusedRow, Uplink};
 use driftless_core::{
-    ApplyReport, Batch, ChangedRow, Confirmed, GatewayView, Identity, LogCursor, OutboxBatch, RowChange,
+    ApplyReport, Batch, ChangedRow, Confirmed, GatewayView, Identity, LogCursor, OutboxBatch, RowChange, SnapshotAt,
+    SnapshotProgress,
 };
 
 /// How the machine behaves.
@@ -131,8 +132,7 @@ pub enum StoreOp {
     /// cursor is still unset and was reset `resets` times).
     ApplyPage {
         batch: Batch,
-        resume: Vec<u8>,
-        log_cursor: LogCursor,
+        at: SnapshotAt,
         resets: u64,
     },
     /// The device's scope is `version` now: if the store holds its rows under another, drop
@@ -183,8 +183,8 @@ pub enum StoreResult {
     Cursor {
         cursor: Option<LogCursor>,
         resets: u64,
-        /// Where a snapshot that was interrupted goes on (no cursor yet).
-        snapshot: Option<(Vec<u8>, LogCursor)>,
+        /// Where a snapshot that was interrupted goes on (no cursor yet), and how far it got.
+        snapshot: Option<SnapshotAt>,
     },
     /// Answer to `FollowSchema`: the version the store follows now, whether tracking
     /// changed, and whether any tracked table takes remote writes.
@@ -217,4 +217,6 @@ pub struct LiveStatus {
     pub node_changes: u64,
     /// The sync schema version the store follows (0: none yet).
     pub schema_version: u64,
+    /// The snapshot under way, if one is: how far it got of what the gateway counted.
+    pub snapshot: Option<SnapshotProgress>,
 }

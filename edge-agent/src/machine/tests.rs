@@ -283,7 +283,7 @@ fn a_snapshot_moves_the_cursor_only_with_its_last_page() {
     let out = m.handle(page(false), 1);
     // Applied with where the snapshot goes on, for a snapshot interrupted to resume there.
     assert!(
-        matches!(store_op(&out), Some(StoreOp::ApplyPage { resume, log_cursor, resets: 0, .. }) if *resume == [1] && *log_cursor == head),
+        matches!(store_op(&out), Some(StoreOp::ApplyPage { at, resets: 0, .. }) if at.resume == [1] && at.log_cursor == head),
         "{out:?}"
     );
     let out = m.handle(Input::Store(applied()), 1);
@@ -652,8 +652,11 @@ fn a_snapshot_interrupted_goes_on_where_it_stopped() {
     let out = m.handle(Input::Store(StoreResult::Confirmed(confirmed(None))), 1);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
     let at = LogCursor { position: 40, tag: 4 };
-    let out =
-        m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 2, snapshot: Some((vec![9, 9], at)) }), 2);
+    let progress =
+        driftless_core::SnapshotProgress { rows_done: 300, rows_total: 1_000, bytes_done: 3, bytes_total: 10 };
+    let snapshot = Some(driftless_core::SnapshotAt { resume: vec![9, 9], log_cursor: at, progress });
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 2, snapshot }), 2);
+    assert_eq!(m.live().snapshot, Some(progress), "how far it got, for the status");
     assert!(
         matches!(publishes(&out)[..], [Uplink::PullSnapshot { resume, log_cursor, .. }] if *resume == [9, 9] && *log_cursor == at),
         "{out:?}"
@@ -679,3 +682,4 @@ fn a_scope_change_the_store_failed_to_take_is_tried_again_at_the_next_tick() {
 }
 
 mod follow;
+mod snapshot;

@@ -203,21 +203,40 @@ impl World {
     /// Delivers everything in flight, and everything it leads to.
     fn deliver(&mut self) {
         for _ in 0..100_000 {
-            if let Some((d, payload)) = self.up.pop_front() {
-                let topic = uplink_topic(TENANT, &self.devices[d].name);
-                let now = self.now();
-                let cfg = HandlerConfig::default();
-                let out = handle_uplink(&mut *self.gateway, &cfg, &topic, &payload, now).expect("gateway");
-                self.route(out);
-            } else if let Some((d, msg)) = self.net.pop_front() {
-                if self.devices[d].online {
-                    self.input(d, Input::Downlink(msg));
-                }
-            } else {
+            if !self.deliver_one() {
                 return;
             }
         }
         panic!("messages keep flowing: the devices and the gateway never come to rest");
+    }
+
+    /// Delivers the next message in flight; false if there is none.
+    fn deliver_one(&mut self) -> bool {
+        if let Some((d, payload)) = self.up.pop_front() {
+            let topic = uplink_topic(TENANT, &self.devices[d].name);
+            let now = self.now();
+            let cfg = HandlerConfig::default();
+            let out = handle_uplink(&mut *self.gateway, &cfg, &topic, &payload, now).expect("gateway");
+            self.route(out);
+        } else if let Some((d, msg)) = self.net.pop_front() {
+            if self.devices[d].online {
+                self.input(d, Input::Downlink(msg));
+            }
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// Connects a device and delivers what follows, one message at a time, until `done`
+    /// holds of its store (then it is disconnected).
+    pub(crate) fn connect_until(&mut self, d: usize, done: impl Fn(&Store) -> bool) {
+        self.devices[d].online = true;
+        self.input(d, Input::Connected);
+        while !done(&self.devices[d].store) {
+            assert!(self.deliver_one(), "came to rest before it held");
+        }
+        self.disconnect(d);
     }
 
     /// Brings every online device to rest: its writes shipped, what it misses pulled.

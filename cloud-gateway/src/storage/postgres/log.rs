@@ -104,6 +104,25 @@ pub(super) fn chain_before(
     }))
 }
 
+/// How many rows, and their stored bytes: the tenant's, of `table`, or of its scope key `skey`.
+pub(super) fn size(
+    client: &mut Client,
+    stmts: &mut Stmts,
+    tenant: &str,
+    table: Option<&str>,
+    skey: Option<&[u8]>,
+) -> Result<(u64, u64)> {
+    let stmt = stmts.get(
+        client,
+        "SELECT count(*), coalesce(sum(octet_length(r.state)), 0)::bigint FROM driftless.gw_rows r
+         WHERE r.tenant = $1 AND ($2::text IS NULL OR r.tbl = $2)
+           AND ($3::bytea IS NULL OR EXISTS (SELECT 1 FROM driftless.gw_scope_rows s
+                WHERE s.tenant = r.tenant AND s.tbl = r.tbl AND s.pkh = r.pkh AND s.skey = $3))",
+    )?;
+    let row = client.query_one(&stmt, &[&tenant, &table, &skey])?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
 fn chain_keys(chain: &Chain) -> (Vec<&str>, Vec<&[u8]>) {
     chain.keys.iter().map(|(t, k)| (t.as_str(), k.as_slice())).unzip()
 }

@@ -39,6 +39,26 @@ pub(super) fn table_rows(
         .collect()
 }
 
+/// How many rows, and their stored bytes: the tenant's, of `table`, or of its scope key `skey`.
+pub(super) fn size(conn: &Connection, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
+    let read = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)? as u64));
+    Ok(match (table, skey) {
+        (None, _) => conn
+            .prepare_cached("SELECT count(*), total(length(state)) FROM gw_rows WHERE tenant = ?1")?
+            .query_row([tenant], read)?,
+        (Some(table), None) => conn
+            .prepare_cached("SELECT count(*), total(length(state)) FROM gw_rows WHERE tenant = ?1 AND tbl = ?2")?
+            .query_row([tenant, table], read)?,
+        (Some(table), Some(skey)) => conn
+            .prepare_cached(
+                "SELECT count(*), total(length(r.state)) FROM gw_scope_rows s
+                 JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
+                 WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3",
+            )?
+            .query_row(rusqlite::params![tenant, table, skey], read)?,
+    })
+}
+
 /// A row's merged state as a one-row batch, if it has one.
 pub(super) fn row_state(
     conn: &Connection,

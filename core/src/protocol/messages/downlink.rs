@@ -15,6 +15,7 @@ impl Downlink {
             | Downlink::ScopedChanges { epoch, .. }
             | Downlink::Scope { epoch, .. }
             | Downlink::Follow { epoch, .. }
+            | Downlink::SnapshotSize { epoch, .. }
             | Downlink::Snapshot { epoch, .. }
             | Downlink::Feed { epoch, .. } => Some(*epoch),
             Downlink::Schema { .. }
@@ -88,6 +89,12 @@ impl Downlink {
                 w.u8(tag::FOLLOW);
                 w.epoch(epoch);
                 w.bytes(scope.as_bytes());
+            }
+            Downlink::SnapshotSize { epoch, rows, bytes } => {
+                w.u8(tag::SNAPSHOT_SIZE);
+                w.epoch(epoch);
+                w.varint(*rows);
+                w.varint(*bytes);
             }
             Downlink::Snapshot { epoch, resume, log_cursor, done, batch } => {
                 w.u8(tag::SNAPSHOT);
@@ -201,6 +208,7 @@ impl Downlink {
                 Downlink::Scope { epoch, version, tables }
             }
             tag::FOLLOW => Downlink::Follow { epoch: r.epoch()?, scope: r.string(MAX_ID, "scope name bytes")? },
+            tag::SNAPSHOT_SIZE => Downlink::SnapshotSize { epoch: r.epoch()?, rows: r.varint()?, bytes: r.varint()? },
             tag::SNAPSHOT => {
                 let epoch = r.epoch()?;
                 let resume = r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec();

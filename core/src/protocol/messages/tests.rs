@@ -86,6 +86,7 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
         Downlink::Scope { epoch: e, version: 4, tables: vec!["work_orders".into(), "inspections".into()] },
         Downlink::Scope { epoch: e, version: 0, tables: vec![] },
         Downlink::Follow { epoch: e, scope: "s0123abcd".into() },
+        Downlink::SnapshotSize { epoch: e, rows: 10_000, bytes: 1 << 40 },
         Downlink::Feed {
             epoch: e,
             scope: "all".into(),
