@@ -367,6 +367,12 @@ pub trait GatewayStore: Send {
     /// those of scope key `skey` (by the scope index) if given.
     fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)>;
 
+    /// Where the store keeps the scopes its tenants' devices hold between publishes (`None`:
+    /// worked out at every publish).
+    fn held_scopes(&mut self) -> Option<&mut chains::HeldScopes> {
+        None
+    }
+
     /// The last entry of `chain` before position `before` (0/0: none).
     fn chain_before(&mut self, tenant: &str, chain: &chains::Chain, before: u64) -> Result<LogCursor>;
 

@@ -196,3 +196,26 @@ fn an_interrupted_snapshot_shows_how_far_it_got_and_goes_on_from_there() {
         assert_eq!(w.store(n3).snapshot_position().expect("read"), None, "done");
     });
 }
+
+#[test]
+fn a_scope_the_gateway_learns_of_late_costs_a_pull_and_no_change() {
+    both(SCHEMA, |mut w| {
+        let (n1, _, _) = two_north_one_south(&mut w);
+        // The gateway works out the scopes its devices hold as it publishes (and keeps them
+        // a moment): the east is none of them yet.
+        w.write_now(n1, "INSERT INTO work_orders(id, region, title) VALUES ('wo-1', 'north', 'pump')");
+        let (e1, e2) = (w.device("tab-e1", &[("region", "east")]), w.device("tab-e2", &[("region", "east")]));
+        w.connect(e1);
+        w.connect(e2);
+        w.write_now(e2, "INSERT INTO work_orders(id, region, title) VALUES ('e-1', 'east', 'x')");
+        // Published or not, the backstop pull brings it.
+        w.settle();
+        assert_eq!(w.held(e1), ids(&["e-1"]));
+        // Once known, the east's changes are published to it.
+        std::thread::sleep(driftless_gateway::storage::chains::HeldScopes::MAX_AGE);
+        let pulls = w.pulls(e1);
+        w.write_now(e2, "INSERT INTO work_orders(id, region, title) VALUES ('e-2', 'east', 'y')");
+        assert_eq!(w.held(e1), ids(&["e-1", "e-2"]));
+        assert_eq!(w.pulls(e1), pulls);
+    });
+}

@@ -11,6 +11,7 @@
 //! between a scope's say how much was logged elsewhere, not what.)
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use driftless_core::codec::{EncodeOptions, encode_batch};
 use driftless_core::protocol::{DEFAULT_SCOPE, Downlink, scope_topic};
@@ -20,7 +21,7 @@ use driftless_core::{Epoch, SyncSchema};
 use super::{Outgoing, fits};
 use crate::error::Result;
 use crate::storage::chains::Chain;
-use crate::storage::{GatewayStore, LogEntry, Logged, Params, scoped};
+use crate::storage::{GatewayStore, LogEntry, Logged, Params, ServedSchema, scoped};
 
 /// The largest change broadcast with its rows: a larger one is announced without them, and
 /// the devices pull it in pages of the size they ask for.
@@ -55,7 +56,7 @@ fn publishes(store: &mut dyn GatewayStore, epoch: Epoch, tenant: &str, entries: 
     }
     let served = store.served_schema()?.filter(|s| s.schema.tables.iter().any(|t| t.scope.is_some()));
     match served {
-        Some(served) => scoped_feed(store, epoch, tenant, &served.schema, entries),
+        Some(served) => scoped_feed(store, epoch, tenant, &served, entries),
         None => Ok(whole(epoch, tenant, entries)),
     }
 }
@@ -92,13 +93,23 @@ fn scoped_feed(
     store: &mut dyn GatewayStore,
     epoch: Epoch,
     tenant: &str,
-    schema: &SyncSchema,
+    served: &ServedSchema,
     entries: &[LogEntry],
 ) -> Result<Vec<Outgoing>> {
-    let scopes = scopes_held(store, tenant, schema)?;
+    let cached = store.held_scopes().and_then(|held| held.get(tenant, served.version));
+    let scopes = match cached {
+        Some(scopes) => scopes,
+        None => {
+            let scopes = Arc::new(scopes_held(store, tenant, &served.schema)?);
+            if let Some(held) = store.held_scopes() {
+                held.put(tenant, served.version, scopes.clone());
+            }
+            scopes
+        }
+    };
     let mut out = Vec::new();
     for e in entries {
-        for (id, (chain, scope)) in &scopes {
+        for (id, (chain, scope)) in scopes.iter() {
             if !chain.concerns(&e.change, &e.moves) {
                 continue;
             }

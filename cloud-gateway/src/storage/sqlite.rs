@@ -18,7 +18,7 @@ use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::chains::Chain;
+use super::chains::{Chain, HeldScopes};
 use super::common::{
     DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms, parse_resume, resume_token,
 };
@@ -41,6 +41,7 @@ pub struct SqliteStore {
     /// Each tenant's current epoch and since when, as read or written by this instance.
     epochs: HashMap<String, (Epoch, i64)>,
     tags: Tags,
+    held_scopes: HeldScopes,
 }
 
 impl SqliteStore {
@@ -88,6 +89,7 @@ impl SqliteStore {
             limits: Limits::default(),
             epochs: HashMap::new(),
             tags: Tags::new()?,
+            held_scopes: HeldScopes::default(),
         })
     }
 
@@ -298,6 +300,10 @@ impl GatewayStore for SqliteStore {
 
     fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
         rows::size(&self.conn, tenant, table, skey)
+    }
+
+    fn held_scopes(&mut self) -> Option<&mut HeldScopes> {
+        Some(&mut self.held_scopes)
     }
 
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {
