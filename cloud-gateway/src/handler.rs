@@ -539,16 +539,34 @@ fn snapshot(
     let mut out = Vec::new();
     // What the whole snapshot holds, before its first page, for the device's progress.
     if resume.is_empty() {
-        let (rows, bytes) = match at.schema {
-            Some(schema) => scoped::snapshot_size(store, at.tenant, schema, at.scope)?,
-            None => store.rows_size(at.tenant, None, None)?,
-        };
+        let (rows, bytes) = snapshot_size(store, at)?;
         out.push(to(at.tenant, at.device, Downlink::SnapshotSize { epoch, rows, bytes }));
     }
     let (page, batch) = snapshot_page(store, at, resume, rows, max_bytes)?;
     let msg = Downlink::Snapshot { epoch, resume: page.resume, log_cursor, done: page.done, batch };
     out.push(to(at.tenant, at.device, msg));
     Ok(out)
+}
+
+/// What a snapshot for the device holds: counted again only once something was logged (the
+/// count reads every row of the scope; after a restore every device starts a snapshot).
+fn snapshot_size(store: &mut dyn GatewayStore, at: &At<'_>) -> Result<(u64, u64)> {
+    let (scope, version) = match at.schema {
+        Some(_) => (Chain::of(at.scope).id(), store.served_schema()?.map_or(0, |s| s.version)),
+        None => (driftless_core::protocol::DEFAULT_SCOPE.to_owned(), 0),
+    };
+    let head = store.log_head(at.tenant)?.position;
+    if let Some(size) = store.kept().and_then(|kept| kept.size(at.tenant, &scope, version, head)) {
+        return Ok(size);
+    }
+    let size = match at.schema {
+        Some(schema) => scoped::snapshot_size(store, at.tenant, schema, at.scope)?,
+        None => store.rows_size(at.tenant, None, None)?,
+    };
+    if let Some(kept) = store.kept() {
+        kept.keep_size(at.tenant, &scope, version, head, size);
+    }
+    Ok(size)
 }
 
 /// A device in a schema with scopes.

@@ -5,6 +5,7 @@
 //! [`PgStore`] (PostgreSQL, shared by several instances) implement it and pass one test suite.
 
 pub mod chains;
+pub mod kept;
 mod cloud_intake;
 mod common;
 mod postgres;
@@ -367,9 +368,9 @@ pub trait GatewayStore: Send {
     /// those of scope key `skey` (by the scope index) if given.
     fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)>;
 
-    /// Where the store keeps the scopes its tenants' devices hold between publishes (`None`:
-    /// worked out at every publish).
-    fn held_scopes(&mut self) -> Option<&mut chains::HeldScopes> {
+    /// What the store keeps between messages (see [`kept`]; `None`: nothing, all is read
+    /// again each time).
+    fn kept(&mut self) -> Option<&mut kept::Kept> {
         None
     }
 

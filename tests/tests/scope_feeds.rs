@@ -212,7 +212,7 @@ fn a_scope_the_gateway_learns_of_late_costs_a_pull_and_no_change() {
         w.settle();
         assert_eq!(w.held(e1), ids(&["e-1"]));
         // Once known, the east's changes are published to it.
-        std::thread::sleep(driftless_gateway::storage::chains::HeldScopes::MAX_AGE);
+        std::thread::sleep(driftless_gateway::storage::kept::Kept::SCOPES_MAX_AGE);
         let pulls = w.pulls(e1);
         w.write_now(e2, "INSERT INTO work_orders(id, region, title) VALUES ('e-2', 'east', 'y')");
         assert_eq!(w.held(e1), ids(&["e-1", "e-2"]));

@@ -96,13 +96,13 @@ fn scoped_feed(
     served: &ServedSchema,
     entries: &[LogEntry],
 ) -> Result<Vec<Outgoing>> {
-    let cached = store.held_scopes().and_then(|held| held.get(tenant, served.version));
-    let scopes = match cached {
+    let kept = store.kept().and_then(|kept| kept.scopes(tenant, served.version));
+    let scopes = match kept {
         Some(scopes) => scopes,
         None => {
             let scopes = Arc::new(scopes_held(store, tenant, &served.schema)?);
-            if let Some(held) = store.held_scopes() {
-                held.put(tenant, served.version, scopes.clone());
+            if let Some(kept) = store.kept() {
+                kept.keep_scopes(tenant, served.version, scopes.clone());
             }
             scopes
         }

@@ -19,9 +19,7 @@
 //! no device of a scope (one that had no device yet) still shows as a gap to the first
 //! device that follows it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
 
 use driftless_core::codec::encode_key;
 use driftless_core::scope::{DeviceScope, Move};
@@ -73,35 +71,6 @@ impl Chain {
             return true;
         }
         marks(change, moves).iter().any(|(table, key)| self.keys.iter().any(|(t, k)| t == table && k == key))
-    }
-}
-
-/// The scopes each tenant's devices hold, by name, as last worked out, kept by a store for
-/// [`HeldScopes::MAX_AGE`]. Being a moment late costs nothing but a pull: a device whose scope
-/// is new gets no publish until it is known, and sees the gap in its chain at the next one.
-#[derive(Debug, Default)]
-pub struct HeldScopes {
-    tenants: HashMap<String, Held>,
-}
-
-#[derive(Debug)]
-struct Held {
-    at: Instant,
-    schema_version: u64,
-    scopes: Arc<BTreeMap<String, (Chain, DeviceScope)>>,
-}
-
-impl HeldScopes {
-    pub const MAX_AGE: Duration = Duration::from_secs(1);
-
-    /// The scopes of `tenant` worked out under `schema_version`, if they are recent enough.
-    pub fn get(&self, tenant: &str, schema_version: u64) -> Option<Arc<BTreeMap<String, (Chain, DeviceScope)>>> {
-        let held = self.tenants.get(tenant)?;
-        (held.schema_version == schema_version && held.at.elapsed() < Self::MAX_AGE).then(|| held.scopes.clone())
-    }
-
-    pub fn put(&mut self, tenant: &str, schema_version: u64, scopes: Arc<BTreeMap<String, (Chain, DeviceScope)>>) {
-        self.tenants.insert(tenant.to_owned(), Held { at: Instant::now(), schema_version, scopes });
     }
 }
 

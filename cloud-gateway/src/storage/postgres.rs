@@ -34,7 +34,8 @@ use postgres::{Client, Config};
 
 use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use self::epochs::{current_epoch, keep_dead_letter, start_epoch};
-use super::chains::{Chain, HeldScopes};
+use super::chains::Chain;
+use super::kept::Kept;
 use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, added_tables, now_ms, unfit_rows};
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
@@ -59,7 +60,7 @@ pub struct PgStore {
     /// Pulls seen since the last write of them: (tenant, device) -> (when, cursor).
     touched: HashMap<(String, String), (i64, Option<u64>)>,
     touched_at: Instant,
-    held_scopes: HeldScopes,
+    kept: Kept,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -93,7 +94,7 @@ impl PgStore {
             group: group::Group::default(),
             touched: HashMap::new(),
             touched_at: Instant::now(),
-            held_scopes: HeldScopes::default(),
+            kept: Kept::default(),
         })
     }
 
@@ -276,8 +277,8 @@ impl GatewayStore for PgStore {
         log::size(&mut self.client, &mut self.stmts, tenant, table, skey)
     }
 
-    fn held_scopes(&mut self) -> Option<&mut HeldScopes> {
-        Some(&mut self.held_scopes)
+    fn kept(&mut self) -> Option<&mut Kept> {
+        Some(&mut self.kept)
     }
 
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {

@@ -18,7 +18,8 @@ use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::chains::{Chain, HeldScopes};
+use super::chains::Chain;
+use super::kept::Kept;
 use super::common::{
     DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms, parse_resume, resume_token,
 };
@@ -41,7 +42,7 @@ pub struct SqliteStore {
     /// Each tenant's current epoch and since when, as read or written by this instance.
     epochs: HashMap<String, (Epoch, i64)>,
     tags: Tags,
-    held_scopes: HeldScopes,
+    kept: Kept,
 }
 
 impl SqliteStore {
@@ -89,7 +90,7 @@ impl SqliteStore {
             limits: Limits::default(),
             epochs: HashMap::new(),
             tags: Tags::new()?,
-            held_scopes: HeldScopes::default(),
+            kept: Kept::default(),
         })
     }
 
@@ -302,8 +303,8 @@ impl GatewayStore for SqliteStore {
         rows::size(&self.conn, tenant, table, skey)
     }
 
-    fn held_scopes(&mut self) -> Option<&mut HeldScopes> {
-        Some(&mut self.held_scopes)
+    fn kept(&mut self) -> Option<&mut Kept> {
+        Some(&mut self.kept)
     }
 
     fn row_state(&mut self, tenant: &str, table: &str, pk: &[Value]) -> Result<Option<Batch>> {

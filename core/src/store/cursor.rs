@@ -58,9 +58,10 @@ pub(crate) fn snapshot_at(conn: &Connection) -> Result<Option<SnapshotAt>> {
     let resume = (0..resume.len() / 2)
         .map(|i| u8::from_str_radix(resume.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).ok())
         .collect::<Option<Vec<u8>>>();
-    let counts: Vec<u64> = counts.iter().filter_map(|c| c.parse().ok()).collect();
-    let progress = match counts[..] {
-        [rows_done, rows_total, bytes_done, bytes_total] => {
+    // All four counts or none.
+    let counts: Option<Vec<u64>> = counts.iter().map(|c| c.parse().ok()).collect();
+    let progress = match counts.as_deref() {
+        Some(&[rows_done, rows_total, bytes_done, bytes_total]) => {
             SnapshotProgress { rows_done, rows_total, bytes_done, bytes_total }
         }
         _ => SnapshotProgress::default(),

@@ -300,6 +300,8 @@ impl Machine {
                 // newest scope told replaces one that failed to be taken.
                 self.pulling = None;
                 self.rescope = None;
+                // The scope to follow comes after it, anew.
+                self.follow_next = None;
                 let op = StoreOp::Rescope { version, tables: tables.clone() };
                 self.store(out, op, Awaiting::Rescope { version, tables });
             }

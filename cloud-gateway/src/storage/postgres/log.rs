@@ -112,14 +112,34 @@ pub(super) fn size(
     table: Option<&str>,
     skey: Option<&[u8]>,
 ) -> Result<(u64, u64)> {
-    let stmt = stmts.get(
-        client,
-        "SELECT count(*), coalesce(sum(octet_length(r.state)), 0)::bigint FROM driftless.gw_rows r
-         WHERE r.tenant = $1 AND ($2::text IS NULL OR r.tbl = $2)
-           AND ($3::bytea IS NULL OR EXISTS (SELECT 1 FROM driftless.gw_scope_rows s
-                WHERE s.tenant = r.tenant AND s.tbl = r.tbl AND s.pkh = r.pkh AND s.skey = $3))",
-    )?;
-    let row = client.query_one(&stmt, &[&tenant, &table, &skey])?;
+    let row = match (table, skey) {
+        (None, _) => {
+            let stmt = stmts.get(
+                client,
+                "SELECT count(*), coalesce(sum(octet_length(state)), 0)::bigint FROM driftless.gw_rows
+                 WHERE tenant = $1",
+            )?;
+            client.query_one(&stmt, &[&tenant])?
+        }
+        (Some(table), None) => {
+            let stmt = stmts.get(
+                client,
+                "SELECT count(*), coalesce(sum(octet_length(state)), 0)::bigint FROM driftless.gw_rows
+                 WHERE tenant = $1 AND tbl = $2",
+            )?;
+            client.query_one(&stmt, &[&tenant, &table])?
+        }
+        // From the scope index, by its key: the scope's rows only.
+        (Some(table), Some(skey)) => {
+            let stmt = stmts.get(
+                client,
+                "SELECT count(*), coalesce(sum(octet_length(r.state)), 0)::bigint FROM driftless.gw_scope_rows s
+                 JOIN driftless.gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pkh = s.pkh
+                 WHERE s.tenant = $1 AND s.tbl = $2 AND s.skey = $3",
+            )?;
+            client.query_one(&stmt, &[&tenant, &table, &skey])?
+        }
+    };
     Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
 }
 

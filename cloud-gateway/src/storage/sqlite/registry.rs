@@ -59,7 +59,9 @@ pub(super) fn scopes(conn: &Connection, devices: &[(String, String)]) -> Result<
         .iter()
         .map(|(t, d)| {
             let params: Option<String> = stmt.query_row([t, d], |r| r.get(0)).optional()?;
-            params.map(|p| Ok(scope_name(&schema, d, &parse_params(&p)?))).transpose()
+            // Parameters that do not read (never written so) grant no scope, and keep no one
+            // else's revocation from being checked.
+            Ok(params.and_then(|p| parse_params(&p).ok()).map(|p| scope_name(&schema, d, &p)))
         })
         .collect()
 }
