@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use driftless_core::protocol::{BrokerAddr, scope_topic};
+use driftless_core::protocol::{BrokerAddr, DEFAULT_SCOPE, parse_scope_topic, scope_topic};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
@@ -62,9 +62,15 @@ impl Dynsec {
         Ok(admin)
     }
 
-    /// Sends `commands` and returns each one's error (`None`: done), in order. Every admin
-    /// client gets every answer: ours carry a token of our own.
-    async fn run(&mut self, mut commands: Vec<Value>) -> Result<Vec<Option<String>>> {
+    /// Sends `commands` and returns each one's error (`None`: done), in order.
+    async fn run(&mut self, commands: Vec<Value>) -> Result<Vec<Option<String>>> {
+        let answers = self.answers(commands).await?;
+        Ok(answers.iter().map(|r| r["error"].as_str().map(str::to_owned)).collect())
+    }
+
+    /// Sends `commands` and returns each one's answer, in order. Every admin client gets
+    /// every answer: ours carry a token of our own.
+    async fn answers(&mut self, mut commands: Vec<Value>) -> Result<Vec<Value>> {
         let n = commands.len();
         let token = new_password()?;
         for c in &mut commands {
@@ -90,7 +96,7 @@ impl Dynsec {
                 responses.len()
             )));
         }
-        Ok(responses.iter().map(|r| r["error"].as_str().map(str::to_owned)).collect())
+        Ok(responses)
     }
 
     /// Runs `commands`, failing on any error but the ones `tolerated` accepts.
@@ -127,34 +133,36 @@ impl Dynsec {
         self.run_all(commands, |_| false).await
     }
 
-    /// Lets a device subscribe to the topic of its scope `now` in place of `was` (`None`:
-    /// none besides the default scope's). Mosquitto applies a role's new rules to the
-    /// subscriptions that follow, and the device subscribes anew when its gateway tells it.
-    pub async fn follow_scope(
-        &mut self,
-        tenant: &str,
-        device: &str,
-        was: Option<&str>,
-        now: Option<&str>,
-    ) -> Result<()> {
+    /// Lets a device subscribe to the topic of its scope `now` (`None`: none besides the
+    /// default scope's) and to no other scope's: every other scope topic its role holds goes,
+    /// whatever put it there (an earlier scope, an update that failed half-way). Mosquitto
+    /// disconnects the clients of a role it changes: the device connects again, and its
+    /// gateway tells it its scope.
+    pub async fn follow_scope(&mut self, tenant: &str, device: &str, now: Option<&str>) -> Result<()> {
         let role = device_role(tenant, device);
+        let got = self.answers(vec![json!({ "command": "getRole", "rolename": role })]).await?;
+        let held = got.first().cloned().unwrap_or_default();
+        if let Some(e) = held["error"].as_str() {
+            return Err(Error::BrokerAdmin(format!("dynamic-security getRole {role}: {e}")));
+        }
+        let keep = [Some(scope_topic(tenant, DEFAULT_SCOPE)), now.map(|s| scope_topic(tenant, s))];
         let mut commands = Vec::new();
-        if let Some(was) = was.filter(|w| Some(*w) != now) {
-            let topic = scope_topic(tenant, was);
-            for kind in ["subscribeLiteral", "publishClientReceive"] {
+        for rule in held["data"]["role"]["acls"].as_array().into_iter().flatten() {
+            let (Some(kind), Some(topic)) = (rule["acltype"].as_str(), rule["topic"].as_str()) else { continue };
+            let scoped = parse_scope_topic(topic).is_some_and(|(t, _)| t == tenant);
+            if scoped && !keep.iter().flatten().any(|k| k == topic) {
                 commands.push(json!({ "command": "removeRoleACL", "rolename": role, "acltype": kind, "topic": topic }));
             }
         }
-        if let Some(now) = now {
-            let topic = scope_topic(tenant, now);
+        if let Some(topic) = &keep[1] {
             for kind in ["subscribeLiteral", "publishClientReceive"] {
                 commands.push(json!({
                     "command": "addRoleACL", "rolename": role, "acltype": kind, "topic": topic, "allow": true
                 }));
             }
         }
-        // Removing a rule already gone, or adding one already there, is what was asked.
-        self.run_all(commands, |e| e.contains("not found") || e.contains("already")).await
+        // A rule already there is what was asked; anything else (no such role) is not.
+        self.run_all(commands, |e| e.contains("already exists")).await
     }
 
     /// Revokes a device's broker client (disconnecting it) and its role.

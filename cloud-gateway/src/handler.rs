@@ -293,8 +293,9 @@ fn process(
                 None => Downlink::Changes { epoch, from, cursor, more, batch },
                 Some(evict) => Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch },
             });
-            // The scope's name changed under it (a schema that scopes another table), or a
-            // gateway of an earlier version told it none: it follows the right topic now.
+            // The scope's name changed under it (a schema that scopes another table; one that
+            // scopes none any more is refused), or a gateway of an earlier version told it
+            // none: it follows the right topic now.
             if let Some(s) = scoped.as_ref().filter(|s| s.standing.told_feed.as_deref() != Some(s.feed.as_str())) {
                 store.scope_told(tenant, device, s.standing.version, &s.feed)?;
                 out.push(to(tenant, device, Downlink::Follow { epoch, scope: s.feed.clone() }));

@@ -473,7 +473,7 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
             .await?;
             // Added again, its role was made anew: its scope's topic too, if it has one.
             if let (Some(url), Some(scope)) = (&at.broker_admin, scope) {
-                dynsec(url).await?.follow_scope(&tenant, &device, None, Some(&scope)).await?;
+                dynsec(url).await?.follow_scope(&tenant, &device, Some(&scope)).await?;
             }
             println!("registered device {device:?} in tenant {tenant:?} with role {role:?}");
             println!("broker username: {}", dynsec::device_username(&tenant, &device));
@@ -506,17 +506,16 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                 set.insert(name.trim().to_owned(), value.to_owned());
             }
             let (t, d, shown) = (tenant.clone(), device.clone(), format!("{set:?}"));
-            let (set, was, now) = on_store(&at, move |s| {
-                let was = scope_of(s, &t, &d)?;
+            let (set, now) = on_store(&at, move |s| {
                 let set = s.set_params(&t, &d, &set)?;
-                Ok((set, was, scope_of(s, &t, &d)?))
+                Ok((set, scope_of(s, &t, &d)?))
             })
             .await?;
             anyhow::ensure!(set, "device {device:?} of tenant {tenant:?} is not registered (device add)");
             // The broker after the registry: the device is told its new scope by the
             // gateway, and subscribes to its topic once the broker lets it.
             if let Some(url) = &at.broker_admin {
-                dynsec(url).await?.follow_scope(&tenant, &device, was.as_deref(), now.as_deref()).await?;
+                dynsec(url).await?.follow_scope(&tenant, &device, now.as_deref()).await?;
             }
             println!("device {device:?} of tenant {tenant:?} has scope parameters {shown}");
         }

@@ -5,9 +5,9 @@
 //! [`PgStore`] (PostgreSQL, shared by several instances) implement it and pass one test suite.
 
 pub mod chains;
-pub mod kept;
 mod cloud_intake;
 mod common;
+pub mod kept;
 mod postgres;
 pub(crate) mod scoped;
 mod shown;

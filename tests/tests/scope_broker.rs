@@ -74,10 +74,11 @@ async fn each_change_goes_once_to_its_scopes_topic_and_only_its_devices_may_hear
     assert_ne!(north, south);
 
     // A north device hears its scope's topic, and may not subscribe to the south's or to all.
-    let login = BrokerAddr::plain("127.0.0.1", port).with_login(format!("{fleet}/watch"), &pw_watch);
-    let opts =
-        driftless_core::transport::mqtt_options(dynsec::device_client_id(&fleet, "watch"), &login).expect("opts");
-    let (watch, mut events) = AsyncClient::new(opts, 32);
+    let opts_watch = || {
+        let login = BrokerAddr::plain("127.0.0.1", port).with_login(format!("{fleet}/watch"), &pw_watch);
+        driftless_core::transport::mqtt_options(dynsec::device_client_id(&fleet, "watch"), &login).expect("opts")
+    };
+    let (watch, mut events) = AsyncClient::new(opts_watch(), 32);
     for (topic, granted) in [
         (scope_topic(&fleet, &north), true),
         (scope_topic(&fleet, &south), false),
@@ -120,4 +121,20 @@ async fn each_change_goes_once_to_its_scopes_topic_and_only_its_devices_may_hear
     let rows = decode_batch(&batch, &Limits::default(), &Dictionaries::default()).expect("its rows").rows;
     assert_eq!(rows.iter().map(|r| r.pk.clone()).collect::<Vec<_>>(), vec![vec![text("n-1")]]);
     eventually("each device holds its region", WAIT, || held(&n1) == ["n-1"] && held(&s1) == ["s-1"]).await;
+
+    // Moved to the south: its role now grants the south's topic, and the north's no more.
+    let args = ["device", "params", "--tenant", &fleet, "--device", "watch", "--param", "region=south", "--db", db];
+    gateway_ok(&[&args[..], &["--broker-admin", &admin]].concat());
+    drop(watch);
+    drop(events);
+    let (watch, mut events) = AsyncClient::new(opts_watch(), 32);
+    for (topic, granted) in [(scope_topic(&fleet, &south), true), (scope_topic(&fleet, &north), false)] {
+        watch.subscribe(&topic, QoS::AtMostOnce).await.expect("subscribe");
+        let code = next_packet(&mut events, |p| match p {
+            Packet::SubAck(ack) => ack.return_codes.first().copied(),
+            _ => None,
+        })
+        .await;
+        assert_eq!(code != SubscribeReasonCode::Failure, granted, "{topic}: {code:?}");
+    }
 }

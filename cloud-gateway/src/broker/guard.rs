@@ -347,6 +347,11 @@ async fn authenticate(
     if connect.client_id != topics.client_id {
         return Err((mqtt::REFUSED_NOT_AUTHORIZED, format!("{username} must connect as {}", topics.client_id)));
     }
+    // A kept session would bring back its subscriptions without a SUBSCRIBE the guard
+    // sees: those of a scope the device no longer holds, say. Agents keep none.
+    if !connect.clean_session() {
+        return Err((mqtt::REFUSED_NOT_AUTHORIZED, format!("{username} must connect with a clean session")));
+    }
     if let Some((topic, _)) = &connect.will
         && !topics.may_publish(topic)
     {

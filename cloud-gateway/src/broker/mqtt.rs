@@ -169,6 +169,18 @@ impl Connect {
         Ok(Connect { flags: flags & 0x3f, keep_alive, client_id, will, username, password })
     }
 
+    /// Whether the client asks for a clean session (the broker keeps nothing for it).
+    pub(super) fn clean_session(&self) -> bool {
+        self.flags & 0x02 != 0
+    }
+
+    /// The same CONNECT asking the broker to keep its session.
+    #[cfg(test)]
+    pub(super) fn keeping_session(mut self) -> Connect {
+        self.flags &= !0x02;
+        self
+    }
+
     /// The same CONNECT with these credentials instead of the client's.
     pub(super) fn with_login(&self, username: &str, password: &str) -> Frame {
         let login = Connect {

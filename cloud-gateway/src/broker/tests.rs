@@ -153,6 +153,13 @@ async fn a_device_may_follow_its_own_scope_only_and_is_cut_off_when_it_gets_anot
     let registry = Arc::new(Scoped(Mutex::new(held)));
     let guard = guarded(Front { tls: None, registry: Some(registry.clone()), reserved: vec![] }).await;
     let login = Connect::new(&driftless_core::protocol::client_id("acme", "tab"), 30).with_login("acme/tab", &password);
+    // A session the broker would keep (and bring its subscriptions back with) is refused.
+    let kept = Connect::new(&driftless_core::protocol::client_id("acme", "tab"), 30).keeping_session();
+    let kept = kept.with_login("acme/tab", &password);
+    assert_eq!(
+        answer(&mut raw(guard, Ipv4Addr::LOCALHOST).await, &kept.bytes).await,
+        Some(mqtt::REFUSED_NOT_AUTHORIZED)
+    );
     let mut conn = raw(guard, Ipv4Addr::LOCALHOST).await;
     assert_eq!(answer(&mut conn, &login.bytes).await, Some(0));
     assert_eq!(subscribe(&mut conn, "driftless/acme/scopes/s01/changes").await, Some(0), "its own scope");

@@ -35,8 +35,8 @@ use postgres::{Client, Config};
 use self::connection::{Blocking, Stmts, StopOnDrop, connect, listen};
 use self::epochs::{current_epoch, keep_dead_letter, start_epoch};
 use super::chains::Chain;
-use super::kept::Kept;
 use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, added_tables, now_ms, unfit_rows};
+use super::kept::Kept;
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
     Params, Registered, ServedSchema, SkewedNode, SnapshotPage, Standing,

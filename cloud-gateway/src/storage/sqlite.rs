@@ -19,10 +19,10 @@ use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::chains::Chain;
-use super::kept::Kept;
 use super::common::{
     DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms, parse_resume, resume_token,
 };
+use super::kept::Kept;
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
     Params, Registered, ServedSchema, SkewedNode, SnapshotPage, Standing, ToLog,
