@@ -117,12 +117,16 @@ fn replay(store: &mut SqliteStore, device: &str, agent: &AgentConfig) -> anyhow:
             max_bytes: agent.max_message_bytes as u32,
         };
         let out = handle_uplink(store, &cfg, &uplink_topic(TENANT, device), &msg.encode(), 1_800_000_000_000)?;
-        let Some(Outgoing::Reply { payload, .. }) = out.into_iter().next() else { anyhow::bail!("no page") };
-        bytes += payload.len();
-        let Downlink::Snapshot { resume: next, done, batch, .. } = Downlink::decode(&payload, &Limits::default())?
-        else {
-            anyhow::bail!("not a snapshot page")
-        };
+        // Every message of the answer counts (the first page comes after the snapshot's size).
+        let mut page = None;
+        for o in out {
+            let Outgoing::Reply { payload, .. } = o else { continue };
+            bytes += payload.len();
+            if let Downlink::Snapshot { resume, done, batch, .. } = Downlink::decode(&payload, &Limits::default())? {
+                page = Some((resume, done, batch));
+            }
+        }
+        let Some((next, done, batch)) = page else { anyhow::bail!("no snapshot page") };
         rows += driftless_core::codec::decode_batch(&batch, &Limits::default(), &Default::default())?.rows.len();
         if done {
             return Ok((bytes, rows));
