@@ -471,10 +471,6 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                 Ok(scope_of(s, &t, &d)?)
             })
             .await?;
-            // Added again, its role was made anew: its scope's topic too, if it has one.
-            if let (Some(url), Some(scope)) = (&at.broker_admin, scope) {
-                dynsec(url).await?.follow_scope(&tenant, &device, Some(&scope)).await?;
-            }
             println!("registered device {device:?} in tenant {tenant:?} with role {role:?}");
             println!("broker username: {}", dynsec::device_username(&tenant, &device));
             println!("broker password: {password}");
@@ -484,6 +480,13 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                     "no --broker-admin: the embedded broker (--embedded-broker-auth) checks this password; \
                      an external broker needs the credentials and topic access set yourself"
                 );
+            }
+            // Added again, its role was made anew: its scope's topic too, if it has one (after
+            // the password is shown: it works whatever happens here).
+            if let (Some(url), Some(scope)) = (&at.broker_admin, scope) {
+                let granted =
+                    async { anyhow::Ok(dynsec(url).await?.follow_scope(&tenant, &device, Some(&scope)).await?) };
+                granted.await.context("granting the device its scope's topic (device params again does it)")?;
             }
         }
         DeviceCommand::Remove { tenant, device, at } => {

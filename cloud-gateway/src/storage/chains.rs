@@ -74,6 +74,32 @@ impl Chain {
     }
 }
 
+/// The newest schema as a registry reads it for the broker's guard, parsed once per version
+/// (every device logging in, or checked every sweep, asks).
+#[derive(Debug, Default)]
+pub(crate) struct SchemaByVersion(std::sync::Mutex<Option<(u64, Option<std::sync::Arc<SyncSchema>>)>>);
+
+impl SchemaByVersion {
+    /// The schema at `version` if it declares scopes, `text` read and parsed only when the
+    /// version is not the one parsed last.
+    pub(crate) fn scoped(
+        &self,
+        version: Option<u64>,
+        text: impl FnOnce(u64) -> crate::error::Result<String>,
+    ) -> crate::error::Result<Option<std::sync::Arc<SyncSchema>>> {
+        let Some(version) = version else { return Ok(None) };
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, schema)) = held.as_ref()
+            && *v == version
+        {
+            return Ok(schema.clone());
+        }
+        let schema = scoped_schema(&text(version)?)?.map(std::sync::Arc::new);
+        *held = Some((version, schema.clone()));
+        Ok(schema)
+    }
+}
+
 /// `text` as a schema, if it declares scopes.
 pub(crate) fn scoped_schema(text: &str) -> crate::error::Result<Option<SyncSchema>> {
     let schema = SyncSchema::parse(text)

@@ -18,7 +18,7 @@ use driftless_core::codec::{Limits, decode_payload};
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::chains::Chain;
+use super::chains::{Chain, SchemaByVersion};
 use super::common::{
     DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms, parse_resume, resume_token,
 };
@@ -668,14 +668,14 @@ impl GatewayStore for SqliteStore {
 /// The device registry read through a connection of its own, for the embedded broker's
 /// guard: opening a whole store would migrate it and take an instance's place.
 #[derive(Debug)]
-pub struct SqliteRegistry(std::sync::Mutex<Connection>);
+pub struct SqliteRegistry(std::sync::Mutex<Connection>, SchemaByVersion);
 
 impl SqliteRegistry {
     /// Opens the gateway database `path` (made by [`SqliteStore::open`]) to read only.
     pub fn open(path: &Path) -> Result<SqliteRegistry> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        Ok(SqliteRegistry(std::sync::Mutex::new(conn)))
+        Ok(SqliteRegistry(std::sync::Mutex::new(conn), SchemaByVersion::default()))
     }
 }
 
@@ -686,7 +686,7 @@ impl crate::broker::Registry for SqliteRegistry {
     }
 
     fn scopes(&self, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
-        registry::scopes(&self.0.lock().unwrap_or_else(|p| p.into_inner()), devices)
+        registry::scopes(&self.0.lock().unwrap_or_else(|p| p.into_inner()), &self.1, devices)
     }
 }
 

@@ -10,7 +10,7 @@ use postgres::Config;
 use super::Stmts;
 use super::connection::{Blocking, connect};
 use crate::error::{Error, Result};
-use crate::storage::chains::{scope_name, scoped_schema};
+use crate::storage::chains::{SchemaByVersion, scope_name};
 use crate::storage::common::{params_text, parse_params, recovery_from, registration, scope_standing};
 use crate::storage::vouching::{NodeBook, NodeFact};
 use crate::storage::{Params, Registered, Standing};
@@ -50,9 +50,17 @@ pub(super) fn secret(client: &mut Client, tenant: &str, device: &str) -> Result<
 
 /// The scope each device of `devices` follows under the newest schema (`None`: the
 /// schema declares none, or the device is not registered).
-pub(super) fn scopes(client: &mut Client, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
-    let text = client.query_opt("SELECT text FROM driftless.gw_sync_schema ORDER BY version DESC LIMIT 1", &[])?;
-    let Some(schema) = text.map(|r| scoped_schema(r.get(0))).transpose()?.flatten() else {
+pub(super) fn scopes(
+    client: &mut Client,
+    parsed: &SchemaByVersion,
+    devices: &[(String, String)],
+) -> Result<Vec<Option<String>>> {
+    let version: Option<i64> = client.query_one("SELECT max(version) FROM driftless.gw_sync_schema", &[])?.get(0);
+    let mut text = |v: u64| -> Result<String> {
+        let row = client.query_one("SELECT text FROM driftless.gw_sync_schema WHERE version = $1", &[&(v as i64)])?;
+        Ok(row.get(0))
+    };
+    let Some(schema) = parsed.scoped(version.map(|v| v as u64), &mut text)? else {
         return Ok(vec![None; devices.len()]);
     };
     devices
@@ -178,6 +186,7 @@ impl NodeBook for Book<'_, '_> {
 pub struct PgRegistry {
     config: Config,
     client: std::sync::Mutex<Option<Blocking>>,
+    parsed: SchemaByVersion,
 }
 
 impl std::fmt::Debug for PgRegistry {
@@ -191,7 +200,7 @@ impl PgRegistry {
     pub fn open(url: &str) -> Result<PgRegistry> {
         let config: Config = url.parse().map_err(|e: postgres::Error| Error::Config(format!("{url}: {e}")))?;
         let client = Blocking(Some(connect(&config)?));
-        Ok(PgRegistry { config, client: std::sync::Mutex::new(Some(client)) })
+        Ok(PgRegistry { config, client: std::sync::Mutex::new(Some(client)), parsed: SchemaByVersion::default() })
     }
 }
 
@@ -214,7 +223,7 @@ impl crate::broker::Registry for PgRegistry {
         if held.is_none() {
             *held = Some(Blocking(Some(connect(&self.config)?)));
         }
-        let found = scopes(held.as_mut().expect("connected above"), devices);
+        let found = scopes(held.as_mut().expect("connected above"), &self.parsed, devices);
         if found.is_err() {
             *held = None;
         }

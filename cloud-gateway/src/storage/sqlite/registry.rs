@@ -6,7 +6,7 @@ use driftless_core::NodeId;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
-use crate::storage::chains::{scope_name, scoped_schema};
+use crate::storage::chains::{SchemaByVersion, scope_name};
 use crate::storage::common::{params_text, parse_params, recovery_from, registration, scope_standing};
 use crate::storage::vouching::{NodeBook, NodeFact};
 use crate::storage::{Params, Registered, Standing};
@@ -47,10 +47,16 @@ pub(super) fn secret(conn: &Connection, tenant: &str, device: &str) -> Result<Op
 
 /// The scope each device of `devices` follows under the newest schema (`None`: the
 /// schema declares none, or the device is not registered).
-pub(super) fn scopes(conn: &Connection, devices: &[(String, String)]) -> Result<Vec<Option<String>>> {
-    let text: Option<String> =
-        conn.query_row("SELECT text FROM gw_sync_schema ORDER BY version DESC LIMIT 1", [], |r| r.get(0)).optional()?;
-    let Some(schema) = text.as_deref().map(scoped_schema).transpose()?.flatten() else {
+pub(super) fn scopes(
+    conn: &Connection,
+    parsed: &SchemaByVersion,
+    devices: &[(String, String)],
+) -> Result<Vec<Option<String>>> {
+    let version: Option<i64> = conn.query_row("SELECT max(version) FROM gw_sync_schema", [], |r| r.get(0))?;
+    let text = |v: u64| -> Result<String> {
+        Ok(conn.query_row("SELECT text FROM gw_sync_schema WHERE version = ?1", [v as i64], |r| r.get(0))?)
+    };
+    let Some(schema) = parsed.scoped(version.map(|v| v as u64), text)? else {
         return Ok(vec![None; devices.len()]);
     };
     let mut stmt =

@@ -64,3 +64,35 @@ fn entries_logged_before_the_scope_index_concern_every_scope() {
     assert_eq!(gw.chain_before("acme", &east, new.position + 1).expect("before"), old, "new ones by their scopes");
     assert_ne!(new, LogCursor::default());
 }
+
+#[test]
+fn the_registry_tells_the_broker_each_devices_scope_under_the_newest_schema() {
+    use crate::broker::Registry;
+    use crate::storage::chains::scope_of;
+    use crate::storage::tests::SCOPED_AND_PARTS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.db");
+    let mut gw = SqliteStore::open(&path).expect("open");
+    let registry = SqliteRegistry::open(&path).expect("registry");
+    let tab = vec![("acme".to_owned(), "tab".to_owned())];
+    assert_eq!(registry.scopes(&tab).expect("scopes"), vec![None], "no schema, no scope");
+    gw.install_schema(SCOPED_AND_PARTS).expect("install");
+    gw.register_device("acme", "tab", "field", None, 1).expect("register");
+    gw.set_params("acme", "tab", &[("region".to_owned(), "north".to_owned())].into()).expect("params");
+    let north = registry.scopes(&tab).expect("scopes");
+    assert_eq!(north, vec![scope_of(&mut gw, "acme", "tab").expect("scope")]);
+    assert!(north[0].is_some());
+    gw.set_params("acme", "tab", &[("region".to_owned(), "south".to_owned())].into()).expect("params");
+    let south = registry.scopes(&tab).expect("scopes");
+    assert_ne!(south, north);
+    // A new version that scopes another table renames every scope.
+    let visits = "\n[[table]]\nname = \"visits\"\nkey = [\"id\"]\nscope = \"region = :region\"\n\
+                  [[table.column]]\nname = \"id\"\ntype = \"text\"\n\
+                  [[table.column]]\nname = \"region\"\ntype = \"text\"\n";
+    gw.install_schema(&format!("{SCOPED_AND_PARTS}{visits}")).expect("a new version");
+    let renamed = registry.scopes(&tab).expect("scopes");
+    assert_ne!(renamed, south);
+    assert_eq!(renamed, vec![scope_of(&mut gw, "acme", "tab").expect("scope")]);
+    let unknown = vec![("acme".to_owned(), "nobody".to_owned())];
+    assert_eq!(registry.scopes(&unknown).expect("scopes"), vec![None], "not registered");
+}
