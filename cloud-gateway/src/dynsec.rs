@@ -71,6 +71,10 @@ impl Dynsec {
     /// Sends `commands` and returns each one's answer, in order. Every admin client gets
     /// every answer: ours carry a token of our own.
     async fn answers(&mut self, mut commands: Vec<Value>) -> Result<Vec<Value>> {
+        // The plugin does not answer an empty list.
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
         let n = commands.len();
         let token = new_password()?;
         for c in &mut commands {
@@ -134,23 +138,17 @@ impl Dynsec {
     }
 
     /// Lets a device subscribe to the topic of its scope `now` (`None`: none besides the
-    /// default scope's) and to no other scope's: every other scope topic its role holds goes,
-    /// whatever put it there (an earlier scope, an update that failed half-way). Mosquitto
-    /// disconnects the clients of a role it changes: the device connects again, and its
-    /// gateway tells it its scope.
+    /// default scope's) and to no other scope's: every other rule its role holds for a scope
+    /// topic of its tenant goes, whatever put it there (an earlier scope, an update that
+    /// failed half-way). Checked afterwards: a role changed meanwhile by another admin is an
+    /// error, not a guess. Mosquitto disconnects the clients of a role it changes: the device
+    /// connects again, and its gateway tells it its scope.
     pub async fn follow_scope(&mut self, tenant: &str, device: &str, now: Option<&str>) -> Result<()> {
         let role = device_role(tenant, device);
-        let got = self.answers(vec![json!({ "command": "getRole", "rolename": role })]).await?;
-        let held = got.first().cloned().unwrap_or_default();
-        if let Some(e) = held["error"].as_str() {
-            return Err(Error::BrokerAdmin(format!("dynamic-security getRole {role}: {e}")));
-        }
         let keep = [Some(scope_topic(tenant, DEFAULT_SCOPE)), now.map(|s| scope_topic(tenant, s))];
         let mut commands = Vec::new();
-        for rule in held["data"]["role"]["acls"].as_array().into_iter().flatten() {
-            let (Some(kind), Some(topic)) = (rule["acltype"].as_str(), rule["topic"].as_str()) else { continue };
-            let scoped = parse_scope_topic(topic).is_some_and(|(t, _)| t == tenant);
-            if scoped && !keep.iter().flatten().any(|k| k == topic) {
+        for (kind, topic) in self.scope_rules(tenant, &role).await? {
+            if !keep.iter().flatten().any(|k| *k == topic) {
                 commands.push(json!({ "command": "removeRoleACL", "rolename": role, "acltype": kind, "topic": topic }));
             }
         }
@@ -162,7 +160,31 @@ impl Dynsec {
             }
         }
         // A rule already there is what was asked; anything else (no such role) is not.
-        self.run_all(commands, |e| e.contains("already exists")).await
+        self.run_all(commands, |e| e.contains("already exists")).await?;
+        let left: Vec<String> = self.scope_rules(tenant, &role).await?.into_iter().map(|(_, topic)| topic).collect();
+        if left.iter().any(|t| !keep.iter().flatten().any(|k| k == t)) {
+            return Err(Error::BrokerAdmin(format!(
+                "role {role} holds scope topics {left:?} after the update (changed meanwhile?): run it again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The rules of `role` for scope topics of `tenant`: (ACL type, topic).
+    async fn scope_rules(&mut self, tenant: &str, role: &str) -> Result<Vec<(String, String)>> {
+        let got = self.answers(vec![json!({ "command": "getRole", "rolename": role })]).await?;
+        let held = got.first().cloned().unwrap_or_default();
+        if let Some(e) = held["error"].as_str() {
+            return Err(Error::BrokerAdmin(format!("dynamic-security getRole {role}: {e}")));
+        }
+        let Some(rules) = held["data"]["role"]["acls"].as_array() else {
+            return Err(Error::BrokerAdmin(format!("dynamic-security getRole {role}: no rules in {held}")));
+        };
+        Ok(rules
+            .iter()
+            .filter_map(|r| Some((r["acltype"].as_str()?.to_owned(), r["topic"].as_str()?.to_owned())))
+            .filter(|(_, topic)| parse_scope_topic(topic).is_some_and(|(t, _)| t == tenant))
+            .collect())
     }
 
     /// Revokes a device's broker client (disconnecting it) and its role.

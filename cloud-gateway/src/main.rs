@@ -486,7 +486,10 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
             if let (Some(url), Some(scope)) = (&at.broker_admin, scope) {
                 let granted =
                     async { anyhow::Ok(dynsec(url).await?.follow_scope(&tenant, &device, Some(&scope)).await?) };
-                granted.await.context("granting the device its scope's topic (device params again does it)")?;
+                granted.await.context(
+                    "granting the device its scope's topic: run `device params` with its current --param values \
+                     (`device list` shows them)",
+                )?;
             }
         }
         DeviceCommand::Remove { tenant, device, at } => {
@@ -509,16 +512,26 @@ async fn devices(command: DeviceCommand) -> anyhow::Result<()> {
                 set.insert(name.trim().to_owned(), value.to_owned());
             }
             let (t, d, shown) = (tenant.clone(), device.clone(), format!("{set:?}"));
+            // The broker around the registry: first it takes away every scope topic, last it
+            // grants the new one, so a step that fails leaves the device less access, never
+            // its old scope's rows.
+            let mut admin = match &at.broker_admin {
+                Some(url) => Some(dynsec(url).await?),
+                None => None,
+            };
+            if let Some(admin) = admin.as_mut() {
+                admin.follow_scope(&tenant, &device, None).await?;
+            }
             let (set, now) = on_store(&at, move |s| {
                 let set = s.set_params(&t, &d, &set)?;
                 Ok((set, scope_of(s, &t, &d)?))
             })
             .await?;
             anyhow::ensure!(set, "device {device:?} of tenant {tenant:?} is not registered (device add)");
-            // The broker after the registry: the device is told its new scope by the
-            // gateway, and subscribes to its topic once the broker lets it.
-            if let Some(url) = &at.broker_admin {
-                dynsec(url).await?.follow_scope(&tenant, &device, now.as_deref()).await?;
+            // The device is told its new scope by the gateway, and subscribes to its topic
+            // once the broker lets it.
+            if let Some(admin) = admin.as_mut() {
+                admin.follow_scope(&tenant, &device, now.as_deref()).await?;
             }
             println!("device {device:?} of tenant {tenant:?} has scope parameters {shown}");
         }
