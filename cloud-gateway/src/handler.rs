@@ -12,7 +12,7 @@ use driftless_core::codec::{
 };
 use driftless_core::protocol::{Downlink, RefusedRow, Uplink, downlink_topic, parse_uplink_topic};
 use driftless_core::scope::DeviceScope;
-use driftless_core::{Batch, Epoch, LogCursor, SyncSchema};
+use driftless_core::{Batch, Epoch, LogCursor};
 
 use crate::error::{Error, MergeError, Result};
 use crate::storage::chains::Chain;
@@ -200,7 +200,13 @@ fn process(
     let mine = scoped.as_ref().map(|s| &s.mine);
     let unscoped = DeviceScope::default();
     let scope = mine.unwrap_or(&unscoped);
-    let at = At { tenant, device, scope, schema: scoped.as_ref().map(|s| &s.schema.schema) };
+    let at = At {
+        tenant,
+        device,
+        scope,
+        schema: scoped.as_ref().map(|s| &*s.schema),
+        feed: scoped.as_ref().map_or(driftless_core::protocol::DEFAULT_SCOPE, |s| s.feed.as_str()),
+    };
     let rows = |asked: u32| (asked as usize).clamp(1, cfg.max_rows_per_message);
     let bytes = |asked: u32| (asked as usize).clamp(1, cfg.max_message_bytes);
     let reply = |msg: Downlink| vec![to(tenant, device, msg)];
@@ -270,7 +276,7 @@ fn process(
                 // entries are none of its business), where its scope's next change follows.
                 let mut head = store.log_head(tenant)?;
                 if let Some(s) = &scoped {
-                    let last = store.chain_before(tenant, &Chain::of(&s.mine), head.position.saturating_add(1))?;
+                    let last = store.chain_before(tenant, &s.chain, head.position.saturating_add(1))?;
                     if last.position > 0 {
                         head = last;
                     }
@@ -501,7 +507,10 @@ struct At<'a> {
     tenant: &'a str,
     device: &'a str,
     scope: &'a DeviceScope,
-    schema: Option<&'a SyncSchema>,
+    /// The served schema, when it has scopes.
+    schema: Option<&'a ServedSchema>,
+    /// The name of the device's scope.
+    feed: &'a str,
 }
 
 fn snapshot_page(
@@ -513,7 +522,7 @@ fn snapshot_page(
 ) -> Result<(crate::storage::SnapshotPage, Vec<u8>), Fault> {
     loop {
         let page = match at.schema {
-            Some(schema) => scoped::snapshot_page(store, at.tenant, resume, rows, schema, at.scope)?,
+            Some(served) => scoped::snapshot_page(store, at.tenant, resume, rows, &served.schema, at.scope)?,
             None => store.snapshot_page(at.tenant, resume, rows)?,
         };
         let page = page.ok_or_else(|| Fault::Message {
@@ -552,20 +561,17 @@ fn snapshot(
 /// What a snapshot for the device holds: counted again only once something was logged (the
 /// count reads every row of the scope; after a restore every device starts a snapshot).
 fn snapshot_size(store: &mut dyn GatewayStore, at: &At<'_>) -> Result<(u64, u64)> {
-    let (scope, version) = match at.schema {
-        Some(_) => (Chain::of(at.scope).id(), store.served_schema()?.map_or(0, |s| s.version)),
-        None => (driftless_core::protocol::DEFAULT_SCOPE.to_owned(), 0),
-    };
+    let version = at.schema.map_or(0, |s| s.version);
     let head = store.log_head(at.tenant)?.position;
-    if let Some(size) = store.kept().and_then(|kept| kept.size(at.tenant, &scope, version, head)) {
+    if let Some(size) = store.kept().and_then(|kept| kept.size(at.tenant, at.feed, version, head)) {
         return Ok(size);
     }
     let size = match at.schema {
-        Some(schema) => scoped::snapshot_size(store, at.tenant, schema, at.scope)?,
+        Some(served) => scoped::snapshot_size(store, at.tenant, &served.schema, at.scope)?,
         None => store.rows_size(at.tenant, None, None)?,
     };
     if let Some(kept) = store.kept() {
-        kept.keep_size(at.tenant, &scope, version, head, size);
+        kept.keep_size(at.tenant, at.feed, version, head, size);
     }
     Ok(size)
 }
@@ -575,7 +581,8 @@ struct Scoped {
     schema: std::sync::Arc<ServedSchema>,
     mine: DeviceScope,
     standing: ScopeStanding,
-    /// The name of its scope, whose topic it follows.
+    /// Its scope's chain, and its name (whose topic it follows).
+    chain: Chain,
     feed: String,
 }
 
@@ -587,8 +594,9 @@ impl Scoped {
             return Ok(None);
         }
         let mine = DeviceScope::of(&schema.schema, device, &standing.params);
-        let feed = Chain::of(&mine).id();
-        Ok(Some(Scoped { schema, mine, standing: standing.clone(), feed }))
+        let chain = Chain::of(&mine);
+        let feed = chain.id();
+        Ok(Some(Scoped { schema, mine, standing: standing.clone(), chain, feed }))
     }
 
     /// Tells the device its scope version and the scope to follow, and notes that it was
