@@ -9,6 +9,7 @@ mod cloud_intake;
 mod common;
 pub mod kept;
 mod postgres;
+pub(crate) mod refs;
 pub(crate) mod scoped;
 mod shown;
 mod sqlite;
@@ -194,6 +195,8 @@ pub(crate) struct ToLog<'a> {
     pub origin: &'a str,
     pub change: &'a Batch,
     pub moves: &'a [Option<Move>],
+    /// The served schema, whose tables held by reference follow the rows naming them.
+    pub schema: Option<&'a SyncSchema>,
 }
 
 /// A log entry as read back.

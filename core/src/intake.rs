@@ -17,8 +17,9 @@ use crate::clock::{Hlc, NodeId};
 use crate::codec::Limits;
 use crate::merge::{bound_future_timestamps, join_row};
 use crate::schema::SyncSchema;
-use crate::scope::{DeviceScope, Held, Move, may_write, scopes_of};
+use crate::scope::{DeviceScope, Held, Move, ScopeKey, may_write, may_write_held, references, scopes_of};
 use crate::state::RowState;
+use crate::value::Value;
 use crate::view::is_visible;
 
 mod vouch;
@@ -59,6 +60,12 @@ pub trait RowStore {
     /// The state held for the row's key (empty if none) and the roles of the nodes in it
     /// as this store knows them.
     fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>), Self::Error>;
+
+    /// The keys of the scopes holding a row of a table held by reference (a store that keeps
+    /// no scopes: none). Asked only at the gateway, of rows a scoped device writes.
+    fn holders(&mut self, _table: &str, _pk: &[Value]) -> Result<Vec<ScopeKey>, Self::Error> {
+        Ok(Vec::new())
+    }
 
     /// Called once `incoming` was joined into `merged`, whether it changed anything or not.
     fn joined(&mut self, _incoming: &RowChange, _merged: &RowState) -> Result<(), Self::Error> {
@@ -146,6 +153,10 @@ pub fn merge_batch<S: RowStore>(
 ) -> Result<IntakeReport, S::Error> {
     let mut report = IntakeReport::default();
     let scoped = rules.scopes.map(|s| scopes_of(s.schema)).unwrap_or_default();
+    let by_reference: Vec<&str> = rules
+        .scopes
+        .map(|s| references(s.schema).iter().map(|(t, _, _)| t.name.as_str()).collect())
+        .unwrap_or_default();
     store.prefetch(&batch.rows)?;
     for (index, row) in batch.rows.iter().enumerate() {
         match store.admit(row)? {
@@ -185,6 +196,12 @@ pub fn merge_batch<S: RowStore>(
         let scope = scoped.get(row.table.as_str());
         // Where the row was, read before the join changes it.
         let was = scope.map(|(scope, table)| Held::of(scope, table, &state, &roles));
+        let referenced = by_reference.contains(&row.table.as_str());
+        // Whether someone else wrote it already: a row no scope holds yet (a new customer no
+        // order names, or not yet logged as named) stays its writer's to edit.
+        let theirs = referenced
+            && state != RowState::default()
+            && !rules.vouch.is_some_and(|v| state.nodes().iter().all(|n| v.own.contains(n)));
         let changed = join_row(&mut state, &incoming.state);
         if let Err(e) = state.check_limits(rules.limits) {
             report.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
@@ -204,6 +221,17 @@ pub fn merge_batch<S: RowStore>(
             report.refused.push((index, format!("a change to {:?} is outside this device's scope", row.table)));
             continue;
         }
+        // A row held by reference: the writer's scope must pull it in, or no scope may hold it
+        // yet and it is the writer's own. Where it moves is the gateway's to log (it follows
+        // the rows referencing it).
+        if referenced && let Some(writer) = rules.scopes.and_then(|s| s.writer) {
+            let holders = store.holders(&row.table, &row.pk)?;
+            if !may_write_held(writer, &row.table, theirs, &holders) {
+                report.refused.push((index, format!("a change to {:?} is outside this device's scope", row.table)));
+                continue;
+            }
+        }
+        let moved = if referenced { Some(Move::default()) } else { moved };
         let merged = RowChange { table: incoming.table.clone(), pk: incoming.pk.clone(), state };
         match store.write(&incoming, merged, &roles)? {
             Written::Done => {

@@ -365,6 +365,11 @@ impl SyncSchema {
             check_table(&table, &raw.roles).map_err(bad)?;
             tables.push(table);
         }
+        for t in &tables {
+            if let Some(scope) = &t.scope {
+                scope.check_via(t, &tables).map_err(|detail| SchemaError::Table { table: t.name.clone(), detail })?;
+            }
+        }
         if let Some(r) = raw.roles.iter().find(|r| r.is_empty() || r.contains('>')) {
             return Err(SchemaError::Invalid(format!("role {r:?} is not a valid role name")));
         }
@@ -404,7 +409,7 @@ impl SyncSchema {
             }
             // Devices hold the rows of the scope they synced under; a new scope would leave
             // them holding rows outside it, or missing rows inside it.
-            if n.scope.as_ref().map(|s| &s.terms) != o.scope.as_ref().map(|s| &s.terms) {
+            if n.scope.as_ref().map(|s| (&s.terms, &s.via)) != o.scope.as_ref().map(|s| (&s.terms, &s.via)) {
                 changes.push(format!("the scope of {:?} changed (a scope is declared with its table)", o.name));
             }
             for oc in &o.columns {
@@ -431,6 +436,16 @@ impl SyncSchema {
                 if !nc.nullable && nc.default.is_none() {
                     changes.push(format!("new column {:?}.{:?} is NOT NULL without a default", o.name, nc.name));
                 }
+            }
+        }
+        // Which rows a row held by reference goes with is kept as the referencing rows are
+        // logged: a new table cannot be pulled in by rows logged before it was declared.
+        for (n, via, _) in crate::scope::references(self) {
+            if old.table(&n.name).is_none() && old.table(&via.table).is_some() {
+                changes.push(format!(
+                    "new table {:?} is referenced by {:?}, which devices already hold: a table held by reference comes with the table referencing it",
+                    n.name, via.table
+                ));
             }
         }
         if changes.is_empty() { Ok(()) } else { Err(SchemaError::Incompatible { from, changes }) }

@@ -242,7 +242,7 @@ fn a_scope_change_keeps_the_rows_with_unsent_changes_counters_included() {
         w.write(north, "UPDATE work_orders SET hours = hours + 4 WHERE id = 'wo-1'");
         let want = vec![vec![Value::Text("pump, checked".into()), Value::Integer(9)]];
         for d in [north, other] {
-            assert_eq!(w.rows(d, "SELECT title, hours FROM work_orders"), want, "no change and no hour lost");
+            assert_eq!(w.rows(d, "SELECT title, hours FROM work_orders"), want, "no change and no hour lost on {d}");
         }
     });
 }

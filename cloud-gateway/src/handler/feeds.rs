@@ -21,7 +21,7 @@ use driftless_core::{Epoch, SyncSchema};
 use super::{Outgoing, fits};
 use crate::error::Result;
 use crate::storage::chains::Chain;
-use crate::storage::{GatewayStore, LogEntry, Logged, Params, ServedSchema, scoped};
+use crate::storage::{GatewayStore, LogEntry, Logged, Params, ServedSchema, refs, scoped};
 
 /// The largest change broadcast with its rows: a larger one is announced without them, and
 /// the devices pull it in pages of the size they ask for.
@@ -130,12 +130,16 @@ fn scoped_feed(
                     evict.clear();
                 }
             }
+            // A writer skips the rows of its own change; one that pulled rows in by reference
+            // (a work order naming a customer its writer does not hold) goes to it as anyone
+            // else's, its own rows merging again as nothing new.
+            let pulled_in = e.change.rows.iter().any(refs::moved_only);
             let msg = Downlink::Feed {
                 epoch,
                 scope: id.clone(),
                 previous,
                 cursor: e.cursor,
-                origin: e.origin.clone(),
+                origin: if pulled_in { String::new() } else { e.origin.clone() },
                 batch,
                 evict,
             };

@@ -133,8 +133,13 @@ pub(crate) fn marks(change: &Batch, moves: &[Option<Move>]) -> BTreeSet<(String,
                 out.insert((UNSCOPED.0.to_owned(), UNSCOPED.1.to_vec()));
             }
             Some(m) => {
-                for key in [&m.before, &m.after].into_iter().flatten() {
-                    out.insert((row.table.clone(), encode_key(key)));
+                // A row that only entered or left scopes concerns just those: the scopes
+                // holding it throughout see nothing of it.
+                let only = crate::storage::refs::moved_only(row);
+                for key in m.before.iter().chain(&m.after) {
+                    if !only || m.before.contains(key) != m.after.contains(key) {
+                        out.insert((row.table.clone(), encode_key(key)));
+                    }
                 }
             }
         }
@@ -156,8 +161,12 @@ mod tests {
         DeviceScope::of(&schema(), "tab", &[("region".to_owned(), region.to_owned())].into())
     }
 
+    /// A row a change wrote (a row with no state of its own only entered or left scopes).
     fn row(table: &str) -> RowChange {
-        RowChange { table: table.into(), pk: vec![Value::Text("1".into())], state: Default::default() }
+        let mut state = driftless_core::RowState::default();
+        let dot = driftless_core::Dot { node: driftless_core::NodeId([1; 16]), counter: 1 };
+        driftless_core::write_local_upsert(&mut state, dot, driftless_core::Hlc(1), Default::default());
+        RowChange { table: table.into(), pk: vec![Value::Text("1".into())], state }
     }
 
     fn key(region: &str) -> Option<Vec<Value>> {
@@ -170,7 +179,7 @@ mod tests {
         assert_ne!(north.id(), south.id());
         assert_eq!(north.id(), Chain::of(&scope("north")).id(), "the same keys, the same scope");
         let wo = Batch { rows: vec![row("w")], ..Batch::default() };
-        let moved = [Some(Move { before: key("north"), after: key("south") })];
+        let moved = [Some(Move::one(key("north"), key("south")))];
         assert!(north.concerns(&wo, &moved) && south.concerns(&wo, &moved), "left one, entered the other");
         assert!(!east.concerns(&wo, &moved), "never in the third");
         // In no device's scope at either end (a NULL region): no chain at all.
@@ -179,11 +188,19 @@ mod tests {
         let notice = Batch { rows: vec![row("p")], ..Batch::default() };
         assert!(east.concerns(&notice, &[None]) && east.concerns(&notice, &[]));
         let both = Batch { rows: vec![row("w"), row("p")], ..Batch::default() };
-        assert!(east.concerns(&both, &[Some(Move { before: key("north"), after: key("north") }), None]));
+        assert!(east.concerns(&both, &[Some(Move::one(key("north"), key("north"))), None]));
         assert_eq!(
-            marks(&both, &[Some(Move { before: key("north"), after: key("north") }), None]).len(),
+            marks(&both, &[Some(Move::one(key("north"), key("north"))), None]).len(),
             2,
             "one mark per key, however many rows"
         );
+        // A row held by reference that only entered or left scopes concerns just those.
+        let pulled = Batch { rows: vec![RowChange { state: Default::default(), ..row("w") }], ..Batch::default() };
+        let moved = [Some(Move {
+            before: vec![key("north").expect("key")],
+            after: vec![key("north").expect("key"), key("south").expect("key")],
+        })];
+        assert!(south.concerns(&pulled, &moved) && !north.concerns(&pulled, &moved));
+        assert!(north.concerns(&wo, &moved), "a row it holds that changed concerns every holder");
     }
 }

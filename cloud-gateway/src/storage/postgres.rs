@@ -14,6 +14,7 @@ mod group;
 mod log;
 mod merge;
 mod migrate;
+mod refs;
 mod registry;
 pub use registry::PgRegistry;
 mod tables;

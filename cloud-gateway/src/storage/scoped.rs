@@ -18,6 +18,7 @@ use driftless_core::{LogCursor, RowChange, RowState, SchemaTable, SyncSchema, Va
 use crate::error::{Error, Result};
 use crate::storage::chains::Chain;
 use crate::storage::common::{parse_resume, parse_resume_ref, resume_token};
+use crate::storage::refs;
 use crate::storage::{ChangesPage, GatewayStore, Logged, SnapshotPage};
 
 /// Log entries read for one page, at most.
@@ -27,14 +28,18 @@ const ENTRIES: usize = 256;
 struct Seen {
     table: String,
     pk: Vec<Value>,
-    /// Its key before the page's first change to it, and after the last.
-    before: Option<ScopeKey>,
-    after: Option<ScopeKey>,
+    /// The keys of the scopes holding it before the page's first change to it, and after
+    /// the last.
+    before: Vec<ScopeKey>,
+    after: Vec<ScopeKey>,
     /// Its changes from other writers than the device, in order.
     changes: Vec<RowChange>,
     /// Whether a change in the page took it out of the scope: the chain does not hold what
     /// happened to it elsewhere until it came back, so it goes whole.
     away: bool,
+    /// Whether it entered or left scopes in the page without a change of its own (a row held
+    /// by reference): one that entered goes whole, to its writer too.
+    pulled: bool,
 }
 
 pub(crate) fn changes_page<S: GatewayStore + ?Sized>(
@@ -111,35 +116,42 @@ fn show<S: GatewayStore + ?Sized>(
                     table: row.table.clone(),
                     pk: row.pk.clone(),
                     before,
-                    after: None,
+                    after: Vec::new(),
                     changes: vec![],
                     away: false,
+                    pulled: false,
                 });
                 seen.len() - 1
             });
             // Counted whether the device gets it as logged, whole or as an eviction.
             rows += 1;
             let s = &mut seen[at];
-            s.away |= !scope.holds(&row.table, after.as_ref());
+            s.away |= !scope.holds_any(&row.table, &after);
+            s.pulled |= refs::moved_only(&row);
             s.after = after;
-            if !own {
+            // A row that only entered or left scopes has nothing to show as logged.
+            if !own && !refs::moved_only(&row) {
                 s.changes.push(row);
             }
         }
     }
     for s in seen {
-        let held = scope.holds(&s.table, s.before.as_ref());
-        let holds = scope.holds(&s.table, s.after.as_ref());
+        let held = scope.holds_any(&s.table, &s.before);
+        let holds = scope.holds_any(&s.table, &s.after);
         match (held, holds) {
             (true, true) if !s.away => page.batch.rows.extend(s.changes),
             // A row it made itself in its scope it holds already (a change of scope keeps the
             // rows with changes not yet acknowledged); one that was away may have changed
             // meanwhile by anyone.
-            (_, true) if s.away || !s.changes.is_empty() => {
+            (held, true) if s.away || !s.changes.is_empty() || (s.pulled && !held) => {
                 // As it is now: sent only if it is still in the scope (one that left again
                 // after the page's end is not shown; the next page evicts nothing it holds).
+                // A row held by reference goes as it is: if it left since, the entry that
+                // took it out follows and evicts it.
+                let by_reference = scope.by_reference(&s.table);
                 if let Some(current) = store.row_state(tenant, &s.table, &s.pk)?
-                    && current.rows.iter().all(|r| scope.holds_state(&s.table, &r.state, &current.roles))
+                    && (by_reference
+                        || current.rows.iter().all(|r| scope.holds_state(&s.table, &r.state, &current.roles)))
                 {
                     page.batch.roles.extend(current.roles);
                     page.batch.rows.extend(current.rows);

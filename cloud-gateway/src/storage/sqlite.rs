@@ -535,7 +535,7 @@ impl GatewayStore for SqliteStore {
                     &tx,
                     &self.limits,
                     &tenant,
-                    ToLog { origin: "", change: &change, moves: &moves },
+                    ToLog { origin: "", change: &change, moves: &moves, schema: Some(&served.schema) },
                     self.tags.next(),
                 )?;
                 logged.push((tenant, entry));

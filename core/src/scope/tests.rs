@@ -154,14 +154,14 @@ fn a_deleted_row_stays_where_it_was_so_its_holders_see_the_delete() {
     let roles = BTreeMap::new();
     let before = row("north", "repair", 1);
     let moved = Move::of(scope, table, &before, &row("south", "repair", 2), &roles);
-    assert_eq!(moved.before, Some(vec![Value::Text("north".into())]));
-    assert_eq!(moved.after, Some(vec![Value::Text("south".into())]));
+    assert_eq!(moved.before, vec![vec![Value::Text("north".into())]]);
+    assert_eq!(moved.after, vec![vec![Value::Text("south".into())]]);
     let mut dead = before.clone();
     write_local_delete(&mut dead, Dot { node: NodeId([1; 16]), counter: 2 }, Hlc(2), vec![], DeletePolicy::DeleteWins);
     let gone = Move::of(scope, table, &before, &dead, &roles);
     assert_eq!(gone.after, gone.before);
     let created = Move::of(scope, table, &RowState::default(), &before, &roles);
-    assert_eq!(created.before, None);
+    assert!(created.before.is_empty());
 
     let north = DeviceScope::of(&schema, "t-1", &params(&[("region", "north")]));
     let held = |state: &RowState| Held::of(scope, table, state, &roles);
@@ -170,7 +170,7 @@ fn a_deleted_row_stays_where_it_was_so_its_holders_see_the_delete() {
     let back = Move { before: moved.after.clone(), after: moved.before.clone() };
     assert!(!may_write(&north, "work_orders", &was_south, &back, true), "taking another region's row");
     assert!(may_write(&north, "work_orders", &new, &created, true));
-    let elsewhere = Move { before: None, after: moved.after.clone() };
+    let elsewhere = Move { before: vec![], after: moved.after.clone() };
     assert!(!may_write(&north, "work_orders", &new, &elsewhere, true), "making a row for another region");
     // Another region's deleted row keeps its values: not this device's either.
     let mut south_dead = row("south", "repair", 1);
@@ -187,7 +187,7 @@ fn a_deleted_row_stays_where_it_was_so_its_holders_see_the_delete() {
     assert!(may_write(&north, "work_orders", &erased, &Move::default(), false));
     // A row that shows but is in no device's scope (a literal term fails) is no one's to take.
     let closed = held(&row("south", "survey", 1));
-    assert!(!may_write(&north, "work_orders", &closed, &Move { before: None, after: moved.before.clone() }, true));
+    assert!(!may_write(&north, "work_orders", &closed, &Move { before: vec![], after: moved.before.clone() }, true));
     assert!(!may_write(&north, "work_orders", &closed, &Move::default(), false), "nor to delete");
     assert!(north.holds_state("work_orders", &before, &roles));
     assert!(!north.holds_state("work_orders", &row("south", "repair", 1), &roles));
@@ -198,8 +198,14 @@ fn a_deleted_row_stays_where_it_was_so_its_holders_see_the_delete() {
 fn moves_round_trip_and_bad_bytes_are_errors() {
     let moves = vec![
         None,
-        Some(Move { before: None, after: Some(vec![Value::Text("north".into()), Value::Integer(3)]) }),
-        Some(Move { before: Some(vec![]), after: None }),
+        Some(Move::one(None, Some(vec![Value::Text("north".into()), Value::Integer(3)]))),
+        Some(Move::one(Some(vec![]), None)),
+        // A row held by reference, by many scopes.
+        Some(Move {
+            before: vec![vec![Value::Text("north".into())], vec![Value::Text("east".into())]],
+            after: vec![vec![Value::Text("south".into())]],
+        }),
+        Some(Move { before: vec![], after: vec![] }),
     ];
     let bytes = encode_moves(&moves);
     assert_eq!(decode_moves(&bytes, &Limits::default()).expect("present"), moves);
@@ -207,4 +213,108 @@ fn moves_round_trip_and_bad_bytes_are_errors() {
         assert!(decode_moves(&bytes[..cut], &Limits::default()).is_err(), "cut at {cut}");
     }
     assert!(decode_moves(&[0xff, 0xff, 0xff, 0xff, 0x0f], &Limits::default()).is_err());
+}
+
+const REFERENCED: &str = r#"
+[[table]]
+name = "work_orders"
+key = ["id"]
+scope = "region = :region"
+[[table.column]]
+name = "id"
+type = "text"
+[[table.column]]
+name = "region"
+type = "text"
+[[table.column]]
+name = "customer_id"
+type = "text"
+
+[[table]]
+name = "customers"
+key = ["id"]
+scope = "Referenced by work_orders.customer_id"
+[[table.column]]
+name = "id"
+type = "text"
+"#;
+
+#[test]
+fn a_table_held_by_reference_takes_the_key_of_the_table_naming_its_rows() {
+    let schema = SyncSchema::parse(REFERENCED).expect("parses");
+    let customers = schema.table("customers").and_then(|t| t.scope.as_ref()).expect("scoped");
+    assert_eq!(customers.via, Some(Via { table: "work_orders".into(), column: "customer_id".into() }));
+    let north = DeviceScope::of(&schema, "t-1", &params(&[("region", "north")]));
+    assert_eq!(north.key("customers"), north.key("work_orders"));
+    assert!(north.by_reference("customers") && !north.by_reference("work_orders"));
+    let keys = [vec![Value::Text("south".into())], vec![Value::Text("north".into())]];
+    assert!(north.holds_any("customers", &keys));
+    assert!(!north.holds_any("customers", &keys[..1]));
+    assert!(!scopes_of(&schema).contains_key("customers"), "its moves are the gateway's to log");
+
+    // What a work order pulls in: its customer, with its own key, while it shows.
+    let via = customers.via.as_ref().expect("via");
+    let from = schema.table("work_orders").expect("present");
+    let mut order = RowState::default();
+    let fields = ["region", "customer_id"]
+        .iter()
+        .zip(["north", "c1"])
+        .map(|(c, v)| FieldWrite { column: (*c).into(), value: Value::Text(v.into()), hlc: Hlc(1) })
+        .collect();
+    let dot = Dot { node: NodeId([1; 16]), counter: 1 };
+    write_local_upsert(&mut order, dot, Hlc(1), LocalWrite { fields, counter_deltas: vec![] });
+    let roles = BTreeMap::new();
+    let pulled = via.target(from, &order, &roles);
+    assert_eq!(pulled, Some((vec![Value::Text("c1".into())], vec![Value::Text("north".into())])));
+    let dot = Dot { node: NodeId([1; 16]), counter: 2 };
+    write_local_delete(&mut order, dot, Hlc(2), vec![], DeletePolicy::DeleteWins);
+    assert_eq!(via.target(from, &order, &roles), None, "a deleted order pulls nothing in");
+
+    // A device may write a customer its scope pulls in, or a new one or its own no scope
+    // holds yet; not another scope's, even one only named there so far.
+    assert!(may_write_held(&north, "customers", true, &keys));
+    assert!(!may_write_held(&north, "customers", true, &keys[..1]));
+    assert!(!may_write_held(&north, "customers", false, &keys[..1]), "named by the south, not made yet");
+    assert!(may_write_held(&north, "customers", false, &[]));
+    assert!(!may_write_held(&north, "customers", true, &[]), "someone else's, held by no scope");
+}
+
+#[test]
+fn a_reference_that_cannot_work_is_refused_with_the_reason() {
+    let cases = [
+        ("referenced by orders.customer_id", "not declared"),
+        ("referenced by work_orders.client", "not declared"),
+        ("referenced by work_orders", "table.column"),
+        ("referenced by work_orders.id", "is a key column"),
+    ];
+    for (scope, reason) in cases {
+        let text = REFERENCED.replace("Referenced by work_orders.customer_id", scope);
+        let err = SyncSchema::parse(&text).map(|_| ()).expect_err(scope).to_string();
+        assert!(err.contains(reason), "{scope}: {err}");
+    }
+    // Not a reference, whatever its letters: a scope of terms, parsed as before.
+    let text = REFERENCED.replace("region = :region", "region = '東京東京東京'");
+    assert!(SyncSchema::parse(&text).is_ok());
+    // A referencing table without a scope of its own terms.
+    let text = REFERENCED.replace("scope = \"region = :region\"\n", "");
+    let err = SyncSchema::parse(&text).map(|_| ()).expect_err("unscoped").to_string();
+    assert!(err.contains("scope of its own terms"), "{err}");
+    // A key type that the column naming it does not have.
+    let text =
+        REFERENCED.replace("name = \"customer_id\"\ntype = \"text\"", "name = \"customer_id\"\ntype = \"integer\"");
+    let err = SyncSchema::parse(&text).map(|_| ()).expect_err("mistyped").to_string();
+    assert!(err.contains("must be a text column"), "{err}");
+    // A table of two key columns.
+    let text = REFERENCED
+        .replace("key = [\"id\"]\nscope = \"Referenced", "key = [\"id\", \"site\"]\nscope = \"Referenced")
+        + "[[table.column]]\nname = \"site\"\ntype = \"text\"\n";
+    let err = SyncSchema::parse(&text).map(|_| ()).expect_err("two keys").to_string();
+    assert!(err.contains("single-column key"), "{err}");
+    // Added later, after devices hold the orders: refused, it would miss the orders so far.
+    let old = SyncSchema::parse(&REFERENCED[..REFERENCED.find("[[table]]\nname = \"customers\"").expect("present")])
+        .expect("orders alone");
+    let new = SyncSchema::parse(REFERENCED).expect("parses");
+    let err = new.check_replaces(&old, 1).expect_err("added later").to_string();
+    assert!(err.contains("comes with the table referencing it"), "{err}");
+    assert!(new.check_replaces(&new, 1).is_ok());
 }

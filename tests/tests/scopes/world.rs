@@ -303,12 +303,14 @@ impl World {
                 conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
                 let sql = sql
                     .replace("NOTICES", &format!("\"{TENANT}.notices\""))
+                    .replace("CUSTOMERS", &format!("\"{TENANT}.customers\""))
                     .replace("TABLE", &format!("\"{TENANT}.work_orders\""));
                 conn.execute_batch(&sql).expect(&sql);
             }
             Cloud::Pg(db) => {
                 let sql = sql
                     .replace("NOTICES", &format!("\"{TENANT}\".notices"))
+                    .replace("CUSTOMERS", &format!("\"{TENANT}\".customers"))
                     .replace("TABLE", &format!("\"{TENANT}\".work_orders"));
                 db.client().batch_execute(&sql).expect(&sql)
             }

@@ -194,7 +194,7 @@ fn entries_logged_before_the_upgrade_are_erased_too(b: &Backend) {
             "DROP TABLE gw_log_keys; ALTER TABLE gw_registry DROP COLUMN secret;
                  DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; ALTER TABLE gw_devices DROP COLUMN feed_told; ALTER TABLE gw_log DROP COLUMN moves; ALTER TABLE gw_registry DROP COLUMN params;
                  ALTER TABLE gw_registry DROP COLUMN scope_version; ALTER TABLE gw_devices DROP COLUMN scope_told;
-                 DROP TABLE gw_scope_rows;
+                 DROP TABLE gw_scope_rows; DROP TABLE gw_ref_names; DROP TABLE gw_ref_counts;
                  PRAGMA user_version = 10",
             None,
         ),
@@ -204,6 +204,7 @@ fn entries_logged_before_the_upgrade_are_erased_too(b: &Backend) {
              ALTER TABLE driftless.gw_registry DROP COLUMN scope_version;
              ALTER TABLE driftless.gw_devices DROP COLUMN scope_told; DROP TABLE driftless.gw_scope_rows;
              DROP TABLE driftless.gw_log_scopes; ALTER TABLE driftless.gw_devices DROP COLUMN feed_told;
+             DROP TABLE driftless.gw_ref_names; DROP TABLE driftless.gw_ref_counts;
              DELETE FROM driftless.gw_migrations WHERE version >= 4",
             None,
         ),

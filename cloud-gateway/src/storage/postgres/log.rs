@@ -133,9 +133,11 @@ pub(super) fn size(
         (Some(table), Some(skey)) => {
             let stmt = stmts.get(
                 client,
-                "SELECT count(*), coalesce(sum(octet_length(r.state)), 0)::bigint FROM driftless.gw_scope_rows s
-                 JOIN driftless.gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pkh = s.pkh
-                 WHERE s.tenant = $1 AND s.tbl = $2 AND s.skey = $3",
+                "SELECT count(*), coalesce(sum(octet_length(r.state)), 0)::bigint FROM
+                     (SELECT tenant, tbl, pkh FROM driftless.gw_scope_rows WHERE tenant = $1 AND tbl = $2 AND skey = $3
+                      UNION ALL
+                      SELECT tenant, tbl, pkh FROM driftless.gw_ref_counts WHERE tenant = $1 AND tbl = $2 AND skey = $3) s
+                 JOIN driftless.gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pkh = s.pkh",
             )?;
             client.query_one(&stmt, &[&tenant, &table, &skey])?
         }
@@ -185,9 +187,16 @@ pub(super) fn table_rows(
         Some(skey) => {
             let stmt = stmts.get(
                 client,
-                "SELECT s.pkh, r.state FROM driftless.gw_scope_rows s
-                 JOIN driftless.gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pkh = s.pkh
-                 WHERE s.tenant = $1 AND s.tbl = $2 AND s.skey = $3 AND s.pkh > $4 ORDER BY s.pkh LIMIT $5",
+                // A table's rows are filed by their scope key, or counted per scope holding them
+                // if it is held by reference (storage/refs.rs): one of the two is empty.
+                "(SELECT s.pkh, r.state FROM driftless.gw_scope_rows s
+                     JOIN driftless.gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pkh = s.pkh
+                     WHERE s.tenant = $1 AND s.tbl = $2 AND s.skey = $3 AND s.pkh > $4 ORDER BY s.pkh LIMIT $5)
+                 UNION ALL
+                 (SELECT c.pkh, r.state FROM driftless.gw_ref_counts c
+                     JOIN driftless.gw_rows r ON r.tenant = c.tenant AND r.tbl = c.tbl AND r.pkh = c.pkh
+                     WHERE c.tenant = $1 AND c.tbl = $2 AND c.skey = $3 AND c.pkh > $4 ORDER BY c.pkh LIMIT $5)
+                 ORDER BY 1 LIMIT $5",
             )?;
             client.query(&stmt, &[&tenant, &table, &skey, &after, &(limit as i64)])?
         }

@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
 use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, merge_batch};
-use driftless_core::{Batch, LogCursor, NodeId, RowChange, RowState, SchemaTable, Value};
+use driftless_core::scope::ScopeKey;
+use driftless_core::{Batch, LogCursor, NodeId, RowChange, RowState, SchemaTable, SyncSchema, Value};
 use postgres::{Client, Transaction};
 
+use super::refs::PgRefs;
 use super::registry::Book;
 use super::tables::key_hash;
 use super::{Stmts, erasure, tables};
@@ -15,6 +17,7 @@ use crate::error::{Error, MergeError, Result};
 use crate::storage::chains::marks;
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
 use crate::storage::common::{logged_moves, scope_rules};
+use crate::storage::refs::by_reference;
 use crate::storage::vouching::{CLOUD_OWNER, vouch};
 use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema, ToLog};
 use driftless_core::scope::Move;
@@ -110,7 +113,7 @@ pub(super) fn merge(
             stmts,
             limits,
             tenant,
-            ToLog { origin, change: &changed, moves: &merged.moves },
+            ToLog { origin, change: &changed, moves: &merged.moves, schema: schema.map(|s| &s.schema) },
             tags.0,
         )?;
         outcome.logged = Some(entry.cursor);
@@ -165,9 +168,15 @@ pub(super) fn log_change(
     logged: ToLog<'_>,
     tag: u64,
 ) -> Result<LogEntry> {
-    let ToLog { origin, change, moves } = logged;
+    let ToLog { origin, change, moves, schema } = logged;
     let scrubbed = erasure::scrub(tx, stmts, limits, tenant, change)?;
-    let change = scrubbed.unwrap_or_else(|| change.clone());
+    let mut change = scrubbed.unwrap_or_else(|| change.clone());
+    let mut moves = moves.to_vec();
+    if let Some(schema) = schema {
+        let mut book = PgRefs { tx, stmts, limits, tenant };
+        crate::storage::refs::follow(&mut book, schema, limits, &mut change, &mut moves)?;
+    }
+    let moves = &moves[..];
     // The entry and its row index in one round trip.
     let stmt = stmts.get(
         tx,
@@ -200,7 +209,7 @@ pub(super) fn log_change(
     )?;
     let (seq, previous, previous_tag): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     if moved.is_some() {
-        index_scopes(tx, stmts, tenant, seq, &change, moves)?;
+        index_scopes(tx, stmts, (tenant, schema), seq, &change, moves)?;
     }
     let cursor = LogCursor { position: seq as u64, tag };
     let previous = LogCursor { position: previous as u64, tag: previous_tag as u64 };
@@ -213,16 +222,17 @@ pub(super) fn log_change(
 fn index_scopes(
     tx: &mut Transaction<'_>,
     stmts: &mut Stmts,
-    tenant: &str,
+    (tenant, schema): (&str, Option<&SyncSchema>),
     seq: i64,
     change: &Batch,
     moves: &[Option<Move>],
 ) -> Result<()> {
-    // The last move of each row (a change may hold a row once per role that wrote it).
+    // The last move of each row (a change may hold a row once per role that wrote it). Rows
+    // held by reference are counted by `refs`, one key per scope holding them.
     let mut last: BTreeMap<(&str, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
     for (row, moved) in change.rows.iter().zip(moves) {
-        if let Some(moved) = moved {
-            last.insert((&row.table, key_hash(&encode_key(&row.pk))), moved.after.as_deref().map(encode_key));
+        if let Some(moved) = moved.as_ref().filter(|_| !by_reference(schema, &row.table)) {
+            last.insert((&row.table, key_hash(&encode_key(&row.pk))), moved.after.first().map(|k| encode_key(k)));
         }
     }
     let (mut put_tables, mut put_keys, mut put_skeys) = (Vec::new(), Vec::new(), Vec::new());
@@ -265,7 +275,7 @@ fn index_scopes(
 }
 
 /// A stored row's state and the roles of the nodes in it.
-fn load_row(
+pub(super) fn load_row(
     tx: &mut Transaction<'_>,
     limits: &Limits,
     tenant: &str,
@@ -386,6 +396,14 @@ pub(super) fn fetch_states(
 
 impl RowStore for Rows<'_, '_> {
     type Error = Error;
+
+    fn holders(&mut self, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>> {
+        super::refs::holders(
+            &mut PgRefs { tx: self.tx, stmts: self.stmts, limits: self.limits, tenant: self.tenant },
+            table,
+            pk,
+        )
+    }
 
     fn prefetch(&mut self, rows: &[RowChange]) -> Result<()> {
         let mut wanted = Vec::with_capacity(rows.len());
@@ -542,7 +560,7 @@ pub(super) fn ingest_pending(
         stmts,
         limits,
         tenant,
-        ToLog { origin: "", change: &intake.changes, moves: &intake.moves },
+        ToLog { origin: "", change: &intake.changes, moves: &intake.moves, schema: Some(&served.schema) },
         tag,
     )?))
 }

@@ -206,6 +206,29 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS gw_log_unscoped ON driftless.gw_log (tenant, seq) WHERE moves IS NULL;
     ALTER TABLE driftless.gw_devices ADD COLUMN feed_told text;
     ",
+    // 9: rows held by reference (storage/refs.rs): what each row of a referencing table
+    // names of each table held through it (the whole encoded key) and its own scope key; and for each named row, how many
+    // rows of each scope name it.
+    "
+    CREATE TABLE IF NOT EXISTS driftless.gw_ref_names (
+        tenant text NOT NULL,
+        held   text NOT NULL,
+        tbl    text NOT NULL,
+        pkh    bytea NOT NULL,
+        ref    bytea NOT NULL,
+        skey   bytea NOT NULL,
+        PRIMARY KEY (tenant, held, tbl, pkh)
+    );
+    CREATE TABLE IF NOT EXISTS driftless.gw_ref_counts (
+        tenant text NOT NULL,
+        tbl    text NOT NULL,
+        pkh    bytea NOT NULL,
+        skey   bytea NOT NULL,
+        n      bigint NOT NULL,
+        PRIMARY KEY (tenant, tbl, pkh, skey)
+    );
+    CREATE INDEX IF NOT EXISTS gw_ref_counts_by_key ON driftless.gw_ref_counts (tenant, tbl, skey, pkh);
+    ",
 ];
 
 /// The migration that adds the log's row index, after which entries already logged are

@@ -8,10 +8,11 @@
 //! bounded here, at the first replica that accepts them, and the bounded change is logged for
 //! every device, its writer included.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
+use driftless_core::codec::{Limits, decode_key, decode_payload, encode_key, encode_payload};
 use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, merge_batch};
+use driftless_core::scope::ScopeKey;
 use driftless_core::{Batch, NodeId, RowChange, RowState, Value};
 use rusqlite::{Connection, OptionalExtension};
 
@@ -19,6 +20,7 @@ use super::registry::Book;
 use super::{cloud_writes, erasure, tables};
 use crate::error::{Error, MergeError};
 use crate::storage::common::{logged_moves, scope_rules};
+use crate::storage::refs::{self, Named, RefBook};
 use crate::storage::vouching::vouch;
 use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema, ToLog};
 
@@ -81,6 +83,14 @@ impl RowStore for Rows<'_> {
     fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>), Error> {
         let (stored, roles) = load_row(self.tx, self.limits, self.tenant, row, &encode_key(&row.pk))?;
         Ok((stored.state, roles))
+    }
+
+    fn holders(&mut self, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>, Error> {
+        let mut book = RefRows { conn: self.tx, limits: self.limits, tenant: self.tenant };
+        book.holders(table, &encode_key(pk))?
+            .iter()
+            .map(|k| decode_key(k, self.limits).map_err(|e| Error::Corrupt(format!("a scope key kept: {e}"))))
+            .collect()
     }
 
     fn write(&mut self, _: &RowChange, merged: RowChange, roles: &BTreeMap<NodeId, String>) -> Result<Written, Error> {
@@ -164,7 +174,7 @@ pub(super) fn merge(
                 &tx,
                 limits,
                 tenant,
-                ToLog { origin: "", change: &cloud, moves: &moves },
+                ToLog { origin: "", change: &cloud, moves: &moves, schema: Some(&served.schema) },
                 tags.next(),
             )?);
             cloud_logged = true;
@@ -216,8 +226,13 @@ pub(super) fn merge(
         // A change whose timestamps were bounded goes back to its writer too, which then holds
         // the bounded timestamps like everyone else.
         let origin = if outcome.bounded > 0 { "" } else { at.device };
-        let entry =
-            log_change(&tx, limits, tenant, ToLog { origin, change: &changed, moves: &merged.moves }, tags.next())?;
+        let entry = log_change(
+            &tx,
+            limits,
+            tenant,
+            ToLog { origin, change: &changed, moves: &merged.moves, schema: schema.map(|s| &s.schema) },
+            tags.next(),
+        )?;
         outcome.logged = Some(entry.cursor);
         entries.push(entry);
     }
@@ -271,9 +286,14 @@ pub(super) fn log_change(
     logged: ToLog<'_>,
     tag: u64,
 ) -> Result<LogEntry, Error> {
-    let ToLog { origin, change, moves } = logged;
+    let ToLog { origin, change, moves, schema } = logged;
     let scrubbed = erasure::scrub(conn, limits, tenant, change)?;
-    let change = scrubbed.unwrap_or_else(|| change.clone());
+    let mut change = scrubbed.unwrap_or_else(|| change.clone());
+    let mut moves = moves.to_vec();
+    if let Some(schema) = schema {
+        refs::follow(&mut RefRows { conn, limits, tenant }, schema, limits, &mut change, &mut moves)?;
+    }
+    let moves = &moves[..];
     // Positions are shared by every tenant of the file, so the tenant's previous entry is
     // looked up (the single writer holds the file's lock until it commits).
     let previous: Option<(i64, i64)> = conn
@@ -298,9 +318,10 @@ pub(super) fn log_change(
         super::log::index_chains(conn, tenant, seq, &change, moves)?;
     }
     for (row, moved) in change.rows.iter().zip(moves) {
-        let Some(moved) = moved else { continue };
+        // Rows held by reference are counted by `refs`, one key per scope holding them.
+        let Some(moved) = moved.as_ref().filter(|_| !refs::by_reference(schema, &row.table)) else { continue };
         let pk = encode_key(&row.pk);
-        match &moved.after {
+        match moved.after.first() {
             Some(key) => conn
                 .prepare_cached(
                     "INSERT INTO gw_scope_rows(tenant, tbl, pk, skey) VALUES (?1, ?2, ?3, ?4)
@@ -322,4 +343,68 @@ pub(super) fn log_change(
         change,
         moves: if moved.is_some() { moves.to_vec() } else { Vec::new() },
     })
+}
+
+/// The reference bookkeeping in the logging transaction.
+struct RefRows<'a> {
+    conn: &'a Connection,
+    limits: &'a Limits,
+    tenant: &'a str,
+}
+
+impl RefBook for RefRows<'_> {
+    fn state(&mut self, table: &str, pk: &[Value]) -> Result<(RowState, BTreeMap<NodeId, String>), Error> {
+        let row = RowChange { table: table.to_owned(), pk: pk.to_vec(), state: RowState::default() };
+        let (stored, roles) = load_row(self.conn, self.limits, self.tenant, &row, &encode_key(pk))?;
+        Ok((stored.state, roles))
+    }
+
+    fn named(&mut self, held: &str, table: &str, pk: &[u8]) -> Result<Option<Named>, Error> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT ref, skey FROM gw_ref_names WHERE tenant = ?1 AND held = ?2 AND tbl = ?3 AND pk = ?4",
+            )?
+            .query_row(rusqlite::params![self.tenant, held, table, pk], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    fn set_named(&mut self, held: &str, table: &str, pk: &[u8], named: Option<&Named>) -> Result<(), Error> {
+        match named {
+            Some((key, skey)) => self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO gw_ref_names(tenant, held, tbl, pk, ref, skey) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(tenant, held, tbl, pk) DO UPDATE SET ref = excluded.ref, skey = excluded.skey",
+                )?
+                .execute(rusqlite::params![self.tenant, held, table, pk, key, skey])?,
+            None => self
+                .conn
+                .prepare_cached("DELETE FROM gw_ref_names WHERE tenant = ?1 AND held = ?2 AND tbl = ?3 AND pk = ?4")?
+                .execute(rusqlite::params![self.tenant, held, table, pk])?,
+        };
+        Ok(())
+    }
+
+    fn holders(&mut self, table: &str, pk: &[u8]) -> Result<BTreeSet<Vec<u8>>, Error> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT skey FROM gw_ref_counts WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3")?;
+        let keys = stmt.query_map(rusqlite::params![self.tenant, table, pk], |r| r.get(0))?;
+        Ok(keys.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn count(&mut self, table: &str, pk: &[u8], skey: &[u8], delta: i64) -> Result<(), Error> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO gw_ref_counts(tenant, tbl, pk, skey, n) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(tenant, tbl, pk, skey) DO UPDATE SET n = n + excluded.n",
+            )?
+            .execute(rusqlite::params![self.tenant, table, pk, skey, delta])?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM gw_ref_counts WHERE tenant = ?1 AND tbl = ?2 AND pk = ?3 AND skey = ?4 AND n <= 0",
+            )?
+            .execute(rusqlite::params![self.tenant, table, pk, skey])?;
+        Ok(())
+    }
 }

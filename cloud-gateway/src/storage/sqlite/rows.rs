@@ -27,9 +27,16 @@ pub(super) fn table_rows(
             .collect::<rusqlite::Result<Vec<_>>>()?,
         Some(skey) => conn
             .prepare_cached(
-                "SELECT s.pk, r.state FROM gw_scope_rows s
-                 JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
-                 WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3 AND s.pk > ?4 ORDER BY s.pk LIMIT ?5",
+                // A table's rows are filed by their scope key, or counted per scope holding them
+                // if it is held by reference (storage/refs.rs): one of the two is empty.
+                "SELECT * FROM (SELECT s.pk, r.state FROM gw_scope_rows s
+                     JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
+                     WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3 AND s.pk > ?4 ORDER BY s.pk LIMIT ?5)
+                 UNION ALL
+                 SELECT * FROM (SELECT c.pk, r.state FROM gw_ref_counts c
+                     JOIN gw_rows r ON r.tenant = c.tenant AND r.tbl = c.tbl AND r.pk = c.pk
+                     WHERE c.tenant = ?1 AND c.tbl = ?2 AND c.skey = ?3 AND c.pk > ?4 ORDER BY c.pk LIMIT ?5)
+                 ORDER BY 1 LIMIT ?5",
             )?
             .query_map(rusqlite::params![tenant, table, skey, after, limit as i64], read)?
             .collect::<rusqlite::Result<Vec<_>>>()?,
@@ -51,9 +58,11 @@ pub(super) fn size(conn: &Connection, tenant: &str, table: Option<&str>, skey: O
             .query_row([tenant, table], read)?,
         (Some(table), Some(skey)) => conn
             .prepare_cached(
-                "SELECT count(*), total(length(r.state)) FROM gw_scope_rows s
-                 JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
-                 WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3",
+                "SELECT count(*), total(length(r.state)) FROM
+                     (SELECT tenant, tbl, pk FROM gw_scope_rows WHERE tenant = ?1 AND tbl = ?2 AND skey = ?3
+                      UNION ALL
+                      SELECT tenant, tbl, pk FROM gw_ref_counts WHERE tenant = ?1 AND tbl = ?2 AND skey = ?3) s
+                 JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk",
             )?
             .query_row(rusqlite::params![tenant, table, skey], read)?,
     })

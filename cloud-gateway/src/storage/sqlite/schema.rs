@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::error::Result;
 
 /// The schema version this build writes.
-const VERSION: i64 = 15;
+const VERSION: i64 = 16;
 
 /// Brings the tables up to [`VERSION`], inside the caller's transaction.
 pub(super) fn upgrade(conn: &Connection) -> Result<()> {
@@ -318,6 +318,33 @@ fn upgrade_from(conn: &Connection, version: i64) -> Result<()> {
             CREATE INDEX IF NOT EXISTS gw_log_unscoped ON gw_log (tenant, seq) WHERE moves IS NULL;
             -- The scope the gateway last told each device to follow.
             ALTER TABLE gw_devices ADD COLUMN feed_told TEXT;
+            ",
+        )?;
+    }
+    if version == 15 {
+        conn.execute_batch(
+            "
+            -- Rows held by reference (storage/refs.rs): what each row of a referencing table
+            -- names of each table held through it (the encoded key), and its own scope key; and for each named row, how many
+            -- rows of each scope name it.
+            CREATE TABLE IF NOT EXISTS gw_ref_names (
+                tenant TEXT NOT NULL,
+                held   TEXT NOT NULL,
+                tbl    TEXT NOT NULL,
+                pk     BLOB NOT NULL,
+                ref    BLOB NOT NULL,
+                skey   BLOB NOT NULL,
+                PRIMARY KEY (tenant, held, tbl, pk)
+            ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS gw_ref_counts (
+                tenant TEXT NOT NULL,
+                tbl    TEXT NOT NULL,
+                pk     BLOB NOT NULL,
+                skey   BLOB NOT NULL,
+                n      INTEGER NOT NULL,
+                PRIMARY KEY (tenant, tbl, pk, skey)
+            ) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS gw_ref_counts_by_key ON gw_ref_counts (tenant, tbl, skey, pk);
             ",
         )?;
     }

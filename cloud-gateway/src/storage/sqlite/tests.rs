@@ -13,6 +13,7 @@ fn a_store_made_by_the_previous_version_is_upgraded_and_merges() {
     conn.execute_batch(
         "ALTER TABLE gw_devices DROP COLUMN receipt_pos; ALTER TABLE gw_devices DROP COLUMN receipt_tag;
          ALTER TABLE gw_devices DROP COLUMN scope_told; DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; ALTER TABLE gw_devices DROP COLUMN feed_told; ALTER TABLE gw_log DROP COLUMN moves; DROP TABLE gw_scope_rows;
+         DROP TABLE gw_ref_names; DROP TABLE gw_ref_counts;
          DROP TABLE gw_sync_schema; DROP TABLE gw_tenant_tables;
          DROP TABLE gw_cloud_writers; DROP TABLE gw_writing; DROP TABLE gw_registry; DROP TABLE gw_epoch_devices; DROP TABLE gw_foreign_epochs; DROP TABLE gw_log_keys;
          DROP INDEX gw_dead_letters_by_device;
@@ -54,7 +55,7 @@ fn entries_logged_before_the_scope_index_concern_every_scope() {
     drop(gw);
     // As version 14 left it: scoped entries, no index of the scopes they concern.
     let conn = rusqlite::Connection::open(&path).expect("open");
-    conn.execute_batch("DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; ALTER TABLE gw_devices DROP COLUMN feed_told; PRAGMA user_version = 14;")
+    conn.execute_batch("DROP INDEX gw_log_unscoped; DROP TABLE gw_log_scopes; ALTER TABLE gw_devices DROP COLUMN feed_told; DROP TABLE gw_ref_names; DROP TABLE gw_ref_counts; PRAGMA user_version = 14;")
         .expect("downgrade");
     drop(conn);
     let mut gw = SqliteStore::open(&path).expect("reopen");
