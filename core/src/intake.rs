@@ -67,6 +67,12 @@ pub trait RowStore {
         Ok(Vec::new())
     }
 
+    /// Whether every node in `state` is the sending device's own (bound to it, in this batch
+    /// or before). Asked only at the gateway, of rows held by reference that no scope holds.
+    fn written_by_sender(&mut self, _state: &RowState) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+
     /// Called once `incoming` was joined into `merged`, whether it changed anything or not.
     fn joined(&mut self, _incoming: &RowChange, _merged: &RowState) -> Result<(), Self::Error> {
         Ok(())
@@ -196,12 +202,19 @@ pub fn merge_batch<S: RowStore>(
         let scope = scoped.get(row.table.as_str());
         // Where the row was, read before the join changes it.
         let was = scope.map(|(scope, table)| Held::of(scope, table, &state, &roles));
+        // A row held by reference, written by a scoped device: checked unless the store is
+        // recovering from a restore (then devices send back everything, other devices' writes
+        // and rows whose naming rows come later in the batch included, as with any claim).
         let referenced = by_reference.contains(&row.table.as_str());
-        // Whether someone else wrote it already: a row no scope holds yet (a new customer no
-        // order names, or not yet logged as named) stays its writer's to edit.
-        let theirs = referenced
+        let checked = referenced && rules.vouch.is_some() && rules.scopes.is_some_and(|s| s.writer.is_some());
+        // Whether someone else's row is written blind: a row no scope holds yet (a new customer
+        // no order names, or not yet logged as named) stays its writer's to edit, and a change
+        // that names every node of the row's writes builds on them (a device that held it: a
+        // gateway restored from a backup has not heard yet of the order naming it).
+        let theirs = checked
             && state != RowState::default()
-            && !rules.vouch.is_some_and(|v| state.nodes().iter().all(|n| v.own.contains(n)));
+            && !state.nodes().iter().all(|n| incoming.state.max_counter_of(*n) > 0)
+            && !store.written_by_sender(&state)?;
         let changed = join_row(&mut state, &incoming.state);
         if let Err(e) = state.check_limits(rules.limits) {
             report.refused.push((index, format!("a change to {:?} would grow the row past a limit: {e}", row.table)));
@@ -224,7 +237,7 @@ pub fn merge_batch<S: RowStore>(
         // A row held by reference: the writer's scope must pull it in, or no scope may hold it
         // yet and it is the writer's own. Where it moves is the gateway's to log (it follows
         // the rows referencing it).
-        if referenced && let Some(writer) = rules.scopes.and_then(|s| s.writer) {
+        if checked && let Some(writer) = rules.scopes.and_then(|s| s.writer) {
             let holders = store.holders(&row.table, &row.pk)?;
             if !may_write_held(writer, &row.table, theirs, &holders) {
                 report.refused.push((index, format!("a change to {:?} is outside this device's scope", row.table)));

@@ -412,9 +412,9 @@ pub fn may_write(mine: &DeviceScope, table: &str, was: &Held, moved: &Move, visi
 }
 
 /// Whether a device with scope `mine` may write a row of `table` held by reference by the
-/// scopes with keys `holders`, which others wrote before (`theirs`) or not: a row its scope
-/// pulls in, or one no scope holds yet that is new or its own so far (a customer it made,
-/// which no order it sent names yet). A row another scope holds (even one only named there,
+/// scopes with keys `holders`, and whether the write is blind to others' writes of it
+/// (`theirs`): a row its scope pulls in, or one no scope holds yet that is new, its own so
+/// far (a customer it made, which no order it sent names yet) or that it had. A row another scope holds (even one only named there,
 /// not yet made) is not its to write.
 pub fn may_write_held(mine: &DeviceScope, table: &str, theirs: bool, holders: &[ScopeKey]) -> bool {
     if holders.is_empty() { !theirs } else { mine.holds_any(table, holders) }

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use driftless_core::intake::Vouch;
-use driftless_core::{Batch, NodeId, SyncSchema};
+use driftless_core::{Batch, NodeId, RowState, SyncSchema};
 
 use crate::error::Result;
 use crate::storage::Incoming;
@@ -115,4 +115,11 @@ pub(crate) fn vouch(
     vouch.writers = schema.map(SyncSchema::writers).unwrap_or_default();
     out.vouch = (!from.recovering).then_some(vouch);
     Ok(out)
+}
+
+/// Whether every node in `state` is bound to `device` (a row only it wrote so far).
+pub(crate) fn all_bound_to(book: &mut dyn NodeBook, tenant: &str, device: &str, state: &RowState) -> Result<bool> {
+    let nodes = state.nodes();
+    let facts = book.facts(tenant, &nodes)?;
+    Ok(nodes.iter().all(|n| facts.get(n).and_then(|f| f.device.as_deref()) == Some(device)))
 }

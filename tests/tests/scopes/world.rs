@@ -369,6 +369,33 @@ impl World {
         self.devices[d].store.follow_schema(1, schema).expect("follow schema");
     }
 
+    /// Whether the gateway keeps its state in SQLite (a file that can be backed up here).
+    pub(crate) fn on_sqlite(&self) -> bool {
+        matches!(self.cloud, Cloud::Sqlite(_))
+    }
+
+    /// A consistent copy of the gateway's SQLite file, as an operator's backup.
+    pub(crate) fn backup_gateway(&self) -> PathBuf {
+        let Cloud::Sqlite(path) = &self.cloud else { panic!("backups here are of the SQLite store") };
+        let copy = self.dir.join("gw-backup.db");
+        let conn = rusqlite::Connection::open(path).expect("open");
+        conn.execute("VACUUM INTO ?1", [copy.to_str().expect("utf-8 path")]).expect("backup");
+        copy
+    }
+
+    /// The gateway's file restored from `backup` (every device offline): what it logged since
+    /// is gone, and devices send back what they hold at their next connection.
+    pub(crate) fn restore_gateway(&mut self, backup: &std::path::Path) {
+        let Cloud::Sqlite(path) = &self.cloud else { panic!("backups here are of the SQLite store") };
+        let path = path.clone();
+        self.gateway = Box::new(SqliteStore::open(self.dir.join("scratch.db")).expect("scratch"));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        std::fs::copy(backup, &path).expect("restore");
+        self.gateway = Box::new(SqliteStore::open(&path).expect("reopen"));
+    }
+
     pub(crate) fn gateway(&mut self) -> &mut dyn GatewayStore {
         &mut *self.gateway
     }

@@ -18,7 +18,7 @@ use crate::storage::chains::marks;
 use crate::storage::cloud_intake::{CloudTables, Intake, Journaled};
 use crate::storage::common::{logged_moves, scope_rules};
 use crate::storage::refs::by_reference;
-use crate::storage::vouching::{CLOUD_OWNER, vouch};
+use crate::storage::vouching::{CLOUD_OWNER, all_bound_to, vouch};
 use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema, ToLog};
 use driftless_core::scope::Move;
 
@@ -53,6 +53,7 @@ pub(super) fn merge(
         stmts: &mut *stmts,
         limits,
         tenant,
+        device: at.device,
         schema,
         new_tables: HashMap::new(),
         arities: HashMap::new(),
@@ -321,6 +322,8 @@ struct Rows<'a, 't> {
     stmts: &'a mut Stmts,
     limits: &'a Limits,
     tenant: &'a str,
+    /// The sending device.
+    device: &'a str,
     schema: Option<&'a ServedSchema>,
     /// Key arities of tables first seen in this batch (without a declared schema).
     new_tables: HashMap<String, usize>,
@@ -396,6 +399,10 @@ pub(super) fn fetch_states(
 
 impl RowStore for Rows<'_, '_> {
     type Error = Error;
+
+    fn written_by_sender(&mut self, state: &RowState) -> Result<bool> {
+        all_bound_to(&mut Book { tx: self.tx, stmts: self.stmts }, self.tenant, self.device, state)
+    }
 
     fn holders(&mut self, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>> {
         super::refs::holders(

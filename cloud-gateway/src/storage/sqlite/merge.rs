@@ -21,7 +21,7 @@ use super::{cloud_writes, erasure, tables};
 use crate::error::{Error, MergeError};
 use crate::storage::common::{logged_moves, scope_rules};
 use crate::storage::refs::{self, Named, RefBook};
-use crate::storage::vouching::vouch;
+use crate::storage::vouching::{all_bound_to, vouch};
 use crate::storage::{Incoming, LogEntry, MergeOutcome, ServedSchema, ToLog};
 
 /// Why this store cannot take a row's key, if it cannot. `arity` holds the key arity of
@@ -62,6 +62,8 @@ struct Rows<'a> {
     tx: &'a Connection,
     limits: &'a Limits,
     tenant: &'a str,
+    /// The sending device.
+    device: &'a str,
     schema: Option<&'a ServedSchema>,
     /// Key arities of tables first seen in this batch (without a declared schema).
     new_tables: HashMap<String, usize>,
@@ -83,6 +85,10 @@ impl RowStore for Rows<'_> {
     fn load(&mut self, row: &RowChange) -> Result<(RowState, BTreeMap<NodeId, String>), Error> {
         let (stored, roles) = load_row(self.tx, self.limits, self.tenant, row, &encode_key(&row.pk))?;
         Ok((stored.state, roles))
+    }
+
+    fn written_by_sender(&mut self, state: &RowState) -> Result<bool, Error> {
+        all_bound_to(&mut Book(self.tx), self.tenant, self.device, state)
     }
 
     fn holders(&mut self, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>, Error> {
@@ -181,7 +187,7 @@ pub(super) fn merge(
         }
     }
     let vouched = vouch(&mut Book(&tx), at, batch, schema.map(|s| &s.schema))?;
-    let mut rows = Rows { tx: &tx, limits, tenant, schema, new_tables: HashMap::new() };
+    let mut rows = Rows { tx: &tx, limits, tenant, device: at.device, schema, new_tables: HashMap::new() };
     let rules = IntakeRules {
         limits,
         bound: Some(ClockBound::at(at.now_ms, at.max_drift_ms)),
