@@ -438,16 +438,6 @@ impl SyncSchema {
                 }
             }
         }
-        // Which rows a row held by reference goes with is kept as the referencing rows are
-        // logged: a new table cannot be pulled in by rows logged before it was declared.
-        for (n, via, _) in crate::scope::references(self) {
-            if old.table(&n.name).is_none() && old.table(&via.table).is_some() {
-                changes.push(format!(
-                    "new table {:?} is referenced by {:?}, which devices already hold: a table held by reference comes with the table referencing it",
-                    n.name, via.table
-                ));
-            }
-        }
         if changes.is_empty() { Ok(()) } else { Err(SchemaError::Incompatible { from, changes }) }
     }
 }

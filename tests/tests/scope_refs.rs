@@ -334,3 +334,33 @@ fn a_gateway_restored_from_a_backup_takes_back_the_customers_devices_send() {
     w.connect(n3);
     assert_eq!(customers(&w, n3), held(&[("c1", "Acme Ltd")]), "the gateway holds it, named again");
 }
+
+#[test]
+fn customers_declared_after_the_orders_go_with_the_orders_already_held() {
+    let orders_only = &SCHEMA[..SCHEMA.find("[[table]]\nname = \"customers\"").expect("present")];
+    both(orders_only, |mut w| {
+        let n1 = w.device("tab-n1", &[("region", "north")]);
+        let n2 = w.device("tab-n2", &[("region", "north")]);
+        let s1 = w.device("tab-s1", &[("region", "south")]);
+        for d in [n1, n2, s1] {
+            w.connect(d);
+        }
+        w.write(n1, "INSERT INTO work_orders VALUES ('wo-1', 'north', 'c1', 'pump')");
+        // A later version declares customers: the orders held so far are counted as it loads.
+        w.install_schema(SCHEMA);
+        for d in [n1, n2, s1] {
+            w.disconnect(d);
+            w.connect(d);
+        }
+        w.write(n1, "INSERT INTO customers(id, name) VALUES ('c1', 'Acme')");
+        assert_eq!(customers(&w, n2), held(&[("c1", "Acme")]), "named by an order of the north");
+        assert!(customers(&w, s1).is_empty());
+        // The south may not make a customer the north's orders name.
+        w.write(s1, "INSERT INTO customers(id, name) VALUES ('c1', 'Sneaked')");
+        assert_eq!(w.gateway().dead_letters(&Default::default()).expect("letters").len(), 1);
+        // Moving the order moves the customer, as for orders logged after the declaration.
+        w.cloud_write("UPDATE TABLE SET region = 'south' WHERE id = 'wo-1'");
+        assert!(customers(&w, n2).is_empty());
+        assert_eq!(customers(&w, s1).len(), 1);
+    });
+}

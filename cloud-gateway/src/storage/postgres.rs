@@ -548,7 +548,7 @@ impl GatewayStore for PgStore {
         tx.execute("SELECT pg_advisory_xact_lock($1, 1)", &[&migrate::LOCK_SPACE])?;
         let current =
             tx.query_opt("SELECT version, text FROM driftless.gw_sync_schema ORDER BY version DESC LIMIT 1", &[])?;
-        let (version, added) = match current {
+        let (version, added, old) = match current {
             Some(r) => {
                 let (version, old): (i64, String) = (r.get(0), r.get(1));
                 let old = SyncSchema::parse(&old).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?;
@@ -556,9 +556,9 @@ impl GatewayStore for PgStore {
                     return Ok(version as u64);
                 }
                 new.check_replaces(&old, version as u64)?;
-                (version + 1, added_tables(&old, &new))
+                (version + 1, added_tables(&old, &new), Some(old))
             }
-            None => (1, new.clone()),
+            None => (1, new.clone(), None),
         };
         // Rows synced before any schema must fit the version that first declares their table.
         {
@@ -579,6 +579,7 @@ impl GatewayStore for PgStore {
                 return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
             }
         }
+        refs::count_references(&mut tx, &mut Stmts::default(), &limits, old.as_ref(), &new)?;
         tx.execute(
             "INSERT INTO driftless.gw_sync_schema(version, text, loaded_ms) VALUES ($1, $2, $3)",
             &[&version, &text, &now_ms()],

@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use driftless_core::codec::{Limits, decode_key, encode_key};
-use driftless_core::scope::{Move, references};
-use driftless_core::{Batch, NodeId, RowChange, RowState, SyncSchema, Value};
+use driftless_core::scope::{Move, Via, references};
+use driftless_core::{Batch, NodeId, RowChange, RowState, SchemaTable, SyncSchema, Value};
 
 use crate::error::{Error, Result};
 
@@ -115,6 +115,33 @@ pub(crate) fn follow(
             let pk = decode_key(&key.1, limits).map_err(|e| Error::Corrupt(format!("a referenced key kept: {e}")))?;
             change.rows.push(RowChange { table: key.0, pk, state: RowState::default() });
             moves.push(Some(moved));
+        }
+    }
+    Ok(())
+}
+
+/// The references `new` declares for tables `old` (the version it replaces, if any) did not
+/// have: the stored rows of their referencing tables were never counted.
+pub(crate) fn new_references<'a>(
+    old: Option<&SyncSchema>,
+    new: &'a SyncSchema,
+) -> Vec<(&'a SchemaTable, &'a Via, &'a SchemaTable)> {
+    references(new).into_iter().filter(|(held, _, _)| old.is_none_or(|o| o.table(&held.name).is_none())).collect()
+}
+
+/// Counts what one stored row of a referencing table (as a one-row batch) names of `held`,
+/// when a schema version first declares it: no entry is logged, as no device holds any of
+/// `held` yet.
+pub(crate) fn count_stored(
+    book: &mut dyn RefBook,
+    (held, via, from): (&SchemaTable, &Via, &SchemaTable),
+    stored: &Batch,
+) -> Result<()> {
+    for row in &stored.rows {
+        if let Some((key, skey)) = via.target(from, &row.state, &stored.roles) {
+            let named = (encode_key(&key), encode_key(&skey));
+            book.set_named(&held.name, &from.name, &encode_key(&row.pk), Some(&named))?;
+            book.count(&held.name, &named.0, &named.1, 1)?;
         }
     }
     Ok(())

@@ -554,22 +554,23 @@ impl GatewayStore for SqliteStore {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
-        let (version, added) = match current {
+        let (version, added, old) = match current {
             Some((version, old)) => {
                 let old = SyncSchema::parse(&old).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?;
                 if old == new {
                     return Ok(version as u64);
                 }
                 new.check_replaces(&old, version as u64)?;
-                (version + 1, added_tables(&old, &new))
+                (version + 1, added_tables(&old, &new), Some(old))
             }
-            None => (1, new.clone()),
+            None => (1, new.clone(), None),
         };
         // Rows synced before any schema must fit the version that first declares their table.
         let unfit = unfit_rows(&tx, &self.limits, &added)?;
         if !unfit.is_empty() {
             return Err(driftless_core::SchemaError::UnfitRows(unfit).into());
         }
+        merge::count_references(&tx, &self.limits, old.as_ref(), &new)?;
         tx.execute(
             "INSERT INTO gw_sync_schema(version, text, loaded_ms) VALUES (?1, ?2, ?3)",
             rusqlite::params![version, text, now_ms()],

@@ -369,6 +369,13 @@ impl World {
         self.devices[d].store.follow_schema(1, schema).expect("follow schema");
     }
 
+    /// A new version of the schema, loaded by the operator (devices follow it at their next
+    /// connection).
+    pub(crate) fn install_schema(&mut self, text: &str) {
+        self.gateway.install_schema(text).expect("install schema");
+        self.gateway.prepare_tenant(TENANT).expect("prepare tenant");
+    }
+
     /// Whether the gateway keeps its state in SQLite (a file that can be backed up here).
     pub(crate) fn on_sqlite(&self) -> bool {
         matches!(self.cloud, Cloud::Sqlite(_))

@@ -86,3 +86,25 @@ pub(super) fn holders(refs: &mut PgRefs<'_, '_>, table: &str, pk: &[Value]) -> R
         .map(|k| decode_key(k, refs.limits).map_err(|e| Error::Corrupt(format!("a scope key kept: {e}"))))
         .collect()
 }
+
+/// Counts what the stored rows of referencing tables name, for the references `new` declares
+/// first (see `storage::refs::new_references`), in the transaction that installs it.
+pub(super) fn count_references(
+    tx: &mut Transaction<'_>,
+    stmts: &mut Stmts,
+    limits: &Limits,
+    old: Option<&driftless_core::SyncSchema>,
+    new: &driftless_core::SyncSchema,
+) -> Result<()> {
+    for reference in crate::storage::refs::new_references(old, new) {
+        let rows = tx.query("SELECT tenant, state FROM driftless.gw_rows WHERE tbl = $1", &[&reference.2.name])?;
+        for row in rows {
+            let tenant: String = row.get(0);
+            let stored = driftless_core::codec::decode_payload(row.get(1), limits)
+                .map_err(|e| Error::Corrupt(format!("stored row of {:?}: {e}", reference.2.name)))?;
+            let mut refs = PgRefs { tx, stmts, limits, tenant: &tenant };
+            crate::storage::refs::count_stored(&mut refs, reference, &stored)?;
+        }
+    }
+    Ok(())
+}

@@ -351,6 +351,27 @@ pub(super) fn log_change(
     })
 }
 
+/// Counts what the stored rows of referencing tables name, for the references `new` declares
+/// first (see `refs::new_references`), in the transaction that installs it.
+pub(super) fn count_references(
+    conn: &Connection,
+    limits: &Limits,
+    old: Option<&driftless_core::SyncSchema>,
+    new: &driftless_core::SyncSchema,
+) -> Result<(), Error> {
+    for reference in refs::new_references(old, new) {
+        let mut stmt = conn.prepare("SELECT tenant, state FROM gw_rows WHERE tbl = ?1")?;
+        let mut rows = stmt.query([&reference.2.name])?;
+        while let Some(row) = rows.next()? {
+            let (tenant, bytes): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
+            let stored = decode_payload(&bytes, limits)
+                .map_err(|e| Error::Corrupt(format!("stored row of {:?}: {e}", reference.2.name)))?;
+            refs::count_stored(&mut RefRows { conn, limits, tenant: &tenant }, reference, &stored)?;
+        }
+    }
+    Ok(())
+}
+
 /// The reference bookkeeping in the logging transaction.
 struct RefRows<'a> {
     conn: &'a Connection,
