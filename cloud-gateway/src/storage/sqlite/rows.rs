@@ -25,21 +25,29 @@ pub(super) fn table_rows(
             )?
             .query_map(rusqlite::params![tenant, table, after, limit as i64], read)?
             .collect::<rusqlite::Result<Vec<_>>>()?,
-        Some(skey) => conn
-            .prepare_cached(
-                // A table's rows are filed by their scope key, or counted per scope holding them
-                // if it is held by reference (storage/refs.rs): one of the two is empty.
-                "SELECT * FROM (SELECT s.pk, r.state FROM gw_scope_rows s
-                     JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
-                     WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3 AND s.pk > ?4 ORDER BY s.pk LIMIT ?5)
-                 UNION ALL
-                 SELECT * FROM (SELECT c.pk, r.state FROM gw_ref_counts c
-                     JOIN gw_rows r ON r.tenant = c.tenant AND r.tbl = c.tbl AND r.pk = c.pk
-                     WHERE c.tenant = ?1 AND c.tbl = ?2 AND c.skey = ?3 AND c.pk > ?4 ORDER BY c.pk LIMIT ?5)
-                 ORDER BY 1 LIMIT ?5",
-            )?
-            .query_map(rusqlite::params![tenant, table, skey, after, limit as i64], read)?
-            .collect::<rusqlite::Result<Vec<_>>>()?,
+        Some(skey) => {
+            // A table's rows are filed by their scope key, or counted per scope holding them if
+            // it is held by reference (storage/refs.rs): one of the two holds none. Asked one
+            // after the other, each read goes in index order (a union would sort the states).
+            let mut rows = Vec::new();
+            for sql in [
+                "SELECT s.pk, r.state FROM gw_scope_rows s
+                 JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk
+                 WHERE s.tenant = ?1 AND s.tbl = ?2 AND s.skey = ?3 AND s.pk > ?4 ORDER BY s.pk LIMIT ?5",
+                "SELECT c.pk, r.state FROM gw_ref_counts c
+                 JOIN gw_rows r ON r.tenant = c.tenant AND r.tbl = c.tbl AND r.pk = c.pk
+                 WHERE c.tenant = ?1 AND c.tbl = ?2 AND c.skey = ?3 AND c.pk > ?4 ORDER BY c.pk LIMIT ?5",
+            ] {
+                rows = conn
+                    .prepare_cached(sql)?
+                    .query_map(rusqlite::params![tenant, table, skey, after, limit as i64], read)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                if !rows.is_empty() {
+                    break;
+                }
+            }
+            rows
+        }
     };
     rows.into_iter()
         .map(|(pk, state)| Ok((pk, decode_payload(&state, limits).map_err(|e| Error::Corrupt(e.to_string()))?)))
