@@ -544,7 +544,8 @@ impl GatewayStore for PgStore {
         let new = SyncSchema::parse(text)?;
         let limits = self.limits.clone();
         let mut tx = self.client()?.transaction()?;
-        // Versions are numbered under one lock: two instances loading at once get two.
+        // Versions are numbered under one lock: two instances loading at once get two. Every
+        // merge shares it (`tables::begin_gateway_tx`): none runs while stored rows are counted.
         tx.execute("SELECT pg_advisory_xact_lock($1, 1)", &[&migrate::LOCK_SPACE])?;
         let current =
             tx.query_opt("SELECT version, text FROM driftless.gw_sync_schema ORDER BY version DESC LIMIT 1", &[])?;

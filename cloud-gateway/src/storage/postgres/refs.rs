@@ -97,13 +97,30 @@ pub(super) fn count_references(
     new: &driftless_core::SyncSchema,
 ) -> Result<()> {
     for reference in crate::storage::refs::new_references(old, new) {
-        let rows = tx.query("SELECT tenant, state FROM driftless.gw_rows WHERE tbl = $1", &[&reference.2.name])?;
-        for row in rows {
-            let tenant: String = row.get(0);
-            let stored = driftless_core::codec::decode_payload(row.get(1), limits)
-                .map_err(|e| Error::Corrupt(format!("stored row of {:?}: {e}", reference.2.name)))?;
-            let mut refs = PgRefs { tx, stmts, limits, tenant: &tenant };
-            crate::storage::refs::count_stored(&mut refs, reference, &stored)?;
+        let table = &reference.2.name;
+        let tenants: Vec<String> = tx
+            .query("SELECT DISTINCT tenant FROM driftless.gw_rows WHERE tbl = $1", &[table])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for tenant in &tenants {
+            // A page at a time: a table of millions of rows is never held in memory at once.
+            let mut after: Vec<u8> = Vec::new();
+            loop {
+                let rows = tx.query(
+                    "SELECT pkh, state FROM driftless.gw_rows WHERE tenant = $1 AND tbl = $2 AND pkh > $3
+                     ORDER BY pkh LIMIT 1000",
+                    &[tenant, table, &after],
+                )?;
+                let Some(last) = rows.last() else { break };
+                after = last.get(0);
+                for row in &rows {
+                    let stored = driftless_core::codec::decode_payload(row.get(1), limits)
+                        .map_err(|e| Error::Corrupt(format!("stored row of {table:?}: {e}")))?;
+                    let mut refs = PgRefs { tx, stmts, limits, tenant };
+                    crate::storage::refs::count_stored(&mut refs, reference, &stored)?;
+                }
+            }
         }
     }
     Ok(())

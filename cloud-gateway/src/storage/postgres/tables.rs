@@ -50,10 +50,13 @@ fn journal(tenant: &str, id: i64) -> String {
 }
 
 /// Takes the tenant's lock for the rest of the transaction and marks the transaction as the
-/// gateway's own (its writes to real tables are not captured).
+/// gateway's own (its writes to real tables are not captured). It also shares the schema's
+/// lock, which loading a schema takes alone: a schema version that counts what stored rows
+/// name (`storage::refs`) sees every merge before it, and every merge after it sees it.
 pub(super) fn begin_gateway_tx(tx: &mut Transaction<'_>, tenant: &str) -> Result<()> {
     tx.execute(
-        "SELECT set_config('driftless.gateway', 'on', true), pg_advisory_xact_lock($1, hashtext($2))",
+        "SELECT set_config('driftless.gateway', 'on', true), pg_advisory_xact_lock($1, hashtext($2)),
+                pg_advisory_xact_lock_shared($1, 1)",
         &[&LOCK_SPACE, &tenant],
     )?;
     Ok(())
@@ -65,7 +68,11 @@ pub(super) fn try_begin_gateway_tx(tx: &mut Transaction<'_>, tenant: &str) -> Re
         "SELECT set_config('driftless.gateway', 'on', true), pg_try_advisory_xact_lock($1, hashtext($2))",
         &[&LOCK_SPACE, &tenant],
     )?;
-    Ok(row.get(1))
+    let locked: bool = row.get(1);
+    if locked {
+        tx.execute("SELECT pg_advisory_xact_lock_shared($1, 1)", &[&LOCK_SPACE])?;
+    }
+    Ok(locked)
 }
 
 /// Fails (to be tried again) if the current sync schema is not `served`: another instance

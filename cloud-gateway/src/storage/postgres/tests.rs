@@ -382,3 +382,27 @@ fn a_group_whose_connection_was_lost_before_it_synced_is_not_called_durable() {
     assert_eq!(level, "on");
     assert_eq!(counted(&mut gw), 3);
 }
+
+/// A schema being loaded holds the schema's lock alone while it counts what stored rows name
+/// (`storage::refs`): a merge of another instance waits for it, then merges under the new
+/// version, so no row is counted twice or not at all.
+#[test]
+fn a_merge_waits_while_another_instance_loads_a_schema() {
+    let Some(db) = TestDb::new() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut gw = db.store();
+    let mut counter = Counter::new(dir.path(), "a.db");
+    let (seq, batch) = counter.next();
+    let mut loading = db.client();
+    let mut install = loading.transaction().expect("begin");
+    install.execute("SELECT pg_advisory_xact_lock($1, 1)", &[&super::migrate::LOCK_SPACE]).expect("schema lock");
+    let (done, merged) = mpsc::channel();
+    let merging = std::thread::spawn(move || {
+        gw.merge(&incoming("a", seq), &batch).expect("merge");
+        done.send(()).expect("send");
+    });
+    assert!(merged.recv_timeout(Duration::from_millis(500)).is_err(), "the merge waits for the load");
+    install.commit().expect("commit");
+    merged.recv_timeout(Duration::from_secs(10)).expect("then it merges");
+    merging.join().expect("thread");
+}
