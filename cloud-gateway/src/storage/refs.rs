@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use driftless_core::codec::{Limits, decode_key, encode_key};
-use driftless_core::scope::{Move, Via, references};
+use driftless_core::scope::{Move, ScopeKey, Via, references};
 use driftless_core::{Batch, NodeId, RowChange, RowState, SchemaTable, SyncSchema, Value};
 
 use crate::error::{Error, Result};
@@ -96,11 +96,7 @@ pub(crate) fn follow(
     for ((table, key, skey), delta) in &deltas {
         book.count(table, key, skey, *delta)?;
     }
-    let decode = |keys: &BTreeSet<Vec<u8>>| -> Result<Vec<Vec<Value>>> {
-        keys.iter()
-            .map(|k| decode_key(k, limits).map_err(|e| Error::Corrupt(format!("a scope key kept: {e}"))))
-            .collect()
-    };
+    let decode = |keys: &BTreeSet<Vec<u8>>| decode_keys(keys, limits);
     for (key, was) in before {
         let now = book.holders(&key.0, &key.1)?;
         let moved = Move { before: decode(&was)?, after: decode(&now)? };
@@ -118,6 +114,15 @@ pub(crate) fn follow(
         }
     }
     Ok(())
+}
+
+/// The keys of the scopes holding a row of `table`, as the merge's intake asks them.
+pub(crate) fn holder_keys(book: &mut dyn RefBook, limits: &Limits, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>> {
+    decode_keys(&book.holders(table, &encode_key(pk))?, limits)
+}
+
+fn decode_keys(keys: &BTreeSet<Vec<u8>>, limits: &Limits) -> Result<Vec<ScopeKey>> {
+    keys.iter().map(|k| decode_key(k, limits).map_err(|e| Error::Corrupt(format!("a scope key kept: {e}")))).collect()
 }
 
 /// The references `new` declares for tables `old` (the version it replaces, if any) did not

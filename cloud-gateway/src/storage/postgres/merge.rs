@@ -405,11 +405,8 @@ impl RowStore for Rows<'_, '_> {
     }
 
     fn holders(&mut self, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>> {
-        super::refs::holders(
-            &mut PgRefs { tx: self.tx, stmts: self.stmts, limits: self.limits, tenant: self.tenant },
-            table,
-            pk,
-        )
+        let mut refs = PgRefs { tx: self.tx, stmts: self.stmts, limits: self.limits, tenant: self.tenant };
+        crate::storage::refs::holder_keys(&mut refs, self.limits, table, pk)
     }
 
     fn prefetch(&mut self, rows: &[RowChange]) -> Result<()> {

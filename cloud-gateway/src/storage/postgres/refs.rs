@@ -4,8 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use driftless_core::codec::{Limits, decode_key, encode_key};
-use driftless_core::scope::ScopeKey;
+use driftless_core::codec::Limits;
 use driftless_core::{NodeId, RowState, Value};
 use postgres::Transaction;
 
@@ -77,14 +76,6 @@ impl RefBook for PgRefs<'_, '_> {
         self.tx.execute(&stmt, &[&self.tenant, &table, &key_hash(pk), &skey])?;
         Ok(())
     }
-}
-
-/// [`RefBook::holders`] as the merge's intake asks it: decoded.
-pub(super) fn holders(refs: &mut PgRefs<'_, '_>, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>> {
-    refs.holders(table, &encode_key(pk))?
-        .iter()
-        .map(|k| decode_key(k, refs.limits).map_err(|e| Error::Corrupt(format!("a scope key kept: {e}"))))
-        .collect()
 }
 
 /// Counts what the stored rows of referencing tables name, for the references `new` declares

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use driftless_core::codec::{Limits, decode_key, decode_payload, encode_key, encode_payload};
+use driftless_core::codec::{Limits, decode_payload, encode_key, encode_payload};
 use driftless_core::intake::{Admit, ClockBound, IntakeRules, RowStore, Written, merge_batch};
 use driftless_core::scope::ScopeKey;
 use driftless_core::{Batch, NodeId, RowChange, RowState, Value};
@@ -93,10 +93,7 @@ impl RowStore for Rows<'_> {
 
     fn holders(&mut self, table: &str, pk: &[Value]) -> Result<Vec<ScopeKey>, Error> {
         let mut book = RefRows { conn: self.tx, limits: self.limits, tenant: self.tenant };
-        book.holders(table, &encode_key(pk))?
-            .iter()
-            .map(|k| decode_key(k, self.limits).map_err(|e| Error::Corrupt(format!("a scope key kept: {e}"))))
-            .collect()
+        refs::holder_keys(&mut book, self.limits, table, pk)
     }
 
     fn write(&mut self, _: &RowChange, merged: RowChange, roles: &BTreeMap<NodeId, String>) -> Result<Written, Error> {
