@@ -266,6 +266,7 @@ async fn take_in_cloud_writes<S: GatewayStore + 'static>(
     pokes: &mut Pokes,
 ) -> Result<()> {
     let store = store.clone();
+    let began = std::time::Instant::now();
     let ingested = tokio::task::spawn_blocking(move || {
         let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
@@ -293,6 +294,9 @@ async fn take_in_cloud_writes<S: GatewayStore + 'static>(
             }
         }
         Err(e) => tracing::error!("taking in writes made to the cloud tables failed: {e}"),
+    }
+    if began.elapsed() >= uplinks::SLOW_GROUP {
+        tracing::warn!(ms = began.elapsed().as_millis() as u64, "a slow look for writes made to the cloud tables");
     }
     Ok(())
 }

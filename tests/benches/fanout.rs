@@ -11,6 +11,12 @@
 //! see no other: `foreign_rows`). `fleet_cpu_s` is the CPU the simulated
 //! devices used (this process): on a machine of few cores they compete with the gateway and
 //! the broker, which real devices, each on its own hardware, do not.
+//!
+//! The gateway's database is on disk, synced at every group commit as in production; the
+//! devices' databases are in /dev/shm unless FANOUT_DEVICE_DIR names another place. A client
+//! subscribed to all of the tenant's topics times each write's batch at the broker, its ack
+//! and its feed, so a slow write shows where it waited (`ship_p99_ms`: write to batch at the
+//! broker; `feed_p99_ms`: write to the gateway's feed of it).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,11 +24,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use driftless_agent::{Agent, AgentConfig, SyncMode};
+use driftless_core::codec::Limits;
+use driftless_core::protocol::{BrokerAddr, Downlink, Uplink};
 use driftless_core::{Store, StoreOptions, TableSpec};
 use driftless_gateway::{GatewayStore as _, SqliteStore};
 use driftless_tests::bench::{GatewayProcess, bench_broker_url, cpu_seconds, percentile, report};
 
 const OBSERVERS: usize = 5;
+/// Where the simulated devices' databases go by default: hundreds of SQLite databases
+/// checkpointing together on the gateway's disk stall its commits (its fsyncs), a contention
+/// real devices, each on its own storage, do not cause.
+const SHARED_MEMORY: &str = "/dev/shm";
 /// How long after the last write observers keep looking for the stragglers.
 const DRAIN: Duration = Duration::from_secs(20);
 
@@ -83,9 +95,110 @@ fn has_orders(db: &std::path::Path) -> bool {
     rusqlite::Connection::open(db).is_ok_and(|c| c.prepare("SELECT 1 FROM orders").is_ok())
 }
 
+/// What the broker carried, as a client subscribed to all of the tenant's topics saw it.
+enum Seen {
+    Batch(String),
+    Pull,
+    Ack(String),
+    Feed { origin: String },
+}
+
+/// What the sniffer saw, in the order it arrived.
+type Sniffed = Arc<Mutex<Vec<(Instant, Seen)>>>;
+
+/// Every message of the tenant, timed on arrival by a client on its own thread (the devices'
+/// runtime being busy does not delay its clock): where each slow write spent its time.
+fn sniff(url: &str, tenant: &str) -> anyhow::Result<Sniffed> {
+    let broker: BrokerAddr = url.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (log, filter) = (seen.clone(), format!("driftless/{tenant}/#"));
+    let mut opts = rumqttc::MqttOptions::new(format!("sniff-{}", std::process::id()), &broker.host, broker.port);
+    opts.set_max_packet_size(1 << 22, 1 << 22);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 10_000);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let _client = client.subscribe(filter, rumqttc::QoS::AtMostOnce).await.map(|()| client);
+            let limits = Limits::default();
+            loop {
+                let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = events.poll().await else { continue };
+                let now = Instant::now();
+                let device = p.topic.split('/').nth(2).unwrap_or_default().to_owned();
+                let what = if p.topic.ends_with("/up") {
+                    match Uplink::decode(&p.payload, &limits) {
+                        Ok(Uplink::Batch { .. }) => Seen::Batch(device),
+                        Ok(Uplink::Pull { .. }) => Seen::Pull,
+                        _ => continue,
+                    }
+                } else {
+                    match Downlink::decode(&p.payload, &limits) {
+                        Ok(Downlink::Ack { .. }) => Seen::Ack(device),
+                        Ok(Downlink::Feed { origin, .. }) => Seen::Feed { origin },
+                        _ => continue,
+                    }
+                };
+                log.lock().expect("lock").push((now, what));
+            }
+        });
+    });
+    Ok(seen)
+}
+
+/// For a write made at `at` by `device`: when the broker saw its batch, the gateway's ack and
+/// the gateway's feed of it, in ms after the write (the first of each after it).
+fn stages(seen: &[(Instant, Seen)], device: &str, at: Instant) -> [Option<f64>; 3] {
+    let ms = |t: Instant| t.duration_since(at).as_secs_f64() * 1e3;
+    let after = seen.iter().filter(|(t, _)| *t >= at);
+    let batch = after.clone().find(|(_, s)| matches!(s, Seen::Batch(d) if d == device)).map(|(t, _)| *t);
+    let from = |pick: &dyn Fn(&Seen) -> bool| {
+        batch.and_then(|b| seen.iter().find(|(t, s)| *t >= b && pick(s)).map(|(t, _)| ms(*t)))
+    };
+    [
+        batch.map(ms),
+        from(&|s| matches!(s, Seen::Ack(d) if d == device)),
+        from(&|s| matches!(s, Seen::Feed { origin } if origin == device)),
+    ]
+}
+
+/// Each observed write's stages: the delays until its batch reached the broker and until its
+/// feed left the gateway (sorted), and a table of the ten slowest writes.
+fn trace(
+    seen: &[(Instant, Seen)],
+    written: &HashMap<String, Instant>,
+    observed: &[(String, f64)],
+) -> (Vec<f64>, Vec<f64>, String) {
+    let mut slowest: HashMap<&str, f64> = HashMap::new();
+    for (id, ms) in observed {
+        let worst = slowest.entry(id).or_default();
+        *worst = worst.max(*ms);
+    }
+    let (mut ship, mut feed, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, at) in written {
+        // Row ids are `w{writer}-{round}`; the writer's device is `w{writer:04}`.
+        let Some(device) = id.split('-').next().and_then(|w| w.strip_prefix('w')?.parse::<usize>().ok()) else {
+            continue;
+        };
+        let [batch, ack, fed] = stages(seen, &format!("w{device:04}"), *at);
+        ship.extend(batch);
+        feed.extend(fed);
+        rows.push((slowest.get(id.as_str()).copied().unwrap_or(f64::INFINITY), id, batch, ack, fed));
+    }
+    ship.sort_by(f64::total_cmp);
+    feed.sort_by(f64::total_cmp);
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let show = |v: Option<f64>| v.map_or("-".to_owned(), |ms| format!("{ms:.1}"));
+    let table = rows
+        .iter()
+        .take(10)
+        .map(|(worst, id, b, a, f)| format!("  {id}: {}, {}, {}; {worst:.1}", show(*b), show(*a), show(*f)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (ship, feed, table)
+}
+
 /// Polls an observer's table for rows it has not seen yet; returns the delay of each write
-/// it saw, by the time it saw it.
-fn observe(db: PathBuf, written: Written, expected: usize, until: Instant) -> anyhow::Result<Vec<f64>> {
+/// it saw (row id and ms), by the time it saw it.
+fn observe(db: PathBuf, written: Written, expected: usize, until: Instant) -> anyhow::Result<Vec<(String, f64)>> {
     let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let mut stmt = conn.prepare("SELECT rowid, id FROM orders WHERE rowid > ?1 ORDER BY rowid")?;
@@ -98,7 +211,7 @@ fn observe(db: PathBuf, written: Written, expected: usize, until: Instant) -> an
         for (rowid, id) in rows {
             last = last.max(rowid);
             if let Some(at) = written.get(&id) {
-                delays.push(now.duration_since(*at).as_secs_f64() * 1000.0);
+                delays.push((id, now.duration_since(*at).as_secs_f64() * 1000.0));
             }
         }
         drop(written);
@@ -114,6 +227,13 @@ async fn main() -> anyhow::Result<()> {
     let every = Duration::from_secs(env_usize("FANOUT_EVERY_S", 2) as u64);
     let rounds = (seconds as u64 / every.as_secs().max(1)).max(1) as usize;
     let dir = tempfile::tempdir()?;
+    // The simulated devices' databases: not on the gateway's disk unless asked
+    // (FANOUT_DEVICE_DIR), since real devices each have storage of their own.
+    let devices_dir = match std::env::var_os("FANOUT_DEVICE_DIR") {
+        Some(parent) => tempfile::tempdir_in(parent)?,
+        None if std::path::Path::new(SHARED_MEMORY).is_dir() => tempfile::tempdir_in(SHARED_MEMORY)?,
+        None => tempfile::tempdir()?,
+    };
     let url = bench_broker_url();
     let regions = env_usize("FANOUT_REGIONS", 0);
     let scoped = regions > 0;
@@ -140,13 +260,13 @@ async fn main() -> anyhow::Result<()> {
     let mut writers = Vec::with_capacity(devices);
     let mut dbs = Vec::new();
     for d in 0..devices {
-        let (agent, db) = device(dir.path(), &url, &tenant, &format!("w{d:04}"), scoped).await?;
+        let (agent, db) = device(devices_dir.path(), &url, &tenant, &format!("w{d:04}"), scoped).await?;
         writers.push(agent);
         dbs.push(db);
     }
     let mut observers = Vec::with_capacity(OBSERVERS);
     for o in 0..OBSERVERS {
-        let observer = device(dir.path(), &url, &tenant, &format!("observer{o}"), scoped).await?;
+        let observer = device(devices_dir.path(), &url, &tenant, &format!("observer{o}"), scoped).await?;
         dbs.push(observer.1.clone());
         observers.push(observer);
     }
@@ -164,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("{} devices created and connected in {:.1}s", devices + OBSERVERS, setup.elapsed().as_secs_f64());
 
+    let sniffed = sniff(&url, &tenant)?;
     let written: Written = Arc::new(Mutex::new(HashMap::new()));
     // What the observers (region 0) are to see.
     let expected = (0..devices).filter(|&d| region(d) == region(0)).count() * rounds;
@@ -213,10 +334,11 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         agents.push(t.await??);
     }
-    let mut delays = Vec::new();
+    let mut seen_by = Vec::new();
     for w in watching {
-        delays.extend(w.join().map_err(|_| anyhow::anyhow!("an observer panicked"))??);
+        seen_by.extend(w.join().map_err(|_| anyhow::anyhow!("an observer panicked"))??);
     }
+    let mut delays: Vec<f64> = seen_by.iter().map(|(_, ms)| *ms).collect();
     let cpu = gateway.cpu_seconds() - cpu_before;
     let fleet_cpu = cpu_seconds("self") - fleet_before;
     // Rows of other regions on the observers (none may reach them).
@@ -230,6 +352,17 @@ async fn main() -> anyhow::Result<()> {
         agent.stop().await;
     }
     delays.sort_by(f64::total_cmp);
+    let (ship, merged, slowest) = trace(&sniffed.lock().expect("lock"), &written.lock().expect("lock"), &seen_by);
+    println!(
+        "write to batch at the broker: p50 {:.1} ms, p99 {:.1} ms; write to feed: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&ship, 50.0),
+        percentile(&ship, 99.0),
+        percentile(&merged, 50.0),
+        percentile(&merged, 99.0)
+    );
+    let pulls = sniffed.lock().expect("lock").iter().filter(|(_, s)| matches!(s, Seen::Pull)).count();
+    println!("pulls during the run: {pulls}");
+    println!("slowest writes (ms after the write: batch at the broker, ack, feed; slowest observer):\n{slowest}");
     let seen_fraction = delays.len() as f64 / (expected * OBSERVERS) as f64;
     println!(
         "{devices} writers in {} region(s) x {rounds} writes, {OBSERVERS} observers: seen {:.4} of them; p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; gateway CPU {cpu:.1} s, devices' CPU {fleet_cpu:.1} s",
@@ -249,6 +382,9 @@ async fn main() -> anyhow::Result<()> {
         ("gateway_cpu_s", cpu),
         ("fleet_cpu_s", fleet_cpu),
         ("seen_fraction", seen_fraction),
+        ("ship_p99_ms", percentile(&ship, 99.0)),
+        ("feed_p99_ms", percentile(&merged, 99.0)),
+        ("pulls", pulls as f64),
         ("foreign_rows", foreign_rows as f64),
     ]);
     Ok(())

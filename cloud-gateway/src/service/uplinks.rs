@@ -2,7 +2,7 @@
 //! panics, the group's commit, and the answers sent only after it (group commit).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use driftless_core::protocol::Uplink;
 use rumqttc::{AsyncClient, Publish};
@@ -165,17 +165,42 @@ pub(super) async fn handle_group<S: GatewayStore + 'static>(
 ) -> Result<()> {
     let (store2, cfg2) = (store.clone(), cfg.clone());
     let deliveries: Vec<Publish> = group.iter().map(|(_, p)| p.clone()).collect();
+    let began = Instant::now();
     // SQLite work is blocking; no lock is held across an await.
-    let handled = tokio::task::spawn_blocking(move || handle_group_blocking(&store2, &cfg2, &deliveries))
+    let (handled, took) = tokio::task::spawn_blocking(move || handle_group_blocking(&store2, &cfg2, &deliveries))
         .await
         .map_err(|e| Error::WorkerGone(e.to_string()))?;
+    let (n, handed) = (group.len(), Instant::now());
     for ((ticket, publish), handled) in group.into_iter().zip(handled) {
         answer(client, pokes, &publish, handled).await?;
         // Acknowledged to the broker in every case: the message was merged, refused, or is
         // the device's to send again. Holding it would only stall this session.
         acks.done(client, ticket);
     }
+    let answering = handed.elapsed();
+    if began.elapsed() >= SLOW_GROUP {
+        tracing::warn!(
+            messages = n,
+            store_lock_ms = took.lock.as_millis() as u64,
+            merging_ms = took.merging.as_millis() as u64,
+            committing_ms = took.committing.as_millis() as u64,
+            answering_ms = answering.as_millis() as u64,
+            "a slow group of merges"
+        );
+    }
     Ok(())
+}
+
+/// A group taking this long is logged with where its time went.
+pub(super) const SLOW_GROUP: Duration = Duration::from_millis(200);
+
+/// Where a group's time went on the store's thread.
+#[derive(Default)]
+struct GroupTimes {
+    /// Waiting for the store (another task holding it).
+    lock: Duration,
+    merging: Duration,
+    committing: Duration,
 }
 
 /// Handles a group's deliveries in the store's group transactions and commits them: what
@@ -187,11 +212,14 @@ fn handle_group_blocking<S: GatewayStore>(
     store: &Mutex<S>,
     cfg: &HandlerConfig,
     deliveries: &[Publish],
-) -> Vec<Result<Handled>> {
+) -> (Vec<Result<Handled>>, GroupTimes) {
+    let waited = Instant::now();
     // A panic while the lock was held leaves a poisoned lock; the store rolled back whatever
     // was open as it unwound, so it is safe to go on using.
     let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
     let store = &mut *guard;
+    let mut times = GroupTimes { lock: waited.elapsed(), ..GroupTimes::default() };
+    let merging = Instant::now();
     let mut handled: Vec<Result<Handled>> = Vec::with_capacity(deliveries.len());
     // Where the open group starts in `handled`.
     let mut open: Option<usize> = None;
@@ -209,8 +237,11 @@ fn handle_group_blocking<S: GatewayStore>(
         }
         handled.push(handle_blocking(store, cfg, delivery, open.is_some()));
     }
+    times.merging = merging.elapsed();
+    let committing = Instant::now();
     close_group(store, &mut handled, open);
-    handled
+    times.committing = committing.elapsed();
+    (handled, times)
 }
 
 /// Commits the group that starts at `from` in `handled`; if that fails, none of it is
@@ -303,12 +334,12 @@ mod tests {
         ];
         let cfg = HandlerConfig::default();
         let store = Mutex::new(Faulty(open(&dir), Fault::Commits));
-        let handled = handle_group_blocking(&store, &cfg, &group);
+        let (handled, _) = handle_group_blocking(&store, &cfg, &group);
         assert!(handled.iter().all(|h| matches!(h, Ok(Handled::Failed(_)))), "answered before it was durable");
         // Commits work again: the same batches, redelivered, are acknowledged.
         store.lock().expect("lock").1 = Fault::Nothing;
         let again: Vec<Publish> = group.iter().cloned().map(|p| Publish { dup: true, ..p }).collect();
-        let handled = handle_group_blocking(&store, &cfg, &again);
+        let (handled, _) = handle_group_blocking(&store, &cfg, &again);
         assert!(handled.iter().all(acked), "not acknowledged once durable");
     }
 
@@ -329,7 +360,7 @@ mod tests {
         let store = Mutex::new(store);
         // Group commits fail: what was grouped is not answered; what was handled alone, in
         // transactions of its own, is.
-        let handled = handle_group_blocking(&store, &cfg, &group);
+        let (handled, _) = handle_group_blocking(&store, &cfg, &group);
         let answered: Vec<bool> = handled.iter().map(acked).collect();
         assert_eq!(answered, [false, true, true, false]);
     }
@@ -345,7 +376,7 @@ mod tests {
         group[1].dup = true;
         let cfg = HandlerConfig::default();
         let store = Mutex::new(Faulty(open(&dir), Fault::Nothing));
-        let handled = handle_group_blocking(&store, &cfg, &group);
+        let (handled, _) = handle_group_blocking(&store, &cfg, &group);
         assert!(handled.iter().all(acked), "every one acknowledged, none refused");
         // All of it is in the database, seen from another connection.
         let seen = rusqlite::Connection::open(dir.path().join("gw.db")).expect("open");
