@@ -14,6 +14,7 @@ mod evict;
 mod identity;
 mod meta;
 mod outbox;
+mod pulled;
 mod reconcile;
 mod refusals;
 mod schema;
@@ -197,6 +198,8 @@ pub struct Store {
     /// Set when the in-memory mirror could not be reloaded after a rollback: it may then hold
     /// dictionary entries the database lost, so every later write is refused.
     poisoned: bool,
+    /// Sync state noted to be written with the next transaction ([`Store::note_sync_state`]).
+    noted: Vec<(String, String)>,
 }
 
 impl fmt::Debug for Store {
@@ -276,7 +279,7 @@ impl Store {
         schema::upgrade_journals(&tx)?;
         tx.commit()?;
         let inner = Inner::load(&conn, opts)?;
-        Ok(Store { conn, reader: RefCell::new(None), path, inner, poisoned: false })
+        Ok(Store { conn, reader: RefCell::new(None), path, inner, poisoned: false, noted: Vec::new() })
     }
 
     /// This replica's node id.
@@ -341,14 +344,21 @@ impl Store {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Another process (the command line tracking a table) may have changed what the
         // mirror holds; the write lock is held now, so what is read stays true.
-        let result = match meta_version(&tx) {
+        let mut result = match meta_version(&tx) {
             Ok(v) if v != self.inner.meta_version => self.inner.reload(&tx),
             Ok(_) => Ok(()),
             Err(e) => Err(e),
         };
+        // Noted sync state commits with this transaction, or is dropped with it.
+        let noted = std::mem::take(&mut self.noted);
+        for (key, value) in &noted {
+            result = result.and_then(|()| settings::set(&tx, key, value));
+        }
         match result.and_then(|()| f(&tx, &mut self.inner)).and_then(|v| tx.commit().map(|()| v).map_err(Error::from)) {
             Ok(v) => Ok(v),
             Err(e) => {
+                // Noted state waits for the next transaction that commits.
+                self.noted = noted;
                 // The transaction rolled back; bring the in-memory mirror back in line with it.
                 if self.inner.reload(&self.conn).is_err() {
                     self.poisoned = true;
@@ -536,104 +546,6 @@ impl Store {
         })
     }
 
-    /// A value the sync layer keeps with the data (cursors, last sync time), so it commits
-    /// and rolls back with it.
-    pub fn sync_state(&self, key: &str) -> Result<Option<String>> {
-        settings::get(&self.conn, &format!("sync.{key}"))
-    }
-
-    /// Sets a value read back by [`Store::sync_state`].
-    pub fn set_sync_state(&mut self, key: &str, value: &str) -> Result<()> {
-        self.transact(|tx, _| settings::set(tx, &format!("sync.{key}"), &value))
-    }
-
-    /// Applies a batch and moves the pull cursor to `to` in the same transaction (a cursor
-    /// moves only together with the changes it covers), but only if the cursor is as the pull
-    /// found it: at position `from` (`None`: no cursor) with `resets` resets so far. An answer
-    /// to an older pull, or one that crossed a reset (`track` asking for a fresh snapshot),
-    /// changes nothing (an empty report). With `from_tag`, the cursor's tag must match too: a
-    /// change published for every device names the entry it follows, and a cursor at that
-    /// position with another tag was read from a log since rolled back.
-    ///
-    /// `evict` names rows (keys only) that left this device's scope: they are dropped, in the
-    /// same transaction, without a delete being synced.
-    pub fn apply_with_cursor(
-        &mut self,
-        batch: &Batch,
-        evict: &[crate::batch::RowChange],
-        from: Option<u64>,
-        from_tag: Option<u64>,
-        resets: u64,
-        to: LogCursor,
-    ) -> Result<ApplyReport> {
-        // An answer to an older pull, or one from a store since replaced, is not applied at
-        // all: what it holds is pulled again from where the cursor is, and state taken in
-        // without a cursor to show for it could never be checked against a restored store.
-        let as_pulled = |conn: &Connection| -> Result<bool> {
-            let at = cursor::get(conn)?;
-            Ok(at.map(|c| c.position) == from
-                && from_tag.is_none_or(|tag| at.is_some_and(|c| c.tag == tag))
-                && cursor::resets(conn)? == resets)
-        };
-        if !as_pulled(&self.conn)? {
-            return Ok(ApplyReport { cursor: cursor::get(&self.conn)?, ..ApplyReport::default() });
-        }
-        let moved = std::cell::Cell::new(false);
-        let mut report = self.apply_holding_back(batch, evict, |tx| {
-            moved.set(as_pulled(tx)?);
-            if moved.get() {
-                cursor::set(tx, to)?;
-            }
-            Ok(())
-        })?;
-        report.moved = moved.get();
-        report.cursor = cursor::get(&self.conn)?;
-        Ok(report)
-    }
-
-    /// Applies a snapshot page that is not the last, noting in the same transaction where the
-    /// snapshot goes on and how far it got (`at`), if the cursor is still unset and was reset
-    /// `resets` times, as when the snapshot started: a snapshot interrupted goes on from there
-    /// ([`Store::snapshot_position`]).
-    pub fn apply_snapshot_page(&mut self, batch: &Batch, at: &SnapshotAt, resets: u64) -> Result<ApplyReport> {
-        self.apply_holding_back(batch, &[], |tx| cursor::set_snapshot_at(tx, at, resets).map(|_| ()))
-    }
-
-    /// Where an interrupted snapshot goes on (the next page's resume token and the log
-    /// position it continues from) and how far it got; `None`: no snapshot under way, or a
-    /// cursor is set.
-    pub fn snapshot_position(&self) -> Result<Option<SnapshotAt>> {
-        cursor::snapshot_at(&self.conn)
-    }
-
-    /// Applies `batch` and runs `also` in the same transaction. If an app constraint rolls the
-    /// whole transaction back on some row, starts over with that row held back from the app's
-    /// table (merged, recorded as unapplied), so one row never blocks the batch.
-    fn apply_holding_back(
-        &mut self,
-        batch: &Batch,
-        evict: &[crate::batch::RowChange],
-        also: impl Fn(&Transaction<'_>) -> Result<()>,
-    ) -> Result<ApplyReport> {
-        let mut hold_back = std::collections::HashSet::new();
-        loop {
-            let attempt = self.transact(|tx, inner| {
-                let report = apply::apply(tx, inner, batch, &hold_back, evict)?;
-                also(tx)?;
-                Ok(report)
-            });
-            match attempt {
-                Err(Error::AppRolledBack { table, key }) if hold_back.len() < batch.rows.len() + evict.len() => {
-                    let id = self.inner.catalog.by_name(&table).map_or(-1, |t| self.inner.catalog.tables[t].id);
-                    if !hold_back.insert((id, key)) {
-                        return Err(Error::AppRolledBack { table, key: Vec::new() });
-                    }
-                }
-                other => return other,
-            }
-        }
-    }
-
     /// Where this replica has caught up to in the gateway's log (`None` before the first
     /// snapshot, or after something made the current state worth fetching again), and how
     /// many times the cursor was reset so far.
@@ -644,12 +556,6 @@ impl Store {
     /// Number of local changes not yet acknowledged (sealed or still journaled).
     pub fn pending_changes(&self) -> Result<u64> {
         outbox::pending(&self.conn, &self.inner)
-    }
-
-    /// Merges a remote batch: seals local changes first, then joins every row, writes the
-    /// resulting values into the app's tables without re-capturing them, all in one transaction.
-    pub fn apply(&mut self, batch: &Batch) -> Result<ApplyReport> {
-        self.apply_holding_back(batch, &[], |_| Ok(()))
     }
 
     /// A page of the full state of every tracked row, for bootstrapping another replica.

@@ -479,3 +479,35 @@ fn a_snapshot_notes_where_it_goes_on_until_a_cursor_is_set_or_reset() {
     b.apply_with_cursor(&Batch::default(), &[], None, None, resets, log).expect("last page");
     assert_eq!(b.snapshot_position().expect("position"), None);
 }
+
+/// Sync state noted for the next transaction (the agent's last sync time) commits with the
+/// change it describes, and waits through a transaction that rolls back.
+#[test]
+fn noted_sync_state_commits_with_the_next_transaction_that_commits() {
+    use driftless_core::LogCursor;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    a.write(|tx| Ok(tx.execute_batch("INSERT INTO inspections(id, status) VALUES ('i1', 'open')")?)).expect("write");
+    let change = a.outbox_batch(10).expect("outbox").expect("a change").batch;
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    let (_, resets) = b.cursor().expect("cursor");
+    // Refused (sealing held): rolled back, the note kept.
+    b.hold_seal();
+    b.note_sync_state("last_sync_ms", "5");
+    assert!(b.apply_with_cursor(&change, &[], None, None, resets, LogCursor { position: 2, tag: 1 }).is_err());
+    assert_eq!(b.sync_state("last_sync_ms").expect("state"), None);
+    assert_eq!(b.cursor().expect("cursor").0, None);
+    // The next transaction that commits writes it.
+    b.set_sync_state("connected", "1").expect("set");
+    assert_eq!(b.sync_state("last_sync_ms").expect("state").as_deref(), Some("5"));
+    // With an apply: in its transaction, once.
+    let mut c = open(dir.path(), "c.db", StoreOptions::default(), TableSpec::new());
+    c.note_sync_state("last_sync_ms", "9");
+    let report =
+        c.apply_with_cursor(&change, &[], None, None, resets, LogCursor { position: 2, tag: 1 }).expect("apply");
+    assert!(report.moved && report.applied == 1, "{report:?}");
+    assert_eq!(c.sync_state("last_sync_ms").expect("state").as_deref(), Some("9"));
+    c.set_sync_state("last_sync_ms", "10").expect("set");
+    c.set_sync_state("connected", "1").expect("set");
+    assert_eq!(c.sync_state("last_sync_ms").expect("state").as_deref(), Some("10"), "written once, not again");
+}

@@ -48,8 +48,8 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
             }
             StoreOp::Ack { first, last, refused, receipts } => {
                 let refused: Vec<(u32, String)> = refused.into_iter().map(|r| (r.index, r.reason)).collect();
+                store.note_sync_state(LAST_SYNC_KEY, &now_ms.to_string());
                 let removed = store.ack_refusing(first, last, &refused, receipts.as_ref())?;
-                store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
                 StoreResult::Acked(removed)
             }
             StoreOp::Reject { first, last, reason } => {
@@ -66,8 +66,8 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                 }
             }
             StoreOp::ApplyPage { batch, at, resets } => {
+                store.note_sync_state(LAST_SYNC_KEY, &now_ms.to_string());
                 let report = store.apply_snapshot_page(&batch, &at, resets)?;
-                store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
                 StoreResult::Applied(report)
             }
             StoreOp::Rescope { version, tables } => {
@@ -75,14 +75,14 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                 StoreResult::Rescoped(if changed { Some(store.rescope(version, &tables)?) } else { None })
             }
             StoreOp::Apply { batch, cursor, evict } => {
+                if !batch.rows.is_empty() {
+                    store.note_sync_state(LAST_SYNC_KEY, &now_ms.to_string());
+                }
                 let report = match cursor {
                     Some(m) => store.apply_with_cursor(&batch, &evict, m.from, m.from_tag, m.resets, m.to)?,
                     None => store.apply(&batch)?,
                     // (Evictions come only with a pull's page, which always moves the cursor.)
                 };
-                if !batch.rows.is_empty() {
-                    store.set_sync_state(LAST_SYNC_KEY, &now_ms.to_string())?;
-                }
                 StoreResult::Applied(report)
             }
         })
