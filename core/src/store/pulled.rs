@@ -32,7 +32,10 @@ impl Store {
     /// transaction that commits (the one that applies what it describes, or acknowledges
     /// it): a commit less for every change taken in.
     pub fn note_sync_state(&mut self, key: &str, value: &str) {
-        self.noted.push((format!("sync.{key}"), value.to_owned()));
+        // One value per key: a store that keeps failing must not pile up notes.
+        let key = format!("sync.{key}");
+        self.noted.retain(|(k, _)| *k != key);
+        self.noted.push((key, value.to_owned()));
     }
 
     /// Merges a remote batch: seals local changes first, then joins every row, writes the
