@@ -121,7 +121,15 @@ fn sniff(url: &str, tenant: &str) -> anyhow::Result<Sniffed> {
             let _client = client.subscribe(filter, rumqttc::QoS::AtMostOnce).await.map(|()| client);
             let limits = Limits::default();
             loop {
-                let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = events.poll().await else { continue };
+                let p = match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => p,
+                    Ok(_) => continue,
+                    // Not a spin on a broken connection; the run then fails on an empty trace.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let now = Instant::now();
                 let device = p.topic.split('/').nth(2).unwrap_or_default().to_owned();
                 let what = if p.topic.ends_with("/up") {
@@ -352,6 +360,8 @@ async fn main() -> anyhow::Result<()> {
         agent.stop().await;
     }
     delays.sort_by(f64::total_cmp);
+    // Stage times from a trace that missed the run would read as zero, not as unknown.
+    anyhow::ensure!(!sniffed.lock().expect("lock").is_empty(), "the sniffer saw no message of the run");
     let (ship, merged, slowest) = trace(&sniffed.lock().expect("lock"), &written.lock().expect("lock"), &seen_by);
     println!(
         "write to batch at the broker: p50 {:.1} ms, p99 {:.1} ms; write to feed: p50 {:.1} ms, p99 {:.1} ms",
