@@ -66,7 +66,7 @@ fn row(node: NodeId, i: usize, regions: usize) -> RowChange {
 }
 
 /// Fills the gateway's store as the back office's loads would have, before it starts.
-fn fill(store: &mut SqliteStore, rows: usize, regions: usize) -> anyhow::Result<Batch> {
+fn fill(store: &mut SqliteStore, rows: usize, regions: usize, region: &str) -> anyhow::Result<Batch> {
     store.install_schema(SCHEMA)?;
     let node = NodeId([7; 16]);
     let mut scope = Batch::default();
@@ -77,7 +77,7 @@ fn fill(store: &mut SqliteStore, rows: usize, regions: usize) -> anyhow::Result<
             batch
                 .rows
                 .iter()
-                .filter(|r| r.state.fields["region"].entries[0].value == Value::Text("r042".into()))
+                .filter(|r| r.state.fields["region"].entries[0].value == Value::Text(region.into()))
                 .cloned(),
         );
         let from = Incoming {
@@ -149,9 +149,11 @@ async fn main() -> anyhow::Result<()> {
     let schema_file = dir.path().join("schema.toml");
     std::fs::write(&schema_file, SCHEMA)?;
     let mut store = SqliteStore::open(&gw_db)?;
-    let scope = fill(&mut store, rows, regions)?;
+    // The new device's region: r042 of the default 100.
+    let region = format!("r{:03}", 42 % regions);
+    let scope = fill(&mut store, rows, regions, &region)?;
     store.register_device(TENANT, "tab-new", "", None, 1)?;
-    let params: Params = [("region".to_owned(), "r042".to_owned())].into();
+    let params: Params = [("region".to_owned(), region)].into();
     store.set_params(TENANT, "tab-new", &params)?;
     drop(store);
     let want = scope.rows.len() as i64;
