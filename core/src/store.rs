@@ -17,6 +17,7 @@ mod outbox;
 mod pulled;
 mod reconcile;
 mod refusals;
+mod row_sql;
 mod schema;
 mod seal;
 mod settings;

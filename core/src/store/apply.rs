@@ -98,7 +98,10 @@ pub(crate) fn apply(
             inner.nodes.set_role(conn, *node, role)?;
         }
     }
-    let mut rows = DeviceRows { conn, inner, hold_back, table: 0, had_conflicts: false, extra: Extra::default() };
+    // Most stores hold no unapplied row: then no write has one to clear.
+    let unapplied_held = refusals::holds_unapplied(conn)?;
+    let mut rows =
+        DeviceRows { conn, inner, hold_back, table: 0, had_conflicts: false, unapplied_held, extra: Extra::default() };
     let limits = rows.inner.opts.limits.clone();
     let merged = merge_batch(
         &mut rows,
@@ -143,6 +146,9 @@ struct DeviceRows<'a> {
     /// The catalog index of the row being merged, and whether it held conflicts before.
     table: usize,
     had_conflicts: bool,
+    /// Whether `_driftless_unapplied` may hold a row (it did when the merge began, or one
+    /// was recorded since).
+    unapplied_held: bool,
     extra: Extra,
 }
 
@@ -208,7 +214,8 @@ impl RowStore for DeviceRows<'_> {
             write_app_row(conn, self.inner, t, &merged.pk, &merged.state)
         };
         match written {
-            Ok(()) => refusals::clear_unapplied(conn, id, &key)?,
+            Ok(()) if self.unapplied_held => refusals::clear_unapplied(conn, id, &key)?,
+            Ok(()) => {}
             // The app's own constraints refused the row (the failed statement left no trace).
             // The merged state is still saved, so nothing is lost, and the refusal is recorded
             // instead of failing the batch: one such row must not block every row after it.
@@ -219,10 +226,12 @@ impl RowStore for DeviceRows<'_> {
                     return Err(Error::AppRolledBack { table: merged.table, key });
                 }
                 self.extra.unapplied += 1;
+                self.unapplied_held = true;
                 refusals::record_unapplied(conn, id, &key, &e.to_string(), self.inner.now(), &shown)?;
             }
             Err(e @ Error::AppRolledBack { .. }) => {
                 self.extra.unapplied += 1;
+                self.unapplied_held = true;
                 refusals::record_unapplied(conn, id, &key, &e.to_string(), self.inner.now(), &shown)?;
             }
             Err(e) => return Err(e),
@@ -271,9 +280,7 @@ fn forget_journaled(conn: &Connection, info: &TableInfo, pk: &[Value]) -> Result
     if !info.journal {
         return Ok(());
     }
-    let keys: Vec<String> = (0..info.pk.len()).map(|i| format!("k{i} = ?{}", i + 1)).collect();
-    let sql = format!("DELETE FROM {} WHERE {}", ident(&info.pending_table()), keys.join(" AND "));
-    conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(pk.iter()))?;
+    conn.prepare_cached(&info.sql.forget(info))?.execute(rusqlite::params_from_iter(pk.iter()))?;
     Ok(())
 }
 
@@ -307,47 +314,27 @@ fn write_app_row(
 ) -> Result<()> {
     let info = &inner.catalog.tables[t];
     let Some(values) = view::row_values(state, &info.spec, &inner.nodes.roles) else {
-        let key_match: Vec<String> =
-            info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", ident(c), i + 1)).collect();
-        let sql = format!("DELETE FROM {} WHERE {}", ident(&info.name), key_match.join(" AND "));
-        conn.prepare_cached(&sql)?.execute(rusqlite::params_from_iter(pk.iter()))?;
+        conn.prepare_cached(&info.sql.delete(info))?.execute(rusqlite::params_from_iter(pk.iter()))?;
         return Ok(());
     };
-    let mut cols: Vec<&str> = Vec::with_capacity(values.len());
-    let mut params: Vec<&Value> = pk.iter().collect();
+    // The app columns the state holds a value for, in the table's order; a column it holds
+    // none for is left as it is (or to its default). Counter columns always show their sum,
+    // even before any node has counted.
+    let zero = Value::Integer(0);
+    let mut slots: Vec<Option<&Value>> = vec![None; info.app.len()];
     for (column, value) in &values {
-        if info.is_app_column(column) {
-            cols.push(column);
+        if let Some(i) = info.app.iter().position(|c| c.name == *column) {
+            slots[i] = Some(value);
+        }
+    }
+    let mut cols: Vec<u32> = Vec::with_capacity(slots.len());
+    let mut params: Vec<&Value> = pk.iter().collect();
+    for (i, (slot, c)) in slots.iter().zip(&info.app).enumerate() {
+        if let Some(value) = slot.or(c.counter.then_some(&zero)) {
+            cols.push(i as u32);
             params.push(value);
         }
     }
-    // Counter columns always show their sum, even before any node has counted.
-    let zero = Value::Integer(0);
-    for c in info.counter_columns() {
-        if !cols.contains(&c.name.as_str()) {
-            cols.push(&c.name);
-            params.push(&zero);
-        }
-    }
-    conn.prepare_cached(&upsert_sql(info, &cols))?.execute(rusqlite::params_from_iter(params))?;
+    conn.prepare_cached(&info.sql.upsert(info, &cols))?.execute(rusqlite::params_from_iter(params))?;
     Ok(())
-}
-
-fn upsert_sql(info: &TableInfo, cols: &[&str]) -> String {
-    let names: Vec<String> = info.pk.iter().map(|c| ident(c)).chain(cols.iter().map(|c| ident(c))).collect();
-    let slots: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
-    let keys: Vec<String> = info.pk.iter().map(|c| ident(c)).collect();
-    let action = if cols.is_empty() {
-        "NOTHING".to_owned()
-    } else {
-        let sets: Vec<String> = cols.iter().map(|c| format!("{0} = excluded.{0}", ident(c))).collect();
-        format!("UPDATE SET {}", sets.join(", "))
-    };
-    format!(
-        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
-        ident(&info.name),
-        names.join(", "),
-        slots.join(", "),
-        keys.join(", ")
-    )
 }

@@ -44,6 +44,8 @@ pub(crate) struct TableInfo {
     /// The capture journal exists: always for a table that captures, and for a table no
     /// longer captured until the writes journaled before that are sealed.
     pub(crate) journal: bool,
+    /// The statements that write its app rows, built on first use.
+    pub(crate) sql: super::row_sql::RowSql,
 }
 
 impl TableInfo {
@@ -69,10 +71,6 @@ impl TableInfo {
 
     pub(crate) fn pending_table(&self) -> String {
         format!("_driftless_pending_{}", self.id)
-    }
-
-    pub(crate) fn is_app_column(&self, name: &str) -> bool {
-        self.app.iter().any(|c| c.name == name)
     }
 }
 
@@ -144,6 +142,7 @@ impl Catalog {
                 key_not_null,
                 tracked,
                 journal,
+                sql: Default::default(),
             });
         }
         Ok(catalog)

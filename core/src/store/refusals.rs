@@ -57,6 +57,11 @@ pub(crate) fn record_unapplied(
     Ok(())
 }
 
+/// Whether any row is recorded as unapplied.
+pub(crate) fn holds_unapplied(conn: &Connection) -> Result<bool> {
+    Ok(conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM _driftless_unapplied)")?.query_row([], |r| r.get(0))?)
+}
+
 /// The app row shows the merged state again.
 pub(crate) fn clear_unapplied(conn: &Connection, tbl: i64, key: &[u8]) -> Result<()> {
     conn.prepare_cached("DELETE FROM _driftless_unapplied WHERE tbl = ?1 AND pk = ?2")?

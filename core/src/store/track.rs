@@ -158,6 +158,7 @@ pub(crate) fn track(conn: &Connection, inner: &mut Inner, table: &str, spec: Tab
         key_not_null,
         tracked: true,
         journal,
+        sql: Default::default(),
     };
     // (Untracked meanwhile, the app's rows may have been edited but remote changes were not
     // shown: every column it had still counts as shown, edits made meanwhile are local writes.)
