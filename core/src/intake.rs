@@ -10,6 +10,7 @@
 //! store writes it, and may still refuse it (a constraint of the table that shows it). One
 //! bad row never stops the rows after it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::batch::{Batch, RowChange};
@@ -117,6 +118,9 @@ pub struct IntakeRules<'a> {
     /// The schema's scopes, to record where each changed row moved (at the gateway, which
     /// logs it), and the writer's own scope, outside which its rows are refused.
     pub scopes: Option<ScopeRules<'a>>,
+    /// Whether the report keeps the rows as merged ([`IntakeReport::changed`]): the gateway
+    /// logs them; a device needs only where they are in the batch.
+    pub keep_changed: bool,
 }
 
 /// Scopes in a merge.
@@ -144,7 +148,9 @@ pub struct IntakeReport {
     pub skewed: BTreeMap<NodeId, Hlc>,
     /// The highest dot counter of each node among the rows taken (merged or duplicate).
     pub counters: BTreeMap<NodeId, u64>,
-    /// The rows as merged (timestamps bounded) whose state changed, in batch order.
+    /// Where the rows whose state changed are in the batch, in batch order.
+    pub changed_at: Vec<usize>,
+    /// With [`IntakeRules::keep_changed`]: those rows as merged (timestamps bounded).
     pub changed: Vec<RowChange>,
     /// With [`IntakeRules::scopes`]: where each row of `changed` moved (`None`: a table
     /// without a scope).
@@ -176,7 +182,8 @@ pub fn merge_batch<S: RowStore>(
                 continue;
             }
         }
-        let mut incoming = row.clone();
+        // Copied only to bound its timestamps, or to be kept in the report.
+        let mut incoming = Cow::Borrowed(row);
         if let Some(bound) = rules.bound
             && incoming.state.max_hlc().is_some_and(|(_, h)| h > bound.limit)
         {
@@ -186,7 +193,7 @@ pub fn merge_batch<S: RowStore>(
                     *e = (*e).max(hlc);
                 }
             }
-            report.bounded += bound_future_timestamps(&mut incoming.state, bound.limit, bound.to).len();
+            report.bounded += bound_future_timestamps(&mut incoming.to_mut().state, bound.limit, bound.to).len();
         }
         let (mut state, mut roles) = store.load(&incoming)?;
         if let Some(reason) = rules.vouch.and_then(|v| v.check(&row.table, &incoming.state, &state)) {
@@ -249,7 +256,10 @@ pub fn merge_batch<S: RowStore>(
         match store.write(&incoming, merged, &roles)? {
             Written::Done => {
                 report.applied += 1;
-                report.changed.push(incoming);
+                report.changed_at.push(index);
+                if rules.keep_changed {
+                    report.changed.push(incoming.into_owned());
+                }
                 if rules.scopes.is_some() {
                     report.moves.push(moved);
                 }

@@ -74,7 +74,7 @@ fn row(table: &str, key: i64, node_id: u8, counter: u64, ms: u64, v: i64) -> Row
 }
 
 fn rules(limits: &Limits, bound: Option<ClockBound>) -> IntakeRules<'_> {
-    IntakeRules { limits, bound, vouch: None, roles: None, scopes: None }
+    IntakeRules { limits, bound, vouch: None, roles: None, scopes: None, keep_changed: true }
 }
 
 #[test]
@@ -140,7 +140,7 @@ fn sender_one() -> Vouch {
 }
 
 fn vouched<'a>(limits: &'a Limits, vouch: &'a Vouch) -> IntakeRules<'a> {
-    IntakeRules { limits, bound: None, vouch: Some(vouch), roles: None, scopes: None }
+    IntakeRules { limits, bound: None, vouch: Some(vouch), roles: None, scopes: None, keep_changed: true }
 }
 
 #[test]
@@ -237,7 +237,14 @@ fn the_receivers_roles_replace_the_ones_a_batch_declares() {
     let mut store = Rows::default();
     let batch = Batch { roles: BTreeMap::from([(node(1), "hq".to_owned())]), rows: vec![row("t", 1, 1, 1, 10, 1)] };
     let known = BTreeMap::from([(node(1), "field".to_owned())]);
-    let rules = IntakeRules { limits: &limits, bound: None, vouch: None, roles: Some(&known), scopes: None };
+    let rules = IntakeRules {
+        limits: &limits,
+        bound: None,
+        vouch: None,
+        roles: Some(&known),
+        scopes: None,
+        keep_changed: true,
+    };
     merge_batch(&mut store, &batch, rules).unwrap();
     assert_eq!(store.held[&key(1)].1, known);
 }

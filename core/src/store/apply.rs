@@ -106,7 +106,7 @@ pub(crate) fn apply(
     let merged = merge_batch(
         &mut rows,
         batch,
-        IntakeRules { limits: &limits, bound: None, vouch: None, roles: None, scopes: None },
+        IntakeRules { limits: &limits, bound: None, vouch: None, roles: None, scopes: None, keep_changed: false },
     )?;
     let DeviceRows { inner, extra, .. } = rows;
     for (index, reason) in &merged.refused {
@@ -126,11 +126,11 @@ pub(crate) fn apply(
     };
     let mut reported = HashSet::new();
     let mut newest: Vec<(NodeId, Hlc)> = Vec::new();
-    for row in &merged.changed {
+    for row in merged.changed_at.iter().map(|&i| &batch.rows[i]) {
         if let Some(seen) = row.state.max_hlc() {
             newest.push(seen);
         }
-        if reported.insert((row.table.clone(), encode_key(&row.pk))) {
+        if reported.insert((row.table.as_str(), encode_key(&row.pk))) {
             report.changed.push(ChangedRow { table: row.table.clone(), pk: row.pk.clone() });
         }
     }

@@ -66,6 +66,7 @@ pub(super) fn merge(
         vouch: vouched.vouch.as_ref(),
         roles: Some(&vouched.roles),
         scopes: scope_rules(schema, at),
+        keep_changed: true,
     };
     let merged = merge_batch(&mut rows, batch, rules)?;
     rows.save_all()?;

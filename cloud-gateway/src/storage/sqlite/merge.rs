@@ -191,6 +191,7 @@ pub(super) fn merge(
         vouch: vouched.vouch.as_ref(),
         roles: Some(&vouched.roles),
         scopes: scope_rules(schema, at),
+        keep_changed: true,
     };
     let merged = merge_batch(&mut rows, batch, rules)?;
     let mut new_tables = std::mem::take(&mut rows.new_tables);
