@@ -282,7 +282,7 @@ fn process(
                     }
                 }
                 store.touch_device(tenant, device, None)?;
-                return snapshot(store, &at, epoch, &[], head, rows(max_rows), bytes(max_bytes));
+                return snapshot(store, &at, epoch, &[], false, head, rows(max_rows), bytes(max_bytes));
             };
             // A scope that changed since the device was told: it starts over in its new one.
             if let Some(s) = scoped.as_ref().filter(|s| s.standing.told != Some(s.standing.version)) {
@@ -308,7 +308,7 @@ fn process(
             }
             Ok(out)
         }
-        Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, .. } => {
+        Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, name_from, .. } => {
             if claimed != epoch {
                 return Ok(reply(stale(epoch, Some(log_cursor))));
             }
@@ -319,7 +319,7 @@ fn process(
                 return Ok(reply(stale(renewed, Some(log_cursor))));
             }
             store.touch_device(tenant, device, None)?;
-            snapshot(store, &at, epoch, &resume, log_cursor, rows(max_rows), bytes(max_bytes))
+            snapshot(store, &at, epoch, &resume, name_from, log_cursor, rows(max_rows), bytes(max_bytes))
         }
         Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
             let from = incoming(first_seq, last_seq, true);
@@ -537,11 +537,15 @@ fn snapshot_page(
     }
 }
 
+/// The snapshot page at `resume` (after `SnapshotSize` for the first), naming `resume` as
+/// where it was read from if the device asked (`name_from`).
+#[allow(clippy::too_many_arguments)]
 fn snapshot(
     store: &mut dyn GatewayStore,
     at: &At<'_>,
     epoch: Epoch,
     resume: &[u8],
+    name_from: bool,
     log_cursor: LogCursor,
     rows: usize,
     max_bytes: usize,
@@ -553,7 +557,8 @@ fn snapshot(
         out.push(to(at.tenant, at.device, Downlink::SnapshotSize { epoch, rows, bytes }));
     }
     let (page, batch) = snapshot_page(store, at, resume, rows, max_bytes)?;
-    let msg = Downlink::Snapshot { epoch, resume: page.resume, log_cursor, done: page.done, batch };
+    let from = name_from.then(|| resume.to_vec());
+    let msg = Downlink::Snapshot { epoch, from, resume: page.resume, log_cursor, done: page.done, batch };
     out.push(to(at.tenant, at.device, msg));
     Ok(out)
 }

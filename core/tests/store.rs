@@ -468,16 +468,58 @@ fn a_snapshot_notes_where_it_goes_on_until_a_cursor_is_set_or_reset() {
     // With how far it got of what the gateway counted.
     let progress = SnapshotProgress { rows_done: 1, rows_total: 40, bytes_done: 70, bytes_total: 2_800 };
     let at = SnapshotAt { resume: vec![0, 1, 0xfe], log_cursor: log, progress };
-    b.apply_snapshot_page(&page, &at, resets).expect("page");
+    let report = b.apply_snapshot_page(&page, &[], &at, false, resets).expect("page");
+    assert!(report.moved);
     assert_eq!(rows(&b, "SELECT id FROM inspections"), vec![vec![Value::Text("i1".into())]]);
     assert_eq!(b.snapshot_position().expect("position"), Some(at.clone()));
-    // A page of a snapshot started before a reset notes nothing.
+    // A page of a snapshot started before a reset changes nothing.
     let other = SnapshotAt { resume: vec![7], ..at.clone() };
-    b.apply_snapshot_page(&Batch::default(), &other, resets + 1).expect("page");
-    assert_eq!(b.snapshot_position().expect("position"), Some(at));
+    let report = b.apply_snapshot_page(&Batch::default(), &at.resume, &other, false, resets + 1).expect("page");
+    assert!(!report.moved);
+    assert_eq!(b.snapshot_position().expect("position"), Some(at.clone()));
     // The last page sets the cursor: nothing to go on with any more.
-    b.apply_with_cursor(&Batch::default(), &[], None, None, resets, log).expect("last page");
+    let report = b.apply_snapshot_page(&Batch::default(), &at.resume, &at, true, resets).expect("last page");
+    assert!(report.moved);
+    assert_eq!(b.cursor().expect("cursor").0, Some(log));
     assert_eq!(b.snapshot_position().expect("position"), None);
+}
+
+/// Pages asked for ahead arrive while the one before is applied: a page applies only where
+/// the last one applied left off, so one that failed is never skipped, not even by the last
+/// page, which would set the cursor past rows the device never got.
+#[test]
+fn a_snapshot_page_that_does_not_follow_the_last_one_applied_changes_nothing() {
+    use driftless_core::{LogCursor, SnapshotAt, SnapshotProgress};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    let mut pages = Vec::new();
+    for id in ["i1", "i2", "i3"] {
+        exec(&mut a, &format!("INSERT INTO inspections(id, status) VALUES ('{id}', 'open')"));
+        pages.push(drain(&mut a).remove(0));
+    }
+    let (_, resets) = b.cursor().expect("cursor");
+    let log = LogCursor { position: 3, tag: 1 };
+    let at =
+        |resume: &[u8]| SnapshotAt { resume: resume.to_vec(), log_cursor: log, progress: SnapshotProgress::default() };
+    let ids = |b: &Store| rows(b, "SELECT id FROM inspections ORDER BY id");
+    // The first page reads from the start; a page read from elsewhere does not come first.
+    assert!(!b.apply_snapshot_page(&pages[1], &[1], &at(&[2]), false, resets).expect("page").moved);
+    assert!(b.apply_snapshot_page(&pages[0], &[], &at(&[1]), false, resets).expect("page").moved);
+    // The second page failed to apply; the third, asked for ahead, arrives: not applied, and
+    // neither is the last page if it comes next.
+    assert!(!b.apply_snapshot_page(&pages[2], &[2], &at(&[3]), false, resets).expect("page").moved);
+    assert!(!b.apply_snapshot_page(&pages[2], &[3], &at(&[]), true, resets).expect("page").moved);
+    assert_eq!(ids(&b), vec![vec![text("i1")]]);
+    assert_eq!(b.cursor().expect("cursor").0, None);
+    assert_eq!(b.snapshot_position().expect("position").map(|p| p.resume), Some(vec![1]));
+    // Asked again from where it stopped, the snapshot goes on and completes.
+    assert!(b.apply_snapshot_page(&pages[1], &[1], &at(&[2]), false, resets).expect("page").moved);
+    assert!(b.apply_snapshot_page(&pages[2], &[2], &at(&[]), true, resets).expect("page").moved);
+    assert_eq!(ids(&b), vec![vec![text("i1")], vec![text("i2")], vec![text("i3")]]);
+    assert_eq!(b.cursor().expect("cursor").0, Some(log));
+    // A page arriving twice (a request sent again) after the snapshot is done changes nothing.
+    assert!(!b.apply_snapshot_page(&pages[2], &[2], &at(&[]), true, resets).expect("page").moved);
 }
 
 /// Sync state noted for the next transaction (the agent's last sync time) commits with the

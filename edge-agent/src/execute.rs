@@ -65,9 +65,9 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                     receives,
                 }
             }
-            StoreOp::ApplyPage { batch, at, resets } => {
+            StoreOp::ApplyPage { batch, from, at, done, resets } => {
                 store.note_sync_state(LAST_SYNC_KEY, &now_ms.to_string());
-                let report = store.apply_snapshot_page(&batch, &at, resets)?;
+                let report = store.apply_snapshot_page(&batch, &from, &at, done, resets)?;
                 StoreResult::Applied(report)
             }
             StoreOp::Rescope { version, tables } => {

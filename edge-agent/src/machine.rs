@@ -112,6 +112,10 @@ enum Awaiting {
 #[derive(Debug)]
 struct Pulling {
     since: u64,
+    /// Where the next snapshot page must have been read from to be taken (the empty token:
+    /// the first page); `None`: no snapshot page is awaited. Pages are asked for ahead, so an
+    /// answer to an earlier request may still come: it is dropped.
+    snapshot_from: Option<Vec<u8>>,
 }
 
 /// The device's sync state machine.

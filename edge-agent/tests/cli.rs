@@ -62,7 +62,7 @@ fn setup_commands_work_and_mistakes_are_explained() {
         driftless_core::SnapshotProgress { rows_done: 2_000, rows_total: 10_000, bytes_done: 1, bytes_total: 5 };
     let log_cursor = driftless_core::LogCursor { position: 7, tag: 1 };
     let at = driftless_core::SnapshotAt { resume: vec![1], log_cursor, progress };
-    store.apply_snapshot_page(&driftless_core::Batch::default(), &at, resets).expect("page");
+    store.apply_snapshot_page(&driftless_core::Batch::default(), &[], &at, false, resets).expect("page");
     drop(store);
     let out = String::from_utf8_lossy(&agent(&["status", "--db", db]).stdout).into_owned();
     assert!(out.contains("snapshot:        under way: 2000 of 10000 rows (8000 left), 1 of 5 bytes (4 left)"), "{out}");

@@ -115,6 +115,7 @@ fn replay(store: &mut SqliteStore, device: &str, agent: &AgentConfig) -> anyhow:
             log_cursor: head,
             max_rows: agent.pull_rows,
             max_bytes: agent.max_message_bytes as u32,
+            name_from: true,
         };
         let out = handle_uplink(store, &cfg, &uplink_topic(TENANT, device), &msg.encode(), 1_800_000_000_000)?;
         // Every message of the answer counts (the first page comes after the snapshot's size).

@@ -83,9 +83,51 @@ fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
         log_cursor: LogCursor::default(),
         max_rows: 10,
         max_bytes: 1 << 20,
+        name_from: true,
     };
     assert!(handle(&mut store, &msg).expect("handled").is_empty());
     assert!(letters(&mut store)[0].reason.contains("resume token"));
+}
+
+/// A device asking for pages ahead applies each only where the last one left off: the page
+/// names the position it was read from, if asked; a device of an earlier version gets the
+/// page as before.
+#[test]
+fn a_snapshot_page_names_where_it_was_read_from_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(&dir);
+    let batch = device_batch(&dir, "INSERT INTO t(id) VALUES ('a'), ('b'), ('c')");
+    let msg =
+        Uplink::Batch { device: "w".into(), id: 1, first_seq: 1, last_seq: 1, epoch: None, receipts: vec![], batch };
+    assert!(matches!(reply(&handle(&mut store, &msg).expect("handled")), Downlink::Ack { .. }));
+    let epoch = store.epoch("t").expect("epoch");
+    let log_cursor = store.log_head("t").expect("head");
+    let pull = |resume: Vec<u8>, name_from: bool| Uplink::PullSnapshot {
+        device: "a".into(),
+        epoch,
+        resume,
+        log_cursor,
+        max_rows: 2,
+        max_bytes: 1 << 20,
+        name_from,
+    };
+    // (The first page comes after the snapshot's size.)
+    let page = |out: &[Outgoing]| {
+        let mut pages = out.iter().filter_map(|o| match o {
+            Outgoing::Reply { payload, .. } => match Downlink::decode(payload, &Limits::default()).expect("downlink") {
+                Downlink::Snapshot { from, resume, done, .. } => Some((from, resume, done)),
+                _ => None,
+            },
+            _ => None,
+        });
+        pages.next_back().expect("a snapshot page")
+    };
+    let (from, first, done) = page(&handle(&mut store, &pull(vec![], true)).expect("handled"));
+    assert_eq!((from, done), (Some(vec![]), false));
+    let (from, last, done) = page(&handle(&mut store, &pull(first.clone(), true)).expect("handled"));
+    assert_eq!((from, last, done), (Some(first.clone()), vec![], true));
+    let (from, _, done) = page(&handle(&mut store, &pull(first, false)).expect("handled"));
+    assert_eq!((from, done), (None, true));
 }
 
 #[test]

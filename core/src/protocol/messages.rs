@@ -54,8 +54,19 @@ pub enum Uplink {
         max_rows: u32,
         max_bytes: u32,
     },
-    /// Asks for the snapshot page after `resume` (opaque, from the previous page).
-    PullSnapshot { device: String, epoch: Epoch, resume: Vec<u8>, log_cursor: LogCursor, max_rows: u32, max_bytes: u32 },
+    /// Asks for the snapshot page after `resume` (opaque, from the previous page). With
+    /// `name_from` (tag 8; devices of earlier versions send tag 7 without it) the answer names
+    /// the `resume` it was read from, so a device may ask for a page before it has applied the
+    /// one before.
+    PullSnapshot {
+        device: String,
+        epoch: Epoch,
+        resume: Vec<u8>,
+        log_cursor: LogCursor,
+        max_rows: u32,
+        max_bytes: u32,
+        name_from: bool,
+    },
     /// Version 1: a batch acknowledged by its range alone.
     LegacyBatch { device: String, first_seq: i64, last_seq: i64, batch: Vec<u8> },
     /// Version 1: a pull with a bare log position (0 asks for a snapshot).
@@ -143,8 +154,11 @@ pub enum Downlink {
         scope: String,
     },
     /// One page of the current state. When `done`, continue with a pull from `log_cursor`.
+    /// `from`: the `resume` it was read from, when the request asked (tag 18; tag 9 without
+    /// it answers a `Pull` without cursor, from the start, or an earlier device's request).
     Snapshot {
         epoch: Epoch,
+        from: Option<Vec<u8>>,
         resume: Vec<u8>,
         log_cursor: LogCursor,
         done: bool,
@@ -228,6 +242,7 @@ pub(super) mod tag {
     pub(super) const BATCH: u8 = 5;
     pub(super) const PULL: u8 = 6;
     pub(super) const PULL_SNAPSHOT: u8 = 7;
+    pub(super) const PULL_SNAPSHOT_FROM: u8 = 8;
 
     pub(super) const LEGACY_ACK: u8 = 1;
     pub(super) const LEGACY_NACK: u8 = 2;
@@ -246,6 +261,7 @@ pub(super) mod tag {
     pub(super) const SCOPED_FEED: u8 = 15;
     pub(super) const FOLLOW: u8 = 16;
     pub(super) const SNAPSHOT_SIZE: u8 = 17;
+    pub(super) const SNAPSHOT_FROM: u8 = 18;
 }
 
 /// Longest tenant, device or scope name accepted (as `protocol::valid_id`).
@@ -383,8 +399,8 @@ impl Uplink {
                 w.varint(u64::from(*max_rows));
                 w.varint(u64::from(*max_bytes));
             }
-            Uplink::PullSnapshot { device, epoch, resume, log_cursor, max_rows, max_bytes } => {
-                w.u8(tag::PULL_SNAPSHOT);
+            Uplink::PullSnapshot { device, epoch, resume, log_cursor, max_rows, max_bytes, name_from } => {
+                w.u8(if *name_from { tag::PULL_SNAPSHOT_FROM } else { tag::PULL_SNAPSHOT });
                 w.bytes(device.as_bytes());
                 w.epoch(epoch);
                 w.bytes(resume);
@@ -446,13 +462,14 @@ impl Uplink {
                 max_rows: r.u32("max_rows out of range")?,
                 max_bytes: r.u32("max_bytes out of range")?,
             },
-            tag::PULL_SNAPSHOT => Uplink::PullSnapshot {
+            t @ (tag::PULL_SNAPSHOT | tag::PULL_SNAPSHOT_FROM) => Uplink::PullSnapshot {
                 device,
                 epoch: r.epoch()?,
                 resume: r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec(),
                 log_cursor: r.cursor()?,
                 max_rows: r.u32("max_rows out of range")?,
                 max_bytes: r.u32("max_bytes out of range")?,
+                name_from: t == tag::PULL_SNAPSHOT_FROM,
             },
             tag::LEGACY_BATCH => {
                 let first_seq = r.zigzag()?;

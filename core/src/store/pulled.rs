@@ -83,14 +83,40 @@ impl Store {
         })
     }
 
-    /// Applies a snapshot page that is not the last, noting in the same transaction where the
-    /// snapshot goes on and how far it got (`at`), if the cursor is still unset and was reset
-    /// `resets` times, as when the snapshot started: a snapshot interrupted goes on from there
-    /// ([`Store::snapshot_position`]).
-    pub fn apply_snapshot_page(&mut self, batch: &Batch, at: &SnapshotAt, resets: u64) -> Result<ApplyReport> {
+    /// Applies a snapshot page read from `from` (the resume token it was asked for), if it
+    /// follows the pages applied so far: no cursor is set, it was reset `resets` times as when
+    /// the snapshot started, and the snapshot goes on at `from` (the empty token: none under
+    /// way). In the same transaction a page that is not the last notes where the snapshot
+    /// goes on and how far it got (`at`), so that a snapshot interrupted goes on from there
+    /// ([`Store::snapshot_position`]); the last (`done`) sets the cursor at `at.log_cursor`.
+    ///
+    /// A page that does not follow (an answer to an earlier request, or one asked for ahead
+    /// of a page that failed to apply) changes nothing: `moved` is false in the report. A
+    /// snapshot never skips a page: the rows it held would be missing until next written.
+    pub fn apply_snapshot_page(
+        &mut self,
+        batch: &Batch,
+        from: &[u8],
+        at: &SnapshotAt,
+        done: bool,
+        resets: u64,
+    ) -> Result<ApplyReport> {
         self.apply_holding_back(batch.rows.len(), |tx, inner, hold_back| {
-            let report = apply::apply(tx, inner, batch, hold_back, &[])?;
-            cursor::set_snapshot_at(tx, at, resets)?;
+            let cursor = cursor::get(tx)?;
+            let follows = cursor.is_none()
+                && cursor::resets(tx)? == resets
+                && cursor::snapshot_at(tx)?.map_or(Vec::new(), |s| s.resume) == from;
+            if !follows {
+                return Ok(ApplyReport { cursor, ..ApplyReport::default() });
+            }
+            let mut report = apply::apply(tx, inner, batch, hold_back, &[])?;
+            if done {
+                cursor::set(tx, at.log_cursor)?;
+                report.cursor = Some(at.log_cursor);
+            } else {
+                cursor::set_snapshot_at(tx, at, resets)?;
+            }
+            report.moved = true;
             Ok(report)
         })
     }

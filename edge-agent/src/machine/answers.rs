@@ -106,7 +106,9 @@ impl Machine {
                 self.known_cursor = cursor;
                 self.last_pull = self.now;
                 self.pull_again = false;
-                self.pulling = Some(Pulling { since: self.now });
+                // Without a cursor, the answer is the snapshot's first page.
+                let snapshot_from = cursor.is_none().then(Vec::new);
+                self.pulling = Some(Pulling { since: self.now, snapshot_from });
                 // A snapshot that was interrupted goes on where it stopped.
                 if let (None, Some(at)) = (cursor, snapshot) {
                     tracing::info!(log_cursor = at.log_cursor.position, "going on with the snapshot where it stopped");
@@ -178,12 +180,20 @@ impl Machine {
                 }
             }
             (Awaiting::SnapshotPage { at, done, rows }, StoreResult::Applied(report)) => {
+                if !report.moved {
+                    // The store is not where this page follows on (a page before it failed to
+                    // apply, or the cursor was set or reset meanwhile): it applied nothing,
+                    // and the snapshot goes on from where the store is.
+                    tracing::info!("a snapshot page did not follow the last one applied; going on from the store");
+                    self.pulling = None;
+                    self.want_pull = true;
+                    return;
+                }
                 if !report.changed.is_empty() {
                     out.push(Action::Changed(report.changed));
                 }
                 out.push(Action::Progress(if done { Progress::Finish } else { Progress::Advance(rows) }));
                 self.live.snapshot = (!done).then_some(at.progress);
-                let SnapshotAt { resume, log_cursor, .. } = at;
                 if done {
                     self.pulling = None;
                     self.pull_tries = 0;
@@ -191,13 +201,11 @@ impl Machine {
                     self.want_pull = true;
                     return;
                 }
-                let Some(epoch) = self.confirmed() else { return };
-                self.pulling = Some(Pulling { since: self.now });
-                self.pull_snapshot(out, epoch, resume, log_cursor);
-                // The pages applied so far came from the log up to `log_cursor`, and the
-                // cursor moves there only with the last page: until then the receipts vouch
-                // for them (a restart mid-snapshot would otherwise forget where they came
-                // from).
+                // The next page was asked for when this one came. The pages applied so far
+                // came from the log up to `log_cursor`, and the cursor moves there only with
+                // the last page: until then the receipts vouch for them (a restart
+                // mid-snapshot would otherwise forget where they came from).
+                let log_cursor = at.log_cursor;
                 if log_cursor.position > 0 && self.receipts.admit(Receipt { at: log_cursor, previous: None }) {
                     self.store(out, StoreOp::KeepReceipts(self.receipts.clone()), Awaiting::Receipts);
                 }
@@ -319,7 +327,15 @@ impl Machine {
                 self.live.snapshot = Some(p);
                 out.push(Action::Progress(Progress::Start { label: "snapshot", total: rows }));
             }
-            Downlink::Snapshot { resume, log_cursor, done, batch, .. } => {
+            Downlink::Snapshot { from, resume, log_cursor, done, batch, .. } => {
+                // A page without `from` answers a pull without cursor: the first.
+                let from = from.unwrap_or_default();
+                if self.pulling.as_ref().and_then(|p| p.snapshot_from.as_ref()) != Some(&from) {
+                    tracing::debug!(
+                        "a snapshot page that does not follow the last one taken (an earlier request's); dropped"
+                    );
+                    return;
+                }
                 // Counted as the gateway counts what it stores: payload bytes, before
                 // compression.
                 let bytes = declared_payload_len(&batch).unwrap_or(batch.len() as u64);
@@ -328,29 +344,26 @@ impl Machine {
                 let mut progress = self.live.snapshot.unwrap_or_default();
                 progress.rows_done += rows;
                 progress.bytes_done += bytes;
-                // The cursor moves only with the last page, and only if no cursor was set
-                // meanwhile; each page before it notes where the snapshot goes on, so that one
-                // interrupted (a disconnect, a restart) resumes there.
-                let resets = self.pull_resets;
-                let op = if done {
-                    let cursor = Some(CursorMove { from: None, from_tag: None, resets, to: log_cursor });
-                    StoreOp::Apply { batch, cursor, evict: Vec::new() }
-                } else {
-                    StoreOp::ApplyPage {
-                        batch,
-                        at: SnapshotAt { resume: resume.clone(), log_cursor, progress },
-                        resets,
-                    }
-                };
+                // Asks for the next page now, so that the gateway reads it while this one is
+                // applied. Each page applies only where the one before left off (the cursor,
+                // with the last page, only if none was set or reset meanwhile); each page
+                // before the last notes where the snapshot goes on, so that one interrupted
+                // (a disconnect, a restart, a page that failed to apply) resumes there.
+                match self.confirmed() {
+                    Some(epoch) if !done => self.pull_snapshot(out, epoch, resume.clone(), log_cursor),
+                    _ => self.pulling = Some(Pulling { since: self.now, snapshot_from: None }),
+                }
                 let at = SnapshotAt { resume, log_cursor, progress };
+                let op = StoreOp::ApplyPage { batch, from, at: at.clone(), done, resets: self.pull_resets };
                 self.store(out, op, Awaiting::SnapshotPage { at, done, rows });
             }
             _ => {}
         }
     }
 
-    /// Asks for the snapshot page at `resume`.
+    /// Asks for the snapshot page at `resume`, the next to take.
     fn pull_snapshot(&mut self, out: &mut Vec<Action>, epoch: Epoch, resume: Vec<u8>, log_cursor: LogCursor) {
+        self.pulling = Some(Pulling { since: self.now, snapshot_from: Some(resume.clone()) });
         let msg = Uplink::PullSnapshot {
             device: self.cfg.device_id.clone(),
             epoch,
@@ -358,6 +371,7 @@ impl Machine {
             log_cursor,
             max_rows: self.cfg.pull_rows,
             max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+            name_from: true,
         };
         self.publish(out, msg);
     }

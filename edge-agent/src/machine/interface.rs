@@ -128,11 +128,14 @@ pub enum StoreOp {
         cursor: Option<CursorMove>,
         evict: Vec<RowChange>,
     },
-    /// Apply a snapshot page that is not the last, noting where the snapshot goes on (if the
-    /// cursor is still unset and was reset `resets` times).
+    /// Apply a snapshot page read from `from`, if the snapshot goes on there, no cursor is
+    /// set and it was reset `resets` times; noting where the snapshot goes on next (`at`), or,
+    /// with the last page (`done`), setting the cursor at `at.log_cursor`.
     ApplyPage {
         batch: Batch,
+        from: Vec<u8>,
         at: SnapshotAt,
+        done: bool,
         resets: u64,
     },
     /// The device's scope is `version` now: if the store holds its rows under another, drop

@@ -83,6 +83,37 @@ fn confirmed_machine() -> Machine {
     m
 }
 
+/// A machine confirmed under `E1` without a cursor: its pull asked for a snapshot.
+fn snapshotting_machine() -> Machine {
+    let mut m = Machine::new(config());
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 0);
+    m.handle(welcome(E1), 1);
+    let sent = confirm(&mut m, confirmed(None), None, 1);
+    assert!(matches!(sent[..], [Uplink::Pull { cursor: None, .. }]), "{sent:?}");
+    m.handle(Input::Store(StoreResult::Outbox(None)), 1);
+    m
+}
+
+/// A snapshot page read from `from` (`None`: the first, answering a pull), ending at `resume`.
+fn snapshot_page(from: Option<&[u8]>, resume: &[u8], done: bool, batch: &Batch) -> Input {
+    Input::Downlink(Downlink::Snapshot {
+        epoch: E1,
+        from: from.map(<[u8]>::to_vec),
+        resume: resume.to_vec(),
+        log_cursor: SNAPSHOT_HEAD,
+        done,
+        batch: encode_batch(batch, EncodeOptions::default()),
+    })
+}
+
+const SNAPSHOT_HEAD: LogCursor = LogCursor { position: 40, tag: 4 };
+
+/// What the store answers for a page (or a pull's answer) it took.
+fn taken() -> StoreResult {
+    StoreResult::Applied(ApplyReport { moved: true, ..ApplyReport::default() })
+}
+
 /// An ack of `first..=last` with nothing refused and no receipt.
 fn plain_ack(epoch: Epoch, id: u64, first: i64, last: i64) -> Downlink {
     Downlink::Ack { epoch, id, first_seq: first, last_seq: last, refused: vec![], receipt: None, previous: None }
@@ -268,35 +299,64 @@ fn a_store_behind_its_own_past_is_counted_and_starts_from_a_snapshot() {
 }
 
 #[test]
-fn a_snapshot_moves_the_cursor_only_with_its_last_page() {
-    let mut m = confirmed_machine();
-    let head = LogCursor { position: 40, tag: 4 };
-    let page = |done| {
-        Input::Downlink(Downlink::Snapshot {
-            epoch: E1,
-            resume: vec![1],
-            log_cursor: head,
-            done,
-            batch: encode_batch(&Batch::default(), EncodeOptions::default()),
-        })
-    };
-    let out = m.handle(page(false), 1);
-    // Applied with where the snapshot goes on, for a snapshot interrupted to resume there.
+fn a_snapshot_asks_for_each_page_ahead_and_moves_the_cursor_only_with_its_last_page() {
+    let mut m = snapshotting_machine();
+    let head = SNAPSHOT_HEAD;
+    let out = m.handle(snapshot_page(None, &[1], false, &Batch::default()), 1);
+    // Applied where the snapshot starts, with where it goes on, for a snapshot interrupted
+    // to resume there; the next page is asked for at once, to be read while this one applies.
     assert!(
-        matches!(store_op(&out), Some(StoreOp::ApplyPage { at, resets: 0, .. }) if at.resume == [1] && at.log_cursor == head),
+        matches!(store_op(&out), Some(StoreOp::ApplyPage { from, at, done: false, resets: 0, .. })
+            if from.is_empty() && at.resume == [1] && at.log_cursor == head),
         "{out:?}"
     );
-    let out = m.handle(Input::Store(applied()), 1);
-    assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { log_cursor, .. }] if *log_cursor == head));
+    assert!(
+        matches!(publishes(&out)[..], [Uplink::PullSnapshot { resume, log_cursor, name_from: true, .. }]
+            if *resume == [1] && *log_cursor == head),
+        "{out:?}"
+    );
+    // The next page, the last, comes while the first is applied: it waits.
+    let out = m.handle(snapshot_page(Some(&[1]), &[], true, &Batch::default()), 1);
+    assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "{out:?}");
+    let out = m.handle(Input::Store(taken()), 1);
     // Until the cursor moves, a receipt says where the pages applied so far came from.
     assert!(matches!(store_op(&out), Some(StoreOp::KeepReceipts(r)) if r.shown().contains(&head)), "{out:?}");
-    m.handle(Input::Store(StoreResult::Done), 1);
-    let out = m.handle(page(true), 2);
-    let only_if_unset = CursorMove { from: None, from_tag: None, resets: 0, to: head };
-    assert!(matches!(store_op(&out), Some(StoreOp::Apply { cursor: Some(c), .. }) if *c == only_if_unset));
+    assert!(publishes(&out).is_empty(), "asked for already: {out:?}");
+    let out = m.handle(Input::Store(StoreResult::Done), 1);
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::ApplyPage { from, done: true, at, .. }) if *from == [1] && at.log_cursor == head),
+        "{out:?}"
+    );
+    assert!(publishes(&out).is_empty(), "nothing after the last page: {out:?}");
     // The changes logged meanwhile come next, from the cursor as the store has it then.
-    let out = m.handle(Input::Store(applied()), 2);
+    let out = m.handle(Input::Store(taken()), 2);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)));
+}
+
+/// A page that failed to apply is never skipped: the page asked for ahead of it is dropped,
+/// and the snapshot goes on from where the store is.
+#[test]
+fn a_snapshot_goes_on_from_the_store_after_a_page_it_did_not_take() {
+    let mut m = snapshotting_machine();
+    m.handle(snapshot_page(None, &[1], false, &Batch::default()), 1);
+    m.handle(Input::Store(StoreResult::Failed("disk full".into())), 1);
+    let out = m.handle(snapshot_page(Some(&[1]), &[2], false, &Batch::default()), 1);
+    assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "dropped: {out:?}");
+
+    // The store did not take a page (it was elsewhere): the snapshot goes on from the store.
+    let mut m = snapshotting_machine();
+    m.handle(snapshot_page(None, &[1], false, &Batch::default()), 1);
+    let out = m.handle(Input::Store(applied()), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
+    let progress = driftless_core::SnapshotProgress::default();
+    let snapshot = Some(driftless_core::SnapshotAt { resume: vec![7], log_cursor: SNAPSHOT_HEAD, progress });
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 0, snapshot }), 2);
+    assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { resume, .. }] if *resume == [7]), "{out:?}");
+    // The answer to the request made ahead of the page not taken: dropped.
+    let out = m.handle(snapshot_page(Some(&[1]), &[2], false, &Batch::default()), 2);
+    assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "dropped: {out:?}");
+    let out = m.handle(snapshot_page(Some(&[7]), &[8], false, &Batch::default()), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { from, .. }) if *from == [7]), "{out:?}");
 }
 
 #[test]

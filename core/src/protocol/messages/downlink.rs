@@ -96,9 +96,12 @@ impl Downlink {
                 w.varint(*rows);
                 w.varint(*bytes);
             }
-            Downlink::Snapshot { epoch, resume, log_cursor, done, batch } => {
-                w.u8(tag::SNAPSHOT);
+            Downlink::Snapshot { epoch, from, resume, log_cursor, done, batch } => {
+                w.u8(if from.is_some() { tag::SNAPSHOT_FROM } else { tag::SNAPSHOT });
                 w.epoch(epoch);
+                if let Some(from) = from {
+                    w.bytes(from);
+                }
                 w.bytes(resume);
                 w.cursor(log_cursor);
                 w.u8(u8::from(*done));
@@ -209,13 +212,18 @@ impl Downlink {
             }
             tag::FOLLOW => Downlink::Follow { epoch: r.epoch()?, scope: r.string(MAX_ID, "scope name bytes")? },
             tag::SNAPSHOT_SIZE => Downlink::SnapshotSize { epoch: r.epoch()?, rows: r.varint()?, bytes: r.varint()? },
-            tag::SNAPSHOT => {
+            t @ (tag::SNAPSHOT | tag::SNAPSHOT_FROM) => {
                 let epoch = r.epoch()?;
+                let from = match t {
+                    tag::SNAPSHOT_FROM => Some(r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec()),
+                    _ => None,
+                };
                 let resume = r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec();
                 let log_cursor = r.cursor()?;
                 let done = r.flag()?;
                 return Ok(Downlink::Snapshot {
                     epoch,
+                    from,
                     resume,
                     log_cursor,
                     done,
