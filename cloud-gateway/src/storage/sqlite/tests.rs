@@ -97,3 +97,18 @@ fn the_registry_tells_the_broker_each_devices_scope_under_the_newest_schema() {
     let unknown = vec![("acme".to_owned(), "nobody".to_owned())];
     assert_eq!(registry.scopes(&unknown).expect("scopes"), vec![None], "not registered");
 }
+
+/// A cached statement keeps its plan whatever is bound to it: SQLite would otherwise compile
+/// queries such as the log's head (by tenant, ordered by position) again for every tenant.
+#[test]
+fn cached_statements_are_not_compiled_again_for_each_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+    for tenant in ["t1", "t2", "t3", "t4"] {
+        gw.log_head(tenant).expect("head");
+        gw.standing(tenant, "tab-1").expect("standing");
+    }
+    // The statement `log_head` runs, as the cache holds it.
+    let head = gw.conn.prepare_cached("SELECT seq, tag FROM gw_log WHERE tenant = ?1 ORDER BY seq DESC LIMIT 1");
+    assert_eq!(head.expect("cached").get_status(rusqlite::StatementStatus::RePrepare), 0);
+}
