@@ -85,6 +85,10 @@ impl SqliteStore {
         // the log's stale page images are cut off when it restarts after a checkpoint.
         conn.pragma_update(None, "secure_delete", true)?;
         conn.pragma_update(None, "journal_size_limit", 0)?;
+        // Each message of a group commit runs in a savepoint of the group's transaction; the
+        // pages it would restore live in memory rather than in a temporary file written for
+        // every message (a group holds at most a thousand messages of bounded size).
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         schema::upgrade(&tx)?;
         tx.commit()?;
@@ -500,7 +504,9 @@ impl GatewayStore for SqliteStore {
     }
 
     fn served_schema(&mut self) -> Result<Option<Arc<ServedSchema>>> {
-        let version: Option<i64> = self.conn.query_row("SELECT max(version) FROM gw_sync_schema", [], |r| r.get(0))?;
+        // Asked for every message: a cached statement.
+        let version: Option<i64> =
+            self.conn.prepare_cached("SELECT max(version) FROM gw_sync_schema")?.query_row([], |r| r.get(0))?;
         let Some(version) = version.map(|v| v as u64) else { return Ok(None) };
         if let Some(cached) = self.schema.as_ref().filter(|s| s.version == version) {
             return Ok(Some(cached.clone()));
