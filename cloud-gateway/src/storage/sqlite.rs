@@ -14,14 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use driftless_core::codec::{Limits, decode_payload};
+use driftless_core::codec::Limits;
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::chains::{Chain, SchemaByVersion};
-use super::common::{
-    DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms, parse_resume, resume_token,
-};
+use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms};
 use super::kept::Kept;
 use super::{
     DeadLetter, DeadLetterFilter, DeviceInfo, DeviceView, GatewayStore, Incoming, LogEntry, Logged, MergeOutcome,
@@ -107,10 +105,6 @@ impl SqliteStore {
     /// The database file: the real tables in it are for anyone to read with plain SQL.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    fn decode(&self, bytes: &[u8]) -> Result<Batch> {
-        decode_payload(bytes, &self.limits).map_err(|e| Error::Corrupt(e.to_string()))
     }
 }
 
@@ -358,34 +352,7 @@ impl GatewayStore for SqliteStore {
     }
 
     fn snapshot_page(&mut self, tenant: &str, resume: &[u8], max_rows: usize) -> Result<Option<SnapshotPage>> {
-        let (table, key) = if resume.is_empty() {
-            (String::new(), Vec::new())
-        } else {
-            match parse_resume(resume) {
-                Some(position) => position,
-                None => return Ok(None),
-            }
-        };
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT tbl, pk, state FROM gw_rows WHERE tenant = ?1 AND (tbl, pk) > (?2, ?3) ORDER BY tbl, pk LIMIT ?4",
-        )?;
-        let rows = stmt
-            .query_map(rusqlite::params![tenant, table, key, max_rows as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        drop(stmt);
-        let mut page = SnapshotPage { done: rows.len() < max_rows, ..SnapshotPage::default() };
-        for (tbl, pk, state) in rows {
-            let b = self.decode(&state)?;
-            page.batch.roles.extend(b.roles);
-            page.batch.rows.extend(b.rows);
-            page.resume = resume_token(&tbl, &pk);
-        }
-        if page.done {
-            page.resume.clear();
-        }
-        Ok(Some(page))
+        rows::snapshot_page(&self.conn, &self.limits, tenant, resume, max_rows)
     }
 
     fn touch_device(&mut self, tenant: &str, device: &str, cursor: Option<u64>) -> Result<()> {

@@ -6,6 +6,8 @@ use driftless_core::{Batch, Value};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::{Error, Result};
+use crate::storage::SnapshotPage;
+use crate::storage::common::{parse_resume, resume_token};
 
 /// Up to `limit` rows of `table` after key `after`; only those of scope key `skey` if given.
 pub(super) fn table_rows(
@@ -89,4 +91,42 @@ pub(super) fn row_state(
         .query_row(rusqlite::params![tenant, table, encode_key(pk)], |r| r.get(0))
         .optional()?;
     state.map(|s| decode_payload(&s, limits).map_err(|e| Error::Corrupt(e.to_string()))).transpose()
+}
+
+/// A page of every row of the tenant, in table and key order, after `resume` (empty: from
+/// the start); `None` if the token names no position.
+pub(super) fn snapshot_page(
+    conn: &Connection,
+    limits: &Limits,
+    tenant: &str,
+    resume: &[u8],
+    max_rows: usize,
+) -> Result<Option<SnapshotPage>> {
+    let (table, key) = if resume.is_empty() {
+        (String::new(), Vec::new())
+    } else {
+        match parse_resume(resume) {
+            Some(position) => position,
+            None => return Ok(None),
+        }
+    };
+    let rows = conn
+        .prepare_cached(
+            "SELECT tbl, pk, state FROM gw_rows WHERE tenant = ?1 AND (tbl, pk) > (?2, ?3) ORDER BY tbl, pk LIMIT ?4",
+        )?
+        .query_map(rusqlite::params![tenant, table, key, max_rows as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut page = SnapshotPage { done: rows.len() < max_rows, ..SnapshotPage::default() };
+    for (tbl, pk, state) in rows {
+        let b = decode_payload(&state, limits).map_err(|e| Error::Corrupt(e.to_string()))?;
+        page.batch.roles.extend(b.roles);
+        page.batch.rows.extend(b.rows);
+        page.resume = resume_token(&tbl, &pk);
+    }
+    if page.done {
+        page.resume.clear();
+    }
+    Ok(Some(page))
 }

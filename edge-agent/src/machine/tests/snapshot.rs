@@ -1,5 +1,6 @@
-//! A snapshot's progress: what the gateway counted, and what each page adds, noted with the
-//! page and shown in the live status until the last page.
+//! Snapshots: pages asked for ahead and applied only where the last one left off, and a
+//! snapshot's progress (what the gateway counted, what each page adds, noted with the page
+//! and shown in the live status until the last page).
 
 use driftless_core::SnapshotProgress;
 
@@ -26,4 +27,65 @@ fn a_snapshots_progress_counts_the_pages_against_what_the_gateway_counted() {
     m.handle(snapshot_page(Some(&[1]), &[], true, &one_row()), 2);
     m.handle(Input::Store(taken()), 2);
     assert_eq!(m.live().snapshot, None::<SnapshotProgress>, "done");
+}
+
+#[test]
+fn a_snapshot_asks_for_each_page_ahead_and_moves_the_cursor_only_with_its_last_page() {
+    let mut m = snapshotting_machine();
+    let head = SNAPSHOT_HEAD;
+    let out = m.handle(snapshot_page(None, &[1], false, &Batch::default()), 1);
+    // Applied where the snapshot starts, with where it goes on, for a snapshot interrupted
+    // to resume there; the next page is asked for at once, to be read while this one applies.
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::ApplyPage { from, at, done: false, resets: 0, .. })
+            if from.is_empty() && at.resume == [1] && at.log_cursor == head),
+        "{out:?}"
+    );
+    assert!(
+        matches!(publishes(&out)[..], [Uplink::PullSnapshot { resume, log_cursor, name_from: true, .. }]
+            if *resume == [1] && *log_cursor == head),
+        "{out:?}"
+    );
+    // The next page, the last, comes while the first is applied: it waits.
+    let out = m.handle(snapshot_page(Some(&[1]), &[], true, &Batch::default()), 1);
+    assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "{out:?}");
+    let out = m.handle(Input::Store(taken()), 1);
+    // Until the cursor moves, a receipt says where the pages applied so far came from.
+    assert!(matches!(store_op(&out), Some(StoreOp::KeepReceipts(r)) if r.shown().contains(&head)), "{out:?}");
+    assert!(publishes(&out).is_empty(), "asked for already: {out:?}");
+    let out = m.handle(Input::Store(StoreResult::Done), 1);
+    assert!(
+        matches!(store_op(&out), Some(StoreOp::ApplyPage { from, done: true, at, .. }) if *from == [1] && at.log_cursor == head),
+        "{out:?}"
+    );
+    assert!(publishes(&out).is_empty(), "nothing after the last page: {out:?}");
+    // The changes logged meanwhile come next, from the cursor as the store has it then.
+    let out = m.handle(Input::Store(taken()), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)));
+}
+
+/// A page that failed to apply is never skipped: the page asked for ahead of it is dropped,
+/// and the snapshot goes on from where the store is.
+#[test]
+fn a_snapshot_goes_on_from_the_store_after_a_page_it_did_not_take() {
+    let mut m = snapshotting_machine();
+    m.handle(snapshot_page(None, &[1], false, &Batch::default()), 1);
+    m.handle(Input::Store(StoreResult::Failed("disk full".into())), 1);
+    let out = m.handle(snapshot_page(Some(&[1]), &[2], false, &Batch::default()), 1);
+    assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "dropped: {out:?}");
+
+    // The store did not take a page (it was elsewhere): the snapshot goes on from the store.
+    let mut m = snapshotting_machine();
+    m.handle(snapshot_page(None, &[1], false, &Batch::default()), 1);
+    let out = m.handle(Input::Store(applied()), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
+    let progress = driftless_core::SnapshotProgress::default();
+    let snapshot = Some(driftless_core::SnapshotAt { resume: vec![7], log_cursor: SNAPSHOT_HEAD, progress });
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 0, snapshot }), 2);
+    assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { resume, .. }] if *resume == [7]), "{out:?}");
+    // The answer to the request made ahead of the page not taken: dropped.
+    let out = m.handle(snapshot_page(Some(&[1]), &[2], false, &Batch::default()), 2);
+    assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "dropped: {out:?}");
+    let out = m.handle(snapshot_page(Some(&[7]), &[8], false, &Batch::default()), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { from, .. }) if *from == [7]), "{out:?}");
 }
