@@ -262,7 +262,7 @@ fn process(
             out.extend(feed(store, epoch, tenant, &outcome.entries));
             Ok(out)
         }
-        Uplink::Pull { epoch: claimed, cursor, ref receipts, max_rows, max_bytes, .. } => {
+        Uplink::Pull { epoch: claimed, cursor, ref receipts, max_rows, max_bytes, echo, .. } => {
             if claimed != Some(epoch) {
                 return Ok(reply(stale(epoch, cursor)));
             }
@@ -282,7 +282,8 @@ fn process(
                     }
                 }
                 store.touch_device(tenant, device, None)?;
-                return snapshot(store, &at, epoch, &[], false, head, rows(max_rows), bytes(max_bytes));
+                let ask = PageAsk { resume: &[], name_from: false, echo };
+                return snapshot(store, &at, epoch, ask, head, rows(max_rows), bytes(max_bytes));
             };
             // A scope that changed since the device was told: it starts over in its new one.
             if let Some(s) = scoped.as_ref().filter(|s| s.standing.told != Some(s.standing.version)) {
@@ -296,8 +297,8 @@ fn process(
             let page = changes(store, &at, cursor.position, rows(max_rows), bytes(max_bytes))?;
             let (from, cursor, more, batch) = (cursor.position, page.cursor, page.more, page.batch);
             let mut out = reply(match page.evict {
-                None => Downlink::Changes { epoch, from, cursor, more, batch },
-                Some(evict) => Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch },
+                None => Downlink::Changes { epoch, from, cursor, more, echo, batch },
+                Some(evict) => Downlink::ScopedChanges { epoch, from, cursor, more, echo, evict, batch },
             });
             // The scope's name changed under it (a schema that scopes another table; one that
             // scopes none any more is refused), or a gateway of an earlier version told it
@@ -308,7 +309,7 @@ fn process(
             }
             Ok(out)
         }
-        Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, name_from, .. } => {
+        Uplink::PullSnapshot { epoch: claimed, resume, log_cursor, max_rows, max_bytes, name_from, echo, .. } => {
             if claimed != epoch {
                 return Ok(reply(stale(epoch, Some(log_cursor))));
             }
@@ -319,7 +320,8 @@ fn process(
                 return Ok(reply(stale(renewed, Some(log_cursor))));
             }
             store.touch_device(tenant, device, None)?;
-            snapshot(store, &at, epoch, &resume, name_from, log_cursor, rows(max_rows), bytes(max_bytes))
+            let ask = PageAsk { resume: &resume, name_from, echo };
+            snapshot(store, &at, epoch, ask, log_cursor, rows(max_rows), bytes(max_bytes))
         }
         Uplink::LegacyBatch { first_seq, last_seq, ref batch, .. } => {
             let from = incoming(first_seq, last_seq, true);
@@ -467,6 +469,8 @@ fn stale(epoch: Epoch, cursor: Option<LogCursor>) -> Downlink {
         from: cursor.position,
         cursor,
         more: false,
+        // Read by its epoch alone, never applied.
+        echo: None,
         batch: encode_batch(&Batch::default(), EncodeOptions::default()),
     }
 }
@@ -537,19 +541,26 @@ fn snapshot_page(
     }
 }
 
-/// The snapshot page at `resume` (after `SnapshotSize` for the first), naming `resume` as
-/// where it was read from if the device asked (`name_from`).
-#[allow(clippy::too_many_arguments)]
+/// A device's request for a snapshot page: where to read it from, and what the answer
+/// repeats of the request.
+struct PageAsk<'a> {
+    resume: &'a [u8],
+    name_from: bool,
+    echo: Option<u64>,
+}
+
+/// The snapshot page at `ask.resume` (after `SnapshotSize` for the first), naming where it
+/// was read from and repeating the request's echo if the device asked.
 fn snapshot(
     store: &mut dyn GatewayStore,
     at: &At<'_>,
     epoch: Epoch,
-    resume: &[u8],
-    name_from: bool,
+    ask: PageAsk<'_>,
     log_cursor: LogCursor,
     rows: usize,
     max_bytes: usize,
 ) -> Result<Vec<Outgoing>, Fault> {
+    let PageAsk { resume, name_from, echo } = ask;
     let mut out = Vec::new();
     // What the whole snapshot holds, before its first page, for the device's progress.
     if resume.is_empty() {
@@ -557,8 +568,8 @@ fn snapshot(
         out.push(to(at.tenant, at.device, Downlink::SnapshotSize { epoch, rows, bytes }));
     }
     let (page, batch) = snapshot_page(store, at, resume, rows, max_bytes)?;
-    let from = name_from.then(|| resume.to_vec());
-    let msg = Downlink::Snapshot { epoch, from, resume: page.resume, log_cursor, done: page.done, batch };
+    let from = (name_from || echo.is_some()).then(|| resume.to_vec());
+    let msg = Downlink::Snapshot { epoch, from, echo, resume: page.resume, log_cursor, done: page.done, batch };
     out.push(to(at.tenant, at.device, msg));
     Ok(out)
 }

@@ -116,6 +116,7 @@ fn replay(store: &mut SqliteStore, device: &str, agent: &AgentConfig) -> anyhow:
             max_rows: agent.pull_rows,
             max_bytes: agent.max_message_bytes as u32,
             name_from: true,
+            echo: Some(0),
         };
         let out = handle_uplink(store, &cfg, &uplink_topic(TENANT, device), &msg.encode(), 1_800_000_000_000)?;
         // Every message of the answer counts (the first page comes after the snapshot's size).

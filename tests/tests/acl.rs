@@ -135,6 +135,7 @@ async fn held_to_their_topics(
         receipts: vec![],
         max_rows: 100,
         max_bytes: 1 << 20,
+        echo: Some(0),
     };
     m.publish(uplink_topic(other, "c"), QoS::AtLeastOnce, false, pull.encode()).await.expect("publish");
     // Its own message goes through: once answered, the forged ones would have been handled.

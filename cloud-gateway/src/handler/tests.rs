@@ -84,6 +84,7 @@ fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
         max_rows: 10,
         max_bytes: 1 << 20,
         name_from: true,
+        echo: Some(0),
     };
     assert!(handle(&mut store, &msg).expect("handled").is_empty());
     assert!(letters(&mut store)[0].reason.contains("resume token"));
@@ -93,7 +94,7 @@ fn a_forged_snapshot_token_is_dead_lettered_not_fatal() {
 /// names the position it was read from, if asked; a device of an earlier version gets the
 /// page as before.
 #[test]
-fn a_snapshot_page_names_where_it_was_read_from_when_asked() {
+fn an_answer_names_where_it_was_read_from_and_repeats_the_pulls_echo_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(&dir);
     let batch = device_batch(&dir, "INSERT INTO t(id) VALUES ('a'), ('b'), ('c')");
@@ -102,7 +103,7 @@ fn a_snapshot_page_names_where_it_was_read_from_when_asked() {
     assert!(matches!(reply(&handle(&mut store, &msg).expect("handled")), Downlink::Ack { .. }));
     let epoch = store.epoch("t").expect("epoch");
     let log_cursor = store.log_head("t").expect("head");
-    let pull = |resume: Vec<u8>, name_from: bool| Uplink::PullSnapshot {
+    let pull_page = |resume: Vec<u8>, name_from: bool, echo: Option<u64>| Uplink::PullSnapshot {
         device: "a".into(),
         epoch,
         resume,
@@ -110,24 +111,43 @@ fn a_snapshot_page_names_where_it_was_read_from_when_asked() {
         max_rows: 2,
         max_bytes: 1 << 20,
         name_from,
+        echo,
+    };
+    let pull = |cursor: Option<LogCursor>, echo: Option<u64>| Uplink::Pull {
+        device: "a".into(),
+        epoch: Some(epoch),
+        cursor,
+        receipts: vec![],
+        max_rows: 2,
+        max_bytes: 1 << 20,
+        echo,
     };
     // (The first page comes after the snapshot's size.)
     let page = |out: &[Outgoing]| {
         let mut pages = out.iter().filter_map(|o| match o {
             Outgoing::Reply { payload, .. } => match Downlink::decode(payload, &Limits::default()).expect("downlink") {
-                Downlink::Snapshot { from, resume, done, .. } => Some((from, resume, done)),
+                Downlink::Snapshot { from, echo, resume, done, .. } => Some((from, echo, resume, done)),
                 _ => None,
             },
             _ => None,
         });
         pages.next_back().expect("a snapshot page")
     };
-    let (from, first, done) = page(&handle(&mut store, &pull(vec![], true)).expect("handled"));
-    assert_eq!((from, done), (Some(vec![]), false));
-    let (from, last, done) = page(&handle(&mut store, &pull(first.clone(), true)).expect("handled"));
-    assert_eq!((from, last, done), (Some(first.clone()), vec![], true));
-    let (from, _, done) = page(&handle(&mut store, &pull(first, false)).expect("handled"));
-    assert_eq!((from, done), (None, true));
+    let (from, echo, first, done) = page(&handle(&mut store, &pull(None, Some(7))).expect("handled"));
+    assert_eq!((from, echo, done), (Some(vec![]), Some(7), false), "the first page, answering a pull");
+    let (from, echo, _, done) = page(&handle(&mut store, &pull(None, None)).expect("handled"));
+    assert_eq!((from, echo, done), (None, None, false), "as devices of earlier versions have it");
+    let (from, echo, _, done) = page(&handle(&mut store, &pull_page(vec![], true, None)).expect("handled"));
+    assert_eq!((from, echo, done), (Some(vec![]), None, false));
+    let (from, echo, last, done) =
+        page(&handle(&mut store, &pull_page(first.clone(), true, Some(8))).expect("handled"));
+    assert_eq!((from, echo, last, done), (Some(first.clone()), Some(8), vec![], true));
+    let (from, echo, _, done) = page(&handle(&mut store, &pull_page(first, false, None)).expect("handled"));
+    assert_eq!((from, echo, done), (None, None, true));
+    let changes = reply(&handle(&mut store, &pull(Some(log_cursor), Some(9))).expect("handled"));
+    assert!(matches!(changes, Downlink::Changes { echo: Some(9), .. }), "{changes:?}");
+    let changes = reply(&handle(&mut store, &pull(Some(log_cursor), None)).expect("handled"));
+    assert!(matches!(changes, Downlink::Changes { echo: None, .. }), "{changes:?}");
 }
 
 #[test]
@@ -270,6 +290,7 @@ fn a_pull_from_a_log_position_the_store_does_not_hold_starts_a_new_epoch() {
         receipts: vec![],
         max_rows: 10,
         max_bytes: 1 << 20,
+        echo: None,
     };
     // Same position, same tag: an ordinary pull.
     let first = reply(&handle(&mut store, &pull(epoch, head)).expect("handled"));

@@ -53,11 +53,17 @@ pub enum Uplink {
         receipts: Vec<LogCursor>,
         max_rows: u32,
         max_bytes: u32,
+        /// A number every answer repeats (tag 9; devices of earlier versions send tag 6
+        /// without it): the device's count of cursor resets when it asked. An answer read
+        /// for a request made before the device's last reset (a late answer, from a gateway
+        /// instance that read it under the device's old scope) then moves nothing.
+        echo: Option<u64>,
     },
     /// Asks for the snapshot page after `resume` (opaque, from the previous page). With
     /// `name_from` (tag 8; devices of earlier versions send tag 7 without it) the answer names
     /// the `resume` it was read from, so a device may ask for a page before it has applied the
-    /// one before.
+    /// one before. With `echo` (tag 10, which names `from` too) the answer repeats it, as
+    /// for `Pull`.
     PullSnapshot {
         device: String,
         epoch: Epoch,
@@ -66,6 +72,7 @@ pub enum Uplink {
         max_rows: u32,
         max_bytes: u32,
         name_from: bool,
+        echo: Option<u64>,
     },
     /// Version 1: a batch acknowledged by its range alone.
     LegacyBatch { device: String, first_seq: i64, last_seq: i64, batch: Vec<u8> },
@@ -116,22 +123,25 @@ pub enum Downlink {
         reason: String,
     },
     /// Changes logged after position `from` (the pull's cursor), up to `cursor`; `more` if
-    /// others follow.
+    /// others follow. `echo`: the pull's (tag 19; tag 8 without it).
     Changes {
         epoch: Epoch,
         from: u64,
         cursor: LogCursor,
         more: bool,
+        echo: Option<u64>,
         batch: Vec<u8>,
     },
     /// [`Downlink::Changes`] for a device holding only its scopes, with the rows that left
     /// them: `evict` is a batch of keys (empty states) to drop from its tables without
-    /// syncing a delete. Applied together with the changes and the cursor move.
+    /// syncing a delete. Applied together with the changes and the cursor move. `echo`: the
+    /// pull's (tag 20; tag 13 without it).
     ScopedChanges {
         epoch: Epoch,
         from: u64,
         cursor: LogCursor,
         more: bool,
+        echo: Option<u64>,
         evict: Vec<u8>,
         batch: Vec<u8>,
     },
@@ -156,9 +166,11 @@ pub enum Downlink {
     /// One page of the current state. When `done`, continue with a pull from `log_cursor`.
     /// `from`: the `resume` it was read from, when the request asked (tag 18; tag 9 without
     /// it answers a `Pull` without cursor, from the start, or an earlier device's request).
+    /// `echo`: the request's (tag 21, which names `from` too: empty for the first page).
     Snapshot {
         epoch: Epoch,
         from: Option<Vec<u8>>,
+        echo: Option<u64>,
         resume: Vec<u8>,
         log_cursor: LogCursor,
         done: bool,
@@ -243,6 +255,8 @@ pub(super) mod tag {
     pub(super) const PULL: u8 = 6;
     pub(super) const PULL_SNAPSHOT: u8 = 7;
     pub(super) const PULL_SNAPSHOT_FROM: u8 = 8;
+    pub(super) const PULL_ECHO: u8 = 9;
+    pub(super) const PULL_SNAPSHOT_ECHO: u8 = 10;
 
     pub(super) const LEGACY_ACK: u8 = 1;
     pub(super) const LEGACY_NACK: u8 = 2;
@@ -262,6 +276,9 @@ pub(super) mod tag {
     pub(super) const FOLLOW: u8 = 16;
     pub(super) const SNAPSHOT_SIZE: u8 = 17;
     pub(super) const SNAPSHOT_FROM: u8 = 18;
+    pub(super) const CHANGES_ECHO: u8 = 19;
+    pub(super) const SCOPED_CHANGES_ECHO: u8 = 20;
+    pub(super) const SNAPSHOT_ECHO: u8 = 21;
 }
 
 /// Longest tenant, device or scope name accepted (as `protocol::valid_id`).
@@ -300,6 +317,13 @@ impl Writer {
                 self.cursor(c);
             }
             None => self.u8(0),
+        }
+    }
+
+    /// An echo, whose presence the message's tag says.
+    fn opt_echo(&mut self, echo: &Option<u64>) {
+        if let Some(echo) = echo {
+            self.varint(*echo);
         }
     }
 
@@ -390,23 +414,29 @@ impl Uplink {
                 w.cursors(receipts);
                 w.raw(batch);
             }
-            Uplink::Pull { device, epoch, cursor, receipts, max_rows, max_bytes } => {
-                w.u8(tag::PULL);
+            Uplink::Pull { device, epoch, cursor, receipts, max_rows, max_bytes, echo } => {
+                w.u8(if echo.is_some() { tag::PULL_ECHO } else { tag::PULL });
                 w.bytes(device.as_bytes());
                 w.opt_epoch(epoch);
                 w.opt_cursor(cursor);
                 w.cursors(receipts);
                 w.varint(u64::from(*max_rows));
                 w.varint(u64::from(*max_bytes));
+                w.opt_echo(echo);
             }
-            Uplink::PullSnapshot { device, epoch, resume, log_cursor, max_rows, max_bytes, name_from } => {
-                w.u8(if *name_from { tag::PULL_SNAPSHOT_FROM } else { tag::PULL_SNAPSHOT });
+            Uplink::PullSnapshot { device, epoch, resume, log_cursor, max_rows, max_bytes, name_from, echo } => {
+                w.u8(match (echo, name_from) {
+                    (Some(_), _) => tag::PULL_SNAPSHOT_ECHO,
+                    (None, true) => tag::PULL_SNAPSHOT_FROM,
+                    (None, false) => tag::PULL_SNAPSHOT,
+                });
                 w.bytes(device.as_bytes());
                 w.epoch(epoch);
                 w.bytes(resume);
                 w.cursor(log_cursor);
                 w.varint(u64::from(*max_rows));
                 w.varint(u64::from(*max_bytes));
+                w.opt_echo(echo);
             }
             Uplink::LegacyBatch { device, first_seq, last_seq, batch } => {
                 w.u8(tag::LEGACY_BATCH);
@@ -454,22 +484,24 @@ impl Uplink {
                 let batch = r.take(r.remaining())?.to_vec();
                 return Ok(Uplink::Batch { device, id, first_seq, last_seq, epoch, receipts, batch });
             }
-            tag::PULL => Uplink::Pull {
+            t @ (tag::PULL | tag::PULL_ECHO) => Uplink::Pull {
                 device,
                 epoch: r.opt_epoch()?,
                 cursor: r.opt_cursor()?,
                 receipts: r.receipts()?,
                 max_rows: r.u32("max_rows out of range")?,
                 max_bytes: r.u32("max_bytes out of range")?,
+                echo: if t == tag::PULL_ECHO { Some(r.varint()?) } else { None },
             },
-            t @ (tag::PULL_SNAPSHOT | tag::PULL_SNAPSHOT_FROM) => Uplink::PullSnapshot {
+            t @ (tag::PULL_SNAPSHOT | tag::PULL_SNAPSHOT_FROM | tag::PULL_SNAPSHOT_ECHO) => Uplink::PullSnapshot {
                 device,
                 epoch: r.epoch()?,
                 resume: r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec(),
                 log_cursor: r.cursor()?,
                 max_rows: r.u32("max_rows out of range")?,
                 max_bytes: r.u32("max_bytes out of range")?,
-                name_from: t == tag::PULL_SNAPSHOT_FROM,
+                name_from: t != tag::PULL_SNAPSHOT,
+                echo: if t == tag::PULL_SNAPSHOT_ECHO { Some(r.varint()?) } else { None },
             },
             tag::LEGACY_BATCH => {
                 let first_seq = r.zigzag()?;

@@ -125,6 +125,7 @@ impl Machine {
                     receipts: self.receipts.shown(),
                     max_rows: self.cfg.pull_rows,
                     max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
+                    echo: Some(resets),
                 };
                 self.publish(out, msg);
             }
@@ -290,16 +291,16 @@ impl Machine {
                 self.inflight.remove(at);
                 self.store(out, StoreOp::Reject { first: first_seq, last: last_seq, reason }, Awaiting::Reject);
             }
-            Downlink::Changes { from, cursor, more, batch, .. } => {
+            Downlink::Changes { from, cursor, more, echo, batch, .. } => {
+                let Some(resets) = self.asked_under(echo) else { return };
                 let Some(batch) = self.decode(&batch) else { return };
-                let cursor =
-                    Some(CursorMove { from: Some(from), from_tag: None, resets: self.pull_resets, to: cursor });
+                let cursor = Some(CursorMove { from: Some(from), from_tag: None, resets, to: cursor });
                 self.store(out, StoreOp::Apply { batch, cursor, evict: Vec::new() }, Awaiting::Changes { more });
             }
-            Downlink::ScopedChanges { from, cursor, more, evict, batch, .. } => {
+            Downlink::ScopedChanges { from, cursor, more, echo, evict, batch, .. } => {
+                let Some(resets) = self.asked_under(echo) else { return };
                 let (Some(batch), Some(evict)) = (self.decode(&batch), self.decode(&evict)) else { return };
-                let cursor =
-                    Some(CursorMove { from: Some(from), from_tag: None, resets: self.pull_resets, to: cursor });
+                let cursor = Some(CursorMove { from: Some(from), from_tag: None, resets, to: cursor });
                 let op = StoreOp::Apply { batch, cursor, evict: evict.rows };
                 self.store(out, op, Awaiting::Changes { more });
             }
@@ -327,7 +328,8 @@ impl Machine {
                 self.live.snapshot = Some(p);
                 out.push(Action::Progress(Progress::Start { label: "snapshot", total: rows }));
             }
-            Downlink::Snapshot { from, resume, log_cursor, done, batch, .. } => {
+            Downlink::Snapshot { from, echo, resume, log_cursor, done, batch, .. } => {
+                let Some(resets) = self.asked_under(echo) else { return };
                 // A page without `from` answers a pull without cursor: the first.
                 let from = from.unwrap_or_default();
                 if self.pulling.as_ref().and_then(|p| p.snapshot_from.as_ref()) != Some(&from) {
@@ -354,10 +356,29 @@ impl Machine {
                     _ => self.pulling = Some(Pulling { since: self.now, snapshot_from: None }),
                 }
                 let at = SnapshotAt { resume, log_cursor, progress };
-                let op = StoreOp::ApplyPage { batch, from, at: at.clone(), done, resets: self.pull_resets };
+                let op = StoreOp::ApplyPage { batch, from, at: at.clone(), done, resets };
                 self.store(out, op, Awaiting::SnapshotPage { at, done, rows });
             }
             _ => {}
+        }
+    }
+
+    /// The count of cursor resets a pull's answer was asked under, which the store checks
+    /// before the answer moves anything: the answer's echo of it or, from a gateway that does
+    /// not echo, the count the last pull was made under. `None` (dropped) for an answer to a
+    /// pull made before the store's last reset: read for the device as it was then (its old
+    /// scope), it would hide what it does not hold.
+    fn asked_under(&self, echo: Option<u64>) -> Option<u64> {
+        match echo {
+            Some(e) if e != self.pull_resets => {
+                tracing::debug!(
+                    echo = e,
+                    resets = self.pull_resets,
+                    "an answer to a pull made before the last reset; dropped"
+                );
+                None
+            }
+            _ => Some(self.pull_resets),
         }
     }
 
@@ -372,6 +393,7 @@ impl Machine {
             max_rows: self.cfg.pull_rows,
             max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
             name_from: true,
+            echo: Some(self.pull_resets),
         };
         self.publish(out, msg);
     }

@@ -95,11 +95,13 @@ fn snapshotting_machine() -> Machine {
     m
 }
 
-/// A snapshot page read from `from` (`None`: the first, answering a pull), ending at `resume`.
+/// A snapshot page read from `from` (`None`: the first, answering a pull), ending at `resume`,
+/// asked for with no reset before it.
 fn snapshot_page(from: Option<&[u8]>, resume: &[u8], done: bool, batch: &Batch) -> Input {
     Input::Downlink(Downlink::Snapshot {
         epoch: E1,
         from: from.map(<[u8]>::to_vec),
+        echo: Some(0),
         resume: resume.to_vec(),
         log_cursor: SNAPSHOT_HEAD,
         done,
@@ -307,6 +309,7 @@ fn a_page_moves_the_cursor_only_from_where_it_was_pulled() {
         from: 3,
         cursor: to,
         more: false,
+        echo: Some(0),
         batch: encode_batch(&Batch::default(), EncodeOptions::default()),
     };
     let out = m.handle(Input::Downlink(changes), 1);
@@ -452,12 +455,17 @@ fn applied_at(moved: bool, position: u64) -> Input {
     Input::Store(StoreResult::Applied(ApplyReport { moved, cursor, ..ApplyReport::default() }))
 }
 
+/// The answer to a pull from 3 (asked with no reset before it): nothing new.
+fn nothing_after_3() -> Input {
+    let empty = encode_batch(&Batch::default(), EncodeOptions::default());
+    let at3 = LogCursor { position: 3, tag: 30 };
+    Input::Downlink(Downlink::Changes { epoch: E1, from: 3, cursor: at3, more: false, echo: Some(0), batch: empty })
+}
+
 /// A confirmed machine whose first pull was answered: its cursor is at 3, nothing is out.
 fn current_machine() -> Machine {
     let mut m = confirmed_machine();
-    let empty = encode_batch(&Batch::default(), EncodeOptions::default());
-    let at3 = LogCursor { position: 3, tag: 30 };
-    m.handle(Input::Downlink(Downlink::Changes { epoch: E1, from: 3, cursor: at3, more: false, batch: empty }), 2);
+    m.handle(nothing_after_3(), 2);
     let out = m.handle(applied_at(true, 3), 2);
     assert!(out.is_empty(), "{out:?}");
     m
@@ -534,9 +542,7 @@ fn scope_changes_during_a_pull_wait_for_its_answer() {
     // The pull from 3 is out: a change arriving now is held, not applied.
     let out = m.handle(feed(E1, 3, 5, "other", &Batch::default()), 2);
     assert!(out.is_empty(), "{out:?}");
-    let empty = encode_batch(&Batch::default(), EncodeOptions::default());
-    let at3 = LogCursor { position: 3, tag: 30 };
-    m.handle(Input::Downlink(Downlink::Changes { epoch: E1, from: 3, cursor: at3, more: false, batch: empty }), 3);
+    m.handle(nothing_after_3(), 3);
     // The answer moved nothing; the held change follows it.
     let out = m.handle(applied_at(true, 3), 3);
     assert!(

@@ -184,6 +184,7 @@ fn a_closed_tenant_ignores_devices_it_does_not_know(b: &Backend) {
         receipts: vec![],
         max_rows: 100,
         max_bytes: 1 << 20,
+        echo: Some(0),
     };
     assert!(handle(&mut *gw, &hello).expect("handled").is_empty());
     assert!(handle(&mut *gw, &pull).expect("handled").is_empty());

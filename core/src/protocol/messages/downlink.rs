@@ -59,17 +59,19 @@ impl Downlink {
                 w.zigzag(*last_seq);
                 w.bytes(reason.as_bytes());
             }
-            Downlink::Changes { epoch, from, cursor, more, batch } => {
-                w.u8(tag::CHANGES);
+            Downlink::Changes { epoch, from, cursor, more, echo, batch } => {
+                w.u8(if echo.is_some() { tag::CHANGES_ECHO } else { tag::CHANGES });
                 w.epoch(epoch);
+                w.opt_echo(echo);
                 w.varint(*from);
                 w.cursor(cursor);
                 w.u8(u8::from(*more));
                 w.raw(batch);
             }
-            Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch } => {
-                w.u8(tag::SCOPED_CHANGES);
+            Downlink::ScopedChanges { epoch, from, cursor, more, echo, evict, batch } => {
+                w.u8(if echo.is_some() { tag::SCOPED_CHANGES_ECHO } else { tag::SCOPED_CHANGES });
                 w.epoch(epoch);
+                w.opt_echo(echo);
                 w.varint(*from);
                 w.cursor(cursor);
                 w.u8(u8::from(*more));
@@ -96,11 +98,17 @@ impl Downlink {
                 w.varint(*rows);
                 w.varint(*bytes);
             }
-            Downlink::Snapshot { epoch, from, resume, log_cursor, done, batch } => {
-                w.u8(if from.is_some() { tag::SNAPSHOT_FROM } else { tag::SNAPSHOT });
+            Downlink::Snapshot { epoch, from, echo, resume, log_cursor, done, batch } => {
+                w.u8(match (echo, from) {
+                    (Some(_), _) => tag::SNAPSHOT_ECHO,
+                    (None, Some(_)) => tag::SNAPSHOT_FROM,
+                    (None, None) => tag::SNAPSHOT,
+                });
                 w.epoch(epoch);
-                if let Some(from) = from {
-                    w.bytes(from);
+                w.opt_echo(echo);
+                // Without `from`, a page is read from the start: an echoed page names it.
+                if echo.is_some() || from.is_some() {
+                    w.bytes(from.as_deref().unwrap_or_default());
                 }
                 w.bytes(resume);
                 w.cursor(log_cursor);
@@ -185,21 +193,24 @@ impl Downlink {
                 last_seq: r.zigzag()?,
                 reason: r.string(MAX_TOKEN, "nack reason bytes")?,
             },
-            tag::CHANGES => {
+            t @ (tag::CHANGES | tag::CHANGES_ECHO) => {
                 let epoch = r.epoch()?;
+                let echo = if t == tag::CHANGES_ECHO { Some(r.varint()?) } else { None };
                 let from = r.varint()?;
                 let cursor = r.cursor()?;
                 let more = r.flag()?;
-                return Ok(Downlink::Changes { epoch, from, cursor, more, batch: r.take(r.remaining())?.to_vec() });
+                let batch = r.take(r.remaining())?.to_vec();
+                return Ok(Downlink::Changes { epoch, from, cursor, more, echo, batch });
             }
-            tag::SCOPED_CHANGES => {
+            t @ (tag::SCOPED_CHANGES | tag::SCOPED_CHANGES_ECHO) => {
                 let epoch = r.epoch()?;
+                let echo = if t == tag::SCOPED_CHANGES_ECHO { Some(r.varint()?) } else { None };
                 let from = r.varint()?;
                 let cursor = r.cursor()?;
                 let more = r.flag()?;
                 let evict = r.bytes(limits.max_decompressed, "evicted keys")?.to_vec();
                 let batch = r.take(r.remaining())?.to_vec();
-                return Ok(Downlink::ScopedChanges { epoch, from, cursor, more, evict, batch });
+                return Ok(Downlink::ScopedChanges { epoch, from, cursor, more, echo, evict, batch });
             }
             tag::SCOPE => {
                 let (epoch, version) = (r.epoch()?, r.varint()?);
@@ -212,11 +223,12 @@ impl Downlink {
             }
             tag::FOLLOW => Downlink::Follow { epoch: r.epoch()?, scope: r.string(MAX_ID, "scope name bytes")? },
             tag::SNAPSHOT_SIZE => Downlink::SnapshotSize { epoch: r.epoch()?, rows: r.varint()?, bytes: r.varint()? },
-            t @ (tag::SNAPSHOT | tag::SNAPSHOT_FROM) => {
+            t @ (tag::SNAPSHOT | tag::SNAPSHOT_FROM | tag::SNAPSHOT_ECHO) => {
                 let epoch = r.epoch()?;
+                let echo = if t == tag::SNAPSHOT_ECHO { Some(r.varint()?) } else { None };
                 let from = match t {
-                    tag::SNAPSHOT_FROM => Some(r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec()),
-                    _ => None,
+                    tag::SNAPSHOT => None,
+                    _ => Some(r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec()),
                 };
                 let resume = r.bytes(MAX_TOKEN, "snapshot resume token")?.to_vec();
                 let log_cursor = r.cursor()?;
@@ -224,6 +236,7 @@ impl Downlink {
                 return Ok(Downlink::Snapshot {
                     epoch,
                     from,
+                    echo,
                     resume,
                     log_cursor,
                     done,

@@ -40,6 +40,7 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
             receipts: vec![c],
             max_rows: 500,
             max_bytes: 1 << 20,
+            echo: None,
         },
         Uplink::Pull {
             device: "tab-1".into(),
@@ -48,6 +49,7 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
             receipts: vec![],
             max_rows: 500,
             max_bytes: 1 << 20,
+            echo: Some(1 << 33),
         },
         Uplink::PullSnapshot {
             device: "tab-1".into(),
@@ -57,6 +59,7 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
             max_rows: 500,
             max_bytes: 1,
             name_from: false,
+            echo: None,
         },
         Uplink::PullSnapshot {
             device: "tab-1".into(),
@@ -66,6 +69,17 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
             max_rows: 500,
             max_bytes: 1,
             name_from: true,
+            echo: None,
+        },
+        Uplink::PullSnapshot {
+            device: "tab-1".into(),
+            epoch: e,
+            resume: vec![3],
+            log_cursor: c,
+            max_rows: 500,
+            max_bytes: 1,
+            name_from: true,
+            echo: Some(0),
         },
         Uplink::LegacyBatch { device: "tab-1".into(), first_seq: 3, last_seq: 9, batch: vec![1, 2, 3] },
         Uplink::LegacyPull { device: "tab-1".into(), cursor: 77, max_rows: 500 },
@@ -74,6 +88,15 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
     for m in ups {
         assert_eq!(Uplink::decode(&m.encode(), &limits), Ok(m));
     }
+    let page = |from, echo, done| Downlink::Snapshot {
+        epoch: e,
+        from,
+        echo,
+        resume: vec![2],
+        log_cursor: c,
+        done,
+        batch: vec![7],
+    };
     let downs = [
         Downlink::Welcome { epoch: e, node_counter: 5, device_seq: 9, node_elsewhere: true },
         Downlink::Schema { version: 3, text: "[[table]]\nname = \"t\"".into() },
@@ -89,19 +112,30 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
             previous: Some(LogCursor { position: 3, tag: 9 }),
         },
         Downlink::Nack { epoch: e, id: 4, first_seq: 1, last_seq: 2, reason: "bad".into() },
-        Downlink::Changes { epoch: e, from: 70, cursor: c, more: true, batch: vec![4] },
-        Downlink::Snapshot { epoch: e, from: None, resume: vec![1], log_cursor: c, done: false, batch: vec![] },
-        Downlink::Snapshot { epoch: e, from: Some(vec![]), resume: vec![1], log_cursor: c, done: true, batch: vec![7] },
-        Downlink::Snapshot {
+        Downlink::Changes { epoch: e, from: 70, cursor: c, more: true, echo: None, batch: vec![4] },
+        Downlink::Changes { epoch: e, from: 70, cursor: c, more: false, echo: Some(3), batch: vec![4] },
+        page(None, None, true),
+        page(Some(vec![]), None, false),
+        page(Some(vec![1]), None, true),
+        page(Some(vec![]), Some(2), false),
+        Downlink::ScopedChanges {
             epoch: e,
-            from: Some(vec![1]),
-            resume: vec![2],
-            log_cursor: c,
-            done: false,
+            from: 70,
+            cursor: c,
+            more: false,
+            echo: None,
+            evict: vec![7, 8],
+            batch: vec![4],
+        },
+        Downlink::ScopedChanges {
+            epoch: e,
+            from: 70,
+            cursor: c,
+            more: true,
+            echo: Some(9),
+            evict: vec![],
             batch: vec![],
         },
-        Downlink::ScopedChanges { epoch: e, from: 70, cursor: c, more: false, evict: vec![7, 8], batch: vec![4] },
-        Downlink::ScopedChanges { epoch: e, from: 70, cursor: c, more: true, evict: vec![], batch: vec![] },
         Downlink::Scope { epoch: e, version: 4, tables: vec!["work_orders".into(), "inspections".into()] },
         Downlink::Scope { epoch: e, version: 0, tables: vec![] },
         Downlink::Follow { epoch: e, scope: "s0123abcd".into() },
@@ -141,7 +175,7 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
     for m in downs {
         assert_eq!(Downlink::decode(&m.encode(), &limits), Ok(m));
     }
-    assert!(Uplink::decode(&[9, 0], &limits).is_err());
+    assert!(Uplink::decode(&[11, 0], &limits).is_err());
     assert!(Downlink::decode(&[], &limits).is_err());
     // A truncated cursor or epoch is an error, not a panic.
     let pull = Uplink::Pull {
@@ -151,6 +185,7 @@ fn every_message_round_trips_and_garbage_is_a_typed_error() {
         receipts: vec![c],
         max_rows: 1,
         max_bytes: 1,
+        echo: Some(1),
     }
     .encode();
     for len in 0..pull.len() {

@@ -89,3 +89,49 @@ fn a_snapshot_goes_on_from_the_store_after_a_page_it_did_not_take() {
     let out = m.handle(snapshot_page(Some(&[7]), &[8], false, &Batch::default()), 2);
     assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { from, .. }) if *from == [7]), "{out:?}");
 }
+
+/// An answer read for a pull made before the store's last reset is never taken: from a
+/// gateway instance that read it under the device's old scope, taken as the first page of
+/// the new scope's snapshot it would hide the rows of the new scope it does not hold.
+#[test]
+fn an_answer_to_a_pull_made_before_the_last_reset_moves_nothing() {
+    let mut m = snapshotting_machine();
+    let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()] };
+    let out = m.handle(Input::Downlink(scope), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::Rescoped(Some(4))), 2);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 1, snapshot: None }), 2);
+    assert!(matches!(publishes(&out)[..], [Uplink::Pull { cursor: None, echo: Some(1), .. }]), "{out:?}");
+
+    // The answer to the pull before the reset comes late: dropped.
+    let out = m.handle(snapshot_page(Some(&[]), &[1], false, &one_row()), 3);
+    assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "dropped: {out:?}");
+    let stale_changes = Downlink::Changes {
+        epoch: E1,
+        from: 3,
+        cursor: LogCursor { position: 9, tag: 1 },
+        more: false,
+        echo: Some(0),
+        batch: encode_batch(&one_row(), EncodeOptions::default()),
+    };
+    let out = m.handle(Input::Downlink(stale_changes), 3);
+    assert!(store_op(&out).is_none(), "dropped: {out:?}");
+
+    // The answer to the pull after it is taken, and applied only if no reset came since.
+    let Input::Downlink(Downlink::Snapshot { batch, .. }) = snapshot_page(None, &[1], false, &one_row()) else {
+        unreachable!()
+    };
+    let page = Downlink::Snapshot {
+        epoch: E1,
+        from: Some(vec![]),
+        echo: Some(1),
+        resume: vec![1],
+        log_cursor: SNAPSHOT_HEAD,
+        done: false,
+        batch,
+    };
+    let out = m.handle(Input::Downlink(page), 3);
+    assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { resets: 1, .. })), "{out:?}");
+    assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { echo: Some(1), .. }]), "{out:?}");
+}
