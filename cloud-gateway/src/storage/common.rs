@@ -52,7 +52,13 @@ pub(crate) fn resume_token(table: &str, key: &[u8]) -> Vec<u8> {
     t
 }
 
+/// Where a snapshot page starts: after the table and key a resume token names, or before
+/// every row for the empty token. `None`: the token names no position (forged, or of
+/// another store).
 pub(crate) fn parse_resume(token: &[u8]) -> Option<(String, Vec<u8>)> {
+    if token.is_empty() {
+        return Some((String::new(), Vec::new()));
+    }
     parse_resume_ref(token).map(|(table, key)| (table.to_owned(), key.to_vec()))
 }
 

@@ -176,14 +176,7 @@ pub(crate) fn snapshot_page<S: GatewayStore + ?Sized>(
     schema: &SyncSchema,
     scope: &DeviceScope,
 ) -> Result<Option<SnapshotPage>> {
-    let (from_table, from_key) = if resume.is_empty() {
-        (String::new(), Vec::new())
-    } else {
-        match parse_resume(resume) {
-            Some(position) => position,
-            None => return Ok(None),
-        }
-    };
+    let Some((from_table, from_key)) = parse_resume(resume) else { return Ok(None) };
     let mut tables: Vec<&SchemaTable> = schema.tables.iter().filter(|t| t.name >= from_table).collect();
     tables.sort_by(|a, b| a.name.cmp(&b.name));
     let mut page = SnapshotPage::default();

@@ -217,14 +217,7 @@ pub(super) fn snapshot_page(
     resume: &[u8],
     max_rows: usize,
 ) -> Result<Option<SnapshotPage>> {
-    let (table, key) = if resume.is_empty() {
-        (String::new(), Vec::new())
-    } else {
-        match parse_resume(resume) {
-            Some(position) => position,
-            None => return Ok(None),
-        }
-    };
+    let Some((table, key)) = parse_resume(resume) else { return Ok(None) };
     // Table names compare bytewise (COLLATE "C"), as the SQLite store orders them.
     let rows = client.query(
         "SELECT tbl, pkh, state FROM driftless.gw_rows

@@ -102,14 +102,7 @@ pub(super) fn snapshot_page(
     resume: &[u8],
     max_rows: usize,
 ) -> Result<Option<SnapshotPage>> {
-    let (table, key) = if resume.is_empty() {
-        (String::new(), Vec::new())
-    } else {
-        match parse_resume(resume) {
-            Some(position) => position,
-            None => return Ok(None),
-        }
-    };
+    let Some((table, key)) = parse_resume(resume) else { return Ok(None) };
     let rows = conn
         .prepare_cached(
             "SELECT tbl, pk, state FROM gw_rows WHERE tenant = ?1 AND (tbl, pk) > (?2, ?3) ORDER BY tbl, pk LIMIT ?4",
