@@ -71,8 +71,12 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
                 StoreResult::Applied(report)
             }
             StoreOp::Rescope { version, tables } => {
-                let changed = store.scope_version()? != Some(version);
-                StoreResult::Rescoped(if changed { Some(store.rescope(version, &tables)?) } else { None })
+                if store.scope_version()? == Some(version) {
+                    return Ok(StoreResult::Rescoped { dropped: None, reset: false });
+                }
+                let resets = store.cursor()?.1;
+                let dropped = store.rescope(version, &tables)?;
+                StoreResult::Rescoped { dropped: Some(dropped), reset: store.cursor()?.1 != resets }
             }
             StoreOp::Apply { batch, cursor, evict } => {
                 if !batch.rows.is_empty() {
@@ -88,4 +92,34 @@ pub fn execute(store: &mut Store, op: StoreOp, now_ms: u64) -> StoreResult {
         })
     };
     run(store).unwrap_or_else(|e| StoreResult::Failed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use driftless_core::{Batch, LogCursor, StoreOptions, TableSpec};
+
+    use super::*;
+
+    fn rescope(store: &mut Store, version: u64) -> StoreResult {
+        execute(store, StoreOp::Rescope { version, tables: vec!["t".into()] }, 0)
+    }
+
+    /// Whether a new scope reset the cursor decides whether the pull out meanwhile is still
+    /// awaited: it must say so exactly.
+    #[test]
+    fn a_rescope_says_whether_it_reset_the_cursor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path().join("d.db"), StoreOptions::default()).expect("open");
+        store.write(|tx| Ok(tx.execute_batch("CREATE TABLE t(id TEXT PRIMARY KEY, v TEXT)")?)).expect("create");
+        store.track("t", TableSpec::new()).expect("track");
+        // Told a scope for the first time, holding nothing fetched: nothing to reset.
+        assert!(matches!(rescope(&mut store, 1), StoreResult::Rescoped { dropped: Some(0), reset: false }));
+        // The same scope again: nothing done.
+        assert!(matches!(rescope(&mut store, 1), StoreResult::Rescoped { dropped: None, reset: false }));
+        // Caught up, then told another: reset.
+        let (_, resets) = store.cursor().expect("cursor");
+        let at = LogCursor { position: 3, tag: 30 };
+        store.apply_with_cursor(&Batch::default(), &[], None, None, resets, at).expect("caught up");
+        assert!(matches!(rescope(&mut store, 2), StoreResult::Rescoped { dropped: Some(0), reset: true }));
+    }
 }

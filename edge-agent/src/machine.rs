@@ -94,6 +94,9 @@ enum Awaiting {
     Rescope {
         version: u64,
         tables: Vec<String>,
+        /// The snapshot's pull that was out when the scope was told: still awaited unless
+        /// the store resets for the new scope.
+        kept: Option<Pulling>,
     },
     Changes {
         more: bool,
@@ -420,7 +423,7 @@ impl Machine {
         {
             if self.now >= at {
                 let op = StoreOp::Rescope { version, tables: tables.clone() };
-                self.store(out, op, Awaiting::Rescope { version, tables });
+                self.store(out, op, Awaiting::Rescope { version, tables, kept: None });
                 return;
             }
             self.rescope = Some((version, tables, at));

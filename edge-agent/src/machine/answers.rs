@@ -30,7 +30,7 @@ impl Machine {
             }
             // The gateway tells a scope once per change (and at every handshake): kept, and
             // tried again at the next tick.
-            if let Awaiting::Rescope { version, tables } = awaiting {
+            if let Awaiting::Rescope { version, tables, .. } = awaiting {
                 self.rescope = Some((version, tables, self.now.saturating_add(self.cfg.ack_timeout_ms)));
             }
             return;
@@ -81,14 +81,20 @@ impl Machine {
                     self.want_ship = true;
                 }
             }
-            (Awaiting::Rescope { .. }, StoreResult::Rescoped(dropped)) => {
+            (Awaiting::Rescope { kept, .. }, StoreResult::Rescoped { dropped, reset }) => {
                 if let Some(dropped) = dropped {
                     tracing::info!(dropped, "the device's scope changed; fetching its rows");
                 }
                 if let Some(scope) = self.follow_next.take() {
                     self.follow(scope, out);
                 }
-                self.want_pull = true;
+                // A snapshot's pull out before a scope told for the first time (a new device's
+                // first pull; the store held nothing fetched, so it did not reset) is answered
+                // for the scope as it stands: awaited, not asked again.
+                match kept {
+                    Some(pull) if !reset && self.pulling.is_none() => self.pulling = Some(pull),
+                    _ => self.want_pull = true,
+                }
             }
             (Awaiting::Schema, StoreResult::SchemaFollowed { version, changed, receives }) => {
                 self.live.schema_version = version;
@@ -305,14 +311,16 @@ impl Machine {
                 self.store(out, op, Awaiting::Changes { more });
             }
             Downlink::Scope { version, tables, .. } => {
-                // In place of a pull's answer when the scope changed: the pull is over. The
-                // newest scope told replaces one that failed to be taken.
-                self.pulling = None;
+                // In place of a pull's answer when the scope changed: the pull is over. A
+                // snapshot's pull is never answered so (the scope comes in place of changes
+                // only): kept, in case the store does not reset. The newest scope told
+                // replaces one that failed to be taken.
+                let kept = self.pulling.take().filter(|p| p.snapshot_from.is_some());
                 self.rescope = None;
                 // The scope to follow comes after it, anew.
                 self.follow_next = None;
                 let op = StoreOp::Rescope { version, tables: tables.clone() };
-                self.store(out, op, Awaiting::Rescope { version, tables });
+                self.store(out, op, Awaiting::Rescope { version, tables, kept });
             }
             Downlink::Follow { scope, .. } => {
                 // After the `Scope` it comes with, once the store holds that scope's rows:

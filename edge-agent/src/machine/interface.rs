@@ -196,8 +196,12 @@ pub enum StoreResult {
         changed: bool,
         receives: bool,
     },
-    /// Answer to `Rescope`: how many rows were dropped, if the scope changed.
-    Rescoped(Option<usize>),
+    /// Answer to `Rescope`: how many rows were dropped, if the scope changed, and whether the
+    /// cursor was reset (answers to pulls made before then move nothing).
+    Rescoped {
+        dropped: Option<usize>,
+        reset: bool,
+    },
     /// The store failed; the work is tried again later.
     Failed(String),
 }

@@ -682,7 +682,8 @@ fn a_scope_change_the_store_failed_to_take_is_tried_again_at_the_next_tick() {
         matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, tables }) if tables == &["work_orders"]),
         "{out:?}"
     );
-    let out = m.handle(Input::Store(StoreResult::Rescoped(Some(12))), 3 + config().ack_timeout_ms);
+    let out =
+        m.handle(Input::Store(StoreResult::Rescoped { dropped: Some(12), reset: true }), 3 + config().ack_timeout_ms);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "the new scope is fetched: {out:?}");
 }
 

@@ -64,7 +64,7 @@ fn a_device_follows_the_scope_it_is_told_once_its_store_holds_it() {
     let out = m.handle_all([Input::Downlink(scope), Input::Downlink(follow.clone())], 2);
     assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
     assert!(follows(&out).is_empty(), "not before the store took the scope: {out:?}");
-    let out = m.handle(Input::Store(StoreResult::Rescoped(Some(4))), 2);
+    let out = m.handle(Input::Store(StoreResult::Rescoped { dropped: Some(4), reset: true }), 2);
     assert_eq!(follows(&out), ["s9"]);
     // Told alone (with a pull's answer), by a machine current on its cursor: followed at once;
     // its scope's changes are heard, another's are not, and pokes are not pulled on.
@@ -92,6 +92,7 @@ fn a_scope_the_store_failed_to_take_is_followed_only_once_it_took_it() {
     assert!(follows(&out).is_empty(), "{out:?}");
     let out = m.handle(Input::Tick, 3 + config().ack_timeout_ms);
     assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
-    let out = m.handle(Input::Store(StoreResult::Rescoped(Some(1))), 3 + config().ack_timeout_ms);
+    let out =
+        m.handle(Input::Store(StoreResult::Rescoped { dropped: Some(1), reset: true }), 3 + config().ack_timeout_ms);
     assert_eq!(follows(&out), ["s9"]);
 }
