@@ -562,29 +562,43 @@ fn snapshot(
 ) -> Result<Vec<Outgoing>, Fault> {
     let PageAsk { resume, name_from, echo } = ask;
     let mut out = Vec::new();
+    let (page, batch) = snapshot_page(store, at, resume, rows, max_bytes)?;
     // What the whole snapshot holds, before its first page, for the device's progress.
     if resume.is_empty() {
-        let (rows, bytes) = snapshot_size(store, at)?;
+        let first = FirstPage { rows: page.batch.rows.len() as u64, bytes: declared_payload_len(&batch).unwrap_or(0) };
+        let (rows, bytes) = snapshot_size(store, at, first)?;
         out.push(to(at.tenant, at.device, Downlink::SnapshotSize { epoch, rows, bytes }));
     }
-    let (page, batch) = snapshot_page(store, at, resume, rows, max_bytes)?;
     let from = (name_from || echo.is_some()).then(|| resume.to_vec());
     let msg = Downlink::Snapshot { epoch, from, echo, resume: page.resume, log_cursor, done: page.done, batch };
     out.push(to(at.tenant, at.device, msg));
     Ok(out)
 }
 
-/// What a snapshot for the device holds: counted again only once something was logged (the
-/// count reads every row of the scope; after a restore every device starts a snapshot).
-fn snapshot_size(store: &mut dyn GatewayStore, at: &At<'_>) -> Result<(u64, u64)> {
+/// A snapshot's first page: its rows, and their bytes before compression.
+struct FirstPage {
+    rows: u64,
+    bytes: u64,
+}
+
+/// What a snapshot for the device holds: counted again only once something was logged (after
+/// a restore every device starts a snapshot). A device's scope is counted in the scope
+/// indexes, and its bytes estimated from the first page (the rows' mean payload size times
+/// their count): reading each row for its size would hold the first page back; a device
+/// without scopes gets both counted exactly (the tenant's rows are read whole anyway).
+fn snapshot_size(store: &mut dyn GatewayStore, at: &At<'_>, first: FirstPage) -> Result<(u64, u64)> {
     let version = at.schema.map_or(0, |s| s.version);
     let head = store.log_head(at.tenant)?.position;
     if let Some(size) = store.kept().and_then(|kept| kept.size(at.tenant, at.feed, version, head)) {
         return Ok(size);
     }
     let size = match at.schema {
-        Some(served) => scoped::snapshot_size(store, at.tenant, &served.schema, at.scope)?,
-        None => store.rows_size(at.tenant, None, None)?,
+        Some(served) => {
+            let rows = scoped::snapshot_rows(store, at.tenant, &served.schema, at.scope)?;
+            let bytes = (first.bytes as u128 * rows as u128).checked_div(first.rows as u128).unwrap_or(0);
+            (rows, bytes.max(first.bytes as u128).min(u64::MAX as u128) as u64)
+        }
+        None => store.rows_size(at.tenant, None)?,
     };
     if let Some(kept) = store.kept() {
         kept.keep_size(at.tenant, at.feed, version, head, size);

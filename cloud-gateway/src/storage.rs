@@ -367,9 +367,12 @@ pub trait GatewayStore: Send {
         chain: Option<&chains::Chain>,
     ) -> Result<(Vec<Logged>, bool)>;
 
-    /// How many rows the tenant holds, and their stored bytes: of `table` if given, and only
-    /// those of scope key `skey` (by the scope index) if given.
-    fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)>;
+    /// How many rows the tenant holds, and their stored bytes: of `table` if given.
+    fn rows_size(&mut self, tenant: &str, table: Option<&str>) -> Result<(u64, u64)>;
+
+    /// How many rows of `table` scope key `skey` holds (filed under it, or held by
+    /// reference), from the scope indexes alone, without reading a row.
+    fn scope_count(&mut self, tenant: &str, table: &str, skey: &[u8]) -> Result<u64>;
 
     /// What the store keeps between messages (see [`kept`]; `None`: nothing, all is read
     /// again each time).

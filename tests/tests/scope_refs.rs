@@ -174,6 +174,11 @@ fn an_offline_tablet_and_a_new_one_end_up_holding_exactly_their_customers() {
         assert!(customers(&w, s1).is_empty(), "the south names none");
         // A new tablet gets the north's customers in its snapshot, and no other.
         let new = w.device("tab-n3", &[("region", "north")]);
+        // Its progress counts the customers it holds by reference with its orders (and the
+        // deleted wo-2, whose state the snapshot carries as it does every row's).
+        w.connect_until(new, |s| s.snapshot_position().expect("read").is_some());
+        let progress = w.store(new).snapshot_position().expect("read").expect("under way").progress;
+        assert_eq!(progress.rows_total, 5, "wo-1, wo-2, wo-4, c1 and c3: {progress:?}");
         w.connect(new);
         assert_eq!(customers(&w, new), north);
         // And one moved south by the operator drops them, for the south's.

@@ -367,8 +367,11 @@ impl GatewayStore for Faulty {
     fn chain_before(&mut self, t: &str, chain: &crate::storage::chains::Chain, before: u64) -> Result<LogCursor> {
         self.0.chain_before(t, chain, before)
     }
-    fn rows_size(&mut self, t: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
-        self.0.rows_size(t, table, skey)
+    fn rows_size(&mut self, t: &str, table: Option<&str>) -> Result<(u64, u64)> {
+        self.0.rows_size(t, table)
+    }
+    fn scope_count(&mut self, t: &str, table: &str, skey: &[u8]) -> Result<u64> {
+        self.0.scope_count(t, table, skey)
     }
     fn row_state(&mut self, t: &str, table: &str, pk: &[driftless_core::Value]) -> Result<Option<Batch>> {
         self.0.row_state(t, table, pk)

@@ -273,9 +273,14 @@ impl GatewayStore for PgStore {
         log::chain_before(&mut self.client, &mut self.stmts, tenant, chain, before)
     }
 
-    fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
+    fn rows_size(&mut self, tenant: &str, table: Option<&str>) -> Result<(u64, u64)> {
         self.client()?;
-        log::size(&mut self.client, &mut self.stmts, tenant, table, skey)
+        log::size(&mut self.client, &mut self.stmts, tenant, table)
+    }
+
+    fn scope_count(&mut self, tenant: &str, table: &str, skey: &[u8]) -> Result<u64> {
+        self.client()?;
+        log::scope_count(&mut self.client, &mut self.stmts, tenant, table, skey)
     }
 
     fn kept(&mut self) -> Option<&mut Kept> {

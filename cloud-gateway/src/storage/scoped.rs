@@ -212,23 +212,24 @@ pub(crate) fn snapshot_page<S: GatewayStore + ?Sized>(
     Ok(Some(page))
 }
 
-/// How many rows a snapshot for a device holding `scope` holds, and their stored bytes.
-pub(crate) fn snapshot_size<S: GatewayStore + ?Sized>(
+/// How many rows a snapshot for a device holding `scope` holds: its scoped tables' rows
+/// counted in the scope indexes, without reading them (that would take as long as reading
+/// the snapshot's first ten pages, holding the first one back).
+pub(crate) fn snapshot_rows<S: GatewayStore + ?Sized>(
     store: &mut S,
     tenant: &str,
     schema: &SyncSchema,
     scope: &DeviceScope,
-) -> Result<(u64, u64)> {
-    let mut total = (0, 0);
+) -> Result<u64> {
+    let mut rows = 0;
     for table in &schema.tables {
-        let (rows, bytes) = match (&table.scope, scope.key(&table.name)) {
-            (None, _) => store.rows_size(tenant, Some(&table.name), None)?,
-            (Some(_), Some(key)) => store.rows_size(tenant, Some(&table.name), Some(&encode_key(key)))?,
-            (Some(_), None) => (0, 0),
+        rows += match (&table.scope, scope.key(&table.name)) {
+            (None, _) => store.rows_size(tenant, Some(&table.name))?.0,
+            (Some(_), Some(key)) => store.scope_count(tenant, &table.name, &encode_key(key))?,
+            (Some(_), None) => 0,
         };
-        total = (total.0 + rows, total.1 + bytes);
     }
-    Ok(total)
+    Ok(rows)
 }
 
 /// Where to read `table` from: after the page's last row if it is of that table, else after

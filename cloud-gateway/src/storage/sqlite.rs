@@ -303,8 +303,12 @@ impl GatewayStore for SqliteStore {
         log::chain_before(&self.conn, tenant, chain, before)
     }
 
-    fn rows_size(&mut self, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
-        rows::size(&self.conn, tenant, table, skey)
+    fn rows_size(&mut self, tenant: &str, table: Option<&str>) -> Result<(u64, u64)> {
+        rows::size(&self.conn, tenant, table)
+    }
+
+    fn scope_count(&mut self, tenant: &str, table: &str, skey: &[u8]) -> Result<u64> {
+        rows::scope_count(&self.conn, tenant, table, skey)
     }
 
     fn kept(&mut self) -> Option<&mut Kept> {

@@ -176,8 +176,9 @@ pub enum Downlink {
         done: bool,
         batch: Vec<u8>,
     },
-    /// What the snapshot whose first page follows holds: `rows` rows of `bytes` bytes (as the
-    /// gateway stores them, before compression). For progress only.
+    /// What the snapshot whose first page follows holds: `rows` rows of `bytes` bytes (before
+    /// compression; for a device holding scopes, estimated from the first page). For progress
+    /// only.
     SnapshotSize {
         epoch: Epoch,
         rows: u64,

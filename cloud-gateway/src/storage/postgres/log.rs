@@ -104,16 +104,10 @@ pub(super) fn chain_before(
     }))
 }
 
-/// How many rows, and their stored bytes: the tenant's, of `table`, or of its scope key `skey`.
-pub(super) fn size(
-    client: &mut Client,
-    stmts: &mut Stmts,
-    tenant: &str,
-    table: Option<&str>,
-    skey: Option<&[u8]>,
-) -> Result<(u64, u64)> {
-    let row = match (table, skey) {
-        (None, _) => {
+/// How many rows, and their stored bytes: the tenant's, or of `table`.
+pub(super) fn size(client: &mut Client, stmts: &mut Stmts, tenant: &str, table: Option<&str>) -> Result<(u64, u64)> {
+    let row = match table {
+        None => {
             let stmt = stmts.get(
                 client,
                 "SELECT count(*), coalesce(sum(octet_length(state)), 0)::bigint FROM driftless.gw_rows
@@ -121,7 +115,7 @@ pub(super) fn size(
             )?;
             client.query_one(&stmt, &[&tenant])?
         }
-        (Some(table), None) => {
+        Some(table) => {
             let stmt = stmts.get(
                 client,
                 "SELECT count(*), coalesce(sum(octet_length(state)), 0)::bigint FROM driftless.gw_rows
@@ -129,20 +123,25 @@ pub(super) fn size(
             )?;
             client.query_one(&stmt, &[&tenant, &table])?
         }
-        // From the scope index, by its key: the scope's rows only.
-        (Some(table), Some(skey)) => {
-            let stmt = stmts.get(
-                client,
-                "SELECT count(*), coalesce(sum(octet_length(r.state)), 0)::bigint FROM
-                     (SELECT tenant, tbl, pkh FROM driftless.gw_scope_rows WHERE tenant = $1 AND tbl = $2 AND skey = $3
-                      UNION ALL
-                      SELECT tenant, tbl, pkh FROM driftless.gw_ref_counts WHERE tenant = $1 AND tbl = $2 AND skey = $3) s
-                 JOIN driftless.gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pkh = s.pkh",
-            )?;
-            client.query_one(&stmt, &[&tenant, &table, &skey])?
-        }
     };
     Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
+/// The rows a scope key holds of a table, counted in its two indexes (filed by key, or held
+/// by reference).
+pub(super) fn scope_count(
+    client: &mut Client,
+    stmts: &mut Stmts,
+    tenant: &str,
+    table: &str,
+    skey: &[u8],
+) -> Result<u64> {
+    let stmt = stmts.get(
+        client,
+        "SELECT (SELECT count(*) FROM driftless.gw_scope_rows WHERE tenant = $1 AND tbl = $2 AND skey = $3)
+              + (SELECT count(*) FROM driftless.gw_ref_counts WHERE tenant = $1 AND tbl = $2 AND skey = $3)",
+    )?;
+    Ok(client.query_one(&stmt, &[&tenant, &table, &skey])?.get::<_, i64>(0) as u64)
 }
 
 fn chain_keys(chain: &Chain) -> (Vec<&str>, Vec<&[u8]>) {

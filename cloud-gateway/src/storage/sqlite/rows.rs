@@ -57,25 +57,28 @@ pub(super) fn table_rows(
 }
 
 /// How many rows, and their stored bytes: the tenant's, of `table`, or of its scope key `skey`.
-pub(super) fn size(conn: &Connection, tenant: &str, table: Option<&str>, skey: Option<&[u8]>) -> Result<(u64, u64)> {
+pub(super) fn size(conn: &Connection, tenant: &str, table: Option<&str>) -> Result<(u64, u64)> {
     let read = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)? as u64));
-    Ok(match (table, skey) {
-        (None, _) => conn
+    Ok(match table {
+        None => conn
             .prepare_cached("SELECT count(*), total(length(state)) FROM gw_rows WHERE tenant = ?1")?
             .query_row([tenant], read)?,
-        (Some(table), None) => conn
+        Some(table) => conn
             .prepare_cached("SELECT count(*), total(length(state)) FROM gw_rows WHERE tenant = ?1 AND tbl = ?2")?
             .query_row([tenant, table], read)?,
-        (Some(table), Some(skey)) => conn
-            .prepare_cached(
-                "SELECT count(*), total(length(r.state)) FROM
-                     (SELECT tenant, tbl, pk FROM gw_scope_rows WHERE tenant = ?1 AND tbl = ?2 AND skey = ?3
-                      UNION ALL
-                      SELECT tenant, tbl, pk FROM gw_ref_counts WHERE tenant = ?1 AND tbl = ?2 AND skey = ?3) s
-                 JOIN gw_rows r ON r.tenant = s.tenant AND r.tbl = s.tbl AND r.pk = s.pk",
-            )?
-            .query_row(rusqlite::params![tenant, table, skey], read)?,
     })
+}
+
+/// The rows a scope key holds of a table, counted in its two indexes (a table's rows are
+/// filed by key or held by reference, never both; each entry names a row of `gw_rows`).
+pub(super) fn scope_count(conn: &Connection, tenant: &str, table: &str, skey: &[u8]) -> Result<u64> {
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT (SELECT count(*) FROM gw_scope_rows WHERE tenant = ?1 AND tbl = ?2 AND skey = ?3)
+                  + (SELECT count(*) FROM gw_ref_counts WHERE tenant = ?1 AND tbl = ?2 AND skey = ?3)",
+        )?
+        .query_row(rusqlite::params![tenant, table, skey], |r| r.get(0))?;
+    Ok(n as u64)
 }
 
 /// A row's merged state as a one-row batch, if it has one.
