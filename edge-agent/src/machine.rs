@@ -119,6 +119,8 @@ struct Pulling {
     /// the first page); `None`: no snapshot page is awaited. Pages are asked for ahead, so an
     /// answer to an earlier request may still come: it is dropped.
     snapshot_from: Option<Vec<u8>>,
+    /// The id of the request out, which its answer repeats (`None`: none is out).
+    echo: Option<u64>,
 }
 
 /// The device's sync state machine.
@@ -519,9 +521,15 @@ impl Machine {
         true
     }
 
-    fn publish_batch(&mut self, out: &mut Vec<Action>, ob: &OutboxBatch, batch: Vec<u8>, resends: u32) {
+    /// A new id for a batch or a pull: its answer names it.
+    fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    fn publish_batch(&mut self, out: &mut Vec<Action>, ob: &OutboxBatch, batch: Vec<u8>, resends: u32) {
+        let id = self.take_id();
         let receipts = self.receipts.shown();
         let shown = self.confirmed().map(|epoch| Shown { epoch, receipts: receipts.clone() });
         let msg = Uplink::Batch {

@@ -54,9 +54,9 @@ pub enum Uplink {
         max_rows: u32,
         max_bytes: u32,
         /// A number every answer repeats (tag 9; devices of earlier versions send tag 6
-        /// without it): the device's count of cursor resets when it asked. An answer read
-        /// for a request made before the device's last reset (a late answer, from a gateway
-        /// instance that read it under the device's old scope) then moves nothing.
+        /// without it): an id new for every request, so that a late answer to an earlier
+        /// one (from a gateway instance that read it under the device's old scope, say) is
+        /// not taken for it.
         echo: Option<u64>,
     },
     /// Asks for the snapshot page after `resume` (opaque, from the previous page). With

@@ -114,7 +114,8 @@ impl Machine {
                 self.pull_again = false;
                 // Without a cursor, the answer is the snapshot's first page.
                 let snapshot_from = cursor.is_none().then(Vec::new);
-                self.pulling = Some(Pulling { since: self.now, snapshot_from });
+                let echo = self.take_id();
+                self.pulling = Some(Pulling { since: self.now, snapshot_from, echo: Some(echo) });
                 // A snapshot that was interrupted goes on where it stopped.
                 if let (None, Some(at)) = (cursor, snapshot) {
                     tracing::info!(log_cursor = at.log_cursor.position, "going on with the snapshot where it stopped");
@@ -131,7 +132,7 @@ impl Machine {
                     receipts: self.receipts.shown(),
                     max_rows: self.cfg.pull_rows,
                     max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
-                    echo: Some(resets),
+                    echo: Some(echo),
                 };
                 self.publish(out, msg);
             }
@@ -298,15 +299,21 @@ impl Machine {
                 self.store(out, StoreOp::Reject { first: first_seq, last: last_seq, reason }, Awaiting::Reject);
             }
             Downlink::Changes { from, cursor, more, echo, batch, .. } => {
-                let Some(resets) = self.asked_under(echo) else { return };
+                if !self.answers_pull(echo) {
+                    return;
+                }
                 let Some(batch) = self.decode(&batch) else { return };
-                let cursor = Some(CursorMove { from: Some(from), from_tag: None, resets, to: cursor });
+                let cursor =
+                    Some(CursorMove { from: Some(from), from_tag: None, resets: self.pull_resets, to: cursor });
                 self.store(out, StoreOp::Apply { batch, cursor, evict: Vec::new() }, Awaiting::Changes { more });
             }
             Downlink::ScopedChanges { from, cursor, more, echo, evict, batch, .. } => {
-                let Some(resets) = self.asked_under(echo) else { return };
+                if !self.answers_pull(echo) {
+                    return;
+                }
                 let (Some(batch), Some(evict)) = (self.decode(&batch), self.decode(&evict)) else { return };
-                let cursor = Some(CursorMove { from: Some(from), from_tag: None, resets, to: cursor });
+                let cursor =
+                    Some(CursorMove { from: Some(from), from_tag: None, resets: self.pull_resets, to: cursor });
                 let op = StoreOp::Apply { batch, cursor, evict: evict.rows };
                 self.store(out, op, Awaiting::Changes { more });
             }
@@ -337,7 +344,9 @@ impl Machine {
                 out.push(Action::Progress(Progress::Start { label: "snapshot", total: rows }));
             }
             Downlink::Snapshot { from, echo, resume, log_cursor, done, batch, .. } => {
-                let Some(resets) = self.asked_under(echo) else { return };
+                if !self.answers_pull(echo) {
+                    return;
+                }
                 // A page without `from` answers a pull without cursor: the first.
                 let from = from.unwrap_or_default();
                 if self.pulling.as_ref().and_then(|p| p.snapshot_from.as_ref()) != Some(&from) {
@@ -361,38 +370,34 @@ impl Machine {
                 // (a disconnect, a restart, a page that failed to apply) resumes there.
                 match self.confirmed() {
                     Some(epoch) if !done => self.pull_snapshot(out, epoch, resume.clone(), log_cursor),
-                    _ => self.pulling = Some(Pulling { since: self.now, snapshot_from: None }),
+                    _ => self.pulling = Some(Pulling { since: self.now, snapshot_from: None, echo: None }),
                 }
                 let at = SnapshotAt { resume, log_cursor, progress };
-                let op = StoreOp::ApplyPage { batch, from, at: at.clone(), done, resets };
+                let op = StoreOp::ApplyPage { batch, from, at: at.clone(), done, resets: self.pull_resets };
                 self.store(out, op, Awaiting::SnapshotPage { at, done, rows });
             }
             _ => {}
         }
     }
 
-    /// The count of cursor resets a pull's answer was asked under, which the store checks
-    /// before the answer moves anything: the answer's echo of it or, from a gateway that does
-    /// not echo, the count the last pull was made under. `None` (dropped) for an answer to a
-    /// pull made before the store's last reset: read for the device as it was then (its old
-    /// scope), it would hide what it does not hold.
-    fn asked_under(&self, echo: Option<u64>) -> Option<u64> {
-        match echo {
-            Some(e) if e != self.pull_resets => {
-                tracing::debug!(
-                    echo = e,
-                    resets = self.pull_resets,
-                    "an answer to a pull made before the last reset; dropped"
-                );
-                None
-            }
-            _ => Some(self.pull_resets),
+    /// Whether an answer is to the pull out now: its echo is that pull's id (from a gateway
+    /// that does not echo, any answer may be; the store's checks decide). An answer to an
+    /// earlier pull (one timed out, or made before a reconnect or the store's last reset) is
+    /// dropped: read for the device as it was then (under its old scope, say), it would hide
+    /// what it does not hold.
+    fn answers_pull(&self, echo: Option<u64>) -> bool {
+        let Some(echo) = echo else { return true };
+        let current = self.pulling.as_ref().and_then(|p| p.echo) == Some(echo);
+        if !current {
+            tracing::debug!(echo, "an answer to an earlier pull; dropped");
         }
+        current
     }
 
     /// Asks for the snapshot page at `resume`, the next to take.
     fn pull_snapshot(&mut self, out: &mut Vec<Action>, epoch: Epoch, resume: Vec<u8>, log_cursor: LogCursor) {
-        self.pulling = Some(Pulling { since: self.now, snapshot_from: Some(resume.clone()) });
+        let echo = self.take_id();
+        self.pulling = Some(Pulling { since: self.now, snapshot_from: Some(resume.clone()), echo: Some(echo) });
         let msg = Uplink::PullSnapshot {
             device: self.cfg.device_id.clone(),
             epoch,
@@ -401,7 +406,7 @@ impl Machine {
             max_rows: self.cfg.pull_rows,
             max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
             name_from: true,
-            echo: Some(self.pull_resets),
+            echo: Some(echo),
         };
         self.publish(out, msg);
     }

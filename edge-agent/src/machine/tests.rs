@@ -96,12 +96,12 @@ fn snapshotting_machine() -> Machine {
 }
 
 /// A snapshot page read from `from` (`None`: the first, answering a pull), ending at `resume`,
-/// asked for with no reset before it.
+/// from a gateway that does not echo requests.
 fn snapshot_page(from: Option<&[u8]>, resume: &[u8], done: bool, batch: &Batch) -> Input {
     Input::Downlink(Downlink::Snapshot {
         epoch: E1,
         from: from.map(<[u8]>::to_vec),
-        echo: Some(0),
+        echo: None,
         resume: resume.to_vec(),
         log_cursor: SNAPSHOT_HEAD,
         done,
@@ -309,7 +309,7 @@ fn a_page_moves_the_cursor_only_from_where_it_was_pulled() {
         from: 3,
         cursor: to,
         more: false,
-        echo: Some(0),
+        echo: None,
         batch: encode_batch(&Batch::default(), EncodeOptions::default()),
     };
     let out = m.handle(Input::Downlink(changes), 1);
@@ -455,11 +455,11 @@ fn applied_at(moved: bool, position: u64) -> Input {
     Input::Store(StoreResult::Applied(ApplyReport { moved, cursor, ..ApplyReport::default() }))
 }
 
-/// The answer to a pull from 3 (asked with no reset before it): nothing new.
+/// The answer to a pull from 3 (from a gateway that does not echo requests): nothing new.
 fn nothing_after_3() -> Input {
     let empty = encode_batch(&Batch::default(), EncodeOptions::default());
     let at3 = LogCursor { position: 3, tag: 30 };
-    Input::Downlink(Downlink::Changes { epoch: E1, from: 3, cursor: at3, more: false, echo: Some(0), batch: empty })
+    Input::Downlink(Downlink::Changes { epoch: E1, from: 3, cursor: at3, more: false, echo: None, batch: empty })
 }
 
 /// A confirmed machine whose first pull was answered: its cursor is at 3, nothing is out.

@@ -90,62 +90,102 @@ fn a_snapshot_goes_on_from_the_store_after_a_page_it_did_not_take() {
     assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { from, .. }) if *from == [7]), "{out:?}");
 }
 
+/// The id a pull (or a snapshot page's request) was sent with.
+fn echo_of(out: &[Action]) -> u64 {
+    match publishes(out)[..] {
+        [Uplink::Pull { echo: Some(e), .. }] | [Uplink::PullSnapshot { echo: Some(e), .. }] => *e,
+        ref other => panic!("expected one pull, got {other:?}"),
+    }
+}
+
+/// A page answering the request with id `echo`, read from `from`.
+fn echoed_page(from: &[u8], resume: &[u8], done: bool, echo: u64) -> Input {
+    let batch = encode_batch(&one_row(), EncodeOptions::default());
+    let (from, resume) = (Some(from.to_vec()), resume.to_vec());
+    Input::Downlink(Downlink::Snapshot {
+        epoch: E1,
+        from,
+        echo: Some(echo),
+        resume,
+        log_cursor: SNAPSHOT_HEAD,
+        done,
+        batch,
+    })
+}
+
+/// A new device: confirmed without a cursor, its first pull out. Its id.
+fn first_pull(m: &mut Machine) -> u64 {
+    m.handle(Input::Connected, 0);
+    m.handle(Input::Store(StoreResult::Begun { identity: identity(), pending: 0 }), 0);
+    m.handle(welcome(E1), 1);
+    m.handle(Input::Store(StoreResult::Confirmed(confirmed(None))), 1);
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 0, snapshot: None }), 1);
+    let echo = echo_of(&out);
+    m.handle(Input::Store(StoreResult::Outbox(None)), 1);
+    echo
+}
+
 /// An answer read for a pull made before the store's last reset is never taken: from a
 /// gateway instance that read it under the device's old scope, taken as the first page of
 /// the new scope's snapshot it would hide the rows of the new scope it does not hold.
 #[test]
-fn an_answer_to_a_pull_made_before_the_last_reset_moves_nothing() {
-    let mut m = snapshotting_machine();
+fn an_answer_to_an_earlier_pull_moves_nothing() {
+    let mut m = Machine::new(config());
+    let old = first_pull(&mut m);
     let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()] };
     let out = m.handle(Input::Downlink(scope), 2);
     assert!(matches!(store_op(&out), Some(StoreOp::Rescope { version: 3, .. })), "{out:?}");
     let out = m.handle(Input::Store(StoreResult::Rescoped { dropped: Some(4), reset: true }), 2);
     assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
     let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 1, snapshot: None }), 2);
-    assert!(matches!(publishes(&out)[..], [Uplink::Pull { cursor: None, echo: Some(1), .. }]), "{out:?}");
+    let new = echo_of(&out);
+    assert_ne!(new, old);
 
     // The answer to the pull before the reset comes late: dropped.
-    let out = m.handle(snapshot_page(Some(&[]), &[1], false, &one_row()), 3);
+    let out = m.handle(echoed_page(&[], &[1], false, old), 3);
     assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "dropped: {out:?}");
     let stale_changes = Downlink::Changes {
         epoch: E1,
         from: 3,
         cursor: LogCursor { position: 9, tag: 1 },
         more: false,
-        echo: Some(0),
+        echo: Some(old),
         batch: encode_batch(&one_row(), EncodeOptions::default()),
     };
     let out = m.handle(Input::Downlink(stale_changes), 3);
     assert!(store_op(&out).is_none(), "dropped: {out:?}");
 
-    // The answer to the pull after it is taken, and applied only if no reset came since.
-    let Input::Downlink(Downlink::Snapshot { batch, .. }) = snapshot_page(None, &[1], false, &one_row()) else {
-        unreachable!()
-    };
-    let page = Downlink::Snapshot {
-        epoch: E1,
-        from: Some(vec![]),
-        echo: Some(1),
-        resume: vec![1],
-        log_cursor: SNAPSHOT_HEAD,
-        done: false,
-        batch,
-    };
-    let out = m.handle(Input::Downlink(page), 3);
+    // The answer to the pull after it is taken, applied only if no reset came since; the
+    // next page's request has an id of its own.
+    let out = m.handle(echoed_page(&[], &[1], false, new), 3);
     assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { resets: 1, .. })), "{out:?}");
-    assert!(matches!(publishes(&out)[..], [Uplink::PullSnapshot { echo: Some(1), .. }]), "{out:?}");
+    let next = echo_of(&out);
+    assert!(next != new && next != old);
+    m.handle(Input::Store(taken()), 3);
+    m.handle(Input::Store(StoreResult::Done), 3);
+    let out = m.handle(echoed_page(&[1], &[2], false, new), 3);
+    assert!(store_op(&out).is_none(), "a repeated answer to the request before: {out:?}");
+    let out = m.handle(echoed_page(&[1], &[2], false, next), 3);
+    assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { .. })), "{out:?}");
 }
 
 /// A new device's first pull goes out before the scope told with the handshake is taken;
 /// the store, holding nothing fetched, does not reset for it: the pull's answer is awaited,
-/// not asked for again (the gateway would read the snapshot's first page twice).
+/// not asked for again (the gateway would read the snapshot's first page twice). An answer
+/// to a pull of an earlier connection is not taken for it.
 #[test]
 fn a_scope_told_for_the_first_time_keeps_the_snapshots_pull() {
-    let mut m = snapshotting_machine();
+    let mut m = Machine::new(config());
+    let before = first_pull(&mut m);
+    m.handle(Input::Disconnected { flush_timeout: false }, 2);
+    m.handle(Input::Store(StoreResult::Done), 2);
+    let pull = first_pull(&mut m);
     let scope = Downlink::Scope { epoch: E1, version: 3, tables: vec!["work_orders".into()] };
     m.handle(Input::Downlink(scope), 2);
     let out = m.handle(Input::Store(StoreResult::Rescoped { dropped: Some(0), reset: false }), 2);
     assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "no second pull: {out:?}");
-    let out = m.handle(snapshot_page(Some(&[]), &[1], false, &one_row()), 3);
+    let out = m.handle(echoed_page(&[], &[1], false, before), 3);
+    assert!(store_op(&out).is_none(), "the earlier connection's answer: {out:?}");
+    let out = m.handle(echoed_page(&[], &[1], false, pull), 3);
     assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { resets: 0, .. })), "{out:?}");
 }
