@@ -171,6 +171,8 @@ pub struct Machine {
     receipts: Receipts,
     /// The cursor's reset count when it was last read for a pull.
     pull_resets: u64,
+    /// What the gateway said the snapshot whose first page comes next holds (rows, bytes).
+    snapshot_size: Option<(u64, u64)>,
     /// When a device that never pulls last showed the gateway its receipt.
     last_check: u64,
     /// Scope changes that arrived while a pull was out, applied in order after it.
@@ -225,6 +227,7 @@ impl Machine {
             want_seal: false,
             receipts: Receipts::default(),
             pull_resets: 0,
+            snapshot_size: None,
             last_check: 0,
             held: VecDeque::new(),
             known_cursor: None,

@@ -338,11 +338,9 @@ impl Machine {
                     self.follow(scope, out);
                 }
             }
-            Downlink::SnapshotSize { rows, bytes, .. } => {
-                let p = SnapshotProgress { rows_total: rows, bytes_total: bytes, ..SnapshotProgress::default() };
-                self.live.snapshot = Some(p);
-                out.push(Action::Progress(Progress::Start { label: "snapshot", total: rows }));
-            }
+            // Counted from once the first page it comes before is taken: an answer dropped
+            // (to an earlier pull) leaves the progress as it was.
+            Downlink::SnapshotSize { rows, bytes, .. } => self.snapshot_size = Some((rows, bytes)),
             Downlink::Snapshot { from, echo, resume, log_cursor, done, batch, .. } => {
                 if !self.answers_pull(echo) {
                     return;
@@ -360,6 +358,12 @@ impl Machine {
                 let bytes = declared_payload_len(&batch).unwrap_or(batch.len() as u64);
                 let Some(batch) = self.decode(&batch) else { return };
                 let rows = batch.rows.len() as u64;
+                if from.is_empty() {
+                    let (rows_total, bytes_total) = self.snapshot_size.take().unwrap_or_default();
+                    self.live.snapshot =
+                        Some(SnapshotProgress { rows_total, bytes_total, ..SnapshotProgress::default() });
+                    out.push(Action::Progress(Progress::Start { label: "snapshot", total: rows_total }));
+                }
                 let mut progress = self.live.snapshot.unwrap_or_default();
                 progress.rows_done += rows;
                 progress.bytes_done += bytes;

@@ -184,8 +184,12 @@ fn a_scope_told_for_the_first_time_keeps_the_snapshots_pull() {
     m.handle(Input::Downlink(scope), 2);
     let out = m.handle(Input::Store(StoreResult::Rescoped { dropped: Some(0), reset: false }), 2);
     assert!(store_op(&out).is_none() && publishes(&out).is_empty(), "no second pull: {out:?}");
-    let out = m.handle(echoed_page(&[], &[1], false, before), 3);
+    let size = |rows| Input::Downlink(Downlink::SnapshotSize { epoch: E1, rows, bytes: 10 * rows });
+    let out = m.handle_all([size(7), echoed_page(&[], &[1], false, before)], 3);
     assert!(store_op(&out).is_none(), "the earlier connection's answer: {out:?}");
-    let out = m.handle(echoed_page(&[], &[1], false, pull), 3);
+    assert_eq!(m.live().snapshot, None, "its size counts for nothing");
+    let out = m.handle_all([size(5), echoed_page(&[], &[1], false, pull)], 3);
     assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { resets: 0, .. })), "{out:?}");
+    m.handle(Input::Store(taken()), 3);
+    assert_eq!(m.live().snapshot.map(|p| (p.rows_total, p.rows_done)), Some((5, 1)));
 }
