@@ -553,3 +553,31 @@ fn noted_sync_state_commits_with_the_next_transaction_that_commits() {
     c.set_sync_state("connected", "1").expect("set");
     assert_eq!(c.sync_state("last_sync_ms").expect("state").as_deref(), Some("10"), "written once, not again");
 }
+
+/// A store told a scope for the first time holds no row it fetched only if no snapshot is
+/// under way: one that applied pages of a scope it never took (told, then cut off) drops
+/// them and starts over, or it would go on under the new scope from the old one's token,
+/// missing the new scope's rows before it.
+#[test]
+fn a_first_scope_told_mid_snapshot_starts_the_snapshot_over() {
+    use driftless_core::{LogCursor, SnapshotAt, SnapshotProgress};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
+    let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
+    // Never told a scope, nothing fetched: nothing to drop, no reset.
+    let (_, resets) = b.cursor().expect("cursor");
+    assert_eq!(b.rescope(1, &["inspections".to_owned()]).expect("rescope"), 0);
+    assert_eq!(b.cursor().expect("cursor").1, resets, "no reset");
+    // Another store, told nothing, with a snapshot's first page applied.
+    let mut c = open(dir.path(), "c.db", StoreOptions::default(), TableSpec::new());
+    exec(&mut a, "INSERT INTO inspections(id, status) VALUES ('i1', 'open')");
+    let page = drain(&mut a).remove(0);
+    let (_, resets) = c.cursor().expect("cursor");
+    let log = LogCursor { position: 3, tag: 1 };
+    let at = SnapshotAt { resume: vec![1], log_cursor: log, progress: SnapshotProgress::default() };
+    assert!(c.apply_snapshot_page(&page, &[], &at, false, resets).expect("page").moved);
+    assert_eq!(c.rescope(2, &["inspections".to_owned()]).expect("rescope"), 1, "the page's row dropped");
+    assert_eq!(c.cursor().expect("cursor").1, resets + 1, "reset");
+    assert_eq!(c.snapshot_position().expect("position"), None, "the snapshot starts over");
+    assert!(rows(&c, "SELECT id FROM inspections").is_empty());
+}

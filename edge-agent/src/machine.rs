@@ -173,6 +173,10 @@ pub struct Machine {
     pull_resets: u64,
     /// What the gateway said the snapshot whose first page comes next holds (rows, bytes).
     snapshot_size: Option<(u64, u64)>,
+    /// The last pull sent (encoded without its id, with the reset count it was made under)
+    /// and its id: the same request sent again (after a timeout) keeps the id, so that the
+    /// first one's late answer is taken.
+    pull_sent: Option<(Vec<u8>, u64)>,
     /// When a device that never pulls last showed the gateway its receipt.
     last_check: u64,
     /// Scope changes that arrived while a pull was out, applied in order after it.
@@ -228,6 +232,7 @@ impl Machine {
             receipts: Receipts::default(),
             pull_resets: 0,
             snapshot_size: None,
+            pull_sent: None,
             last_check: 0,
             held: VecDeque::new(),
             known_cursor: None,
@@ -362,6 +367,9 @@ impl Machine {
         self.resend.clear();
         self.sent_upto = 0;
         self.pulling = None;
+        // Answers to pulls of an earlier connection are not taken: the device may have been
+        // told another scope since.
+        self.pull_sent = None;
         self.held.clear();
         self.known_cursor = None;
         self.heard = 0;
@@ -522,6 +530,22 @@ impl Machine {
         }
         self.publish_batch(out, ob, batch, resends);
         true
+    }
+
+    /// The id for `request`, a pull without one: that of the same request sent last, if it
+    /// was (on this connection, under the same count of cursor resets, with no scope told
+    /// since), else a new one.
+    fn pull_id(&mut self, request: &Uplink) -> u64 {
+        let mut key = request.encode();
+        key.extend_from_slice(&self.pull_resets.to_le_bytes());
+        if let Some((last, id)) = &self.pull_sent
+            && *last == key
+        {
+            return *id;
+        }
+        let id = self.take_id();
+        self.pull_sent = Some((key, id));
+        id
     }
 
     /// A new id for a batch or a pull: its answer names it.

@@ -62,10 +62,11 @@ pub(crate) fn evict(
 /// cursor, so the next pull fetches the device's scope whole; notes that the store holds
 /// its rows under scope `version`.
 pub(crate) fn rescope(conn: &Connection, inner: &Inner, version: u64, tables: &[String]) -> Result<usize> {
-    // Told a scope for the first time, before it ever caught up: the store holds no row it
-    // fetched, only what its app wrote (a new device used offline first), which ships and
-    // stays.
-    if scope_version(conn)?.is_none() && cursor::get(conn)?.is_none() {
+    // Told a scope for the first time, before it ever caught up or started a snapshot: the
+    // store holds no row it fetched, only what its app wrote (a new device used offline
+    // first), which ships and stays. (Pages of a snapshot under way were read for a scope
+    // the store never took: they go, and the snapshot starts over.)
+    if scope_version(conn)?.is_none() && cursor::get(conn)?.is_none() && cursor::snapshot_at(conn)?.is_none() {
         settings::set(conn, SCOPE_KEY, &version.to_string())?;
         return Ok(0);
     }

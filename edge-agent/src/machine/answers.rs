@@ -114,8 +114,6 @@ impl Machine {
                 self.pull_again = false;
                 // Without a cursor, the answer is the snapshot's first page.
                 let snapshot_from = cursor.is_none().then(Vec::new);
-                let echo = self.take_id();
-                self.pulling = Some(Pulling { since: self.now, snapshot_from, echo: Some(echo) });
                 // A snapshot that was interrupted goes on where it stopped.
                 if let (None, Some(at)) = (cursor, snapshot) {
                     tracing::info!(log_cursor = at.log_cursor.position, "going on with the snapshot where it stopped");
@@ -125,15 +123,20 @@ impl Machine {
                     self.live.snapshot = Some(p);
                     return self.pull_snapshot(out, epoch, at.resume, at.log_cursor);
                 }
-                let msg = Uplink::Pull {
+                let mut msg = Uplink::Pull {
                     device: self.cfg.device_id.clone(),
                     epoch: Some(epoch),
                     cursor,
                     receipts: self.receipts.shown(),
                     max_rows: self.cfg.pull_rows,
                     max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
-                    echo: Some(echo),
+                    echo: None,
                 };
+                let id = self.pull_id(&msg);
+                if let Uplink::Pull { echo, .. } = &mut msg {
+                    *echo = Some(id);
+                }
+                self.pulling = Some(Pulling { since: self.now, snapshot_from, echo: Some(id) });
                 self.publish(out, msg);
             }
             (Awaiting::Outbox { rows }, StoreResult::Outbox(read)) => {
@@ -323,6 +326,8 @@ impl Machine {
                 // only): kept, in case the store does not reset. The newest scope told
                 // replaces one that failed to be taken.
                 let kept = self.pulling.take().filter(|p| p.snapshot_from.is_some());
+                // The same request made again is one for the scope told now.
+                self.pull_sent = None;
                 self.rescope = None;
                 // The scope to follow comes after it, anew.
                 self.follow_next = None;
@@ -400,9 +405,8 @@ impl Machine {
 
     /// Asks for the snapshot page at `resume`, the next to take.
     fn pull_snapshot(&mut self, out: &mut Vec<Action>, epoch: Epoch, resume: Vec<u8>, log_cursor: LogCursor) {
-        let echo = self.take_id();
-        self.pulling = Some(Pulling { since: self.now, snapshot_from: Some(resume.clone()), echo: Some(echo) });
-        let msg = Uplink::PullSnapshot {
+        let snapshot_from = Some(resume.clone());
+        let mut msg = Uplink::PullSnapshot {
             device: self.cfg.device_id.clone(),
             epoch,
             resume,
@@ -410,8 +414,13 @@ impl Machine {
             max_rows: self.cfg.pull_rows,
             max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
             name_from: true,
-            echo: Some(echo),
+            echo: None,
         };
+        let id = self.pull_id(&msg);
+        if let Uplink::PullSnapshot { echo, .. } = &mut msg {
+            *echo = Some(id);
+        }
+        self.pulling = Some(Pulling { since: self.now, snapshot_from, echo: Some(id) });
         self.publish(out, msg);
     }
 

@@ -193,3 +193,35 @@ fn a_scope_told_for_the_first_time_keeps_the_snapshots_pull() {
     m.handle(Input::Store(taken()), 3);
     assert_eq!(m.live().snapshot.map(|p| (p.rows_total, p.rows_done)), Some((5, 1)));
 }
+
+/// A new device whose first pull timed out: the id of that pull, the time, and what the
+/// pull made again (after reading the cursor, found reset `resets` times) goes out with.
+fn pulled_again(resets: u64) -> (Machine, u64, u64, Vec<Action>) {
+    let mut m = Machine::new(config());
+    let first = first_pull(&mut m);
+    m.handle_all((0..5).map(|_| Input::Flushed), 1);
+    let later = 2 + config().ack_timeout_ms;
+    let out = m.handle(Input::Tick, later);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets, snapshot: None }), later);
+    (m, first, later, out)
+}
+
+/// A pull sent again after its timeout is the same request, with the same id: the first
+/// one's late answer is taken (a gateway slower than the timeout still gets through).
+#[test]
+fn a_pull_sent_again_after_its_timeout_keeps_its_id() {
+    let (mut m, first, later, out) = pulled_again(0);
+    assert_eq!(echo_of(&out), first);
+    m.handle(Input::Store(StoreResult::Outbox(None)), later);
+    let out = m.handle(echoed_page(&[], &[1], false, first), later);
+    assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { .. })), "{out:?}");
+}
+
+/// The same request made after the store reset (a schema that tracks another table, say)
+/// is a new one: the answer to the one before it is not taken for it.
+#[test]
+fn a_pull_made_again_after_a_reset_gets_a_new_id() {
+    let (_, first, _, out) = pulled_again(1);
+    assert_ne!(echo_of(&out), first);
+}
