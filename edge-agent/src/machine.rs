@@ -534,9 +534,18 @@ impl Machine {
 
     /// The id for `request`, a pull without one: that of the same request sent last, if it
     /// was (on this connection, under the same count of cursor resets, with no scope told
-    /// since), else a new one.
+    /// since), else a new one. The same request asks for the same rows: the receipts it
+    /// shows and the page size it asks for may differ (an upload acked meanwhile).
     fn pull_id(&mut self, request: &Uplink) -> u64 {
-        let mut key = request.encode();
+        let mut same = request.clone();
+        if let Uplink::Pull { receipts, max_bytes, .. } = &mut same {
+            receipts.clear();
+            *max_bytes = 0;
+        }
+        if let Uplink::PullSnapshot { max_bytes, .. } = &mut same {
+            *max_bytes = 0;
+        }
+        let mut key = same.encode();
         key.extend_from_slice(&self.pull_resets.to_le_bytes());
         if let Some((last, id)) = &self.pull_sent
             && *last == key

@@ -347,6 +347,8 @@ impl Machine {
             // (to an earlier pull) leaves the progress as it was.
             Downlink::SnapshotSize { rows, bytes, .. } => self.snapshot_size = Some((rows, bytes)),
             Downlink::Snapshot { from, echo, resume, log_cursor, done, batch, .. } => {
+                // The size told just before this page is for it alone.
+                let size = self.snapshot_size.take();
                 if !self.answers_pull(echo) {
                     return;
                 }
@@ -364,7 +366,7 @@ impl Machine {
                 let Some(batch) = self.decode(&batch) else { return };
                 let rows = batch.rows.len() as u64;
                 if from.is_empty() {
-                    let (rows_total, bytes_total) = self.snapshot_size.take().unwrap_or_default();
+                    let (rows_total, bytes_total) = size.unwrap_or_default();
                     self.live.snapshot =
                         Some(SnapshotProgress { rows_total, bytes_total, ..SnapshotProgress::default() });
                     out.push(Action::Progress(Progress::Start { label: "snapshot", total: rows_total }));

@@ -225,3 +225,26 @@ fn a_pull_made_again_after_a_reset_gets_a_new_id() {
     let (_, first, _, out) = pulled_again(1);
     assert_ne!(echo_of(&out), first);
 }
+
+/// An upload acked while the pull waits changes the receipts the pull sent again shows, not
+/// what it asks for: it keeps its id.
+#[test]
+fn a_pull_sent_again_keeps_its_id_though_an_upload_was_acked_meanwhile() {
+    let mut m = Machine::new(config());
+    let first = first_pull(&mut m);
+    let id = ship(&mut m, 1, 1, 1);
+    let receipt = Some(LogCursor { position: 9, tag: 90 });
+    let ack = Downlink::Ack { epoch: E1, id, first_seq: 1, last_seq: 1, refused: vec![], receipt, previous: None };
+    let out = m.handle(Input::Downlink(ack), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::Ack { receipts: Some(_), .. })), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::Acked(1)), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadOutbox { .. })), "{out:?}");
+    m.handle(Input::Store(StoreResult::Outbox(None)), 1);
+    m.handle_all((0..5).map(|_| Input::Flushed), 1);
+    let later = 2 + config().ack_timeout_ms;
+    let out = m.handle(Input::Tick, later);
+    assert!(matches!(store_op(&out), Some(StoreOp::ReadCursor)), "{out:?}");
+    let out = m.handle(Input::Store(StoreResult::Cursor { cursor: None, resets: 0, snapshot: None }), later);
+    assert!(matches!(publishes(&out)[..], [Uplink::Pull { receipts, .. }] if !receipts.is_empty()), "{out:?}");
+    assert_eq!(echo_of(&out), first);
+}
