@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use driftless_core::codec::Limits;
+use driftless_core::codec::{Dictionaries, Limits, decode_batch};
 use driftless_core::protocol::{
     DEFAULT_SCOPE, Downlink, decode_announcement, downlink_topic, parse_scope_topic, poke_topic, schema_topic,
     scope_topic,
@@ -341,7 +341,7 @@ async fn poll_events(
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == down || p.topic == schema => {
                 match Downlink::decode(&p.payload, &limits) {
-                    Ok(msg) => Input::Downlink(msg),
+                    Ok(msg) => decoded_ahead(msg),
                     Err(e) => {
                         tracing::warn!("ignoring an undecodable downlink message: {e}");
                         continue;
@@ -380,4 +380,41 @@ async fn poll_events(
 /// lockstep after an outage.
 fn jitter_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::from(d.subsec_nanos() % 250))
+}
+
+/// A snapshot page goes to the machine with its batch decoded here, while the store may still
+/// be applying the page before; one that does not decode goes as it came, for the machine to
+/// report.
+fn decoded_ahead(msg: Downlink) -> Input {
+    let decoded = match &msg {
+        Downlink::Snapshot { batch, .. } => decode_batch(batch, &Limits::default(), &Dictionaries::default()).ok(),
+        _ => None,
+    };
+    match decoded {
+        Some(batch) => Input::Page(msg, batch),
+        None => Input::Downlink(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use driftless_core::codec::{EncodeOptions, encode_batch};
+    use driftless_core::{Batch, Epoch, LogCursor};
+
+    use super::*;
+
+    fn page(batch: Vec<u8>) -> Downlink {
+        let epoch = Epoch([1; 16]);
+        let log_cursor = LogCursor::default();
+        Downlink::Snapshot { epoch, from: None, echo: None, resume: vec![], log_cursor, done: true, batch }
+    }
+
+    #[test]
+    fn snapshot_pages_are_decoded_as_they_arrive_and_others_are_left_to_the_machine() {
+        let batch = encode_batch(&Batch::default(), EncodeOptions::default());
+        assert!(matches!(decoded_ahead(page(batch)), Input::Page(..)));
+        // An undecodable page goes on as it came: the machine reports it.
+        assert!(matches!(decoded_ahead(page(vec![1, 2, 3])), Input::Downlink(_)));
+        assert!(matches!(decoded_ahead(Downlink::SlowDown { retry_after_ms: 1 }), Input::Downlink(_)));
+    }
 }

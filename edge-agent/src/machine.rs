@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 
 use driftless_core::codec::{EncodeOptions, Limits, declared_payload_len, encode_batch};
 use driftless_core::protocol::{Receipts, Uplink};
-use driftless_core::{Epoch, LogCursor, OutboxBatch, SnapshotAt, SnapshotProgress};
+use driftless_core::{Batch, Epoch, LogCursor, OutboxBatch, SnapshotAt, SnapshotProgress};
 
 mod answers;
 mod feed;
@@ -173,6 +173,8 @@ pub struct Machine {
     pull_resets: u64,
     /// What the gateway said the snapshot whose first page comes next holds (rows, bytes).
     snapshot_size: Option<(u64, u64)>,
+    /// The batch of the snapshot page being handled, if the shell decoded it.
+    decoded: Option<Batch>,
     /// The last pull sent (encoded without its id, with the reset count it was made under)
     /// and its id: the same request sent again (after a timeout) keeps the id, so that the
     /// first one's late answer is taken.
@@ -232,6 +234,7 @@ impl Machine {
             receipts: Receipts::default(),
             pull_resets: 0,
             snapshot_size: None,
+            decoded: None,
             pull_sent: None,
             last_check: 0,
             held: VecDeque::new(),
@@ -323,6 +326,11 @@ impl Machine {
                 }
             }
             Input::Downlink(msg) => self.on_downlink(msg, out),
+            Input::Page(msg, batch) => {
+                self.decoded = Some(batch);
+                self.on_downlink(msg, out);
+                self.decoded = None;
+            }
             Input::Poke { head } => self.on_poke(head),
             Input::LocalChange => {
                 if self.cfg.interval_ms.is_none() {

@@ -363,7 +363,7 @@ impl Machine {
                 // Counted as the gateway counts what it stores: payload bytes, before
                 // compression.
                 let bytes = declared_payload_len(&batch).unwrap_or(batch.len() as u64);
-                let Some(batch) = self.decode(&batch) else { return };
+                let Some(batch) = self.decoded.take().or_else(|| self.decode(&batch)) else { return };
                 let rows = batch.rows.len() as u64;
                 if from.is_empty() {
                     let (rows_total, bytes_total) = size.unwrap_or_default();

@@ -43,6 +43,10 @@ pub enum Input {
     /// One published message was written out to the network.
     Flushed,
     Downlink(Downlink),
+    /// A snapshot page with its batch decoded by the shell as it arrived, so that decoding
+    /// overlaps the store's work on the page before (the machine decodes a page given as
+    /// `Downlink` itself).
+    Page(Downlink, Batch),
     /// The gateway announced new changes, up to `head` if it said (a gateway of an earlier
     /// version does not).
     Poke {

@@ -248,3 +248,12 @@ fn a_pull_sent_again_keeps_its_id_though_an_upload_was_acked_meanwhile() {
     assert!(matches!(publishes(&out)[..], [Uplink::Pull { receipts, .. }] if !receipts.is_empty()), "{out:?}");
     assert_eq!(echo_of(&out), first);
 }
+
+/// A page the shell decoded as it arrived is applied as decoded, not decoded again.
+#[test]
+fn a_page_decoded_ahead_is_applied_as_given() {
+    let mut m = snapshotting_machine();
+    let Input::Downlink(page) = snapshot_page(None, &[1], false, &Batch::default()) else { unreachable!() };
+    let out = m.handle(Input::Page(page, one_row()), 1);
+    assert!(matches!(store_op(&out), Some(StoreOp::ApplyPage { batch, .. }) if batch.rows.len() == 1), "{out:?}");
+}
