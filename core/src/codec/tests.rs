@@ -142,6 +142,29 @@ fn sample_batch() -> Batch {
 }
 
 #[test]
+fn a_payload_goes_compressed_only_where_that_makes_it_shorter() {
+    let flags = |bytes: &[u8]| bytes[5];
+    // One short row: zstd's frame would make it longer.
+    let small = encode_batch(&sample_batch(), EncodeOptions::default());
+    assert_eq!(flags(&small), 0);
+    assert_eq!(small.len(), encode_batch(&sample_batch(), EncodeOptions { level: None, dictionary: None }).len());
+    // Many alike rows: compressed.
+    let mut many = sample_batch();
+    for i in 2..200 {
+        let mut row = many.rows[0].clone();
+        row.pk = vec![Value::Integer(i)];
+        many.rows.push(row);
+    }
+    let big = encode_batch(&many, EncodeOptions::default());
+    assert_eq!(flags(&big), FLAG_ZSTD);
+    assert!(big.len() * 4 < encode_batch(&many, EncodeOptions { level: None, dictionary: None }).len());
+    for bytes in [small, big] {
+        let batch = decode_batch(&bytes, &Limits::default(), &Dictionaries::default()).expect("decodes");
+        assert!(batch.rows.len() == 1 || batch == many);
+    }
+}
+
+#[test]
 fn wrong_magic_and_unknown_versions_are_refused() {
     let mut bytes = encode_batch(&sample_batch(), EncodeOptions::default());
     let dicts = Dictionaries::default();
