@@ -177,6 +177,9 @@ pub struct LogEntry {
     /// takes it).
     pub origin: String,
     pub change: Batch,
+    /// `change` encoded (`codec::encode_payload`), as logged: published without encoding it
+    /// again.
+    pub payload: Vec<u8>,
     /// Where each row of `change` moved, scope-wise (empty: no row of a scoped table).
     pub moves: Vec<Option<Move>>,
 }
@@ -504,6 +507,18 @@ pub trait GatewayStore: Send {
     /// and answers none before the group commits. A store without groups keeps every
     /// method's work durable on its own.
     fn begin_group(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether a method failed part-way in the open group in a way only undoing the whole
+    /// group mends (a store may keep no savepoint per method, see `sqlite::group`): the
+    /// caller must then [`GatewayStore::abandon_group`] and do it again.
+    fn group_spoiled(&self) -> bool {
+        false
+    }
+
+    /// Undoes everything since [`GatewayStore::begin_group`].
+    fn abandon_group(&mut self) -> Result<()> {
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use driftless_core::codec::{EncodeOptions, encode_batch};
+use driftless_core::codec::{EncodeOptions, encode_batch, envelope};
 use driftless_core::protocol::{DEFAULT_SCOPE, Downlink, scope_topic};
 use driftless_core::scope::{DeviceScope, Operand};
 use driftless_core::{Epoch, SyncSchema};
@@ -69,7 +69,7 @@ fn whole(epoch: Epoch, tenant: &str, entries: &[LogEntry]) -> Vec<Outgoing> {
         .map(|e| {
             let mut batch = Vec::new();
             if e.change.rows.len() <= FEED_MAX_ROWS {
-                batch = encode_batch(&e.change, EncodeOptions::default());
+                batch = envelope(&e.payload, EncodeOptions::default());
                 if !fits(&batch, FEED_MAX_BYTES) {
                     batch.clear();
                 }

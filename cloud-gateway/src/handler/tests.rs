@@ -445,6 +445,12 @@ impl GatewayStore for Faulty {
     fn begin_group(&mut self) -> Result<()> {
         self.0.begin_group()
     }
+    fn group_spoiled(&self) -> bool {
+        self.0.group_spoiled()
+    }
+    fn abandon_group(&mut self) -> Result<()> {
+        self.0.abandon_group()
+    }
     fn commit_group(&mut self) -> Result<()> {
         match self.1 {
             Fault::Commits => {

@@ -51,6 +51,17 @@ fn handle_blocking<S: GatewayStore>(
 ) -> Result<Handled> {
     let key = content_key(&publish.topic, &publish.payload);
     let previous = store.attempts(&key)?;
+    handle_known(store, cfg, publish, (&key, previous), in_group)
+}
+
+/// [`handle_blocking`] for a delivery whose content key and attempts on record were read.
+fn handle_known<S: GatewayStore>(
+    store: &mut S,
+    cfg: &HandlerConfig,
+    publish: &Publish,
+    (key, previous): (&[u8; 32], Option<(u32, i64)>),
+    in_group: bool,
+) -> Result<Handled> {
     let guarded = publish.dup || previous.is_some();
     if let Some((count, last_ms)) = previous
         && count >= MAX_ATTEMPTS
@@ -61,7 +72,7 @@ fn handle_blocking<S: GatewayStore>(
     let mut count = 0;
     if guarded {
         // Counted before trying, so a crash is counted too.
-        count = store.note_attempt(&key)?;
+        count = store.note_attempt(key)?;
         if count == MAX_ATTEMPTS {
             let (tenant, device) = driftless_core::protocol::parse_uplink_topic(&publish.topic).unwrap_or(("", ""));
             let reason = format!("the gateway failed on this message {count} times; kept for replay, not refused");
@@ -76,7 +87,7 @@ fn handle_blocking<S: GatewayStore>(
         match outcome {
             Ok(Ok(out)) => {
                 if guarded {
-                    store.clear_attempts(&key)?;
+                    store.clear_attempts(key)?;
                 }
                 return Ok(Handled::Done(out));
             }
@@ -92,19 +103,19 @@ fn handle_blocking<S: GatewayStore>(
             // (Unless this attempt was the one that set it aside: its dead letter is written.)
             Ok(Err(e)) if e.is_transient() => {
                 if guarded && count < MAX_ATTEMPTS {
-                    store.unnote_attempt(&key)?;
+                    store.unnote_attempt(key)?;
                 }
                 return Ok(Handled::Failed(e.to_string()));
             }
             Ok(Err(e)) => {
                 if !guarded {
-                    store.note_attempt(&key)?;
+                    store.note_attempt(key)?;
                 }
                 return Ok(Handled::Failed(e.to_string()));
             }
             Err(panic) => {
                 if !guarded {
-                    store.note_attempt(&key)?;
+                    store.note_attempt(key)?;
                 }
                 let what = panic
                     .downcast_ref::<&str>()
@@ -221,12 +232,13 @@ fn handle_group_blocking<S: GatewayStore>(
     let mut times = GroupTimes { lock: waited.elapsed(), ..GroupTimes::default() };
     let merging = Instant::now();
     let mut handled: Vec<Result<Handled>> = Vec::with_capacity(deliveries.len());
-    // Where the open group starts in `handled`.
+    // Where the open group starts in `handled` (and in `deliveries`: one result each).
     let mut open: Option<usize> = None;
-    for delivery in deliveries {
+    while let Some(delivery) = deliveries.get(handled.len()) {
+        let key = content_key(&delivery.topic, &delivery.payload);
+        let previous = store.attempts(&key);
         // Not knowing counts as tried before: handled alone.
-        let tried = delivery.dup
-            || store.attempts(&content_key(&delivery.topic, &delivery.payload)).map_or(true, |a| a.is_some());
+        let tried = delivery.dup || previous.as_ref().map_or(true, Option::is_some);
         if tried {
             close_group(store, &mut handled, open.take());
         } else if open.is_none() {
@@ -235,7 +247,23 @@ fn handle_group_blocking<S: GatewayStore>(
                 Err(e) => tracing::warn!("no group could be started; handling alone: {e}"),
             }
         }
-        handled.push(handle_blocking(store, cfg, delivery, open.is_some()));
+        let outcome = match previous {
+            Ok(previous) => handle_known(store, cfg, delivery, (&key, previous), open.is_some()),
+            Err(_) => handle_blocking(store, cfg, delivery, open.is_some()),
+        };
+        if let Some(from) = open.filter(|_| store.group_spoiled()) {
+            // It failed part-way in a group that keeps no savepoints: the group so far is
+            // undone and done again, with one (see `storage::sqlite::group`). Nothing of it
+            // was answered yet.
+            tracing::debug!(from, "a message failed part-way; its group is done again");
+            if let Err(e) = store.abandon_group() {
+                tracing::warn!("abandoning a group: {e}");
+            }
+            handled.truncate(from);
+            open = None;
+            continue;
+        }
+        handled.push(outcome);
     }
     times.merging = merging.elapsed();
     let committing = Instant::now();
@@ -308,10 +336,57 @@ mod tests {
 
     /// Device a's next batch (its outbox entry `seq`).
     fn batch_publish(dir: &tempfile::TempDir, seq: i64, sql: &str) -> Publish {
+        publish_from("a", dir, seq, sql)
+    }
+
+    /// `device`'s next batch (its outbox entry `seq`), written in its store in `dir`.
+    fn publish_from(device: &str, dir: &tempfile::TempDir, seq: i64, sql: &str) -> Publish {
         let batch = device_batch(dir, sql);
-        let (device, id) = ("a".to_owned(), seq as u64);
-        let msg = Uplink::Batch { device, id, first_seq: seq, last_seq: seq, epoch: None, receipts: vec![], batch };
-        Publish::new("driftless/t/a/up", QoS::AtLeastOnce, msg.encode())
+        let (name, id) = (device.to_owned(), seq as u64);
+        let msg =
+            Uplink::Batch { device: name, id, first_seq: seq, last_seq: seq, epoch: None, receipts: vec![], batch };
+        Publish::new(format!("driftless/t/{device}/up"), QoS::AtLeastOnce, msg.encode())
+    }
+
+    #[test]
+    fn a_message_failing_part_way_leaves_nothing_in_its_group_and_the_others_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let devices: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+        let store = open(&dir);
+        // The store fails on b's log entry, after b's row was written: with no savepoint in
+        // the group, that row would stay in it.
+        let conn = rusqlite::Connection::open(dir.path().join("gw.db")).expect("open");
+        conn.execute_batch(
+            "CREATE TRIGGER fail_b BEFORE INSERT ON gw_log WHEN NEW.origin = 'b'
+             BEGIN SELECT RAISE(FAIL, 'the disk failed'); END",
+        )
+        .expect("trigger");
+        let group: Vec<Publish> = ["a", "b", "c", "d"]
+            .iter()
+            .zip(&devices)
+            .map(|(device, d)| publish_from(device, d, 1, &format!("INSERT INTO t VALUES ('{device}', 1)")))
+            .collect();
+        let cfg = HandlerConfig::default();
+        let store = Mutex::new(Faulty(store, Fault::Nothing));
+        for round in 0..2 {
+            let (handled, _) = handle_group_blocking(&store, &cfg, &group);
+            let answered: Vec<bool> = handled.iter().map(acked).collect();
+            assert_eq!(answered, [true, false, true, true], "round {round}");
+            assert!(matches!(handled[1], Ok(Handled::Failed(_))), "our fault, not refused");
+        }
+        let keys: Vec<String> = conn
+            .prepare("SELECT pk FROM gw_rows ORDER BY pk")
+            .and_then(|mut s| s.query_map([], |r| r.get::<_, Vec<u8>>(0))?.collect::<rusqlite::Result<Vec<_>>>())
+            .expect("rows")
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).chars().filter(char::is_ascii_lowercase).collect())
+            .collect();
+        assert_eq!(keys, ["a", "c", "d"], "nothing of b");
+        let logged: i64 = conn.query_row("SELECT count(*) FROM gw_log", [], |r| r.get(0)).expect("count");
+        assert_eq!(logged, 3, "one entry each for a, c and d, merged once");
+        // b's failures are counted against it, once a round.
+        let key = content_key(&group[1].topic, &group[1].payload);
+        assert_eq!(store.lock().expect("lock").attempts(&key).expect("attempts").map(|a| a.0), Some(2));
     }
 
     fn acked(handled: &Result<Handled>) -> bool {

@@ -2,6 +2,7 @@
 
 mod cloud_writes;
 mod erasure;
+mod group;
 mod log;
 mod merge;
 mod registry;
@@ -18,6 +19,8 @@ use driftless_core::codec::Limits;
 use driftless_core::{Batch, Epoch, Hlc, LogCursor, NodeId, SyncSchema, Value};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use group::{Group, Unit, unit};
+
 use super::chains::{Chain, SchemaByVersion};
 use super::common::{DEAD_LETTERS_PER_DEVICE, Tags, added_tables, dead_letter_kept, now_ms};
 use super::kept::Kept;
@@ -32,10 +35,13 @@ use crate::error::{Error, MergeError, Result};
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
-    /// A group's transaction is open (group commit): each method's work is a savepoint in it.
-    in_group: bool,
+    /// The group's transaction (group commit), if one is open.
+    group: Group,
     /// The sync schema version last read, parsed.
     schema: Option<Arc<ServedSchema>>,
+    /// The schema served as read in the open group: no other writer can change it before the
+    /// group commits, so it is read once a group rather than once a message.
+    group_schema: Option<Option<Arc<ServedSchema>>>,
     limits: Limits,
     /// Each tenant's current epoch and since when, as read or written by this instance.
     epochs: HashMap<String, (Epoch, i64)>,
@@ -93,13 +99,38 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path,
-            in_group: false,
+            group: Group::default(),
             schema: None,
+            group_schema: None,
             limits: Limits::default(),
             epochs: HashMap::new(),
             tags: Tags::new()?,
             kept: Kept::default(),
         })
+    }
+
+    /// The schema served now, read from the file (asked for every message outside groups: a
+    /// cached statement).
+    fn read_served_schema(&mut self) -> Result<Option<Arc<ServedSchema>>> {
+        let version: Option<i64> =
+            self.conn.prepare_cached("SELECT max(version) FROM gw_sync_schema")?.query_row([], |r| r.get(0))?;
+        let Some(version) = version.map(|v| v as u64) else { return Ok(None) };
+        if let Some(cached) = self.schema.as_ref().filter(|s| s.version == version) {
+            return Ok(Some(cached.clone()));
+        }
+        let text: String =
+            self.conn
+                .query_row("SELECT text FROM gw_sync_schema WHERE version = ?1", [version as i64], |r| r.get(0))?;
+        let served = Arc::new(ServedSchema::parse(version, text)?);
+        self.schema = Some(served.clone());
+        Ok(Some(served))
+    }
+
+    /// What was read or made in a group that did not commit may be gone with it.
+    fn forget_group_reads(&mut self) {
+        self.epochs.clear();
+        self.schema = None;
+        self.group_schema = None;
     }
 
     /// The database file: the real tables in it are for anyone to read with plain SQL.
@@ -161,46 +192,12 @@ pub(super) fn keep_dead_letter(
     Ok(conn.last_insert_rowid())
 }
 
-/// One method's work: its own transaction (immediate: it will write, so it takes the write
-/// lock at once rather than fail to upgrade later), or inside a group's transaction a
-/// savepoint, rolled back alone if it fails.
-pub(super) enum Unit<'c> {
-    Own(rusqlite::Transaction<'c>),
-    InGroup(rusqlite::Savepoint<'c>),
-}
-
-fn unit(conn: &mut Connection, in_group: bool) -> rusqlite::Result<Unit<'_>> {
-    Ok(match in_group {
-        true => Unit::InGroup(conn.savepoint()?),
-        false => Unit::Own(conn.transaction_with_behavior(TransactionBehavior::Immediate)?),
-    })
-}
-
-impl Unit<'_> {
-    pub(super) fn commit(self) -> rusqlite::Result<()> {
-        match self {
-            Unit::Own(tx) => tx.commit(),
-            Unit::InGroup(sp) => sp.commit(),
-        }
-    }
-}
-
-impl std::ops::Deref for Unit<'_> {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        match self {
-            Unit::Own(tx) => tx,
-            Unit::InGroup(sp) => sp,
-        }
-    }
-}
-
 impl GatewayStore for SqliteStore {
     fn epoch(&mut self, tenant: &str) -> Result<Epoch> {
         if let Some((epoch, _)) = self.epochs.get(tenant) {
             return Ok(*epoch);
         }
-        let tx = unit(&mut self.conn, self.in_group)?;
+        let tx = unit(&mut self.conn, &self.group)?;
         let current = match current_epoch(&tx, tenant)? {
             Some(current) => current,
             None => start_epoch(&tx, tenant, "the tenant's first device")?,
@@ -216,13 +213,14 @@ impl GatewayStore for SqliteStore {
     }
 
     fn new_epoch(&mut self, tenant: &str, replacing: Epoch, reason: &str) -> Result<Epoch> {
-        let tx = unit(&mut self.conn, self.in_group)?;
+        let tx = unit(&mut self.conn, &self.group)?;
         // One restore is one new epoch, however many devices (or gateway instances, each
         // with its own cached epoch) notice it.
         if let Some(current) = current_epoch(&tx, tenant)?
             && current.0 != replacing
         {
             tracing::info!(tenant, %reason, "the epoch was renewed already");
+            tx.commit()?;
             self.epochs.insert(tenant.to_owned(), current);
             return Ok(current.0);
         }
@@ -260,7 +258,7 @@ impl GatewayStore for SqliteStore {
     }
 
     fn hello(&mut self, tenant: &str, device: &str, node: NodeId) -> Result<DeviceView> {
-        let tx = unit(&mut self.conn, self.in_group)?;
+        let tx = unit(&mut self.conn, &self.group)?;
         tx.prepare_cached(
             "INSERT INTO gw_nodes(tenant, node, device) VALUES (?1, ?2, ?3)
              ON CONFLICT(tenant, node) DO UPDATE SET device = coalesce(device, excluded.device)",
@@ -285,7 +283,7 @@ impl GatewayStore for SqliteStore {
 
     fn merge(&mut self, from: &Incoming<'_>, batch: &Batch) -> Result<MergeOutcome, MergeError> {
         let schema = self.served_schema()?;
-        let tx = unit(&mut self.conn, self.in_group)?;
+        let tx = unit(&mut self.conn, &self.group)?;
         merge::merge(tx, &self.limits, from, schema.as_deref(), &mut self.tags, batch)
     }
 
@@ -475,24 +473,19 @@ impl GatewayStore for SqliteStore {
     }
 
     fn served_schema(&mut self) -> Result<Option<Arc<ServedSchema>>> {
-        // Asked for every message: a cached statement.
-        let version: Option<i64> =
-            self.conn.prepare_cached("SELECT max(version) FROM gw_sync_schema")?.query_row([], |r| r.get(0))?;
-        let Some(version) = version.map(|v| v as u64) else { return Ok(None) };
-        if let Some(cached) = self.schema.as_ref().filter(|s| s.version == version) {
-            return Ok(Some(cached.clone()));
+        if let Some(read) = self.group_schema.as_ref().filter(|_| self.group.is_open()) {
+            return Ok(read.clone());
         }
-        let text: String =
-            self.conn
-                .query_row("SELECT text FROM gw_sync_schema WHERE version = ?1", [version as i64], |r| r.get(0))?;
-        let served = Arc::new(ServedSchema::parse(version, text)?);
-        self.schema = Some(served.clone());
-        Ok(Some(served))
+        let served = self.read_served_schema()?;
+        if self.group.is_open() {
+            self.group_schema = Some(served.clone());
+        }
+        Ok(served)
     }
 
     fn prepare_tenant(&mut self, tenant: &str) -> Result<()> {
         let Some(served) = self.served_schema()? else { return Ok(()) };
-        let tx = unit(&mut self.conn, self.in_group)?;
+        let tx = unit(&mut self.conn, &self.group)?;
         cloud_writes::begin_own_writes(&tx)?;
         tables::materialize(&tx, &self.limits, tenant, &served)?;
         cloud_writes::end_own_writes(&tx)?;
@@ -504,7 +497,7 @@ impl GatewayStore for SqliteStore {
         let Some(served) = self.served_schema()? else { return Ok(Vec::new()) };
         // Taking the write lock first also waits for a writer still committing: its file
         // writes (what woke the gateway) come a moment before its commit is visible.
-        let tx = unit(&mut self.conn, self.in_group)?;
+        let tx = unit(&mut self.conn, &self.group)?;
         let mut logged = Vec::new();
         let tenants = cloud_writes::pending_tenants(&tx, &served)?;
         if tenants.is_empty() {
@@ -531,7 +524,8 @@ impl GatewayStore for SqliteStore {
 
     fn install_schema(&mut self, text: &str) -> Result<u64> {
         let new = SyncSchema::parse(text)?;
-        let tx = unit(&mut self.conn, self.in_group)?;
+        self.group_schema = None;
+        let tx = unit(&mut self.conn, &self.group)?;
         let current: Option<(i64, String)> = tx
             .query_row("SELECT version, text FROM gw_sync_schema ORDER BY version DESC LIMIT 1", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -568,30 +562,26 @@ impl GatewayStore for SqliteStore {
     }
 
     fn begin_group(&mut self) -> Result<()> {
-        if !self.in_group {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            self.in_group = true;
+        if !self.group.is_open() {
+            self.group_schema = None;
         }
-        Ok(())
+        self.group.begin(&self.conn)
+    }
+
+    fn group_spoiled(&self) -> bool {
+        self.group.spoiled()
+    }
+
+    fn abandon_group(&mut self) -> Result<()> {
+        self.forget_group_reads();
+        self.group.abandon(&self.conn)
     }
 
     fn commit_group(&mut self) -> Result<()> {
-        if !std::mem::take(&mut self.in_group) {
-            return Ok(());
-        }
-        // No transaction open: an error rolled it back (SQLite does for some, such as a
-        // full disk), and what ran after it committed on its own. Which is which is not
-        // known, so the group is not called durable.
-        let committed = if self.conn.is_autocommit() {
-            Err(Error::Durability("the group's transaction ended before its commit".into()))
-        } else {
-            self.conn.execute_batch("COMMIT").map_err(Error::from)
-        };
+        self.group_schema = None;
+        let committed = self.group.commit(&self.conn);
         if committed.is_err() {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            // What was read or made in the group may be gone with it.
-            self.epochs.clear();
-            self.schema = None;
+            self.forget_group_reads();
         }
         committed
     }

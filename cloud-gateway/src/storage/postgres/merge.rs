@@ -196,18 +196,10 @@ pub(super) fn log_change(
     )?;
     let (tables, hashes) = erasure::keys(&change);
     let moved = logged_moves(moves);
+    let payload = encode_payload(&change);
     let row = tx.query_one(
         &stmt,
-        &[
-            &tenant,
-            &origin,
-            &(change.rows.len() as i32),
-            &encode_payload(&change),
-            &(tag as i64),
-            &tables,
-            &hashes,
-            &moved,
-        ],
+        &[&tenant, &origin, &(change.rows.len() as i32), &payload, &(tag as i64), &tables, &hashes, &moved],
     )?;
     let (seq, previous, previous_tag): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     if moved.is_some() {
@@ -216,7 +208,7 @@ pub(super) fn log_change(
     let cursor = LogCursor { position: seq as u64, tag };
     let previous = LogCursor { position: previous as u64, tag: previous_tag as u64 };
     let moves = if moved.is_some() { moves.to_vec() } else { Vec::new() };
-    Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change, moves })
+    Ok(LogEntry { cursor, previous, origin: origin.to_owned(), change, payload, moves })
 }
 
 /// Files each scoped row of a logged change under its scope key (`gw_scope_rows`), or takes

@@ -305,17 +305,11 @@ pub(super) fn log_change(
         .query_row([tenant], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let moved = logged_moves(moves);
+    let payload = encode_payload(&change);
     conn.prepare_cached(
         "INSERT INTO gw_log(tenant, origin, rows, change, tag, moves) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(rusqlite::params![
-        tenant,
-        origin,
-        change.rows.len() as i64,
-        encode_payload(&change),
-        tag as i64,
-        moved
-    ])?;
+    .execute(rusqlite::params![tenant, origin, change.rows.len() as i64, payload, tag as i64, moved])?;
     let seq = conn.last_insert_rowid();
     erasure::index(conn, tenant, seq, &change)?;
     if moved.is_some() {
@@ -345,6 +339,7 @@ pub(super) fn log_change(
         }),
         origin: origin.to_owned(),
         change,
+        payload,
         moves: if moved.is_some() { moves.to_vec() } else { Vec::new() },
     })
 }

@@ -97,32 +97,36 @@ pub(super) fn list(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Regist
 }
 
 pub(super) fn standing(conn: &Connection, tenant: &str, device: &str) -> Result<Standing> {
-    let (role, closed, renewed_ms, heard_ms): (Option<String>, bool, Option<i64>, Option<i64>) = conn
+    // One statement: it is read for every message a device sends.
+    type Row =
+        (Option<String>, Option<String>, Option<i64>, bool, Option<i64>, Option<i64>, Option<i64>, Option<String>);
+    let (role, params, version, closed, renewed_ms, heard_ms, told, feed_told): Row = conn
         .prepare_cached(
-            "WITH current AS (SELECT epoch, since_ms FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1)
-             SELECT (SELECT role FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL),
+            // No common table for the current epoch: SQLite would build a temporary table
+            // for it at every run, most of this statement's cost.
+            "SELECT r.role, r.params, r.scope_version,
                     EXISTS (SELECT 1 FROM gw_registry WHERE tenant = ?1),
-                    (SELECT since_ms FROM current WHERE (SELECT count(*) FROM gw_epochs WHERE tenant = ?1) > 1),
-                    (SELECT d.since_ms FROM gw_epoch_devices d, current c
-                        WHERE d.tenant = ?1 AND d.device = ?2 AND d.epoch = c.epoch)",
+                    -- The current epoch's start, if it is not the tenant's first.
+                    (SELECT e.since_ms FROM gw_epochs e
+                        WHERE e.tenant = ?1 AND e.id > (SELECT min(id) FROM gw_epochs WHERE tenant = ?1)
+                        ORDER BY e.id DESC LIMIT 1),
+                    (SELECT d.since_ms FROM gw_epoch_devices d
+                        WHERE d.tenant = ?1 AND d.device = ?2
+                          AND d.epoch = (SELECT epoch FROM gw_epochs WHERE tenant = ?1 ORDER BY id DESC LIMIT 1)),
+                    g.scope_told, g.feed_told
+             FROM (SELECT 1)
+             LEFT JOIN gw_registry r ON r.tenant = ?1 AND r.device = ?2 AND r.removed_ms IS NULL
+             LEFT JOIN gw_devices g ON g.tenant = ?1 AND g.device = ?2",
         )?
-        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    let scope: Option<(String, i64)> = conn
-        .prepare_cached(
-            "SELECT params, scope_version FROM gw_registry WHERE tenant = ?1 AND device = ?2 AND removed_ms IS NULL",
-        )?
-        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let told: (Option<i64>, Option<String>) = conn
-        .prepare_cached("SELECT scope_told, feed_told FROM gw_devices WHERE tenant = ?1 AND device = ?2")?
-        .query_row([tenant, device], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
-        .unwrap_or_default();
+        .query_row([tenant, device], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+        })?;
+    let scope = params.zip(version);
     Ok(Standing {
         registration: registration(role, closed),
         recovery_from_ms: recovery_from(renewed_ms, heard_ms),
         heard: heard_ms.is_some(),
-        scope: scope_standing(scope, told)?,
+        scope: scope_standing(scope, (told, feed_told))?,
     })
 }
 

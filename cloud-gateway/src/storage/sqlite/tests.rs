@@ -112,3 +112,50 @@ fn cached_statements_are_not_compiled_again_for_each_tenant() {
     let head = gw.conn.prepare_cached("SELECT seq, tag FROM gw_log WHERE tenant = ?1 ORDER BY seq DESC LIMIT 1");
     assert_eq!(head.expect("cached").get_status(rusqlite::StatementStatus::RePrepare), 0);
 }
+
+/// A group keeps no savepoints until a message fails part-way in one: then that group can
+/// only be abandoned whole, and the next ones keep a savepoint per message, so a message
+/// failing again fails alone.
+#[test]
+fn a_merge_failing_part_way_spoils_a_group_without_savepoints_and_the_next_groups_keep_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+    // The store fails on tab-2's log entry, after its rows were written.
+    gw.conn
+        .execute_batch(
+            "CREATE TRIGGER fail_tab2 BEFORE INSERT ON gw_log WHEN NEW.origin = 'tab-2'
+             BEGIN SELECT RAISE(FAIL, 'the disk failed'); END",
+        )
+        .expect("trigger");
+    let one = device_batch(dir.path(), "d1.db", StoreOptions::default());
+    let two = device_batch(dir.path(), "d2.db", StoreOptions::default());
+    let rows = |gw: &SqliteStore| -> (i64, Option<String>) {
+        let sql = "SELECT count(*), group_concat(hex(state)) FROM (SELECT state FROM gw_rows ORDER BY pk)";
+        gw.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?))).expect("rows")
+    };
+    gw.begin_group().expect("group");
+    merge(&mut gw, "tab-1", &one).expect("merged");
+    assert!(!gw.group_spoiled());
+    assert!(merge(&mut gw, "tab-2", &two).is_err());
+    assert!(gw.group_spoiled(), "half a merge is in the group");
+    assert!(gw.commit_group().is_err(), "a spoiled group is never called durable");
+    assert_eq!(rows(&gw), (0, None), "nothing of it was kept");
+    // Done again, as the service does, with savepoints: tab-2 fails alone.
+    gw.begin_group().expect("group");
+    merge(&mut gw, "tab-1", &one).expect("merged");
+    let tab1 = rows(&gw);
+    assert_eq!(tab1.0, 2);
+    assert!(merge(&mut gw, "tab-2", &two).is_err());
+    assert!(!gw.group_spoiled());
+    gw.commit_group().expect("committed");
+    assert_eq!(rows(&gw), tab1, "tab-1's rows as it left them: nothing of tab-2's");
+    let logged: i64 = gw.conn.query_row("SELECT count(*) FROM gw_log", [], |r| r.get(0)).expect("count");
+    assert_eq!(logged, 1);
+    // Abandoning rolls back all of a group.
+    gw.begin_group().expect("group");
+    gw.touch_device("acme", "tab-3", None).expect("touched");
+    gw.abandon_group().expect("abandoned");
+    let devices: i64 =
+        gw.conn.query_row("SELECT count(*) FROM gw_devices WHERE device = 'tab-3'", [], |r| r.get(0)).expect("count");
+    assert_eq!(devices, 0);
+}
