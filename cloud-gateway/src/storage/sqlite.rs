@@ -501,6 +501,9 @@ impl GatewayStore for SqliteStore {
         let mut logged = Vec::new();
         let tenants = cloud_writes::pending_tenants(&tx, &served)?;
         if tenants.is_empty() {
+            // Committed, though nothing was written: in a group, a unit ended otherwise
+            // would spoil it (see `group`).
+            tx.commit()?;
             return Ok(logged);
         }
         cloud_writes::begin_own_writes(&tx)?;
@@ -535,6 +538,7 @@ impl GatewayStore for SqliteStore {
             Some((version, old)) => {
                 let old = SyncSchema::parse(&old).map_err(|e| Error::Corrupt(format!("stored schema: {e}")))?;
                 if old == new {
+                    tx.commit()?;
                     return Ok(version as u64);
                 }
                 new.check_replaces(&old, version as u64)?;

@@ -38,6 +38,12 @@ impl Group {
 
     pub(super) fn begin(&mut self, conn: &Connection) -> Result<()> {
         if !self.open {
+            if !conn.is_autocommit() {
+                // A transaction a failed rollback left open: whatever it holds was never
+                // answered, and nothing may be built on it.
+                tracing::warn!("a transaction was left open; rolling it back before a group starts");
+                conn.execute_batch("ROLLBACK")?;
+            }
             conn.execute_batch("BEGIN IMMEDIATE")?;
             self.open = true;
             self.spoiled.set(false);
