@@ -540,28 +540,37 @@ impl Machine {
         true
     }
 
-    /// The id for `request`, a pull without one: that of the same request sent last, if it
-    /// was (on this connection, under the same count of cursor resets, with no scope told
+    /// Gives `request`, a pull, its id and returns it: that of the same request sent last, if
+    /// it was (on this connection, under the same count of cursor resets, with no scope told
     /// since), else a new one. The same request asks for the same rows: the receipts it
     /// shows and the page size it asks for may differ (an upload acked meanwhile).
-    fn pull_id(&mut self, request: &Uplink) -> u64 {
+    fn stamp_pull(&mut self, request: &mut Uplink) -> u64 {
         let mut same = request.clone();
-        if let Uplink::Pull { receipts, max_bytes, .. } = &mut same {
-            receipts.clear();
-            *max_bytes = 0;
-        }
-        if let Uplink::PullSnapshot { max_bytes, .. } = &mut same {
-            *max_bytes = 0;
+        match &mut same {
+            Uplink::Pull { receipts, max_bytes, echo, .. } => {
+                receipts.clear();
+                *max_bytes = 0;
+                *echo = None;
+            }
+            Uplink::PullSnapshot { max_bytes, echo, .. } => {
+                *max_bytes = 0;
+                *echo = None;
+            }
+            _ => {}
         }
         let mut key = same.encode();
         key.extend_from_slice(&self.pull_resets.to_le_bytes());
-        if let Some((last, id)) = &self.pull_sent
-            && *last == key
-        {
-            return *id;
+        let id = match &self.pull_sent {
+            Some((last, id)) if *last == key => *id,
+            _ => {
+                let id = self.take_id();
+                self.pull_sent = Some((key, id));
+                id
+            }
+        };
+        if let Uplink::Pull { echo, .. } | Uplink::PullSnapshot { echo, .. } = request {
+            *echo = Some(id);
         }
-        let id = self.take_id();
-        self.pull_sent = Some((key, id));
         id
     }
 

@@ -132,10 +132,7 @@ impl Machine {
                     max_bytes: self.msg_limit.min(u32::MAX as usize) as u32,
                     echo: None,
                 };
-                let id = self.pull_id(&msg);
-                if let Uplink::Pull { echo, .. } = &mut msg {
-                    *echo = Some(id);
-                }
+                let id = self.stamp_pull(&mut msg);
                 self.pulling = Some(Pulling { since: self.now, snapshot_from, echo: Some(id) });
                 self.publish(out, msg);
             }
@@ -418,10 +415,7 @@ impl Machine {
             name_from: true,
             echo: None,
         };
-        let id = self.pull_id(&msg);
-        if let Uplink::PullSnapshot { echo, .. } = &mut msg {
-            *echo = Some(id);
-        }
+        let id = self.stamp_pull(&mut msg);
         self.pulling = Some(Pulling { since: self.now, snapshot_from, echo: Some(id) });
         self.publish(out, msg);
     }
