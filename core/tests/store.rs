@@ -129,6 +129,8 @@ fn a_new_column_is_an_explicit_error_until_retracked_then_captured() {
     let mut a = open(dir.path(), "a.db", StoreOptions::default(), TableSpec::new());
     let mut b = open(dir.path(), "b.db", StoreOptions::default(), TableSpec::new());
     exec(&mut a, "INSERT INTO inspections(id, status) VALUES ('i1', 'open')");
+    // Sealed once first: the schema check's statement is then prepared before the change.
+    a.seal().expect("sealed before the change");
     exec(&mut a, "ALTER TABLE inspections ADD COLUMN inspector TEXT");
     exec(&mut a, "UPDATE inspections SET inspector = 'kim', status = 'done' WHERE id = 'i1'");
     let err = a.seal().expect_err("schema change must not pass silently");

@@ -10,7 +10,10 @@
 //! devices of its region only, and the observers time the writes of their region (they must
 //! see no other: `foreign_rows`). `fleet_cpu_s` is the CPU the simulated
 //! devices used (this process): on a machine of few cores they compete with the gateway and
-//! the broker, which real devices, each on its own hardware, do not.
+//! the broker, which real devices, each on its own hardware, do not. So once the gateway has
+//! started, this process lowers its own CPU priority to nice FANOUT_FLEET_NICE (default 10;
+//! 0 keeps it equal): the devices still do all their work, on whatever the gateway and the
+//! broker leave of the cores (`fleet_nice` in the report).
 //!
 //! The gateway's database is on disk, synced at every group commit as in production; the
 //! devices' databases are in /dev/shm unless FANOUT_DEVICE_DIR names another place. A client
@@ -28,7 +31,7 @@ use driftless_core::codec::Limits;
 use driftless_core::protocol::{BrokerAddr, Downlink, Uplink};
 use driftless_core::{Store, StoreOptions, TableSpec};
 use driftless_gateway::{GatewayStore as _, SqliteStore};
-use driftless_tests::bench::{GatewayProcess, bench_broker_url, cpu_seconds, percentile, report};
+use driftless_tests::bench::{GatewayProcess, bench_broker_url, cpu_seconds, lower_priority, percentile, report};
 
 const OBSERVERS: usize = 5;
 /// Where the simulated devices' databases go by default: hundreds of SQLite databases
@@ -263,6 +266,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         GatewayProcess::start(&gw_db, &url, &tenant)
     };
+    // The simulated fleet yields the cores to the gateway and the broker (started before, so
+    // they keep their priority) as real devices, each on its own hardware, would.
+    let nice = env_usize("FANOUT_FLEET_NICE", 10) as u32;
+    if nice > 0 {
+        lower_priority(nice)?;
+    }
 
     let setup = Instant::now();
     let mut writers = Vec::with_capacity(devices);
@@ -396,6 +405,7 @@ async fn main() -> anyhow::Result<()> {
         ("feed_p99_ms", percentile(&merged, 99.0)),
         ("pulls", pulls as f64),
         ("foreign_rows", foreign_rows as f64),
+        ("fleet_nice", f64::from(nice)),
     ]);
     Ok(())
 }

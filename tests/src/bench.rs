@@ -111,6 +111,22 @@ pub fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Lowers the CPU priority of every thread of this process to `nice` (threads it starts
+/// later inherit it from the thread starting them); processes it already started keep theirs.
+/// For benchmarks that simulate a fleet in this process on the machine the gateway and the
+/// broker run on: hundreds of simulated devices would otherwise take the cores the gateway
+/// and the broker need, which real devices, each on hardware of its own, never do. Raising
+/// one's own nice value needs no privilege.
+pub fn lower_priority(nice: u32) -> anyhow::Result<()> {
+    let mut threads: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        threads.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    let out = Command::new("renice").args(["-n", &nice.to_string(), "-p"]).args(&threads).output()?;
+    anyhow::ensure!(out.status.success(), "renice failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
 /// Percentile of sorted samples (nearest rank).
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

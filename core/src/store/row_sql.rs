@@ -16,6 +16,7 @@ pub(crate) struct RowSql {
     upserts: RefCell<HashMap<Vec<u32>, Arc<str>>>,
     delete: OnceCell<Arc<str>>,
     forget: OnceCell<Arc<str>>,
+    seal: OnceCell<Arc<str>>,
 }
 
 impl Clone for RowSql {
@@ -53,6 +54,12 @@ impl RowSql {
                 format!("DELETE FROM {} WHERE {}", ident(&info.pending_table()), keys.join(" AND ")).into()
             })
             .clone()
+    }
+
+    /// The query that reads the capture journal joined with the current rows (see
+    /// [`super::capture::seal_query`]); every transaction that applies runs it.
+    pub(crate) fn seal(&self, info: &TableInfo) -> Arc<str> {
+        self.seal.get_or_init(|| super::capture::seal_query(info).into()).clone()
     }
 }
 

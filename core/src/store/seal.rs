@@ -220,7 +220,7 @@ pub(crate) fn seal(conn: &Connection, inner: &mut Inner) -> Result<SealReport> {
 fn read_journal(conn: &Connection, inner: &Inner, t: usize) -> Result<Vec<Journaled>> {
     let info = &inner.catalog.tables[t];
     let (nk, nm) = (info.pk.len(), info.mask_words());
-    let mut stmt = conn.prepare_cached(&capture::seal_query(info))?;
+    let mut stmt = conn.prepare_cached(&info.sql.seal(info))?;
     let rows = stmt.query_map([], |r| {
         let pk = (0..nk).map(|i| r.get::<_, Value>(i)).collect::<rusqlite::Result<Vec<_>>>()?;
         let masks = (0..nm).map(|i| r.get::<_, i64>(nk + i).map(|m| m as u64)).collect::<rusqlite::Result<Vec<_>>>()?;

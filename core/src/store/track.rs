@@ -215,7 +215,7 @@ pub(crate) fn columns_still_there(conn: &Connection, info: &TableInfo) -> Result
 /// Refuses to seal when a tracked table changed shape since it was tracked, rather than
 /// silently ignoring a new column. Cheap when nothing changed: one pragma read.
 pub(crate) fn check_schema(conn: &Connection, inner: &mut Inner) -> Result<()> {
-    let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+    let version: i64 = conn.prepare_cached("PRAGMA schema_version")?.query_row([], |r| r.get(0))?;
     if version == inner.checked_schema {
         return Ok(());
     }
