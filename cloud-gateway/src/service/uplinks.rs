@@ -108,13 +108,17 @@ fn handle_known<S: GatewayStore>(
                 return Ok(Handled::Failed(e.to_string()));
             }
             Ok(Err(e)) => {
-                if !guarded {
+                // A message that spoiled its group is done again at once, alone, and
+                // counted then: counted now too, it would count twice.
+                let replayed = in_group && store.group_spoiled();
+                if !guarded && !replayed {
                     store.note_attempt(key)?;
                 }
                 return Ok(Handled::Failed(e.to_string()));
             }
             Err(panic) => {
-                if !guarded {
+                let replayed = in_group && store.group_spoiled();
+                if !guarded && !replayed {
                     store.note_attempt(key)?;
                 }
                 let what = panic
@@ -234,11 +238,16 @@ fn handle_group_blocking<S: GatewayStore>(
     let mut handled: Vec<Result<Handled>> = Vec::with_capacity(deliveries.len());
     // Where the open group starts in `handled` (and in `deliveries`: one result each).
     let mut open: Option<usize> = None;
+    // The delivery whose failure spoiled a group: done again alone, so that a failure which
+    // ends the whole transaction (SQLite's for some, such as a cloud table's `ON CONFLICT
+    // ROLLBACK`) takes no other message with it. Its attempt is counted then, once.
+    let mut spoiled_by: Option<usize> = None;
     while let Some(delivery) = deliveries.get(handled.len()) {
         let key = content_key(&delivery.topic, &delivery.payload);
         let previous = store.attempts(&key);
         // Not knowing counts as tried before: handled alone.
-        let tried = delivery.dup || previous.as_ref().map_or(true, Option::is_some);
+        let tried =
+            delivery.dup || previous.as_ref().map_or(true, Option::is_some) || spoiled_by == Some(handled.len());
         if tried {
             close_group(store, &mut handled, open.take());
         } else if open.is_none() {
@@ -256,6 +265,7 @@ fn handle_group_blocking<S: GatewayStore>(
             // undone and done again, with one (see `storage::sqlite::group`). Nothing of it
             // was answered yet.
             tracing::debug!(from, "a message failed part-way; its group is done again");
+            spoiled_by = Some(handled.len());
             if let Err(e) = store.abandon_group() {
                 tracing::warn!("abandoning a group: {e}");
             }
@@ -350,16 +360,28 @@ mod tests {
 
     #[test]
     fn a_message_failing_part_way_leaves_nothing_in_its_group_and_the_others_are_kept() {
+        // The statement fails, the transaction stays open.
+        fails_part_way("FAIL");
+    }
+
+    #[test]
+    fn a_message_whose_failure_ends_the_groups_transaction_fails_alone_and_is_counted_once() {
+        // The failure rolls the whole transaction back, the group's other messages with it
+        // (as a cloud table's `ON CONFLICT ROLLBACK` does).
+        fails_part_way("ROLLBACK");
+    }
+
+    /// Device b's message fails on its log entry, after b's row was written, by a trigger
+    /// raising `raise`: with no savepoint in the group, that row would stay in it.
+    fn fails_part_way(raise: &str) {
         let dir = tempfile::tempdir().expect("tempdir");
         let devices: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tempdir")).collect();
         let store = open(&dir);
-        // The store fails on b's log entry, after b's row was written: with no savepoint in
-        // the group, that row would stay in it.
         let conn = rusqlite::Connection::open(dir.path().join("gw.db")).expect("open");
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "CREATE TRIGGER fail_b BEFORE INSERT ON gw_log WHEN NEW.origin = 'b'
-             BEGIN SELECT RAISE(FAIL, 'the disk failed'); END",
-        )
+             BEGIN SELECT RAISE({raise}, 'the disk failed'); END"
+        ))
         .expect("trigger");
         let group: Vec<Publish> = ["a", "b", "c", "d"]
             .iter()
@@ -368,11 +390,15 @@ mod tests {
             .collect();
         let cfg = HandlerConfig::default();
         let store = Mutex::new(Faulty(store, Fault::Nothing));
+        let key = content_key(&group[1].topic, &group[1].payload);
         for round in 0..2 {
             let (handled, _) = handle_group_blocking(&store, &cfg, &group);
             let answered: Vec<bool> = handled.iter().map(acked).collect();
             assert_eq!(answered, [true, false, true, true], "round {round}");
             assert!(matches!(handled[1], Ok(Handled::Failed(_))), "our fault, not refused");
+            // b's failures are counted against it, once a round.
+            let attempts = store.lock().expect("lock").attempts(&key).expect("attempts").map(|a| a.0);
+            assert_eq!(attempts, Some(round + 1), "attempts after round {round}");
         }
         let keys: Vec<String> = conn
             .prepare("SELECT pk FROM gw_rows ORDER BY pk")
@@ -384,9 +410,6 @@ mod tests {
         assert_eq!(keys, ["a", "c", "d"], "nothing of b");
         let logged: i64 = conn.query_row("SELECT count(*) FROM gw_log", [], |r| r.get(0)).expect("count");
         assert_eq!(logged, 3, "one entry each for a, c and d, merged once");
-        // b's failures are counted against it, once a round.
-        let key = content_key(&group[1].topic, &group[1].payload);
-        assert_eq!(store.lock().expect("lock").attempts(&key).expect("attempts").map(|a| a.0), Some(2));
     }
 
     fn acked(handled: &Result<Handled>) -> bool {

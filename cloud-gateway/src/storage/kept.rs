@@ -50,6 +50,13 @@ impl Kept {
         (*version == schema && *then == head && at.elapsed() < Self::SIZES_MAX_AGE).then_some(*size)
     }
 
+    /// Forgets everything kept: what was worked out in a transaction that was rolled back
+    /// may name log positions that other entries will take.
+    pub fn forget(&mut self) {
+        self.scopes.clear();
+        self.sizes.clear();
+    }
+
     pub fn keep_size(&mut self, tenant: &str, scope: &str, schema: u64, head: u64, size: (u64, u64)) {
         self.sizes.insert((tenant.to_owned(), scope.to_owned()), (Instant::now(), schema, (head, size)));
     }

@@ -474,6 +474,7 @@ impl GatewayStore for PgStore {
             // An epoch or schema read or made in the group may be gone with it.
             self.epochs.clear();
             self.schema = None;
+            self.kept.forget();
         }
         result
     }

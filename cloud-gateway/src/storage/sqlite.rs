@@ -131,6 +131,7 @@ impl SqliteStore {
         self.epochs.clear();
         self.schema = None;
         self.group_schema = None;
+        self.kept.forget();
     }
 
     /// The database file: the real tables in it are for anyone to read with plain SQL.

@@ -159,3 +159,16 @@ fn a_merge_failing_part_way_spoils_a_group_without_savepoints_and_the_next_group
         gw.conn.query_row("SELECT count(*) FROM gw_devices WHERE device = 'tab-3'", [], |r| r.get(0)).expect("count");
     assert_eq!(devices, 0);
 }
+
+/// A snapshot's size is kept by the log position it was counted at: counted in a group that
+/// is then rolled back, that position goes to other entries, and the size must not stay.
+#[test]
+fn what_a_rolled_back_group_worked_out_is_not_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut gw = SqliteStore::open(dir.path().join("gw.db")).expect("open");
+    gw.begin_group().expect("begin");
+    gw.kept().expect("kept").keep_size("t", "all", 0, 7, (10, 1_000));
+    assert_eq!(gw.kept().expect("kept").size("t", "all", 0, 7), Some((10, 1_000)));
+    gw.abandon_group().expect("abandon");
+    assert_eq!(gw.kept().expect("kept").size("t", "all", 0, 7), None);
+}
