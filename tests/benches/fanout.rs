@@ -13,7 +13,9 @@
 //! the broker, which real devices, each on its own hardware, do not. So once the gateway has
 //! started, this process lowers its own CPU priority to nice FANOUT_FLEET_NICE (default 10;
 //! 0 keeps it equal): the devices still do all their work, on whatever the gateway and the
-//! broker leave of the cores (`fleet_nice` in the report).
+//! broker leave of the cores (`fleet_nice` in the report). `write_lag_p99_ms`: how late the
+//! writes were made after their planned moments (a fleet too busy to write on time offers
+//! less load than planned).
 //!
 //! The gateway's database is on disk, synced at every group commit as in production; the
 //! devices' databases are in /dev/shm unless FANOUT_DEVICE_DIR names another place. A client
@@ -317,13 +319,18 @@ async fn main() -> anyhow::Result<()> {
     let cpu_before = gateway.cpu_seconds();
     let fleet_before = cpu_seconds("self");
     let mut tasks = Vec::with_capacity(devices);
+    // How late each write was made after its planned moment: a fleet too busy to write on
+    // time offers less load than planned, which the delays alone would not show.
+    let lags: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
     for (d, agent) in writers.into_iter().enumerate() {
-        let written = written.clone();
+        let (written, lags) = (written.clone(), lags.clone());
         tasks.push(tokio::spawn(async move {
             // Writers spread evenly over each period, as independent clocks would be.
             let offset = every.mul_f64(d as f64 / devices as f64);
             for round in 0..rounds {
-                tokio::time::sleep_until((start + every * round as u32 + offset).into()).await;
+                let planned = start + every * round as u32 + offset;
+                tokio::time::sleep_until(planned.into()).await;
+                lags.lock().expect("lock").push(planned.elapsed().as_secs_f64() * 1e3);
                 let id = format!("w{d}-{round}");
                 if region(d) == region(0) {
                     written.lock().expect("lock").insert(id.clone(), Instant::now());
@@ -356,6 +363,8 @@ async fn main() -> anyhow::Result<()> {
         seen_by.extend(w.join().map_err(|_| anyhow::anyhow!("an observer panicked"))??);
     }
     let mut delays: Vec<f64> = seen_by.iter().map(|(_, ms)| *ms).collect();
+    let mut lags = std::mem::take(&mut *lags.lock().expect("lock"));
+    lags.sort_by(f64::total_cmp);
     let cpu = gateway.cpu_seconds() - cpu_before;
     let fleet_cpu = cpu_seconds("self") - fleet_before;
     // Rows of other regions on the observers (none may reach them).
@@ -406,6 +415,7 @@ async fn main() -> anyhow::Result<()> {
         ("pulls", pulls as f64),
         ("foreign_rows", foreign_rows as f64),
         ("fleet_nice", f64::from(nice)),
+        ("write_lag_p99_ms", percentile(&lags, 99.0)),
     ]);
     Ok(())
 }
