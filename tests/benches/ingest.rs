@@ -39,11 +39,15 @@ async fn receive(mut events: rumqttc::EventLoop, timings: Arc<Mutex<Timings>>) {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let now = Instant::now();
-                let (Some(d), Ok(Downlink::Ack { id, .. })) =
+                // Only a batch taken whole counts: an ack refusing rows of it is not one.
+                let (Some(d), Ok(Downlink::Ack { id, refused, .. })) =
                     (device_of(&p.topic), Downlink::decode(&p.payload, &limits))
                 else {
                     continue;
                 };
+                if !refused.is_empty() {
+                    continue;
+                }
                 let mut t = timings.lock().expect("lock");
                 if let Some(sent) = t.sent.get_mut(d).and_then(|s| s.get_mut(id as usize - 1)).and_then(Option::take) {
                     t.acked_ms.push(now.duration_since(sent).as_secs_f64() * 1e3);

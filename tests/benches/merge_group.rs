@@ -44,7 +44,9 @@ fn main() -> anyhow::Result<()> {
     }
     let secs = began.elapsed().as_secs_f64();
     anyhow::ensure!(answers == messages, "{} of {messages} messages went unanswered", messages - answers);
+    // Every batch merged and logged, none refused (a refusal is answered too).
     let logged = store.log_head(tenant)?.position;
+    anyhow::ensure!(logged == messages as u64, "{messages} messages, {logged} logged");
     println!(
         "{messages} one-row batches of {devices} devices merged in groups of {group} in {secs:.2}s; log head {logged}"
     );
