@@ -107,30 +107,35 @@ fn handle_known<S: GatewayStore>(
                 }
                 return Ok(Handled::Failed(e.to_string()));
             }
-            Ok(Err(e)) => {
-                // A message that spoiled its group is done again at once, alone, and
-                // counted then: counted now too, it would count twice.
-                let replayed = in_group && store.group_spoiled();
-                if !guarded && !replayed {
-                    store.note_attempt(key)?;
-                }
-                return Ok(Handled::Failed(e.to_string()));
-            }
+            Ok(Err(e)) => return failed(store, key, guarded, in_group, e.to_string()),
             Err(panic) => {
-                let replayed = in_group && store.group_spoiled();
-                if !guarded && !replayed {
-                    store.note_attempt(key)?;
-                }
                 let what = panic
                     .downcast_ref::<&str>()
                     .map(|s| (*s).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                return Ok(Handled::Failed(format!("panic: {what}")));
+                return failed(store, key, guarded, in_group, format!("panic: {what}"));
             }
         }
     }
     Ok(Handled::Failed("unreachable".into()))
+}
+
+/// A message that failed, not for the storage's sake: counted against it once, never
+/// answered (the device sends it again). A guarded one was counted before it was tried; one
+/// that spoiled its group is done again at once, alone, and counted then.
+fn failed<S: GatewayStore>(
+    store: &mut S,
+    key: &[u8; 32],
+    guarded: bool,
+    in_group: bool,
+    reason: String,
+) -> Result<Handled> {
+    let replayed = in_group && store.group_spoiled();
+    if !guarded && !replayed {
+        store.note_attempt(key)?;
+    }
+    Ok(Handled::Failed(reason))
 }
 
 /// How long one group of uplinks should take: each waits for its whole group, so this
